@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+# torch and torchvision go in first, pinned, so pip never pulls a CUDA torch by accident;
+# a GPU user overrides them, e.g. `make demo TORCH=torch==2.13.0+cu130 TORCHVISION=...`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.taskatlas-installed
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml tools/torchvision_cpu_stubs.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) $(TORCHVISION)
+	$(PY) tools/torchvision_cpu_stubs.py
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/taskatlas demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache taskatlas-runs

@@ -1,0 +1,1 @@
+"""taskatlas building blocks: plain Python, no Ray or MLflow (those live in `pipelines/`)."""

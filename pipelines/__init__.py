@@ -1,0 +1,1 @@
+"""Flows that compose `components/` with Ray and MLflow, and the `taskatlas` CLI."""

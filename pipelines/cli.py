@@ -1,0 +1,39 @@
+"""The `taskatlas` command line.
+
+taskatlas demo                      # the main job on the embedded default (`make demo`)
+taskatlas data generate --out DIR   # synthetic scenes -> Parquet shards
+taskatlas data info DIR
+taskatlas --help                    # every command
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from components.errors import TaskatlasError
+from pipelines.commands import data as data_commands
+from pipelines.commands import demo as demo_commands
+
+COMMAND_MODULES = (demo_commands, data_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskatlas", description="Taskonomy-style task transfer study.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except TaskatlasError as err:
+        print(f"taskatlas: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
