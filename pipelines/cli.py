@@ -12,10 +12,11 @@ import argparse
 import sys
 
 from components.errors import TaskatlasError
+from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
 from pipelines.commands import demo as demo_commands
 
-COMMAND_MODULES = (demo_commands, data_commands)
+COMMAND_MODULES = (demo_commands, data_commands, analysis_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,7 +122,7 @@ def _preview(args: argparse.Namespace) -> int:
     if args.dataset:
         data = ShardStore(args.dataset).read(args.split)
         if not 0 <= args.index < len(data["image_id"]):
-            raise SystemExit(
+            raise TaskatlasError(
                 f"--index {args.index} is out of range for {args.split} ({len(data['image_id'])} images)"
             )
         row = {k: v[args.index] for k, v in data.items() if k != "image_id"}
