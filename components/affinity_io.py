@@ -1,0 +1,117 @@
+"""Reading and writing the Stage III/IV tables: per-image losses and affinities, Parquet or CSV.
+
+A source set is a set: `b+a` and `a+b`, or `["b", "a"]` and `["a", "b"]`, are the same one. Parquet
+files carry `sources` as a list column; CSV files as a `+`-joined string (the released Taskonomy
+format, `target,sources,order,value`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from components.errors import TaskatlasError
+from components.taxonomy import TransferTable
+
+LOSS_COLUMNS = ("target", "sources", "image_id", "loss")
+AFFINITY_VALUE_COLUMNS = ("affinity", "value")  # ours, then the released Taskonomy CSVs'
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def read_table(path: str | Path, columns: Sequence[str]) -> pa.Table:
+    """A Parquet or CSV file (by suffix) with at least `columns`; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskatlasError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in _PARQUET_SUFFIXES:
+            table = pq.read_table(path)
+        elif path.suffix.lower() == ".csv":
+            text_types = {name: pa.string() for name in ("target", "sources")}
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_types))
+        else:
+            raise TaskatlasError(f"{path}: expected a .parquet or .csv file")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise TaskatlasError(f"{path}: cannot read: {err}") from None
+    if missing := [c for c in columns if c not in table.column_names]:
+        raise TaskatlasError(
+            f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(table.column_names)})"
+        )
+    return table
+
+
+def factorize(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[np.ndarray, list]:
+    """(codes, sorted unique values): codes[i] indexes the value of row i."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.null_count:
+        raise TaskatlasError(f"column {name!r} has {array.null_count} missing value(s)")
+    encoded = pc.dictionary_encode(array)
+    uniques = encoded.dictionary.to_pylist()
+    order = np.argsort(np.array(uniques, dtype=object), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[encoded.indices.to_numpy(zero_copy_only=False)], [uniques[i] for i in order]
+
+
+def source_sets(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """(codes, sorted unique source sets as sorted tuples) for a list or `+`-joined string column."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.binary_join(column, "+")
+    elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise TaskatlasError(
+            f"column 'sources' must be a list of strings or a '+'-joined string, not {column.type}"
+        )
+    codes, raw = factorize(column, "sources")
+    sets = [tuple(sorted({part.strip() for part in text.split("+")} - {""})) for text in raw]
+    if empty := [text for text, s in zip(raw, sets, strict=True) if not s]:
+        raise TaskatlasError(f"column 'sources' has an empty source set: {empty[0]!r}")
+    uniques = sorted(set(sets))
+    index = {s: i for i, s in enumerate(uniques)}
+    return np.array([index[s] for s in sets], dtype=np.int64)[codes], uniques
+
+
+def read_losses(path: str | Path) -> pa.Table:
+    """The per-image loss table of Stage II: `target, sources, image_id, loss`."""
+    return read_table(path, LOSS_COLUMNS)
+
+
+def read_affinities(path: str | Path) -> TransferTable:
+    """Our `affinity.parquet` or a released Taskonomy CSV, for the solver.
+
+    The value is the `affinity` column (ours) or `value` (Taskonomy's); `order` is not read: it is
+    the size of the source set.
+    """
+    table = read_table(path, ("target", "sources"))
+    value_column = next((c for c in AFFINITY_VALUE_COLUMNS if c in table.column_names), None)
+    if value_column is None:
+        raise TaskatlasError(
+            f"{path}: needs an 'affinity' or 'value' column (has {', '.join(table.column_names)})"
+        )
+    codes, sets = source_sets(table["sources"])
+    target_codes, target_names = factorize(table["target"], "target")
+    targets = [target_names[c] for c in target_codes]
+    values = table[value_column].to_numpy(zero_copy_only=False).astype(float)
+    return TransferTable.from_rows(zip(targets, (sets[c] for c in codes), values, strict=True))
+
+
+def write_affinity(table: pa.Table, path: str | Path) -> None:
+    """Parquet (sources as a list), or CSV by suffix (sources `+`-joined, as Taskonomy's files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in _PARQUET_SUFFIXES:
+        pq.write_table(table, path)
+    elif path.suffix.lower() == ".csv":
+        joined = pc.binary_join(table["sources"], "+")
+        flat = table.set_column(table.schema.get_field_index("sources"), "sources", joined)
+        try:  # unquoted, like Taskonomy's files; a name with a comma or quote is refused
+            pacsv.write_csv(flat, path, pacsv.WriteOptions(quoting_style="none"))
+        except pa.ArrowInvalid as err:
+            raise TaskatlasError(f"{path}: cannot write as CSV ({err}); use .parquet") from None
+    else:
+        raise TaskatlasError(f"{path}: expected a .parquet or .csv file")

@@ -1,0 +1,165 @@
+"""`taskatlas affinity` and `taskatlas solve`: Stages III and IV on files, no Ray needed.
+
+taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet     # + affinity.png
+taskatlas solve --affinities affinity.parquet --budget 4 --max-order 2 --plot taxonomy.png
+taskatlas solve --affinities ../shared/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json
+taskatlas solve --affinities FILE --max-order 3 --sweep --sweep-plot sweep.png  # objective vs budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from components.affinity import compute_affinity
+from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.errors import TaskatlasError
+from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
+from components.taxonomy import (
+    SweepPoint,
+    Taxonomy,
+    TaxonomyOptions,
+    Transform,
+    solve_taxonomy,
+    sweep_budgets,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    aff = sub.add_parser("affinity", help="Stage III: per-image losses -> AHP affinity table and heatmap")
+    aff.add_argument(
+        "--losses", required=True, type=Path, help="target,sources,image_id,loss (.parquet/.csv)"
+    )
+    aff.add_argument("--out", required=True, type=Path, help="affinity table to write (.parquet)")
+    aff.add_argument("--heatmap", type=Path, help="heatmap PNG (default: --out with .png)")
+    aff.set_defaults(func=_affinity)
+
+    solve = sub.add_parser("solve", help="Stage IV: the taxonomy BIP on an affinity table")
+    solve.add_argument(
+        "--affinities", required=True, type=Path, help="affinity.parquet or target,sources,order,value CSV"
+    )
+    solve.add_argument("--budget", help="total cost of the roots (each task costs 1 unless --cost)")
+    solve.add_argument("--max-order", required=True, type=int, help="largest source set a transfer may use")
+    solve.add_argument("--targets", help="comma-separated targets (default: every measured target)")
+    solve.add_argument("--exclude", help="comma-separated tasks to leave out entirely")
+    solve.add_argument("--source-only", help="comma-separated tasks that may be roots but never targets")
+    solve.add_argument("--importance", help="per-target weight r_t, e.g. rgb2depth=2,edge2d=0.5 (default 1)")
+    solve.add_argument("--cost", help="per-task supervision cost, e.g. segment2d=3 (default 1)")
+    solve.add_argument("--transform", default=Transform.SQRT.value, choices=[t.value for t in Transform])
+    solve.add_argument("--sweep", action="store_true", help="also solve every budget 1..number of tasks")
+    solve.add_argument("--sweep-plot", type=Path, help="objective-vs-budget PNG (implies --sweep)")
+    solve.add_argument("--json", action="store_true", help="print the result as JSON")
+    solve.add_argument("--plot", type=Path, help="taxonomy graph PNG (needs --budget)")
+    solve.set_defaults(func=_solve)
+
+
+def _affinity(args: argparse.Namespace) -> int:
+    table = compute_affinity(read_losses(args.losses))
+    write_affinity(table, args.out)
+    heatmap = plot_affinity_heatmap(table, args.heatmap or args.out.with_suffix(".png"))
+    n_targets = len(set(table["target"].to_pylist()))
+    print(f"wrote {args.out} ({table.num_rows} rows, {n_targets} targets) and {heatmap}")
+    return 0
+
+
+def _solve(args: argparse.Namespace) -> int:
+    sweep = args.sweep or args.sweep_plot is not None
+    if args.budget is None and not sweep:
+        raise TaskatlasError("--budget is required (or --sweep for every budget)")
+    if args.plot is not None and args.budget is None:
+        raise TaskatlasError("--plot draws the taxonomy of one budget: give --budget")
+    options = TaxonomyOptions(
+        budget=_number("--budget", args.budget) if args.budget is not None else 1.0,
+        max_order=args.max_order,
+        targets=_names(args.targets) or None,
+        exclude=_names(args.exclude),
+        source_only=_names(args.source_only),
+        importance=_weights("--importance", args.importance),
+        cost=_weights("--cost", args.cost),
+        transform=Transform(args.transform),
+    )
+    table = read_affinities(args.affinities)
+    taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
+    points = sweep_budgets(table, options) if sweep else None
+    if args.json:
+        result = taxonomy.to_dict() if taxonomy else {"max_order": options.max_order}
+        if points is not None:
+            result["sweep"] = [_point_dict(p) for p in points]
+        print(json.dumps(result, indent=2))
+    else:
+        if taxonomy:
+            print(_summary(taxonomy))
+        if points is not None:
+            print(_sweep_table(points))
+    notes = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
+    if args.plot is not None and taxonomy:
+        print(f"wrote {plot_taxonomy(taxonomy, args.plot)}", file=notes)
+    if args.sweep_plot is not None and points is not None:
+        print(f"wrote {plot_sweep(points, args.sweep_plot, options.max_order)}", file=notes)
+    return 0
+
+
+def _summary(taxonomy: Taxonomy) -> str:
+    lines = [
+        f"taxonomy at budget {taxonomy.budget:g}, max order {taxonomy.max_order}",
+        f"roots ({len(taxonomy.roots)}): {', '.join(taxonomy.roots)}",
+    ]
+    supervised = [r for r in taxonomy.roots if r in taxonomy.affinity]
+    width = max(map(len, list(taxonomy.affinity) or [""]))
+    for root in supervised:
+        lines.append(f"  {root:<{width}}  <- self (root)  affinity {taxonomy.affinity[root]:.4g}")
+    for target, sources in taxonomy.transfers.items():
+        lines.append(
+            f"  {target:<{width}}  <- {' + '.join(sources)}  affinity {taxonomy.affinity[target]:.4g}"
+        )
+    lines.append(f"objective {taxonomy.objective:.6g}")
+    return "\n".join(lines)
+
+
+def _sweep_table(points: tuple[SweepPoint, ...]) -> str:
+    lines = ["", "budget  objective  roots"]
+    for p in points:
+        if p.taxonomy is None:
+            lines.append(f"{p.budget:>6g}  {'infeasible':>9}")
+        else:
+            lines.append(f"{p.budget:>6g}  {p.objective:>9.5f}  {', '.join(p.taxonomy.roots)}")
+    return "\n".join(lines)
+
+
+def _point_dict(point: SweepPoint) -> dict:
+    if point.taxonomy is None:
+        budget = int(point.budget) if float(point.budget).is_integer() else point.budget
+        return {"budget": budget, "objective": None, "roots": None, "transfers": None}
+    result = point.taxonomy.to_dict()
+    del result["max_order"]
+    return result
+
+
+def _names(text: str | None) -> frozenset[str]:
+    return frozenset(name.strip() for name in (text or "").split(",") if name.strip())
+
+
+def _number(flag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TaskatlasError(f"{flag}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise TaskatlasError(f"{flag}: {text!r} is not a finite number")
+    return value
+
+
+def _weights(flag: str, text: str | None) -> dict[str, float]:
+    """`a=1,b=2.5` -> {"a": 1.0, "b": 2.5}; errors name the flag and the item."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        task, sep, value = item.partition("=")
+        if not sep or not task.strip():
+            raise TaskatlasError(f"{flag}: expected task=number, got {item!r}")
+        if task.strip() in weights:
+            raise TaskatlasError(f"{flag}: {task.strip()!r} given twice")
+        weights[task.strip()] = _number(f"{flag} {task.strip()}", value.strip())
+    return weights

@@ -1,0 +1,165 @@
+"""Stage III: win rates, the AHP Perron vector, and the affinity table from per-image losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from components.affinity import ahp_affinity, compute_affinity, perron_vector, win_rates
+from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.errors import TaskatlasError
+from components.taxonomy import TaxonomyOptions, solve_taxonomy
+
+
+def _losses(per_target: dict[str, dict[str, list[float]]], image_offset: int = 0) -> pa.Table:
+    """{target: {"a+b": [loss per image]}} -> the long loss table."""
+    rows = [
+        (target, sources, image_offset + i, loss)
+        for target, by_source in per_target.items()
+        for sources, losses in by_source.items()
+        for i, loss in enumerate(losses)
+    ]
+    return pa.table(
+        {
+            "target": [r[0] for r in rows],
+            "sources": [r[1] for r in rows],
+            "image_id": [r[2] for r in rows],
+            "loss": [float(r[3]) for r in rows],
+        }
+    )
+
+
+def _by_sources(table: pa.Table, target: str) -> dict[str, dict]:
+    return {"+".join(r["sources"]): r for r in table.to_pylist() if r["target"] == target}
+
+
+def test_perron_vector_recovers_a_consistent_matrix():
+    v = np.array([0.5, 0.2, 0.2, 0.1])
+    ratios = v[:, None] / v[None, :]
+    np.testing.assert_allclose(perron_vector(ratios), v, rtol=1e-12)
+    batch = np.stack([ratios, np.eye(4)])  # vectorized over targets
+    np.testing.assert_allclose(perron_vector(batch)[0], v, rtol=1e-12)
+
+
+def test_ahp_on_consistent_win_rates_recovers_the_weights():
+    v = np.array([0.4, 0.3, 0.2, 0.1])
+    wins = v[:, None] / (v[:, None] + v[None, :])  # then W / W^T = v_i / v_j exactly
+    affinity = ahp_affinity(wins[None], np.ones((1, 4), dtype=bool))[0]
+    np.testing.assert_allclose(affinity, v, rtol=1e-12)
+
+
+def test_ties_count_half():
+    losses = np.array([[[1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0], [1.0, 0.0, 0.0, 0.0]]])
+    wins = win_rates(losses, np.array([4]))[0]
+    assert wins[0, 1] == pytest.approx((0.5 + 1 + 0 + 0.5) / 4)
+    assert wins[0, 1] + wins[1, 0] == pytest.approx(1.0)
+    assert wins[2, 0] == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+    np.testing.assert_array_equal(np.diag(wins), 0.5)
+
+
+def test_clipping_keeps_a_total_win_finite():
+    wins = np.array([[[0.5, 1.0], [0.0, 0.5]]])
+    affinity = ahp_affinity(wins, np.ones((1, 2), dtype=bool))[0]
+    np.testing.assert_allclose(affinity, [0.999, 0.001])  # W clipped to [0.001, 0.999]
+
+
+def test_strict_per_image_dominance_orders_the_affinities():
+    rng = np.random.default_rng(0)
+    base = rng.random(30)
+    table = _losses(
+        {"t": {"self": base, "a": base + 1, "b+c": base + 2, "random": base + 3, "pixels": base + 2.5}}
+    )
+    rows = _by_sources(compute_affinity(table), "t")
+    assert (
+        rows["self"]["affinity"]
+        > rows["a"]["affinity"]
+        > rows["b+c"]["affinity"]
+        > rows["random"]["affinity"]
+    )
+    assert "pixels" not in rows  # the gain reference, not a candidate
+    assert sum(r["affinity"] for r in rows.values()) == pytest.approx(1.0)
+    assert rows["a"]["quality"] == 0.0 and rows["self"]["quality"] == 0.5
+    assert rows["a"]["gain"] == 1.0 and rows["random"]["gain"] == 0.0
+    assert rows["b+c"]["order"] == 2 and rows["b+c"]["sources"] == ["b", "c"]
+
+
+def test_affinities_sum_to_one_per_target_and_padding_is_harmless():
+    """Targets with different numbers of candidates and images, computed together and alone."""
+    rng = np.random.default_rng(1)
+    per_target = {
+        "x": {s: rng.random(12) for s in ("self", "random", "a", "b", "a+b")},
+        "y": {s: rng.random(7) for s in ("self", "a", "x")},
+    }
+    together = compute_affinity(_losses(per_target))
+    sums = {}
+    for r in together.to_pylist():
+        sums[r["target"]] = sums.get(r["target"], 0.0) + r["affinity"]
+    assert sums == {"x": pytest.approx(1.0), "y": pytest.approx(1.0)}
+    for target in per_target:
+        alone = compute_affinity(_losses({target: per_target[target]}))
+        for key, row in _by_sources(alone, target).items():
+            assert _by_sources(together, target)[key]["affinity"] == pytest.approx(row["affinity"], rel=1e-10)
+    assert all(np.isnan(r["gain"]) for r in together.to_pylist())  # no pixels measured
+
+
+def test_a_source_set_given_in_two_orders_is_one_source_set():
+    rng = np.random.default_rng(2)
+    losses = {s: rng.random(10) for s in ("self", "a", "a+b")}
+    reference = _by_sources(compute_affinity(_losses({"t": losses})), "t")
+    rows = _losses({"t": losses}).to_pylist()
+    for i, row in enumerate(rows):
+        if row["sources"] == "a+b" and i % 2:
+            row["sources"] = "b+a"
+    mixed = _by_sources(compute_affinity(pa.Table.from_pylist(rows)), "t")
+    assert mixed.keys() == reference.keys()
+    assert mixed["a+b"]["affinity"] == pytest.approx(reference["a+b"]["affinity"])
+
+
+def test_list_column_and_csv_inputs(tmp_path):
+    rng = np.random.default_rng(3)
+    table = _losses({"t": {s: rng.random(6) for s in ("self", "a", "b+a")}})
+    as_lists = table.set_column(
+        1, "sources", pa.array([s.split("+") for s in table["sources"].to_pylist()], pa.list_(pa.string()))
+    )
+    pq.write_table(as_lists, tmp_path / "losses.parquet")
+    pacsv.write_csv(table, tmp_path / "losses.csv")
+    from_parquet = compute_affinity(read_losses(tmp_path / "losses.parquet"))
+    from_csv = compute_affinity(read_losses(tmp_path / "losses.csv"))
+    assert from_parquet.drop_columns(["gain"]).equals(from_csv.drop_columns(["gain"]))  # gain: NaN
+    assert _by_sources(from_parquet, "t").keys() == {"self", "a", "a+b"}
+
+
+def test_missing_image_names_the_target_and_source_set():
+    table = _losses({"t": {"self": [1, 2, 3], "a": [1, 2, 3], "b+c": [1, 2]}})
+    with pytest.raises(TaskatlasError, match=r"t <- b\+c: losses for 2 of the target's 3 test images"):
+        compute_affinity(table)
+
+
+def test_duplicate_loss_and_missing_self_are_errors():
+    rows = _losses({"t": {"self": [1, 2], "a+b": [1, 2]}}).to_pylist()
+    rows.append({**rows[-1], "sources": "b+a"})  # image 1 of a+b again, in the other order
+    with pytest.raises(TaskatlasError, match=r"t <- a\+b: image 1 has 2 losses"):
+        compute_affinity(pa.Table.from_pylist(rows))
+    with pytest.raises(TaskatlasError, match="no 'self' losses"):
+        compute_affinity(_losses({"t": {"a": [1, 2]}}))
+    with pytest.raises(TaskatlasError, match="must be finite"):
+        compute_affinity(_losses({"t": {"self": [1, float("nan")]}}))
+
+
+def test_affinity_parquet_feeds_the_solver(tmp_path):
+    rng = np.random.default_rng(4)
+    per_target = {
+        "a": {s: rng.random(20) for s in ("self", "b", "c", "b+c", "random")},
+        "b": {s: rng.random(20) for s in ("self", "a", "c", "random")},
+        "c": {"self": rng.random(20) + 1.0, "a": rng.random(20), "b": rng.random(20) + 2.0},
+    }
+    path = tmp_path / "affinity.parquet"
+    write_affinity(compute_affinity(_losses(per_target)), path)
+    table = read_affinities(path)
+    assert set(table.tasks) == {"a", "b", "c", "random"}
+    taxonomy = solve_taxonomy(table, TaxonomyOptions(budget=1, max_order=2))
+    assert len(taxonomy.roots) == 1
+    assert set(taxonomy.transfers) | set(taxonomy.roots) >= {"a", "b", "c"} - {"random"}
