@@ -15,8 +15,9 @@ from components.errors import TaskatlasError
 from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
 from pipelines.commands import demo as demo_commands
+from pipelines.commands import train as train_commands
 
-COMMAND_MODULES = (demo_commands, data_commands, analysis_commands)
+COMMAND_MODULES = (demo_commands, data_commands, train_commands, analysis_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: stay on loopback
+
 import pytest
 import torch
 
@@ -38,7 +40,8 @@ def ray_session():
     """One local Ray for the whole session, kept on loopback, without the dashboard."""
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, _node_ip_address="127.0.0.1"
+    )
     yield ray
     ray.shutdown()

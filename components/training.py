@@ -1,0 +1,127 @@
+"""The per-worker training loop as plain functions: device-agnostic, no Ray, no MLflow.
+
+Ray Train workers, Ray Tune trials and plain scripts all call these; batches are dicts of numpy
+arrays as the shard store and Ray Data produce them (`rgb` uint8, labels float16/uint8/float32).
+On CUDA the loop uses bf16 autocast and channels_last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.tasks import Loss, Task
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def to_tensors(batch: Batch, task: Task, device: torch.device, generator: torch.Generator | None = None):
+    """numpy batch -> (network input, target) on `device`, with the task's input transform."""
+    rgb = torch.from_numpy(np.ascontiguousarray(batch["rgb"])).to(device, non_blocking=True).float() / 255.0
+    target = torch.from_numpy(np.ascontiguousarray(batch[task.target])).to(device, non_blocking=True)
+    target = target.long() if task.loss is Loss.CROSS_ENTROPY else target.float()
+    if task.target == "rgb":
+        target = target / 255.0
+    inputs = task.transform_input(rgb, generator)
+    if device.type == "cuda":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, target
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    task: Task,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> float:
+    """One pass over `batches`; returns the mean per-image training loss."""
+    model.train()
+    total, count = torch.zeros((), device=device), 0
+    for batch in batches:
+        inputs, target = to_tensors(batch, task, device, generator)
+        with _autocast(device):
+            pred = model(inputs)
+        loss = task.per_image_loss(pred.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        optimizer.step()
+        total += loss.detach().sum()
+        count += len(loss)
+    return float(total) / max(count, 1)
+
+
+@torch.no_grad()
+def per_image_losses(
+    model: nn.Module, batches: Iterable[Batch], task: Task, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, loss of each image): what Stage III compares."""
+    model.eval()
+    ids, losses = [], []
+    generator = torch.Generator(device=device).manual_seed(0)  # fixed noise: comparable evaluations
+    for batch in batches:
+        inputs, target = to_tensors(batch, task, device, generator)
+        with _autocast(device):
+            pred = model(inputs)
+        losses.append(task.per_image_loss(pred.float(), target).cpu().numpy())
+        ids.append(np.asarray(batch["image_id"]))
+    if not losses:
+        return np.zeros(0, object), np.zeros(0, np.float32)
+    return np.concatenate(ids), np.concatenate(losses).astype(np.float32)
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], task: Task, device: torch.device) -> float:
+    """Mean per-image loss."""
+    _, losses = per_image_losses(model, batches, task, device)
+    return float(losses.mean()) if len(losses) else float("nan")
+
+
+def iter_batches(
+    data: Batch, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+) -> Iterator[Batch]:
+    """Batches of an in-memory split (a dict of equal-length arrays)."""
+    n = len(next(iter(data.values())))
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def holdout_split(data: Batch, fraction: float, seed: int = 0) -> tuple[Batch, Batch]:
+    """Split the `train` split into (fit, validation) for hyperparameter search, so the
+    search never looks at `test`, whose per-image losses Stage III compares."""
+    n = len(data["image_id"])
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * fraction))
+    val, fit = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return {k: v[fit] for k, v in data.items()}, {k: v[val] for k, v in data.items()}
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (for state dicts that load anywhere)."""
+    return model.module if hasattr(model, "module") else model

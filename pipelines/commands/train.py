@@ -1,0 +1,74 @@
+"""`taskatlas train` and `taskatlas tune`: Stage I from the command line.
+
+taskatlas train -c configs/quickstart.yaml [--tasks normal,reshading] [--set train.epochs=3]
+taskatlas tune  -c configs/quickstart.yaml --tasks normal --set tune.num_samples=8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from components.tasks import parse_tasks
+from pipelines.config import load_pipeline_config
+from pipelines.invocation import invocation
+from pipelines.ray_runtime import ensure_ray
+from pipelines.stage1 import Stage1
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, helptext, func in (
+        (
+            "train",
+            "Stage I: search hyperparameters (Ray Tune) and train each task network (Ray Train)",
+            _train,
+        ),
+        ("tune", "Stage I search only: Ray Tune with ASHA per task; prints the best hyperparameters", _tune),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        add_config_args(p)
+        p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
+        p.set_defaults(func=func)
+
+
+def _setup(args: argparse.Namespace):
+    cfg = load_pipeline_config(args.config, args.overrides)
+    tasks = parse_tasks(args.tasks) if args.tasks else parse_tasks(list(cfg.tasks))
+    ensure_ray()
+    return cfg, tasks
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg, tasks = _setup(args)
+    with invocation(cfg, "train") as inv:
+        results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+    print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
+    for name, r in results.items():
+        h = r.hparams
+        print(
+            f"{name:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  taskatlas-{name} v{r.model_version}"
+        )
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {inv.tracker.tracking_uri}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    cfg, tasks = _setup(args)
+    with invocation(cfg, "tune") as inv:
+        best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search_all(tasks)
+    for name, h in best.items():
+        print(
+            f"{name:<18} lr={h['lr']:.2e} weight_decay={h['weight_decay']:.2e} batch_size={h['batch_size']}"
+        )
+    return 0

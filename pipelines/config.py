@@ -1,0 +1,113 @@
+"""The pipeline config: component configs composed, loaded from YAML with dotted overrides.
+
+load_pipeline_config("configs/quickstart.yaml", ["train.epochs=3", "tasks=normal,reshading"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.config import load_config
+from components.errors import ConfigError
+from components.models import ModelConfig
+from components.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset: an existing folder (`path`, e.g. imported Taskonomy) or generated scenes."""
+
+    path: str = ""
+    n_train: int = 2000
+    n_transfer: int = 500
+    n_test: int = 500
+    size: int = 64
+    seed: int = 0
+    rows_per_shard: int = 500
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    lr: float = 1e-3  # used as they are when tune.enabled is false
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    num_workers: int = 0  # 0: one per GPU of the cluster if it has GPUs, else 2 CPU workers
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    checkpoints_to_keep: int = 2
+    concurrent_tasks: int = 0  # task networks trained at once; 0: as many as the cluster fits
+    # Load each split into the object store before training. Ray Data read tasks then never wait
+    # for CPUs the training workers hold (a deadlock on small CPU clusters); turn it off for
+    # datasets larger than the object store, on clusters with CPUs to spare for streaming reads.
+    materialize_data: bool = True
+    seed: int = 0
+    fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at the start of this epoch
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    enabled: bool = True
+    num_samples: int = 4
+    max_epochs: int = 3  # ASHA's max_t
+    grace_period: int = 1
+    reduction_factor: int = 2
+    lr_min: float = 3e-4
+    lr_max: float = 3e-3
+    weight_decay_min: float = 1e-6
+    weight_decay_max: float = 1e-3
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    holdout_fraction: float = 0.15  # of `train`, for validation: the search never sees `test`
+    max_train_images: int = 0  # subsample `train` during the search; 0: all
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 1.0  # on GPU clusters
+    concurrent_tasks: int = 0  # task searches at once; 0: all
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_epochs < 1 or not 1 <= self.grace_period <= self.max_epochs:
+            raise ConfigError("tune: need num_samples >= 1 and 1 <= grace_period <= max_epochs")
+        if not 0 < self.lr_min <= self.lr_max or not 0 < self.weight_decay_min <= self.weight_decay_max:
+            raise ConfigError("tune: need 0 < lr_min <= lr_max and 0 < weight_decay_min <= weight_decay_max")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError("tune.batch_sizes must be a non-empty list of positive sizes")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "taskatlas"  # the MLflow experiment
+    storage_root: str = "taskatlas-runs"
+    tracking_uri: str = ""  # empty: SQLite under the storage root
+    tasks: tuple[str, ...] = tuple(TASKS)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self) -> None:
+        if unknown := [t for t in self.tasks if t not in TASKS]:
+            raise ConfigError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is needed")
+        if self.data.size % self.model.downsample:
+            raise ConfigError(
+                f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"
+            )
+
+    @property
+    def root(self) -> Path:
+        return Path(self.storage_root).resolve()
+
+
+def load_pipeline_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)

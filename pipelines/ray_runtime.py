@@ -1,0 +1,28 @@
+"""Connect to Ray once per process: the cluster in RAY_ADDRESS, or a local one on loopback."""
+
+from __future__ import annotations
+
+import ray
+import ray.data
+
+from pipelines.settings import read_settings
+
+
+def ensure_ray() -> None:
+    # Per-operator Ray Data bars from every worker drown the Train/Tune progress output.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    settings = read_settings()
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=True)
+        return
+    ray.init(num_cpus=settings.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 0))

@@ -1,0 +1,385 @@
+"""Stage I: one task network per task — Ray Tune searches its hyperparameters, then Ray Train
+(`TorchTrainer`, DDP) trains the final model; MLflow records everything.
+
+    taskatlas train -c configs/quickstart.yaml                      # laptop: CPU workers
+    taskatlas train -c configs/taskonomy-gpu.yaml                   # cluster: one worker per GPU
+    taskatlas train -c configs/quickstart.yaml --tasks normal --set tune.enabled=false   # smoke
+
+Where Ray meets the plain components: `train_worker` (each Ray Train worker) and `tune_trial`
+(each Tune trial) are thin shells around `components.training`. A task's outputs live under
+`<storage_root>/stage1/<task>/<key>/` with `result.json` written last; a complete task is
+skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from components.config import config_hash, from_dict, to_dict
+from components.data.shards import ShardStore
+from components.models import ModelConfig, build_network
+from components.tasks import Task, get_task
+from components.tracking import RunLogger, Tracker
+from components.training import (
+    OptimConfig,
+    evaluate,
+    holdout_split,
+    iter_batches,
+    make_optimizer,
+    per_image_losses,
+    pick_device,
+    train_one_epoch,
+    unwrap,
+)
+from pipelines.config import PipelineConfig
+from pipelines.ray_data import ray_dataset
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus
+
+CHECKPOINT_FILE = "state.pt"
+_REGISTRY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a training worker needs; it arrives as Ray's dict and is typed again on line one."""
+
+    task: str
+    model: dict
+    image_size: int
+    channels: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    seed: int
+    tracking_uri: str
+    run_id: str
+    fail_at_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    key: str
+    model_path: str
+    test_loss: float
+    hparams: dict
+    run_id: str
+    model_version: str
+
+
+def channels_for(task: Task, store: ShardStore) -> int:
+    """Output channels: the task's own, or the dataset's class count (imported label sets)."""
+    classes = store.manifest.label_classes.get(task.target)
+    return len(classes) if classes and task.name == "segment_semantic" else task.channels
+
+
+# ---------------------------------------------------------------- Ray Train worker
+
+
+def train_worker(raw: dict) -> None:
+    cfg = WorkerConfig(**raw)
+    task = get_task(cfg.task)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    model = build_network(task, from_dict(ModelConfig, cfg.model), cfg.image_size, cfg.channels)
+    optimizer = make_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.batch_size))
+    start_epoch, restored = 0, ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
+            os._exit(1)  # injected failure (tests): the worker process dies mid-run
+        batches = train_shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=cfg.seed + epoch,
+        )
+        metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                test = test_shard.iter_batches(batch_size=256, batch_format="numpy")
+                metrics["test_loss"] = evaluate(unwrap(model), test, task, device)
+                logger.log_metrics(metrics, step=epoch)
+                state = {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                }
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------- Ray Tune trial
+
+
+def tune_trial(config: dict) -> None:
+    """One trial: the plain loop in-process on its own resources (not a nested TorchTrainer)."""
+    task = get_task(config["task"])
+    torch.manual_seed(config["seed"])
+    store = ShardStore(config["data_root"])
+    data = store.read("train", ["rgb", task.target])
+    fit, val = holdout_split(data, config["holdout_fraction"], config["seed"])
+    if config["max_train_images"]:
+        fit = {k: v[: config["max_train_images"]] for k, v in fit.items()}
+    device = pick_device(config["use_gpu"])
+    model = build_network(
+        task, from_dict(ModelConfig, config["model"]), config["image_size"], config["channels"]
+    ).to(device)
+    optimizer = make_optimizer(model, OptimConfig(config["lr"], config["weight_decay"], config["batch_size"]))
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    for epoch in range(config["max_epochs"]):
+        batches = iter_batches(fit, config["batch_size"], shuffle=True, seed=config["seed"] + epoch)
+        train_loss = train_one_epoch(model, optimizer, batches, task, device, generator)
+        val_loss = evaluate(model, iter_batches(val, 256), task, device)
+        tune.report({"val_loss": val_loss, "train_loss": train_loss, "epoch": epoch + 1})
+
+
+# ---------------------------------------------------------------- driver side
+
+
+@dataclass
+class Stage1:
+    """Stage I for one pipeline invocation: a tracker, a parent run, a dataset."""
+
+    config: PipelineConfig
+    store: ShardStore
+    tracker: Tracker
+    parent_run_id: str
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.config.train.use_gpu if self.config.train.use_gpu is not None else cluster_gpus() > 0
+
+    @property
+    def num_workers(self) -> int:
+        if self.config.train.num_workers:
+            return self.config.train.num_workers
+        return max(cluster_gpus(), 1) if self.use_gpu else 2
+
+    def run(self, tasks: list[Task], search: bool) -> dict[str, TaskResult]:
+        """Search (if asked and enabled) then train every task; tasks run concurrently when the
+        cluster has room for more than one task's workers."""
+        per_task = self.num_workers * (1 if self.use_gpu else self.config.train.cpus_per_worker)
+        spare = cluster_gpus() if self.use_gpu else cluster_cpus() - 1  # a CPU for Ray Data and Tune
+        concurrent = self.config.train.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
+
+        def one(task: Task) -> TaskResult:
+            hparams = self.search(task) if search and self.config.tune.enabled else self.default_hparams()
+            return self.train(task, hparams)
+
+        with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
+            return {t.name: r for t, r in zip(tasks, pool.map(one, tasks), strict=True)}
+
+    def search_all(self, tasks: list[Task]) -> dict[str, dict]:
+        concurrent = self.config.tune.concurrent_tasks or len(tasks)
+        with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
+            return {t.name: h for t, h in zip(tasks, pool.map(self.search, tasks), strict=True)}
+
+    def _dataset(self, split: str, columns: list[str]):
+        ds = ray_dataset(self.store, split, columns)
+        return ds.materialize() if self.config.train.materialize_data else ds
+
+    def default_hparams(self) -> dict:
+        t = self.config.train
+        return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
+
+    # -- tune
+    def search(self, task: Task) -> dict:
+        cfg = self.config
+        key = config_hash(task.name, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
+        out = cfg.root / "tune" / task.name / key
+        if (out / "best.json").exists():
+            return json.loads((out / "best.json").read_text())["hparams"]
+        use_gpu = self.use_gpu
+        resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
+        space = {
+            "lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
+            "weight_decay": tune.loguniform(cfg.tune.weight_decay_min, cfg.tune.weight_decay_max),
+            "batch_size": tune.choice(list(cfg.tune.batch_sizes)),
+            "task": task.name,
+            "model": to_dict(cfg.model),
+            "image_size": cfg.data.size,
+            "channels": channels_for(task, self.store),
+            "data_root": str(self.store.root),
+            "holdout_fraction": cfg.tune.holdout_fraction,
+            "max_train_images": cfg.tune.max_train_images,
+            "max_epochs": cfg.tune.max_epochs,
+            "seed": cfg.train.seed,
+            "use_gpu": use_gpu,
+        }
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.tune.max_epochs,
+            grace_period=cfg.tune.grace_period,
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+        storage = str(cfg.root / "ray")
+        name = f"tune-{task.name}-{key}"
+        trainable = self._registered_trial(resources)
+        if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
+            tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.tune.num_samples
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            )
+        grid = tuner.fit()
+        best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
+        hparams = {k: best.config[k] for k in ("lr", "weight_decay", "batch_size")}
+        self._log_search(task, grid, hparams, best.metrics)
+        out.mkdir(parents=True, exist_ok=True)
+        trials = [
+            {
+                "trial_id": r.metrics.get("trial_id"),
+                "epochs": r.metrics.get("epoch"),
+                "val_loss": r.metrics.get("val_loss"),
+            }
+            for r in grid
+        ]
+        (out / "best.json").write_text(json.dumps({"hparams": hparams, "trials": trials}, indent=1))
+        return hparams
+
+    def _registered_trial(self, resources: dict) -> str:
+        """Register the trial function once, by name: Tune's registry is not safe to fill from the
+        threads that run several tasks' searches at once."""
+        name = f"taskatlas_tune_trial_{config_hash(resources)}"
+        with _REGISTRY_LOCK:
+            tune.register_trainable(name, tune.with_resources(tune_trial, resources))
+        return name
+
+    def _log_search(self, task: Task, grid, hparams: dict, best_metrics: dict) -> None:
+        run = self.tracker.start_run(
+            f"tune/{task.name}", self.parent_run_id, {"task": task.name, "stage": "tune"}
+        )
+        self.tracker.log_params(run, {"best": hparams, "tune": to_dict(self.config.tune)})
+        for result in grid:
+            trial = self.tracker.start_run(
+                f"tune/{task.name}/{result.metrics.get('trial_id')}", run, {"task": task.name}
+            )
+            self.tracker.log_params(
+                trial, {k: result.config[k] for k in ("lr", "weight_decay", "batch_size")}
+            )
+            df = result.metrics_dataframe
+            rows = []
+            if df is not None:
+                for _, row in df.iterrows():
+                    rows += [(m, float(row[m]), int(row["epoch"])) for m in ("val_loss", "train_loss")]
+            self.tracker.log_history(trial, rows)
+            stopped = int(result.metrics.get("epoch", 0)) < self.config.tune.max_epochs
+            self.tracker.set_tags(trial, {"stopped_early": str(stopped).lower()})
+            self.tracker.end_run(trial, failed=result.error is not None)
+        self.tracker.log_metrics(run, {"best_val_loss": float(best_metrics["val_loss"])})
+        self.tracker.end_run(run)
+
+    # -- train
+    def train(self, task: Task, hparams: dict) -> TaskResult:
+        cfg = self.config
+        key = config_hash(
+            task.name, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version
+        )
+        out = cfg.root / "stage1" / task.name / key
+        if (out / "result.json").exists():
+            return TaskResult(**json.loads((out / "result.json").read_text()))
+        out.mkdir(parents=True, exist_ok=True)
+        run_file = out / "mlflow_run.json"  # one MLflow run per task network, also across reruns
+        if run_file.exists():
+            run_id = json.loads(run_file.read_text())["run_id"]
+        else:
+            run_id = self.tracker.start_run(
+                f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
+            )
+            run_file.write_text(json.dumps({"run_id": run_id}))
+            self.tracker.log_params(
+                run_id,
+                {
+                    "task": task.name,
+                    "hparams": hparams,
+                    "model": to_dict(cfg.model),
+                    "train": to_dict(cfg.train),
+                    "data_version": self.store.data_version,
+                },
+            )
+        channels = channels_for(task, self.store)
+        worker = WorkerConfig(
+            task=task.name,
+            model=to_dict(cfg.model),
+            image_size=cfg.data.size,
+            channels=channels,
+            lr=hparams["lr"],
+            weight_decay=hparams["weight_decay"],
+            batch_size=hparams["batch_size"],
+            epochs=cfg.train.epochs,
+            seed=cfg.train.seed,
+            tracking_uri=self.tracker.tracking_uri,
+            run_id=run_id,
+            fail_at_epoch=cfg.train.fail_at_epoch,
+        )
+        columns = ["rgb", task.target] if task.target != "rgb" else ["rgb"]
+        trainer = ray.train.torch.TorchTrainer(
+            train_worker,
+            train_loop_config=asdict(worker),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=self.num_workers,
+                use_gpu=self.use_gpu,
+                resources_per_worker=None if self.use_gpu else {"CPU": cfg.train.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train-{task.name}-{key}",
+                storage_path=str(cfg.root / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            ),
+            datasets={
+                "train": ray_dataset(self.store, "train", columns),
+                "test": ray_dataset(self.store, "test", columns),
+            },
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+        model = build_network(task, cfg.model, cfg.data.size, channels)
+        model.load_state_dict(state["model"])
+        torch.save(model.state_dict(), out / "model.pt")
+        test = self.store.read("test", columns)
+        ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
+        pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
+        test_loss = float(np.mean(losses))
+        self.tracker.log_metrics(run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs)
+        version = self.tracker.log_torch_model(run_id, model.eval(), f"taskatlas-{task.name}")
+        self.tracker.end_run(run_id)
+        done = TaskResult(task.name, key, str(out / "model.pt"), test_loss, hparams, run_id, version)
+        (out / "result.json").write_text(json.dumps(asdict(done), indent=1))
+        return done
