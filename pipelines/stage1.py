@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -95,7 +96,10 @@ def channels_for(task: Task, store: ShardStore) -> int:
 def train_worker(raw: dict) -> None:
     cfg = WorkerConfig(**raw)
     task = get_task(cfg.task)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # Rank 0 records how the group is laid out (the multi-node test reads it back from MLflow).
+    layout = {"world_size": context.get_world_size(), "nodes": _distinct_ray_nodes()}
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     model = build_network(task, from_dict(ModelConfig, cfg.model), cfg.image_size, cfg.channels)
@@ -126,7 +130,7 @@ def train_worker(raw: dict) -> None:
             if rank == 0:
                 test = test_shard.iter_batches(batch_size=256, batch_format="numpy")
                 metrics["test_loss"] = evaluate(unwrap(model), test, task, device)
-                logger.log_metrics(metrics, step=epoch)
+                logger.log_metrics({**metrics, **layout}, step=epoch)
                 state = {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -135,6 +139,16 @@ def train_worker(raw: dict) -> None:
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+
+
+def _distinct_ray_nodes() -> int:
+    """How many Ray nodes the worker group spans (by node id: local test clusters share one IP)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_initialized():
+        return 1
+    nodes: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 # ---------------------------------------------------------------- Ray Tune trial
@@ -361,10 +375,7 @@ class Stage1:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             ),
-            datasets={
-                "train": ray_dataset(self.store, "train", columns),
-                "test": ray_dataset(self.store, "test", columns),
-            },
+            datasets={split: self._dataset(split, columns) for split in ("train", "test")},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()

@@ -1,0 +1,122 @@
+"""Stage I on a real local Ray: DDP training, checkpoints, failure recovery, ASHA, the registry."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from components.data.shards import ShardStore
+from components.models import build_network
+from components.tasks import get_task
+from components.tracking import load_registered_model
+from components.training import iter_batches, per_image_losses
+from pipelines.config import load_pipeline_config
+from pipelines.invocation import open_tracker
+from pipelines.stage1 import CHECKPOINT_FILE, Stage1
+
+pytestmark = pytest.mark.slow
+
+
+def make_stage1(tmp_path, dataset, *overrides):
+    cfg = load_pipeline_config(
+        "configs/quickstart.yaml",
+        [
+            f"storage_root={tmp_path}",
+            f"data.path={dataset}",
+            "train.epochs=3",
+            "train.num_workers=2",
+            *overrides,
+        ],
+    )
+    tracker = open_tracker(cfg)
+    parent = tracker.start_run("test")
+    return Stage1(cfg, ShardStore(dataset), tracker, parent), tracker
+
+
+def history(tracker, run_id, key):
+    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
+
+
+def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset, ray_session):
+    stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.lr=0.003")
+    task = get_task("normal")
+    result = stage.train(task, stage.default_hparams())
+    losses = history(tracker, result.run_id, "train_loss")
+    assert [s for s, _ in losses] == [0, 1, 2]
+    assert losses[-1][1] < losses[0][1]  # fixed seed: the loss falls
+    assert history(tracker, result.run_id, "world_size")[-1][1] == 2
+    # The newest Ray Train checkpoint and the saved model give identical outputs.
+    ckpts = sorted(
+        p for p in (tmp_path / "ray").glob(f"train-normal-{result.key}/checkpoint_*") if p.is_dir()
+    )
+    state = torch.load(ckpts[-1] / CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 2
+    a = build_network(task, stage.config.model, 32)
+    a.load_state_dict(state["model"])
+    b = build_network(task, stage.config.model, 32)
+    b.load_state_dict(torch.load(result.model_path, weights_only=True))
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+    # And the saved per-image test losses are what the model gives.
+    test = ShardStore(tiny_dataset).read("test", ["rgb", "normal"])
+    ids, per_image = per_image_losses(b, iter_batches(test, 8), task, torch.device("cpu"))
+    saved = pq.read_table(tmp_path / "stage1" / "normal" / result.key / "test_losses.parquet").to_pydict()
+    assert list(ids) == saved["image_id"]
+    np.testing.assert_allclose(per_image, saved["loss"], rtol=1e-6)
+    # A rerun reuses the finished task network.
+    assert stage.train(task, stage.default_hparams()) == result
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_with_one_mlflow_run(
+    tmp_path, tiny_dataset, ray_session
+):
+    stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.fail_at_epoch=3", "train.epochs=4")
+    result = stage.train(get_task("depth_zbuffer"), stage.default_hparams())
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], "tags.`mlflow.runName` = 'train/depth_zbuffer'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # Rank 0 died at the start of epoch 3 and the group restarted from the newest checkpoint Ray
+    # had registered (epoch 2, or epoch 1 if the kill beat the registration): never from scratch.
+    steps = [s for s, _ in history(tracker, result.run_id, "train_loss")]
+    assert sorted(set(steps)) == [0, 1, 2, 3]
+    assert steps.count(0) == 1 and steps.count(1) == 1 and steps.count(3) == 1
+    assert np.isfinite(result.test_loss)
+
+
+def test_asha_stops_poor_trials_and_returns_the_best(tmp_path, tiny_dataset, ray_session):
+    stage, tracker = make_stage1(
+        tmp_path,
+        tiny_dataset,
+        "tune.num_samples=6",
+        "tune.max_epochs=4",
+        "tune.grace_period=1",
+        "tune.lr_min=0.00001",
+        "tune.lr_max=0.01",
+        "tune.batch_sizes=[16]",
+    )
+    best = stage.search(get_task("reshading"))
+    record = json.loads(next((tmp_path / "tune" / "reshading").glob("*/best.json")).read_text())
+    epochs = [t["epochs"] for t in record["trials"]]
+    assert len(epochs) == 6 and max(epochs) == 4
+    assert min(epochs) < 4  # ASHA cut at least one trial short
+    best_trial = min(record["trials"], key=lambda t: t["val_loss"])
+    assert best_trial["epochs"] == 4 or best["lr"] > 0
+    assert best == record["hparams"]
+    trial_runs = tracker.client.search_runs(
+        [tracker.experiment_id], "tags.`mlflow.runName` LIKE 'tune/reshading/%'"
+    )
+    assert len(trial_runs) == 6
+    assert sum(r.data.tags["stopped_early"] == "true" for r in trial_runs) == sum(e < 4 for e in epochs)
+
+
+def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny_dataset, ray_session):
+    stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.epochs=1", "train.num_workers=1")
+    task = get_task("class_object")
+    result = stage.train(task, stage.default_hparams())
+    model = load_registered_model(tracker.tracking_uri, "taskatlas-class_object", result.model_version)
+    test = ShardStore(tiny_dataset).read("test", ["rgb", "class_object"])
+    _, losses = per_image_losses(model, iter_batches(test, 8), task, torch.device("cpu"))
+    assert float(np.mean(losses)) == pytest.approx(result.test_loss, rel=1e-6)
