@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml tools/torchvision_cpu_stubs.py
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/taskatlas demo
+	$(VENV)/bin/taskatlas run -c configs/quickstart.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -48,6 +48,11 @@ class Task:
     input_transform: InputTransform = InputTransform.NONE
     source_only: bool = False
 
+    @property
+    def columns(self) -> list[str]:
+        """Shard columns a batch needs: the RGB input and the label (once, for RGB targets)."""
+        return ["rgb"] if self.target == "rgb" else ["rgb", self.target]
+
     def output_shape(self, size: int, channels: int | None = None) -> tuple[int, ...]:
         """Network output shape for one image; `channels` overrides (e.g. an imported label set)."""
         c = channels or self.channels

@@ -130,6 +130,13 @@ class Tracker:
         version = mlflow.register_model(info.model_uri, registered_name)
         return str(version.version)
 
+    def alias_version(self, registered_name: str, alias: str) -> str | None:
+        """The version an alias points at, or None (no such model or alias yet)."""
+        try:
+            return str(self.client.get_model_version_by_alias(registered_name, alias).version)
+        except mlflow.exceptions.MlflowException:
+            return None
+
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name, alias, version)
 

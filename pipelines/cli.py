@@ -1,9 +1,9 @@
 """The `taskatlas` command line.
 
-taskatlas demo                      # the main job on the embedded default (`make demo`)
-taskatlas data generate --out DIR   # synthetic scenes -> Parquet shards
-taskatlas data info DIR
-taskatlas --help                    # every command
+taskatlas run -c configs/quickstart.yaml   # the main job on the embedded default (`make demo`)
+taskatlas data generate --out DIR          # synthetic scenes -> Parquet shards
+taskatlas submit --address http://HEAD:8265 -c CONFIG --wait
+taskatlas --help                           # every command
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ import sys
 from components.errors import TaskatlasError
 from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
-from pipelines.commands import demo as demo_commands
+from pipelines.commands import run as run_commands
+from pipelines.commands import submit as submit_commands
 from pipelines.commands import train as train_commands
+from pipelines.commands import transfer as transfer_commands
 
-COMMAND_MODULES = (demo_commands, data_commands, train_commands, analysis_commands)
+COMMAND_MODULES = (
+    run_commands,
+    submit_commands,
+    data_commands,
+    train_commands,
+    transfer_commands,
+    analysis_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

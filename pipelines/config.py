@@ -12,6 +12,7 @@ from components.config import load_config
 from components.errors import ConfigError
 from components.models import ModelConfig
 from components.tasks import TASKS
+from components.transfer import BASELINES, ReadoutKind
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,71 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """Stage II: which readouts (orders, beams, baselines), how each trains, what it may use."""
+
+    orders: tuple[int, ...] = (2, 3)  # higher orders; first order always runs
+    beams: tuple[int, ...] = (4, 4)  # B of each higher order: its k-subsets of the top-B sources
+    targets: tuple[str, ...] = ()  # empty: every configured task that is not source-only
+    baselines: tuple[ReadoutKind, ...] = BASELINES
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    width: int = 64  # channels of the readout's two conv layers
+    seed: int = 0  # readout init and shuffling, and the `random` encoder's weights
+    encode_batch_size: int = 256
+    cpus_per_readout: float = 1.0
+    gpus_per_readout: float = 0.25  # on GPU clusters: 4 readouts share a GPU
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    max_retries: int = 2  # per readout, then it is reported as failed and the others go on
+    fail_readouts: tuple[str, ...] = ()  # test seam: these readouts (`a+b->t`) always raise
+
+    def __post_init__(self) -> None:
+        if len(self.orders) != len(self.beams):
+            raise ConfigError(f"transfer.beams needs one size per order in transfer.orders {self.orders}")
+        if any(k < 2 for k in self.orders) or len(set(self.orders)) != len(self.orders):
+            raise ConfigError(f"transfer.orders must be distinct higher orders >= 2, got {self.orders}")
+        if any(b < k for k, b in zip(self.orders, self.beams, strict=True)):
+            raise ConfigError(f"transfer.beams: each beam must be >= its order ({self.orders}, {self.beams})")
+        if unknown := [t for t in self.targets if t not in TASKS]:
+            raise ConfigError(f"transfer.targets: unknown task {unknown[0]!r}")
+        if ReadoutKind.TRANSFER in self.baselines:
+            raise ConfigError("transfer.baselines: choose from self, pixels, random")
+        for name in ("epochs", "batch_size", "width", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transfer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("transfer.lr must be > 0 and transfer.weight_decay >= 0")
+        if self.cpus_per_readout <= 0 or not 0 < self.gpus_per_readout <= 1:
+            raise ConfigError("transfer.cpus_per_readout must be > 0 and transfer.gpus_per_readout in (0, 1]")
+        if self.max_retries < 0:
+            raise ConfigError(f"transfer.max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass(frozen=True)
+class TaxonomyConfig:
+    """Stage IV: the BIP's budget and options (design.md section 6)."""
+
+    budget: int = 3  # roots given full supervision (with costs: the supervision budget)
+    max_order: int = 2
+    transform: str = "sqrt"  # or "none"
+    importance: dict[str, float] = field(default_factory=dict)  # r_t, default 1
+    cost: dict[str, float] = field(default_factory=dict)  # supervision cost of a root, default 1
+    exclude: tuple[str, ...] = ()
+    source_only: tuple[str, ...] = ()  # beyond the tasks that are source-only by definition
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.max_order < 1:
+            raise ConfigError("taxonomy.budget and taxonomy.max_order must be >= 1")
+        if self.transform not in ("sqrt", "none"):
+            raise ConfigError(f"taxonomy.transform must be sqrt or none, got {self.transform!r}")
+        named = [*self.importance, *self.cost, *self.exclude, *self.source_only]
+        if unknown := [t for t in named if t not in TASKS]:
+            raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "taskatlas"  # the MLflow experiment
     storage_root: str = "taskatlas-runs"
@@ -91,6 +157,8 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
 
     def __post_init__(self) -> None:
         if unknown := [t for t in self.tasks if t not in TASKS]:

@@ -23,13 +23,18 @@ def dataset_config(cfg: PipelineConfig) -> DatasetConfig:
     )
 
 
-def prepare_dataset(cfg: PipelineConfig) -> ShardStore:
-    """The configured dataset folder, or the synthetic one (generated once, keyed by its config)."""
+def dataset_folder(cfg: PipelineConfig) -> Path:
+    """The configured dataset folder, or where the synthetic one for this config lives."""
     if cfg.data.path:
-        return ShardStore(cfg.data.path)
-    config = dataset_config(cfg)
-    out = cfg.root / "data" / f"synthetic-{config_hash(config)}"
-    if not (out / "manifest.json").exists():
+        return Path(cfg.data.path)
+    return cfg.root / "data" / f"synthetic-{config_hash(dataset_config(cfg))}"
+
+
+def prepare_dataset(cfg: PipelineConfig) -> ShardStore:
+    """The configured dataset, or the synthetic one (generated once, keyed by its config)."""
+    out = dataset_folder(cfg)
+    if not cfg.data.path and not (out / "manifest.json").exists():
+        config = dataset_config(cfg)
         with progress_bar(config.n_train + config.n_transfer + config.n_test, "rendering scenes") as update:
             generate_dataset(out, config, progress=update)
     return ShardStore(out)

@@ -17,7 +17,9 @@ def ensure_ray() -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=True)
         return
-    ray.init(num_cpus=settings.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local", num_cpus=settings.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1"
+    )
 
 
 def cluster_gpus() -> int:

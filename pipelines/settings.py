@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,26 @@ def read_settings() -> Settings:
     cpus = os.environ.get("TASKATLAS_RAY_NUM_CPUS")
     return Settings(
         ray_address=os.environ.get("RAY_ADDRESS") or None, ray_num_cpus=int(cpus) if cpus else None
+    )
+
+
+@dataclass(frozen=True)
+class RayAuth:
+    """Where a Ray client finds the cluster's token, in Ray's own order of precedence."""
+
+    mode: str | None  # RAY_AUTH_MODE: "disabled" means send no token
+    token: str | None  # RAY_AUTH_TOKEN: the token itself
+    token_path: Path | None  # RAY_AUTH_TOKEN_PATH: a file holding it
+    default_token_path: Path  # ~/.ray/auth_token: what a new local cluster writes
+
+
+def read_ray_auth() -> RayAuth:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return RayAuth(
+        mode=(os.environ.get("RAY_AUTH_MODE") or "").lower() or None,
+        token=os.environ.get("RAY_AUTH_TOKEN") or None,
+        token_path=Path(path).expanduser() if path else None,
+        default_token_path=Path.home() / ".ray" / "auth_token",
     )
 
 

@@ -33,6 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from components.config import config_hash, from_dict, to_dict
 from components.data.shards import ShardStore
+from components.errors import TaskatlasError
 from components.models import ModelConfig, build_network
 from components.tasks import Task, get_task
 from components.tracking import RunLogger, Tracker
@@ -159,7 +160,7 @@ def tune_trial(config: dict) -> None:
     task = get_task(config["task"])
     torch.manual_seed(config["seed"])
     store = ShardStore(config["data_root"])
-    data = store.read("train", ["rgb", task.target])
+    data = store.read("train", task.columns)
     fit, val = holdout_split(data, config["holdout_fraction"], config["seed"])
     if config["max_train_images"]:
         fit = {k: v[: config["max_train_images"]] for k, v in fit.items()}
@@ -206,7 +207,7 @@ class Stage1:
         concurrent = self.config.train.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
 
         def one(task: Task) -> TaskResult:
-            hparams = self.search(task) if search and self.config.tune.enabled else self.default_hparams()
+            hparams = self.hparams_if_known(task, search) or self.search(task)
             return self.train(task, hparams)
 
         with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
@@ -221,6 +222,35 @@ class Stage1:
         ds = ray_dataset(self.store, split, columns)
         return ds.materialize() if self.config.train.materialize_data else ds
 
+    # -- where each task's outputs live; what is already done (reruns, --dry-run, nightly)
+    def search_dir(self, task: Task) -> Path:
+        cfg = self.config
+        return (
+            cfg.root
+            / "tune"
+            / task.name
+            / config_hash(task.name, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
+        )
+
+    def cached_hparams(self, task: Task) -> dict | None:
+        best = self.search_dir(task) / "best.json"
+        return json.loads(best.read_text())["hparams"] if best.exists() else None
+
+    def hparams_if_known(self, task: Task, search: bool) -> dict | None:
+        """The hyperparameters training would use, or None while the search has not run."""
+        return self.cached_hparams(task) if search and self.config.tune.enabled else self.default_hparams()
+
+    def train_dir(self, task: Task, hparams: dict) -> Path:
+        cfg = self.config
+        key = config_hash(
+            task.name, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version
+        )
+        return cfg.root / "stage1" / task.name / key
+
+    def cached_result(self, task: Task, hparams: dict) -> TaskResult | None:
+        done = self.train_dir(task, hparams) / "result.json"
+        return TaskResult(**json.loads(done.read_text())) if done.exists() else None
+
     def default_hparams(self) -> dict:
         t = self.config.train
         return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
@@ -228,10 +258,10 @@ class Stage1:
     # -- tune
     def search(self, task: Task) -> dict:
         cfg = self.config
-        key = config_hash(task.name, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
-        out = cfg.root / "tune" / task.name / key
-        if (out / "best.json").exists():
-            return json.loads((out / "best.json").read_text())["hparams"]
+        out = self.search_dir(task)
+        key = out.name
+        if (cached := self.cached_hparams(task)) is not None:
+            return cached
         use_gpu = self.use_gpu
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
         space = {
@@ -270,6 +300,8 @@ class Stage1:
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
             )
         grid = tuner.fit()
+        if grid.num_errors == len(grid):
+            raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {grid.errors[0]}")
         best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
         hparams = {k: best.config[k] for k in ("lr", "weight_decay", "batch_size")}
         self._log_search(task, grid, hparams, best.metrics)
@@ -320,12 +352,10 @@ class Stage1:
     # -- train
     def train(self, task: Task, hparams: dict) -> TaskResult:
         cfg = self.config
-        key = config_hash(
-            task.name, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version
-        )
-        out = cfg.root / "stage1" / task.name / key
-        if (out / "result.json").exists():
-            return TaskResult(**json.loads((out / "result.json").read_text()))
+        out = self.train_dir(task, hparams)
+        key = out.name
+        if (cached := self.cached_result(task, hparams)) is not None:
+            return cached
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "mlflow_run.json"  # one MLflow run per task network, also across reruns
         if run_file.exists():
@@ -360,7 +390,7 @@ class Stage1:
             run_id=run_id,
             fail_at_epoch=cfg.train.fail_at_epoch,
         )
-        columns = ["rgb", task.target] if task.target != "rgb" else ["rgb"]
+        columns = task.columns
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
             train_loop_config=asdict(worker),

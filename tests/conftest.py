@@ -41,7 +41,11 @@ def ray_session():
     import ray
 
     ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, _node_ip_address="127.0.0.1"
+        address="local",  # a new instance of our own, never another process's cluster
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        _node_ip_address="127.0.0.1",
     )
     yield ray
     ray.shutdown()

@@ -120,3 +120,9 @@ def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny
     test = ShardStore(tiny_dataset).read("test", ["rgb", "class_object"])
     _, losses = per_image_losses(model, iter_batches(test, 8), task, torch.device("cpu"))
     assert float(np.mean(losses)) == pytest.approx(result.test_loss, rel=1e-6)
+
+
+def test_search_works_for_a_task_whose_label_is_the_rgb_image(tmp_path, tiny_dataset, ray_session):
+    # Regression: the trial asked the store for ["rgb", "rgb"] and every trial failed.
+    stage, _ = make_stage1(tmp_path, tiny_dataset, "tune.num_samples=1", "tune.max_epochs=1")
+    assert set(stage.search(get_task("autoencoding"))) == {"lr", "weight_decay", "batch_size"}

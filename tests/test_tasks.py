@@ -52,3 +52,8 @@ def test_unknown_task_is_named():
     with pytest.raises(KeyError, match="unknown task 'depht'"):
         parse_tasks("normal, depht")
     assert [t.name for t in parse_tasks("normal,reshading")] == ["normal", "reshading"]
+
+
+def test_batches_need_each_column_once():
+    assert get_task("autoencoding").columns == ["rgb"]
+    assert get_task("normal").columns == ["rgb", "normal"]

@@ -1,0 +1,248 @@
+"""One unit of Stage II work as a plain function over files, for any executor to run.
+
+A readout job reads cached features and the dataset's labels, trains, and writes its per-image
+test losses to one Parquet file *itself*, atomically (temp file + rename): a finished readout is
+on disk even if whoever launched it dies, so a rerun never repeats it. Every execution also
+appends `start` and `done` lines to the readout's attempt log (retries show there).
+
+Feature cache folders hold `<split>.npy` (N, C, h, w) float16 and `<split>.ids.npy`, rows sorted
+by image id, so features of several sources and the labels line up by position.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from components.data.shards import ShardStore
+from components.models import ModelConfig, representation_shape
+from components.tasks import InputTransform, Loss, get_task
+from components.training import pick_device
+from components.transfer.features import FeatureSource, build_feature_module, encode_batch
+from components.transfer.plan import Readout
+from components.transfer.readout import ReadoutSettings, train_readout
+
+LOSS_SCHEMA = pa.schema(
+    [
+        ("target", pa.string()),
+        ("sources", pa.list_(pa.string())),
+        ("image_id", pa.string()),
+        ("loss", pa.float32()),
+    ]
+)
+_META = b"taskatlas"  # readout file metadata: mean loss, seconds, training history
+
+
+@dataclass(frozen=True)
+class ReadoutJob:
+    """Everything one readout needs, in one picklable value."""
+
+    readout: Readout
+    feature_dirs: tuple[str, ...]  # one cache folder per source, in the readout's source order
+    data_root: str
+    model: ModelConfig
+    image_size: int
+    channels: int
+    settings: ReadoutSettings
+    out_dir: str  # the stage folder: readouts/ and attempts/ live under it
+    use_gpu: bool
+    threads: int
+    fail: bool = False  # test seam: raise on every attempt
+
+
+@dataclass(frozen=True)
+class ReadoutOutcome:
+    readout: Readout
+    mean_loss: float
+    seconds: float
+    train_losses: tuple[float, ...] = ()
+
+
+def readout_path(out_dir: str | Path, readout: Readout) -> Path:
+    return Path(out_dir) / "readouts" / f"{readout.file_id}.parquet"
+
+
+def attempts_path(out_dir: str | Path, readout: Readout) -> Path:
+    return Path(out_dir) / "attempts" / f"{readout.file_id}.log"
+
+
+def run_readout(job: ReadoutJob) -> ReadoutOutcome:
+    """Train one readout on cached features, store its per-image test losses, return a summary."""
+    r = job.readout
+    _note_attempt(job.out_dir, r, "start")
+    if job.fail:
+        raise RuntimeError(f"injected failure of readout {r.name} (transfer.fail_readouts)")
+    torch.set_num_threads(job.threads)
+    task = get_task(r.target)
+    train_x, train_ids = source_features(job.feature_dirs, "transfer")
+    test_x, test_ids = source_features(job.feature_dirs, "test")
+    result = train_readout(
+        task=task,
+        model=job.model,
+        image_size=job.image_size,
+        transfer_x=train_x,
+        transfer_y=_labels(job.data_root, "transfer", task.target, train_ids),
+        test_x=test_x,
+        test_y=_labels(job.data_root, "test", task.target, test_ids),
+        test_ids=test_ids,
+        settings=job.settings,
+        device=pick_device(job.use_gpu),
+        channels=job.channels,
+    )
+    outcome = ReadoutOutcome(r, result.mean_loss, result.seconds, result.train_losses)
+    write_readout(readout_path(job.out_dir, r), outcome, result.image_ids, result.losses)
+    _note_attempt(job.out_dir, r, "done")
+    return outcome
+
+
+def calibrate_readout(job: ReadoutJob, n_images: int, n_transfer: int, n_test: int) -> float:
+    """Seconds one readout shaped like `job` takes here, from 1- and 2-epoch runs on random data."""
+    torch.set_num_threads(job.threads)
+    task = get_task(job.readout.target)
+    c, h, w = representation_shape(job.model, job.image_size)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n_images, c, h, w)).astype(np.float16)
+    y_shape = (n_images, *task.output_shape(job.image_size, job.channels))
+    if task.loss is Loss.CROSS_ENTROPY:  # class indices per pixel
+        y = rng.integers(0, job.channels, (n_images, *y_shape[2:]))
+    else:
+        y = rng.random(y_shape).astype(np.float16)
+    seconds = []
+    for epochs in (1, 2):
+        result = train_readout(
+            task=task,
+            model=job.model,
+            image_size=job.image_size,
+            transfer_x=x,
+            transfer_y=y,
+            test_x=x,
+            test_y=y,
+            test_ids=np.arange(n_images),
+            settings=replace(job.settings, epochs=epochs),
+            device=pick_device(job.use_gpu),
+            channels=job.channels,
+        )
+        seconds.append(result.seconds)
+    per_image_epoch = max(seconds[1] - seconds[0], 1e-6) / n_images
+    eval_per_image = max(seconds[0] - per_image_epoch * n_images, 0.0) / n_images
+    return per_image_epoch * n_transfer * job.settings.epochs + eval_per_image * n_test
+
+
+class FeatureEncoder:
+    """Callable over numpy batches (`image_id`, `rgb`): every (source, view) pair's features.
+
+    Each encoder is loaded once however many views use it, and each image viewed once per view.
+    A Ray Data actor, a plain loop or a test can run it. `log` (a test seam) gets one JSON line
+    per (pair, batch) with the image ids it encoded.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[FeatureSource, InputTransform]],
+        model: ModelConfig,
+        random_seed: int,
+        use_gpu: bool,
+        threads: int = 1,
+        log: str | None = None,
+    ):
+        torch.set_num_threads(threads)
+        self.device = pick_device(use_gpu)
+        self.pairs, self.log = list(pairs), log
+        sources = {s.key: s for s, _ in self.pairs}
+        self.modules = {
+            k: build_feature_module(s, model, random_seed).to(self.device) for k, s in sources.items()
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """-> {'image_id', 'f0', 'f1', ...}: column f<i> holds the features of pair i."""
+        ids = [str(i) for i in batch["image_id"]]
+        out = {"image_id": np.asarray(ids)}
+        for view in dict.fromkeys(v for _, v in self.pairs):
+            wanted = {f"f{i}": self.modules[s.key] for i, (s, v) in enumerate(self.pairs) if v is view}
+            out |= encode_batch(wanted, batch["rgb"], ids, view, self.device)
+        if self.log:
+            lines = [json.dumps({"source": s.key, "view": v.value, "ids": ids}) for s, v in self.pairs]
+            with open(self.log, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return out
+
+
+def source_features(dirs: Sequence[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-wise concatenation of the sources' cached features, (N, sum C, h, w), and the ids."""
+    ids = _cached_array(str(Path(dirs[0]) / f"{split}.ids.npy"))
+    for d in dirs[1:]:
+        if not np.array_equal(_cached_array(str(Path(d) / f"{split}.ids.npy")), ids):
+            raise RuntimeError(f"feature caches {dirs[0]} and {d} hold different {split} images")
+    features = [_cached_array(str(Path(d) / f"{split}.npy")) for d in dirs]
+    return np.concatenate(features, axis=1), np.asarray(ids)
+
+
+def write_readout(path: Path, outcome: ReadoutOutcome, ids: np.ndarray, losses: np.ndarray) -> None:
+    """Atomic: a temp file renamed into place, so a stored readout is always a complete one."""
+    r, n = outcome.readout, len(ids)
+    table = pa.table(
+        {
+            "target": [r.target] * n,
+            "sources": [list(r.sources)] * n,
+            "image_id": np.asarray(ids).astype(str),
+            "loss": np.asarray(losses, np.float32),
+        },
+        schema=LOSS_SCHEMA,
+    )
+    meta = {"kind": r.kind.value, **{k: v for k, v in asdict(outcome).items() if k != "readout"}}
+    table = table.replace_schema_metadata({_META: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def stored_outcome(path: Path, readout: Readout) -> ReadoutOutcome | None:
+    """The summary of a stored readout (from the file's metadata), or None if not stored."""
+    if not path.exists():
+        return None
+    meta = json.loads(pq.read_schema(path).metadata[_META])
+    return ReadoutOutcome(readout, meta["mean_loss"], meta["seconds"], tuple(meta["train_losses"]))
+
+
+def read_readout(path: Path) -> pa.Table:
+    return pq.read_table(path).replace_schema_metadata(None)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_array(path: str) -> np.ndarray:
+    """Cache files memory-mapped once per process: a worker runs many readouts."""
+    return np.load(path, mmap_mode="r")
+
+
+@functools.lru_cache(maxsize=4)
+def _split_labels(data_root: str, split: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    data = ShardStore(data_root).read(split, [column])
+    ids = data["image_id"].astype(str)
+    order = np.argsort(ids)
+    return ids[order], data[column][order]
+
+
+def _labels(data_root: str, split: str, column: str, ids: np.ndarray) -> np.ndarray:
+    label_ids, labels = _split_labels(data_root, split, column)
+    if not np.array_equal(label_ids, ids.astype(str)):
+        raise RuntimeError(f"cached features and the dataset at {data_root} disagree on the {split} images")
+    return labels
+
+
+def _note_attempt(out_dir: str, readout: Readout, event: str) -> None:
+    path = attempts_path(out_dir, readout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{event} {os.getpid()} {time.time():.3f}\n")

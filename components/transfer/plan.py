@@ -1,0 +1,173 @@
+"""Which readouts Stage II trains: a pure function of the tasks and the beam settings.
+
+First order: every source -> every target, the target's own encoder included. Higher order k:
+every k-subset of the target's best B first-order sources (its own encoder left out: a target
+is never among its own sources beyond first order). Baselines per target: `self` (Stage I's
+network, nothing to train), `pixels` and `random`. The higher-order source sets are only known
+once a target's first-order losses are in, but their number is known up front, so the plan can
+be counted and timed before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from itertools import combinations
+
+
+class ReadoutKind(str, Enum):
+    TRANSFER = "transfer"  # features of one or more source encoders
+    SELF = "self"  # the target's fully supervised network (Stage I): read, not trained
+    PIXELS = "pixels"  # raw pixels, rearranged to the representation's shape
+    RANDOM = "random"  # a frozen random-init encoder
+
+
+BASELINES = (ReadoutKind.SELF, ReadoutKind.PIXELS, ReadoutKind.RANDOM)
+
+
+@dataclass(frozen=True, order=True)
+class Readout:
+    """One unit of Stage II work: train a readout from `sources` to `target` (or read `self`)."""
+
+    target: str
+    sources: tuple[str, ...]  # sorted; (kind,) for a baseline, as in the loss table
+    kind: ReadoutKind = ReadoutKind.TRANSFER
+
+    def __post_init__(self) -> None:
+        if tuple(sorted(set(self.sources))) != self.sources or not self.sources:
+            raise ValueError(f"sources must be a non-empty sorted set, got {self.sources}")
+        if self.kind is not ReadoutKind.TRANSFER and self.sources != (self.kind.value,):
+            raise ValueError(f"a {self.kind.value} baseline has sources ({self.kind.value!r},)")
+
+    @property
+    def order(self) -> int:
+        return len(self.sources)
+
+    @property
+    def name(self) -> str:
+        """`a+b->t`: how logs, MLflow (`transfer/<name>`) and failure reports call it."""
+        return f"{'+'.join(self.sources)}->{self.target}"
+
+    @property
+    def file_id(self) -> str:
+        """The name without `>`: safe as a file name on any filesystem or object store."""
+        return f"{'+'.join(self.sources)}--{self.target}"
+
+
+def baseline(target: str, kind: ReadoutKind) -> Readout:
+    return Readout(target, (kind.value,), kind)
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    orders: tuple[int, ...]  # higher orders, ascending
+    beams: tuple[int, ...]  # B of each higher order
+    first_order: tuple[Readout, ...]  # grouped by target, in target order
+    baselines: tuple[Readout, ...]
+
+    def first_order_of(self, target: str) -> tuple[Readout, ...]:
+        return tuple(r for r in self.first_order if r.target == target)
+
+    def candidates(self, target: str) -> tuple[str, ...]:
+        """Sources a higher-order set of `target` may use: every source but the target itself."""
+        return tuple(s for s in self.sources if s != target)
+
+    def higher_order_count(self, target: str, order: int) -> int:
+        beam = self.beams[self.orders.index(order)]
+        return math.comb(min(beam, len(self.candidates(target))), order)
+
+    def higher_order(self, target: str, first_order_losses: Mapping[str, float]) -> tuple[Readout, ...]:
+        """Readouts of every higher order for `target`, from its first-order mean test losses
+        (source -> loss; lower is better). Sources missing from the mapping (a failed readout)
+        are not in the beam."""
+        ranked = rank_sources(first_order_losses, exclude=target)
+        out = []
+        for order, beam in zip(self.orders, self.beams, strict=True):
+            out += [Readout(target, tuple(sorted(c))) for c in combinations(ranked[:beam], order)]
+        return tuple(out)
+
+    def counts(self) -> dict[str, int]:
+        """Readouts per order and per baseline, as printed before a run."""
+        out = {"order 1": len(self.first_order)}
+        for order in self.orders:
+            out[f"order {order}"] = sum(self.higher_order_count(t, order) for t in self.targets)
+        for kind in BASELINES:
+            n = sum(r.kind is kind for r in self.baselines)
+            if n:
+                out[kind.value] = n
+        return out
+
+    @property
+    def trained(self) -> int:
+        """Readouts that train a network (all but `self`)."""
+        return sum(v for k, v in self.counts().items() if k != ReadoutKind.SELF.value)
+
+
+def plan_transfers(
+    targets: Sequence[str],
+    sources: Sequence[str],
+    orders: Sequence[int] = (2, 3),
+    beams: Sequence[int] = (4, 4),
+    baselines: Sequence[ReadoutKind] = BASELINES,
+) -> TransferPlan:
+    """The plan for `targets` (tasks that are not source-only) from `sources` (every trained task)."""
+    if len(orders) != len(beams):
+        raise ValueError(f"one beam size per higher order: orders {tuple(orders)}, beams {tuple(beams)}")
+    if any(k < 2 for k in orders) or len(set(orders)) != len(orders):
+        raise ValueError(f"higher orders must be distinct and >= 2, got {tuple(orders)}")
+    if any(b < k for k, b in zip(orders, beams, strict=True)):
+        raise ValueError(
+            f"each beam must be at least its order: orders {tuple(orders)}, beams {tuple(beams)}"
+        )
+    if ReadoutKind.TRANSFER in baselines:
+        raise ValueError("transfer is not a baseline")
+    pairs = sorted(zip(orders, beams, strict=True))
+    first = tuple(Readout(t, (s,)) for t in targets for s in sources)
+    extra = tuple(baseline(t, kind) for t in targets for kind in BASELINES if kind in baselines)
+    return TransferPlan(
+        targets=tuple(targets),
+        sources=tuple(sources),
+        orders=tuple(k for k, _ in pairs),
+        beams=tuple(b for _, b in pairs),
+        first_order=first,
+        baselines=extra,
+    )
+
+
+def rank_sources(first_order_losses: Mapping[str, float], exclude: str = "") -> list[str]:
+    """Sources by mean test loss, best first; ties by name so every rerun picks the same beam."""
+    return sorted((s for s in first_order_losses if s != exclude), key=lambda s: (first_order_losses[s], s))
+
+
+def estimate_seconds(readouts: int, seconds_per_readout: float, slots: int) -> float:
+    """Wall time of `readouts` equal readouts on `slots` parallel slots, in waves."""
+    return math.ceil(readouts / max(slots, 1)) * seconds_per_readout
+
+
+def describe_plan(
+    plan: TransferPlan, seconds_per_readout: float | None = None, slots: int = 1, stored: int = 0
+) -> str:
+    """The plan as printed before a run: counts per order and baseline, and the time estimate."""
+    counts = plan.counts()
+    lines = [f"Stage II plan: {len(plan.targets)} targets, {len(plan.sources)} sources"]
+    lines += [f"  {name:<8} {n:>6} readouts" for name, n in counts.items()]
+    lines.append(f"  {'total':<8} {sum(counts.values()):>6} ({plan.trained} trained)")
+    if stored:
+        lines.append(f"  already stored: {stored} (skipped)")
+    if seconds_per_readout is not None:
+        todo = max(plan.trained - stored, 0)
+        eta = estimate_seconds(todo, seconds_per_readout, slots)
+        lines.append(
+            f"  estimate: {todo} readouts x {seconds_per_readout:.1f} s on {slots} slot(s) ~ {_hms(eta)}"
+        )
+    return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

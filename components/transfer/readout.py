@@ -1,0 +1,158 @@
+"""The readout: frozen features of a source set -> two small conv layers -> the target's decoder.
+
+Trained from scratch on the `transfer` split only; returns the loss of every `test` image, which
+is all Stage III needs. The decoder is the target's own architecture (`build_decoder`), fed a
+tensor of the representation's shape, so a readout differs from the target's `self` network only
+in where its representation comes from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.models import ModelConfig, representation_shape
+from components.models.network import build_decoder
+from components.tasks import Loss, Task
+
+Featurize = Callable[[torch.Tensor], torch.Tensor]  # a batch of stored inputs -> features
+
+
+@dataclass(frozen=True)
+class ReadoutSettings:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    width: int = 64  # channels of the two transfer conv layers
+    seed: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class ReadoutResult:
+    image_ids: np.ndarray  # (n_test,) str
+    losses: np.ndarray  # (n_test,) float32: per-image test loss
+    train_losses: tuple[float, ...]  # mean training loss of each epoch
+    seconds: float
+
+    @property
+    def mean_loss(self) -> float:
+        return float(self.losses.mean()) if len(self.losses) else float("nan")
+
+
+class ReadoutNetwork(nn.Module):
+    """(B, C_in, h, w) features -> two 3x3 conv + BN layers -> (B, C_rep, h, w) -> target decoder."""
+
+    def __init__(self, in_channels: int, rep_shape: tuple[int, int, int], width: int, decoder: nn.Module):
+        super().__init__()
+        self.transfer = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, rep_shape[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(rep_shape[0]),
+        )
+        self.decoder = decoder
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transfer(features))
+
+
+def build_readout(
+    task: Task, in_channels: int, model: ModelConfig, image_size: int, width: int, channels: int | None = None
+) -> ReadoutNetwork:
+    rep = representation_shape(model, image_size)
+    return ReadoutNetwork(in_channels, rep, width, build_decoder(task, rep, model, channels))
+
+
+def label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.Tensor:
+    """Stored labels -> the loss's target, as the Stage I loop prepares them."""
+    y = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+    if task.loss is Loss.CROSS_ENTROPY:
+        return y.long()
+    y = y.float()
+    return y / 255.0 if task.target == "rgb" else y
+
+
+def train_readout(
+    *,
+    task: Task,
+    model: ModelConfig,
+    image_size: int,
+    transfer_x: np.ndarray,
+    transfer_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    test_ids: np.ndarray,
+    settings: ReadoutSettings,
+    device: torch.device,
+    channels: int | None = None,
+    featurize: Featurize | None = None,
+) -> ReadoutResult:
+    """Train a readout on (`transfer_x`, `transfer_y`) and score every test image.
+
+    `*_x` are cached features (N, C, h, w). `featurize` (no gradient) maps each batch of `*_x`
+    to features first: the benchmark uses it to re-encode raw images every epoch instead.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    featurize = featurize or (lambda x: x)
+    with torch.no_grad():
+        in_channels = featurize(_floats(transfer_x[:1], device)).shape[1]
+    net = build_readout(task, in_channels, model, image_size, settings.width, channels).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    rng = np.random.default_rng(settings.seed)
+    history = []
+    for _ in range(settings.epochs):
+        net.train()
+        total, count = 0.0, 0
+        for idx in _batches(len(transfer_x), settings.batch_size, rng):
+            with torch.no_grad():
+                x = featurize(_floats(transfer_x[idx], device))
+            with _autocast(device):
+                pred = net(x)
+            loss = task.per_image_loss(pred.float(), label_tensor(transfer_y[idx], task, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            optimizer.step()
+            total += float(loss.detach().sum())
+            count += len(idx)
+        history.append(total / max(count, 1))
+    losses = _test_losses(net, featurize, test_x, test_y, task, device)
+    return ReadoutResult(
+        np.asarray(test_ids).astype(str), losses, tuple(history), time.perf_counter() - start
+    )
+
+
+@torch.no_grad()
+def _test_losses(
+    net: nn.Module, featurize: Featurize, x: np.ndarray, y: np.ndarray, task: Task, device: torch.device
+) -> np.ndarray:
+    net.eval()
+    out = []
+    for i in range(0, len(x), 256):
+        with _autocast(device):
+            pred = net(featurize(_floats(x[i : i + 256], device)))
+        out.append(
+            task.per_image_loss(pred.float(), label_tensor(y[i : i + 256], task, device)).cpu().numpy()
+        )
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches; a last batch of one image is dropped (batch norm needs two)."""
+    order = rng.permutation(n)
+    return [b for b in np.split(order, range(batch_size, n, batch_size)) if len(b) > 1]
+
+
+def _floats(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True).float()
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -1,0 +1,106 @@
+"""Stages III and IV as pipeline steps: per-image losses -> affinity -> taxonomy, with MLflow.
+
+The math is `components.affinity` and `components.taxonomy`; this module only decides where
+outputs live (step folders keyed by their inputs), skips finished steps, and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.affinity import RANDOM, compute_affinity
+from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.config import config_hash, to_dict
+from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
+from components.tasks import TASKS
+from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
+from components.tracking import Tracker
+from pipelines.config import PipelineConfig
+from pipelines.steps import Step
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    affinity_key: str
+    affinity_path: Path
+    taxonomy_key: str
+    taxonomy: dict
+
+
+def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
+    return Step(cfg.root, "affinity", config_hash("affinity-v1", transfer_key))
+
+
+def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
+    return Step(cfg.root, "taxonomy", config_hash(cfg.taxonomy, affinity_key))
+
+
+def run_affinity(
+    cfg: PipelineConfig, losses_path: Path, transfer_key: str, tracker: Tracker, parent_run_id: str
+) -> Step:
+    """Stage III: win rates and AHP on Stage II's per-image losses."""
+    step = affinity_step(cfg, transfer_key)
+    if step.complete:
+        return step
+    scratch = step.begin()
+    table = compute_affinity(read_losses(losses_path))
+    write_affinity(table, scratch / "affinity.parquet")
+    write_affinity(table, scratch / "affinity.csv")
+    plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
+    run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"})
+    for name in ("affinity.parquet", "affinity.csv", "affinity_heatmap.png"):
+        tracker.log_artifact(run, scratch / name)
+    tracker.log_metrics(run, {"rows": table.num_rows, "targets": len(set(table["target"].to_pylist()))})
+    tracker.end_run(run)
+    step.finish(scratch, {"transfer_key": transfer_key, "rows": table.num_rows, "mlflow_run": run})
+    return step
+
+
+def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> TaxonomyOptions:
+    t = cfg.taxonomy
+    source_only = {name for name in cfg.tasks if TASKS[name].source_only} | set(t.source_only)
+    return TaxonomyOptions(
+        budget=budget if budget is not None else t.budget,
+        max_order=t.max_order,
+        exclude=frozenset(t.exclude) | set(RANDOM),  # a baseline in the AHP, never a task to supervise
+        source_only=frozenset(source_only - set(t.exclude)),
+        importance=dict(t.importance),
+        cost=dict(t.cost),
+        transform=Transform(t.transform),
+    )
+
+
+def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_run_id: str) -> Step:
+    """Stage IV: the BIP at the configured budget, and the whole budget sweep."""
+    step = taxonomy_step(cfg, affinity.key)
+    if step.complete:
+        return step
+    scratch = step.begin()
+    table = read_affinities(affinity.path / "affinity.parquet")
+    taxonomy = solve_taxonomy(table, taxonomy_options(cfg))
+    sweep = sweep_budgets(table, taxonomy_options(cfg))
+    (scratch / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=1))
+    sweep_rows = [
+        {
+            "budget": p.budget,
+            "objective": p.objective,
+            "roots": list(p.taxonomy.roots) if p.taxonomy else None,
+        }
+        for p in sweep
+    ]
+    (scratch / "budget_sweep.json").write_text(json.dumps(sweep_rows, indent=1))
+    plot_taxonomy(taxonomy, scratch / "taxonomy.png")
+    plot_sweep(sweep, scratch / "budget_sweep.png", cfg.taxonomy.max_order)
+    run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"})
+    tracker.log_params(run, to_dict(cfg.taxonomy))
+    tracker.log_metrics(run, {"objective": taxonomy.objective, "roots": len(taxonomy.roots)})
+    tracker.log_history(
+        run, [("sweep_objective", p.objective, int(p.budget)) for p in sweep if p.objective is not None]
+    )
+    for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.json", "budget_sweep.png"):
+        tracker.log_artifact(run, scratch / name)
+    tracker.end_run(run)
+    step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **taxonomy.to_dict()})
+    return step

@@ -1,0 +1,80 @@
+"""`taskatlas run` (the whole pipeline) and `taskatlas nightly` (scheduled retraining).
+
+taskatlas run -c configs/quickstart.yaml [--stages train,transfer] [--dry-run] [--set k=v]
+taskatlas nightly -c configs/quickstart.yaml [--date 2026-11-22]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date, datetime, timezone
+
+from pipelines.commands.train import add_config_args
+from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.invocation import invocation
+from pipelines.nightly import run_nightly
+from pipelines.pipeline import PipelineResult, dry_run, parse_stages, run_pipeline
+from pipelines.ray_runtime import ensure_ray
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="the whole pipeline: data, task networks, transfers, affinity, taxonomy")
+    add_config_args(run)
+    run.add_argument("--stages", help="comma-separated subset of train,transfer,affinity,taxonomy")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print which steps would run and which are reused"
+    )
+    run.set_defaults(func=_run)
+    nightly = sub.add_parser("nightly", help="refresh data, retrain incrementally, promote champions")
+    add_config_args(nightly)
+    nightly.add_argument("--stages", help="comma-separated subset of train,transfer,affinity,taxonomy")
+    nightly.add_argument("--date", type=date.fromisoformat, help="the night to run (default: today, UTC)")
+    nightly.set_defaults(func=_nightly)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    stages = parse_stages(args.stages)
+    if args.dry_run:
+        for step, status in dry_run(cfg, stages):
+            print(f"{status:<8} {step}")
+        return 0
+    ensure_ray()
+    with invocation(cfg, "run") as inv:
+        result = run_pipeline(inv, stages)
+    print_report(cfg, result, inv.tracker.tracking_uri)
+    return 0
+
+
+def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str) -> None:
+    ran = [s for s, status in result.steps if status == "ran"]
+    print(
+        f"\nsteps: {len(ran)} ran, {len(result.steps) - len(ran)} reused (data version {result.data_version})"
+    )
+    if result.stage2:
+        print(f"transfers: {result.stage2.counts}  per-image losses: {result.stage2.losses_path}")
+    if result.taxonomy:
+        t = result.taxonomy
+        print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {', '.join(t['roots'])}")
+        for target, sources in t["transfers"].items():
+            print(f"  {target:<18} <- {' + '.join(sources)}")
+        print(f"outputs: {t['path']}")
+    print(f"storage root: {cfg.root}")
+    print(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    day = args.date or datetime.now(timezone.utc).date()
+    ensure_ray()
+    summary = run_nightly(cfg, day, parse_stages(args.stages))
+    if summary is None:
+        print(f"another nightly run holds {cfg.root / 'nightly.lock'}; nothing to do")
+        return 0
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("date", "data_version", "retrained", "promoted", "taxonomy_changed")}
+        )
+    )
+    return 0

@@ -1,0 +1,63 @@
+"""`taskatlas transfer`: Stage I (skipping finished task networks), then Stage II's readouts.
+
+taskatlas transfer -c configs/quickstart.yaml
+taskatlas transfer -c configs/quickstart.yaml --tasks normal,reshading,edge_texture --set transfer.epochs=2
+taskatlas transfer -c configs/taskonomy-gpu.yaml --set transfer.gpus_per_readout=0.25
+
+Prints the plan (readouts per order and baseline, and the estimated time) before anything
+trains, and the summary table at the end. A rerun skips every stored readout.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pyarrow.parquet as pq
+
+from components.tasks import parse_tasks
+from components.transfer import describe_plan
+from pipelines.commands.train import add_config_args
+from pipelines.config import load_pipeline_config
+from pipelines.invocation import invocation
+from pipelines.ray_runtime import ensure_ray
+from pipelines.stage1 import Stage1
+from pipelines.stage2 import Stage2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transfer",
+        help="Stage II: readouts on frozen, cached encoders, fanned out on Ray (trains Stage I first)",
+    )
+    add_config_args(p)
+    p.add_argument("--tasks", help="comma-separated subset of the config's tasks (the sources)")
+    p.set_defaults(func=_transfer)
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    tasks = parse_tasks(args.tasks) if args.tasks else parse_tasks(list(cfg.tasks))
+    ensure_ray()
+    with invocation(cfg, "transfer") as inv:
+        stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
+        plan = stage2.plan([t.name for t in tasks])
+        seconds, slots = stage2.estimate(plan)
+        print(describe_plan(plan, seconds, slots), flush=True)
+        results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+        result = stage2.run(results, plan)
+    print(format_summary(pq.read_table(result.summary_path).to_pylist()))
+    print(f"\nper-image losses: {result.losses_path}  ({result.ran} readouts trained, the rest stored)")
+    if result.failed:
+        print(f"FAILED after retries ({len(result.failed)}): {', '.join(result.failed)}")
+        return 1
+    return 0
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'target':<18} {'sources':<40} {'order':>5} {'mean loss':>10} {'seconds':>8}"]
+    for row in sorted(rows, key=lambda r: (r["target"], r["mean_loss"])):
+        sources = "+".join(row["sources"])
+        lines.append(
+            f"{row['target']:<18} {sources:<40} {row['order']:>5} {row['mean_loss']:>10.4f} {row['seconds']:>8.1f}"
+        )
+    return "\n".join(lines)

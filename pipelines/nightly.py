@@ -1,0 +1,144 @@
+"""Nightly retraining: lock, refresh the data, rerun incrementally, promote champions, summarize.
+
+    taskatlas nightly -c configs/taskonomy-gpu.yaml            # cron / systemd timer / RayCronJob
+    taskatlas nightly -c configs/quickstart.yaml --date 2026-11-21   # a backfill
+
+The synthetic dataset is refreshed by deriving its seed from the date, so each night has a new
+data version and a rerun on the same day reuses everything (and promotes nothing). An imported
+dataset (`data.path`) is taken as it is: whatever refreshed that folder gave it its data version.
+A task's new model becomes the registry's `champion` only if its test loss is not worse than the
+current champion's on the same (new) test split.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.tasks import get_task
+from components.tracking import Tracker, load_registered_model
+from components.training import iter_batches, per_image_losses
+from pipelines.config import PipelineConfig
+from pipelines.invocation import invocation
+from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
+from pipelines.stage1 import TaskResult
+
+CHAMPION = "champion"
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Yields False at once if another process holds the lock (the OS drops it if we die)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
+    if cfg.data.path:
+        return cfg
+    return replace(
+        cfg, data=replace(cfg.data, seed=cfg.data.seed * 100_000_000 + int(day.strftime("%Y%m%d")))
+    )
+
+
+@dataclass(frozen=True)
+class Promotion:
+    task: str
+    version: str
+    test_loss: float
+    champion_version: str | None
+    champion_loss: float | None
+    promoted: bool
+
+
+def promote(
+    tracker: Tracker, results: dict[str, TaskResult], retrained: list[str], test_data: dict
+) -> list[Promotion]:
+    """Compare each retrained task's new model with the registry's champion on the same test split."""
+    out = []
+    for name in retrained:
+        r = results[name]
+        registered = f"taskatlas-{name}"
+        champion = tracker.alias_version(registered, CHAMPION)
+        champion_loss = None
+        if champion is not None and champion != r.model_version:
+            task = get_task(name)
+            model = load_registered_model(tracker.tracking_uri, registered, champion)
+            batches = iter_batches({k: test_data[k] for k in ("image_id", "rgb", task.target)}, 256)
+            champion_loss = float(np.mean(per_image_losses(model, batches, task, torch.device("cpu"))[1]))
+        better = champion is None or (champion != r.model_version and r.test_loss <= champion_loss)
+        if better:
+            tracker.set_alias(registered, CHAMPION, r.model_version)
+        out.append(Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better))
+    return out
+
+
+def run_nightly(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES) -> dict | None:
+    """The nightly job; None if another nightly holds the lock."""
+    cfg = nightly_config(cfg, day)
+    with exclusive_lock(cfg.root / "nightly.lock") as acquired:
+        if not acquired:
+            return None
+        with invocation(cfg, "nightly") as inv:
+            result: PipelineResult = run_pipeline(inv, stages)
+            test = inv.store.read("test")
+            promotions = promote(inv.tracker, result.stage1, result.retrained, test)
+            summary = _summary(cfg, day, result, promotions)
+            inv.tracker.set_tags(
+                inv.run_id,
+                {
+                    "nightly_date": day.isoformat(),
+                    "retrained": ",".join(result.retrained),
+                    "promoted": ",".join(summary["promoted"]),
+                },
+            )
+            inv.tracker.log_metrics(
+                inv.run_id, {"retrained": len(result.retrained), "promoted": len(summary["promoted"])}
+            )
+            inv.tracker.write_json_artifact(inv.run_id, summary, "nightly_summary.json")
+        return summary
+
+
+def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions: list[Promotion]) -> dict:
+    last_path = cfg.root / "nightly" / "last_taxonomy.json"
+    previous = json.loads(last_path.read_text()) if last_path.exists() else None
+    summary = {
+        "date": day.isoformat(),
+        "data_version": result.data_version,
+        "retrained": result.retrained,
+        "promoted": [p.task for p in promotions if p.promoted],
+        "promotions": [p.__dict__ for p in promotions],
+        "steps": result.steps,
+        "taxonomy": result.taxonomy,
+        "taxonomy_changed": None,
+    }
+    if result.taxonomy is not None:
+        now = {"roots": result.taxonomy["roots"], "transfers": result.taxonomy["transfers"]}
+        if previous is not None:
+            summary["taxonomy_changed"] = previous != now
+            summary["roots_before"] = previous["roots"]
+        last_path.parent.mkdir(parents=True, exist_ok=True)
+        last_path.write_text(json.dumps(now, indent=1))
+    return summary

@@ -1,0 +1,158 @@
+"""The whole study as one resumable flow: data -> Stage I -> II -> III -> IV.
+
+    taskatlas run -c configs/quickstart.yaml                 # laptop (what `make demo` runs)
+    taskatlas run -c configs/quickstart.yaml --dry-run       # which steps run, which are reused
+    taskatlas run -c configs/taskonomy-gpu.yaml --stages transfer,affinity,taxonomy
+    taskatlas submit --address http://HEAD:8265 -c configs/taskonomy-gpu.yaml --wait   # cluster
+
+Every step's output lives under the storage root keyed by a hash of its config, its inputs'
+keys and the data version (design.md section 1), so a killed run resumes and a changed setting
+recomputes only what depends on it: a transfer setting never retrains task networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from components.data.shards import MANIFEST, ShardStore
+from components.errors import TaskatlasError
+from components.tasks import Task, parse_tasks
+from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
+from pipelines.config import PipelineConfig
+from pipelines.invocation import Invocation, dataset_folder
+from pipelines.stage1 import Stage1, TaskResult
+from pipelines.stage2 import Stage2, Stage2Result
+
+
+class Stage(str, Enum):
+    TRAIN = "train"
+    TRANSFER = "transfer"
+    AFFINITY = "affinity"
+    TAXONOMY = "taxonomy"
+
+
+ALL_STAGES = tuple(Stage)
+
+
+def parse_stages(text: str | None) -> tuple[Stage, ...]:
+    if not text:
+        return ALL_STAGES
+    try:
+        wanted = {Stage(s.strip()) for s in text.split(",") if s.strip()}
+    except ValueError:
+        raise TaskatlasError(
+            f"--stages: choose from {', '.join(s.value for s in Stage)}; got {text!r}"
+        ) from None
+    return tuple(s for s in ALL_STAGES if s in wanted)
+
+
+@dataclass
+class PipelineResult:
+    data_version: str
+    stage1: dict[str, TaskResult] = field(default_factory=dict)
+    retrained: list[str] = field(default_factory=list)  # task networks trained by this run
+    stage2: Stage2Result | None = None
+    taxonomy: dict | None = None
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ran" | "reused")
+
+
+def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> PipelineResult:
+    """Run the requested stages in order; earlier stages that are not requested must be complete."""
+    cfg, tasks = inv.config, parse_tasks(list(inv.config.tasks))
+    result = PipelineResult(inv.store.data_version)
+    stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
+    before = {t.name: _trained(stage1, t) for t in tasks}
+    if Stage.TRAIN in stages:
+        result.stage1 = stage1.run(tasks, search=True)
+    else:
+        result.stage1 = _require_stage1(stage1, tasks)
+    result.retrained = [t.name for t in tasks if not before[t.name]]
+    result.steps += [(f"train/{t.name}", "reused" if before[t.name] else "ran") for t in tasks]
+    if not {Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
+        return result
+
+    stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
+    key = stage2.key(result.stage1)
+    done = (cfg.root / "stage2" / key / "result.json").exists()
+    if Stage.TRANSFER not in stages and not done:
+        raise TaskatlasError("stage transfer has not run for these settings; add it to --stages")
+    result.stage2 = stage2.run(result.stage1)
+    result.steps.append(("transfer", "reused" if result.stage2.ran == 0 else "ran"))
+    if result.stage2.failed:
+        raise TaskatlasError(
+            f"{len(result.stage2.failed)} readout(s) failed: {', '.join(result.stage2.failed)}"
+        )
+    if not {Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
+        return result
+
+    affinity = affinity_step(cfg, result.stage2.key)
+    result.steps.append(("affinity", "reused" if affinity.complete else "ran"))
+    affinity = run_affinity(cfg, Path(result.stage2.losses_path), result.stage2.key, inv.tracker, inv.run_id)
+    for name in ("affinity.parquet", "affinity_heatmap.png"):
+        inv.tracker.log_artifact(inv.run_id, affinity.path / name)
+    if Stage.TAXONOMY not in stages:
+        return result
+    taxonomy = taxonomy_step(cfg, affinity.key)
+    result.steps.append(("taxonomy", "reused" if taxonomy.complete else "ran"))
+    taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
+    for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.png"):
+        inv.tracker.log_artifact(inv.run_id, taxonomy.path / name)
+    result.taxonomy = {k: v for k, v in taxonomy.info().items() if k not in ("affinity_key", "mlflow_run")}
+    result.taxonomy["path"] = str(taxonomy.path)
+    return result
+
+
+def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, str]]:
+    """What `run` would do, without running anything: (step, "reuse" | "run" | "skip")."""
+    folder = dataset_folder(cfg)
+    if not (folder / MANIFEST).exists():
+        return [("data", "run")] + [(s.value, "run" if s in stages else "skip") for s in ALL_STAGES]
+    store = ShardStore(folder)
+    plan: list[tuple[str, str]] = [("data", "reuse")]
+    stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    results, complete = {}, True
+    for task in parse_tasks(list(cfg.tasks)):
+        hparams = stage1.hparams_if_known(task, search=True)
+        if hparams is None:
+            plan.append((f"tune/{task.name}", "run" if Stage.TRAIN in stages else "missing"))
+        cached = stage1.cached_result(task, hparams) if hparams is not None else None
+        plan.append(
+            (f"train/{task.name}", "reuse" if cached else "run" if Stage.TRAIN in stages else "missing")
+        )
+        complete &= cached is not None
+        if cached:
+            results[task.name] = cached
+    downstream = [Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY]
+    if not complete:
+        return plan + [(s.value, "run" if s in stages else "skip") for s in downstream]
+    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    transfer_key = stage2.key(results)
+    steps = {
+        Stage.TRANSFER: (cfg.root / "stage2" / transfer_key / "result.json").exists(),
+    }
+    affinity = affinity_step(cfg, transfer_key)
+    steps[Stage.AFFINITY] = steps[Stage.TRANSFER] and affinity.complete
+    steps[Stage.TAXONOMY] = steps[Stage.AFFINITY] and taxonomy_step(cfg, affinity.key).complete
+    for s in downstream:
+        plan.append((s.value, "reuse" if steps[s] else "run" if s in stages else "skip"))
+    return plan
+
+
+def _trained(stage1: Stage1, task: Task) -> bool:
+    hparams = stage1.hparams_if_known(task, search=True)
+    return hparams is not None and stage1.cached_result(task, hparams) is not None
+
+
+def _require_stage1(stage1: Stage1, tasks: list[Task]) -> dict[str, TaskResult]:
+    out = {}
+    for task in tasks:
+        hparams = stage1.hparams_if_known(task, search=True)
+        cached = stage1.cached_result(task, hparams) if hparams is not None else None
+        if cached is None:
+            raise TaskatlasError(
+                f"task network {task.name!r} has not been trained for these settings; add train to --stages"
+            )
+        out[task.name] = cached
+    return out

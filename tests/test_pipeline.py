@@ -1,0 +1,148 @@
+"""`taskatlas run` and `taskatlas nightly` end to end on a tiny config (real Ray, real MLflow)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            name: tiny
+            storage_root: {tmp_path / "runs"}
+            tasks: [normal, reshading, edge_texture]
+            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
+            model: {{encoder: small, width: 8, downsample: 4}}
+            train: {{epochs: 1, num_workers: 1}}
+            tune: {{enabled: false}}
+            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16}}
+            taxonomy: {{budget: 1, max_order: 2}}
+            """
+        )
+    )
+    return path
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dry(config, capsys, *extra):
+    assert main(["run", "-c", str(config), "--dry-run", *extra]) == 0
+    return dict(reversed(line.split()) for line in capsys.readouterr().out.splitlines())
+
+
+def runs_named(root, prefix):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
+
+
+def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stages_2_to_4(
+    tiny_config, tmp_path, capsys, ray_session
+):
+    root = tmp_path / "runs"
+    assert set(dry(tiny_config, capsys).values()) == {"run"}  # nothing exists yet, not even the data
+    assert main(["run", "-c", str(tiny_config)]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 6 ran, 0 reused" in out
+    affinity = next(root.glob("affinity/*/affinity.parquet"))
+    taxonomy = json.loads(next(root.glob("taxonomy/*/taxonomy.json")).read_text())
+    assert set(taxonomy) == {"budget", "max_order", "objective", "roots", "transfers"}
+    assert len(taxonomy["roots"]) == 1 and "random" not in taxonomy["roots"]
+    assert set(taxonomy["roots"]) | set(taxonomy["transfers"]) == {"normal", "reshading", "edge_texture"}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(affinity)
+    assert set(table["target"].to_pylist()) == {"normal", "reshading", "edge_texture"}
+    parent = runs_named(root, "run")
+    assert len(parent) == 1
+    artifacts = {
+        a.path for a in MlflowClient(f"sqlite:///{root / 'mlflow.db'}").list_artifacts(parent[0].info.run_id)
+    }
+    assert {
+        "affinity.parquet",
+        "affinity_heatmap.png",
+        "taxonomy.json",
+        "taxonomy.png",
+        "budget_sweep.png",
+    } <= artifacts
+
+    # Second run: every step reused, no new training or transfer runs.
+    assert set(dry(tiny_config, capsys).values()) == {"reuse"}
+    assert main(["run", "-c", str(tiny_config)]) == 0
+    assert "steps: 0 ran, 6 reused" in capsys.readouterr().out
+    assert len(runs_named(root, "train/")) == 3 and len(runs_named(root, "transfer")) == 1 + 21
+
+    # A transfer setting changes Stages II-IV only.
+    plan = dry(tiny_config, capsys, "--set", "transfer.epochs=2")
+    assert {k for k, v in plan.items() if v == "run"} == {"transfer", "affinity", "taxonomy"}
+    assert main(["run", "-c", str(tiny_config), "--set", "transfer.epochs=2"]) == 0
+    assert "steps: 3 ran, 3 reused" in capsys.readouterr().out
+    assert len(runs_named(root, "train/")) == 3
+
+
+def test_nightly_promotes_at_most_once_and_a_concurrent_nightly_is_refused(
+    tiny_config, tmp_path, capsys, ray_session
+):
+    root = tmp_path / "runs"
+    args = ["nightly", "-c", str(tiny_config), "--stages", "train", "--date", "2026-11-20"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(first["promoted"]) == ["edge_texture", "normal", "reshading"]  # no champion yet
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["retrained"] == [] and second["promoted"] == []
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for task in ("normal", "reshading", "edge_texture"):
+        assert str(client.get_model_version_by_alias(f"taskatlas-{task}", "champion").version) == "1"
+    # The next night has new data: new models, promoted only where not worse than the champion.
+    assert main(["nightly", "-c", str(tiny_config), "--stages", "train", "--date", "2026-11-21"]) == 0
+    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert third["data_version"] != first["data_version"]
+    assert sorted(third["retrained"]) == ["edge_texture", "normal", "reshading"]
+    for task in ("normal", "reshading", "edge_texture"):
+        champion = str(client.get_model_version_by_alias(f"taskatlas-{task}", "champion").version)
+        assert champion == ("2" if task in third["promoted"] else "1")
+    latest = max(runs_named(root, "nightly"), key=lambda r: r.info.start_time)
+    summary = (
+        json.loads((tmp_path / "dl" / "nightly_summary.json").read_text())
+        if client.download_artifacts(latest.info.run_id, "nightly_summary.json", str(_mkdir(tmp_path / "dl")))
+        else None
+    )
+    for p in summary["promotions"]:
+        assert p["champion_version"] == "1" and p["promoted"] == (p["test_loss"] <= p["champion_loss"])
+
+    # Another process holds the lock: a second nightly exits cleanly and does nothing.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(root / "nightly.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = len(runs_named(root, "nightly"))
+        assert main(["nightly", "-c", str(tiny_config), "--stages", "train", "--date", "2026-11-22"]) == 0
+        assert "another nightly run holds" in capsys.readouterr().out
+        assert len(runs_named(root, "nightly")) == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,0 +1,391 @@
+"""Stage II: the readout and feature parts alone, then the Ray fan-out on a real local Ray.
+
+The fan-out tests run on `tiny_dataset` (16 transfer / 16 test images, 32x32) with stand-in
+Stage I outputs: seeded, untrained task networks and their per-image test losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.data.shards import ShardStore
+from components.models import ModelConfig, build_network
+from components.tasks import InputTransform, get_task
+from components.training import iter_batches, per_image_losses
+from components.transfer import (
+    FeatureKind,
+    FeatureSource,
+    Readout,
+    ReadoutKind,
+    ReadoutSettings,
+    build_readout,
+    random_encoder,
+    train_readout,
+    trained_encoder,
+    view_input,
+)
+from components.transfer.features import PixelFeatures
+from components.transfer.jobs import (
+    FeatureEncoder,
+    ReadoutJob,
+    attempts_path,
+    calibrate_readout,
+    readout_path,
+)
+from pipelines.config import load_pipeline_config
+from pipelines.invocation import open_tracker
+from pipelines.stage1 import TaskResult
+from pipelines.stage2 import Stage2
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(width=8, downsample=4)
+TASKS = ("normal", "reshading", "edge_texture")
+BASE = [
+    "data.size=32",
+    "model.width=8",
+    "model.downsample=4",
+    "transfer.orders=[2]",
+    "transfer.beams=[2]",
+    "transfer.batch_size=8",
+    "transfer.width=16",
+    "transfer.epochs=2",
+]
+
+
+# ---------------------------------------------------------------- the plain parts
+
+
+@pytest.mark.parametrize(("task", "shape"), [("normal", (3, 32, 32)), ("class_object", (3,))])
+def test_readout_network_maps_concatenated_features_to_the_targets_output(task, shape):
+    net = build_readout(get_task(task), in_channels=24, model=MODEL, image_size=32, width=16)
+    out = net(torch.randn(2, 24, 8, 8))  # three sources of 8 channels at 32 / 4
+    assert out.shape == (2, *shape)
+    convs = [m for m in net.transfer if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3), (3, 3)] and convs[-1].out_channels == 8
+
+
+def test_train_readout_learns_and_scores_every_test_image():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8, 8, 8)).astype(np.float16)
+    y = torch.sigmoid(F.interpolate(torch.from_numpy(x[:, :1]).float(), scale_factor=4)).numpy()
+    ids = np.array([f"img-{i}" for i in range(64)])
+    kwargs = {"task": get_task("reshading"), "model": MODEL, "image_size": 32, "device": torch.device("cpu")}
+    result = train_readout(
+        **kwargs,
+        transfer_x=x,
+        transfer_y=y,
+        test_x=x,
+        test_y=y,
+        test_ids=ids,
+        settings=ReadoutSettings(epochs=15, batch_size=16, width=16, lr=3e-3),
+    )
+    assert result.losses.shape == (64,) and list(result.image_ids) == list(ids)
+    assert result.train_losses[-1] < 0.5 * result.train_losses[0]
+    assert np.isfinite(result.losses).all() and result.seconds > 0
+
+
+def test_pixel_features_rearrange_the_image_to_the_representations_shape():
+    rgb = torch.rand(2, 3, 32, 32)
+    features = PixelFeatures(4)(rgb)
+    assert features.shape == (2, 48, 8, 8)
+    assert torch.allclose(F.pixel_shuffle(features, 4) * 0.25 + 0.5, rgb, atol=1e-6)
+
+
+def test_views_are_the_targets_input_and_noise_depends_only_on_seed_and_image():
+    rgb = torch.rand(3, 3, 32, 32)
+    ids = ["a", "b", "c"]
+    assert torch.equal(view_input(rgb, InputTransform.NONE, ids), rgb)
+    noisy = view_input(rgb, InputTransform.NOISE, ids, seed=1)
+    assert torch.equal(view_input(rgb[1:], InputTransform.NOISE, ids[1:], seed=1), noisy[1:])  # any batching
+    assert not torch.equal(view_input(rgb, InputTransform.NOISE, ids, seed=2), noisy)
+    gray = view_input(rgb, InputTransform.GRAYSCALE, ids)
+    assert torch.equal(gray[:, 0], gray[:, 2])
+
+
+def test_random_encoder_is_fixed_by_its_seed_and_trained_encoder_matches_the_network():
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(random_encoder(MODEL, 3)(x), random_encoder(MODEL, 3)(x))
+    assert not torch.equal(random_encoder(MODEL, 3)(x), random_encoder(MODEL, 4)(x))
+    torch.manual_seed(0)
+    net = build_network(get_task("normal"), MODEL, 32).eval()
+    encoder = trained_encoder(net.state_dict(), MODEL)
+    assert torch.equal(encoder(x), net.encode(x))
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_feature_encoder_runs_every_source_and_view_on_one_batch(tmp_path):
+    torch.manual_seed(0)
+    torch.save(build_network(get_task("normal"), MODEL, 32).state_dict(), tmp_path / "normal.pt")
+    normal = FeatureSource("normal", FeatureKind.ENCODER, "k-normal", str(tmp_path / "normal.pt"))
+    pairs = [
+        (normal, InputTransform.NONE),
+        (normal, InputTransform.NOISE),
+        (FeatureSource("pixels", FeatureKind.PIXELS, "k-pixels"), InputTransform.NONE),
+        (FeatureSource("random", FeatureKind.RANDOM, "k-random"), InputTransform.NONE),
+    ]
+    encoder = FeatureEncoder(pairs, MODEL, random_seed=0, use_gpu=False, log=str(tmp_path / "log"))
+    assert len(encoder.modules) == 3  # normal's encoder is loaded once for both views
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    out = encoder({"image_id": np.array([f"i{k}" for k in range(5)]), "rgb": rgb})
+    assert [out[f"f{i}"].shape for i in range(4)] == [(5, 8, 8, 8), (5, 8, 8, 8), (5, 48, 8, 8), (5, 8, 8, 8)]
+    assert out["f0"].dtype == np.float16 and not np.array_equal(out["f0"], out["f1"])
+    assert len((tmp_path / "log").read_text().splitlines()) == 4
+
+
+def test_calibration_times_a_readout_shaped_like_the_plan():
+    job = ReadoutJob(
+        readout=Readout("segment_semantic", ("normal",)),
+        feature_dirs=("",),
+        data_root="",
+        model=MODEL,
+        image_size=32,
+        channels=6,
+        settings=ReadoutSettings(epochs=10, batch_size=8, width=8),
+        out_dir="",
+        use_gpu=False,
+        threads=1,
+    )
+    seconds = calibrate_readout(job, n_images=8, n_transfer=80, n_test=16)
+    assert 0 < seconds < 60
+
+
+# ---------------------------------------------------------------- Ray fan-out
+
+
+def fake_stage1(root: Path, store: ShardStore, tasks=TASKS) -> dict[str, TaskResult]:
+    """Stand-ins for Stage I's outputs: seeded untrained networks and their test losses."""
+    results = {}
+    test = store.read("test", list(dict.fromkeys(["rgb", *(get_task(t).target for t in tasks)])))
+    for i, name in enumerate(tasks):
+        task = get_task(name)
+        torch.manual_seed(100 + i)
+        net = build_network(task, MODEL, 32)
+        out = root / "stage1" / name / "fake"
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), out / "model.pt")
+        ids, losses = per_image_losses(net, iter_batches(test, 64), task, torch.device("cpu"))
+        pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
+        results[name] = TaskResult(name, f"fake{i}", str(out / "model.pt"), float(losses.mean()), {}, "", "1")
+    return results
+
+
+def make_stage2(root: Path, store: ShardStore, *overrides: str, tasks=TASKS, **kwargs) -> Stage2:
+    cfg = load_pipeline_config(
+        None, [f"storage_root={root}", f"tasks=[{','.join(tasks)}]", *BASE, *overrides]
+    )
+    tracker = open_tracker(cfg)
+    return Stage2(cfg, store, tracker, tracker.start_run("test"), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_dataset, ray_session):
+    """One storage root for the fan-out tests: features are encoded once, then shared."""
+    root = tmp_path_factory.mktemp("stage2")
+    store = ShardStore(tiny_dataset)
+    return root, store, fake_stage1(root, store)
+
+
+def _done_counts(out_dir: str, readouts) -> Counter:
+    return Counter(
+        {
+            r: attempts_path(out_dir, r).read_text().split().count("done")
+            for r in readouts
+            if r.kind.value != "self"
+        }
+    )
+
+
+def _readout_runs(stage: Stage2, key: str) -> Counter:
+    """Names of the readout runs nested under any stage run of Stage II key `key`."""
+    client, experiment = stage.tracker.client, [stage.tracker.experiment_id]
+    stages = {r.info.run_id for r in client.search_runs(experiment, f"tags.key = '{key}'")}
+    runs = client.search_runs(experiment, "tags.stage = 'transfer'", max_results=5000)
+    return Counter(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") in stages)
+
+
+def test_features_are_encoded_once_per_encoder_and_reused(tmp_path, tiny_dataset, ray_session):
+    store = ShardStore(tiny_dataset)
+    tasks = (*TASKS, "denoising")  # a target whose input is noisy: its readouts see that view
+    results = fake_stage1(tmp_path, store, tasks)
+    log = tmp_path / "encode.log"
+    overrides = ("transfer.orders=[]", "transfer.beams=[]", "transfer.epochs=1")
+    make_stage2(tmp_path, store, *overrides, tasks=tasks, encode_log=log).run(results)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    by_source = {}
+    for line in lines:
+        by_source.setdefault((line["source"], line["view"]), []).extend(line["ids"])
+    assert len(by_source) == (len(tasks) + 2) * 2  # each encoder, random, pixels; views none and noise
+    all_ids = set(store.read("transfer", [])["image_id"]) | set(store.read("test", [])["image_id"])
+    for ids in by_source.values():
+        assert len(ids) == len(all_ids) and set(ids) == all_ids  # every image exactly once
+    # another Stage II config (new key) over the same encoders and data: nothing is encoded again
+    make_stage2(tmp_path, store, *overrides[:2], "transfer.epochs=2", tasks=tasks, encode_log=log).run(
+        results
+    )
+    assert len(log.read_text().splitlines()) == len(lines)
+
+
+def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
+    root, store, results = env
+    stage = make_stage2(root, store)
+    seconds, slots = stage.estimate(stage.plan(list(TASKS)))  # what the CLI prints before running
+    assert seconds > 0 and slots == 2
+    result = stage.run(results)
+    assert result.failed == () and result.ran == 9 + 3 + 3 + 3  # `self` is read, not trained
+    assert result.counts == {"order 1": 9, "order 2": 3, "self": 3, "pixels": 3, "random": 3}
+
+    losses = pq.read_table(result.losses_path)
+    assert losses.column_names == ["target", "sources", "image_id", "loss"]
+    assert losses.num_rows == 21 * 16
+    keys = pc.binary_join_element_wise(
+        losses["target"], pc.binary_join(losses["sources"], "+"), losses["image_id"], "|"
+    )
+    assert len(pc.unique(keys)) == losses.num_rows  # no duplicated (target, sources, image)
+
+    summary = pq.read_table(result.summary_path).to_pylist()
+    assert {"target", "sources", "order", "mean_loss", "seconds"} <= set(summary[0])
+    for target in TASKS:
+        first = {
+            r["sources"][0]: r["mean_loss"]
+            for r in summary
+            if r["target"] == target and r["kind"] == "transfer" and r["order"] == 1
+        }
+        beam = sorted((s for s in first if s != target), key=lambda s: (first[s], s))[:2]
+        pairs = [r["sources"] for r in summary if r["target"] == target and r["order"] == 2]
+        assert pairs == [sorted(beam)]
+
+    runs = _readout_runs(stage, result.key)
+    assert len(runs) == 21 and set(runs.values()) == {1}
+    assert (
+        "transfer/normal+reshading->edge_texture" in runs or "transfer/edge_texture+reshading->normal" in runs
+    )
+    plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
+    assert set(_done_counts(result.out_dir, plan_readouts).values()) == {1}
+
+    again = make_stage2(root, store).run(results)  # complete: skipped as a whole
+    assert again.ran == 0 and again.key == result.key and again.losses_path == result.losses_path
+
+
+def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env):
+    root, store, results = env
+    failing = "reshading->normal"
+    overrides = ("transfer.epochs=1", "transfer.max_retries=1")
+    result = make_stage2(root, store, *overrides, f"transfer.fail_readouts=[{failing}]").run(results)
+    assert result.failed == (failing,)
+    bad = Readout("normal", ("reshading",))
+    attempts = attempts_path(result.out_dir, bad).read_text().split()
+    assert attempts.count("start") == 2 and attempts.count("done") == 0  # one try + one retry
+    assert not readout_path(result.out_dir, bad).exists()
+    assert not (Path(result.out_dir) / "result.json").exists()  # incomplete: the rerun retries
+    assert failing in json.loads((Path(result.out_dir) / "failed.json").read_text())
+    # every other readout ran; normal's beam of 2 has one source left, so it has no pair
+    assert result.counts == {"order 1": 8, "order 2": 2, "self": 3, "pixels": 3, "random": 3}
+
+    rerun = make_stage2(root, store, *overrides)
+    fixed = rerun.run(results)  # same key: the seam is not part of it
+    assert fixed.key == result.key and fixed.failed == ()
+    assert attempts_path(result.out_dir, bad).read_text().split().count("done") == 1
+    assert pq.read_table(fixed.summary_path).num_rows == 21
+    assert (Path(fixed.out_dir) / "result.json").exists() and not (
+        Path(fixed.out_dir) / "failed.json"
+    ).exists()
+    runs = _readout_runs(rerun, fixed.key)  # the failed readout's run was finished, not duplicated
+    assert len(runs) == 21 and set(runs.values()) == {1}
+
+
+_DRIVER = """
+import json, sys
+import ray
+from components.data.shards import ShardStore
+from pipelines.stage1 import TaskResult
+sys.path.insert(0, {tests!r})
+from test_transfer import make_stage2
+spec = json.load(open(sys.argv[1]))
+ray.init(address=spec["address"])
+results = {{k: TaskResult(**v) for k, v in spec["results"].items()}}
+make_stage2(__import__("pathlib").Path(spec["root"]), ShardStore(spec["data"]), *spec["overrides"]).run(results)
+"""
+
+
+@pytest.mark.slow
+def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_once(
+    env, ray_session, tmp_path
+):
+    root, store, results = env
+    overrides = ["transfer.epochs=25", "transfer.seed=5"]
+    probe = make_stage2(root, store, *overrides)
+    out = root / "stage2" / probe.key(results)
+    spec = {
+        "address": ray_session.get_runtime_context().gcs_address,
+        "root": str(root),
+        "data": str(store.root),
+        "results": {k: v.__dict__ for k, v in results.items()},
+        "overrides": overrides,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER.format(tests=str(ROOT / "tests")), str(tmp_path / "spec.json")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    trained = lambda: [p for p in (out / "readouts").glob("*.parquet") if not p.name.startswith("self--")]  # noqa: E731
+    deadline = time.monotonic() + 180
+    while len(trained()) < 4:
+        assert driver.poll() is None, "the driver finished or died before it could be killed"
+        assert time.monotonic() < deadline, "no readouts were stored in time"
+        time.sleep(0.02)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    stored_at_kill = len(trained())
+    _wait_for_workers_to_go(out)
+
+    result = probe.run(results)
+    summary = pq.read_table(result.summary_path).to_pylist()
+    plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
+    assert result.failed == () and len(summary) == 21
+    assert 0 < result.ran <= 18 - stored_at_kill + 2  # the rest were stored (2: in flight at the kill)
+    assert set(_done_counts(result.out_dir, plan_readouts).values()) == {1}  # none lost, none twice
+    losses = pq.read_table(result.losses_path)
+    assert losses.num_rows == 21 * 16
+    keys = pc.binary_join_element_wise(
+        losses["target"], pc.binary_join(losses["sources"], "+"), losses["image_id"], "|"
+    )
+    assert len(pc.unique(keys)) == losses.num_rows
+    runs = _readout_runs(probe, result.key)
+    assert len(runs) == 21
+    assert all(runs[f"transfer/{r.name}"] == 1 for r in plan_readouts)
+
+
+def _wait_for_workers_to_go(out: Path, timeout: float = 60) -> None:
+    """Ray ends a dead driver's workers; until then one could still finish a readout."""
+    pids = {
+        int(line.split()[1]) for p in (out / "attempts").glob("*.log") for line in p.read_text().splitlines()
+    }
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "the killed driver's workers are still running"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has finished
