@@ -1056,6 +1056,7 @@ def test_nightly_cronjob_submits_each_day_once(tmp_path, earlier):
         assert submits == [
             f"job submit --address {env['RAY_JOBS_ADDRESS']} --submission-id taskatlas-nightly-{day} "
             "-- taskatlas nightly -c /app/configs/taskonomy-gpu.yaml"
+            " --set tracking_uri=http://taskatlas-mlflow.taskatlas.svc:5000"
         ]
     else:  # a retried pod: the day's job exists, so follow it and report its outcome
         assert submits == []
