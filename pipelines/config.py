@@ -44,6 +44,9 @@ class TrainConfig:
     # for CPUs the training workers hold (a deadlock on small CPU clusters); turn it off for
     # datasets larger than the object store, on clusters with CPUs to spare for streaming reads.
     materialize_data: bool = True
+    # After its first epoch, each worker keeps its (equal-sized) shard in memory and reshuffles it
+    # itself, instead of paying Ray Data's per-batch conversion every epoch. Off for large shards.
+    cache_in_memory: bool = True
     seed: int = 0
     fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at the start of this epoch
 

@@ -72,6 +72,7 @@ class WorkerConfig:
     tracking_uri: str
     run_id: str
     fail_at_epoch: int | None = None
+    cache_in_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,21 +117,31 @@ def train_worker(raw: dict) -> None:
     logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    cached_train: dict | None = None  # see TrainConfig.cache_in_memory
+    cached_test: list | None = None
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
             os._exit(1)  # injected failure (tests): the worker process dies mid-run
-        batches = train_shard.iter_batches(
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=cfg.seed + epoch,
-        )
+        if cached_train is not None:  # later epochs: the worker's own shard, reshuffled in memory
+            batches = iter_batches(cached_train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        else:
+            batches = train_shard.iter_batches(
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=4 * cfg.batch_size,
+                local_shuffle_seed=cfg.seed + epoch,
+            )
+            if cfg.cache_in_memory:
+                batches, seen = _tee(batches)
         metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
+        if cached_train is None and cfg.cache_in_memory:
+            cached_train = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                test = test_shard.iter_batches(batch_size=256, batch_format="numpy")
-                metrics["test_loss"] = evaluate(unwrap(model), test, task, device)
+                if cached_test is None:
+                    cached_test = list(test_shard.iter_batches(batch_size=256, batch_format="numpy"))
+                metrics["test_loss"] = evaluate(unwrap(model), cached_test, task, device)
                 logger.log_metrics({**metrics, **layout}, step=epoch)
                 state = {
                     "model": unwrap(model).state_dict(),
@@ -140,6 +151,18 @@ def train_worker(raw: dict) -> None:
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+
+
+def _tee(batches):
+    """Pass batches through while keeping them (to cache a worker's shard after one epoch)."""
+    seen: list = []
+
+    def gen():
+        for batch in batches:
+            seen.append(batch)
+            yield batch
+
+    return gen(), seen
 
 
 def _distinct_ray_nodes() -> int:
@@ -389,6 +412,7 @@ class Stage1:
             tracking_uri=self.tracker.tracking_uri,
             run_id=run_id,
             fail_at_epoch=cfg.train.fail_at_epoch,
+            cache_in_memory=cfg.train.cache_in_memory,
         )
         columns = task.columns
         trainer = ray.train.torch.TorchTrainer(
