@@ -86,7 +86,7 @@ def promote(
         if champion is not None and champion != r.model_version:
             task = get_task(name)
             model = load_registered_model(tracker.tracking_uri, registered, champion)
-            batches = iter_batches({k: test_data[k] for k in ("image_id", "rgb", task.target)}, 256)
+            batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
             champion_loss = float(np.mean(per_image_losses(model, batches, task, torch.device("cpu"))[1]))
         better = champion is None or (champion != r.model_version and r.test_loss <= champion_loss)
         if better:
@@ -103,7 +103,8 @@ def run_nightly(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_
             return None
         with invocation(cfg, "nightly") as inv:
             result: PipelineResult = run_pipeline(inv, stages)
-            test = inv.store.read("test")
+            needed = sorted({c for name in result.retrained for c in get_task(name).columns})
+            test = inv.store.read("test", needed)  # only the columns the champions are scored on
             promotions = promote(inv.tracker, result.stage1, result.retrained, test)
             summary = _summary(cfg, day, result, promotions)
             inv.tracker.set_tags(

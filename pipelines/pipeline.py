@@ -63,7 +63,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     cfg, tasks = inv.config, parse_tasks(list(inv.config.tasks))
     result = PipelineResult(inv.store.data_version)
     stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
-    before = {t.name: _trained(stage1, t) for t in tasks}
+    before = {t.name: stage1.finished(t) is not None for t in tasks}
     if Stage.TRAIN in stages:
         result.stage1 = stage1.run(tasks, search=True)
     else:
@@ -74,9 +74,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         return result
 
     stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
-    key = stage2.key(result.stage1)
-    done = (cfg.root / "stage2" / key / "result.json").exists()
-    if Stage.TRANSFER not in stages and not done:
+    if Stage.TRANSFER not in stages and not stage2.is_complete(stage2.key(result.stage1)):
         raise TaskatlasError("stage transfer has not run for these settings; add it to --stages")
     result.stage2 = stage2.run(result.stage1)
     result.steps.append(("transfer", "reused" if result.stage2.ran == 0 else "ran"))
@@ -114,10 +112,9 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
     results, complete = {}, True
     for task in parse_tasks(list(cfg.tasks)):
-        hparams = stage1.hparams_if_known(task, search=True)
-        if hparams is None:
+        if stage1.hparams_if_known(task, search=True) is None:
             plan.append((f"tune/{task.name}", "run" if Stage.TRAIN in stages else "missing"))
-        cached = stage1.cached_result(task, hparams) if hparams is not None else None
+        cached = stage1.finished(task)
         plan.append(
             (f"train/{task.name}", "reuse" if cached else "run" if Stage.TRAIN in stages else "missing")
         )
@@ -129,9 +126,7 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
         return plan + [(s.value, "run" if s in stages else "skip") for s in downstream]
     stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
     transfer_key = stage2.key(results)
-    steps = {
-        Stage.TRANSFER: (cfg.root / "stage2" / transfer_key / "result.json").exists(),
-    }
+    steps = {Stage.TRANSFER: stage2.is_complete(transfer_key)}
     affinity = affinity_step(cfg, transfer_key)
     steps[Stage.AFFINITY] = steps[Stage.TRANSFER] and affinity.complete
     steps[Stage.TAXONOMY] = steps[Stage.AFFINITY] and taxonomy_step(cfg, affinity.key).complete
@@ -140,16 +135,10 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     return plan
 
 
-def _trained(stage1: Stage1, task: Task) -> bool:
-    hparams = stage1.hparams_if_known(task, search=True)
-    return hparams is not None and stage1.cached_result(task, hparams) is not None
-
-
 def _require_stage1(stage1: Stage1, tasks: list[Task]) -> dict[str, TaskResult]:
     out = {}
     for task in tasks:
-        hparams = stage1.hparams_if_known(task, search=True)
-        cached = stage1.cached_result(task, hparams) if hparams is not None else None
+        cached = stage1.finished(task)
         if cached is None:
             raise TaskatlasError(
                 f"task network {task.name!r} has not been trained for these settings; add train to --stages"

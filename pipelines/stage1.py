@@ -274,6 +274,11 @@ class Stage1:
         done = self.train_dir(task, hparams) / "result.json"
         return TaskResult(**json.loads(done.read_text())) if done.exists() else None
 
+    def finished(self, task: Task, search: bool = True) -> TaskResult | None:
+        """The task's trained network for the current settings, if a run already made it."""
+        hparams = self.hparams_if_known(task, search)
+        return self.cached_result(task, hparams) if hparams is not None else None
+
     def default_hparams(self) -> dict:
         t = self.config.train
         return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}

@@ -167,12 +167,19 @@ class Stage2:
             "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
         )
 
+    def out_dir(self, key: str) -> Path:
+        return self.config.root / "stage2" / key
+
+    def is_complete(self, key: str) -> bool:
+        """`result.json` is written only when every readout of the plan succeeded."""
+        return (self.out_dir(key) / "result.json").exists()
+
     # -- run
     def run(self, results: Mapping[str, TaskResult], plan: TransferPlan | None = None) -> Stage2Result:
         plan = plan or self.plan(list(results))
         key = self.key(results)
-        out = self.config.root / "stage2" / key
-        if (out / "result.json").exists():  # complete: written last, and only without failures
+        out = self.out_dir(key)
+        if self.is_complete(key):
             return Stage2Result(**{**json.loads((out / "result.json").read_text()), "ran": 0})
         out.mkdir(parents=True, exist_ok=True)
         run_id = self.tracker.start_run("transfer", self.parent_run_id, {"stage": "transfer", "key": key})
