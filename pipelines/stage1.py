@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 
 CHECKPOINT_FILE = "state.pt"
+FAILURE_DRAIN_S = 6.0  # three of Ray Train's 2 s health-check polls (train.fail_at_epoch)
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -121,7 +123,12 @@ def train_worker(raw: dict) -> None:
     cached_test: list | None = None
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
-            os._exit(1)  # injected failure (tests): the worker process dies mid-run
+            # Injected failure (tests): the worker process dies mid-run. Ray's controller collects
+            # reports by polling every few seconds, so wait for it to register the last checkpoint:
+            # otherwise, on a loaded machine, the kill races the registration and the restart
+            # resumes from an older checkpoint than the test can name.
+            time.sleep(FAILURE_DRAIN_S)
+            os._exit(1)
         if cached_train is not None:  # later epochs: the worker's own shard, reshuffled in memory
             batches = iter_batches(cached_train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
         else:
