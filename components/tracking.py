@@ -100,12 +100,16 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_history(run_id, [(k, float(v), step) for k, v in metrics.items()])
 
-    def log_history(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
-        """Many (key, value, step) metrics in as few requests as MLflow allows."""
+    def log_history(
+        self, run_id: str, rows: list[tuple[str, float, int]], params: Mapping[str, str] | None = None
+    ) -> None:
+        """Many (key, value, step) metrics, and a few params, in as few requests as MLflow allows."""
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, s) for k, v, s in rows]
-        for i in range(0, len(metrics), _MAX_BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH])
+        metrics = [Metric(k, float(v), now, s) for k, v, s in rows]
+        first_params = [Param(k, str(v)) for k, v in (params or {}).items()]
+        for i in range(0, max(len(metrics), 1), _MAX_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH], params=first_params)
+            first_params = []
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

@@ -47,6 +47,9 @@ class TrainConfig:
     # After its first epoch, each worker keeps its (equal-sized) shard in memory and reshuffles it
     # itself, instead of paying Ray Data's per-batch conversion every epoch. Off for large shards.
     cache_in_memory: bool = True
+    # How often Ray Train's controller polls the workers for reports (Ray's default is 2 s): each
+    # checkpoint is registered, and a finished run noticed, up to this much later.
+    report_poll_s: float = 0.5
     seed: int = 0
     fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at the start of this epoch
 
@@ -56,6 +59,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
+        if self.report_poll_s <= 0:
+            raise ConfigError(f"train.report_poll_s must be > 0, got {self.report_poll_s}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
     taskatlas train -c configs/taskonomy-gpu.yaml                   # cluster: one worker per GPU
     taskatlas train -c configs/quickstart.yaml --tasks normal --set tune.enabled=false   # smoke
 
-Where Ray meets the plain components: `train_worker` (each Ray Train worker) and `tune_trial`
+Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train worker) and `tune_trial`
 (each Tune trial) are thin shells around `components.training`. A task's outputs live under
 `<storage_root>/stage1/<task>/<key>/` with `result.json` written last; a complete task is
 skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint.
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.models import ModelConfig, build_network
 from components.tasks import Task, get_task
-from components.tracking import RunLogger, Tracker
+from components.tracking import Tracker
 from components.training import (
     OptimConfig,
     evaluate,
@@ -47,34 +45,13 @@ from components.training import (
     per_image_losses,
     pick_device,
     train_one_epoch,
-    unwrap,
 )
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
+from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
-CHECKPOINT_FILE = "state.pt"
-FAILURE_DRAIN_S = 6.0  # three of Ray Train's 2 s health-check polls (train.fail_at_epoch)
 _REGISTRY_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a training worker needs; it arrives as Ray's dict and is typed again on line one."""
-
-    task: str
-    model: dict
-    image_size: int
-    channels: int
-    lr: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    seed: int
-    tracking_uri: str
-    run_id: str
-    fail_at_epoch: int | None = None
-    cache_in_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,94 +69,6 @@ def channels_for(task: Task, store: ShardStore) -> int:
     """Output channels: the task's own, or the dataset's class count (imported label sets)."""
     classes = store.manifest.label_classes.get(task.target)
     return len(classes) if classes and task.name == "segment_semantic" else task.channels
-
-
-# ---------------------------------------------------------------- Ray Train worker
-
-
-def train_worker(raw: dict) -> None:
-    cfg = WorkerConfig(**raw)
-    task = get_task(cfg.task)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    # Rank 0 records how the group is laid out (the multi-node test reads it back from MLflow).
-    layout = {"world_size": context.get_world_size(), "nodes": _distinct_ray_nodes()}
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-    model = build_network(task, from_dict(ModelConfig, cfg.model), cfg.image_size, cfg.channels)
-    optimizer = make_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.batch_size))
-    start_epoch, restored = 0, ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
-    logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
-    train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    cached_train: dict | None = None  # see TrainConfig.cache_in_memory
-    cached_test: list | None = None
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
-            # Injected failure (tests): the worker process dies mid-run. Ray's controller collects
-            # reports by polling every few seconds, so wait for it to register the last checkpoint:
-            # otherwise, on a loaded machine, the kill races the registration and the restart
-            # resumes from an older checkpoint than the test can name.
-            time.sleep(FAILURE_DRAIN_S)
-            os._exit(1)
-        if cached_train is not None:  # later epochs: the worker's own shard, reshuffled in memory
-            batches = iter_batches(cached_train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-        else:
-            batches = train_shard.iter_batches(
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                local_shuffle_buffer_size=4 * cfg.batch_size,
-                local_shuffle_seed=cfg.seed + epoch,
-            )
-            if cfg.cache_in_memory:
-                batches, seen = _tee(batches)
-        metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
-        if cached_train is None and cfg.cache_in_memory:
-            cached_train = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                if cached_test is None:
-                    cached_test = list(test_shard.iter_batches(batch_size=256, batch_format="numpy"))
-                metrics["test_loss"] = evaluate(unwrap(model), cached_test, task, device)
-                logger.log_metrics({**metrics, **layout}, step=epoch)
-                state = {
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                }
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
-
-
-def _tee(batches):
-    """Pass batches through while keeping them (to cache a worker's shard after one epoch)."""
-    seen: list = []
-
-    def gen():
-        for batch in batches:
-            seen.append(batch)
-            yield batch
-
-    return gen(), seen
-
-
-def _distinct_ray_nodes() -> int:
-    """How many Ray nodes the worker group spans (by node id: local test clusters share one IP)."""
-    node = ray.get_runtime_context().get_node_id()
-    if not torch.distributed.is_initialized():
-        return 1
-    nodes: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(nodes, node)
-    return len(set(nodes))
 
 
 # ---------------------------------------------------------------- Ray Tune trial
@@ -444,6 +333,8 @@ class Stage1:
             datasets={split: self._dataset(split, columns) for split in ("train", "test")},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
+        # Ray Train reads its controller's poll interval from the driver's environment only.
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.report_poll_s)
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)

@@ -45,7 +45,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from mlflow.entities import Metric, Param
 
 from components.config import config_hash, to_dict
 from components.data.shards import ShardStore, file_sha256
@@ -488,16 +487,15 @@ class _FanOut:
         if self.runs.get(r.file_id, (None, None))[1] == "FINISHED":
             return
         run = self._run_for(r)
-        now = int(time.time() * 1000)
-        metrics = [Metric("test_loss", o.mean_loss, now, 0), Metric("seconds", o.seconds, now, 0)]
-        metrics += [Metric("train_loss", v, now, i) for i, v in enumerate(o.train_losses)]
+        rows = [("test_loss", o.mean_loss, 0), ("seconds", o.seconds, 0)]
+        rows += [("train_loss", v, i) for i, v in enumerate(o.train_losses)]
         params = {
             "target": r.target,
             "sources": "+".join(r.sources),
             "order": str(r.order),
             "kind": r.kind.value,
         }
-        tracker.client.log_batch(run, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        tracker.log_history(run, rows, params)
         tracker.end_run(run)
         self.runs[r.file_id] = (run, "FINISHED")
 

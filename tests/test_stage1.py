@@ -14,7 +14,8 @@ from components.tracking import load_registered_model
 from components.training import iter_batches, per_image_losses
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
-from pipelines.stage1 import CHECKPOINT_FILE, Stage1
+from pipelines.stage1 import Stage1
+from pipelines.train_worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
 from torch import nn
 
 from components.models.config import EncoderKind, ModelConfig
@@ -57,6 +56,10 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, depth: int, downsample: int, small_stem: bool):
         super().__init__()
+        # Imported here: torchvision pulls in torch._dynamo (about 1 s), which every Ray worker
+        # would pay at start-up even when it only runs the small encoder.
+        import torchvision
+
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         if small_stem:  # stride 1, no max-pool: keeps detail in 32-128 pixel images
             net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
