@@ -49,3 +49,45 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+# Every process this test session starts (local Ray clusters, `ray start --head`, drivers run as
+# subprocesses, `mlflow server`) inherits this marker, so the session can find and end what a
+# killed or failed test left behind, and nothing else: no Ray process outlives `make test`.
+SESSION_MARKER = f"TASKATLAS_TEST_SESSION={os.getpid()}"
+os.environ["TASKATLAS_TEST_SESSION"] = str(os.getpid())
+
+
+def _leftover_pids() -> list[int]:
+    from pathlib import Path
+
+    marker = SESSION_MARKER.encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import signal
+    import time
+
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + 15  # Ray ends a dead driver's workers by itself; give it time
+    while (left := _leftover_pids()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    if left:
+        print(f"\nended {len(left)} process(es) the tests left behind: {sorted(left)}")
