@@ -18,7 +18,10 @@ def ensure_ray() -> None:
         ray.init(address=settings.ray_address, log_to_driver=True)
         return
     ray.init(
-        address="local", num_cpus=settings.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1"
+        address="local",
+        num_cpus=settings.ray_num_cpus,
+        include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
+        _node_ip_address="127.0.0.1",
     )
 
 

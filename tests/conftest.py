@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: stay on loopback
+os.environ.setdefault("TASKATLAS_RAY_DASHBOARD", "0")  # pipelines run as subprocesses start faster
 
 import pytest
 import torch
