@@ -13,7 +13,6 @@ included) with the plain loop on one thread (a one-CPU Ray worker also gets one 
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from components.tracking import Tracker
 from components.training import OptimConfig, evaluate, iter_batches, make_optimizer, train_one_epoch
 from pipelines.config import load_pipeline_config
 from pipelines.ray_data import ray_dataset
+from pipelines.ray_runtime import set_train_report_poll
 from pipelines.train_worker import WorkerConfig, train_worker
 
 TASK = "normal"
@@ -95,7 +95,7 @@ def ray_train(store: ShardStore, cfg, epochs: int, workers: int, tmp: Path) -> t
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.report_poll_s)  # as Stage I does
+    set_train_report_poll(cfg.train.report_poll_s)  # as Stage I does
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start

@@ -1,6 +1,9 @@
-"""Connect to Ray once per process: the cluster in RAY_ADDRESS, or a local one on loopback."""
+"""Ray at the driver: connect once per process (the cluster in RAY_ADDRESS, or a local one on
+loopback), read what the cluster has, and set what Ray Train reads from the driver."""
 
 from __future__ import annotations
+
+import os
 
 import ray
 import ray.data
@@ -23,6 +26,14 @@ def ensure_ray() -> None:
         include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
         _node_ip_address="127.0.0.1",
     )
+
+
+def set_train_report_poll(seconds: float) -> None:
+    """How often Ray Train's controller polls its workers for reports (`train.report_poll_s`).
+
+    Ray Train reads this only from the driver's environment, when `fit()` starts the controller.
+    """
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(seconds)
 
 
 def cluster_gpus() -> int:

@@ -14,7 +14,6 @@ skipped on rerun, and an interrupted one resumes from its latest Ray Train check
 from __future__ import annotations
 
 import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from components.training import (
 )
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
-from pipelines.ray_runtime import cluster_cpus, cluster_gpus
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
 _REGISTRY_LOCK = threading.Lock()
@@ -333,8 +332,7 @@ class Stage1:
             datasets={split: self._dataset(split, columns) for split in ("train", "test")},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
-        # Ray Train reads its controller's poll interval from the driver's environment only.
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.report_poll_s)
+        set_train_report_poll(cfg.train.report_poll_s)
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)

@@ -1,8 +1,7 @@
 """The Ray Train worker of Stage I: a thin shell around `components.training`.
 
-It lives apart from `pipelines.stage1` because every worker process imports the module its
-function comes from: this one imports only what a worker runs (not Ray Tune, Parquet writing or
-the driver's bookkeeping), which takes seconds off each worker group's start.
+It lives apart from `pipelines.stage1`, the driver's side, because every worker process imports
+the module its function comes from: this one holds only what a worker runs.
 """
 
 from __future__ import annotations

@@ -59,21 +59,24 @@ SESSION_MARKER = f"TASKATLAS_TEST_SESSION={os.getpid()}"
 os.environ["TASKATLAS_TEST_SESSION"] = str(os.getpid())
 
 
-def _leftover_pids() -> list[int]:
+def pids_carrying(needle: str, cwd_prefix: str | None = None) -> set[int]:
+    """Live processes, other than this one, whose environment or command line contains `needle`
+    or whose working directory starts with `cwd_prefix` (Linux /proc; zombies have finished)."""
     from pathlib import Path
 
-    marker = SESSION_MARKER.encode()
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        pid = int(proc.name)
-        if pid == os.getpid():
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(pid)
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            blob = (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes()
+            if needle.encode() in blob or (cwd_prefix and os.readlink(proc / "cwd").startswith(cwd_prefix)):
+                pids.add(int(proc.name))
         except OSError:  # gone, or not ours to read
             continue
-    return found
+    return pids
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -83,7 +86,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not os.path.isdir("/proc"):
         return
     deadline = time.monotonic() + 15  # Ray ends a dead driver's workers by itself; give it time
-    while (left := _leftover_pids()) and time.monotonic() < deadline:
+    while (left := pids_carrying(SESSION_MARKER + "\0")) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in left:
         try:

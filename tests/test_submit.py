@@ -36,6 +36,7 @@ from pipelines.submit import (
     submit,
     submit_job,
 )
+from tests.conftest import pids_carrying
 
 VENV_BIN = Path(sys.executable).parent
 TINY_ID = "taskatlas-test-tiny"
@@ -159,21 +160,9 @@ class _Cluster:
 
 
 def _cluster_pids(tmp: str) -> set[int]:
-    """Live processes that carry the cluster's temp dir in their environment (HOME), command line
-    or working directory: every process of this cluster, and nobody else's (Linux /proc)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            blob = (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes()
-            if tmp.encode() in blob or os.readlink(proc / "cwd").startswith(tmp):
-                pids.add(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    """Every process of this cluster, and nobody else's: its temp dir is in their environment
+    (HOME), command line or working directory."""
+    return pids_carrying(tmp, cwd_prefix=tmp)
 
 
 def _end_cluster(head: subprocess.Popen, tmp: str) -> None:
