@@ -6,7 +6,9 @@ affinities are R's Perron vector. `pixels` is not a candidate (design.md lists e
 self and random): it is only the reference for `gain`, as `self` is for `quality`.
 
 All targets are computed at once on a padded (targets, candidates, images) cube; padding is NaN,
-which compares false, so it never counts as a win or a tie.
+which compares false, so it never counts as a win or a tie. An image whose label has no valid
+pixel for a target has a NaN loss for every candidate (design.md section 2): it is left out of
+that target's win rates exactly like padding, and counted in `LossCube.unlabelled`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class LossCube:
     source_sets: list[tuple[str, ...]]  # every source set in the table, sorted
     candidates: np.ndarray  # (T, n) int: index into source_sets of each candidate; -1 = padding
     losses: np.ndarray  # (T, n, m) float: loss of candidate c on the target's image i
-    n_images: np.ndarray  # (T,) test images of each target
+    n_images: np.ndarray  # (T,) test images of each target that count (labelled ones)
+    unlabelled: np.ndarray  # (T,) test images left out: no valid label pixel for the target
 
     def candidate_index(self, sources: tuple[str, ...]) -> np.ndarray:
         """(T,) position of `sources` among each target's candidates, -1 where absent."""
@@ -59,17 +62,18 @@ def loss_cube(table: pa.Table) -> LossCube:
     """Validate and arrange a `target, sources, image_id, loss` table; no loop over rows.
 
     Every candidate of a target must have a loss for each of the target's test images (the union
-    over its candidates), exactly once; otherwise the error names the target and source set.
+    over its candidates), exactly once; otherwise the error names the target and source set. A
+    NaN loss means "no valid label pixel": allowed only where every candidate has it.
     """
     target, targets = factorize(table["target"], "target")
     source, sets = source_sets(table["sources"])
     image, image_ids = factorize(table["image_id"], "image_id")
     loss = table["loss"].to_numpy(zero_copy_only=False).astype(float)
-    if not np.isfinite(loss).all():
-        bad = int(np.flatnonzero(~np.isfinite(loss))[0])
+    if np.isinf(loss).any():
+        bad = int(np.flatnonzero(np.isinf(loss))[0])
         raise TaskatlasError(
             f"loss of {targets[target[bad]]} <- {'+'.join(sets[source[bad]])} on image "
-            f"{image_ids[image[bad]]!r} is {loss[bad]} (must be finite)"
+            f"{image_ids[image[bad]]!r} is {loss[bad]} (must be finite, or NaN for an unlabelled image)"
         )
     n_targets = len(targets)
     cand_target, cand_set, cand_of_row, n_cands = _group(target, source, len(sets), n_targets)
@@ -99,8 +103,29 @@ def loss_cube(table: pa.Table) -> LossCube:
     candidates[cand_target, cand_rank] = cand_set
     losses = np.full((n_targets, n_cands.max(), n_images.max()), np.nan)
     losses[target, row_cand, row_img] = loss
+    is_nan = np.zeros(losses.shape, bool)
+    is_nan[target, row_cand, row_img] = np.isnan(loss)
+    nan_count = is_nan.sum(axis=1)  # (T, m): candidates without a loss value on each image
+    partial = (nan_count > 0) & (nan_count < n_cands[:, None])
+    if partial.any():
+        t, i = map(int, np.argwhere(partial)[0])
+        c = int(np.flatnonzero(is_nan[t, :, i])[0])
+        row = int(np.flatnonzero((target == t) & (row_cand == c) & (row_img == i))[0])
+        raise TaskatlasError(
+            f"loss of {targets[t]} <- {'+'.join(sets[source[row]])} on image {image_ids[image[row]]!r} "
+            "is NaN while other candidates have a loss there (NaN marks an image without a valid "
+            "label, for every candidate)"
+        )
+    unlabelled = (nan_count == n_cands[:, None]).sum(axis=1)  # padding has no placed NaN
+    if (empty := np.flatnonzero(unlabelled >= n_images)).size:
+        raise TaskatlasError(f"target {targets[empty[0]]} has no test image with a valid label")
     return LossCube(
-        targets=targets, source_sets=sets, candidates=candidates, losses=losses, n_images=n_images
+        targets=targets,
+        source_sets=sets,
+        candidates=candidates,
+        losses=losses,
+        n_images=n_images - unlabelled,
+        unlabelled=unlabelled,
     )
 
 
@@ -146,7 +171,11 @@ def ahp_affinity(wins: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def compute_affinity(losses: pa.Table) -> pa.Table:
     """The affinity table (AFFINITY_SCHEMA) of a per-image loss table; needs `self` for every target."""
-    cube = loss_cube(losses)
+    return affinity_from_cube(loss_cube(losses))
+
+
+def affinity_from_cube(cube: LossCube) -> pa.Table:
+    """`compute_affinity` on a cube already built (callers that also report `cube.unlabelled`)."""
     self_at = cube.candidate_index(SELF)
     if (self_at < 0).any():
         missing = [t for t, i in zip(cube.targets, self_at, strict=True) if i < 0]

@@ -8,7 +8,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from components.affinity import ahp_affinity, compute_affinity, perron_vector, win_rates
+from components.affinity import ahp_affinity, compute_affinity, loss_cube, perron_vector, win_rates
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
@@ -146,7 +146,23 @@ def test_duplicate_loss_and_missing_self_are_errors():
     with pytest.raises(TaskatlasError, match="no 'self' losses"):
         compute_affinity(_losses({"t": {"a": [1, 2]}}))
     with pytest.raises(TaskatlasError, match="must be finite"):
-        compute_affinity(_losses({"t": {"self": [1, float("nan")]}}))
+        compute_affinity(_losses({"t": {"self": [1, float("inf")]}}))
+    with pytest.raises(TaskatlasError, match=r"loss of t <- a on image 1 is NaN while other candidates"):
+        compute_affinity(_losses({"t": {"self": [1, 2], "a": [1, float("nan")]}}))
+    with pytest.raises(TaskatlasError, match="target t has no test image with a valid label"):
+        compute_affinity(_losses({"t": {"self": [float("nan")], "a": [float("nan")]}}))
+
+
+def test_an_image_without_a_valid_label_is_left_out_of_the_win_rates_and_counted():
+    nan = float("nan")
+    labelled = {"self": [1.0, 3.0, 2.0], "a": [2.0, 1.0, 1.0], "b": [3.0, 2.0, 3.0]}
+    with_hole = {k: [*v[:1], nan, *v[1:]] for k, v in labelled.items()}  # image 1: no label
+    cube = loss_cube(_losses({"t": with_hole, "u": labelled}))
+    assert cube.unlabelled.tolist() == [1, 0] and cube.n_images.tolist() == [3, 3]
+    expected = compute_affinity(_losses({"t": labelled}))
+    got = compute_affinity(_losses({"t": with_hole}))
+    np.testing.assert_allclose(got["affinity"].to_numpy(), expected["affinity"].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(got["quality"].to_numpy(), expected["quality"].to_numpy(), rtol=1e-12)
 
 
 def test_affinity_parquet_feeds_the_solver(tmp_path):
