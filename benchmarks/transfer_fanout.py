@@ -107,13 +107,14 @@ def fanout(
     features = _feature_cache(store, model, workdir / "features")
     job = ReadoutJob(
         readout=Readout(TARGET, ("random",)),
+        task=get_task(TARGET),
         feature_dirs=(features,),
         data_root=str(store.root),
         model=model,
         image_size=SIZE,
         channels=get_task(TARGET).channels,
         settings=ReadoutSettings(epochs=epochs),
-        out_dir=str(workdir / "stage"),
+        path=str(workdir / "stage" / "readout.parquet"),
         use_gpu=use_gpu,
         threads=1,
     )

@@ -1,16 +1,27 @@
-"""The task dictionary: what each task predicts, from which shard column, and how it is scored.
+"""Tasks as data: what each task predicts, from which dataset column, and how it is scored.
 
-Every loss reduces over everything but the batch axis, because Stage III compares sources
-image by image (design.md section 2).
+A task is declared in YAML (design.md sections 2 and 9): the built-in catalog is
+`components/tasks.yaml`, and a pipeline config adds or overrides tasks in the same form under
+`task_definitions:`. Every loss reduces over everything but the batch axis, because Stage III
+compares sources image by image, and averages over *valid* label pixels only: float labels mark
+"no label" as NaN, label maps as 255. An image with no valid pixel gets a NaN loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+
+from components.config import to_dict
+from components.errors import ConfigError
 
 
 class TaskKind(str, Enum):
@@ -36,22 +47,23 @@ class InputTransform(str, Enum):
 
 NOISE_STD = 0.1
 MASK_FRACTION = 0.5  # side of the inpainting hole, as a fraction of the image side
+INVALID_LABEL = 255  # "no label" in a label map (uint8 class ids); float labels use NaN
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
+    column: str  # dataset column with the label
     kind: TaskKind
-    target: str  # shard column with the label
     loss: Loss
     channels: int  # output channels (pixel task) or length (vector task); classes for CE
-    input_transform: InputTransform = InputTransform.NONE
+    input: InputTransform = InputTransform.NONE
     source_only: bool = False
 
     @property
     def columns(self) -> list[str]:
-        """Shard columns a batch needs: the RGB input and the label (once, for RGB targets)."""
-        return ["rgb"] if self.target == "rgb" else ["rgb", self.target]
+        """Dataset columns a batch needs: the RGB input and the label (once, for RGB targets)."""
+        return ["rgb"] if self.column == "rgb" else ["rgb", self.column]
 
     def output_shape(self, size: int, channels: int | None = None) -> tuple[int, ...]:
         """Network output shape for one image; `channels` overrides (e.g. an imported label set)."""
@@ -59,20 +71,39 @@ class Task:
         return (c, size, size) if self.kind is TaskKind.PIXEL else (c,)
 
     def per_image_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of each image in the batch: shape (B,)."""
-        if self.loss is Loss.L1:
-            per_elem = (pred - target).abs()
-        elif self.loss is Loss.L2:
-            per_elem = (pred - target).square()
-        elif self.loss is Loss.CROSS_ENTROPY:
-            per_elem = F.cross_entropy(pred, target.long(), reduction="none")
+        """Loss of each image in the batch over its valid label elements: shape (B,), NaN where
+        an image has none. Invalid elements get no gradient, whatever value they hold."""
+        if self.loss is Loss.CROSS_ENTROPY:
+            valid = target != INVALID_LABEL
+            per_elem = F.cross_entropy(pred, target.masked_fill(~valid, 0).long(), reduction="none")
         else:
-            per_elem = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-        return per_elem.flatten(1).mean(1)
+            valid = ~torch.isnan(target)
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            if self.loss is Loss.L1:
+                per_elem = (pred - safe).abs()
+            elif self.loss is Loss.L2:
+                per_elem = (pred - safe).square()
+            else:
+                per_elem = F.binary_cross_entropy_with_logits(pred, safe, reduction="none")
+        valid, per_elem = valid.flatten(1), per_elem.flatten(1)
+        count = valid.sum(1)
+        mean = torch.where(valid, per_elem, torch.zeros_like(per_elem)).sum(1) / count.clamp(min=1)
+        return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
 
     def transform_input(self, rgb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) float RGB in [0, 1] -> what this task's network takes as input."""
-        return apply_input_transform(self.input_transform, rgb, generator)
+        return apply_input_transform(self.input, rgb, generator)
+
+    def definition(self) -> dict[str, Any]:
+        """The YAML form (everything but the name): part of every cache key that uses the task."""
+        return {k: v for k, v in to_dict(self).items() if k != "name"}
+
+
+def batch_loss(per_image: torch.Tensor) -> torch.Tensor:
+    """The training objective of a batch: the mean over images that have a valid label (0 with a
+    gradient of 0 when none has), so a hole in the labels never puts NaN into the weights."""
+    ok = ~torch.isnan(per_image)
+    return torch.where(ok, per_image, torch.zeros_like(per_image)).sum() / ok.sum().clamp(min=1)
 
 
 def apply_input_transform(
@@ -94,6 +125,61 @@ def apply_input_transform(
     return out
 
 
+# ---------------------------------------------------------------- definitions (YAML)
+
+_REQUIRED = ("column", "kind", "loss", "channels")
+_FIELDS = {f.name for f in dataclasses.fields(Task)} - {"name"}
+
+
+def task_from_definition(name: str, definition: Any, base: Task | None = None, where: str = "") -> Task:
+    """One task from its YAML mapping; over `base` (a task being overridden) fields are optional.
+    Errors are one line naming the task and the field (`where` prefixes it, e.g. the config key)."""
+    at = f"{where}{name}"
+    if not isinstance(definition, Mapping):
+        raise ConfigError(f"{at}: a task definition is a mapping of fields, got {definition!r}")
+    if unknown := sorted(set(definition) - _FIELDS):
+        raise ConfigError(f"{at}.{unknown[0]}: unknown field; fields are {', '.join(sorted(_FIELDS))}")
+    if base is None and (missing := [f for f in _REQUIRED if f not in definition]):
+        raise ConfigError(f"{at}.{missing[0]}: required for a new task ({', '.join(_REQUIRED)} are)")
+    fields = {**(base.definition() if base else {}), **definition}
+    enums = {"kind": TaskKind, "loss": Loss, "input": InputTransform}
+    for key, enum in enums.items():
+        if key in fields:
+            try:
+                fields[key] = enum(fields[key])
+            except ValueError:
+                choices = ", ".join(m.value for m in enum)
+                raise ConfigError(f"{at}.{key}: {fields[key]!r} is not one of {choices}") from None
+    if not isinstance(fields["column"], str) or not fields["column"]:
+        raise ConfigError(f"{at}.column: expected a dataset column name, got {fields['column']!r}")
+    channels = fields["channels"]
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ConfigError(f"{at}.channels: expected a positive integer, got {channels!r}")
+    if fields["loss"] is Loss.CROSS_ENTROPY and (fields["kind"] is not TaskKind.PIXEL or channels < 2):
+        raise ConfigError(f"{at}.loss: cross_entropy needs kind pixel and channels >= 2 (the classes)")
+    if not isinstance(fields.get("source_only", False), bool):
+        raise ConfigError(f"{at}.source_only: expected true or false, got {fields['source_only']!r}")
+    return Task(name=name, **fields)
+
+
+def define_tasks(
+    definitions: Mapping[str, Any], base: Mapping[str, Task], where: str = ""
+) -> dict[str, Task]:
+    """`base` with `definitions` added or overriding (an override changes only the fields it names)."""
+    out = dict(base)
+    for name, definition in definitions.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where}{name}: a task name is letters, digits and underscores")
+        out[name] = task_from_definition(name, definition, base.get(name), where)
+    return out
+
+
+def load_catalog(path: Path) -> dict[str, Task]:
+    return define_tasks(yaml.safe_load(path.read_text()) or {}, {}, where=f"{path.name}: ")
+
+
+TASKS: dict[str, Task] = load_catalog(Path(__file__).with_name("tasks.yaml"))  # the built-in catalog
+
 SEMANTIC_CLASSES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
 OBJECT_CLASSES = ("sphere", "box", "cylinder")
 ROOM_LAYOUT_FIELDS = (
@@ -108,37 +194,16 @@ ROOM_LAYOUT_FIELDS = (
     "room_depth",
 )
 
-_P, _V = TaskKind.PIXEL, TaskKind.VECTOR
-_TASK_LIST = (
-    Task("autoencoding", _P, "rgb", Loss.L1, 3),
-    Task("denoising", _P, "rgb", Loss.L1, 3, InputTransform.NOISE),
-    Task("colorization", _P, "rgb", Loss.L1, 3, InputTransform.GRAYSCALE, source_only=True),
-    Task("inpainting", _P, "rgb", Loss.L1, 3, InputTransform.MASK, source_only=True),
-    Task("depth_zbuffer", _P, "depth_zbuffer", Loss.L1, 1),
-    Task("depth_euclidean", _P, "depth_euclidean", Loss.L1, 1),
-    Task("normal", _P, "normal", Loss.L1, 3),
-    Task("reshading", _P, "reshading", Loss.L1, 1),
-    Task("curvature", _P, "curvature", Loss.L1, 2),
-    Task("edge_texture", _P, "edge_texture", Loss.L1, 1),
-    Task("edge_occlusion", _P, "edge_occlusion", Loss.L1, 1),
-    Task("keypoints2d", _P, "keypoints2d", Loss.L1, 1),
-    Task("keypoints3d", _P, "keypoints3d", Loss.L1, 1),
-    Task("segment_semantic", _P, "segment_semantic", Loss.CROSS_ENTROPY, len(SEMANTIC_CLASSES)),
-    Task("class_object", _V, "class_object", Loss.BCE, len(OBJECT_CLASSES)),
-    Task("room_layout", _V, "room_layout", Loss.L2, len(ROOM_LAYOUT_FIELDS)),
-)
-TASKS: dict[str, Task] = {t.name: t for t in _TASK_LIST}
 
-
-def get_task(name: str) -> Task:
+def get_task(name: str, catalog: Mapping[str, Task] = TASKS) -> Task:
     try:
-        return TASKS[name]
+        return catalog[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(catalog)}") from None
 
 
-def parse_tasks(names: str | list[str] | tuple[str, ...]) -> list[Task]:
+def parse_tasks(names: str | Iterable[str], catalog: Mapping[str, Task] = TASKS) -> list[Task]:
     """'a,b' or ['a', 'b'] -> tasks, in the given order, each name checked."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    return [get_task(n) for n in names]
+    return [get_task(n, catalog) for n in names]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.tasks import Loss, Task
+from components.tasks import Loss, Task, batch_loss
 
 Batch = dict[str, np.ndarray]
 
@@ -33,9 +33,9 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimiz
 def to_tensors(batch: Batch, task: Task, device: torch.device, generator: torch.Generator | None = None):
     """numpy batch -> (network input, target) on `device`, with the task's input transform."""
     rgb = torch.from_numpy(np.ascontiguousarray(batch["rgb"])).to(device, non_blocking=True).float() / 255.0
-    target = torch.from_numpy(np.ascontiguousarray(batch[task.target])).to(device, non_blocking=True)
+    target = torch.from_numpy(np.ascontiguousarray(batch[task.column])).to(device, non_blocking=True)
     target = target.long() if task.loss is Loss.CROSS_ENTROPY else target.float()
-    if task.target == "rgb":
+    if task.column == "rgb":
         target = target / 255.0
     inputs = task.transform_input(rgb, generator)
     if device.type == "cuda":
@@ -55,20 +55,20 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> float:
-    """One pass over `batches`; returns the mean per-image training loss."""
+    """One pass over `batches`; returns the mean per-image training loss (labelled images only)."""
     model.train()
-    total, count = torch.zeros((), device=device), 0
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in batches:
         inputs, target = to_tensors(batch, task, device, generator)
         with _autocast(device):
             pred = model(inputs)
         loss = task.per_image_loss(pred.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.mean().backward()
+        batch_loss(loss).backward()
         optimizer.step()
-        total += loss.detach().sum()
-        count += len(loss)
-    return float(total) / max(count, 1)
+        total += loss.detach().nansum()
+        count += (~loss.detach().isnan()).sum()
+    return float(total) / max(float(count), 1.0)
 
 
 @torch.no_grad()
@@ -91,9 +91,15 @@ def per_image_losses(
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch], task: Task, device: torch.device) -> float:
-    """Mean per-image loss."""
+    """Mean per-image loss over the images that have a valid label."""
     _, losses = per_image_losses(model, batches, task, device)
-    return float(losses.mean()) if len(losses) else float("nan")
+    return nanmean(losses)
+
+
+def nanmean(losses: np.ndarray) -> float:
+    """Mean of per-image losses, leaving out unlabelled images (NaN); NaN if none is labelled."""
+    labelled = losses[~np.isnan(losses)]
+    return float(labelled.mean()) if len(labelled) else float("nan")
 
 
 def iter_batches(

@@ -14,7 +14,6 @@ from components.affinity import RANDOM, compute_affinity
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
-from components.tasks import TASKS
 from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
 from components.tracking import Tracker
 from pipelines.config import PipelineConfig
@@ -60,7 +59,7 @@ def run_affinity(
 
 def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> TaxonomyOptions:
     t = cfg.taxonomy
-    source_only = {name for name in cfg.tasks if TASKS[name].source_only} | set(t.source_only)
+    source_only = {name for name in cfg.tasks if cfg.task(name).source_only} | set(t.source_only)
     return TaxonomyOptions(
         budget=budget if budget is not None else t.budget,
         max_order=t.max_order,

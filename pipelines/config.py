@@ -5,13 +5,18 @@ load_pipeline_config("configs/quickstart.yaml", ["train.epochs=3", "tasks=normal
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from components.config import load_config
+from components.data.shards import MANIFEST
+from components.data.synthetic import synthetic_columns
 from components.errors import ConfigError
 from components.models import ModelConfig
-from components.tasks import TASKS
+from components.tasks import TASKS, Task, define_tasks
 from components.transfer import BASELINES, ReadoutKind
 
 
@@ -118,8 +123,6 @@ class TransferConfig:
             raise ConfigError(f"transfer.orders must be distinct higher orders >= 2, got {self.orders}")
         if any(b < k for k, b in zip(self.orders, self.beams, strict=True)):
             raise ConfigError(f"transfer.beams: each beam must be >= its order ({self.orders}, {self.beams})")
-        if unknown := [t for t in self.targets if t not in TASKS]:
-            raise ConfigError(f"transfer.targets: unknown task {unknown[0]!r}")
         if ReadoutKind.TRANSFER in self.baselines:
             raise ConfigError("transfer.baselines: choose from self, pixels, random")
         for name in ("epochs", "batch_size", "width", "encode_batch_size"):
@@ -150,9 +153,6 @@ class TaxonomyConfig:
             raise ConfigError("taxonomy.budget and taxonomy.max_order must be >= 1")
         if self.transform not in ("sqrt", "none"):
             raise ConfigError(f"taxonomy.transform must be sqrt or none, got {self.transform!r}")
-        named = [*self.importance, *self.cost, *self.exclude, *self.source_only]
-        if unknown := [t for t in named if t not in TASKS]:
-            raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,8 @@ class PipelineConfig:
     storage_root: str = "taskatlas-runs"
     tracking_uri: str = ""  # empty: SQLite under the storage root
     tasks: tuple[str, ...] = tuple(TASKS)
+    # Tasks added or overridden in the YAML form of components/tasks.yaml (design.md section 9).
+    task_definitions: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,18 +171,63 @@ class PipelineConfig:
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
 
     def __post_init__(self) -> None:
-        if unknown := [t for t in self.tasks if t not in TASKS]:
-            raise ConfigError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        catalog = self.catalog  # validates task_definitions
+        if unknown := [t for t in self.tasks if t not in catalog]:
+            raise ConfigError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(catalog)}")
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed")
+        if unknown := [t for t in self.transfer.targets if t not in catalog]:
+            raise ConfigError(f"transfer.targets: unknown task {unknown[0]!r}")
+        t = self.taxonomy
+        if unknown := [x for x in [*t.importance, *t.cost, *t.exclude, *t.source_only] if x not in catalog]:
+            raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
         if self.data.size % self.model.downsample:
             raise ConfigError(
                 f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"
             )
+        self._check_columns()
+
+    @cached_property
+    def catalog(self) -> dict[str, Task]:
+        """Every task this config can name: the built-in catalog with `task_definitions` applied."""
+        return define_tasks(self.task_definitions, TASKS, where="task_definitions.")
+
+    def task(self, name: str) -> Task:
+        return self.catalog[name]
+
+    def study_tasks(self) -> list[Task]:
+        return [self.catalog[name] for name in self.tasks]
+
+    def _check_columns(self) -> None:
+        """Each studied or defined task's column exists in the dataset, when the dataset can be
+        read here (a `submit`ted config may name a path that exists only on the cluster)."""
+        columns = dataset_columns(self.data)
+        if columns is None:
+            return
+        for name in [*self.task_definitions, *self.tasks]:
+            column = self.catalog[name].column
+            if column not in columns:
+                where = (
+                    f"task_definitions.{name}.column" if name in self.task_definitions else f"tasks: {name}"
+                )
+                raise ConfigError(
+                    f"{where}: the dataset has no column {column!r} (it has {', '.join(sorted(columns))})"
+                )
 
     @property
     def root(self) -> Path:
         return Path(self.storage_root).resolve()
+
+
+def dataset_columns(data: DataConfig) -> set[str] | None:
+    """Column names of the configured dataset; None when its manifest is not readable here."""
+    if not data.path:
+        return {c.name for c in synthetic_columns(data.size)}
+    try:
+        manifest = json.loads((Path(data.path) / MANIFEST).read_text())
+        return {c["name"] for c in manifest["columns"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_pipeline_config(

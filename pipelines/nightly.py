@@ -21,12 +21,11 @@ from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from components.tasks import get_task
+from components.tasks import Task
 from components.tracking import Tracker, load_registered_model
-from components.training import iter_batches, per_image_losses
+from components.training import iter_batches, nanmean, per_image_losses
 from pipelines.config import PipelineConfig
 from pipelines.invocation import invocation
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
@@ -74,7 +73,11 @@ class Promotion:
 
 
 def promote(
-    tracker: Tracker, results: dict[str, TaskResult], retrained: list[str], test_data: dict
+    tracker: Tracker,
+    results: dict[str, TaskResult],
+    retrained: list[str],
+    test_data: dict,
+    catalog: dict[str, Task],
 ) -> list[Promotion]:
     """Compare each retrained task's new model with the registry's champion on the same test split."""
     out = []
@@ -84,10 +87,10 @@ def promote(
         champion = tracker.alias_version(registered, CHAMPION)
         champion_loss = None
         if champion is not None and champion != r.model_version:
-            task = get_task(name)
+            task = catalog[name]
             model = load_registered_model(tracker.tracking_uri, registered, champion)
             batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
-            champion_loss = float(np.mean(per_image_losses(model, batches, task, torch.device("cpu"))[1]))
+            champion_loss = nanmean(per_image_losses(model, batches, task, torch.device("cpu"))[1])
         better = champion is None or (champion != r.model_version and r.test_loss <= champion_loss)
         if better:
             tracker.set_alias(registered, CHAMPION, r.model_version)
@@ -103,9 +106,9 @@ def run_nightly(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_
             return None
         with invocation(cfg, "nightly") as inv:
             result: PipelineResult = run_pipeline(inv, stages)
-            needed = sorted({c for name in result.retrained for c in get_task(name).columns})
+            needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
             test = inv.store.read("test", needed)  # only the columns the champions are scored on
-            promotions = promote(inv.tracker, result.stage1, result.retrained, test)
+            promotions = promote(inv.tracker, result.stage1, result.retrained, test, cfg.catalog)
             summary = _summary(cfg, day, result, promotions)
             inv.tracker.set_tags(
                 inv.run_id,

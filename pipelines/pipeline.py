@@ -18,7 +18,7 @@ from pathlib import Path
 
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
-from components.tasks import Task, parse_tasks
+from components.tasks import Task
 from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
@@ -60,7 +60,8 @@ class PipelineResult:
 
 def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> PipelineResult:
     """Run the requested stages in order; earlier stages that are not requested must be complete."""
-    cfg, tasks = inv.config, parse_tasks(list(inv.config.tasks))
+    cfg = inv.config
+    tasks = cfg.study_tasks()
     result = PipelineResult(inv.store.data_version)
     stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
     before = {t.name: stage1.finished(t) is not None for t in tasks}
@@ -111,7 +112,7 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     plan: list[tuple[str, str]] = [("data", "reuse")]
     stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
     results, complete = {}, True
-    for task in parse_tasks(list(cfg.tasks)):
+    for task in cfg.study_tasks():
         if stage1.hparams_if_known(task, search=True) is None:
             plan.append((f"tune/{task.name}", "run" if Stage.TRAIN in stages else "missing"))
         cached = stage1.finished(task)

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -33,7 +32,7 @@ from components.config import config_hash, from_dict, to_dict
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.models import ModelConfig, build_network
-from components.tasks import Task, get_task
+from components.tasks import Loss, Task
 from components.tracking import Tracker
 from components.training import (
     OptimConfig,
@@ -41,6 +40,7 @@ from components.training import (
     holdout_split,
     iter_batches,
     make_optimizer,
+    nanmean,
     per_image_losses,
     pick_device,
     train_one_epoch,
@@ -66,8 +66,8 @@ class TaskResult:
 
 def channels_for(task: Task, store: ShardStore) -> int:
     """Output channels: the task's own, or the dataset's class count (imported label sets)."""
-    classes = store.manifest.label_classes.get(task.target)
-    return len(classes) if classes and task.name == "segment_semantic" else task.channels
+    classes = store.manifest.label_classes.get(task.column)
+    return len(classes) if classes and task.loss is Loss.CROSS_ENTROPY else task.channels
 
 
 # ---------------------------------------------------------------- Ray Tune trial
@@ -75,7 +75,7 @@ def channels_for(task: Task, store: ShardStore) -> int:
 
 def tune_trial(config: dict) -> None:
     """One trial: the plain loop in-process on its own resources (not a nested TorchTrainer)."""
-    task = get_task(config["task"])
+    task = from_dict(Task, config["task"])
     torch.manual_seed(config["seed"])
     store = ShardStore(config["data_root"])
     data = store.read("train", task.columns)
@@ -147,7 +147,7 @@ class Stage1:
             cfg.root
             / "tune"
             / task.name
-            / config_hash(task.name, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
+            / config_hash(task, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
         )
 
     def cached_hparams(self, task: Task) -> dict | None:
@@ -160,9 +160,7 @@ class Stage1:
 
     def train_dir(self, task: Task, hparams: dict) -> Path:
         cfg = self.config
-        key = config_hash(
-            task.name, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version
-        )
+        key = config_hash(task, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version)
         return cfg.root / "stage1" / task.name / key
 
     def cached_result(self, task: Task, hparams: dict) -> TaskResult | None:
@@ -191,7 +189,7 @@ class Stage1:
             "lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
             "weight_decay": tune.loguniform(cfg.tune.weight_decay_min, cfg.tune.weight_decay_max),
             "batch_size": tune.choice(list(cfg.tune.batch_sizes)),
-            "task": task.name,
+            "task": to_dict(task),
             "model": to_dict(cfg.model),
             "image_size": cfg.data.size,
             "channels": channels_for(task, self.store),
@@ -300,7 +298,7 @@ class Stage1:
             )
         channels = channels_for(task, self.store)
         worker = WorkerConfig(
-            task=task.name,
+            task=to_dict(task),
             model=to_dict(cfg.model),
             image_size=cfg.data.size,
             channels=channels,
@@ -342,7 +340,7 @@ class Stage1:
         test = self.store.read("test", columns)
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
         pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
-        test_loss = float(np.mean(losses))
+        test_loss = nanmean(losses)
         self.tracker.log_metrics(run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs)
         version = self.tracker.log_torch_model(run_id, model.eval(), f"taskatlas-{task.name}")
         self.tracker.end_run(run_id)

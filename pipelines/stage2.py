@@ -13,9 +13,11 @@ Steps, all driven from here (the plain parts live in `components.transfer`):
 2. Fan-out: every readout is one Ray task with declared resources (`cpus_per_readout`, and
    `gpus_per_readout` of a GPU on GPU clusters), retried `max_retries` times. A `ray.wait` loop
    submits a target's higher-order readouts as soon as its own first-order readouts are done.
-   Each finished readout writes `<root>/stage2/<key>/readouts/<sources>--<target>.parquet`
+   Each finished readout writes `<root>/readouts/<target>/<sources>.<readout key>.parquet`
    atomically itself, so a killed driver loses only readouts in flight and a rerun skips the
-   rest. A readout that still fails after its retries is reported by name; the others go on.
+   rest. The readout key hashes only what determines that readout (`Stage2.readout_keys`), so
+   another study (a task added or removed) reuses it. A readout that still fails after its
+   retries is reported by name; the others go on.
 3. The driver logs each finished readout as a nested MLflow run `transfer/<S>-><t>` (one create,
    one batch, one close), then writes `transfer_losses.parquet` and `summary.parquet`, logs
    them to the stage run `transfer`, and writes `result.json` last, only if no readout failed
@@ -50,8 +52,9 @@ from components.config import config_hash, to_dict
 from components.data.shards import ShardStore, file_sha256
 from components.errors import ConfigError
 from components.models import representation_shape
-from components.tasks import InputTransform, TaskKind, get_task
+from components.tasks import InputTransform, TaskKind
 from components.tracking import Tracker
+from components.training import nanmean
 from components.transfer import (
     FeatureKind,
     FeatureSource,
@@ -81,6 +84,7 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.stage1 import TaskResult, channels_for
 
 SPLITS = ("transfer", "test")
+_PLAN_FIELDS = ("orders", "beams", "targets", "baselines")  # which readouts, not how one trains
 _RUNTIME_FIELDS = (  # TransferConfig fields that do not change a result: not in the stage key
     "encode_batch_size",
     "cpus_per_readout",
@@ -106,6 +110,31 @@ class Stage2Result:
     counts: dict[str, int]  # readouts per order / baseline in the final table
     failed: tuple[str, ...] = ()  # readout names that failed after their retries
     ran: int = 0  # readouts trained by this run (the rest were stored)
+
+
+@dataclass(frozen=True)
+class ReadoutKeys:
+    """Each readout's own key and file. The key hashes what determines the readout and nothing
+    else: the readout settings, model and data (`common`), the target's definition, and its
+    sources' feature keys (for `self`, the target's Stage I network). So any study that needs
+    the same readout finds it stored, whatever other tasks it has."""
+
+    root: Path  # the storage root
+    common: str
+    features: Mapping[str, str]  # source (task, `random`, `pixels`) -> feature key
+    networks: Mapping[str, str]  # task -> its Stage I key
+    targets: Mapping[str, str]  # task -> hash of its definition and output channels
+
+    def key(self, r: Readout) -> str:
+        if r.kind is ReadoutKind.SELF:
+            inputs = [self.networks[r.target]]
+        else:
+            names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
+            inputs = [self.features[n] for n in names]
+        return config_hash(self.common, r.name, self.targets[r.target], inputs)
+
+    def path(self, r: Readout) -> Path:
+        return readout_path(self.root, r, self.key(r))
 
 
 @dataclass
@@ -145,12 +174,14 @@ class Stage2:
         t = self.transfer
         if missing := [x for x in t.targets if x not in sources]:
             raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
-        targets = list(t.targets) or [s for s in sources if not get_task(s).source_only]
+        targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
         return plan_transfers(targets, sources, t.orders, t.beams, t.baselines)
 
     def estimate(self, plan: TransferPlan) -> tuple[float, int]:
         """(seconds per readout, parallel slots), from one short readout timed on a worker."""
-        target = next((t for t in plan.targets if get_task(t).kind is TaskKind.PIXEL), plan.targets[0])
+        target = next(
+            (t for t in plan.targets if self.config.task(t).kind is TaskKind.PIXEL), plan.targets[0]
+        )
         job = self._job(Readout(target, (plan.sources[0],)), ("",), "")
         counts = self.store.manifest.counts
         n = min(counts["transfer"], 64) or 8
@@ -166,6 +197,25 @@ class Stage2:
             "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
         )
 
+    def readout_keys(self, results: Mapping[str, TaskResult]) -> ReadoutKeys:
+        """How to key each readout of a study on these networks (see `ReadoutKeys`)."""
+        science = {
+            k: v for k, v in to_dict(self.transfer).items() if k not in (*_RUNTIME_FIELDS, *_PLAN_FIELDS)
+        }
+        common = config_hash(
+            "readout-v1", science, self.config.model, self.config.data.size, self.store.data_version
+        )
+        features = {name: s.key for name, s in self.feature_sources(results).items()}
+        networks = {name: r.key for name, r in results.items()}
+        return ReadoutKeys(self.config.root, common, features, networks, self._target_keys(results))
+
+    def _target_keys(self, results: Mapping[str, TaskResult]) -> dict[str, str]:
+        """Per target: its definition and output channels, which shape every readout into it."""
+        return {
+            name: config_hash(self.config.task(name), channels_for(self.config.task(name), self.store))
+            for name in results
+        }
+
     def out_dir(self, key: str) -> Path:
         return self.config.root / "stage2" / key
 
@@ -180,6 +230,7 @@ class Stage2:
         out = self.out_dir(key)
         if self.is_complete(key):
             return Stage2Result(**{**json.loads((out / "result.json").read_text()), "ran": 0})
+        keys = self.readout_keys(results)
         out.mkdir(parents=True, exist_ok=True)
         run_id = self.tracker.start_run("transfer", self.parent_run_id, {"stage": "transfer", "key": key})
         self.tracker.log_params(
@@ -189,9 +240,9 @@ class Stage2:
         try:
             dirs = self._feature_dirs(results, plan)
             for r in plan.baselines:
-                if r.kind is ReadoutKind.SELF and not readout_path(out, r).exists():
-                    self._store_self(out, r, results[r.target])
-            fan = _FanOut(self, plan, out, dirs, run_id)
+                if r.kind is ReadoutKind.SELF and not keys.path(r).exists():
+                    self._store_self(keys.path(r), r, results[r.target])
+            fan = _FanOut(self, plan, keys, key, dirs, run_id)
             fan.run()
             result = self._finish(out, key, run_id, plan, fan, time.perf_counter() - start)
         except BaseException:
@@ -200,17 +251,18 @@ class Stage2:
         self.tracker.end_run(run_id, failed=bool(result.failed))
         return result
 
-    def _job(self, r: Readout, dirs: tuple[str, ...], out: Path | str) -> ReadoutJob:
-        t = self.transfer
+    def _job(self, r: Readout, dirs: tuple[str, ...], path: Path | str) -> ReadoutJob:
+        t, task = self.transfer, self.config.task(r.target)
         return ReadoutJob(
             readout=r,
+            task=task,
             feature_dirs=dirs,
             data_root=str(self.store.root),
             model=self.config.model,
             image_size=self.config.data.size,
-            channels=channels_for(get_task(r.target), self.store),
+            channels=channels_for(task, self.store),
             settings=self.settings,
-            out_dir=str(out),
+            path=str(path),
             use_gpu=self.use_gpu,
             threads=max(1, int(t.cpus_per_readout)),
             fail=r.name in t.fail_readouts,
@@ -220,12 +272,12 @@ class Stage2:
         t = self.transfer
         return {"num_cpus": t.cpus_per_readout, "num_gpus": t.gpus_per_readout if self.use_gpu else 0}
 
-    def _store_self(self, out: Path, r: Readout, result: TaskResult) -> None:
+    def _store_self(self, path: Path, r: Readout, result: TaskResult) -> None:
         """The `self` baseline: Stage I's per-image test losses, stored like any readout."""
         table = pq.read_table(Path(result.model_path).parent / "test_losses.parquet")
         ids, losses = table["image_id"].to_numpy(zero_copy_only=False), table["loss"].to_numpy()
-        outcome = ReadoutOutcome(r, float(np.mean(losses)), 0.0)
-        write_readout(readout_path(out, r), outcome, ids, losses)
+        outcome = ReadoutOutcome(r, nanmean(losses), 0.0)
+        write_readout(path, outcome, ids, losses)
 
     # -- feature cache
     def feature_sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
@@ -247,7 +299,7 @@ class Stage2:
         sources = self.feature_sources(results)
         kinds = {r.kind for r in plan.baselines}
         names = [n for n in sources if n not in ("random", "pixels") or ReadoutKind(n) in kinds]
-        views = sorted({get_task(t).input_transform for t in plan.targets}, key=lambda v: v.value)
+        views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
         dirs = {(n, v.value): self._cache_dir(sources[n], v) for n in names for v in views}
         missing = [
             (sources[n], InputTransform(v)) for (n, v), d in dirs.items() if not (d / "info.json").exists()
@@ -319,7 +371,7 @@ class Stage2:
         self, out: Path, key: str, run_id: str, plan: TransferPlan, fan: _FanOut, seconds: float
     ) -> Stage2Result:
         readouts = sorted(fan.outcomes)
-        tables = [read_readout(readout_path(out, r)) for r in readouts]
+        tables = [read_readout(fan.keys.path(r)) for r in readouts]
         losses = pa.concat_tables(tables) if tables else LOSS_SCHEMA.empty_table()
         summary = pa.table(
             {
@@ -380,16 +432,22 @@ class _FanOut:
     """The `ray.wait` loop: submits, collects, logs, and releases higher orders per target."""
 
     def __init__(
-        self, stage: Stage2, plan: TransferPlan, out: Path, dirs: Mapping[tuple[str, str], Path], run_id: str
+        self,
+        stage: Stage2,
+        plan: TransferPlan,
+        keys: ReadoutKeys,
+        stage_key: str,
+        dirs: Mapping[tuple[str, str], Path],
+        run_id: str,
     ):
-        self.stage, self.plan, self.out, self.dirs, self.run_id = stage, plan, out, dirs, run_id
+        self.stage, self.plan, self.keys, self.dirs, self.run_id = stage, plan, keys, dirs, run_id
         self.outcomes: dict[Readout, ReadoutOutcome] = {}
         self.failed: dict[Readout, str] = {}
         self.pending: dict[ray.ObjectRef, Readout] = {}
         self.first_left = {t: len(plan.first_order_of(t)) for t in plan.targets}
         self.ran = 0
-        self.key = out.name
-        self.runs = self._known_runs() if any((out / "readouts").glob("*.parquet")) else {}
+        self.key = stage_key
+        self.runs = self._known_runs()
 
     def run(self) -> None:
         total = sum(self.plan.counts().values())  # stored readouts tick it at once
@@ -409,14 +467,15 @@ class _FanOut:
                     self._settle(r)
 
     def _start(self, r: Readout) -> None:
-        stored = stored_outcome(readout_path(self.out, r), r)
+        path = self.keys.path(r)
+        stored = stored_outcome(path, r)
         if stored is not None:
             self._done(stored, ran=False)
             return
         names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-        view = get_task(r.target).input_transform.value
+        view = self.stage.config.task(r.target).input.value
         dirs = tuple(str(self.dirs[(n, view)]) for n in names)
-        job = self.stage._job(r, dirs, self.out)
+        job = self.stage._job(r, dirs, path)
         options = {
             **self.stage._resources(),
             "max_retries": self.stage.transfer.max_retries,
@@ -449,30 +508,31 @@ class _FanOut:
             self._start(x)
 
     def _known_runs(self) -> dict[str, tuple[str, str]]:
-        """Readout runs of this stage key already in MLflow: file id -> (run id, status).
+        """Readout runs already in MLflow: readout key -> (run id, status).
 
         The store, not a side file, says what is logged: a driver killed between creating a run
-        and closing it leaves a run that the rerun finishes instead of duplicating.
+        and closing it leaves a run that the rerun finishes instead of duplicating, and a readout
+        reused from another study keeps the run that study logged.
         """
         client, experiment = self.stage.tracker.client, [self.stage.tracker.experiment_id]
         runs, token = {}, None
         while True:
             page = client.search_runs(
-                experiment, f"tags.key = '{self.key}'", max_results=1000, page_token=token
+                experiment, "tags.readout_key LIKE '%'", max_results=1000, page_token=token
             )
             for run in page:
-                if "readout" in run.data.tags:
-                    runs[run.data.tags["readout"]] = (run.info.run_id, run.info.status)
+                runs[run.data.tags["readout_key"]] = (run.info.run_id, run.info.status)
             if not (token := page.token):
                 return runs
 
     def _run_for(self, r: Readout, extra: Mapping[str, str] | None = None) -> str:
-        run_id, _ = self.runs.get(r.file_id, (None, None))
+        run_id, _ = self.runs.get(self.keys.key(r), (None, None))
         if run_id:
             return run_id
         tags = {
             "stage": "transfer",
             "key": self.key,
+            "readout_key": self.keys.key(r),
             "readout": r.file_id,
             "target": r.target,
             "sources": "+".join(r.sources),
@@ -484,7 +544,7 @@ class _FanOut:
     def _log(self, o: ReadoutOutcome) -> None:
         """One nested run per readout: create, one batched write, close (3 requests)."""
         r, tracker = o.readout, self.stage.tracker
-        if self.runs.get(r.file_id, (None, None))[1] == "FINISHED":
+        if self.runs.get(self.keys.key(r), (None, None))[1] == "FINISHED":
             return
         run = self._run_for(r)
         rows = [("test_loss", o.mean_loss, 0), ("seconds", o.seconds, 0)]
@@ -497,9 +557,9 @@ class _FanOut:
         }
         tracker.log_history(run, rows, params)
         tracker.end_run(run)
-        self.runs[r.file_id] = (run, "FINISHED")
+        self.runs[self.keys.key(r)] = (run, "FINISHED")
 
     def _log_failure(self, r: Readout, error: str) -> None:
         run = self._run_for(r, {"error": error})
         self.stage.tracker.end_run(run, failed=True)
-        self.runs[r.file_id] = (run, "FAILED")
+        self.runs[self.keys.key(r)] = (run, "FAILED")

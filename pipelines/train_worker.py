@@ -20,7 +20,7 @@ import torch
 
 from components.config import from_dict
 from components.models import ModelConfig, build_network
-from components.tasks import get_task
+from components.tasks import Task
 from components.tracking import RunLogger
 from components.training import OptimConfig, evaluate, iter_batches, make_optimizer, train_one_epoch, unwrap
 
@@ -33,7 +33,7 @@ FAILURE_DRAIN_S = 6.0
 class WorkerConfig:
     """What a training worker needs; it arrives as Ray's dict and is typed again on line one."""
 
-    task: str
+    task: dict  # the Task, as `components.config.to_dict` writes it
     model: dict
     image_size: int
     channels: int
@@ -50,7 +50,7 @@ class WorkerConfig:
 
 def train_worker(raw: dict) -> None:
     cfg = WorkerConfig(**raw)
-    task = get_task(cfg.task)
+    task = from_dict(Task, cfg.task)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # Rank 0 records how the group is laid out (the multi-node test reads it back from MLflow).

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from components.errors import ConfigError
 from components.tasks import TASKS, InputTransform, TaskKind, get_task, parse_tasks
 
 REQUIRED = {
@@ -45,11 +46,11 @@ def test_input_transforms():
     assert (masked[..., 4:12, 4:12] == 0).all() and torch.equal(masked[..., :4, :], rgb[..., :4, :])
     noisy = get_task("denoising").transform_input(rgb, torch.Generator().manual_seed(0))
     assert 0.05 < (noisy - rgb).abs().mean() < 0.1 and noisy.min() >= 0 and noisy.max() <= 1
-    assert get_task("denoising").input_transform is InputTransform.NOISE
+    assert get_task("denoising").input is InputTransform.NOISE
 
 
 def test_unknown_task_is_named():
-    with pytest.raises(KeyError, match="unknown task 'depht'"):
+    with pytest.raises(ConfigError, match="unknown task 'depht'"):
         parse_tasks("normal, depht")
     assert [t.name for t in parse_tasks("normal,reshading")] == ["normal", "reshading"]
 

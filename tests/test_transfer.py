@@ -45,7 +45,6 @@ from components.transfer.jobs import (
     ReadoutJob,
     attempts_path,
     calibrate_readout,
-    readout_path,
 )
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
@@ -150,13 +149,14 @@ def test_feature_encoder_runs_every_source_and_view_on_one_batch(tmp_path):
 def test_calibration_times_a_readout_shaped_like_the_plan():
     job = ReadoutJob(
         readout=Readout("segment_semantic", ("normal",)),
+        task=get_task("segment_semantic"),
         feature_dirs=("",),
         data_root="",
         model=MODEL,
         image_size=32,
         channels=6,
         settings=ReadoutSettings(epochs=10, batch_size=8, width=8),
-        out_dir="",
+        path="",
         use_gpu=False,
         threads=1,
     )
@@ -170,7 +170,7 @@ def test_calibration_times_a_readout_shaped_like_the_plan():
 def fake_stage1(root: Path, store: ShardStore, tasks=TASKS) -> dict[str, TaskResult]:
     """Stand-ins for Stage I's outputs: seeded untrained networks and their test losses."""
     results = {}
-    test = store.read("test", list(dict.fromkeys(["rgb", *(get_task(t).target for t in tasks)])))
+    test = store.read("test", list(dict.fromkeys(["rgb", *(get_task(t).column for t in tasks)])))
     for i, name in enumerate(tasks):
         task = get_task(name)
         torch.manual_seed(100 + i)
@@ -200,10 +200,10 @@ def env(tmp_path_factory, tiny_dataset, ray_session):
     return root, store, fake_stage1(root, store)
 
 
-def _done_counts(out_dir: str, readouts) -> Counter:
+def _done_counts(keys, readouts) -> Counter:
     return Counter(
         {
-            r: attempts_path(out_dir, r).read_text().split().count("done")
+            r: attempts_path(keys.path(r)).read_text().split().count("done")
             for r in readouts
             if r.kind.value != "self"
         }
@@ -275,7 +275,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
         "transfer/normal+reshading->edge_texture" in runs or "transfer/edge_texture+reshading->normal" in runs
     )
     plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
-    assert set(_done_counts(result.out_dir, plan_readouts).values()) == {1}
+    assert set(_done_counts(stage.readout_keys(results), plan_readouts).values()) == {1}
 
     again = make_stage2(root, store).run(results)  # complete: skipped as a whole
     assert again.ran == 0 and again.key == result.key and again.losses_path == result.losses_path
@@ -288,9 +288,10 @@ def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the
     result = make_stage2(root, store, *overrides, f"transfer.fail_readouts=[{failing}]").run(results)
     assert result.failed == (failing,)
     bad = Readout("normal", ("reshading",))
-    attempts = attempts_path(result.out_dir, bad).read_text().split()
+    bad_path = make_stage2(root, store, *overrides).readout_keys(results).path(bad)
+    attempts = attempts_path(bad_path).read_text().split()
     assert attempts.count("start") == 2 and attempts.count("done") == 0  # one try + one retry
-    assert not readout_path(result.out_dir, bad).exists()
+    assert not bad_path.exists()
     assert not (Path(result.out_dir) / "result.json").exists()  # incomplete: the rerun retries
     assert failing in json.loads((Path(result.out_dir) / "failed.json").read_text())
     # every other readout ran; normal's beam of 2 has one source left, so it has no pair
@@ -299,7 +300,7 @@ def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the
     rerun = make_stage2(root, store, *overrides)
     fixed = rerun.run(results)  # same key: the seam is not part of it
     assert fixed.key == result.key and fixed.failed == ()
-    assert attempts_path(result.out_dir, bad).read_text().split().count("done") == 1
+    assert attempts_path(bad_path).read_text().split().count("done") == 1
     assert pq.read_table(fixed.summary_path).num_rows == 21
     assert (Path(fixed.out_dir) / "result.json").exists() and not (
         Path(fixed.out_dir) / "failed.json"
@@ -329,7 +330,6 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     root, store, results = env
     overrides = ["transfer.epochs=25", "transfer.seed=5"]
     probe = make_stage2(root, store, *overrides)
-    out = root / "stage2" / probe.key(results)
     spec = {
         "address": ray_session.get_runtime_context().gcs_address,
         "root": str(root),
@@ -344,7 +344,9 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    trained = lambda: [p for p in (out / "readouts").glob("*.parquet") if not p.name.startswith("self--")]  # noqa: E731
+    stored = lambda: {p for p in (root / "readouts").glob("*/*.parquet") if not p.name.startswith("self.")}  # noqa: E731
+    before = stored()  # readouts of the other tests in this storage root
+    trained = lambda: stored() - before  # noqa: E731
     deadline = time.monotonic() + 180
     while len(trained()) < 4:
         assert driver.poll() is None, "the driver finished or died before it could be killed"
@@ -353,14 +355,16 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     stored_at_kill = len(trained())
-    _wait_for_workers_to_go(out)
+    _wait_for_workers_to_go(root)
 
     result = probe.run(results)
     summary = pq.read_table(result.summary_path).to_pylist()
     plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
     assert result.failed == () and len(summary) == 21
     assert 0 < result.ran <= 18 - stored_at_kill + 2  # the rest were stored (2: in flight at the kill)
-    assert set(_done_counts(result.out_dir, plan_readouts).values()) == {1}  # none lost, none twice
+    assert set(_done_counts(probe.readout_keys(results), plan_readouts).values()) == {
+        1
+    }  # none lost, none twice
     losses = pq.read_table(result.losses_path)
     assert losses.num_rows == 21 * 16
     keys = pc.binary_join_element_wise(
@@ -372,11 +376,10 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     assert all(runs[f"transfer/{r.name}"] == 1 for r in plan_readouts)
 
 
-def _wait_for_workers_to_go(out: Path, timeout: float = 60) -> None:
+def _wait_for_workers_to_go(root: Path, timeout: float = 60) -> None:
     """Ray ends a dead driver's workers; until then one could still finish a readout."""
-    pids = {
-        int(line.split()[1]) for p in (out / "attempts").glob("*.log") for line in p.read_text().splitlines()
-    }
+    logs = (root / "readouts").glob("*/*.attempts.log")
+    pids = {int(line.split()[1]) for p in logs for line in p.read_text().splitlines()}
     deadline = time.monotonic() + timeout
     while any(_alive(pid) for pid in pids):
         assert time.monotonic() < deadline, "the killed driver's workers are still running"

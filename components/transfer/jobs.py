@@ -5,6 +5,11 @@ test losses to one Parquet file *itself*, atomically (temp file + rename): a fin
 on disk even if whoever launched it dies, so a rerun never repeats it. Every execution also
 appends `start` and `done` lines to the readout's attempt log (retries show there).
 
+Readouts are stored by their own key, `<root>/readouts/<target>/<sources>.<key>.parquet`, the
+key hashing everything that determines the result (the target's task definition, the sources'
+feature keys, the readout settings, the data): any study that needs the same readout finds it,
+so adding a task to a finished study trains only the readouts that involve it.
+
 Feature cache folders hold `<split>.npy` (N, C, h, w) float16 and `<split>.ids.npy`, rows sorted
 by image id, so features of several sources and the labels line up by position.
 """
@@ -27,7 +32,7 @@ import torch
 
 from components.data.shards import ShardStore
 from components.models import ModelConfig, representation_shape
-from components.tasks import InputTransform, Loss, get_task
+from components.tasks import InputTransform, Loss, Task
 from components.training import pick_device
 from components.transfer.features import FeatureSource, build_feature_module, encode_batch
 from components.transfer.plan import Readout
@@ -49,13 +54,14 @@ class ReadoutJob:
     """Everything one readout needs, in one picklable value."""
 
     readout: Readout
+    task: Task  # the target
     feature_dirs: tuple[str, ...]  # one cache folder per source, in the readout's source order
     data_root: str
     model: ModelConfig
     image_size: int
     channels: int
     settings: ReadoutSettings
-    out_dir: str  # the stage folder: readouts/ and attempts/ live under it
+    path: str  # the readout's loss file (`readout_path`); its attempt log lies beside it
     use_gpu: bool
     threads: int
     fail: bool = False  # test seam: raise on every attempt
@@ -69,22 +75,23 @@ class ReadoutOutcome:
     train_losses: tuple[float, ...] = ()
 
 
-def readout_path(out_dir: str | Path, readout: Readout) -> Path:
-    return Path(out_dir) / "readouts" / f"{readout.file_id}.parquet"
+def readout_path(root: str | Path, readout: Readout, key: str) -> Path:
+    """Where the readout with this key stores its per-image losses, under the storage root."""
+    return Path(root) / "readouts" / readout.target / f"{'+'.join(readout.sources)}.{key}.parquet"
 
 
-def attempts_path(out_dir: str | Path, readout: Readout) -> Path:
-    return Path(out_dir) / "attempts" / f"{readout.file_id}.log"
+def attempts_path(path: str | Path) -> Path:
+    """The attempt log beside a readout's loss file."""
+    return Path(path).with_suffix(".attempts.log")
 
 
 def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     """Train one readout on cached features, store its per-image test losses, return a summary."""
-    r = job.readout
-    _note_attempt(job.out_dir, r, "start")
+    r, task = job.readout, job.task
+    _note_attempt(job.path, "start")
     if job.fail:
         raise RuntimeError(f"injected failure of readout {r.name} (transfer.fail_readouts)")
     torch.set_num_threads(job.threads)
-    task = get_task(r.target)
     train_x, train_ids = source_features(job.feature_dirs, "transfer")
     test_x, test_ids = source_features(job.feature_dirs, "test")
     result = train_readout(
@@ -92,24 +99,24 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
         model=job.model,
         image_size=job.image_size,
         transfer_x=train_x,
-        transfer_y=_labels(job.data_root, "transfer", task.target, train_ids),
+        transfer_y=_labels(job.data_root, "transfer", task.column, train_ids),
         test_x=test_x,
-        test_y=_labels(job.data_root, "test", task.target, test_ids),
+        test_y=_labels(job.data_root, "test", task.column, test_ids),
         test_ids=test_ids,
         settings=job.settings,
         device=pick_device(job.use_gpu),
         channels=job.channels,
     )
     outcome = ReadoutOutcome(r, result.mean_loss, result.seconds, result.train_losses)
-    write_readout(readout_path(job.out_dir, r), outcome, result.image_ids, result.losses)
-    _note_attempt(job.out_dir, r, "done")
+    write_readout(Path(job.path), outcome, result.image_ids, result.losses)
+    _note_attempt(job.path, "done")
     return outcome
 
 
 def calibrate_readout(job: ReadoutJob, n_images: int, n_transfer: int, n_test: int) -> float:
     """Seconds one readout shaped like `job` takes here, from 1- and 2-epoch runs on random data."""
     torch.set_num_threads(job.threads)
-    task = get_task(job.readout.target)
+    task = job.task
     c, h, w = representation_shape(job.model, job.image_size)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n_images, c, h, w)).astype(np.float16)
@@ -241,8 +248,8 @@ def _labels(data_root: str, split: str, column: str, ids: np.ndarray) -> np.ndar
     return labels
 
 
-def _note_attempt(out_dir: str, readout: Readout, event: str) -> None:
-    path = attempts_path(out_dir, readout)
+def _note_attempt(readout_file: str, event: str) -> None:
+    path = attempts_path(readout_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{event} {os.getpid()} {time.time():.3f}\n")

@@ -18,7 +18,8 @@ from torch import nn
 
 from components.models import ModelConfig, representation_shape
 from components.models.network import build_decoder
-from components.tasks import Loss, Task
+from components.tasks import Loss, Task, batch_loss
+from components.training import nanmean
 
 Featurize = Callable[[torch.Tensor], torch.Tensor]  # a batch of stored inputs -> features
 
@@ -42,7 +43,7 @@ class ReadoutResult:
 
     @property
     def mean_loss(self) -> float:
-        return float(self.losses.mean()) if len(self.losses) else float("nan")
+        return nanmean(self.losses)
 
 
 class ReadoutNetwork(nn.Module):
@@ -76,7 +77,7 @@ def label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.
     if task.loss is Loss.CROSS_ENTROPY:
         return y.long()
     y = y.float()
-    return y / 255.0 if task.target == "rgb" else y
+    return y / 255.0 if task.column == "rgb" else y
 
 
 def train_readout(
@@ -118,10 +119,10 @@ def train_readout(
                 pred = net(x)
             loss = task.per_image_loss(pred.float(), label_tensor(transfer_y[idx], task, device))
             optimizer.zero_grad(set_to_none=True)
-            loss.mean().backward()
+            batch_loss(loss).backward()
             optimizer.step()
-            total += float(loss.detach().sum())
-            count += len(idx)
+            total += float(loss.detach().nansum())
+            count += int((~loss.detach().isnan()).sum())
         history.append(total / max(count, 1))
     losses = _test_losses(net, featurize, test_x, test_y, task, device)
     return ReadoutResult(

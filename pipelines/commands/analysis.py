@@ -1,7 +1,9 @@
 """`taskatlas affinity` and `taskatlas solve`: Stages III and IV on files, no Ray needed.
 
 taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet     # + affinity.png
+taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet --bootstrap 200  # + 95% intervals
 taskatlas solve --affinities affinity.parquet --budget 4 --max-order 2 --plot taxonomy.png
+taskatlas solve --losses transfer_losses.parquet --budget 4 --max-order 2 --bootstrap 200 --json  # + stability
 taskatlas solve --affinities ../shared/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json
 taskatlas solve --affinities FILE --max-order 3 --sweep --sweep-plot sweep.png  # objective vs budget
 """
@@ -14,14 +16,22 @@ import math
 import sys
 from pathlib import Path
 
-from components.affinity import compute_affinity
+import pyarrow as pa
+
+from components.affinity import affinity_from_cube, compute_affinity, loss_cube
 from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.bootstrap import (
+    bootstrap_affinities,
+    compute_affinity_with_intervals,
+    taxonomy_stability,
+)
 from components.errors import TaskatlasError
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
 from components.taxonomy import (
     SweepPoint,
     Taxonomy,
     TaxonomyOptions,
+    TransferTable,
     Transform,
     solve_taxonomy,
     sweep_budgets,
@@ -35,11 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     aff.add_argument("--out", required=True, type=Path, help="affinity table to write (.parquet)")
     aff.add_argument("--heatmap", type=Path, help="heatmap PNG (default: --out with .png)")
+    _bootstrap_arguments(aff, "adds affinity_lo, affinity_hi: a 95%% interval over N resamples")
     aff.set_defaults(func=_affinity)
 
     solve = sub.add_parser("solve", help="Stage IV: the taxonomy BIP on an affinity table")
+    solve.add_argument("--affinities", type=Path, help="affinity.parquet or target,sources,order,value CSV")
     solve.add_argument(
-        "--affinities", required=True, type=Path, help="affinity.parquet or target,sources,order,value CSV"
+        "--losses", type=Path, help="per-image losses instead: the affinities are computed as `affinity` does"
     )
     solve.add_argument("--budget", help="total cost of the roots (each task costs 1 unless --cost)")
     solve.add_argument("--max-order", required=True, type=int, help="largest source set a transfer may use")
@@ -53,15 +65,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     solve.add_argument("--sweep-plot", type=Path, help="objective-vs-budget PNG (implies --sweep)")
     solve.add_argument("--json", action="store_true", help="print the result as JSON")
     solve.add_argument("--plot", type=Path, help="taxonomy graph PNG (needs --budget)")
+    _bootstrap_arguments(solve, "solves every resample (needs --losses, --budget): adds stability")
     solve.set_defaults(func=_solve)
 
 
+def _bootstrap_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--bootstrap", type=int, metavar="N", help=f"resample each target's test images N times; {what}"
+    )
+    parser.add_argument("--seed", type=int, help="seed of the resamples (default 0; needs --bootstrap)")
+
+
+def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(resamples, seed), or None without --bootstrap; one-line errors for a bad request."""
+    if args.bootstrap is None:
+        if args.seed is not None:
+            raise TaskatlasError("--seed: only used with --bootstrap N")
+        return None
+    if args.bootstrap < 1:
+        raise TaskatlasError(f"--bootstrap: the number of resamples must be >= 1, got {args.bootstrap}")
+    if args.seed is not None and args.seed < 0:
+        raise TaskatlasError(f"--seed: must be >= 0, got {args.seed}")
+    return args.bootstrap, 0 if args.seed is None else args.seed
+
+
 def _affinity(args: argparse.Namespace) -> int:
-    table = compute_affinity(read_losses(args.losses))
+    bootstrap = _bootstrap_request(args)
+    losses = read_losses(args.losses)
+    table = (
+        compute_affinity(losses) if bootstrap is None else compute_affinity_with_intervals(losses, *bootstrap)
+    )
     write_affinity(table, args.out)
     heatmap = plot_affinity_heatmap(table, args.heatmap or args.out.with_suffix(".png"))
     n_targets = len(set(table["target"].to_pylist()))
-    print(f"wrote {args.out} ({table.num_rows} rows, {n_targets} targets) and {heatmap}")
+    intervals = "" if bootstrap is None else f", 95% intervals over {bootstrap[0]} resamples"
+    print(f"wrote {args.out} ({table.num_rows} rows, {n_targets} targets{intervals}) and {heatmap}")
     return 0
 
 
@@ -71,6 +109,13 @@ def _solve(args: argparse.Namespace) -> int:
         raise TaskatlasError("--budget is required (or --sweep for every budget)")
     if args.plot is not None and args.budget is None:
         raise TaskatlasError("--plot draws the taxonomy of one budget: give --budget")
+    if (args.affinities is None) == (args.losses is None):
+        raise TaskatlasError("give exactly one of --affinities FILE and --losses FILE")
+    bootstrap = _bootstrap_request(args)
+    if bootstrap is not None and args.losses is None:
+        raise TaskatlasError("--bootstrap resamples test images: it needs --losses (per-image losses)")
+    if bootstrap is not None and args.budget is None:
+        raise TaskatlasError("--bootstrap measures the stability of one taxonomy: give --budget")
     options = TaxonomyOptions(
         budget=_number("--budget", args.budget) if args.budget is not None else 1.0,
         max_order=args.max_order,
@@ -81,17 +126,27 @@ def _solve(args: argparse.Namespace) -> int:
         cost=_weights("--cost", args.cost),
         transform=Transform(args.transform),
     )
-    table = read_affinities(args.affinities)
+    cube = loss_cube(read_losses(args.losses)) if args.losses is not None else None
+    table = read_affinities(args.affinities) if cube is None else _transfer_table(affinity_from_cube(cube))
     taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
+    stability = None
+    if bootstrap is not None and cube is not None and taxonomy is not None:
+        (resamples, seed), samples = bootstrap, bootstrap_affinities(cube, *bootstrap)
+        stability = {"resamples": resamples, "seed": seed}
+        stability |= taxonomy_stability(cube, samples, options, taxonomy)
     points = sweep_budgets(table, options) if sweep else None
     if args.json:
         result = taxonomy.to_dict() if taxonomy else {"max_order": options.max_order}
+        if stability is not None:
+            result["stability"] = stability
         if points is not None:
             result["sweep"] = [_point_dict(p) for p in points]
         print(json.dumps(result, indent=2))
     else:
         if taxonomy:
             print(_summary(taxonomy))
+        if taxonomy and stability is not None:
+            print(_stability_summary(taxonomy, stability))
         if points is not None:
             print(_sweep_table(points))
     notes = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
@@ -117,6 +172,31 @@ def _summary(taxonomy: Taxonomy) -> str:
         )
     lines.append(f"objective {taxonomy.objective:.6g}")
     return "\n".join(lines)
+
+
+def _stability_summary(taxonomy: Taxonomy, stability: dict) -> str:
+    """The chosen roots and transfers with the fraction of resamples that choose each."""
+    lines = [
+        f"stability over {stability['resamples']} resamples of the test images (seed {stability['seed']}): "
+        f"this exact taxonomy in {stability['taxonomy']:.0%}"
+    ]
+    roots = ", ".join(f"{r} {stability['roots'].get(r, 0.0):.0%}" for r in taxonomy.roots)
+    lines.append(f"  roots: {roots}")
+    for target, sources in taxonomy.transfers.items():
+        share = stability["transfers"].get(target, {}).get("+".join(sources), 0.0)
+        lines.append(f"  {target} <- {' + '.join(sources)}: {share:.0%}")
+    return "\n".join(lines)
+
+
+def _transfer_table(affinity: pa.Table) -> TransferTable:
+    """An in-memory affinity table for the solver, exactly as `read_affinities` reads its file."""
+    rows = zip(
+        affinity["target"].to_pylist(),
+        affinity["sources"].to_pylist(),
+        affinity["affinity"].to_numpy(),
+        strict=True,
+    )
+    return TransferTable.from_rows(rows)
 
 
 def _sweep_table(points: tuple[SweepPoint, ...]) -> str:

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _setup(args: argparse.Namespace):
     cfg = load_pipeline_config(args.config, args.overrides)
-    tasks = parse_tasks(args.tasks) if args.tasks else parse_tasks(list(cfg.tasks))
+    tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     ensure_ray()
     return cfg, tasks
 

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _transfer(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
-    tasks = parse_tasks(args.tasks) if args.tasks else parse_tasks(list(cfg.tasks))
+    tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     ensure_ray()
     with invocation(cfg, "transfer") as inv:
         stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
