@@ -55,7 +55,10 @@ def _weights(cube: LossCube, n: int, streams: list[np.random.SeedSequence]) -> I
 
 
 def bootstrap_affinities(cube: LossCube, n: int, seed: int) -> np.ndarray:
-    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding)."""
+    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding).
+
+    Holds the (n, T, n_cand, n_cand) win rates at once; comparisons and AHP run in chunks.
+    """
     _check_bootstrappable(cube, n)
     n_targets, n_cand, _ = cube.losses.shape
     wins = np.full((n, n_targets, n_cand, n_cand), 0.5)  # diagonal 0.5, as in win_rates
@@ -104,9 +107,7 @@ def affinity_with_intervals(cube: LossCube, samples: np.ndarray) -> pa.Table:
     """The cube's affinity table with the intervals of `samples` (from `bootstrap_affinities`)."""
     table = affinity_from_cube(cube)
     lo, hi = affinity_intervals(cube, samples)
-    return table.append_column(INTERVAL_COLUMNS[0], pa.array(lo)).append_column(
-        INTERVAL_COLUMNS[1], pa.array(hi)
-    )
+    return pa.Table.from_arrays([*table.columns, pa.array(lo), pa.array(hi)], schema=INTERVAL_SCHEMA)
 
 
 def taxonomy_stability(
