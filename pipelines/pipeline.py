@@ -57,6 +57,22 @@ class PipelineResult:
     taxonomy: dict | None = None
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ran" | "reused")
 
+    def summary(self, storage_root: str, run_id: str) -> dict:
+        """What `taskatlas run --json` prints: what was trained, what was reused, the answer."""
+        trained = self.stage2.ran if self.stage2 else 0
+        readouts = sum(self.stage2.counts.values()) - self.stage2.counts.get("self", 0) if self.stage2 else 0
+        taxonomy = {k: v for k, v in (self.taxonomy or {}).items() if k != "path"} or None
+        return {
+            "networks_trained": self.retrained,
+            "networks_reused": [t for t in self.stage1 if t not in self.retrained],
+            "readouts_ran": trained,
+            "readouts_reused": readouts - trained,
+            "taxonomy": taxonomy,
+            "storage_root": storage_root,
+            "run_id": run_id,
+            "data_version": self.data_version,
+        }
+
 
 def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> PipelineResult:
     """Run the requested stages in order; earlier stages that are not requested must be complete."""
@@ -123,9 +139,14 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
         if cached:
             results[task.name] = cached
     downstream = [Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY]
+    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    if Stage.TRANSFER in stages:
+        readouts = stage2.preview(results)
+        if reused := sum(status == "reuse" for _, status in readouts):
+            plan.append((f"readouts ({reused} stored)", "reuse"))
+        plan += [(f"readout {name}", "run") for name, status in readouts if status == "run"]
     if not complete:
         return plan + [(s.value, "run" if s in stages else "skip") for s in downstream]
-    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
     transfer_key = stage2.key(results)
     steps = {Stage.TRANSFER: stage2.is_complete(transfer_key)}
     affinity = affinity_step(cfg, transfer_key)

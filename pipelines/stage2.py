@@ -126,12 +126,10 @@ class ReadoutKeys:
     targets: Mapping[str, str]  # task -> hash of its definition and output channels
 
     def key(self, r: Readout) -> str:
-        if r.kind is ReadoutKind.SELF:
-            inputs = [self.networks[r.target]]
-        else:
-            names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-            inputs = [self.features[n] for n in names]
-        return config_hash(self.common, r.name, self.targets[r.target], inputs)
+        if r.kind is ReadoutKind.SELF:  # Stage I's own test losses: no readout setting applies
+            return config_hash("self-v1", r.name, self.targets[r.target], self.networks[r.target])
+        names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
+        return config_hash(self.common, r.name, self.targets[r.target], [self.features[n] for n in names])
 
     def path(self, r: Readout) -> Path:
         return readout_path(self.root, r, self.key(r))
@@ -207,14 +205,36 @@ class Stage2:
         )
         features = {name: s.key for name, s in self.feature_sources(results).items()}
         networks = {name: r.key for name, r in results.items()}
-        return ReadoutKeys(self.config.root, common, features, networks, self._target_keys(results))
+        return ReadoutKeys(self.config.root, common, features, networks, self._target_keys())
 
-    def _target_keys(self, results: Mapping[str, TaskResult]) -> dict[str, str]:
-        """Per target: its definition and output channels, which shape every readout into it."""
-        return {
-            name: config_hash(self.config.task(name), channels_for(self.config.task(name), self.store))
-            for name in results
-        }
+    def _target_keys(self) -> dict[str, str]:
+        """Per task: its definition and output channels, which shape every readout into it."""
+        catalog = self.config.catalog
+        return {name: config_hash(catalog[name], channels_for(catalog[name], self.store)) for name in catalog}
+
+    def preview(self, results: Mapping[str, TaskResult]) -> list[tuple[str, str]]:
+        """(readout, "run" | "reuse") for `--dry-run`, from the networks trained so far: exact for
+        first order and baselines, and for the higher orders of targets whose first-order readouts
+        are all stored; other targets' higher orders are one line "up to N", as their beams come
+        from first-order results still to be trained. A readout of an untrained network runs."""
+        plan = self.plan(list(self.config.tasks))
+        keys = self.readout_keys(results)
+
+        def stored(r: Readout) -> ReadoutOutcome | None:
+            try:
+                return stored_outcome(keys.path(r), r)
+            except KeyError:  # a source or the target has no trained network yet
+                return None
+
+        out = [(r.name, "reuse" if stored(r) else "run") for r in (*plan.first_order, *plan.baselines)]
+        for target in plan.targets:
+            first = {r.sources[0]: stored(r) for r in plan.first_order_of(target)}
+            if all(first.values()):
+                beam = plan.higher_order(target, {s: o.mean_loss for s, o in first.items()})
+                out += [(r.name, "reuse" if stored(r) else "run") for r in beam]
+            elif n := sum(plan.higher_order_count(target, k) for k in plan.orders):
+                out.append((f"{target}: up to {n} higher-order (beam after first order)", "run"))
+        return out
 
     def out_dir(self, key: str) -> Path:
         return self.config.root / "stage2" / key

@@ -1,6 +1,6 @@
 """`taskatlas run` (the whole pipeline) and `taskatlas nightly` (scheduled retraining).
 
-taskatlas run -c configs/quickstart.yaml [--stages train,transfer] [--dry-run] [--set k=v]
+taskatlas run -c configs/quickstart.yaml [--stages train,transfer] [--dry-run] [--json] [--set k=v]
 taskatlas nightly -c configs/quickstart.yaml [--date 2026-11-22]
 """
 
@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--dry-run", action="store_true", help="print which steps would run and which are reused"
     )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="end with one JSON line: networks and readouts trained and reused, taxonomy, run id",
+    )
     run.set_defaults(func=_run)
     nightly = sub.add_parser("nightly", help="refresh data, retrain incrementally, promote champions")
     add_config_args(nightly)
@@ -44,6 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     with invocation(cfg, "run") as inv:
         result = run_pipeline(inv, stages)
     print_report(cfg, result, inv.tracker.tracking_uri)
+    if args.json:
+        print(json.dumps(result.summary(str(cfg.root), inv.run_id)))
     return 0
 
 
@@ -52,8 +59,12 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
     print(
         f"\nsteps: {len(ran)} ran, {len(result.steps) - len(ran)} reused (data version {result.data_version})"
     )
+    reused = [t for t in result.stage1 if t not in result.retrained]
+    print(f"task networks: {len(result.retrained)} trained, {len(reused)} reused")
     if result.stage2:
-        print(f"transfers: {result.stage2.counts}  per-image losses: {result.stage2.losses_path}")
+        n = result.summary(str(cfg.root), "")
+        print(f"readouts: {n['readouts_ran']} trained, {n['readouts_reused']} reused {result.stage2.counts}")
+        print(f"per-image losses: {result.stage2.losses_path}")
     if result.taxonomy:
         t = result.taxonomy
         print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {', '.join(t['roots'])}")
