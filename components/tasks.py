@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 from components.config import to_dict
+from components.data.shards import NO_LABEL
 from components.errors import ConfigError
 
 
@@ -47,7 +48,6 @@ class InputTransform(str, Enum):
 
 NOISE_STD = 0.1
 MASK_FRACTION = 0.5  # side of the inpainting hole, as a fraction of the image side
-INVALID_LABEL = 255  # "no label" in a label map (uint8 class ids); float labels use NaN
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Task:
         """Loss of each image in the batch over its valid label elements: shape (B,), NaN where
         an image has none. Invalid elements get no gradient, whatever value they hold."""
         if self.loss is Loss.CROSS_ENTROPY:
-            valid = target != INVALID_LABEL
+            valid = target != NO_LABEL
             per_elem = F.cross_entropy(pred, target.masked_fill(~valid, 0).long(), reduction="none")
         else:
             valid = ~torch.isnan(target)

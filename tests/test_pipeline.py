@@ -41,7 +41,10 @@ def _mkdir(path):
 
 def dry(config, capsys, *extra):
     assert main(["run", "-c", str(config), "--dry-run", *extra]) == 0
-    return dict(reversed(line.split()) for line in capsys.readouterr().out.splitlines())
+    return {
+        step: status
+        for status, step in (line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    }
 
 
 def runs_named(root, prefix):
@@ -86,9 +89,15 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert "steps: 0 ran, 6 reused" in capsys.readouterr().out
     assert len(runs_named(root, "train/")) == 3 and len(runs_named(root, "transfer")) == 1 + 21
 
-    # A transfer setting changes Stages II-IV only.
+    # A transfer setting changes Stages II-IV only: every trained readout again (self is reused).
     plan = dry(tiny_config, capsys, "--set", "transfer.epochs=2")
-    assert {k for k, v in plan.items() if v == "run"} == {"transfer", "affinity", "taxonomy"}
+    assert {k for k, v in plan.items() if v == "run" and not k.startswith("readout")} == {
+        "transfer",
+        "affinity",
+        "taxonomy",
+    }
+    assert sum(k.startswith("readout ") for k in plan) == 9 + 6 + 3  # 3 lines "up to 1 higher-order"
+    assert plan["readouts (3 stored)"] == "reuse"
     assert main(["run", "-c", str(tiny_config), "--set", "transfer.epochs=2"]) == 0
     assert "steps: 3 ran, 3 reused" in capsys.readouterr().out
     assert len(runs_named(root, "train/")) == 3

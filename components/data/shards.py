@@ -286,6 +286,32 @@ class ShardStore:
         return list(columns)
 
 
+NO_LABEL = 255  # "no label" in a uint8 label map; float columns use NaN (design.md section 2)
+
+
+def valid_mask(column: str, values: np.ndarray) -> np.ndarray:
+    """Which stored values are labels: not NaN (float columns), not 255 (uint8 label maps); RGB
+    is always valid."""
+    if values.dtype.kind == "f":
+        return ~np.isnan(values)
+    if column != "rgb" and values.dtype == np.uint8:
+        return values != NO_LABEL
+    return np.ones(values.shape, bool)
+
+
+def valid_fractions(store: ShardStore) -> dict[str, float]:
+    """Each column's fraction of valid values over every split (reads the whole dataset)."""
+    valid: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for split in SPLITS:
+        for shard in store.iter_shards(split):
+            for name, values in shard.items():
+                if name != "image_id":
+                    valid[name] = valid.get(name, 0) + int(valid_mask(name, values).sum())
+                    total[name] = total.get(name, 0) + values.size
+    return {name: valid[name] / max(total[name], 1) for name in valid}
+
+
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     """Arrow table with fixed-shape tensor columns -> dict of stacked numpy arrays."""
     out = {}

@@ -3,6 +3,7 @@
 taskatlas data generate --out data/synthetic-64 --n-train 2000 --size 64 --seed 0
 taskatlas data info data/synthetic-64
 taskatlas data import-taskonomy --root /data/taskonomy --out data/taskonomy-64 --size 64
+taskatlas data import-folder --root my-images --out data/mine-64 --size 64 --spec spec.yaml
 taskatlas data preview --out docs/scene.png            # one scene with all annotations
 """
 
@@ -12,11 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
+from components.data.folder import import_folder, load_spec
+from components.data.importing import Found, ImportConfig, describe_skipped
 from components.data.preview import save_scene_figure
 from components.data.scenes import SceneConfig
-from components.data.shards import SPLITS, Manifest, ShardStore
+from components.data.shards import SPLITS, Manifest, ShardStore, valid_fractions
 from components.data.synthetic import DatasetConfig, generate_dataset, render_images
-from components.data.taskonomy import ImportConfig, import_taskonomy
+from components.data.taskonomy import import_taskonomy
 from components.errors import TaskatlasError
 from pipelines.progress import progress_bar
 
@@ -43,13 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     imp = cmds.add_parser("import-taskonomy", help="import the public Taskonomy folder layout")
     imp.add_argument("--root", required=True, type=Path, help="folder with one sub-folder per domain")
-    imp.add_argument("--out", required=True, type=Path)
-    idef = ImportConfig()
-    imp.add_argument("--size", type=int, default=idef.size)
-    imp.add_argument("--transfer-fraction", type=float, default=idef.transfer_fraction)
-    imp.add_argument("--test-fraction", type=float, default=idef.test_fraction)
-    imp.add_argument("--rows-per-shard", type=int, default=idef.rows_per_shard)
+    _import_args(imp)
     imp.set_defaults(func=_import)
+
+    fold = cmds.add_parser("import-folder", help="import <root>/<column>/<stem>.(png|jpg|npy)")
+    fold.add_argument("--root", required=True, type=Path, help="folder with rgb/ and one folder per column")
+    fold.add_argument("--spec", type=Path, help="YAML: per column scale, offset, invalid, labels")
+    _import_args(fold)
+    fold.set_defaults(func=_import_folder)
 
     prev = cmds.add_parser("preview", help="draw one image with all its annotations to a PNG")
     prev.add_argument("--out", required=True, type=Path)
@@ -85,6 +89,7 @@ def generate_and_report(out: Path, config: DatasetConfig) -> Manifest:
 def _info(args: argparse.Namespace) -> int:
     store = ShardStore(args.root)
     store.verify()
+    valid = valid_fractions(store)
     if args.json:
         m = store.manifest
         print(
@@ -95,27 +100,65 @@ def _info(args: argparse.Namespace) -> int:
                     "data_version": m.data_version,
                     "counts": m.counts,
                     "columns": {c.name: [c.dtype, list(c.shape)] for c in m.columns},
+                    "valid_fraction": valid,
                 }
             )
         )
     else:
         print(summary(store.root, store.manifest))
+        print("valid pixels " + ", ".join(f"{name} {valid[name]:.3f}" for name in valid))
     return 0
 
 
-def _import(args: argparse.Namespace) -> int:
-    config = ImportConfig(
+def _import_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path)
+    defaults = ImportConfig()
+    parser.add_argument("--size", type=int, default=defaults.size, help="image side in pixels")
+    parser.add_argument("--transfer-fraction", type=float, default=defaults.transfer_fraction)
+    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    parser.add_argument("--rows-per-shard", type=int, default=defaults.rows_per_shard)
+    parser.add_argument(
+        "--skip-incomplete",
+        action="store_true",
+        help="import the images that have every domain and list the others (default: an error)",
+    )
+
+
+def _import_config(args: argparse.Namespace) -> ImportConfig:
+    return ImportConfig(
         size=args.size,
         transfer_fraction=args.transfer_fraction,
         test_fraction=args.test_fraction,
         rows_per_shard=args.rows_per_shard,
     )
+
+
+def _import(args: argparse.Namespace) -> int:
+    config = _import_config(args)
     with progress_bar(0, "importing Taskonomy") as update:
-        manifest, unknown = import_taskonomy(args.root, args.out, config, progress=update)
+        manifest, unknown, found = import_taskonomy(
+            args.root, args.out, config, progress=update, skip_incomplete=args.skip_incomplete
+        )
     if unknown:
         print(f"skipped folders that are not known domains: {', '.join(unknown)}")
-    print(summary(args.out, manifest))
+    _report_import(args.out, manifest, found)
     return 0
+
+
+def _import_folder(args: argparse.Namespace) -> int:
+    config, spec = _import_config(args), load_spec(args.spec)
+    with progress_bar(0, "importing folder") as update:
+        manifest, found = import_folder(
+            args.root, args.out, config, spec, progress=update, skip_incomplete=args.skip_incomplete
+        )
+    _report_import(args.out, manifest, found)
+    return 0
+
+
+def _report_import(out: Path, manifest: Manifest, found: Found) -> None:
+    if found.skipped:
+        print(describe_skipped(found.skipped))
+    print(summary(out, manifest))
 
 
 def _preview(args: argparse.Namespace) -> int:

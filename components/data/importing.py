@@ -1,0 +1,258 @@
+"""What both importers share: reading files with one-line errors, the up-front checks, resizing
+that keeps invalid pixels out of valid ones, splits drawn per group, and writing the shards.
+
+An importer finds, per image id, one file per column (`Found`), then `write_import` checks every
+file's size against the image's RGB file before any shard is written, and stores each column in
+the units and dtype its `ColumnRule` says. "No label" is stored as NaN in float columns and as
+255 in label maps (design.md section 2); a raw `invalid` value and an optional validity mask
+(Taskonomy's `mask_valid`) both mark pixels so. Nothing is a finished dataset until its manifest
+is written, last (`shards.write_dataset`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.data.shards import NO_LABEL, SPLITS, ColumnSpec, Manifest, ShardError, write_dataset
+from components.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_SUFFIX = ".npy"
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """How one source folder becomes one dataset column: stored = raw * scale + offset."""
+
+    column: str
+    dtype: str  # stored dtype: uint8 (RGB, label maps) or a float type
+    channels: int | None = None  # channels kept from the file; None: all it has
+    scale: float = 1.0
+    offset: float = 0.0
+    invalid: float | None = None  # raw value that means "no label"
+    labels: bool = False  # class ids: nearest-neighbour resizing, 255 = no label
+    masked: bool = False  # the importer's validity mask (e.g. Taskonomy's mask_valid) applies
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    size: int = 64
+    transfer_fraction: float = 0.1
+    test_fraction: float = 0.1
+    rows_per_shard: int = 500
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.size <= 1024:
+            raise ConfigError(f"size must be in [8, 1024], got {self.size}")
+        if not (
+            self.transfer_fraction >= 0
+            and self.test_fraction >= 0
+            and self.transfer_fraction + self.test_fraction < 1
+        ):
+            raise ConfigError("transfer_fraction and test_fraction must be >= 0 and sum to less than 1")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+@dataclass
+class Found:
+    """What an importer found: image ids, and per source folder each image's file."""
+
+    ids: list[str]
+    files: dict[str, dict[str, Path]]  # folder (domain) -> image id -> file
+    skipped: Counter = field(default_factory=Counter)  # why images were skipped -> how many
+
+
+def complete_images(
+    ids: list[str],
+    files: dict[str, dict[str, Path]],
+    expected: Callable[[str, str], Path],
+    skip_incomplete: bool,
+) -> Found:
+    """Keep the images that have a file in every folder. Without `skip_incomplete` the first
+    missing file is an error naming it (`expected(folder, image id)` says where it should be)."""
+    lacking = {folder: [i for i in ids if i not in found] for folder, found in files.items()}
+    if not skip_incomplete:
+        for folder, missing in lacking.items():
+            if missing:
+                raise ShardError(
+                    f"{folder!r} lacks {len(missing)} of {len(ids)} images, e.g. {expected(folder, missing[0])}"
+                    " (--skip-incomplete imports the images that have every domain)"
+                )
+    skipped: Counter = Counter()
+    for i in ids:
+        if gaps := [folder for folder, missing in lacking.items() if i in missing]:
+            skipped[f"no {'/'.join(gaps)}"] += 1
+    dropped = {i for missing in lacking.values() for i in missing}
+    return Found([i for i in ids if i not in dropped], files, skipped)
+
+
+def read_raw(path: Path) -> np.ndarray:
+    """A PNG/JPEG (8- or 16-bit) or .npy file -> (H, W, C) array of its raw values."""
+    try:
+        if path.suffix.lower() == ARRAY_SUFFIX:
+            raw = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as img:
+                raw = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ShardError(f"{path}: cannot read ({err})") from None
+    if raw.ndim == 2:
+        raw = raw[..., None]
+    if raw.ndim != 3 or not raw.size:
+        raise ShardError(f"{path}: expected an (H, W) or (H, W, C) image, got shape {raw.shape}")
+    return raw
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding its pixels."""
+    try:
+        if path.suffix.lower() == ARRAY_SUFFIX:
+            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ShardError(f"{path}: cannot read ({err})") from None
+
+
+def check_sizes(found: Found, rgb: str) -> None:
+    """Every file of an image has the size of its RGB image (else labels would not line up)."""
+    for i in found.ids:
+        want = image_size(found.files[rgb][i])
+        for folder, files in found.files.items():
+            if folder != rgb and (got := image_size(files[i])) != want:
+                raise ShardError(
+                    f"{files[i]}: {got[1]}x{got[0]} pixels, but its RGB image {found.files[rgb][i].name} "
+                    f"is {want[1]}x{want[0]}; every domain of an image must have the RGB image's size"
+                )
+
+
+def label_count(paths: list[Path], rule: ColumnRule) -> int:
+    """Classes in a label column: the largest class id found + 1 (every file read up front, so a
+    corrupt label map is reported before anything is written)."""
+    top = 0
+    for path in paths:
+        raw = read_raw(path)[..., 0]
+        ids = raw[raw != rule.invalid] if rule.invalid is not None else raw
+        if ids.size:
+            top = max(top, int(ids.max()))
+    if top >= NO_LABEL:
+        raise ShardError(f"{rule.column}: class id {top} found; ids must be below {NO_LABEL}")
+    return top + 1
+
+
+def stored_shape(rule: ColumnRule, channels: int, size: int) -> tuple[int, ...]:
+    return (size, size) if rule.labels else (channels, size, size)
+
+
+def to_stored(raw: np.ndarray, rule: ColumnRule, size: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, C) raw values -> the stored array: centre-cropped to a square, resized to `size`,
+    in the rule's units; invalid pixels (raw `invalid`, or False in `mask`) become NaN / 255."""
+    h, w = raw.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    channels = rule.channels or raw.shape[-1]
+    if raw.shape[-1] < channels:
+        raise ShardError(f"{rule.column}: a file has {raw.shape[-1]} channels, the column needs {channels}")
+    raw = raw[top : top + side, left : left + side, :channels].astype(np.float64)
+    valid = np.ones(raw.shape[:2], bool)
+    if rule.invalid is not None:
+        valid &= ~(raw == rule.invalid).any(axis=-1)
+    if mask is not None:
+        valid &= mask[top : top + side, left : left + side]
+    if rule.labels:
+        ids = np.where(valid, raw[..., 0], NO_LABEL)
+        return _resize(ids, size, Image.NEAREST).astype(np.uint8)
+    values = raw * rule.scale + rule.offset
+    if np.dtype(rule.dtype) == np.uint8:  # RGB: no invalid value
+        chans = [_resize(values[..., c], size, Image.BILINEAR) for c in range(channels)]
+        return np.clip(np.rint(np.stack(chans)), 0, 255).astype(np.uint8)
+    # Normalised convolution: resize(value * valid) / resize(valid), so a valid output pixel is a
+    # weighted mean of valid inputs only; it is valid where most of its footprint is.
+    weight = _resize(valid.astype(np.float64), size, Image.BILINEAR)
+    out = []
+    for c in range(channels):
+        summed = _resize(np.where(valid, values[..., c], 0.0), size, Image.BILINEAR)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.where(weight >= 0.5, summed / weight, np.nan))
+    return np.stack(out).astype(rule.dtype)
+
+
+def _resize(plane: np.ndarray, size: int, resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((size, size), resample))
+
+
+def split_of(group: str, config: ImportConfig) -> str:
+    """The split of a group of images (a Taskonomy point, a folder stem), from its name alone:
+    an image keeps its split when the source folder grows and is imported again."""
+    u = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 2**32
+    if u < config.test_fraction:
+        return "test"
+    return "transfer" if u < config.test_fraction + config.transfer_fraction else "train"
+
+
+def write_import(
+    out: str | Path,
+    *,
+    source: str,
+    settings: dict,
+    found: Found,
+    rules: dict[str, ColumnRule],  # folder -> rule, every folder that becomes a column
+    group_of: Callable[[str], str],
+    config: ImportConfig,
+    mask_folder: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Check every file up front, then write the shards (see module docstring)."""
+    rgb = next(f for f, r in rules.items() if r.column == "rgb")
+    check_sizes(found, rgb)
+    channels = {f: r.channels or read_raw(found.files[f][found.ids[0]]).shape[-1] for f, r in rules.items()}
+    label_classes = {
+        r.column: [f"class_{k}" for k in range(label_count([found.files[f][i] for i in found.ids], r))]
+        for f, r in rules.items()
+        if r.labels
+    }
+    columns = tuple(
+        ColumnSpec(r.column, r.dtype, stored_shape(r, channels[f], config.size)) for f, r in rules.items()
+    )
+    by_split = {s: [i for i in found.ids if split_of(group_of(i), config) == s] for s in SPLITS}
+
+    def produce(split: str, start: int, count: int) -> tuple[list[str], dict]:
+        chosen = by_split[split][start : start + count]
+        arrays: dict[str, list] = {r.column: [] for r in rules.values()}
+        for i in chosen:
+            mask = read_raw(found.files[mask_folder][i])[..., 0] > 0 if mask_folder else None
+            for f, r in rules.items():
+                raw = read_raw(found.files[f][i])
+                if raw.shape[-1] != channels[f] and r.channels is None:
+                    raise ShardError(
+                        f"{found.files[f][i]}: {raw.shape[-1]} channels, other files have {channels[f]}"
+                    )
+                arrays[r.column].append(to_stored(raw, r, config.size, mask if r.masked else None))
+        return chosen, {k: np.stack(v) for k, v in arrays.items()}
+
+    return write_dataset(
+        out,
+        source=source,
+        settings=settings,
+        columns=columns,
+        counts={s: len(v) for s, v in by_split.items()},
+        produce=produce,
+        rows_per_shard=config.rows_per_shard,
+        label_classes=label_classes,
+        progress=progress,
+    )
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """'skipped 3 incomplete image(s): 2 no normal, 1 no depth_zbuffer/normal'."""
+    total = sum(skipped.values())
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"skipped {total} incomplete image(s): {reasons}"
