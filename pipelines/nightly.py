@@ -5,7 +5,9 @@
 
 The synthetic dataset is refreshed by deriving its seed from the date, so each night has a new
 data version and a rerun on the same day reuses everything (and promotes nothing). An imported
-dataset (`data.path`) is taken as it is: whatever refreshed that folder gave it its data version.
+dataset (`data.path`) whose source folder has grown (or changed) since is imported again, as a
+new data version under `<storage_root>/data/`, its old images keeping their ids and splits;
+while the source is unchanged, the dataset is used as it is.
 A task's new model becomes the registry's `champion` only if its test loss is not worse than the
 current champion's on the same (new) test split.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from components.data.sources import refreshed_dataset
 from components.tasks import Task
 from components.tracking import Tracker, load_registered_model
 from components.training import iter_batches, nanmean, per_image_losses
@@ -56,7 +59,8 @@ def exclusive_lock(path: Path) -> Iterator[bool]:
 
 def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
     if cfg.data.path:
-        return cfg
+        fresh = refreshed_dataset(Path(cfg.data.path), cfg.root / "data")
+        return cfg if fresh == Path(cfg.data.path) else replace(cfg, data=replace(cfg.data, path=str(fresh)))
     return replace(
         cfg, data=replace(cfg.data, seed=cfg.data.seed * 100_000_000 + int(day.strftime("%Y%m%d")))
     )
@@ -100,10 +104,10 @@ def promote(
 
 def run_nightly(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES) -> dict | None:
     """The nightly job; None if another nightly holds the lock."""
-    cfg = nightly_config(cfg, day)
     with exclusive_lock(cfg.root / "nightly.lock") as acquired:
         if not acquired:
             return None
+        cfg = nightly_config(cfg, day)  # under the lock: a re-import happens once
         with invocation(cfg, "nightly") as inv:
             result: PipelineResult = run_pipeline(inv, stages)
             needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})

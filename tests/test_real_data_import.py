@@ -221,3 +221,37 @@ def test_folder_spec_and_layout_errors_are_one_line(tmp_path, capsys):
         import_folder(src, tmp_path / "o", ImportConfig(size=8))
     manifest, found = import_folder(src, tmp_path / "o", ImportConfig(size=8), skip_incomplete=True)
     assert sum(manifest.counts.values()) == 1 and dict(found.skipped) == {"no depth": 1}
+
+
+def test_nightly_reimports_a_grown_source_folder_as_a_new_data_version(tmp_path):
+    from datetime import date
+
+    from pipelines.config import load_pipeline_config
+    from pipelines.nightly import nightly_config
+
+    src = tmp_path / "mine"
+    folder_tree(src, [f"img{i:02d}" for i in range(8)])
+    import_folder(
+        src, tmp_path / "data", ImportConfig(size=8, test_fraction=0.3), parse_spec({"depth": {"invalid": 0}})
+    )
+    overrides = [
+        f"storage_root={tmp_path / 'runs'}",
+        f"data.path={tmp_path / 'data'}",
+        "tasks=[autoencoding]",
+        "task_definitions={my_depth: {column: depth, kind: pixel, loss: l1, channels: 1}}",
+        "model.downsample=4",
+        "data.size=8",
+    ]
+    cfg = load_pipeline_config(None, overrides)
+    assert nightly_config(cfg, date(2026, 11, 20)) == cfg  # the source has not changed: used as it is
+    before = ShardStore(tmp_path / "data")
+    folder_tree(src, [f"img{i:02d}" for i in range(8, 12)])
+    night = nightly_config(cfg, date(2026, 11, 21))
+    assert night.data.path.startswith(str(tmp_path / "runs" / "data"))
+    after = ShardStore(night.data.path)
+    assert after.data_version != before.data_version and sum(after.manifest.counts.values()) == 12
+    assert after.manifest.settings["spec"] == before.manifest.settings["spec"]  # the same importer settings
+    old = {i: s for s in ("train", "transfer", "test") for i in before.read(s, [])["image_id"]}
+    new = {i: s for s in ("train", "transfer", "test") for i in after.read(s, [])["image_id"]}
+    assert all(new[i] == split for i, split in old.items())  # old images keep ids and splits
+    assert nightly_config(cfg, date(2026, 11, 22)).data.path == night.data.path  # imported once
