@@ -129,6 +129,16 @@ def loss_cube(table: pa.Table) -> LossCube:
     )
 
 
+def unlabelled_counts(cube: LossCube) -> dict[str, int]:
+    """Targets with test images left out of their win rates (no valid label pixel) -> how many."""
+    return {t: int(n) for t, n in zip(cube.targets, cube.unlabelled, strict=True) if n}
+
+
+def describe_unlabelled(counts: dict[str, int]) -> str:
+    items = ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))
+    return f"test images without a valid label, left out of their target's win rates: {items}"
+
+
 def win_rates(losses: np.ndarray, n_images: np.ndarray) -> np.ndarray:
     """(T, n, m) NaN-padded losses -> (T, n, n) W: the fraction of images where i beats j, ties half.
 
@@ -204,6 +214,15 @@ def affinity_from_cube(cube: LossCube) -> pa.Table:
         },
         schema=AFFINITY_SCHEMA,
     )
+
+
+def top_sources(table: pa.Table, k: int) -> dict[str, list[tuple[tuple[str, ...], float]]]:
+    """Per target, its `k` highest-affinity candidates other than `self`: (sources, affinity)."""
+    by_target: dict[str, list] = {}
+    for row in table.select(["target", "sources", "affinity"]).to_pylist():
+        if tuple(row["sources"]) != SELF:
+            by_target.setdefault(row["target"], []).append((tuple(row["sources"]), row["affinity"]))
+    return {t: sorted(rows, key=lambda r: (-r[1], r[0]))[:k] for t, rows in sorted(by_target.items())}
 
 
 def _group(key: np.ndarray, value: np.ndarray, n_values: int, n_keys: int) -> tuple[np.ndarray, ...]:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.affinity import RANDOM, compute_affinity
+from components.affinity import RANDOM, affinity_from_cube, loss_cube, unlabelled_counts
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
@@ -44,16 +44,20 @@ def run_affinity(
     if step.complete:
         return step
     scratch = step.begin()
-    table = compute_affinity(read_losses(losses_path))
+    cube = loss_cube(read_losses(losses_path))
+    table = affinity_from_cube(cube)
+    unlabelled = unlabelled_counts(cube)
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
     plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
     run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"})
     for name in ("affinity.parquet", "affinity.csv", "affinity_heatmap.png"):
         tracker.log_artifact(run, scratch / name)
-    tracker.log_metrics(run, {"rows": table.num_rows, "targets": len(set(table["target"].to_pylist()))})
+    metrics = {"rows": table.num_rows, "targets": len(set(table["target"].to_pylist()))}
+    tracker.log_metrics(run, metrics | {f"unlabelled_images.{t}": n for t, n in unlabelled.items()})
     tracker.end_run(run)
-    step.finish(scratch, {"transfer_key": transfer_key, "rows": table.num_rows, "mlflow_run": run})
+    info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
+    step.finish(scratch, info | {"mlflow_run": run})
     return step
 
 

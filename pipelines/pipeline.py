@@ -54,6 +54,8 @@ class PipelineResult:
     stage1: dict[str, TaskResult] = field(default_factory=dict)
     retrained: list[str] = field(default_factory=list)  # task networks trained by this run
     stage2: Stage2Result | None = None
+    affinity_path: Path | None = None  # the affinity table
+    unlabelled_images: dict[str, int] = field(default_factory=dict)  # per target, left out
     taxonomy: dict | None = None
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ran" | "reused")
 
@@ -107,6 +109,8 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     affinity = run_affinity(cfg, Path(result.stage2.losses_path), result.stage2.key, inv.tracker, inv.run_id)
     for name in ("affinity.parquet", "affinity_heatmap.png"):
         inv.tracker.log_artifact(inv.run_id, affinity.path / name)
+    result.affinity_path = affinity.path / "affinity.parquet"
+    result.unlabelled_images = affinity.info().get("unlabelled_images", {})
     if Stage.TAXONOMY not in stages:
         return result
     taxonomy = taxonomy_step(cfg, affinity.key)

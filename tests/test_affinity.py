@@ -8,7 +8,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from components.affinity import ahp_affinity, compute_affinity, loss_cube, perron_vector, win_rates
+from components.affinity import (
+    ahp_affinity,
+    compute_affinity,
+    loss_cube,
+    perron_vector,
+    top_sources,
+    win_rates,
+)
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
@@ -179,3 +186,11 @@ def test_affinity_parquet_feeds_the_solver(tmp_path):
     taxonomy = solve_taxonomy(table, TaxonomyOptions(budget=1, max_order=2))
     assert len(taxonomy.roots) == 1
     assert set(taxonomy.transfers) | set(taxonomy.roots) >= {"a", "b", "c"} - {"random"}
+
+
+def test_top_sources_rank_candidates_other_than_self():
+    table = compute_affinity(
+        _losses({"t": {"self": [1, 1, 1], "a": [2, 2, 2], "b": [3, 0, 0], "a+b": [4, 4, 4]}})
+    )
+    best = top_sources(table, 2)["t"]
+    assert [s for s, _ in best] == [("b",), ("a",)] and best[0][1] > best[1][1]

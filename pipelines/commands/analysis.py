@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from components.affinity import affinity_from_cube, compute_affinity, loss_cube
+from components.affinity import affinity_from_cube, describe_unlabelled, loss_cube, unlabelled_counts
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.bootstrap import (
+    affinity_with_intervals,
     bootstrap_affinities,
-    compute_affinity_with_intervals,
     taxonomy_stability,
 )
 from components.errors import TaskatlasError
@@ -91,15 +91,19 @@ def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _affinity(args: argparse.Namespace) -> int:
     bootstrap = _bootstrap_request(args)
-    losses = read_losses(args.losses)
+    cube = loss_cube(read_losses(args.losses))
     table = (
-        compute_affinity(losses) if bootstrap is None else compute_affinity_with_intervals(losses, *bootstrap)
+        affinity_from_cube(cube)
+        if bootstrap is None
+        else affinity_with_intervals(cube, bootstrap_affinities(cube, *bootstrap))
     )
     write_affinity(table, args.out)
     heatmap = plot_affinity_heatmap(table, args.heatmap or args.out.with_suffix(".png"))
     n_targets = len(set(table["target"].to_pylist()))
     intervals = "" if bootstrap is None else f", 95% intervals over {bootstrap[0]} resamples"
     print(f"wrote {args.out} ({table.num_rows} rows, {n_targets} targets{intervals}) and {heatmap}")
+    if unlabelled := unlabelled_counts(cube):
+        print(describe_unlabelled(unlabelled))
     return 0
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from datetime import date, datetime, timezone
 
+from components.affinity import describe_unlabelled, top_sources
+from components.affinity_io import read_table
 from pipelines.commands.train import add_config_args
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.invocation import invocation
@@ -65,6 +67,12 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
         n = result.summary(str(cfg.root), "")
         print(f"readouts: {n['readouts_ran']} trained, {n['readouts_reused']} reused {result.stage2.counts}")
         print(f"per-image losses: {result.stage2.losses_path}")
+    if result.unlabelled_images:
+        print(describe_unlabelled(result.unlabelled_images))
+    if result.affinity_path:
+        print(f"best sources per target (affinity): {result.affinity_path}")
+        for target, best in top_sources(read_table(result.affinity_path, ["target", "sources"]), 3).items():
+            print(f"  {target:<18} " + ", ".join(f"{'+'.join(s)} {a:.3f}" for s, a in best))
     if result.taxonomy:
         t = result.taxonomy
         print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {', '.join(t['roots'])}")
