@@ -2,6 +2,7 @@
 holes, 8-bit normals, a `semantic` folder, `mask_valid`) and the generic folder layout."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,34 @@ def test_nightly_reimports_a_grown_source_folder_as_a_new_data_version(tmp_path)
     new = {i: s for s in ("train", "transfer", "test") for i in after.read(s, [])["image_id"]}
     assert all(new[i] == split for i, split in old.items())  # old images keep ids and splits
     assert nightly_config(cfg, date(2026, 11, 22)).data.path == night.data.path  # imported once
+
+
+def test_the_readme_own_task_example_imports_and_its_config_loads(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from pipelines.config import load_pipeline_config
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "examples/make_photo_folder.py", str(tmp_path / "photos"), "--images", "12"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    spec = root / "examples" / "photo-spec.yaml"
+    out = tmp_path / "data"
+    args = ["data", "import-folder", "--root", str(tmp_path / "photos"), "--spec", str(spec), "--size", "32"]
+    assert main([*args, "--out", str(out)]) == 0
+    capsys.readouterr()
+    cfg = load_pipeline_config(root / "configs" / "own-task.yaml", [f"data.path={out}"])
+    assert cfg.task("depth_zbuffer").column == "depth" and cfg.task("boundaries").loss.value == "bce"
+    data = ShardStore(out).read("train", ["depth", "boundaries"])
+    assert np.isnan(data["depth"]).any() and set(np.unique(data["boundaries"])) <= {0.0, 1.0}
+    with pytest.raises(
+        ConfigError, match=r"task_definitions.boundaries.column: the dataset has no column 'edges'"
+    ):
+        load_pipeline_config(
+            root / "configs" / "own-task.yaml",
+            [f"data.path={out}", "task_definitions.boundaries.column=edges"],
+        )
