@@ -1,10 +1,10 @@
-"""Time the taxonomy BIP on Taskonomy's released 16k affinities (27 tasks, 22 targets).
+"""Time the taxonomy BIP on Taskonomy's released 16k affinities (26 tasks, 22 targets; `random` is a baseline).
 
     .venv/bin/python benchmarks/taxonomy_solver.py                     # all three linking forms
     .venv/bin/python benchmarks/taxonomy_solver.py --linking per_target --repeats 9
 
 Times `solve_taxonomy` (model building included, file reading not) at budgets 2, 8, 12 and max
-orders 1, 4, 5, median of --repeats runs, and the full budget sweep (1..27) at max order 5.
+orders 1, 4, 5, median of --repeats runs, and the full budget sweep (1..26) at max order 5.
 Each linking form is timed the same way; their objectives must agree. The last line printed is
 one JSON object (`max_solve_s`, `sweep_order5_s` for the default form, and the other forms').
 """

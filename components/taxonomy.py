@@ -22,6 +22,8 @@ from components.errors import TaskatlasError
 
 SELF = "self"  # the target's fully supervised network: the value of making the target a root
 PIXELS = "pixels"  # a baseline trained from raw pixels: not a transfer, dropped by the solver
+RANDOM = "random"  # a baseline, a random-init encoder: not a task to supervise, dropped too
+BASELINES = (PIXELS, RANDOM)  # never roots, never sources (design.md section 6)
 VALUE_CLIP = (1e-5, 1.0)  # f(affinity) is clipped to this range, as in Taskonomy's solver backend
 _MIP_REL_GAP = 1e-9  # HiGHS defaults to 1e-4; we want the optimum, not a near-optimum
 # HiGHS presolve costs more than it saves here: with the per-target linking rows the root LP is
@@ -73,7 +75,9 @@ class TransferTable:
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[str, Sequence[str], float]]) -> TransferTable:
-        """Rows of (target, sources, affinity). `pixels` rows are dropped: not a transfer."""
+        """Rows of (target, sources, affinity). Rows using `pixels` or `random` are dropped: those
+        are baselines, not tasks to supervise, so on any input neither becomes a root (Taskonomy's
+        released tables use `random` inside higher-order source sets too)."""
         best: dict[tuple[str, tuple[str, ...]], float] = {}
         self_value: dict[str, float] = {}
         targets: set[str] = set()
@@ -87,12 +91,9 @@ class TransferTable:
                     f"{target} <- {'+'.join(sources)}: affinity {value} is not a finite >= 0"
                 )
             targets.add(target)
-            specials = {SELF, PIXELS} & set(sources)
-            if specials and len(sources) > 1:
-                raise TaskatlasError(
-                    f"{target} <- {'+'.join(sources)}: {specials.pop()!r} cannot be combined"
-                )
-            if sources == (PIXELS,):
+            if SELF in sources and len(sources) > 1:
+                raise TaskatlasError(f"{target} <- {'+'.join(sources)}: 'self' cannot be combined")
+            if set(BASELINES) & set(sources):
                 continue
             if sources == (SELF,):
                 self_value[target] = max(value, self_value.get(target, -1.0))
@@ -304,7 +305,7 @@ def _is_number(value: object) -> bool:
 
 
 def _check_names(options: TaxonomyOptions, table: TransferTable) -> None:
-    known = set(table.tasks)
+    known = set(table.tasks) | set(BASELINES)  # naming a baseline is harmless: it is never in the BIP
     for name in ("targets", "exclude", "source_only", "importance", "cost"):
         given = getattr(options, name) or ()
         if unknown := sorted(set(given) - known):

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.affinity import RANDOM, affinity_from_cube, loss_cube, unlabelled_counts
+from components.affinity import affinity_from_cube, loss_cube, unlabelled_counts
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
@@ -67,7 +67,7 @@ def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> Taxonomy
     return TaxonomyOptions(
         budget=budget if budget is not None else t.budget,
         max_order=t.max_order,
-        exclude=frozenset(t.exclude) | set(RANDOM),  # a baseline in the AHP, never a task to supervise
+        exclude=frozenset(t.exclude),
         source_only=frozenset(source_only - set(t.exclude)),
         importance=dict(t.importance),
         cost=dict(t.cost),

@@ -200,10 +200,11 @@ def test_bip_matches_exhaustive_search_on_taskonomy(budget, max_order):
 @needs_taskonomy
 def test_every_budget_and_order_solves_on_taskonomy():
     table = read_affinities(TASKONOMY_16K)
-    assert len(table.tasks) == 27 and len(table.target_names) == 22
+    assert len(table.tasks) == 26 and len(table.target_names) == 22  # `random` is a baseline, not a task
+    assert "random" not in table.tasks
     for max_order in range(1, 6):
         points = sweep_budgets(table, TaxonomyOptions(max_order=max_order))
-        assert [p.budget for p in points] == list(range(1, 28))
+        assert [p.budget for p in points] == list(range(1, 27))
         objectives = [p.objective for p in points]
         assert None not in objectives
         assert all(a <= b + 1e-9 for a, b in itertools.pairwise(objectives))  # more budget never hurts
@@ -300,3 +301,23 @@ def test_too_small_budget_reports_the_minimum():
 def test_options_are_validated_once(kwargs, field):
     with pytest.raises(TaskatlasError, match=field):
         TaxonomyOptions(**kwargs)
+
+
+def test_baselines_are_never_roots_or_sources_on_any_input():
+    # `random` wins everything here; a baseline still must not be supervised or used as a source.
+    rows = [
+        ("a", ("self",), 0.2),
+        ("b", ("self",), 0.2),
+        ("a", ("random",), 0.9),
+        ("b", ("random",), 0.9),
+        ("a", ("b",), 0.1),
+        ("b", ("a",), 0.1),
+        ("a", ("pixels",), 0.9),
+        ("b", ("pixels",), 0.9),
+    ]
+    table = TransferTable.from_rows(rows)
+    assert "random" not in table.tasks and "pixels" not in table.tasks
+    for exclude in (frozenset(), frozenset({"random"})):  # naming a baseline is allowed, not needed
+        taxonomy = solve_taxonomy(table, TaxonomyOptions(budget=1, max_order=1, exclude=exclude))
+        assert len(taxonomy.roots) == 1 and set(taxonomy.roots) <= {"a", "b"}
+        assert all("random" not in s for s in taxonomy.transfers.values())
