@@ -99,8 +99,8 @@ class TuneConfig:
 class TransferConfig:
     """Stage II: which readouts (orders, beams, baselines), how each trains, what it may use."""
 
-    orders: tuple[int, ...] = (2, 3)  # higher orders; first order always runs
-    beams: tuple[int, ...] = (4, 4)  # B of each higher order: its k-subsets of the top-B sources
+    orders: tuple[int, ...] = (2,)  # higher orders; first order always runs (<= taxonomy.max_order)
+    beams: tuple[int, ...] = (4,)  # B of each higher order: its k-subsets of the top-B sources
     targets: tuple[str, ...] = ()  # empty: every configured task that is not source-only
     baselines: tuple[ReadoutKind, ...] = BASELINES
     epochs: int = 10
@@ -181,6 +181,12 @@ class PipelineConfig:
         t = self.taxonomy
         if unknown := [x for x in [*t.importance, *t.cost, *t.exclude, *t.source_only] if x not in catalog]:
             raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
+        if (top := max(self.transfer.orders, default=1)) > self.taxonomy.max_order:
+            raise ConfigError(
+                f"transfer.orders: order-{top} readouts would be trained but taxonomy.max_order is "
+                f"{self.taxonomy.max_order}, so the taxonomy could never use them (and they would still "
+                "shift every target's AHP affinities); drop that order or raise taxonomy.max_order"
+            )
         if self.data.size % self.model.downsample:
             raise ConfigError(
                 f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"

@@ -146,7 +146,7 @@ def test_transfer_config_loads_from_overrides_and_names_bad_fields():
     assert cfg.transfer.orders == (2,) and cfg.transfer.beams == (5,)
     assert cfg.transfer.baselines == (ReadoutKind.SELF,)
     for override, field in (
-        ("transfer.beams=[4]", "transfer.beams"),
+        ("transfer.beams=[4,4]", "transfer.beams"),
         ("transfer.gpus_per_readout=2", "transfer.gpus_per_readout"),
         ("transfer.epochs=0", "transfer.epochs"),
         ("transfer.targets=[nope]", "transfer.targets"),
@@ -154,6 +154,17 @@ def test_transfer_config_loads_from_overrides_and_names_bad_fields():
     ):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_pipeline_config(None, [override])
+
+
+def test_orders_the_taxonomy_can_never_use_are_refused_and_the_defaults_agree():
+    cfg = load_pipeline_config(None, [])
+    assert max(cfg.transfer.orders) == cfg.taxonomy.max_order
+    with pytest.raises(ConfigError, match=r"^transfer\.orders: order-3 readouts .* taxonomy\.max_order is 2"):
+        load_pipeline_config(None, ["transfer.orders=[2,3]", "transfer.beams=[4,4]"])
+    cfg = load_pipeline_config(
+        None, ["transfer.orders=[2,3]", "transfer.beams=[4,4]", "taxonomy.max_order=3"]
+    )
+    assert cfg.transfer.orders == (2, 3)
 
 
 def test_the_transfer_command_is_registered_with_config_overrides_and_tasks():
