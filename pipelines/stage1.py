@@ -70,6 +70,11 @@ def channels_for(task: Task, store: ShardStore) -> int:
     return len(classes) if classes and task.loss is Loss.CROSS_ENTROPY else task.channels
 
 
+def worker_batch_size(batch_size: int, num_workers: int) -> int:
+    """Per-worker batch of an effective batch `batch_size` split over `num_workers` DDP workers."""
+    return max(1, -(-batch_size // num_workers))
+
+
 # ---------------------------------------------------------------- Ray Tune trial
 
 
@@ -159,8 +164,12 @@ class Stage1:
         return self.cached_hparams(task) if search and self.config.tune.enabled else self.default_hparams()
 
     def train_dir(self, task: Task, hparams: dict) -> Path:
-        cfg = self.config
-        key = config_hash(task, cfg.model, hparams, cfg.train.epochs, cfg.train.seed, self.store.data_version)
+        """Keyed by everything that changes the trained model: the task's definition, model,
+        hyperparameters, epochs, seed, data, and how it is trained (workers as configured, 0 for
+        "one per GPU"; GPU or not; batches cached in memory or streamed)."""
+        cfg, t = self.config, self.config.train
+        how = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cache_in_memory": t.cache_in_memory}
+        key = config_hash(task, cfg.model, hparams, t.epochs, t.seed, self.store.data_version, how)
         return cfg.root / "stage1" / task.name / key
 
     def cached_result(self, task: Task, hparams: dict) -> TaskResult | None:
@@ -271,6 +280,28 @@ class Stage1:
         self.tracker.end_run(run)
 
     # -- train
+    def worker_config(self, task: Task, hparams: dict, run_id: str) -> WorkerConfig:
+        """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
+        single-process search that chose it: each of N workers takes ceil(B / N) images a step
+        and DDP averages their gradients, so the batch and the learning rate that go with it do
+        not change with the worker count (no linear scaling rule: nothing to rescale)."""
+        cfg = self.config
+        return WorkerConfig(
+            task=to_dict(task),
+            model=to_dict(cfg.model),
+            image_size=cfg.data.size,
+            channels=channels_for(task, self.store),
+            lr=hparams["lr"],
+            weight_decay=hparams["weight_decay"],
+            batch_size=worker_batch_size(hparams["batch_size"], self.num_workers),
+            epochs=cfg.train.epochs,
+            seed=cfg.train.seed,
+            tracking_uri=self.tracker.tracking_uri,
+            run_id=run_id,
+            fail_at_epoch=cfg.train.fail_at_epoch,
+            cache_in_memory=cfg.train.cache_in_memory,
+        )
+
     def train(self, task: Task, hparams: dict) -> TaskResult:
         cfg = self.config
         out = self.train_dir(task, hparams)
@@ -297,21 +328,7 @@ class Stage1:
                 },
             )
         channels = channels_for(task, self.store)
-        worker = WorkerConfig(
-            task=to_dict(task),
-            model=to_dict(cfg.model),
-            image_size=cfg.data.size,
-            channels=channels,
-            lr=hparams["lr"],
-            weight_decay=hparams["weight_decay"],
-            batch_size=hparams["batch_size"],
-            epochs=cfg.train.epochs,
-            seed=cfg.train.seed,
-            tracking_uri=self.tracker.tracking_uri,
-            run_id=run_id,
-            fail_at_epoch=cfg.train.fail_at_epoch,
-            cache_in_memory=cfg.train.cache_in_memory,
-        )
+        worker = self.worker_config(task, hparams, run_id)
         columns = task.columns
         trainer = ray.train.torch.TorchTrainer(
             train_worker,

@@ -1,0 +1,37 @@
+"""Stage I's settings without Ray: the effective batch, and what goes into a network's key."""
+
+from types import SimpleNamespace
+
+from components.data.shards import ShardStore
+from pipelines.config import load_pipeline_config
+from pipelines.stage1 import Stage1, worker_batch_size
+
+
+def stage(tmp_path, dataset, *overrides) -> Stage1:
+    base = [f"storage_root={tmp_path}", f"data.path={dataset}", "data.size=32", "model.downsample=4"]
+    cfg = load_pipeline_config(None, [*base, "train.use_gpu=false", *overrides])
+    return Stage1(cfg, ShardStore(dataset), SimpleNamespace(tracking_uri="sqlite:///x.db"), "")  # type: ignore[arg-type]
+
+
+def test_the_effective_batch_does_not_grow_with_the_worker_count(tmp_path, tiny_dataset):
+    assert [worker_batch_size(32, n) for n in (1, 2, 3, 64)] == [32, 16, 11, 1]
+    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+    for workers, per_worker in ((1, 32), (2, 16), (4, 8)):
+        s = stage(tmp_path, tiny_dataset, f"train.num_workers={workers}")
+        config = s.worker_config(s.config.task("normal"), hparams, run_id="r")
+        assert config.batch_size == per_worker and config.lr == 1e-3  # the same lr for the same batch
+
+
+def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
+    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+
+    def key(*overrides):
+        s = stage(tmp_path, tiny_dataset, *overrides)
+        return s.train_dir(s.config.task("normal"), hparams)
+
+    base = key("train.num_workers=1")
+    assert key("train.num_workers=2") != base
+    assert key("train.num_workers=1", "train.cache_in_memory=false") != base
+    assert (
+        key("train.num_workers=1", "train.max_failures=5", "train.report_poll_s=2.0") == base
+    )  # how it runs
