@@ -10,12 +10,14 @@ compares sources image by image, and averages over *valid* label pixels only: fl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -47,6 +49,7 @@ class InputTransform(str, Enum):
 
 
 NOISE_STD = 0.1
+NOISE_SEED = 0  # evaluation noise: per (seed, image id)
 MASK_FRACTION = 0.5  # side of the inpainting hole, as a fraction of the image side
 
 
@@ -104,6 +107,24 @@ def batch_loss(per_image: torch.Tensor) -> torch.Tensor:
     gradient of 0 when none has), so a hole in the labels never puts NaN into the weights."""
     ok = ~torch.isnan(per_image)
     return torch.where(ok, per_image, torch.zeros_like(per_image)).sum() / ok.sum().clamp(min=1)
+
+
+def view_input(
+    rgb: torch.Tensor, view: InputTransform, image_ids: Sequence[str], seed: int = NOISE_SEED
+) -> torch.Tensor:
+    """The task's view of float RGB (B, 3, S, S) for evaluation and features: its noise is drawn
+    per image from (seed, image id), so every network, batching and run sees the same noisy image
+    (training draws fresh noise instead: `apply_input_transform`)."""
+    if view is not InputTransform.NOISE:
+        return apply_input_transform(view, rgb)
+    noise = np.stack(
+        [
+            np.random.default_rng([seed, zlib.crc32(str(i).encode())]).standard_normal(rgb.shape[1:])
+            for i in image_ids
+        ]
+    )
+    out = rgb + NOISE_STD * torch.from_numpy(noise).to(rgb)
+    return out.clamp(0.0, 1.0)
 
 
 def apply_input_transform(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.tasks import Loss, Task, batch_loss
+from components.tasks import Loss, Task, batch_loss, view_input
 
 Batch = dict[str, np.ndarray]
 
@@ -30,14 +30,25 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def to_tensors(batch: Batch, task: Task, device: torch.device, generator: torch.Generator | None = None):
-    """numpy batch -> (network input, target) on `device`, with the task's input transform."""
+def to_tensors(
+    batch: Batch,
+    task: Task,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    image_ids: np.ndarray | None = None,
+):
+    """numpy batch -> (network input, target) on `device`, with the task's input transform: fresh
+    noise from `generator` for training, or, given `image_ids`, the per-image view every
+    evaluation uses (`view_input`), so a score never depends on batching."""
     rgb = torch.from_numpy(np.ascontiguousarray(batch["rgb"])).to(device, non_blocking=True).float() / 255.0
     target = torch.from_numpy(np.ascontiguousarray(batch[task.column])).to(device, non_blocking=True)
     target = target.long() if task.loss is Loss.CROSS_ENTROPY else target.float()
     if task.column == "rgb":
         target = target / 255.0
-    inputs = task.transform_input(rgb, generator)
+    if image_ids is not None:
+        inputs = view_input(rgb, task.input, [str(i) for i in image_ids])
+    else:
+        inputs = task.transform_input(rgb, generator)
     if device.type == "cuda":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     return inputs, target
@@ -78,9 +89,8 @@ def per_image_losses(
     """(image ids, loss of each image): what Stage III compares."""
     model.eval()
     ids, losses = [], []
-    generator = torch.Generator(device=device).manual_seed(0)  # fixed noise: comparable evaluations
     for batch in batches:
-        inputs, target = to_tensors(batch, task, device, generator)
+        inputs, target = to_tensors(batch, task, device, image_ids=batch["image_id"])
         with _autocast(device):
             pred = model(inputs)
         losses.append(task.per_image_loss(pred.float(), target).cpu().numpy())

@@ -109,6 +109,9 @@ class TransferConfig:
     batch_size: int = 32
     width: int = 64  # channels of the readout's two conv layers
     seed: int = 0  # readout init and shuffling, and the `random` encoder's weights
+    # Held out of each readout's training to rank first-order sources for the higher-order beams:
+    # the beams never see the test images that the win rates are computed on.
+    val_fraction: float = 0.2
     encode_batch_size: int = 256
     cpus_per_readout: float = 1.0
     gpus_per_readout: float = 0.25  # on GPU clusters: 4 readouts share a GPU
@@ -134,6 +137,8 @@ class TransferConfig:
             raise ConfigError("transfer.cpus_per_readout must be > 0 and transfer.gpus_per_readout in (0, 1]")
         if self.max_retries < 0:
             raise ConfigError(f"transfer.max_retries must be >= 0, got {self.max_retries}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"transfer.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)

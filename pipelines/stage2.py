@@ -54,7 +54,6 @@ from components.errors import ConfigError
 from components.models import representation_shape
 from components.tasks import InputTransform, TaskKind
 from components.tracking import Tracker
-from components.training import nanmean
 from components.transfer import (
     FeatureKind,
     FeatureSource,
@@ -75,7 +74,6 @@ from components.transfer.jobs import (
     readout_path,
     run_readout,
     stored_outcome,
-    write_readout,
 )
 from pipelines.config import PipelineConfig, TransferConfig
 from pipelines.progress import progress_bar
@@ -126,8 +124,8 @@ class ReadoutKeys:
     targets: Mapping[str, str]  # task -> hash of its definition and output channels
 
     def key(self, r: Readout) -> str:
-        if r.kind is ReadoutKind.SELF:  # Stage I's own test losses: no readout setting applies
-            return config_hash("self-v1", r.name, self.targets[r.target], self.networks[r.target])
+        if r.kind is ReadoutKind.SELF:  # the target's network, scored: no readout setting applies
+            return config_hash("self-v2", r.name, self.targets[r.target], self.networks[r.target])
         names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
         return config_hash(self.common, r.name, self.targets[r.target], [self.features[n] for n in names])
 
@@ -156,7 +154,7 @@ class Stage2:
     @property
     def settings(self) -> ReadoutSettings:
         t = self.transfer
-        return ReadoutSettings(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed)
+        return ReadoutSettings(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction)
 
     @property
     def slots(self) -> int:
@@ -230,7 +228,7 @@ class Stage2:
         for target in plan.targets:
             first = {r.sources[0]: stored(r) for r in plan.first_order_of(target)}
             if all(first.values()):
-                beam = plan.higher_order(target, {s: o.mean_loss for s, o in first.items()})
+                beam = plan.higher_order(target, {s: o.val_loss for s, o in first.items()})
                 out += [(r.name, "reuse" if stored(r) else "run") for r in beam]
             elif n := sum(plan.higher_order_count(target, k) for k in plan.orders):
                 out.append((f"{target}: up to {n} higher-order (beam after first order)", "run"))
@@ -259,10 +257,7 @@ class Stage2:
         start = time.perf_counter()
         try:
             dirs = self._feature_dirs(results, plan)
-            for r in plan.baselines:
-                if r.kind is ReadoutKind.SELF and not keys.path(r).exists():
-                    self._store_self(keys.path(r), r, results[r.target])
-            fan = _FanOut(self, plan, keys, key, dirs, run_id)
+            fan = _FanOut(self, plan, keys, key, dirs, run_id, results)
             fan.run()
             result = self._finish(out, key, run_id, plan, fan, time.perf_counter() - start)
         except BaseException:
@@ -271,7 +266,7 @@ class Stage2:
         self.tracker.end_run(run_id, failed=bool(result.failed))
         return result
 
-    def _job(self, r: Readout, dirs: tuple[str, ...], path: Path | str) -> ReadoutJob:
+    def _job(self, r: Readout, dirs: tuple[str, ...], path: Path | str, checkpoint: str = "") -> ReadoutJob:
         t, task = self.transfer, self.config.task(r.target)
         return ReadoutJob(
             readout=r,
@@ -286,18 +281,12 @@ class Stage2:
             use_gpu=self.use_gpu,
             threads=max(1, int(t.cpus_per_readout)),
             fail=r.name in t.fail_readouts,
+            checkpoint=checkpoint,
         )
 
     def _resources(self) -> dict:
         t = self.transfer
         return {"num_cpus": t.cpus_per_readout, "num_gpus": t.gpus_per_readout if self.use_gpu else 0}
-
-    def _store_self(self, path: Path, r: Readout, result: TaskResult) -> None:
-        """The `self` baseline: Stage I's per-image test losses, stored like any readout."""
-        table = pq.read_table(Path(result.model_path).parent / "test_losses.parquet")
-        ids, losses = table["image_id"].to_numpy(zero_copy_only=False), table["loss"].to_numpy()
-        outcome = ReadoutOutcome(r, nanmean(losses), 0.0)
-        write_readout(path, outcome, ids, losses)
 
     # -- feature cache
     def feature_sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
@@ -400,6 +389,7 @@ class Stage2:
                 "order": pa.array([r.order for r in readouts], pa.int32()),
                 "kind": [r.kind.value for r in readouts],
                 "mean_loss": [fan.outcomes[r].mean_loss for r in readouts],
+                "val_loss": [fan.outcomes[r].val_loss for r in readouts],
                 "seconds": [fan.outcomes[r].seconds for r in readouts],
             }
         )
@@ -459,8 +449,10 @@ class _FanOut:
         stage_key: str,
         dirs: Mapping[tuple[str, str], Path],
         run_id: str,
+        results: Mapping[str, TaskResult],
     ):
         self.stage, self.plan, self.keys, self.dirs, self.run_id = stage, plan, keys, dirs, run_id
+        self.results = results
         self.outcomes: dict[Readout, ReadoutOutcome] = {}
         self.failed: dict[Readout, str] = {}
         self.pending: dict[ray.ObjectRef, Readout] = {}
@@ -492,10 +484,12 @@ class _FanOut:
         if stored is not None:
             self._done(stored, ran=False)
             return
-        names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-        view = self.stage.config.task(r.target).input.value
-        dirs = tuple(str(self.dirs[(n, view)]) for n in names)
-        job = self.stage._job(r, dirs, path)
+        if r.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
+            job = self.stage._job(r, (), path, checkpoint=self.results[r.target].model_path)
+        else:
+            names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
+            view = self.stage.config.task(r.target).input.value
+            job = self.stage._job(r, tuple(str(self.dirs[(n, view)]) for n in names), path)
         options = {
             **self.stage._resources(),
             "max_retries": self.stage.transfer.max_retries,
@@ -507,7 +501,7 @@ class _FanOut:
     def _done(self, outcome: ReadoutOutcome, ran: bool) -> None:
         r = outcome.readout
         self.outcomes[r] = outcome
-        self.ran += ran
+        self.ran += ran and r.kind is not ReadoutKind.SELF  # `self` is scored, not trained
         self._log(outcome)
         self.update(1)
         self._settle(r)
@@ -519,8 +513,8 @@ class _FanOut:
         self.first_left[r.target] -= 1
         if self.first_left[r.target]:
             return
-        losses = {
-            x.sources[0]: self.outcomes[x].mean_loss
+        losses = {  # validation losses: beams are never chosen on the test images
+            x.sources[0]: self.outcomes[x].val_loss
             for x in self.plan.first_order_of(r.target)
             if x in self.outcomes
         }

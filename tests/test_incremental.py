@@ -54,7 +54,7 @@ def first_order_losses(summary_path) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for r in pq.read_table(summary_path).to_pylist():
         if r["kind"] == "transfer" and r["order"] == 1:
-            out.setdefault(r["target"], {})[r["sources"][0]] = r["mean_loss"]
+            out.setdefault(r["target"], {})[r["sources"][0]] = r["val_loss"]  # what beams rank by
     return out
 
 

@@ -1,5 +1,6 @@
 """Stage II as plain parts: the plan, the feature sources and the readout (no Ray, no MLflow)."""
 
+from components.tasks import view_input
 from components.transfer.features import (
     FeatureKind,
     FeatureSource,
@@ -8,7 +9,6 @@ from components.transfer.features import (
     feature_channels,
     random_encoder,
     trained_encoder,
-    view_input,
 )
 from components.transfer.plan import (
     BASELINES,

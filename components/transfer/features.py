@@ -14,7 +14,6 @@ batching and every run sees the same noisy image, and a cached view never depend
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -26,10 +25,9 @@ from torch import nn
 
 from components.models import ModelConfig, TaskNetwork
 from components.models.network import build_encoder
-from components.tasks import NOISE_STD, InputTransform, apply_input_transform
+from components.tasks import InputTransform, view_input
 
 FEATURE_DTYPE = np.float16  # halves the cache; readouts compute in float32
-NOISE_SEED = 0
 _RGB_MEAN, _RGB_STD = 0.5, 0.25  # the task networks' own input normalisation
 
 
@@ -89,22 +87,6 @@ def build_feature_module(source: FeatureSource, model: ModelConfig, random_seed:
         return random_encoder(model, random_seed)
     state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)
     return trained_encoder(state, model)
-
-
-def view_input(
-    rgb: torch.Tensor, view: InputTransform, image_ids: Sequence[str], seed: int = NOISE_SEED
-) -> torch.Tensor:
-    """The target's view of float RGB (B, 3, S, S); noise drawn per image from (seed, image id)."""
-    if view is not InputTransform.NOISE:
-        return apply_input_transform(view, rgb)
-    noise = np.stack(
-        [
-            np.random.default_rng([seed, zlib.crc32(str(i).encode())]).standard_normal(rgb.shape[1:])
-            for i in image_ids
-        ]
-    )
-    out = rgb + NOISE_STD * torch.from_numpy(noise).to(rgb)
-    return out.clamp(0.0, 1.0)
 
 
 @torch.no_grad()

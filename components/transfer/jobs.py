@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 import torch
 
 from components.data.shards import ShardStore
-from components.models import ModelConfig, representation_shape
+from components.models import ModelConfig, build_network, representation_shape
 from components.tasks import InputTransform, Loss, Task
-from components.training import pick_device
+from components.training import nanmean, pick_device
 from components.transfer.features import FeatureSource, build_feature_module, encode_batch
-from components.transfer.plan import Readout
-from components.transfer.readout import ReadoutSettings, train_readout
+from components.transfer.plan import Readout, ReadoutKind
+from components.transfer.readout import ReadoutSettings, score_network, train_readout
 
 LOSS_SCHEMA = pa.schema(
     [
@@ -56,6 +56,7 @@ class ReadoutJob:
     readout: Readout
     task: Task  # the target
     feature_dirs: tuple[str, ...]  # one cache folder per source, in the readout's source order
+    # (none for `self`, which scores the target's own network, saved at `checkpoint`)
     data_root: str
     model: ModelConfig
     image_size: int
@@ -65,14 +66,16 @@ class ReadoutJob:
     use_gpu: bool
     threads: int
     fail: bool = False  # test seam: raise on every attempt
+    checkpoint: str = ""  # `self`: the target's Stage I network (a state dict)
 
 
 @dataclass(frozen=True)
 class ReadoutOutcome:
     readout: Readout
-    mean_loss: float
+    mean_loss: float  # over the test images
     seconds: float
     train_losses: tuple[float, ...] = ()
+    val_loss: float = float("nan")  # over the transfer split's validation part: ranks beams
 
 
 def readout_path(root: str | Path, readout: Readout, key: str) -> Path:
@@ -92,6 +95,8 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     if job.fail:
         raise RuntimeError(f"injected failure of readout {r.name} (transfer.fail_readouts)")
     torch.set_num_threads(job.threads)
+    if r.kind is ReadoutKind.SELF:
+        return _score_self(job)
     train_x, train_ids = source_features(job.feature_dirs, "transfer")
     test_x, test_ids = source_features(job.feature_dirs, "test")
     result = train_readout(
@@ -107,8 +112,25 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
         device=pick_device(job.use_gpu),
         channels=job.channels,
     )
-    outcome = ReadoutOutcome(r, result.mean_loss, result.seconds, result.train_losses)
+    outcome = ReadoutOutcome(r, result.mean_loss, result.seconds, result.train_losses, result.val_loss)
     write_readout(Path(job.path), outcome, result.image_ids, result.losses)
+    _note_attempt(job.path, "done")
+    return outcome
+
+
+def _score_self(job: ReadoutJob) -> ReadoutOutcome:
+    """The `self` baseline: the target's fully supervised network on the test images, with the
+    readouts' inputs (view per image id), labels, loss, device and precision."""
+    start = time.perf_counter()
+    task, device = job.task, pick_device(job.use_gpu)
+    net = build_network(task, job.model, job.image_size, job.channels)
+    net.load_state_dict(torch.load(job.checkpoint, map_location="cpu", weights_only=True))
+    ids, rgb = _split_labels(job.data_root, "test", "rgb")
+    losses = score_network(
+        net.to(device), rgb, ids, _labels(job.data_root, "test", task.column, ids), task, device
+    )
+    outcome = ReadoutOutcome(job.readout, nanmean(losses), time.perf_counter() - start)
+    write_readout(Path(job.path), outcome, ids, losses)
     _note_attempt(job.path, "done")
     return outcome
 
@@ -220,7 +242,9 @@ def stored_outcome(path: Path, readout: Readout) -> ReadoutOutcome | None:
     if not path.exists():
         return None
     meta = json.loads(pq.read_schema(path).metadata[_META])
-    return ReadoutOutcome(readout, meta["mean_loss"], meta["seconds"], tuple(meta["train_losses"]))
+    return ReadoutOutcome(
+        readout, meta["mean_loss"], meta["seconds"], tuple(meta["train_losses"]), meta["val_loss"]
+    )
 
 
 def read_readout(path: Path) -> pa.Table:

@@ -18,7 +18,7 @@ from torch import nn
 
 from components.models import ModelConfig, representation_shape
 from components.models.network import build_decoder
-from components.tasks import Loss, Task, batch_loss
+from components.tasks import Loss, Task, batch_loss, view_input
 from components.training import nanmean
 
 Featurize = Callable[[torch.Tensor], torch.Tensor]  # a batch of stored inputs -> features
@@ -32,6 +32,7 @@ class ReadoutSettings:
     batch_size: int = 32
     width: int = 64  # channels of the two transfer conv layers
     seed: int = 0
+    val_fraction: float = 0.2  # of the transfer split, held out to rank sources (never test images)
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +41,7 @@ class ReadoutResult:
     losses: np.ndarray  # (n_test,) float32: per-image test loss
     train_losses: tuple[float, ...]  # mean training loss of each epoch
     seconds: float
+    val_loss: float = float("nan")  # mean loss on the held-out part of the transfer split
 
     @property
     def mean_loss(self) -> float:
@@ -95,7 +97,8 @@ def train_readout(
     channels: int | None = None,
     featurize: Featurize | None = None,
 ) -> ReadoutResult:
-    """Train a readout on (`transfer_x`, `transfer_y`) and score every test image.
+    """Train a readout on the transfer split less its validation part, and score the validation
+    part (what ranks sources for higher-order beams) and every test image (what Stage III uses).
 
     `*_x` are cached features (N, C, h, w). `featurize` (no gradient) maps each batch of `*_x`
     to features first: the benchmark uses it to re-encode raw images every epoch instead.
@@ -103,6 +106,9 @@ def train_readout(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     featurize = featurize or (lambda x: x)
+    fit, val = validation_split(len(transfer_x), settings.val_fraction, settings.seed)
+    val_x, val_y = transfer_x[val], transfer_y[val]
+    transfer_x, transfer_y = transfer_x[fit], transfer_y[fit]
     with torch.no_grad():
         in_channels = featurize(_floats(transfer_x[:1], device)).shape[1]
     net = build_readout(task, in_channels, model, image_size, settings.width, channels).to(device)
@@ -124,10 +130,38 @@ def train_readout(
             total += float(loss.detach().nansum())
             count += int((~loss.detach().isnan()).sum())
         history.append(total / max(count, 1))
+    val_loss = nanmean(_test_losses(net, featurize, val_x, val_y, task, device))
     losses = _test_losses(net, featurize, test_x, test_y, task, device)
     return ReadoutResult(
-        np.asarray(test_ids).astype(str), losses, tuple(history), time.perf_counter() - start
+        np.asarray(test_ids).astype(str), losses, tuple(history), time.perf_counter() - start, val_loss
     )
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) row indices of the transfer split, sorted; the same for every readout
+    of a study (rows are sorted by image id and the seed is the study's)."""
+    order = np.random.default_rng([seed, n]).permutation(n)
+    n_val = min(max(1, round(n * fraction)), n - 2) if fraction > 0 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@torch.no_grad()
+def score_network(
+    net: nn.Module, rgb: np.ndarray, ids: np.ndarray, y: np.ndarray, task: Task, device: torch.device
+) -> np.ndarray:
+    """Per-image losses of a whole task network (the `self` baseline) as readouts are scored:
+    the target's view of each image (noise fixed per image id, `view_input`), the same labels,
+    loss and precision."""
+    net.eval()
+    out = []
+    for i in range(0, len(rgb), 256):
+        x = torch.from_numpy(np.array(rgb[i : i + 256], copy=True)).to(device).float() / 255.0
+        with _autocast(device):
+            pred = net(view_input(x, task.input, ids[i : i + 256]))
+        out.append(
+            task.per_image_loss(pred.float(), label_tensor(y[i : i + 256], task, device)).cpu().numpy()
+        )
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 @torch.no_grad()
