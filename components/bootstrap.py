@@ -122,10 +122,22 @@ def taxonomy_stability(
     t, c = np.nonzero(candidate_mask(cube))
     targets = [cube.targets[i] for i in t]
     sources = [cube.source_sets[i] for i in cube.candidates[t, c]]
+    return stability_of_rows(targets, sources, samples[:, t, c], options, chosen)
+
+
+def stability_of_rows(
+    targets: list[str],
+    sources: list[tuple[str, ...]],
+    samples: np.ndarray,
+    options: TaxonomyOptions,
+    chosen: Taxonomy,
+) -> dict:
+    """`taxonomy_stability` on resampled affinities given per row of an affinity table:
+    `samples` is (resamples, rows), row i being `targets[i] <- sources[i]`."""
     roots: Counter[str] = Counter()
     transfers: defaultdict[str, Counter[str]] = defaultdict(Counter)
     same = 0
-    for values in samples[:, t, c]:
+    for values in samples:
         taxonomy = solve_taxonomy(
             TransferTable.from_rows(zip(targets, sources, values, strict=True)), options
         )

@@ -48,9 +48,11 @@ def plot_affinity_heatmap(affinity: pa.Table, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_taxonomy(taxonomy: Taxonomy, path: str | Path) -> Path:
+def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None = None) -> Path:
     """Roots on top, the other targets below; a transfer from k > 1 sources is a hyper-edge that
-    joins its sources at a dot before the arrow into the target. Colour = transfer order."""
+    joins its sources at a dot before the arrow into the target. Colour = transfer order. With a
+    bootstrap `stability`, each edge and root is labelled with the fraction of resamples that
+    choose it."""
     roots = list(taxonomy.roots)
     root_x = {r: float(i) for i, r in enumerate(roots)}
     targets = sorted(
@@ -74,11 +76,24 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path) -> Path:
                 ax.plot([root_x[s], start[0]], [_ROOT_Y - 0.04, start[1]], color=colour, lw=1.2, alpha=0.8)
             ax.plot(*start, "o", color=colour, ms=5)
         ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.2})
+        if stability:
+            share = stability["transfers"].get(target, {}).get("+".join(sources), 0.0)
+            mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
+            ax.text(
+                *mid,
+                f"{share:.2f}",
+                fontsize=7,
+                color=colour,
+                ha="center",
+                va="center",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
 
     supervised = set(taxonomy.affinity)
     for r, x in root_x.items():
         ax.plot(x, _ROOT_Y, "s", ms=11, color="#2a9d8f" if r in supervised else "#9e9e9e", zorder=3)
-        ax.text(x, _ROOT_Y + 0.07, r, rotation=35, ha="left", va="bottom", fontsize=8)
+        share = f" ({stability['roots'].get(r, 0.0):.2f})" if stability else ""
+        ax.text(x, _ROOT_Y + 0.07, r + share, rotation=35, ha="left", va="bottom", fontsize=8)
     for t, x in target_x.items():
         ax.plot(x, _TARGET_Y, "o", ms=10, color="#f4a261", zorder=3)
         label = f"{t} ({taxonomy.affinity[t]:.3g})"
@@ -99,9 +114,13 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path) -> Path:
     ax.set_xlim(-0.8, width - 0.2)
     ax.set_ylim(-0.9, 1.5)
     ax.set_axis_off()
-    ax.set_title(
-        f"taxonomy: budget {taxonomy.budget:g}, max order {taxonomy.max_order}, objective {taxonomy.objective:.4g}"
-    )
+    title = f"taxonomy: budget {taxonomy.budget:g}, max order {taxonomy.max_order}, objective {taxonomy.objective:.4g}"
+    if stability:
+        title += (
+            f"\nchosen in {stability['taxonomy']:.0%} of {stability.get('resamples', '')} bootstrap resamples"
+        )
+        title += " (labels: share choosing each root and edge)"
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 

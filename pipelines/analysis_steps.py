@@ -10,11 +10,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from components.affinity import affinity_from_cube, loss_cube, unlabelled_counts
 from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.bootstrap import (
+    affinity_with_intervals,
+    bootstrap_affinities,
+    candidate_mask,
+    stability_of_rows,
+)
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
-from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
+from components.taxonomy import Taxonomy, TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
 from components.tracking import Tracker
 from pipelines.config import PipelineConfig
 from pipelines.steps import Step
@@ -28,8 +37,11 @@ class AnalysisResult:
     taxonomy: dict
 
 
+SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): the bootstrap's affinities
+
+
 def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
-    return Step(cfg.root, "affinity", config_hash("affinity-v1", transfer_key))
+    return Step(cfg.root, "affinity", config_hash("affinity-v2", transfer_key, cfg.analysis))
 
 
 def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
@@ -45,8 +57,14 @@ def run_affinity(
         return step
     scratch = step.begin()
     cube = loss_cube(read_losses(losses_path))
-    table = affinity_from_cube(cube)
     unlabelled = unlabelled_counts(cube)
+    if n := cfg.analysis.bootstrap:  # intervals, and every resample's affinities for the stability
+        samples = bootstrap_affinities(cube, n, cfg.analysis.seed)
+        table = affinity_with_intervals(cube, samples)
+        t, c = np.nonzero(candidate_mask(cube))  # the table's rows, in order
+        np.save(scratch / SAMPLES, samples[:, t, c].astype(np.float32))
+    else:
+        table = affinity_from_cube(cube)
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
     plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
@@ -84,7 +102,9 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     table = read_affinities(affinity.path / "affinity.parquet")
     taxonomy = solve_taxonomy(table, taxonomy_options(cfg))
     sweep = sweep_budgets(table, taxonomy_options(cfg))
-    (scratch / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=1))
+    stability = _stability(affinity, taxonomy_options(cfg), taxonomy)
+    answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
+    (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))
     sweep_rows = [
         {
             "budget": p.budget,
@@ -94,16 +114,28 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
         for p in sweep
     ]
     (scratch / "budget_sweep.json").write_text(json.dumps(sweep_rows, indent=1))
-    plot_taxonomy(taxonomy, scratch / "taxonomy.png")
+    plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability)
     plot_sweep(sweep, scratch / "budget_sweep.png", cfg.taxonomy.max_order)
     run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"})
     tracker.log_params(run, to_dict(cfg.taxonomy))
-    tracker.log_metrics(run, {"objective": taxonomy.objective, "roots": len(taxonomy.roots)})
+    metrics = {"objective": taxonomy.objective, "roots": len(taxonomy.roots)}
+    tracker.log_metrics(run, metrics | ({"stability": stability["taxonomy"]} if stability else {}))
     tracker.log_history(
         run, [("sweep_objective", p.objective, int(p.budget)) for p in sweep if p.objective is not None]
     )
     for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.json", "budget_sweep.png"):
         tracker.log_artifact(run, scratch / name)
     tracker.end_run(run)
-    step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **taxonomy.to_dict()})
+    step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **answer})
     return step
+
+
+def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> dict | None:
+    """How often each root and transfer comes back when the BIP is solved on each bootstrap
+    resample's affinities (none without `analysis.bootstrap`)."""
+    if not (affinity.path / SAMPLES).exists():
+        return None
+    rows = pq.read_table(affinity.path / "affinity.parquet", columns=["target", "sources"]).to_pydict()
+    sources = [tuple(s) for s in rows["sources"]]
+    samples = np.load(affinity.path / SAMPLES).astype(np.float64)
+    return stability_of_rows(rows["target"], sources, samples, options, chosen) | {"resamples": len(samples)}

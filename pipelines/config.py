@@ -161,6 +161,18 @@ class TaxonomyConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """Stage III/IV uncertainty (design.md section 10): resamples of each target's test images."""
+
+    bootstrap: int = 200  # 0: no intervals, no stability
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0 or self.seed < 0:
+            raise ConfigError("analysis.bootstrap and analysis.seed must be >= 0")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "taskatlas"  # the MLflow experiment
     storage_root: str = "taskatlas-runs"
@@ -174,6 +186,7 @@ class PipelineConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self) -> None:
         catalog = self.catalog  # validates task_definitions
@@ -196,7 +209,7 @@ class PipelineConfig:
             raise ConfigError(
                 f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"
             )
-        self._check_columns()
+        self._check_dataset()
 
     @cached_property
     def catalog(self) -> dict[str, Task]:
@@ -209,12 +222,13 @@ class PipelineConfig:
     def study_tasks(self) -> list[Task]:
         return [self.catalog[name] for name in self.tasks]
 
-    def _check_columns(self) -> None:
-        """Each studied or defined task's column exists in the dataset, when the dataset can be
-        read here (a `submit`ted config may name a path that exists only on the cluster)."""
+    def _check_dataset(self) -> None:
+        """The dataset has `data.size` images and each studied or defined task's column, when it
+        can be read here (a `submit`ted config may name a path that exists only on the cluster)."""
         columns = dataset_columns(self.data)
         if columns is None:
             return
+        check_image_size(self.data, columns)
         for name in [*self.task_definitions, *self.tasks]:
             column = self.catalog[name].column
             if column not in columns:
@@ -230,15 +244,26 @@ class PipelineConfig:
         return Path(self.storage_root).resolve()
 
 
-def dataset_columns(data: DataConfig) -> set[str] | None:
-    """Column names of the configured dataset; None when its manifest is not readable here."""
+def dataset_columns(data: DataConfig) -> dict[str, tuple[int, ...]] | None:
+    """Column name -> per-image shape of the configured dataset; None when its manifest is not
+    readable here."""
     if not data.path:
-        return {c.name for c in synthetic_columns(data.size)}
+        return {c.name: c.shape for c in synthetic_columns(data.size)}
     try:
         manifest = json.loads((Path(data.path) / MANIFEST).read_text())
-        return {c["name"] for c in manifest["columns"]}
+        return {c["name"]: tuple(c["shape"]) for c in manifest["columns"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_image_size(data: DataConfig, columns: dict[str, tuple[int, ...]]) -> None:
+    """Networks are built for `data.size`: an imported dataset of another size is refused."""
+    side = columns.get("rgb", (0, data.size))[-1]
+    if side != data.size:
+        raise ConfigError(
+            f"data.size: {data.size}, but the images at data.path {data.path} are {side}x{side}; "
+            f"set data.size: {side}"
+        )
 
 
 def load_pipeline_config(

@@ -119,6 +119,10 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.png"):
         inv.tracker.log_artifact(inv.run_id, taxonomy.path / name)
     result.taxonomy = {k: v for k, v in taxonomy.info().items() if k not in ("affinity_key", "mlflow_run")}
+    metrics = {"taxonomy_objective": result.taxonomy["objective"]}
+    if stability := result.taxonomy.get("stability"):
+        metrics["taxonomy_stability"] = stability["taxonomy"]
+    inv.tracker.log_metrics(inv.run_id, metrics)
     result.taxonomy["path"] = str(taxonomy.path)
     return result
 

@@ -63,13 +63,22 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert "steps: 6 ran, 0 reused" in out
     affinity = next(root.glob("affinity/*/affinity.parquet"))
     taxonomy = json.loads(next(root.glob("taxonomy/*/taxonomy.json")).read_text())
-    assert set(taxonomy) == {"budget", "max_order", "objective", "roots", "transfers"}
+    assert set(taxonomy) == {"budget", "max_order", "objective", "roots", "transfers", "stability"}
+    stability = taxonomy["stability"]  # analysis.bootstrap: 200 resamples of the test images
+    assert stability["resamples"] == 200 and 0 <= stability["taxonomy"] <= 1
+    assert set(taxonomy["roots"]) <= set(stability["roots"]) and set(stability["transfers"]) == {
+        "normal",
+        "reshading",
+        "edge_texture",
+    }
     assert len(taxonomy["roots"]) == 1 and "random" not in taxonomy["roots"]
     assert set(taxonomy["roots"]) | set(taxonomy["transfers"]) == {"normal", "reshading", "edge_texture"}
     import pyarrow.parquet as pq
 
     table = pq.read_table(affinity)
     assert set(table["target"].to_pylist()) == {"normal", "reshading", "edge_texture"}
+    for row in table.to_pylist():  # the 95% interval brackets the point estimate
+        assert row["affinity_lo"] - 1e-9 <= row["affinity"] <= row["affinity_hi"] + 1e-9
     parent = runs_named(root, "run")
     assert len(parent) == 1
     artifacts = {

@@ -280,6 +280,8 @@ def test_the_readme_own_task_example_imports_and_its_config_loads(tmp_path, caps
     assert cfg.task("depth_zbuffer").column == "depth" and cfg.task("boundaries").loss.value == "bce"
     data = ShardStore(out).read("train", ["depth", "boundaries"])
     assert np.isnan(data["depth"]).any() and set(np.unique(data["boundaries"])) <= {0.0, 1.0}
+    with pytest.raises(ConfigError, match=r"^data.size: 64, but the images at data.path .* are 32x32"):
+        load_pipeline_config(root / "configs" / "own-task.yaml", [f"data.path={out}", "data.size=64"])
     with pytest.raises(
         ConfigError, match=r"task_definitions.boundaries.column: the dataset has no column 'edges'"
     ):
