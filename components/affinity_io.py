@@ -77,8 +77,15 @@ def source_sets(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[tu
 
 
 def read_losses(path: str | Path) -> pa.Table:
-    """The per-image loss table of Stage II: `target, sources, image_id, loss`."""
-    return read_table(path, LOSS_COLUMNS)
+    """The per-image loss table of Stage II: `target, sources, image_id, loss`, with at least one
+    row and a numeric `loss`."""
+    table = read_table(path, LOSS_COLUMNS)
+    if table.num_rows == 0:
+        raise TaskatlasError(f"{path}: no rows (a header without per-image losses)")
+    loss_type = table.schema.field("loss").type
+    if not (pa.types.is_floating(loss_type) or pa.types.is_integer(loss_type)):
+        raise TaskatlasError(f"{path}: column 'loss' must be numeric, not {loss_type}")
+    return table
 
 
 def read_affinities(path: str | Path) -> TransferTable:

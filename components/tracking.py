@@ -10,6 +10,7 @@ logging to the same run instead of making a second one.
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 import time
 from collections.abc import Mapping
@@ -18,11 +19,40 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.artifacts
+import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from components.config import from_dict, to_dict
+from components.errors import TaskatlasError
+from components.models import ModelConfig, TaskNetwork, build_network
+from components.tasks import Task
+
 _MAX_BATCH = 900  # MLflow caps log_batch at 1000 metrics
+STORAGE_ROOT_TAG = "taskatlas.storage_root"  # on every run: which study a run belongs to
+# A registered task network is these two files, never a pickled module (design.md section 8).
+WEIGHTS_FILE = "weights.pt"  # the state dict, read back with torch.load(weights_only=True)
+ARCHITECTURE_FILE = "architecture.json"  # what rebuilds the network with the project's own code
+_WEIGHTS_FORMAT = "taskatlas-weights-v1"
+
+
+class UnsafeModelError(TaskatlasError):
+    """A registry payload that is not a plain state dict plus architecture: refused, not loaded."""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that rebuilds a task network except its weights."""
+
+    task: Task
+    model: ModelConfig
+    image_size: int
+    channels: int
+
+    def build(self) -> TaskNetwork:
+        return build_network(self.task, self.model, self.image_size, self.channels)
 
 
 def default_tracking_uri(storage_root: str | Path) -> str:
@@ -52,13 +82,24 @@ class RunLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch, synchronous=True)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which the run already has metric `key` (what an earlier attempt logged)."""
+        return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(self.run_id, key)}
+
 
 class Tracker:
     """Driver-side access to one experiment of one tracking store."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        artifact_location: str | None = None,
+        run_tags: Mapping[str, str] | None = None,
+    ):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self.run_tags = dict(run_tags or {})  # set on every run this tracker creates
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
@@ -70,7 +111,7 @@ class Tracker:
     def start_run(
         self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str:
-        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        all_tags = {MLFLOW_RUN_NAME: name, **self.run_tags, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -85,6 +126,51 @@ class Tracker:
             [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
         )
         return runs[0].info.run_id if runs else None
+
+    def reopen_run(self, run_id: str, parent_run_id: str | None = None) -> str:
+        """Continue a run an earlier invocation left unfinished (KILLED, FAILED): RUNNING again,
+        under this invocation's parent run."""
+        if parent_run_id:
+            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+
+    def resume_or_start_run(
+        self,
+        name: str,
+        parent_run_id: str | None,
+        tags: Mapping[str, str],
+        match: str,
+        params: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The newest unfinished run of that name whose tag `match` has our value, reopened under
+        `parent_run_id`; else a new run, with `params`. How a rerun continues a dead driver's
+        stage in one run."""
+        query = f"tags.`{MLFLOW_RUN_NAME}` = '{name}' and tags.`{match}` = '{tags[match]}'"
+        for key, value in self.run_tags.items():
+            query += f" and tags.`{key}` = '{value}'"
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if runs and runs[0].info.status != "FINISHED":
+            return self.reopen_run(runs[0].info.run_id, parent_run_id)
+        run_id = self.start_run(name, parent_run_id, tags)
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def end_orphans(self, tag: str, value: str) -> list[str]:
+        """Mark KILLED every run still RUNNING whose `tag` is `value`: called by the one live
+        process of a study (it holds the study lock), so their driver is dead."""
+        query = f"attributes.status = 'RUNNING' and tags.`{tag}` = '{value}'"
+        killed, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, max_results=1000, page_token=token)
+            for run in page:
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                killed.append(run.info.run_id)
+            if not (token := page.token):
+                return killed
 
     def logger(self, run_id: str) -> RunLogger:
         return RunLogger(self.tracking_uri, run_id)
@@ -121,17 +207,24 @@ class Tracker:
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status)
 
-    def log_torch_model(
-        self, run_id: str, model: Any, registered_name: str, input_example: Any = None
+    def log_task_network(
+        self, run_id: str, state_dict: Mapping[str, Any], spec: NetworkSpec, registered_name: str
     ) -> str:
-        """Log a PyTorch model to the run and register a new version; returns the version."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, nested=True):
-            # pickle: loads back as the same nn.Module (encoder/representation/decoder intact).
-            info = mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example, serialization_format="pickle"
-            )
-        version = mlflow.register_model(info.model_uri, registered_name)
+        """Log a task network as weights only (its state dict and the architecture that rebuilds
+        it) under the run's `model/` and register a new version of it; returns the version."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            torch.save(dict(state_dict), folder / WEIGHTS_FILE)
+            architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
+            (folder / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, sort_keys=True))
+            self.client.log_artifacts(run_id, str(folder), "model")
+        try:
+            self.client.create_registered_model(registered_name)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(registered_name, f"runs:/{run_id}/model", run_id)
         return str(version.version)
 
     def alias_version(self, registered_name: str, alias: str) -> str | None:
@@ -151,6 +244,38 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
 
-def load_registered_model(tracking_uri: str, registered_name: str, version: str) -> Any:
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(f"models:/{registered_name}/{version}", map_location="cpu")
+def load_registered_model(tracking_uri: str, registered_name: str, version: str) -> TaskNetwork:
+    """Rebuild a registered task network with the project's code and load its weights with
+    `torch.load(weights_only=True)`; anything else in the registry is refused, never unpickled."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    what = f"registered model {registered_name} v{version}"
+    uri = client.get_model_version_download_uri(registered_name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=tmp)
+        )
+        try:
+            architecture = json.loads((local / ARCHITECTURE_FILE).read_text())
+        except (OSError, ValueError):
+            raise UnsafeModelError(
+                f"{what}: no readable {ARCHITECTURE_FILE}; only weights-only models are loaded"
+                " (a model registered by an older taskatlas: retrain it)"
+            ) from None
+        if not isinstance(architecture, dict) or architecture.pop("format", None) != _WEIGHTS_FORMAT:
+            raise UnsafeModelError(f"{what}: {ARCHITECTURE_FILE} is not in the {_WEIGHTS_FORMAT} format")
+        spec = NetworkSpec(
+            task=from_dict(Task, architecture["task"], "task."),
+            model=from_dict(ModelConfig, architecture["model"], "model."),
+            image_size=int(architecture["image_size"]),
+            channels=int(architecture["channels"]),
+        )
+        try:
+            state = torch.load(local / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UnsafeModelError(
+                f"{what}: {WEIGHTS_FILE} is not a plain state dict; refused ({first})"
+            ) from None
+    model = spec.build()
+    model.load_state_dict(state)
+    return model.eval()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +17,16 @@ from components.config import config_hash, to_dict
 from components.data.scenes import SceneConfig
 from components.data.shards import ShardStore
 from components.data.synthetic import DatasetConfig, generate_dataset
-from components.tracking import Tracker, default_tracking_uri
-from pipelines.config import PipelineConfig
+from components.errors import ConfigError, TaskatlasError
+from components.study_lock import STUDY_LOCK, LocalLockStore, StudyLock
+from components.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri
+from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
+from pipelines.settings import read_settings
+
+TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
+# Under the storage root, what holds no temp files of ours (Ray's own storage, MLflow's artifacts).
+_NO_TEMP_FILES = ("ray", "mlartifacts")
 
 
 def dataset_config(cfg: PipelineConfig) -> DatasetConfig:
@@ -37,14 +50,88 @@ def prepare_dataset(cfg: PipelineConfig) -> ShardStore:
         config = dataset_config(cfg)
         with progress_bar(config.n_train + config.n_transfer + config.n_test, "rendering scenes") as update:
             generate_dataset(out, config, progress=update)
-    return ShardStore(out)
+    store = ShardStore(out)
+    check_image_size(cfg.data, {c.name: c.shape for c in store.manifest.columns})
+    return store
 
 
 def open_tracker(cfg: PipelineConfig) -> Tracker:
     cfg.root.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or default_tracking_uri(cfg.root)
     artifacts = (cfg.root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-    return Tracker(uri, cfg.name, artifact_location=artifacts)
+    return Tracker(uri, cfg.name, artifact_location=artifacts, run_tags={STORAGE_ROOT_TAG: str(cfg.root)})
+
+
+def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None:
+    """What must hold before a command does any work, each failing in one line naming the field
+    or path: the environment's settings, `transfer.targets` among the tasks studied, a writable
+    storage root, and a tracking server that answers within TRACKING_TIMEOUT_S."""
+    read_settings()
+    sources = list(sources if sources is not None else cfg.tasks)
+    if missing := [t for t in cfg.transfer.targets if t not in sources]:
+        raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
+    check_writable(cfg.root, "storage_root")
+    uri = cfg.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        check_tracking_server(uri)
+    elif uri.startswith("sqlite:///"):
+        check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking_uri")
+
+
+def check_writable(folder: Path, field: str) -> None:
+    probe = folder / f".taskatlas-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{field}: {folder} is not writable ({err.strerror or err})") from None
+
+
+def check_tracking_server(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:
+    """Any HTTP answer from `<uri>/health` will do (even 401: the server is there)."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TaskatlasError(
+            f"tracking_uri: no MLflow server answers at {uri} within {timeout_s:g} s ({reason})"
+        ) from None
+
+
+@contextmanager
+def study_lock(cfg: PipelineConfig, command: str, wait: bool = False) -> Iterator[None]:
+    """The storage root for this process alone (design.md section 1); then what dead attempts
+    left behind, temp files of theirs, is removed."""
+    lock = StudyLock(LocalLockStore(cfg.root / STUDY_LOCK), command, where=f"storage root {cfg.root}")
+
+    def waiting(holder) -> None:
+        print(f"waiting for {holder.describe()} to finish with {cfg.root}", file=sys.stderr, flush=True)
+
+    with lock.held(wait, waiting):
+        remove_dead_temp_files(cfg.root)
+        yield
+
+
+def remove_dead_temp_files(root: Path) -> list[Path]:
+    """Every `*.tmp` file or folder under the root: the lock holder writes none yet, so they are
+    dead attempts' (a killed feature encoding, readout or table write)."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        if Path(folder) == root:
+            dirs[:] = [d for d in dirs if d not in _NO_TEMP_FILES]
+        for name in [d for d in dirs if d.endswith(".tmp")]:
+            shutil.rmtree(Path(folder) / name, ignore_errors=True)
+            removed.append(Path(folder) / name)
+            dirs.remove(name)
+        for name in files:
+            if name.endswith(".tmp"):
+                (Path(folder) / name).unlink(missing_ok=True)
+                removed.append(Path(folder) / name)
+    return removed
 
 
 def code_version() -> str:
@@ -71,6 +158,8 @@ def invocation(cfg: PipelineConfig, command: str):
     the run is marked FAILED if the body raises."""
     store = prepare_dataset(cfg)
     tracker = open_tracker(cfg)
+    # The caller holds the study lock: a run of this root still RUNNING has a dead driver.
+    tracker.end_orphans(STORAGE_ROOT_TAG, str(cfg.root))
     tags = {
         "command": command,
         "config_hash": config_hash(cfg),

@@ -27,11 +27,12 @@ import torch
 
 from components.data.sources import refreshed_dataset
 from components.tasks import Task
-from components.tracking import Tracker, load_registered_model
+from components.tracking import Tracker, UnsafeModelError, load_registered_model
 from components.training import iter_batches, nanmean, per_image_losses
 from pipelines.config import PipelineConfig
-from pipelines.invocation import invocation
+from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
+from pipelines.ray_runtime import ensure_ray
 from pipelines.stage1 import TaskResult
 
 CHAMPION = "champion"
@@ -74,6 +75,7 @@ class Promotion:
     champion_version: str | None
     champion_loss: float | None
     promoted: bool
+    refused: str = ""  # why the champion could not be loaded (not weights only): it is replaced
 
 
 def promote(
@@ -89,44 +91,59 @@ def promote(
         r = results[name]
         registered = f"taskatlas-{name}"
         champion = tracker.alias_version(registered, CHAMPION)
-        champion_loss = None
+        champion_loss, refused = None, ""
         if champion is not None and champion != r.model_version:
             task = catalog[name]
-            model = load_registered_model(tracker.tracking_uri, registered, champion)
-            batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
-            champion_loss = nanmean(per_image_losses(model, batches, task, torch.device("cpu"))[1])
-        better = champion is None or (champion != r.model_version and r.test_loss <= champion_loss)
+            try:  # weights only: a champion that is anything else is refused, never unpickled
+                model = load_registered_model(tracker.tracking_uri, registered, champion)
+            except UnsafeModelError as err:
+                refused = str(err)
+            else:
+                batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
+                champion_loss = nanmean(per_image_losses(model, batches, task, torch.device("cpu"))[1])
+        better = champion is None or (
+            champion != r.model_version and (refused != "" or r.test_loss <= champion_loss)
+        )
         if better:
             tracker.set_alias(registered, CHAMPION, r.model_version)
-        out.append(Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better))
+        out.append(Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better, refused))
     return out
 
 
-def run_nightly(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES) -> dict | None:
-    """The nightly job; None if another nightly holds the lock."""
+def run_nightly(
+    cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES, wait_for_lock: bool = False
+) -> dict | None:
+    """The nightly job; None if another nightly holds the nightly lock. Another study working on
+    the storage root is refused (`StudyLocked`), or waited for with `wait_for_lock`."""
     with exclusive_lock(cfg.root / "nightly.lock") as acquired:
         if not acquired:
             return None
-        cfg = nightly_config(cfg, day)  # under the lock: a re-import happens once
-        with invocation(cfg, "nightly") as inv:
-            result: PipelineResult = run_pipeline(inv, stages)
-            needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
-            test = inv.store.read("test", needed)  # only the columns the champions are scored on
-            promotions = promote(inv.tracker, result.stage1, result.retrained, test, cfg.catalog)
-            summary = _summary(cfg, day, result, promotions)
-            inv.tracker.set_tags(
-                inv.run_id,
-                {
-                    "nightly_date": day.isoformat(),
-                    "retrained": ",".join(result.retrained),
-                    "promoted": ",".join(summary["promoted"]),
-                },
-            )
-            inv.tracker.log_metrics(
-                inv.run_id, {"retrained": len(result.retrained), "promoted": len(summary["promoted"])}
-            )
-            inv.tracker.write_json_artifact(inv.run_id, summary, "nightly_summary.json")
-        return summary
+        with study_lock(cfg, "nightly", wait_for_lock):
+            return _nightly_under_lock(cfg, day, stages)
+
+
+def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...]) -> dict:
+    ensure_ray()
+    cfg = nightly_config(cfg, day)  # under the lock: a re-import happens once
+    with invocation(cfg, "nightly") as inv:
+        result: PipelineResult = run_pipeline(inv, stages)
+        needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
+        test = inv.store.read("test", needed)  # only the columns the champions are scored on
+        promotions = promote(inv.tracker, result.stage1, result.retrained, test, cfg.catalog)
+        summary = _summary(cfg, day, result, promotions)
+        inv.tracker.set_tags(
+            inv.run_id,
+            {
+                "nightly_date": day.isoformat(),
+                "retrained": ",".join(result.retrained),
+                "promoted": ",".join(summary["promoted"]),
+            },
+        )
+        inv.tracker.log_metrics(
+            inv.run_id, {"retrained": len(result.retrained), "promoted": len(summary["promoted"])}
+        )
+        inv.tracker.write_json_artifact(inv.run_id, summary, "nightly_summary.json")
+    return summary
 
 
 def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions: list[Promotion]) -> dict:

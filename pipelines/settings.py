@@ -26,9 +26,19 @@ def read_settings() -> Settings:
         raise ConfigError(f"TASKATLAS_RAY_DASHBOARD must be 0 or 1, got {dashboard!r}")
     return Settings(
         ray_address=os.environ.get("RAY_ADDRESS") or None,
-        ray_num_cpus=int(cpus) if cpus else None,
+        ray_num_cpus=_positive_int("TASKATLAS_RAY_NUM_CPUS", cpus) if cpus else None,
         ray_dashboard=dashboard in ("1", "true"),
     )
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)

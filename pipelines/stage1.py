@@ -33,7 +33,7 @@ from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.models import ModelConfig, build_network
 from components.tasks import Loss, Task
-from components.tracking import Tracker
+from components.tracking import NetworkSpec, Tracker
 from components.training import (
     OptimConfig,
     evaluate,
@@ -48,6 +48,7 @@ from components.training import (
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
+from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
 _REGISTRY_LOCK = threading.Lock()
@@ -305,13 +306,12 @@ class Stage1:
     def train(self, task: Task, hparams: dict) -> TaskResult:
         cfg = self.config
         out = self.train_dir(task, hparams)
-        key = out.name
         if (cached := self.cached_result(task, hparams)) is not None:
             return cached
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "mlflow_run.json"  # one MLflow run per task network, also across reruns
-        if run_file.exists():
-            run_id = json.loads(run_file.read_text())["run_id"]
+        if run_file.exists():  # an earlier attempt's run (KILLED or FAILED by now): continue it
+            run_id = self.tracker.reopen_run(json.loads(run_file.read_text())["run_id"], self.parent_run_id)
         else:
             run_id = self.tracker.start_run(
                 f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
@@ -327,12 +327,21 @@ class Stage1:
                     "data_version": self.store.data_version,
                 },
             )
+        try:
+            return self._train(task, hparams, out, run_id)
+        except BaseException:  # a failed or interrupted training never stays RUNNING
+            self.tracker.end_run(run_id, failed=True)
+            raise
+
+    def _train(self, task: Task, hparams: dict, out: Path, run_id: str) -> TaskResult:
+        cfg, key = self.config, out.name
         channels = channels_for(task, self.store)
         worker = self.worker_config(task, hparams, run_id)
         columns = task.columns
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
             train_loop_config=asdict(worker),
+            torch_config=LoopbackTorchConfig(),  # the rendezvous on 127.0.0.1 for local runs
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.num_workers,
                 use_gpu=self.use_gpu,
@@ -359,7 +368,8 @@ class Stage1:
         pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
         test_loss = nanmean(losses)
         self.tracker.log_metrics(run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs)
-        version = self.tracker.log_torch_model(run_id, model.eval(), f"taskatlas-{task.name}")
+        spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
+        version = self.tracker.log_task_network(run_id, model.state_dict(), spec, f"taskatlas-{task.name}")
         self.tracker.end_run(run_id)
         done = TaskResult(task.name, key, str(out / "model.pt"), test_loss, hparams, run_id, version)
         (out / "result.json").write_text(json.dumps(asdict(done), indent=1))

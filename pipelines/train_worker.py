@@ -68,6 +68,9 @@ def train_worker(raw: dict) -> None:
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
     logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
+    # the last checkpoint; the run keeps the first record of each epoch, never two.
+    logged = logger.logged_steps("train_loss") if logger is not None else set()
     train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     cached_train: dict | None = None  # see TrainConfig.cache_in_memory
@@ -100,7 +103,8 @@ def train_worker(raw: dict) -> None:
                 if cached_test is None:
                     cached_test = list(test_shard.iter_batches(batch_size=256, batch_format="numpy"))
                 metrics["test_loss"] = evaluate(unwrap(model), cached_test, task, device)
-                logger.log_metrics({**metrics, **layout}, step=epoch)
+                if epoch not in logged:
+                    logger.log_metrics({**metrics, **layout}, step=epoch)
                 state = {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),

@@ -31,6 +31,6 @@ class ModelConfig:
             raise ConfigError(f"model.resnet_depth must be one of {RESNET_DEPTHS}, got {self.resnet_depth}")
         if self.downsample not in (2, 4, 8, 16, 32):
             raise ConfigError(f"model.downsample must be a power of two in [2, 32], got {self.downsample}")
-        for name in ("width", "representation_channels", "decoder_hidden"):
+        for name in ("width", "representation_channels", "decoder_hidden", "resnet_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -7,10 +7,11 @@ taskatlas tune  -c configs/quickstart.yaml --tasks normal --set tune.num_samples
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from components.tasks import parse_tasks
 from pipelines.config import load_pipeline_config
-from pipelines.invocation import invocation
+from pipelines.invocation import invocation, preflight, study_lock
 from pipelines.ray_runtime import ensure_ray
 from pipelines.stage1 import Stage1
 
@@ -27,6 +28,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lock_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-for-lock",
+        action="store_true",
+        help="if another study is working on the storage root, wait for it instead of exiting",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for name, helptext, func in (
         (
@@ -38,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         p = sub.add_parser(name, help=helptext)
         add_config_args(p)
+        add_lock_arg(p)
         p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
         p.set_defaults(func=func)
 
@@ -45,28 +55,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _setup(args: argparse.Namespace):
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
-    ensure_ray()
+    preflight(cfg)
     return cfg, tasks
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg, tasks = _setup(args)
-    with invocation(cfg, "train") as inv:
-        results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+    with study_lock(cfg, "train", args.wait_for_lock):
+        ensure_ray()
+        with invocation(cfg, "train") as inv:
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
     print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
     for name, r in results.items():
         h = r.hparams
         print(
             f"{name:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  taskatlas-{name} v{r.model_version}"
         )
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {inv.tracker.tracking_uri}")
+    print(f"\nMLflow UI: {mlflow_ui_command(inv.tracker.tracking_uri)}")
     return 0
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store, safe to paste into a shell."""
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def _tune(args: argparse.Namespace) -> int:
     cfg, tasks = _setup(args)
-    with invocation(cfg, "tune") as inv:
-        best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search_all(tasks)
+    with study_lock(cfg, "tune", args.wait_for_lock):
+        ensure_ray()
+        with invocation(cfg, "tune") as inv:
+            best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search_all(tasks)
     for name, h in best.items():
         print(
             f"{name:<18} lr={h['lr']:.2e} weight_decay={h['weight_decay']:.2e} batch_size={h['batch_size']}"

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from components.tasks import parse_tasks
 from components.transfer import describe_plan
-from pipelines.commands.train import add_config_args
+from pipelines.commands.train import add_config_args, add_lock_arg
 from pipelines.config import load_pipeline_config
-from pipelines.invocation import invocation
+from pipelines.invocation import invocation, preflight, study_lock
 from pipelines.ray_runtime import ensure_ray
 from pipelines.stage1 import Stage1
 from pipelines.stage2 import Stage2
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Stage II: readouts on frozen, cached encoders, fanned out on Ray (trains Stage I first)",
     )
     add_config_args(p)
+    add_lock_arg(p)
     p.add_argument("--tasks", help="comma-separated subset of the config's tasks (the sources)")
     p.set_defaults(func=_transfer)
 
@@ -37,14 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _transfer(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
-    ensure_ray()
-    with invocation(cfg, "transfer") as inv:
-        stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
-        plan = stage2.plan([t.name for t in tasks])
-        seconds, slots = stage2.estimate(plan)
-        print(describe_plan(plan, seconds, slots), flush=True)
-        results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
-        result = stage2.run(results, plan)
+    preflight(cfg, [t.name for t in tasks])
+    with study_lock(cfg, "transfer", args.wait_for_lock):
+        ensure_ray()
+        with invocation(cfg, "transfer") as inv:
+            stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
+            plan = stage2.plan([t.name for t in tasks])
+            seconds, slots = stage2.estimate(plan)
+            print(describe_plan(plan, seconds, slots), flush=True)
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+            result = stage2.run(results, plan)
     print(format_summary(pq.read_table(result.summary_path).to_pylist()))
     print(f"\nper-image losses: {result.losses_path}  ({result.ran} readouts trained, the rest stored)")
     if result.failed:

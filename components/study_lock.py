@@ -1,0 +1,212 @@
+"""One study per storage root at a time: a lock record that names its holder (host, pid, since).
+
+    with StudyLock(LocalLockStore(root / STUDY_LOCK), "run").held(wait=False):
+        ...  # the only process working on `root`
+
+The record lives in a `LockStore`, which needs three operations that local files and object
+stores both offer: create the record only if there is none (a hard link here; a conditional PUT
+with `If-None-Match: *` on S3/GCS), read it, and replace or delete it only if it is still the one
+read (a guard file's `flock` here; `If-Match: <etag>` there). `LocalLockStore` is the local one.
+
+A holder is alive while its heartbeat (refreshed every `heartbeat_s` by a thread of the holder)
+is younger than `stale_after_s`, and, when it runs on this host, while its process exists with
+the same start time (so a killed holder is taken over at once, not after the heartbeat goes
+stale, and a recycled pid is not mistaken for it). A lock whose holder is dead is taken over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from components.errors import TaskatlasError
+
+STUDY_LOCK = "study.lock"  # the lock record's name under a storage root
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock: what the refusal names, and what liveness is judged on."""
+
+    host: str
+    pid: int
+    since: str  # ISO 8601, UTC
+    command: str
+    token: str  # unique per acquisition: a replace or delete must name the record it read
+    heartbeat: float  # time.time() of the last refresh
+    started: str = ""  # the process's start time on its host (Linux: /proc/<pid>/stat field 22)
+
+    def describe(self) -> str:
+        return f"taskatlas {self.command} on host {self.host}, pid {self.pid}, since {self.since}"
+
+
+class StudyLocked(TaskatlasError):
+    """Another live process holds the storage root."""
+
+
+class LockStore(Protocol):
+    def create(self, holder: Holder) -> bool:
+        """Write the record if there is none; False if there is one."""
+
+    def read(self) -> Holder | None:
+        """The record, or None if there is none."""
+
+    def swap(self, old: Holder, new: Holder | None) -> bool:
+        """Replace the record by `new` (delete it if None) only if it is still `old`."""
+
+
+class LocalLockStore:
+    """The record as a JSON file on a local (or POSIX-locking shared) filesystem."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def create(self, holder: Holder) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_tmp(holder)
+        try:
+            os.link(tmp, self.path)  # atomic, and fails if a record exists: never half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read(self) -> Holder | None:
+        try:
+            return Holder(**json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # unreadable: nobody can prove they hold it
+            return Holder("?", 0, "?", "?", "unreadable", 0.0)
+
+    def swap(self, old: Holder, new: Holder | None) -> bool:
+        with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            current = self.read()
+            if current is None or current.token != old.token:
+                return False
+            if new is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                os.replace(self._write_tmp(new), self.path)
+            return True
+
+    def _write_tmp(self, holder: Holder) -> Path:
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.new")
+        tmp.write_text(json.dumps(asdict(holder)))
+        return tmp
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' where /proc is not readable)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def holder_alive(holder: Holder, stale_after_s: float, now: float | None = None) -> bool:
+    if (now or time.time()) - holder.heartbeat > stale_after_s:
+        return False
+    if holder.host != socket.gethostname():
+        return True  # another machine: only its heartbeat can tell
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return not holder.started or process_start(holder.pid) in ("", holder.started)
+
+
+class StudyLock:
+    """The lock of one storage root, for one command of this process."""
+
+    def __init__(
+        self,
+        store: LockStore,
+        command: str,
+        where: str = "",
+        heartbeat_s: float = 10.0,
+        stale_after_s: float = 60.0,
+        poll_s: float = 2.0,
+    ):
+        self.store, self.command, self.where = store, command, where
+        self.heartbeat_s, self.stale_after_s, self.poll_s = heartbeat_s, stale_after_s, poll_s
+        self.holder: Holder | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, wait: bool = False, on_wait=None) -> None:
+        """Take the lock; if a live process holds it, raise `StudyLocked` (or, with `wait`,
+        poll until it is free, calling `on_wait(holder)` once)."""
+        waited = False
+        while True:
+            now = time.time()
+            me = Holder(
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                since=datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+                command=self.command,
+                token=uuid.uuid4().hex,
+                heartbeat=now,
+                started=process_start(os.getpid()),
+            )
+            if self.store.create(me):
+                return self._start(me)
+            current = self.store.read()
+            if current is None:
+                continue  # released between the two calls
+            if not holder_alive(current, self.stale_after_s):
+                if self.store.swap(current, me):  # a dead holder's lock is taken over
+                    return self._start(me)
+                continue
+            if not wait:
+                raise StudyLocked(
+                    f"{self.where or 'the storage root'} is in use by {current.describe()};"
+                    " rerun with --wait-for-lock to wait for it"
+                )
+            if not waited and on_wait is not None:
+                on_wait(current)
+            waited = True
+            time.sleep(self.poll_s)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.holder is not None:
+            self.store.swap(self.holder, None)
+            self.holder = None
+
+    @contextmanager
+    def held(self, wait: bool = False, on_wait=None) -> Iterator[Holder]:
+        self.acquire(wait, on_wait)
+        try:
+            yield self.holder
+        finally:
+            self.release()
+
+    def _start(self, me: Holder) -> None:
+        self.holder = me
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="study-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            fresh = replace(self.holder, heartbeat=time.time())
+            if self.store.swap(self.holder, fresh):
+                self.holder = fresh

@@ -1,0 +1,124 @@
+"""Bad input fails fast, in one line, before any work (issue 12's table), through the real CLI."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder nobody may create files in: root ignores mode bits, but not a read-only /sys."""
+    if os.geteuid() == 0:
+        return Path("/sys/taskatlas-not-writable")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_path):
+    root = tmp_path / "runs"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            name: tiny
+            storage_root: {root}
+            tasks: [normal, reshading, edge_texture]
+            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
+            train: {{epochs: 1, num_workers: 1}}
+            tune: {{enabled: false}}
+            transfer: {{orders: [2], beams: [2], epochs: 1}}
+            """
+        )
+    )
+    bad_csv = tmp_path / "words.csv"
+    bad_csv.write_text("target,sources,image_id,loss\nnormal,reshading,0,high\n")
+    empty_csv = tmp_path / "header-only.csv"
+    empty_csv.write_text("target,sources,image_id,loss\n")
+    server = f"http://127.0.0.1:{_closed_port()}"
+    read_only = _read_only_folder(tmp_path)
+    run = ["run", "-c", str(config)]
+    cases = {  # name: (arguments, extra environment, what the line must name)
+        "tracking server down": ([*run, "--set", f"tracking_uri={server}"], {}, server),
+        "storage root not writable": (
+            [*run, "--set", f"storage_root={read_only / 'runs'}"],
+            {},
+            "storage_root",
+        ),
+        "data.n_test=0": ([*run, "--set", "data.n_test=0"], {}, "data.n_test"),
+        "data.n_transfer=0": ([*run, "--set", "data.n_transfer=0"], {}, "data.n_transfer"),
+        "train.num_workers=-1": ([*run, "--set", "train.num_workers=-1"], {}, "train.num_workers"),
+        "TASKATLAS_RAY_NUM_CPUS=two": (run, {"TASKATLAS_RAY_NUM_CPUS": "two"}, "TASKATLAS_RAY_NUM_CPUS"),
+        "transfer --tasks bogus": (["transfer", "-c", str(config), "--tasks", "bogus"], {}, "bogus"),
+        "transfer.targets not among --tasks": (
+            [
+                "transfer",
+                "-c",
+                str(config),
+                "--tasks",
+                "normal,reshading",
+                "--set",
+                "transfer.targets=[edge_texture]",
+            ],
+            {},
+            "transfer.targets",
+        ),
+        "transfer.targets not among tasks": (
+            [*run, "--set", "transfer.targets=[depth_zbuffer]"],
+            {},
+            "transfer.targets",
+        ),
+        "affinity: non-numeric loss": (
+            ["affinity", "--losses", str(bad_csv), "--out", str(tmp_path / "a.parquet")],
+            {},
+            str(bad_csv),
+        ),
+        "affinity: no rows": (
+            ["affinity", "--losses", str(empty_csv), "--out", str(tmp_path / "b.parquet")],
+            {},
+            str(empty_csv),
+        ),
+    }
+
+    def attempt(case):
+        args, env, _ = cases[case]
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return done, time.monotonic() - start
+
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(zip(cases, pool.map(attempt, cases), strict=True))
+    problems = []
+    for case, (done, seconds) in results.items():
+        lines = done.stderr.strip().splitlines()
+        named = cases[case][2]
+        if done.returncode != 2 or len(lines) != 1 or named not in done.stderr or "Traceback" in done.stderr:
+            problems.append(f"{case}: exit {done.returncode}, stderr {done.stderr.strip()[-600:]!r}")
+        elif seconds > 30:  # the tracking check gives up within 10 s; the rest need no waiting
+            problems.append(f"{case}: took {seconds:.0f} s")
+    assert not problems, "\n".join(problems)
+    # Before any work: no dataset rendered, no MLflow store, no Ray session left a folder.
+    assert not (root / "data").exists() and not (root / "mlflow.db").exists() and not (root / "ray").exists()

@@ -1,0 +1,153 @@
+"""One study per storage root at a time (components/study_lock.py, issue 12 item 1)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from components.study_lock import STUDY_LOCK, LocalLockStore, StudyLock, StudyLocked
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from components.study_lock import LocalLockStore, StudyLock
+    lock = StudyLock(LocalLockStore(sys.argv[1]), "run", heartbeat_s=0.5)
+    lock.acquire()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_second_holder_is_refused_naming_the_first_and_gets_it_once_released(tmp_path):
+    store = LocalLockStore(tmp_path / STUDY_LOCK)
+    first = StudyLock(store, "run", where="storage root X")
+    first.acquire()
+    with pytest.raises(StudyLocked) as refused:
+        StudyLock(store, "train", where="storage root X").acquire()
+    line = str(refused.value)
+    assert "\n" not in line and "storage root X" in line and "taskatlas run" in line
+    assert f"host {socket.gethostname()}" in line and f"pid {os.getpid()}" in line
+    assert f"since {first.holder.since}" in line and "--wait-for-lock" in line
+    first.release()
+    assert not (tmp_path / STUDY_LOCK).exists()
+    with StudyLock(store, "train").held():
+        assert store.read().command == "train"
+
+
+def test_a_dead_or_silent_holder_is_taken_over(tmp_path):
+    store = LocalLockStore(tmp_path / STUDY_LOCK)
+    owner = StudyLock(store, "run")
+    owner.acquire()
+    owner._stop.set()  # the process "dies": no release, no heartbeat
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = replace(owner.holder, pid=proc.pid, started="")
+    assert store.swap(owner.holder, dead)
+    with StudyLock(store, "train").held() as me:  # same host, process gone: taken over at once
+        assert me.pid == os.getpid() and me.command == "train"
+    # Another host: only the heartbeat tells; a stale one is taken over, a fresh one is not.
+    other = StudyLock(store, "run")
+    other.acquire()
+    other._stop.set()
+    fresh = replace(other.holder, host="elsewhere", pid=1)
+    assert store.swap(other.holder, fresh)
+    with pytest.raises(StudyLocked, match="host elsewhere, pid 1"):
+        StudyLock(store, "train", stale_after_s=60).acquire()
+    assert store.swap(fresh, replace(fresh, heartbeat=time.time() - 120))
+    with StudyLock(store, "train", stale_after_s=60).held() as me:
+        assert me.host == socket.gethostname()
+
+
+def test_wait_for_the_lock_polls_until_the_holder_releases(tmp_path):
+    store = LocalLockStore(tmp_path / STUDY_LOCK)
+    holder = StudyLock(store, "run")
+    holder.acquire()
+    waited = []
+    threading.Timer(1.0, holder.release).start()
+    start = time.monotonic()
+    with StudyLock(store, "nightly", poll_s=0.2).held(wait=True, on_wait=waited.append):
+        assert time.monotonic() - start >= 0.9
+    assert [h.command for h in waited] == ["run"]
+
+
+def test_a_heartbeat_keeps_the_record_fresh(tmp_path):
+    store = LocalLockStore(tmp_path / STUDY_LOCK)
+    with StudyLock(store, "run", heartbeat_s=0.2).held() as first:
+        time.sleep(0.7)
+        assert store.read().heartbeat > first.heartbeat and store.read().token == first.token
+
+
+def _config(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            name: tiny
+            storage_root: {tmp_path / "runs"}
+            tasks: [normal, reshading]
+            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
+            train: {{epochs: 1, num_workers: 1}}
+            tune: {{enabled: false}}
+            transfer: {{orders: [], beams: [], epochs: 1}}
+            """
+        )
+    )
+    return config
+
+
+@pytest.mark.slow
+def test_a_second_study_on_a_root_is_refused_at_once_or_waits_and_takes_over_a_killed_holder(tmp_path):
+    config, lock_path = _config(tmp_path), tmp_path / "runs" / STUDY_LOCK
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in (["run"], ["train"], ["transfer"], ["nightly", "--date", "2026-11-20"]):
+            start = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "pipelines.cli", *command, "-c", str(config)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1, (command, done.stderr)
+            assert f"pid {holder.pid}" in lines[0] and f"host {socket.gethostname()}" in lines[0]
+            assert "since" in lines[0] and time.monotonic() - start < 30
+        assert not (tmp_path / "runs" / "mlflow.db").exists()  # refused before any work
+
+        # --wait-for-lock waits; the holder is killed (no release), its lock is taken over.
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "train", "-c", str(config), "--wait-for-lock"],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        assert "waiting for taskatlas run" in waiter.stderr.readline()
+        assert json.loads(lock_path.read_text())["pid"] == holder.pid
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        deadline = time.monotonic() + 30
+        while json.loads(lock_path.read_text())["pid"] != waiter.pid:
+            assert time.monotonic() < deadline and waiter.poll() is None
+            time.sleep(0.2)
+    finally:
+        for proc in (waiter, holder):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,0 +1,108 @@
+"""Registered task networks are weights only: state dict + architecture, loaded with
+`torch.load(weights_only=True)`; a pickle planted in the registry is refused, never run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import to_dict
+from components.models import ModelConfig
+from components.tasks import get_task
+from components.tracking import (
+    ARCHITECTURE_FILE,
+    WEIGHTS_FILE,
+    NetworkSpec,
+    Tracker,
+    UnsafeModelError,
+    load_registered_model,
+)
+from pipelines.nightly import promote
+from pipelines.stage1 import TaskResult
+
+SPEC = NetworkSpec(get_task("normal"), ModelConfig(width=8, downsample=4), 16, 3)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a registry writer could plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "weights", (tmp_path / "art").as_uri())
+
+
+def _plant(tracker, tmp_path, name, files: dict) -> str:
+    """A model version whose files are exactly `files` (name -> bytes or object to torch.save)."""
+    run = tracker.start_run("planted")
+    folder = tmp_path / f"planted-{run}" / "model"
+    folder.mkdir(parents=True)
+    for filename, content in files.items():
+        if isinstance(content, bytes):
+            (folder / filename).write_bytes(content)
+        else:
+            torch.save(content, folder / filename)
+    tracker.client.log_artifacts(run, str(folder), "model")
+    return str(tracker.client.create_model_version(name, f"runs:/{run}/model", run).version)
+
+
+def test_a_registered_network_is_a_state_dict_and_its_architecture_and_loads_back(tracker, tmp_path):
+    net = SPEC.build().eval()
+    run = tracker.start_run("train/normal")
+    version = tracker.log_task_network(run, net.state_dict(), SPEC, "taskatlas-normal")
+    files = {a.path for a in tracker.client.list_artifacts(run, "model")}
+    assert files == {f"model/{WEIGHTS_FILE}", f"model/{ARCHITECTURE_FILE}"}
+    architecture = json.loads(
+        (tmp_path / "art" / run / "artifacts" / "model" / ARCHITECTURE_FILE).read_text()
+    )
+    assert architecture["task"]["name"] == "normal" and architecture["image_size"] == 16
+    loaded = load_registered_model(tracker.tracking_uri, "taskatlas-normal", version)
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp_path):
+    marker = tmp_path / "code-ran"
+    tracker.log_task_network(
+        tracker.start_run("train/normal"), SPEC.build().state_dict(), SPEC, "taskatlas-normal"
+    )
+    architecture = json.dumps({"format": "taskatlas-weights-v1", **to_dict(SPEC.__dict__)}).encode()
+    evil_weights = _plant(
+        tracker,
+        tmp_path,
+        "taskatlas-normal",
+        {WEIGHTS_FILE: {"encoder.0.weight": _RunsCode(marker)}, ARCHITECTURE_FILE: architecture},
+    )
+    with pytest.raises(UnsafeModelError, match=f"v{evil_weights}: {WEIGHTS_FILE} is not a plain state dict"):
+        load_registered_model(tracker.tracking_uri, "taskatlas-normal", evil_weights)
+    # A whole pickled module, as `mlflow.pytorch.log_model(serialization_format="pickle")` writes.
+    pickled_module = _plant(
+        tracker, tmp_path, "taskatlas-normal", {"model.pth": _RunsCode(marker), "MLmodel": b"flavors: {}\n"}
+    )
+    with pytest.raises(UnsafeModelError, match=f"no readable {ARCHITECTURE_FILE}"):
+        load_registered_model(tracker.tracking_uri, "taskatlas-normal", pickled_module)
+    assert not marker.exists()
+
+    # Nightly's promotion: the planted champion is refused (not unpickled) and replaced.
+    tracker.set_alias("taskatlas-normal", "champion", evil_weights)
+    run = tracker.start_run("train/normal")
+    new = tracker.log_task_network(run, SPEC.build().state_dict(), SPEC, "taskatlas-normal")
+    result = TaskResult("normal", "k", "unused", 0.5, {}, run, new)
+    test = {
+        "image_id": np.arange(2),
+        "rgb": np.zeros((2, 16, 16, 3), np.uint8),
+        "normal": np.zeros((2, 16, 16, 3), np.float32),
+    }
+    [promotion] = promote(tracker, {"normal": result}, ["normal"], test, {"normal": SPEC.task})
+    assert promotion.promoted and promotion.champion_version == evil_weights
+    assert "not a plain state dict" in promotion.refused
+    assert tracker.alias_version("taskatlas-normal", "champion") == new
+    assert not marker.exists()
