@@ -38,6 +38,7 @@ class AnalysisResult:
 
 
 SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): the bootstrap's affinities
+PRUNED = "pruned.json"  # beside affinity.parquet when Stage II was pruned: what was never a candidate
 
 
 def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
@@ -67,9 +68,11 @@ def run_affinity(
         table = affinity_from_cube(cube)
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
+    if pruned := _pruned_transfers(losses_path):
+        (scratch / PRUNED).write_text(json.dumps(pruned, indent=1))
     plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
     run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"})
-    for name in ("affinity.parquet", "affinity.csv", "affinity_heatmap.png"):
+    for name in ("affinity.parquet", "affinity.csv", "affinity_heatmap.png", *([PRUNED] if pruned else [])):
         tracker.log_artifact(run, scratch / name)
     metrics = {"rows": table.num_rows, "targets": len(set(table["target"].to_pylist()))}
     tracker.log_metrics(run, metrics | {f"unlabelled_images.{t}": n for t, n in unlabelled.items()})
@@ -104,6 +107,8 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     sweep = sweep_budgets(table, taxonomy_options(cfg))
     stability = _stability(affinity, taxonomy_options(cfg), taxonomy)
     answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
+    if (affinity.path / PRUNED).exists():  # transfers the BIP never saw
+        answer["pruned"] = json.loads((affinity.path / PRUNED).read_text())
     (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))
     sweep_rows = [
         {
@@ -128,6 +133,19 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     tracker.end_run(run)
     step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **answer})
     return step
+
+
+def _pruned_transfers(losses_path: Path) -> dict | None:
+    """From Stage II's `pruning.json` (absent when it was not pruned): the first-order transfers
+    never trained, so not in the loss table, not AHP candidates and never in the BIP, with the
+    estimator's measured rank correlation on the trained ones."""
+    path = Path(losses_path).parent / "pruning.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    keep = ("estimator", "top_k", "audit_fraction", "spearman", "spearman_by_target", "audit_misses")
+    transfers = [f"{s}->{t}" for t, sources in report["pruned"].items() for s in sources]
+    return {"transfers": transfers, "audited": report["audited"]} | {k: report[k] for k in keep}
 
 
 def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> dict | None:

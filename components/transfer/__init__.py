@@ -19,7 +19,9 @@ from components.transfer.plan import (
     describe_plan,
     estimate_seconds,
     plan_transfers,
+    prune_plan,
     rank_sources,
+    top_k_for_budget,
 )
 from components.transfer.readout import (
     ReadoutNetwork,
@@ -49,8 +51,10 @@ __all__ = [
     "feature_channels",
     "label_tensor",
     "plan_transfers",
+    "prune_plan",
     "random_encoder",
     "rank_sources",
+    "top_k_for_budget",
     "train_readout",
     "trained_encoder",
     "view_input",

@@ -265,6 +265,11 @@ def _split_labels(data_root: str, split: str, column: str) -> tuple[np.ndarray, 
     return ids[order], data[column][order]
 
 
+def labels_for(data_root: str, split: str, column: str, ids: np.ndarray) -> np.ndarray:
+    """The stored labels of `split`'s images `ids` (sorted by id, as the feature caches' rows)."""
+    return _labels(data_root, split, column, ids)
+
+
 def _labels(data_root: str, split: str, column: str, ids: np.ndarray) -> np.ndarray:
     label_ids, labels = _split_labels(data_root, split, column)
     if not np.array_equal(label_ids, ids.astype(str)):

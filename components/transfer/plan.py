@@ -11,10 +11,13 @@ be counted and timed before anything runs.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from itertools import combinations
+
+import numpy as np
 
 
 class ReadoutKind(str, Enum):
@@ -68,13 +71,19 @@ class TransferPlan:
     beams: tuple[int, ...]  # B of each higher order
     first_order: tuple[Readout, ...]  # grouped by target, in target order
     baselines: tuple[Readout, ...]
+    # `prune_plan`: first-order readouts left untrained (never AHP candidates), and those of
+    # `first_order` trained only as an audit of the estimate that would have pruned them
+    pruned: tuple[Readout, ...] = ()
+    audited: tuple[Readout, ...] = ()
+    top_k: int = 0  # sources per target kept by estimate; 0: not pruned
 
     def first_order_of(self, target: str) -> tuple[Readout, ...]:
         return tuple(r for r in self.first_order if r.target == target)
 
     def candidates(self, target: str) -> tuple[str, ...]:
-        """Sources a higher-order set of `target` may use: every source but the target itself."""
-        return tuple(s for s in self.sources if s != target)
+        """Sources a higher-order set of `target` may use: every source of a first-order readout
+        it trains, but the target itself."""
+        return tuple(r.sources[0] for r in self.first_order_of(target) if r.sources[0] != target)
 
     def higher_order_count(self, target: str, order: int) -> int:
         beam = self.beams[self.orders.index(order)]
@@ -105,6 +114,76 @@ class TransferPlan:
     def trained(self) -> int:
         """Readouts that train a network (all but `self`)."""
         return sum(v for k, v in self.counts().items() if k != ReadoutKind.SELF.value)
+
+
+def prune_plan(
+    plan: TransferPlan,
+    estimates: Mapping[tuple[str, str], float],
+    top_k: int,
+    audit_fraction: float = 0.0,
+    seed: int = 0,
+) -> TransferPlan:
+    """Per target, keep the first-order readouts of the `top_k` sources with the lowest estimate
+    ((target, source) -> estimated loss; ties by name) and a random audit sample of the rest:
+    `ceil(audit_fraction x rest)` of them, drawn from (seed, target). Every baseline stays, and
+    higher orders still come from the trained first-order results. A source without an estimate
+    is kept (nothing says it is hopeless)."""
+    if top_k < 1 or not 0 <= audit_fraction <= 1:
+        raise ValueError(f"need top_k >= 1 and 0 <= audit_fraction <= 1, got {top_k}, {audit_fraction}")
+    kept, pruned, audited = [], [], []
+    for target in plan.targets:
+        readouts = plan.first_order_of(target)
+        known = {
+            r.sources[0]: estimates[target, r.sources[0]]
+            for r in readouts
+            if (target, r.sources[0]) in estimates
+        }
+        ranked = rank_sources(known)
+        rest = ranked[top_k:]
+        rng = np.random.default_rng([seed, zlib.crc32(target.encode())])
+        audit = {str(s) for s in rng.choice(rest, _audit_size(len(rest), audit_fraction), replace=False)}
+        for r in readouts:
+            source = r.sources[0]
+            if source in rest and source not in audit:
+                pruned.append(r)
+                continue
+            kept.append(r)
+            if source in audit:
+                audited.append(r)
+    return replace(plan, first_order=tuple(kept), pruned=tuple(pruned), audited=tuple(audited), top_k=top_k)
+
+
+def _audit_size(rest: int, audit_fraction: float) -> int:
+    return math.ceil(audit_fraction * rest - 1e-9)
+
+
+def top_k_for_budget(
+    plan: TransferPlan,
+    compute_fraction: float,
+    seconds_per_readout: float,
+    estimate_seconds: float,
+    audit_fraction: float = 0.0,
+) -> int:
+    """The largest K (>= 1) whose pruned plan, estimates included, costs at most `compute_fraction`
+    of the full plan's trained readouts, every readout costing `seconds_per_readout` (the
+    calibrated cost). Higher orders are counted at their most (a full beam from K + audit)."""
+    full = plan.trained * seconds_per_readout
+    fixed = sum(v for k, v in plan.counts().items() if k not in ("order 1", ReadoutKind.SELF.value)) - sum(
+        plan.higher_order_count(t, k) for t in plan.targets for k in plan.orders
+    )  # trained baselines
+
+    def cost(k: int) -> float:
+        n = 0
+        for target in plan.targets:
+            sources = len(plan.first_order_of(target))
+            first = min(k, sources) + _audit_size(sources - min(k, sources), audit_fraction)
+            n += first + sum(
+                math.comb(min(b, first), o) for o, b in zip(plan.orders, plan.beams, strict=True)
+            )
+        return estimate_seconds + (n + fixed) * seconds_per_readout
+
+    most = max((len(plan.first_order_of(t)) for t in plan.targets), default=1)
+    return max([k for k in range(1, most + 1) if cost(k) <= compute_fraction * full] or [1])
 
 
 def plan_transfers(
@@ -156,6 +235,11 @@ def describe_plan(
     lines = [f"Stage II plan: {len(plan.targets)} targets, {len(plan.sources)} sources"]
     lines += [f"  {name:<8} {n:>6} readouts" for name, n in counts.items()]
     lines.append(f"  {'total':<8} {sum(counts.values()):>6} ({plan.trained} trained)")
+    if plan.pruned:
+        lines.append(
+            f"  pruned by estimate: {len(plan.pruned)} first-order readouts "
+            f"({len(plan.audited)} kept as an audit of the estimate)"
+        )
     if stored:
         lines.append(f"  already stored: {stored} (skipped)")
     if seconds_per_readout is not None:
