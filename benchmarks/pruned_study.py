@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ from components.models import build_network  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
-from pipelines.analysis_steps import taxonomy_options  # noqa: E402
+from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.stage1 import TaskResult, channels_for  # noqa: E402
@@ -221,7 +222,7 @@ def main() -> None:
     _, pruned_table = affinities(pruned["result"].losses_path, tmp / "pruned")
     options = taxonomy_options(full_cfg)
     full_sweep = sweep_budgets(full_table, options, BUDGETS)
-    pruned_sweep = sweep_budgets(pruned_table, options, BUDGETS)
+    pruned_sweep = sweep_budgets(pruned_table, within_table(options, pruned_table), BUDGETS)
     same, gaps, per_budget = 0, [], {}
     for a, b in zip(full_sweep, pruned_sweep, strict=True):
         if a.taxonomy is None or b.taxonomy is None:
@@ -258,6 +259,7 @@ def main() -> None:
         "total_s": round(time.perf_counter() - start, 1),
     }
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
 
 

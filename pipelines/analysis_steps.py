@@ -7,7 +7,7 @@ outputs live (step folders keyed by their inputs), skips finished steps, and log
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,14 @@ from components.bootstrap import (
 )
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
-from components.taxonomy import Taxonomy, TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
+from components.taxonomy import (
+    Taxonomy,
+    TaxonomyOptions,
+    TransferTable,
+    Transform,
+    solve_taxonomy,
+    sweep_budgets,
+)
 from components.tracking import Tracker
 from pipelines.config import PipelineConfig
 from pipelines.steps import Step
@@ -103,9 +110,12 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
         return step
     scratch = step.begin()
     table = read_affinities(affinity.path / "affinity.parquet")
-    taxonomy = solve_taxonomy(table, taxonomy_options(cfg))
-    sweep = sweep_budgets(table, taxonomy_options(cfg))
-    stability = _stability(affinity, taxonomy_options(cfg), taxonomy)
+    options = taxonomy_options(cfg)
+    if (affinity.path / PRUNED).exists():
+        options = within_table(options, table)
+    taxonomy = solve_taxonomy(table, options)
+    sweep = sweep_budgets(table, options)
+    stability = _stability(affinity, options, taxonomy)
     answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
     if (affinity.path / PRUNED).exists():  # transfers the BIP never saw
         answer["pruned"] = json.loads((affinity.path / PRUNED).read_text())
@@ -133,6 +143,19 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     tracker.end_run(run)
     step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **answer})
     return step
+
+
+def within_table(options: TaxonomyOptions, table: TransferTable) -> TaxonomyOptions:
+    """Options naming only tasks the table has: a pruned study can lose a source altogether (pruned
+    from every target), and a task with no transfer in the table can be neither root nor source."""
+    known = set(table.tasks)
+    return replace(
+        options,
+        exclude=options.exclude & known,
+        source_only=options.source_only & known,
+        importance={k: v for k, v in options.importance.items() if k in known},
+        cost={k: v for k, v in options.cost.items() if k in known},
+    )
 
 
 def _pruned_transfers(losses_path: Path) -> dict | None:

@@ -256,3 +256,16 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
     assert taxonomy["pruned"]["transfers"] == side["transfers"]
     for target, sources in taxonomy["transfers"].items():
         assert len(sources) > 1 or (target, sources[0]) not in pruned
+
+
+def test_a_source_pruned_from_every_target_is_dropped_from_the_solvers_options():
+    from components.taxonomy import TransferTable
+    from pipelines.analysis_steps import within_table
+
+    table = TransferTable.from_rows([("a", ("b",), 0.6), ("a", ("self",), 0.4), ("b", ("self",), 1.0)])
+    options = TaxonomyOptions(budget=1, source_only=frozenset({"c"}), cost={"c": 2.0, "b": 1.0})
+    with pytest.raises(Exception, match="unknown task"):
+        solve_taxonomy(table, options)  # c lost every transfer to pruning: not in the table
+    kept = within_table(options, table)
+    assert kept.source_only == frozenset() and dict(kept.cost) == {"b": 1.0}
+    assert solve_taxonomy(table, kept).roots == ("b",)
