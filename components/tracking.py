@@ -21,9 +21,9 @@ from typing import Any
 import mlflow
 import mlflow.artifacts
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from components.config import from_dict, to_dict
 from components.errors import TaskatlasError
@@ -36,6 +36,23 @@ STORAGE_ROOT_TAG = "taskatlas.storage_root"  # on every run: which study a run b
 WEIGHTS_FILE = "weights.pt"  # the state dict, read back with torch.load(weights_only=True)
 ARCHITECTURE_FILE = "architecture.json"  # what rebuilds the network with the project's own code
 _WEIGHTS_FORMAT = "taskatlas-weights-v1"
+NOTE = "mlflow.note.content"  # the markdown description MLflow's UI shows for a run or experiment
+# What a newcomer needs to read the experiment, shown on its page; the kind tag makes MLflow 3
+# open it on the "Model training" view instead of the GenAI traces page.
+EXPERIMENT_DESCRIPTION = """A Taskonomy-style transfer study (taskatlas). **Lower loss is better**
+everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`; steps are 0-based epochs).
+
+- The parent run of each invocation holds the answer: its description states the chosen taxonomy
+  (the roots to label, and where every other task gets its representation), with the bootstrap
+  stability of each choice and every target's three best sources.
+- `train <task>` runs are the task networks; `tune <task>` runs their hyperparameter search.
+- Readout runs are named `target <- sources`: a small network trained on frozen source features.
+  Their `affinity` (AHP share of the target's win rates, higher = better source; a target's
+  candidates sum to 1), `quality` (win rate against `self`, the target's own fully supervised
+  network) and `gain` (win rate against `pixels`, a readout on raw pixels) compare sources.
+  `random` is a frozen random-init encoder: a source no better than it has nothing to offer.
+"""
+_EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
 
 
 class UnsafeModelError(TaskatlasError):
@@ -82,6 +99,11 @@ class RunLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch, synchronous=True)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        MlflowClient(self.tracking_uri).log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
+        )
+
     def logged_steps(self, key: str) -> set[int]:
         """Steps at which the run already has metric `key` (what an earlier attempt logged)."""
         return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(self.run_id, key)}
@@ -103,18 +125,27 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=artifact_location
+                experiment_name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS
             )
         else:
             self.experiment_id = experiment.experiment_id
+            for key, value in _EXPERIMENT_TAGS.items():
+                if experiment.tags.get(key) != value:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def start_run(
-        self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+        self,
+        name: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        start_time: float | None = None,
     ) -> str:
+        """A new run; `start_time` (epoch seconds) when the work it records began earlier."""
         all_tags = {MLFLOW_RUN_NAME: name, **self.run_tags, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        start = None if start_time is None else int(start_time * 1000)
+        run = self.client.create_run(self.experiment_id, start_time=start, run_name=name, tags=all_tags)
         return run.info.run_id
 
     def find_run(self, name: str, parent_run_id: str | None = None) -> str | None:
@@ -203,28 +234,64 @@ class Tracker:
     def log_dict(self, run_id: str, data: Any, filename: str) -> None:
         self.client.log_dict(run_id, data, filename)
 
-    def end_run(self, run_id: str, failed: bool = False) -> None:
+    def end_run(self, run_id: str, failed: bool = False, end_time: float | None = None) -> None:
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-        self.client.set_terminated(run_id, status)
+        self.client.set_terminated(run_id, status, None if end_time is None else int(end_time * 1000))
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description in MLflow's UI."""
+        self.client.set_tag(run_id, NOTE, markdown)
+
+    def log_dataset(
+        self, run_id: str, name: str, digest: str, source: str, context: str = "training"
+    ) -> None:
+        """The run's dataset as an MLflow dataset input (name, version digest, where it lives)."""
+        dataset = Dataset(name, digest, "local", json.dumps({"uri": source}))
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
 
     def log_task_network(
-        self, run_id: str, state_dict: Mapping[str, Any], spec: NetworkSpec, registered_name: str
+        self,
+        run_id: str,
+        state_dict: Mapping[str, Any],
+        spec: NetworkSpec,
+        registered_name: str,
+        metrics: Mapping[str, float],
+        step: int,
+        version_tags: Mapping[str, str],
+        description: str,
     ) -> str:
         """Log a task network as weights only (its state dict and the architecture that rebuilds
-        it) under the run's `model/` and register a new version of it; returns the version."""
+        it) as an MLflow logged model named after its task, with its final `metrics` (at `step`,
+        the last epoch) as the model's metrics, and register a new version of it, tagged and
+        described; returns the version."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
             folder.mkdir()
             torch.save(dict(state_dict), folder / WEIGHTS_FILE)
             architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
             (folder / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, sort_keys=True))
-            self.client.log_artifacts(run_id, str(folder), "model")
+            logged = self.client.create_logged_model(
+                self.experiment_id, name=spec.task.name, source_run_id=run_id, tags=dict(version_tags)
+            )
+            self.client.log_model_artifacts(logged.model_id, str(folder))
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=rows)
         try:
             self.client.create_registered_model(registered_name)
         except mlflow.exceptions.MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self.client.create_model_version(registered_name, f"runs:/{run_id}/model", run_id)
+        version = self.client.create_model_version(
+            registered_name,
+            logged.artifact_location,  # not `models:/<id>`: MLflow would resolve that on its default store
+            run_id,
+            tags=dict(version_tags),
+            description=description,
+            model_id=logged.model_id,
+        )
         return str(version.version)
 
     def alias_version(self, registered_name: str, alias: str) -> str | None:

@@ -18,6 +18,15 @@ from components.errors import ConfigError
 from components.models import ModelConfig
 from components.tasks import TASKS, Task, define_tasks
 from components.transfer import BASELINES, ReadoutKind
+from components.transfer.estimate import EstimatorKind
+
+
+def _at_least(section: str, config: Any, minimum: float, *names: str, above: bool = False) -> None:
+    """One-line errors naming the field: each `names` must be >= minimum (> with `above`)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (value <= minimum if above else value < minimum):
+            raise ConfigError(f"{section}.{name} must be {'>' if above else '>='} {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,10 @@ class DataConfig:
     size: int = 64
     seed: int = 0
     rows_per_shard: int = 500
+
+    def __post_init__(self) -> None:
+        _at_least("data", self, 1, "n_train", "n_transfer", "n_test", "size", "rows_per_shard")
+        _at_least("data", self, 0, "seed")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,11 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
         if self.report_poll_s <= 0:
             raise ConfigError(f"train.report_poll_s must be > 0, got {self.report_poll_s}")
+        _at_least(
+            "train", self, 0, "num_workers", "max_failures", "concurrent_tasks", "seed", "fail_at_epoch"
+        )
+        _at_least("train", self, 1, "checkpoints_to_keep")
+        _at_least("train", self, 0, "cpus_per_worker", above=True)
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,34 @@ class TuneConfig:
             raise ConfigError("tune: need 0 < lr_min <= lr_max and 0 < weight_decay_min <= weight_decay_max")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("tune.batch_sizes must be a non-empty list of positive sizes")
+        _at_least("tune", self, 2, "reduction_factor")
+        _at_least("tune", self, 0, "max_train_images", "gpus_per_trial", "concurrent_tasks")
+        _at_least("tune", self, 0, "cpus_per_trial", above=True)
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"tune.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Stage II pruning (design.md section 11): per target, full readouts only for the sources a
+    cheap estimate ranks best, a random audit sample of the rest, and every baseline. Off by
+    default: a pruned transfer is never an AHP candidate, so the study cannot pick it."""
+
+    enabled: bool = False
+    top_k: int = 3  # sources per target trained in full, by estimate (ignored with compute_fraction)
+    audit_fraction: float = 0.1  # of the other sources, per target (rounded up): trained to check
+    # > 0: budget mode, K is the largest whose Stage II (estimates included) costs at most this
+    # fraction of the full plan's, from the calibrated readout cost
+    compute_fraction: float = 0.0
+    estimator: EstimatorKind = EstimatorKind.PROBE
+    short_epochs: int = 1  # epochs of the `short` estimator's readout
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.short_epochs < 1:
+            raise ConfigError("transfer.prune.top_k and transfer.prune.short_epochs must be >= 1")
+        for name in ("audit_fraction", "compute_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"transfer.prune.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +164,7 @@ class TransferConfig:
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     max_retries: int = 2  # per readout, then it is reported as failed and the others go on
     fail_readouts: tuple[str, ...] = ()  # test seam: these readouts (`a+b->t`) always raise
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         if len(self.orders) != len(self.beams):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from components.config import config_hash, to_dict
@@ -134,10 +136,23 @@ def remove_dead_temp_files(root: Path) -> list[Path]:
     return removed
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
+def dataset_name(cfg: PipelineConfig, store: ShardStore) -> str:
+    """What the dataset input is called in MLflow: the imported folder, or the synthetic scenes."""
+    return Path(cfg.data.path).name if cfg.data.path else f"synthetic-{cfg.data.size}px-seed{cfg.data.seed}"
+
+
 def code_version() -> str:
+    """The full commit hash of the code (MLflow links `mlflow.source.git.commit`)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
         )
         return out.stdout.strip() or "unknown"
     except OSError:
@@ -160,14 +175,22 @@ def invocation(cfg: PipelineConfig, command: str):
     tracker = open_tracker(cfg)
     # The caller holds the study lock: a run of this root still RUNNING has a dead driver.
     tracker.end_orphans(STORAGE_ROOT_TAG, str(cfg.root))
+    commit = code_version()
     tags = {
         "command": command,
         "config_hash": config_hash(cfg),
         "data_version": store.data_version,
-        "code_version": code_version(),
+        "code_version": commit[:7],
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": f"taskatlas {command}",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
     }
-    run_id = tracker.start_run(command, tags=tags)
+    started = datetime.now(timezone.utc)
+    run_id = tracker.start_run(f"{command} {cfg.name} {started:%Y-%m-%d %H:%M}", tags=tags)
+    tracker.log_params(run_id, to_dict(cfg))  # the resolved config, flattened: filterable
     tracker.log_dict(run_id, to_dict(cfg), "config.json")
+    tracker.log_dataset(run_id, dataset_name(cfg, store), store.data_version, str(store.root))
     try:
         yield Invocation(cfg, store, tracker, run_id)
     except BaseException:

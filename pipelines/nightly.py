@@ -33,9 +33,7 @@ from pipelines.config import PipelineConfig
 from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
-from pipelines.stage1 import TaskResult
-
-CHAMPION = "champion"
+from pipelines.stage1 import CHAMPION, TaskResult
 
 
 @contextmanager
@@ -101,9 +99,8 @@ def promote(
             else:
                 batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
                 champion_loss = nanmean(per_image_losses(model, batches, task, torch.device("cpu"))[1])
-        better = champion is None or (
-            champion != r.model_version and (refused != "" or r.test_loss <= champion_loss)
-        )
+        # A task's first version is made champion when it is registered (Stage I): new this night.
+        better = champion in (None, r.model_version) or refused != "" or r.test_loss <= champion_loss
         if better:
             tracker.set_alias(registered, CHAMPION, r.model_version)
         out.append(Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better, refused))

@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
 from components.tasks import Task
+from components.tracking import Tracker
 from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
+from pipelines.report import answer_markdown
 from pipelines.stage1 import Stage1, TaskResult
 from pipelines.stage2 import Stage2, Stage2Result
 
@@ -106,7 +110,10 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
 
     affinity = affinity_step(cfg, result.stage2.key)
     result.steps.append(("affinity", "reused" if affinity.complete else "ran"))
+    fresh = not affinity.complete
     affinity = run_affinity(cfg, Path(result.stage2.losses_path), result.stage2.key, inv.tracker, inv.run_id)
+    if fresh:
+        _score_readout_runs(inv.tracker, result.stage2.readout_runs, affinity.path / "affinity.parquet")
     for name in ("affinity.parquet", "affinity_heatmap.png"):
         inv.tracker.log_artifact(inv.run_id, affinity.path / name)
     result.affinity_path = affinity.path / "affinity.parquet"
@@ -124,7 +131,29 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         metrics["taxonomy_stability"] = stability["taxonomy"]
     inv.tracker.log_metrics(inv.run_id, metrics)
     result.taxonomy["path"] = str(taxonomy.path)
+    counts = result.summary(str(cfg.root), inv.run_id)
+    inv.tracker.log_metrics(
+        inv.run_id,
+        {
+            "networks": len(result.stage1),
+            "networks_trained": len(result.retrained),
+            "readouts": counts["readouts_ran"] + counts["readouts_reused"],
+            "readouts_trained": counts["readouts_ran"],
+        },
+    )
+    table = pq.read_table(result.affinity_path)
+    inv.tracker.describe(inv.run_id, answer_markdown(result.taxonomy, table, inv.run_id))
     return result
+
+
+def _score_readout_runs(tracker: Tracker, runs: dict[str, str], affinity_path: Path) -> None:
+    """Stage III's verdict on each readout, on its own run: affinity, quality (vs self), gain
+    (vs pixels), so MLflow's run table sorts and filters sources by them."""
+    for row in pq.read_table(affinity_path).to_pylist():
+        run = runs.get(f"{'+'.join(row['sources'])}->{row['target']}")
+        if run:
+            scores = {k: row[k] for k in ("affinity", "quality", "gain") if row[k] == row[k]}  # not NaN
+            tracker.log_metrics(run, scores)
 
 
 def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, str]]:

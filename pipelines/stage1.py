@@ -52,6 +52,7 @@ from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
 _REGISTRY_LOCK = threading.Lock()
+CHAMPION = "champion"  # the registry alias of a task's best network (nightly moves it)
 
 
 @dataclass(frozen=True)
@@ -367,9 +368,33 @@ class Stage1:
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
         pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
         test_loss = nanmean(losses)
-        self.tracker.log_metrics(run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs)
+        # The model's metrics are its last epoch's (step = that epoch), plus the test loss of the
+        # saved weights as Stage II's `self` baseline will see them.
+        final = {k: float(result.metrics[k]) for k in ("train_loss", "test_loss") if k in result.metrics}
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
-        version = self.tracker.log_task_network(run_id, model.state_dict(), spec, f"taskatlas-{task.name}")
+        registered = f"taskatlas-{task.name}"
+        version = self.tracker.log_task_network(
+            run_id,
+            model.state_dict(),
+            spec,
+            registered,
+            metrics=final | {"final_test_loss": test_loss},
+            step=cfg.train.epochs - 1,
+            version_tags={
+                "task": task.name,
+                "final_test_loss": f"{test_loss:.6g}",
+                "data_version": self.store.data_version,
+                "config_hash": key,
+            },
+            description=(
+                f"The {task.name} network ({task.kind.value} task, {task.loss.value} loss on column "
+                f"`{task.column}`), trained {cfg.train.epochs} epochs on data version "
+                f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
+                "Weights only: load with taskatlas' load_registered_model."
+            ),
+        )
+        if self.tracker.alias_version(registered, CHAMPION) is None:  # a task's first version
+            self.tracker.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(run_id)
         done = TaskResult(task.name, key, str(out / "model.pt"), test_loss, hparams, run_id, version)
         (out / "result.json").write_text(json.dumps(asdict(done), indent=1))

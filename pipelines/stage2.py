@@ -63,7 +63,10 @@ from components.transfer import (
     TransferPlan,
     feature_channels,
     plan_transfers,
+    prune_plan,
+    top_k_for_budget,
 )
+from components.transfer.estimate import Estimate, EstimateJob, pruning_report, run_estimates
 from components.transfer.jobs import (
     LOSS_SCHEMA,
     FeatureEncoder,
@@ -82,7 +85,7 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.stage1 import TaskResult, channels_for
 
 SPLITS = ("transfer", "test")
-_PLAN_FIELDS = ("orders", "beams", "targets", "baselines")  # which readouts, not how one trains
+_PLAN_FIELDS = ("orders", "beams", "targets", "baselines", "prune")  # which readouts, not how one trains
 _RUNTIME_FIELDS = (  # TransferConfig fields that do not change a result: not in the stage key
     "encode_batch_size",
     "cpus_per_readout",
@@ -93,6 +96,9 @@ _RUNTIME_FIELDS = (  # TransferConfig fields that do not change a result: not in
 )
 _REMOTE_READOUT = ray.remote(run_readout)
 _REMOTE_CALIBRATE = ray.remote(calibrate_readout)
+_REMOTE_ESTIMATES = ray.remote(run_estimates)
+READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, beside result.json
+PRUNING = "pruning.json"  # beside transfer_losses.parquet when transfer.prune is on
 
 
 # ---------------------------------------------------------------- driver side
@@ -108,6 +114,12 @@ class Stage2Result:
     counts: dict[str, int]  # readouts per order / baseline in the final table
     failed: tuple[str, ...] = ()  # readout names that failed after their retries
     ran: int = 0  # readouts trained by this run (the rest were stored)
+
+    @property
+    def readout_runs(self) -> dict[str, str]:
+        """Readout name (`a+b->t`) -> its MLflow run id (Stage III adds its affinity there)."""
+        path = Path(self.out_dir) / READOUT_RUNS
+        return json.loads(path.read_text()) if path.exists() else {}
 
 
 @dataclass(frozen=True)
@@ -188,6 +200,8 @@ class Stage2:
 
     def key(self, results: Mapping[str, TaskResult]) -> str:
         science = {k: v for k, v in to_dict(self.transfer).items() if k not in _RUNTIME_FIELDS}
+        if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
+            science.pop("prune")
         encoders = {name: r.key for name, r in results.items()}
         return config_hash(
             "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
@@ -250,15 +264,27 @@ class Stage2:
             return Stage2Result(**{**json.loads((out / "result.json").read_text()), "ran": 0})
         keys = self.readout_keys(results)
         out.mkdir(parents=True, exist_ok=True)
-        run_id = self.tracker.start_run("transfer", self.parent_run_id, {"stage": "transfer", "key": key})
-        self.tracker.log_params(
-            run_id, {"key": key, "transfer": to_dict(self.transfer), "counts": plan.counts()}
+        # A dead driver's unfinished run of this stage (marked KILLED at start) is continued, so one
+        # run holds every readout of the stage; a new run gets the params.
+        run_id = self.tracker.resume_or_start_run(
+            "transfer",
+            self.parent_run_id,
+            {"stage": "transfer", "key": key},
+            match="key",
+            params={"key": key, "transfer": to_dict(self.transfer), "counts": plan.counts()},
         )
+        self.tracker.describe(run_id, STAGE_NOTE)
         start = time.perf_counter()
         try:
             dirs = self._feature_dirs(results, plan)
+            estimates: dict[tuple[str, str], Estimate] = {}
+            if self.transfer.prune.enabled:
+                estimates = self._estimates(out, plan, dirs)
+                plan = self._pruned(plan, estimates)
             fan = _FanOut(self, plan, keys, key, dirs, run_id, results)
             fan.run()
+            if self.transfer.prune.enabled:
+                self._write_pruning(out, run_id, plan, estimates, fan)
             result = self._finish(out, key, run_id, plan, fan, time.perf_counter() - start)
         except BaseException:
             self.tracker.end_run(run_id, failed=True)
@@ -287,6 +313,76 @@ class Stage2:
     def _resources(self) -> dict:
         t = self.transfer
         return {"num_cpus": t.cpus_per_readout, "num_gpus": t.gpus_per_readout if self.use_gpu else 0}
+
+    # -- pruning (design.md section 11)
+    def _estimates(
+        self, out: Path, plan: TransferPlan, dirs: Mapping[tuple[str, str], Path]
+    ) -> dict[tuple[str, str], Estimate]:
+        """(target, source) -> estimate for every planned first-order readout: one Ray task per
+        target. Stored in the stage folder, so a resumed run prunes exactly as the first did."""
+        stored = out / "estimates.json"
+        if stored.exists():
+            rows = json.loads(stored.read_text())
+            return {(r["target"], r["source"]): Estimate(**r) for r in rows}
+        p = self.transfer.prune
+        refs = []
+        for target in plan.targets:
+            task, view = self.config.task(target), self.config.task(target).input.value
+            job = EstimateJob(
+                target=task,
+                feature_dirs=tuple(
+                    (r.sources[0], str(dirs[r.sources[0], view])) for r in plan.first_order_of(target)
+                ),
+                data_root=str(self.store.root),
+                kind=p.estimator,
+                settings=self.settings,
+                model=self.config.model,
+                image_size=self.config.data.size,
+                channels=channels_for(task, self.store),
+                short_epochs=p.short_epochs,
+                use_gpu=self.use_gpu,
+                threads=max(1, int(self.transfer.cpus_per_readout)),
+            )
+            refs.append(_REMOTE_ESTIMATES.options(**self._resources()).remote(job))
+        estimates = [e for batch in ray.get(refs) for e in batch]
+        tmp = stored.with_suffix(".tmp")
+        tmp.write_text(json.dumps([asdict(e) for e in estimates], indent=1))
+        os.replace(tmp, stored)
+        return {(e.target, e.source): e for e in estimates}
+
+    def _pruned(self, plan: TransferPlan, estimates: Mapping[tuple[str, str], Estimate]) -> TransferPlan:
+        """Top-K sources per target by estimate (K from the budget in budget mode), an audit sample
+        of the rest, every baseline."""
+        p = self.transfer.prune
+        top_k = p.top_k
+        if p.compute_fraction:
+            seconds, _ = self.estimate(plan)
+            spent = sum(e.seconds for e in estimates.values())
+            top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction)
+        scores = {k: e.score for k, e in estimates.items()}
+        return prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed)
+
+    def _write_pruning(
+        self,
+        out: Path,
+        run_id: str,
+        plan: TransferPlan,
+        estimates: Mapping[tuple[str, str], Estimate],
+        fan: _FanOut,
+    ) -> None:
+        """`pruning.json`: what was pruned and audited, and how well the estimate ranked the
+        first-order readouts that were trained (each target's top K and its audit sample)."""
+        report = pruning_report(plan, estimates, {r: o.mean_loss for r, o in fan.outcomes.items()})
+        report |= {
+            "estimator": self.transfer.prune.estimator.value,
+            "audit_fraction": self.transfer.prune.audit_fraction,
+        }
+        (out / PRUNING).write_text(json.dumps(report, indent=1))
+        self.tracker.log_artifact(run_id, out / PRUNING)
+        metrics = {"pruned": len(plan.pruned), "estimate_seconds": report["estimate_seconds"]}
+        if report["spearman"] is not None:
+            metrics["estimate_spearman"] = report["spearman"]
+        self.tracker.log_metrics(run_id, metrics)
 
     # -- feature cache
     def feature_sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
@@ -433,9 +529,25 @@ class Stage2:
             (out / "failed.json").write_text(json.dumps(errors, indent=1, sort_keys=True))
         else:
             (out / "failed.json").unlink(missing_ok=True)
+            runs = {r.name: fan.runs[fan.keys.key(r)][0] for r in readouts if fan.keys.key(r) in fan.runs}
+            (out / READOUT_RUNS).write_text(json.dumps(runs, indent=1, sort_keys=True))
             done = {k: v for k, v in asdict(result).items() if k not in ("ran", "failed")}
             (out / "result.json").write_text(json.dumps(done, indent=1))
         return result
+
+
+STAGE_NOTE = """Every readout into a target, as a nested run named `target <- sources`: a small
+network trained on the frozen features of its sources (the `transfer` split less a validation
+part), scored per test image; lower loss is better. Baselines: `self` is the target's own fully
+supervised network (the bar a transfer tries to reach), `pixels` a readout on the raw image (no
+encoder), `random` a readout on a frozen random-init encoder (what architecture alone gives).
+After Stage III each readout run also has `affinity`, `quality` (win rate against `self`) and
+`gain` (win rate against `pixels`)."""
+
+
+def readout_run_name(r: Readout) -> str:
+    """Target first, so the useful part shows in MLflow's run table: `normal <- depth_euclidean`."""
+    return f"{r.target} <- {'+'.join(r.sources)}"
 
 
 class _FanOut:
@@ -553,7 +665,9 @@ class _FanOut:
             "kind": r.kind.value,
             **(extra or {}),
         }
-        return self.stage.tracker.start_run(f"transfer/{r.name}", self.run_id, tags)
+        outcome = self.outcomes.get(r)
+        started = outcome.started if outcome is not None and outcome.started else None  # when it ran
+        return self.stage.tracker.start_run(readout_run_name(r), self.run_id, tags, start_time=started)
 
     def _log(self, o: ReadoutOutcome) -> None:
         """One nested run per readout: create, one batched write, close (3 requests)."""
@@ -561,7 +675,9 @@ class _FanOut:
         if self.runs.get(self.keys.key(r), (None, None))[1] == "FINISHED":
             return
         run = self._run_for(r)
-        rows = [("test_loss", o.mean_loss, 0), ("seconds", o.seconds, 0)]
+        last = max(len(o.train_losses) - 1, 0)  # steps are 0-based epochs; scores are the last's
+        rows = [("test_loss", o.mean_loss, last), ("seconds", o.seconds, last)]
+        rows += [("val_loss", o.val_loss, last)] if o.val_loss == o.val_loss else []  # not NaN
         rows += [("train_loss", v, i) for i, v in enumerate(o.train_losses)]
         params = {
             "target": r.target,
@@ -570,7 +686,7 @@ class _FanOut:
             "kind": r.kind.value,
         }
         tracker.log_history(run, rows, params)
-        tracker.end_run(run)
+        tracker.end_run(run, end_time=o.finished or None)  # when the Ray work ended
         self.runs[self.keys.key(r)] = (run, "FINISHED")
 
     def _log_failure(self, r: Readout, error: str) -> None:

@@ -53,7 +53,8 @@ def train_worker(raw: dict) -> None:
     task = from_dict(Task, cfg.task)
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    # Rank 0 records how the group is laid out (the multi-node test reads it back from MLflow).
+    # Rank 0 records how the group is laid out, as tags: constants of a run, not curves (the
+    # multi-node test reads them back from MLflow).
     layout = {"world_size": context.get_world_size(), "nodes": _distinct_ray_nodes()}
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
@@ -71,6 +72,8 @@ def train_worker(raw: dict) -> None:
     # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()
+    if logger is not None:
+        logger.set_tags(layout)
     train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     cached_train: dict | None = None  # see TrainConfig.cache_in_memory
@@ -104,7 +107,7 @@ def train_worker(raw: dict) -> None:
                     cached_test = list(test_shard.iter_batches(batch_size=256, batch_format="numpy"))
                 metrics["test_loss"] = evaluate(unwrap(model), cached_test, task, device)
                 if epoch not in logged:
-                    logger.log_metrics({**metrics, **layout}, step=epoch)
+                    logger.log_metrics(metrics, step=epoch)
                 state = {
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     tracker = open_tracker(cfg)
     stage = Stage1(cfg, ShardStore(dataset), tracker, tracker.start_run("multinode"))
     result = stage.train(get_task("edge_occlusion"), stage.default_hparams())
-    nodes = [m.value for m in tracker.client.get_metric_history(result.run_id, "nodes")]
+    nodes = [float(tracker.client.get_run(result.run_id).data.tags["nodes"])]
     print("RESULT", json.dumps({"nodes": nodes, "alive": len([n for n in ray.nodes() if n["Alive"]]),
                                 "test_loss": result.test_loss}))
     ray.shutdown()

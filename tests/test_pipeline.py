@@ -53,6 +53,56 @@ def runs_named(root, prefix):
     return [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
 
 
+def check_the_answer_is_browsable(root, parent, taxonomy):
+    """What a researcher sees in the MLflow UI (issue 13): the answer on the parent run, scored
+    readouts with real durations, champion models with their last epoch's metrics."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(parent.info.run_id)
+    assert run.info.run_name.startswith("run tiny 20")  # command, config name, date
+    assert run.data.params["transfer.epochs"] == "1" and run.data.params["tasks"]  # the resolved config
+    assert run.data.metrics["taxonomy_objective"] == pytest.approx(taxonomy["objective"])
+    assert 0 <= run.data.metrics["taxonomy_stability"] <= 1 and run.data.metrics["networks"] == 3
+    note = run.data.tags["mlflow.note.content"]
+    assert all(f"**{r}**" in note for r in taxonomy["roots"]) and f"{taxonomy['objective']:.4g}" in note
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.user"]
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [run.data.tags["data_version"]]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Lower loss is better" in experiment.tags["mlflow.note.content"]
+
+    readouts = [r for r in client.search_runs([run.info.experiment_id]) if "readout_key" in r.data.tags]
+    assert len(readouts) == 21
+    for r in readouts:
+        target, sources = r.info.run_name.split(" <- ")  # target first
+        assert (target, sources) == (r.data.tags["target"], r.data.tags["sources"])
+        assert "affinity" in r.data.metrics or sources == "pixels"  # pixels is gain's reference
+        duration = (r.info.end_time - r.info.start_time) / 1000
+        assert duration >= r.data.metrics["seconds"] - 0.01  # the times of the Ray work itself
+
+    for task in ("normal", "reshading", "edge_texture"):
+        version = client.get_model_version_by_alias(f"taskatlas-{task}", "champion")
+        assert str(version.version) == "1" and version.tags["task"] == task and version.description
+        (model,) = [
+            m
+            for m in client.search_logged_models([run.info.experiment_id])
+            if m.source_run_id == version.run_id
+        ]
+        assert model.name == task
+        train_run = client.get_run(version.run_id)
+        last = {
+            k: client.get_metric_history(train_run.info.run_id, k)[-1] for k in ("train_loss", "test_loss")
+        }
+        by_model = {m.key: m for m in model.metrics}
+        for key, metric in last.items():
+            assert by_model[key].value == pytest.approx(metric.value) and by_model[key].step == metric.step
+
+    for r in client.search_runs([run.info.experiment_id]):  # no flat curves: constants are tags
+        for key in set(r.data.metrics) - {"sweep_objective"}:  # steps are budgets: flat is a finding
+            history = client.get_metric_history(r.info.run_id, key)
+            steps = {m.step for m in history}
+            assert len(steps) == 1 or len({m.value for m in history}) > 1, (r.info.run_name, key)
+
+
 def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stages_2_to_4(
     tiny_config, tmp_path, capsys, ray_session
 ):
@@ -79,8 +129,9 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert set(table["target"].to_pylist()) == {"normal", "reshading", "edge_texture"}
     for row in table.to_pylist():  # the 95% interval brackets the point estimate
         assert row["affinity_lo"] - 1e-9 <= row["affinity"] <= row["affinity_hi"] + 1e-9
-    parent = runs_named(root, "run")
+    parent = runs_named(root, "run ")
     assert len(parent) == 1
+    check_the_answer_is_browsable(root, parent[0], taxonomy)
     artifacts = {
         a.path for a in MlflowClient(f"sqlite:///{root / 'mlflow.db'}").list_artifacts(parent[0].info.run_id)
     }
@@ -96,7 +147,12 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert set(dry(tiny_config, capsys).values()) == {"reuse"}
     assert main(["run", "-c", str(tiny_config)]) == 0
     assert "steps: 0 ran, 6 reused" in capsys.readouterr().out
-    assert len(runs_named(root, "train/")) == 3 and len(runs_named(root, "transfer")) == 1 + 21
+    readouts = [r for r in runs_named(root, "") if "readout_key" in r.data.tags]
+    assert (
+        len(runs_named(root, "train/")) == 3
+        and len(runs_named(root, "transfer")) == 1
+        and len(readouts) == 21
+    )
 
     # A transfer setting changes Stages II-IV only: every trained readout again (self is reused).
     plan = dry(tiny_config, capsys, "--set", "transfer.epochs=2")

@@ -76,6 +76,8 @@ class ReadoutOutcome:
     seconds: float
     train_losses: tuple[float, ...] = ()
     val_loss: float = float("nan")  # over the transfer split's validation part: ranks beams
+    started: float = 0.0  # when the job began and ended (epoch seconds): the MLflow run's times
+    finished: float = 0.0
 
 
 def readout_path(root: str | Path, readout: Readout, key: str) -> Path:
@@ -90,13 +92,13 @@ def attempts_path(path: str | Path) -> Path:
 
 def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     """Train one readout on cached features, store its per-image test losses, return a summary."""
-    r, task = job.readout, job.task
+    r, task, started = job.readout, job.task, time.time()
     _note_attempt(job.path, "start")
     if job.fail:
         raise RuntimeError(f"injected failure of readout {r.name} (transfer.fail_readouts)")
     torch.set_num_threads(job.threads)
     if r.kind is ReadoutKind.SELF:
-        return _score_self(job)
+        return _score_self(job, started)
     train_x, train_ids = source_features(job.feature_dirs, "transfer")
     test_x, test_ids = source_features(job.feature_dirs, "test")
     result = train_readout(
@@ -112,13 +114,15 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
         device=pick_device(job.use_gpu),
         channels=job.channels,
     )
-    outcome = ReadoutOutcome(r, result.mean_loss, result.seconds, result.train_losses, result.val_loss)
+    outcome = ReadoutOutcome(
+        r, result.mean_loss, result.seconds, result.train_losses, result.val_loss, started, time.time()
+    )
     write_readout(Path(job.path), outcome, result.image_ids, result.losses)
     _note_attempt(job.path, "done")
     return outcome
 
 
-def _score_self(job: ReadoutJob) -> ReadoutOutcome:
+def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
     """The `self` baseline: the target's fully supervised network on the test images, with the
     readouts' inputs (view per image id), labels, loss, device and precision."""
     start = time.perf_counter()
@@ -129,7 +133,9 @@ def _score_self(job: ReadoutJob) -> ReadoutOutcome:
     losses = score_network(
         net.to(device), rgb, ids, _labels(job.data_root, "test", task.column, ids), task, device
     )
-    outcome = ReadoutOutcome(job.readout, nanmean(losses), time.perf_counter() - start)
+    outcome = ReadoutOutcome(
+        job.readout, nanmean(losses), time.perf_counter() - start, started=started, finished=time.time()
+    )
     write_readout(Path(job.path), outcome, ids, losses)
     _note_attempt(job.path, "done")
     return outcome
@@ -243,7 +249,13 @@ def stored_outcome(path: Path, readout: Readout) -> ReadoutOutcome | None:
         return None
     meta = json.loads(pq.read_schema(path).metadata[_META])
     return ReadoutOutcome(
-        readout, meta["mean_loss"], meta["seconds"], tuple(meta["train_losses"]), meta["val_loss"]
+        readout,
+        meta["mean_loss"],
+        meta["seconds"],
+        tuple(meta["train_losses"]),
+        meta["val_loss"],
+        meta.get("started", 0.0),
+        meta.get("finished", 0.0),
     )
 
 

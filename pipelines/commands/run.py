@@ -12,9 +12,9 @@ from datetime import date, datetime, timezone
 
 from components.affinity import describe_unlabelled, top_sources
 from components.affinity_io import read_table
-from pipelines.commands.train import add_config_args
+from pipelines.commands.train import add_config_args, add_lock_arg, mlflow_ui_command
 from pipelines.config import PipelineConfig, load_pipeline_config
-from pipelines.invocation import invocation
+from pipelines.invocation import invocation, preflight, study_lock
 from pipelines.nightly import run_nightly
 from pipelines.pipeline import PipelineResult, dry_run, parse_stages, run_pipeline
 from pipelines.ray_runtime import ensure_ray
@@ -23,6 +23,7 @@ from pipelines.ray_runtime import ensure_ray
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="the whole pipeline: data, task networks, transfers, affinity, taxonomy")
     add_config_args(run)
+    add_lock_arg(run)
     run.add_argument("--stages", help="comma-separated subset of train,transfer,affinity,taxonomy")
     run.add_argument(
         "--dry-run", action="store_true", help="print which steps would run and which are reused"
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     nightly = sub.add_parser("nightly", help="refresh data, retrain incrementally, promote champions")
     add_config_args(nightly)
+    add_lock_arg(nightly)
     nightly.add_argument("--stages", help="comma-separated subset of train,transfer,affinity,taxonomy")
     nightly.add_argument("--date", type=date.fromisoformat, help="the night to run (default: today, UTC)")
     nightly.set_defaults(func=_nightly)
@@ -47,9 +49,11 @@ def _run(args: argparse.Namespace) -> int:
         for step, status in dry_run(cfg, stages):
             print(f"{status:<8} {step}")
         return 0
-    ensure_ray()
-    with invocation(cfg, "run") as inv:
-        result = run_pipeline(inv, stages)
+    preflight(cfg)
+    with study_lock(cfg, "run", args.wait_for_lock):
+        ensure_ray()
+        with invocation(cfg, "run") as inv:
+            result = run_pipeline(inv, stages)
     print_report(cfg, result, inv.tracker.tracking_uri)
     if args.json:
         print(json.dumps(result.summary(str(cfg.root), inv.run_id)))
@@ -75,19 +79,37 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
             print(f"  {target:<18} " + ", ".join(f"{'+'.join(s)} {a:.3f}" for s, a in best))
     if result.taxonomy:
         t = result.taxonomy
-        print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {', '.join(t['roots'])}")
+        stability = t.get("stability")
+
+        def share(target: str, key: str) -> str:
+            return (
+                f"  (stability {stability['transfers'].get(target, {}).get(key, 0.0):.2f})"
+                if stability
+                else ""
+            )
+
+        roots = ", ".join(
+            r + (f" ({stability['roots'].get(r, 0.0):.2f})" if stability else "") for r in t["roots"]
+        )
+        print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {roots}")
         for target, sources in t["transfers"].items():
-            print(f"  {target:<18} <- {' + '.join(sources)}")
+            print(f"  {target:<18} <- {' + '.join(sources)}{share(target, '+'.join(sources))}")
+        if stability:
+            print(
+                f"  this exact taxonomy comes back in {stability['taxonomy']:.0%} of "
+                f"{stability['resamples']} bootstrap resamples of the test images"
+            )
         print(f"outputs: {t['path']}")
     print(f"storage root: {cfg.root}")
-    print(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"MLflow UI:    {mlflow_ui_command(tracking_uri)}")
 
 
 def _nightly(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
     day = args.date or datetime.now(timezone.utc).date()
-    ensure_ray()
-    summary = run_nightly(cfg, day, parse_stages(args.stages))
+    stages = parse_stages(args.stages)
+    preflight(cfg)
+    summary = run_nightly(cfg, day, stages, wait_for_lock=args.wait_for_lock)
     if summary is None:
         print(f"another nightly run holds {cfg.root / 'nightly.lock'}; nothing to do")
         return 0

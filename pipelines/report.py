@@ -1,0 +1,62 @@
+"""The study's answer in words: the markdown that the parent MLflow run shows as its description.
+
+A researcher who opens the run should read what was chosen and why without opening a file: the
+roots to label, where every other target gets its representation (with its affinity and, with
+the bootstrap, how often that choice comes back), and each target's best sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyarrow as pa
+
+from components.affinity import top_sources
+
+
+def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int = 3) -> str:
+    """`taxonomy` is the taxonomy JSON (with `stability` when bootstrapped); `affinity` the table."""
+    stability = taxonomy.get("stability") or {}
+    value = {
+        (row["target"], "+".join(row["sources"])): row["affinity"]
+        for row in affinity.select(["target", "sources", "affinity"]).to_pylist()
+    }
+
+    def share(target: str, sources: str) -> str:
+        return f"{stability['transfers'].get(target, {}).get(sources, 0.0):.2f}" if stability else "-"
+
+    roots = ", ".join(
+        f"**{r}**" + (f" ({stability['roots'].get(r, 0.0):.2f})" if stability else "")
+        for r in taxonomy["roots"]
+    )
+    lines = [
+        f"### Taxonomy: budget {taxonomy['budget']}, max order {taxonomy['max_order']}, "
+        f"objective {taxonomy['objective']:.4g}",
+        "",
+        f"Label these tasks (the roots): {roots}.",
+    ]
+    if stability:
+        lines.append(
+            f"This exact taxonomy comes back in {stability['taxonomy']:.0%} of {stability['resamples']} "
+            "bootstrap resamples of the test images (numbers in brackets: the share of resamples "
+            "choosing that root or edge)."
+        )
+    lines += ["", "| target | gets its representation from | affinity | stability |", "|---|---|---|---|"]
+    targets = sorted({t for t, _ in value})
+    for target in targets:
+        sources = "+".join(taxonomy["transfers"].get(target, ["self"]))
+        label = "self (a root: labelled)" if sources == "self" else sources.replace("+", " + ")
+        aff = value.get((target, sources), float("nan"))
+        lines.append(f"| {target} | {label} | {aff:.3f} | {share(target, sources)} |")
+    lines += ["", f"### The {top} best sources of each target (affinity; higher is better)", ""]
+    lines += ["| target | " + " | ".join(f"#{i + 1}" for i in range(top)) + " |", "|---" * (top + 1) + "|"]
+    for target, best in top_sources(affinity, top).items():
+        cells = [f"{'+'.join(s)} ({a:.3f})" for s, a in best] + [""] * (top - len(best))
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Pictures: [taxonomy](get-artifact?path=taxonomy.png&run_uuid={run_id}), "
+        f"[affinity heatmap](get-artifact?path=affinity_heatmap.png&run_uuid={run_id}) "
+        "(also in the Artifacts tab, with `affinity.csv` and `taxonomy.json`).",
+    ]
+    return "\n".join(lines)
