@@ -201,20 +201,6 @@ def load_catalog(path: Path) -> dict[str, Task]:
 
 TASKS: dict[str, Task] = load_catalog(Path(__file__).with_name("tasks.yaml"))  # the built-in catalog
 
-SEMANTIC_CLASSES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
-OBJECT_CLASSES = ("sphere", "box", "cylinder")
-ROOM_LAYOUT_FIELDS = (
-    "cam_x",
-    "cam_y",
-    "cam_z",
-    "yaw_sin",
-    "yaw_cos",
-    "pitch",
-    "room_width",
-    "room_height",
-    "room_depth",
-)
-
 
 def get_task(name: str, catalog: Mapping[str, Task] = TASKS) -> Task:
     try:

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 from components.data import render as R
-from components.data.scenes import SceneConfig, Shape, sample_scenes
+from components.data.scenes import OBJECT_CLASSES, SEMANTIC_CLASSES, SceneConfig, Shape, sample_scenes
 from components.data.synthetic import DatasetConfig, render_images, synthetic_columns
 from components.errors import ConfigError
-from components.tasks import OBJECT_CLASSES, SEMANTIC_CLASSES
 
 SIZE = 64
 CONFIG = DatasetConfig(seed=3, scene=SceneConfig(size=SIZE))

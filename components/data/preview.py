@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from components.tasks import OBJECT_CLASSES, ROOM_LAYOUT_FIELDS
+from components.data.scenes import OBJECT_CLASSES, ROOM_LAYOUT_FIELDS
 
 _PANELS = (
     ("rgb", "RGB"),

@@ -14,6 +14,21 @@ import numpy as np
 
 from components.errors import ConfigError
 
+# The synthetic scenes' label sets: class ids are positions in these tuples.
+SEMANTIC_CLASSES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
+OBJECT_CLASSES = ("sphere", "box", "cylinder")
+ROOM_LAYOUT_FIELDS = (
+    "cam_x",
+    "cam_y",
+    "cam_z",
+    "yaw_sin",
+    "yaw_cos",
+    "pitch",
+    "room_width",
+    "room_height",
+    "room_depth",
+)
+
 
 class Shape(IntEnum):
     NONE = -1

@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from components.data.render import render
-from components.data.scenes import SceneConfig, sample_scenes
+from components.data.scenes import (
+    OBJECT_CLASSES,
+    ROOM_LAYOUT_FIELDS,
+    SEMANTIC_CLASSES,
+    SceneConfig,
+    sample_scenes,
+)
 from components.data.shards import SPLITS, ColumnSpec, Manifest, write_dataset
 from components.errors import ConfigError
-from components.tasks import OBJECT_CLASSES, ROOM_LAYOUT_FIELDS, SEMANTIC_CLASSES
 
 RENDER_BATCH = 64
 

@@ -15,27 +15,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from components.affinity import affinity_from_cube, describe_unlabelled, loss_cube, unlabelled_counts
-from components.affinity_io import read_affinities, read_losses, write_affinity
-from components.bootstrap import (
-    affinity_with_intervals,
-    bootstrap_affinities,
-    taxonomy_stability,
-)
 from components.errors import TaskatlasError
-from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
-from components.taxonomy import (
-    SweepPoint,
-    Taxonomy,
-    TaxonomyOptions,
-    TransferTable,
-    Transform,
-    solve_taxonomy,
-    sweep_budgets,
-)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from components.taxonomy import SweepPoint, Taxonomy, TransferTable
+
+TRANSFORMS = ("sqrt", "none")  # components.taxonomy.Transform's values, without importing scipy here
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     solve.add_argument("--source-only", help="comma-separated tasks that may be roots but never targets")
     solve.add_argument("--importance", help="per-target weight r_t, e.g. rgb2depth=2,edge2d=0.5 (default 1)")
     solve.add_argument("--cost", help="per-task supervision cost, e.g. segment2d=3 (default 1)")
-    solve.add_argument("--transform", default=Transform.SQRT.value, choices=[t.value for t in Transform])
+    solve.add_argument("--transform", default=TRANSFORMS[0], choices=TRANSFORMS)
     solve.add_argument("--sweep", action="store_true", help="also solve every budget 1..number of tasks")
     solve.add_argument("--sweep-plot", type=Path, help="objective-vs-budget PNG (implies --sweep)")
     solve.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -90,6 +79,14 @@ def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
 
 
 def _affinity(args: argparse.Namespace) -> int:
+    from components.affinity import affinity_from_cube, describe_unlabelled, loss_cube, unlabelled_counts
+    from components.affinity_io import read_losses, write_affinity
+    from components.bootstrap import (
+        affinity_with_intervals,
+        bootstrap_affinities,
+    )
+    from components.plots import plot_affinity_heatmap
+
     bootstrap = _bootstrap_request(args)
     cube = loss_cube(read_losses(args.losses))
     table = (
@@ -108,6 +105,10 @@ def _affinity(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
+    # Only what this request needs is imported: a plain solve answers in well under a second.
+    from components.affinity_io import read_affinities, read_losses
+    from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
+
     sweep = args.sweep or args.sweep_plot is not None
     if args.budget is None and not sweep:
         raise TaskatlasError("--budget is required (or --sweep for every budget)")
@@ -130,11 +131,17 @@ def _solve(args: argparse.Namespace) -> int:
         cost=_weights("--cost", args.cost),
         transform=Transform(args.transform),
     )
-    cube = loss_cube(read_losses(args.losses)) if args.losses is not None else None
+    cube = None
+    if args.losses is not None:
+        from components.affinity import affinity_from_cube, loss_cube
+
+        cube = loss_cube(read_losses(args.losses))
     table = read_affinities(args.affinities) if cube is None else _transfer_table(affinity_from_cube(cube))
     taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
     stability = None
     if bootstrap is not None and cube is not None and taxonomy is not None:
+        from components.bootstrap import bootstrap_affinities, taxonomy_stability
+
         (resamples, seed), samples = bootstrap, bootstrap_affinities(cube, *bootstrap)
         stability = {"resamples": resamples, "seed": seed}
         stability |= taxonomy_stability(cube, samples, options, taxonomy)
@@ -155,8 +162,12 @@ def _solve(args: argparse.Namespace) -> int:
             print(_sweep_table(points))
     notes = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
     if args.plot is not None and taxonomy:
+        from components.plots import plot_taxonomy
+
         print(f"wrote {plot_taxonomy(taxonomy, args.plot)}", file=notes)
     if args.sweep_plot is not None and points is not None:
+        from components.plots import plot_sweep
+
         print(f"wrote {plot_sweep(points, args.sweep_plot, options.max_order)}", file=notes)
     return 0
 
@@ -194,6 +205,10 @@ def _stability_summary(taxonomy: Taxonomy, stability: dict) -> str:
 
 def _transfer_table(affinity: pa.Table) -> TransferTable:
     """An in-memory affinity table for the solver, exactly as `read_affinities` reads its file."""
+    from components.taxonomy import (
+        TransferTable,
+    )
+
     rows = zip(
         affinity["target"].to_pylist(),
         affinity["sources"].to_pylist(),

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from components.data.folder import import_folder, load_spec
 from components.data.importing import Found, ImportConfig, describe_skipped
-from components.data.preview import save_scene_figure
 from components.data.scenes import SceneConfig
 from components.data.shards import SPLITS, Manifest, ShardStore, valid_fractions
 from components.data.synthetic import DatasetConfig, generate_dataset, render_images
@@ -162,6 +161,8 @@ def _report_import(out: Path, manifest: Manifest, found: Found) -> None:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    from components.data.preview import save_scene_figure  # matplotlib: only for this command
+
     if args.dataset:
         data = ShardStore(args.dataset).read(args.split)
         if not 0 <= args.index < len(data["image_id"]):

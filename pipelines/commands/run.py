@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING
 
-from components.affinity import describe_unlabelled, top_sources
-from components.affinity_io import read_table
-from pipelines.commands.train import add_config_args, add_lock_arg, mlflow_ui_command
-from pipelines.config import PipelineConfig, load_pipeline_config
-from pipelines.invocation import invocation, preflight, study_lock
-from pipelines.nightly import run_nightly
-from pipelines.pipeline import PipelineResult, dry_run, parse_stages, run_pipeline
-from pipelines.ray_runtime import ensure_ray
+from pipelines.commands.common import add_config_args, add_lock_arg, mlflow_ui_command
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+    from pipelines.pipeline import PipelineResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.config import load_pipeline_config
+    from pipelines.invocation import invocation, preflight, study_lock
+    from pipelines.pipeline import dry_run, parse_stages, run_pipeline
+    from pipelines.ray_runtime import ensure_ray
+
     cfg = load_pipeline_config(args.config, args.overrides)
     stages = parse_stages(args.stages)
     if args.dry_run:
@@ -61,6 +64,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str) -> None:
+    from components.affinity import describe_unlabelled, top_sources
+    from components.affinity_io import read_table
+
     ran = [s for s, status in result.steps if status == "ran"]
     print(
         f"\nsteps: {len(ran)} ran, {len(result.steps) - len(ran)} reused (data version {result.data_version})"
@@ -105,6 +111,11 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
 
 
 def _nightly(args: argparse.Namespace) -> int:
+    from pipelines.config import load_pipeline_config
+    from pipelines.invocation import preflight
+    from pipelines.nightly import run_nightly
+    from pipelines.pipeline import parse_stages
+
     cfg = load_pipeline_config(args.config, args.overrides)
     day = args.date or datetime.now(timezone.utc).date()
     stages = parse_stages(args.stages)

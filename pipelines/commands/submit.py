@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.commands.train import add_config_args
-from pipelines.config import load_pipeline_config
-from pipelines.pipeline import parse_stages
-from pipelines.settings import read_ray_auth
-from pipelines.submit import NIGHTLY, build_entrypoint, resolve_submission_id, submit
+from pipelines.commands.common import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", help="comma-separated stages, passed on to `taskatlas run`")
     p.add_argument(
         "--submission-id",
-        help=f"a job id; if that job exists it is followed, not submitted again. "
-        f"'{NIGHTLY}': taskatlas-nightly-YYYYMMDD (UTC date)",
+        help="a job id; if that job exists it is followed, not submitted again. "
+        "'nightly': taskatlas-nightly-YYYYMMDD (UTC date)",
     )
     p.add_argument("--wait", action="store_true", help="stream the job's logs; exit 1 unless it succeeds")
     p.set_defaults(func=_submit)
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from pipelines.config import load_pipeline_config
+    from pipelines.pipeline import parse_stages
+    from pipelines.settings import read_ray_auth
+    from pipelines.submit import build_entrypoint, resolve_submission_id, submit
+
     load_pipeline_config(args.config, args.overrides)  # typos fail here, not on the cluster
     parse_stages(args.stages)
     return submit(

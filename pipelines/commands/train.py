@@ -7,33 +7,8 @@ taskatlas tune  -c configs/quickstart.yaml --tasks normal --set tune.num_samples
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from components.tasks import parse_tasks
-from pipelines.config import load_pipeline_config
-from pipelines.invocation import invocation, preflight, study_lock
-from pipelines.ray_runtime import ensure_ray
-from pipelines.stage1 import Stage1
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="YAML config (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set train.epochs=3 (repeatable)",
-    )
-
-
-def add_lock_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--wait-for-lock",
-        action="store_true",
-        help="if another study is working on the storage root, wait for it instead of exiting",
-    )
+from pipelines.commands.common import add_config_args, add_lock_arg, mlflow_ui_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace):
+    from components.tasks import parse_tasks
+    from pipelines.config import load_pipeline_config
+    from pipelines.invocation import preflight
+
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     preflight(cfg)
@@ -60,6 +39,10 @@ def _setup(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipelines.invocation import invocation, study_lock
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.stage1 import Stage1
+
     cfg, tasks = _setup(args)
     with study_lock(cfg, "train", args.wait_for_lock):
         ensure_ray()
@@ -75,12 +58,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def mlflow_ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store, safe to paste into a shell."""
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
-
-
 def _tune(args: argparse.Namespace) -> int:
+    from pipelines.invocation import invocation, study_lock
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.stage1 import Stage1
+
     cfg, tasks = _setup(args)
     with study_lock(cfg, "tune", args.wait_for_lock):
         ensure_ray()

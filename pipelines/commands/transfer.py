@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import pyarrow.parquet as pq
-
-from components.tasks import parse_tasks
-from components.transfer import describe_plan
-from pipelines.commands.train import add_config_args, add_lock_arg
-from pipelines.config import load_pipeline_config
-from pipelines.invocation import invocation, preflight, study_lock
-from pipelines.ray_runtime import ensure_ray
-from pipelines.stage1 import Stage1
-from pipelines.stage2 import Stage2
+from pipelines.commands.common import add_config_args, add_lock_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from components.tasks import parse_tasks
+    from components.transfer import describe_plan
+    from pipelines.config import load_pipeline_config
+    from pipelines.invocation import invocation, preflight, study_lock
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.stage1 import Stage1
+    from pipelines.stage2 import Stage2
+
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     preflight(cfg, [t.name for t in tasks])
