@@ -93,10 +93,11 @@ class RunLogger:
 
     tracking_uri: str
     run_id: str
+    model_id: str | None = None  # the run's logged model: its metrics are the model's too
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in metrics.items()]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -250,9 +251,15 @@ class Tracker:
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
 
+    def create_logged_model(self, run_id: str, name: str) -> str:
+        """The MLflow logged model a training run produces, made before training starts so that
+        every epoch's metrics are the model's as well (its metrics: the last epoch's)."""
+        return self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id).model_id
+
     def log_task_network(
         self,
         run_id: str,
+        model_id: str,
         state_dict: Mapping[str, Any],
         spec: NetworkSpec,
         registered_name: str,
@@ -261,21 +268,18 @@ class Tracker:
         version_tags: Mapping[str, str],
         description: str,
     ) -> str:
-        """Log a task network as weights only (its state dict and the architecture that rebuilds
-        it) as an MLflow logged model named after its task, with its final `metrics` (at `step`,
-        the last epoch) as the model's metrics, and register a new version of it, tagged and
-        described; returns the version."""
+        """Store a task network as weights only (its state dict and the architecture that
+        rebuilds it) in its logged model `model_id`, log `metrics` (at `step`) to the run and the
+        model, and register a new version of it, tagged and described; returns the version."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
             folder.mkdir()
             torch.save(dict(state_dict), folder / WEIGHTS_FILE)
             architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
             (folder / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, sort_keys=True))
-            logged = self.client.create_logged_model(
-                self.experiment_id, name=spec.task.name, source_run_id=run_id, tags=dict(version_tags)
-            )
-            self.client.log_model_artifacts(logged.model_id, str(folder))
-        self.client.finalize_logged_model(logged.model_id, "READY")
+            self.client.log_model_artifacts(model_id, str(folder))
+        self.client.set_logged_model_tags(model_id, dict(version_tags))
+        logged = self.client.finalize_logged_model(model_id, "READY")
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in metrics.items()]
         self.client.log_batch(run_id, metrics=rows)

@@ -282,7 +282,7 @@ class Stage1:
         self.tracker.end_run(run)
 
     # -- train
-    def worker_config(self, task: Task, hparams: dict, run_id: str) -> WorkerConfig:
+    def worker_config(self, task: Task, hparams: dict, run_id: str, model_id: str = "") -> WorkerConfig:
         """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
@@ -300,6 +300,7 @@ class Stage1:
             seed=cfg.train.seed,
             tracking_uri=self.tracker.tracking_uri,
             run_id=run_id,
+            model_id=model_id,
             fail_at_epoch=cfg.train.fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
         )
@@ -310,14 +311,17 @@ class Stage1:
         if (cached := self.cached_result(task, hparams)) is not None:
             return cached
         out.mkdir(parents=True, exist_ok=True)
-        run_file = out / "mlflow_run.json"  # one MLflow run per task network, also across reruns
+        run_file = out / "mlflow_run.json"  # one MLflow run (and logged model) per task network
         if run_file.exists():  # an earlier attempt's run (KILLED or FAILED by now): continue it
-            run_id = self.tracker.reopen_run(json.loads(run_file.read_text())["run_id"], self.parent_run_id)
+            ids = json.loads(run_file.read_text())
+            run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
+            model_id = ids.get("model_id") or self.tracker.create_logged_model(run_id, task.name)
         else:
             run_id = self.tracker.start_run(
                 f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
             )
-            run_file.write_text(json.dumps({"run_id": run_id}))
+            model_id = self.tracker.create_logged_model(run_id, task.name)
+            run_file.write_text(json.dumps({"run_id": run_id, "model_id": model_id}))
             self.tracker.log_params(
                 run_id,
                 {
@@ -329,15 +333,15 @@ class Stage1:
                 },
             )
         try:
-            return self._train(task, hparams, out, run_id)
+            return self._train(task, hparams, out, run_id, model_id)
         except BaseException:  # a failed or interrupted training never stays RUNNING
             self.tracker.end_run(run_id, failed=True)
             raise
 
-    def _train(self, task: Task, hparams: dict, out: Path, run_id: str) -> TaskResult:
+    def _train(self, task: Task, hparams: dict, out: Path, run_id: str, model_id: str) -> TaskResult:
         cfg, key = self.config, out.name
         channels = channels_for(task, self.store)
-        worker = self.worker_config(task, hparams, run_id)
+        worker = self.worker_config(task, hparams, run_id, model_id)
         columns = task.columns
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
@@ -368,17 +372,17 @@ class Stage1:
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
         pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
         test_loss = nanmean(losses)
-        # The model's metrics are its last epoch's (step = that epoch), plus the test loss of the
-        # saved weights as Stage II's `self` baseline will see them.
-        final = {k: float(result.metrics[k]) for k in ("train_loss", "test_loss") if k in result.metrics}
+        # The model's metrics are its epochs' (rank 0 logs them to the run and the model), the
+        # last one's shown, plus the test loss of the saved weights at the last epoch's step.
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
         registered = f"taskatlas-{task.name}"
         version = self.tracker.log_task_network(
             run_id,
+            model_id,
             model.state_dict(),
             spec,
             registered,
-            metrics=final | {"final_test_loss": test_loss},
+            metrics={"final_test_loss": test_loss},
             step=cfg.train.epochs - 1,
             version_tags={
                 "task": task.name,

@@ -44,6 +44,7 @@ class WorkerConfig:
     seed: int
     tracking_uri: str
     run_id: str
+    model_id: str = ""  # the run's MLflow logged model: epoch metrics are its metrics too
     fail_at_epoch: int | None = None
     cache_in_memory: bool = True
 
@@ -68,7 +69,7 @@ def train_worker(raw: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
-    logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    logger = RunLogger(cfg.tracking_uri, cfg.run_id, cfg.model_id or None) if rank == 0 else None
     # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()

@@ -37,11 +37,11 @@ def _train(cfg: PipelineConfig, store: ShardStore, name: str) -> TaskResult:
     torch.manual_seed(cfg.train.seed)
     net = build_network(task, cfg.model, cfg.data.size)
     optimizer = make_optimizer(net, OptimConfig(2e-3, cfg.train.weight_decay, cfg.train.batch_size))
-    train = store.read("train", ["rgb", task.target])
+    train = store.read("train", ["rgb", task.column])
     for epoch in range(cfg.train.epochs):
         batches = iter_batches(train, cfg.train.batch_size, shuffle=True, seed=epoch)
         train_one_epoch(net, optimizer, batches, task, torch.device("cpu"))
-    test = store.read("test", ["rgb", task.target])
+    test = store.read("test", ["rgb", task.column])
     ids, losses = per_image_losses(net, iter_batches(test, 128), task, torch.device("cpu"))
     out = cfg.root / "stage1" / name / "plain"
     out.mkdir(parents=True, exist_ok=True)

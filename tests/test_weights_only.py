@@ -3,6 +3,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,22 @@ def tracker(tmp_path):
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "weights", (tmp_path / "art").as_uri())
 
 
+def _register(tracker, run: str, state_dict) -> str:
+    """What Stage I does: the run's logged model, then the weights stored and registered."""
+    model_id = tracker.create_logged_model(run, "normal")
+    return tracker.log_task_network(
+        run,
+        model_id,
+        state_dict,
+        SPEC,
+        "taskatlas-normal",
+        {"final_test_loss": 0.5},
+        0,
+        {"task": "normal"},
+        "d",
+    )
+
+
 def _plant(tracker, tmp_path, name, files: dict) -> str:
     """A model version whose files are exactly `files` (name -> bytes or object to torch.save)."""
     run = tracker.start_run("planted")
@@ -57,12 +74,12 @@ def _plant(tracker, tmp_path, name, files: dict) -> str:
 def test_a_registered_network_is_a_state_dict_and_its_architecture_and_loads_back(tracker, tmp_path):
     net = SPEC.build().eval()
     run = tracker.start_run("train/normal")
-    version = tracker.log_task_network(run, net.state_dict(), SPEC, "taskatlas-normal")
-    files = {a.path for a in tracker.client.list_artifacts(run, "model")}
-    assert files == {f"model/{WEIGHTS_FILE}", f"model/{ARCHITECTURE_FILE}"}
-    architecture = json.loads(
-        (tmp_path / "art" / run / "artifacts" / "model" / ARCHITECTURE_FILE).read_text()
+    version = _register(tracker, run, net.state_dict())
+    stored = Path(
+        tracker.client.get_model_version_download_uri("taskatlas-normal", version).removeprefix("file://")
     )
+    assert {f.name for f in stored.iterdir()} == {WEIGHTS_FILE, ARCHITECTURE_FILE}
+    architecture = json.loads((stored / ARCHITECTURE_FILE).read_text())
     assert architecture["task"]["name"] == "normal" and architecture["image_size"] == 16
     loaded = load_registered_model(tracker.tracking_uri, "taskatlas-normal", version)
     x = torch.rand(2, 3, 16, 16)
@@ -71,9 +88,7 @@ def test_a_registered_network_is_a_state_dict_and_its_architecture_and_loads_bac
 
 def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp_path):
     marker = tmp_path / "code-ran"
-    tracker.log_task_network(
-        tracker.start_run("train/normal"), SPEC.build().state_dict(), SPEC, "taskatlas-normal"
-    )
+    _register(tracker, tracker.start_run("train/normal"), SPEC.build().state_dict())
     architecture = json.dumps({"format": "taskatlas-weights-v1", **to_dict(SPEC.__dict__)}).encode()
     evil_weights = _plant(
         tracker,
@@ -94,7 +109,7 @@ def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp
     # Nightly's promotion: the planted champion is refused (not unpickled) and replaced.
     tracker.set_alias("taskatlas-normal", "champion", evil_weights)
     run = tracker.start_run("train/normal")
-    new = tracker.log_task_network(run, SPEC.build().state_dict(), SPEC, "taskatlas-normal")
+    new = _register(tracker, run, SPEC.build().state_dict())
     result = TaskResult("normal", "k", "unused", 0.5, {}, run, new)
     test = {
         "image_id": np.arange(2),
