@@ -116,10 +116,8 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None =
     ax.set_axis_off()
     title = f"taxonomy: budget {taxonomy.budget:g}, max order {taxonomy.max_order}, objective {taxonomy.objective:.4g}"
     if stability:
-        title += (
-            f"\nchosen in {stability['taxonomy']:.0%} of {stability.get('resamples', '')} bootstrap resamples"
-        )
-        title += " (labels: share choosing each root and edge)"
+        title += f"\nin {stability['taxonomy']:.0%} of {stability.get('resamples', '')} bootstrap resamples"
+        title += "; labels: share per root and edge"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
