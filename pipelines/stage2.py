@@ -31,6 +31,7 @@ far less to schedule than a trial actor.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -390,7 +391,7 @@ class Stage2:
         `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement)."""
         model, seed = self.config.model, self.transfer.seed
         out = {
-            name: FeatureSource(name, FeatureKind.ENCODER, file_sha256(Path(r.model_path))[:16], r.model_path)
+            name: FeatureSource(name, FeatureKind.ENCODER, _checkpoint_key(r.model_path), r.model_path)
             for name, r in results.items()
         }
         out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
@@ -543,6 +544,18 @@ supervised network (the bar a transfer tries to reach), `pixels` a readout on th
 encoder), `random` a readout on a frozen random-init encoder (what architecture alone gives).
 After Stage III each readout run also has `affinity`, `quality` (win rate against `self`) and
 `gain` (win rate against `pixels`)."""
+
+
+def _checkpoint_key(path: str) -> str:
+    """An encoder's feature key: its checkpoint's hash, read once per file version (a run asks
+    for it for the readout keys and again for the feature cache; a ResNet-50 is ~100 MB)."""
+    stat = os.stat(path)
+    return _sha256_prefix(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_prefix(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(Path(path))[:16]
 
 
 def readout_run_name(r: Readout) -> str:
