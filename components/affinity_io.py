@@ -100,6 +100,11 @@ def read_affinities(path: str | Path) -> TransferTable:
         raise TaskatlasError(
             f"{path}: needs an 'affinity' or 'value' column (has {', '.join(table.column_names)})"
         )
+    return transfer_table(table, value_column)
+
+
+def transfer_table(table: pa.Table, value_column: str = "affinity") -> TransferTable:
+    """An affinity table in memory (ours, or Taskonomy's with `value`) as the solver's input."""
     codes, sets = source_sets(table["sources"])
     target_codes, target_names = factorize(table["target"], "target")
     targets = [target_names[c] for c in target_codes]

@@ -11,6 +11,7 @@ import pytest
 
 import components.bootstrap as bootstrap
 from components.affinity import AFFINITY_SCHEMA, affinity_from_cube, compute_affinity, loss_cube
+from components.affinity_io import transfer_table
 from components.bootstrap import (
     INTERVAL_COLUMNS,
     affinity_intervals,
@@ -21,7 +22,7 @@ from components.bootstrap import (
     taxonomy_stability,
 )
 from components.errors import TaskatlasError
-from components.taxonomy import TaxonomyOptions, TransferTable, solve_taxonomy
+from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from pipelines.cli import main
 
 N_IMAGES = 200
@@ -72,7 +73,7 @@ def mixed_losses() -> pa.Table:
 def test_a_clear_edge_is_stable_and_a_coin_flip_splits():
     cube = loss_cube(_edge_and_coin())
     options = TaxonomyOptions(budget=2, max_order=1)
-    chosen = solve_taxonomy(_table(affinity_from_cube(cube)), options)
+    chosen = solve_taxonomy(transfer_table(affinity_from_cube(cube)), options)
     coin_winner = chosen.transfers["y"][0]
     assert chosen.roots == tuple(sorted(("a", coin_winner))) and chosen.transfers["x"] == ("a",)
 
@@ -227,16 +228,6 @@ def test_bad_bootstrap_requests_are_one_line_errors(args, message, tmp_path, cap
     assert main([*args, "--max-order", "1"] if args[0] == "solve" else args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-
-
-def _table(affinity: pa.Table) -> TransferTable:
-    rows = zip(
-        affinity["target"].to_pylist(),
-        affinity["sources"].to_pylist(),
-        affinity["affinity"].to_numpy(),
-        strict=True,
-    )
-    return TransferTable.from_rows(rows)
 
 
 def _assert_same_table(got: pa.Table, want: pa.Table) -> None:

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING
 from components.errors import TaskatlasError
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
-    from components.taxonomy import SweepPoint, Taxonomy, TransferTable
+    from components.taxonomy import SweepPoint, Taxonomy
 
 TRANSFORMS = ("sqrt", "none")  # components.taxonomy.Transform's values, without importing scipy here
 
@@ -106,7 +104,7 @@ def _affinity(args: argparse.Namespace) -> int:
 
 def _solve(args: argparse.Namespace) -> int:
     # Only what this request needs is imported: a plain solve answers in well under a second.
-    from components.affinity_io import read_affinities, read_losses
+    from components.affinity_io import read_affinities, read_losses, transfer_table
     from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
 
     sweep = args.sweep or args.sweep_plot is not None
@@ -136,7 +134,7 @@ def _solve(args: argparse.Namespace) -> int:
         from components.affinity import affinity_from_cube, loss_cube
 
         cube = loss_cube(read_losses(args.losses))
-    table = read_affinities(args.affinities) if cube is None else _transfer_table(affinity_from_cube(cube))
+    table = read_affinities(args.affinities) if cube is None else transfer_table(affinity_from_cube(cube))
     taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
     stability = None
     if bootstrap is not None and cube is not None and taxonomy is not None:
@@ -201,21 +199,6 @@ def _stability_summary(taxonomy: Taxonomy, stability: dict) -> str:
         share = stability["transfers"].get(target, {}).get("+".join(sources), 0.0)
         lines.append(f"  {target} <- {' + '.join(sources)}: {share:.0%}")
     return "\n".join(lines)
-
-
-def _transfer_table(affinity: pa.Table) -> TransferTable:
-    """An in-memory affinity table for the solver, exactly as `read_affinities` reads its file."""
-    from components.taxonomy import (
-        TransferTable,
-    )
-
-    rows = zip(
-        affinity["target"].to_pylist(),
-        affinity["sources"].to_pylist(),
-        affinity["affinity"].to_numpy(),
-        strict=True,
-    )
-    return TransferTable.from_rows(rows)
 
 
 def _sweep_table(points: tuple[SweepPoint, ...]) -> str:
