@@ -37,16 +37,17 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is
 os.environ.setdefault("TASKATLAS_RAY_DASHBOARD", "0")
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
 from components.affinity import affinity_from_cube, loss_cube  # noqa: E402
-from components.affinity_io import read_affinities, read_losses, write_affinity  # noqa: E402
+from components.affinity_io import read_affinities, write_affinity  # noqa: E402
 from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import build_network  # noqa: E402
+from components.storage import location  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
@@ -114,10 +115,10 @@ def run_stage2(cfg, store: ShardStore, results: dict[str, TaskResult]) -> dict:
     result = stage.run(results)
     wall = time.perf_counter() - start
     assert not result.failed, result.failed
-    summary = pq.read_table(result.summary_path).to_pylist()
+    summary = location(result.summary_path).read_parquet().to_pylist()
     compute = sum(r["seconds"] for r in summary if r["kind"] != "self")
-    pruning = Path(result.out_dir) / "pruning.json"
-    report = json.loads(pruning.read_text()) if pruning.exists() else {}
+    pruning = location(result.out_dir) / "pruning.json"
+    report = pruning.read_json() if pruning.exists() else {}
     compute += report.get("estimate_seconds", 0.0)
     trained = sum(1 for r in summary if r["kind"] != "self")
     return {"stage": stage, "result": result, "summary": summary, "wall": wall, "compute": compute}, {
@@ -126,9 +127,9 @@ def run_stage2(cfg, store: ShardStore, results: dict[str, TaskResult]) -> dict:
     }
 
 
-def affinities(losses_path: str, folder: Path) -> tuple[dict, object]:
+def affinities(losses: pa.Table, folder: Path) -> tuple[dict, object]:
     """The AHP table as {(target, sources): affinity} and the solver's TransferTable."""
-    table = affinity_from_cube(loss_cube(read_losses(losses_path)))
+    table = affinity_from_cube(loss_cube(losses))
     write_affinity(table, folder / "affinity.parquet")
     rows = zip(
         table["target"].to_pylist(), table["sources"].to_pylist(), table["affinity"].to_pylist(), strict=True
@@ -156,7 +157,7 @@ def estimator_ranking(
 ) -> tuple[float, float]:
     """(mean Spearman over targets vs the full first-order test losses, seconds) of an estimator."""
     cfg, plan = stage.config, stage.plan(list(results))
-    dirs = stage._feature_dirs(results, plan)  # already encoded: just the folders
+    dirs = stage.features.ensure(results, plan)  # already encoded: just the folders
     full = {
         (r["target"], r["sources"][0]): r["mean_loss"]
         for r in summary
@@ -168,7 +169,7 @@ def estimator_ranking(
         job = EstimateJob(
             target=task,
             feature_dirs=tuple((s, str(dirs[s, task.input.value])) for s in plan.sources),
-            data_root=str(stage.store.root),
+            data_root=stage.store.root.uri,
             kind=kind,
             settings=stage.settings,
             model=cfg.model,
@@ -218,8 +219,8 @@ def main() -> None:
     probe_rho, probe_s = estimator_ranking(full["stage"], results, full["summary"], EstimatorKind.PROBE)
     short_rho, short_s = estimator_ranking(full["stage"], results, full["summary"], EstimatorKind.SHORT)
 
-    full_aff, full_table = affinities(full["result"].losses_path, tmp / "full")
-    _, pruned_table = affinities(pruned["result"].losses_path, tmp / "pruned")
+    full_aff, full_table = affinities(full["result"].all_losses(), tmp / "full")
+    _, pruned_table = affinities(pruned["result"].all_losses(), tmp / "pruned")
     options = taxonomy_options(full_cfg)
     full_sweep = sweep_budgets(full_table, options, BUDGETS)
     pruned_sweep = sweep_budgets(pruned_table, within_table(options, pruned_table), BUDGETS)

@@ -5,8 +5,9 @@
 
 The record lives in a `LockStore`, which needs three operations that local files and object
 stores both offer: create the record only if there is none (a hard link here; a conditional PUT
-with `If-None-Match: *` on S3/GCS), read it, and replace or delete it only if it is still the one
-read (a guard file's `flock` here; `If-Match: <etag>` there). `LocalLockStore` is the local one.
+with `If-None-Match: *` on S3), read it, and replace or delete it only if it is still the one
+read (a guard file's `flock` here; `If-Match: <etag>` there): `LocalLockStore` and
+`S3LockStore`; `lock_store` picks the one for a storage root.
 
 A holder is alive while its heartbeat (refreshed every `heartbeat_s` by a thread of the holder)
 is younger than `stale_after_s`, and, when it runs on this host, while its process exists with
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from components.errors import TaskatlasError
+from components.storage import Location
 
 STUDY_LOCK = "study.lock"  # the lock record's name under a storage root
 
@@ -107,6 +109,65 @@ class LocalLockStore:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.new")
         tmp.write_text(json.dumps(asdict(holder)))
         return tmp
+
+
+class S3LockStore:
+    """The record as an S3 object, guarded by conditional writes: `If-None-Match: *` creates it
+    only if absent, and `If-Match: <etag>` replaces or deletes only the version read (AWS S3 and
+    compatible servers; credentials and endpoint from the standard AWS variables)."""
+
+    def __init__(self, bucket: str, key: str):
+        import boto3  # only object-store roots need it
+
+        self.bucket, self.key = bucket, key
+        self.client = boto3.client("s3")
+        self._etags: dict[str, str] = {}  # token -> etag of the record we read or wrote
+
+    def create(self, holder: Holder) -> bool:
+        try:
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=json.dumps(asdict(holder)), IfNoneMatch="*"
+            )
+        except self.client.exceptions.ClientError as err:
+            if _s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        self._etags[holder.token] = answer["ETag"]
+        return True
+
+    def read(self) -> Holder | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        try:
+            holder = Holder(**json.loads(answer["Body"].read()))
+        except (ValueError, TypeError):
+            holder = Holder("?", 0, "?", "?", "unreadable", 0.0)
+        self._etags[holder.token] = answer["ETag"]
+        return holder
+
+    def swap(self, old: Holder, new: Holder | None) -> bool:
+        etag = self._etags.get(old.token)
+        if etag is None:
+            return False
+        try:
+            if new is None:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+            else:
+                answer = self.client.put_object(
+                    Bucket=self.bucket, Key=self.key, Body=json.dumps(asdict(new)), IfMatch=etag
+                )
+                self._etags[new.token] = answer["ETag"]
+        except self.client.exceptions.ClientError as err:
+            if _s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return False
+            raise
+        return True
+
+
+def _s3_code(err: Exception) -> str:
+    return getattr(err, "response", {}).get("Error", {}).get("Code", "")
 
 
 def process_start(pid: int) -> str:
@@ -210,3 +271,15 @@ class StudyLock:
             fresh = replace(self.holder, heartbeat=time.time())
             if self.store.swap(self.holder, fresh):
                 self.holder = fresh
+
+
+def lock_store(root: Location) -> LockStore:
+    """Where the lock record of a storage root lives: a local file, or an S3 object."""
+    if root.is_local:
+        return LocalLockStore(root.local_path / STUDY_LOCK)
+    if root.scheme == "s3://":
+        bucket, _, prefix = root.path.partition("/")
+        return S3LockStore(bucket, f"{prefix}/{STUDY_LOCK}".lstrip("/"))
+    raise TaskatlasError(
+        f"storage_root: no study lock for {root.scheme} storage yet (local folders and s3:// have one)"
+    )

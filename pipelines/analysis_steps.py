@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from components.affinity import affinity_from_cube, loss_cube, unlabelled_counts
-from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.affinity_io import transfer_table, write_affinity
 from components.bootstrap import (
     affinity_with_intervals,
     bootstrap_affinities,
@@ -23,6 +23,7 @@ from components.bootstrap import (
 )
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
+from components.storage import Location
 from components.taxonomy import (
     Taxonomy,
     TaxonomyOptions,
@@ -39,7 +40,7 @@ from pipelines.steps import Step
 @dataclass(frozen=True)
 class AnalysisResult:
     affinity_key: str
-    affinity_path: Path
+    affinity_path: Location
     taxonomy_key: str
     taxonomy: dict
 
@@ -57,14 +58,28 @@ def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
 
 
 def run_affinity(
-    cfg: PipelineConfig, losses_path: Path, transfer_key: str, tracker: Tracker, parent_run_id: str
+    cfg: PipelineConfig, losses: Location, transfer_key: str, tracker: Tracker, parent_run_id: str
 ) -> Step:
-    """Stage III: win rates and AHP on Stage II's per-image losses."""
+    """Stage III: win rates and AHP on Stage II's per-image losses (`losses`: Stage II's folder of
+    per-target loss tables)."""
     step = affinity_step(cfg, transfer_key)
     if step.complete:
         return step
-    scratch = step.begin()
-    cube = loss_cube(read_losses(losses_path))
+    with step.scratch() as scratch:
+        _affinity(cfg, step, losses, transfer_key, tracker, parent_run_id, scratch)
+    return step
+
+
+def _affinity(
+    cfg: PipelineConfig,
+    step: Step,
+    losses: Location,
+    transfer_key: str,
+    tracker: Tracker,
+    parent_run_id: str,
+    scratch: Path,
+) -> None:
+    cube = loss_cube(pa.concat_tables([f.read_parquet() for f in sorted(losses.files(), key=str)]))
     unlabelled = unlabelled_counts(cube)
     if n := cfg.analysis.bootstrap:  # intervals, and every resample's affinities for the stability
         samples = bootstrap_affinities(cube, n, cfg.analysis.seed)
@@ -75,7 +90,7 @@ def run_affinity(
         table = affinity_from_cube(cube)
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
-    if pruned := _pruned_transfers(losses_path):
+    if pruned := _pruned_transfers(losses.parent):
         (scratch / PRUNED).write_text(json.dumps(pruned, indent=1))
     plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
     run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"})
@@ -85,8 +100,7 @@ def run_affinity(
     tracker.log_metrics(run, metrics | {f"unlabelled_images.{t}": n for t, n in unlabelled.items()})
     tracker.end_run(run)
     info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
-    step.finish(scratch, info | {"mlflow_run": run})
-    return step
+    step.finish(info | {"mlflow_run": run}, scratch)
 
 
 def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> TaxonomyOptions:
@@ -108,17 +122,25 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     step = taxonomy_step(cfg, affinity.key)
     if step.complete:
         return step
-    scratch = step.begin()
-    table = read_affinities(affinity.path / "affinity.parquet")
+    with step.scratch() as scratch:
+        _taxonomy(cfg, step, affinity, tracker, parent_run_id, scratch)
+    return step
+
+
+def _taxonomy(
+    cfg: PipelineConfig, step: Step, affinity: Step, tracker: Tracker, parent_run_id: str, scratch: Path
+) -> None:
+    table = transfer_table((affinity.location / "affinity.parquet").read_parquet())
     options = taxonomy_options(cfg)
-    if (affinity.path / PRUNED).exists():
+    pruned = affinity.location / PRUNED
+    if pruned.exists():
         options = within_table(options, table)
     taxonomy = solve_taxonomy(table, options)
     sweep = sweep_budgets(table, options)
     stability = _stability(affinity, options, taxonomy)
     answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
-    if (affinity.path / PRUNED).exists():  # transfers the BIP never saw
-        answer["pruned"] = json.loads((affinity.path / PRUNED).read_text())
+    if pruned.exists():  # transfers the BIP never saw
+        answer["pruned"] = pruned.read_json()
     (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))
     sweep_rows = [
         {
@@ -141,8 +163,7 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
     for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.json", "budget_sweep.png"):
         tracker.log_artifact(run, scratch / name)
     tracker.end_run(run)
-    step.finish(scratch, {"affinity_key": affinity.key, "mlflow_run": run, **answer})
-    return step
+    step.finish({"affinity_key": affinity.key, "mlflow_run": run, **answer}, scratch)
 
 
 def within_table(options: TaxonomyOptions, table: TransferTable) -> TaxonomyOptions:
@@ -158,14 +179,14 @@ def within_table(options: TaxonomyOptions, table: TransferTable) -> TaxonomyOpti
     )
 
 
-def _pruned_transfers(losses_path: Path) -> dict | None:
+def _pruned_transfers(stage_dir: Location) -> dict | None:
     """From Stage II's `pruning.json` (absent when it was not pruned): the first-order transfers
     never trained, so not in the loss table, not AHP candidates and never in the BIP, with the
     estimator's measured rank correlation on the trained ones."""
-    path = Path(losses_path).parent / "pruning.json"
+    path = stage_dir / "pruning.json"
     if not path.exists():
         return None
-    report = json.loads(path.read_text())
+    report = path.read_json()
     keep = ("estimator", "top_k", "audit_fraction", "spearman", "spearman_by_target", "audit_misses")
     transfers = [f"{s}->{t}" for t, sources in report["pruned"].items() for s in sources]
     return {"transfers": transfers, "audited": report["audited"]} | {k: report[k] for k in keep}
@@ -174,9 +195,9 @@ def _pruned_transfers(losses_path: Path) -> dict | None:
 def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> dict | None:
     """How often each root and transfer comes back when the BIP is solved on each bootstrap
     resample's affinities (none without `analysis.bootstrap`)."""
-    if not (affinity.path / SAMPLES).exists():
+    if not (affinity.location / SAMPLES).exists():
         return None
-    rows = pq.read_table(affinity.path / "affinity.parquet", columns=["target", "sources"]).to_pydict()
+    rows = (affinity.location / "affinity.parquet").read_parquet(["target", "sources"]).to_pydict()
     sources = [tuple(s) for s in rows["sources"]]
-    samples = np.load(affinity.path / SAMPLES).astype(np.float64)
+    samples = (affinity.location / SAMPLES).read_array().astype(np.float64)
     return stability_of_rows(rows["target"], sources, samples, options, chosen) | {"resamples": len(samples)}

@@ -16,6 +16,7 @@ from components.data.shards import MANIFEST
 from components.data.synthetic import synthetic_columns
 from components.errors import ConfigError
 from components.models import ModelConfig
+from components.storage import Location, is_remote, location
 from components.tasks import TASKS, Task, define_tasks
 from components.transfer import BASELINES, ReadoutKind
 from components.transfer.estimate import EstimatorKind
@@ -287,8 +288,9 @@ class PipelineConfig:
                 )
 
     @property
-    def root(self) -> Path:
-        return Path(self.storage_root).resolve()
+    def root(self) -> Location:
+        """The storage root: a local folder or an object-store URI (`s3://bucket/prefix`)."""
+        return location(self.storage_root)
 
 
 def dataset_columns(data: DataConfig) -> dict[str, tuple[int, ...]] | None:
@@ -296,6 +298,8 @@ def dataset_columns(data: DataConfig) -> dict[str, tuple[int, ...]] | None:
     readable here."""
     if not data.path:
         return {c.name: c.shape for c in synthetic_columns(data.size)}
+    if is_remote(data.path):  # checked when the run opens the dataset
+        return None
     try:
         manifest = json.loads((Path(data.path) / MANIFEST).read_text())
         return {c["name"]: tuple(c["shape"]) for c in manifest["columns"]}

@@ -20,7 +20,8 @@ from components.data.scenes import SceneConfig
 from components.data.shards import ShardStore
 from components.data.synthetic import DatasetConfig, generate_dataset
 from components.errors import ConfigError, TaskatlasError
-from components.study_lock import STUDY_LOCK, LocalLockStore, StudyLock
+from components.storage import Location, location
+from components.study_lock import StudyLock, lock_store
 from components.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
@@ -38,10 +39,10 @@ def dataset_config(cfg: PipelineConfig) -> DatasetConfig:
     )
 
 
-def dataset_folder(cfg: PipelineConfig) -> Path:
+def dataset_folder(cfg: PipelineConfig) -> Location:
     """The configured dataset folder, or where the synthetic one for this config lives."""
     if cfg.data.path:
-        return Path(cfg.data.path)
+        return location(cfg.data.path)
     return cfg.root / "data" / f"synthetic-{config_hash(dataset_config(cfg))}"
 
 
@@ -57,10 +58,27 @@ def prepare_dataset(cfg: PipelineConfig) -> ShardStore:
     return store
 
 
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The configured tracking URI, or SQLite under a local storage root. A study on object
+    storage or on several nodes needs a tracking server (`components.tracking`)."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if not cfg.root.is_local:
+        raise ConfigError(
+            f"tracking_uri: storage_root {cfg.root} is object storage, and the default tracking store "
+            "is a SQLite file under a local root; run an MLflow server (`mlflow server "
+            "--backend-store-uri postgresql://... --artifacts-destination s3://...`) and set "
+            "tracking_uri: http://HOST:5000"
+        )
+    return default_tracking_uri(cfg.root.local_path)
+
+
 def open_tracker(cfg: PipelineConfig) -> Tracker:
-    cfg.root.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking_uri or default_tracking_uri(cfg.root)
-    artifacts = (cfg.root / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+    uri = tracking_uri(cfg)
+    artifacts = None
+    if uri.startswith("sqlite"):
+        cfg.root.local_path.mkdir(parents=True, exist_ok=True)
+        artifacts = (cfg.root.local_path / "mlartifacts").as_uri()
     return Tracker(uri, cfg.name, artifact_location=artifacts, run_tags={STORAGE_ROOT_TAG: str(cfg.root)})
 
 
@@ -73,17 +91,17 @@ def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None
     if missing := [t for t in cfg.transfer.targets if t not in sources]:
         raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
     check_writable(cfg.root, "storage_root")
-    uri = cfg.tracking_uri
+    uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
     elif uri.startswith("sqlite:///"):
         check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking_uri")
 
 
-def check_writable(folder: Path, field: str) -> None:
+def check_writable(folder: Path | Location, field: str) -> None:
+    folder = folder if isinstance(folder, Location) else location(folder)
     probe = folder / f".taskatlas-write-test-{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -108,13 +126,14 @@ def check_tracking_server(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> No
 def study_lock(cfg: PipelineConfig, command: str, wait: bool = False) -> Iterator[None]:
     """The storage root for this process alone (design.md section 1); then what dead attempts
     left behind, temp files of theirs, is removed."""
-    lock = StudyLock(LocalLockStore(cfg.root / STUDY_LOCK), command, where=f"storage root {cfg.root}")
+    lock = StudyLock(lock_store(cfg.root), command, where=f"storage root {cfg.root}")
 
     def waiting(holder) -> None:
         print(f"waiting for {holder.describe()} to finish with {cfg.root}", file=sys.stderr, flush=True)
 
     with lock.held(wait, waiting):
-        remove_dead_temp_files(cfg.root)
+        if cfg.root.is_local:  # object stores get whole objects or nothing: no temp files
+            remove_dead_temp_files(cfg.root.local_path)
         yield
 
 

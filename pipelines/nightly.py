@@ -15,10 +15,9 @@ current champion's on the same (new) test split.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -58,8 +57,8 @@ def exclusive_lock(path: Path) -> Iterator[bool]:
 
 def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
     if cfg.data.path:
-        fresh = refreshed_dataset(Path(cfg.data.path), cfg.root / "data")
-        return cfg if fresh == Path(cfg.data.path) else replace(cfg, data=replace(cfg.data, path=str(fresh)))
+        fresh = refreshed_dataset(cfg.data.path, cfg.root / "data")
+        return cfg if fresh == cfg.data.path else replace(cfg, data=replace(cfg.data, path=fresh))
     return replace(
         cfg, data=replace(cfg.data, seed=cfg.data.seed * 100_000_000 + int(day.strftime("%Y%m%d")))
     )
@@ -112,7 +111,10 @@ def run_nightly(
 ) -> dict | None:
     """The nightly job; None if another nightly holds the nightly lock. Another study working on
     the storage root is refused (`StudyLocked`), or waited for with `wait_for_lock`."""
-    with exclusive_lock(cfg.root / "nightly.lock") as acquired:
+    # Two nightlies of one local root: the second leaves at once. On object storage the study
+    # lock alone keeps them apart (the second is refused, or waits with `wait_for_lock`).
+    guard = exclusive_lock(cfg.root.local_path / "nightly.lock") if cfg.root.is_local else nullcontext(True)
+    with guard as acquired:
         if not acquired:
             return None
         with study_lock(cfg, "nightly", wait_for_lock):
@@ -145,7 +147,7 @@ def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...
 
 def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions: list[Promotion]) -> dict:
     last_path = cfg.root / "nightly" / "last_taxonomy.json"
-    previous = json.loads(last_path.read_text()) if last_path.exists() else None
+    previous = last_path.read_json() if last_path.exists() else None
     summary = {
         "date": day.isoformat(),
         "data_version": result.data_version,
@@ -161,6 +163,5 @@ def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions:
         if previous is not None:
             summary["taxonomy_changed"] = previous != now
             summary["roots_before"] = previous["roots"]
-        last_path.parent.mkdir(parents=True, exist_ok=True)
-        last_path.write_text(json.dumps(now, indent=1))
+        last_path.write_json(now)
     return summary

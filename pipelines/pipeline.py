@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
+from components.storage import Location
 from components.tasks import Task
 from components.tracking import Tracker
 from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
@@ -28,6 +28,7 @@ from pipelines.invocation import Invocation, dataset_folder
 from pipelines.report import answer_markdown
 from pipelines.stage1 import Stage1, TaskResult
 from pipelines.stage2 import Stage2, Stage2Result
+from pipelines.steps import log_stored_artifact
 
 
 class Stage(str, Enum):
@@ -58,7 +59,7 @@ class PipelineResult:
     stage1: dict[str, TaskResult] = field(default_factory=dict)
     retrained: list[str] = field(default_factory=list)  # task networks trained by this run
     stage2: Stage2Result | None = None
-    affinity_path: Path | None = None  # the affinity table
+    affinity_path: Location | None = None  # the affinity table
     unlabelled_images: dict[str, int] = field(default_factory=dict)  # per target, left out
     taxonomy: dict | None = None
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ran" | "reused")
@@ -111,12 +112,13 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     affinity = affinity_step(cfg, result.stage2.key)
     result.steps.append(("affinity", "reused" if affinity.complete else "ran"))
     fresh = not affinity.complete
-    affinity = run_affinity(cfg, Path(result.stage2.losses_path), result.stage2.key, inv.tracker, inv.run_id)
+    affinity = run_affinity(cfg, result.stage2.losses, result.stage2.key, inv.tracker, inv.run_id)
+    table = (affinity.location / "affinity.parquet").read_parquet()
     if fresh:
-        _score_readout_runs(inv.tracker, result.stage2.readout_runs, affinity.path / "affinity.parquet")
+        _score_readout_runs(inv.tracker, result.stage2.readout_runs, table)
     for name in ("affinity.parquet", "affinity_heatmap.png"):
-        inv.tracker.log_artifact(inv.run_id, affinity.path / name)
-    result.affinity_path = affinity.path / "affinity.parquet"
+        log_stored_artifact(inv.tracker, inv.run_id, affinity.location / name)
+    result.affinity_path = affinity.location / "affinity.parquet"
     result.unlabelled_images = affinity.info().get("unlabelled_images", {})
     if Stage.TAXONOMY not in stages:
         return result
@@ -124,13 +126,13 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     result.steps.append(("taxonomy", "reused" if taxonomy.complete else "ran"))
     taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
     for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.png"):
-        inv.tracker.log_artifact(inv.run_id, taxonomy.path / name)
+        log_stored_artifact(inv.tracker, inv.run_id, taxonomy.location / name)
     result.taxonomy = {k: v for k, v in taxonomy.info().items() if k not in ("affinity_key", "mlflow_run")}
     metrics = {"taxonomy_objective": result.taxonomy["objective"]}
     if stability := result.taxonomy.get("stability"):
         metrics["taxonomy_stability"] = stability["taxonomy"]
     inv.tracker.log_metrics(inv.run_id, metrics)
-    result.taxonomy["path"] = str(taxonomy.path)
+    result.taxonomy["path"] = str(taxonomy.location)
     counts = result.summary(str(cfg.root), inv.run_id)
     inv.tracker.log_metrics(
         inv.run_id,
@@ -141,15 +143,14 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
             "readouts_trained": counts["readouts_ran"],
         },
     )
-    table = pq.read_table(result.affinity_path)
     inv.tracker.describe(inv.run_id, answer_markdown(result.taxonomy, table, inv.run_id))
     return result
 
 
-def _score_readout_runs(tracker: Tracker, runs: dict[str, str], affinity_path: Path) -> None:
+def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
     """Stage III's verdict on each readout, on its own run: affinity, quality (vs self), gain
     (vs pixels), so MLflow's run table sorts and filters sources by them."""
-    for row in pq.read_table(affinity_path).to_pylist():
+    for row in table.to_pylist():
         run = runs.get(f"{'+'.join(row['sources'])}->{row['target']}")
         if run:
             scores = {k: row[k] for k in ("affinity", "quality", "gain") if row[k] == row[k]}  # not NaN

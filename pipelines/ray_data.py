@@ -15,5 +15,6 @@ def ray_dataset(store: ShardStore, split: str, columns: list[str]) -> ray.data.D
     """A Ray Dataset of `split` with `image_id` and the given columns (numpy batches keep shapes)."""
     for name in columns:
         store.manifest.column(name)  # fails early, naming the column, if the dataset lacks it
-    paths = [str(p) for p in store.shard_paths(split)]
-    return ray.data.read_parquet(paths).select_columns(["image_id", *columns])
+    paths = [p.path for p in store.shard_paths(split)]
+    data = ray.data.read_parquet(paths, filesystem=store.root.fs)  # local or object storage alike
+    return data.select_columns(["image_id", *columns])

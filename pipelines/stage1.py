@@ -7,20 +7,20 @@
 
 Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train worker) and `tune_trial`
 (each Tune trial) are thin shells around `components.training`. A task's outputs live under
-`<storage_root>/stage1/<task>/<key>/` with `result.json` written last; a complete task is
-skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint.
+`<storage_root>/stage1/<task>/<key>/` (a `Step`: its marker written last); a complete task is
+skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint, kept under
+`<storage_root>/ray/` (Ray Train and Tune write there themselves, local or object storage).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -48,6 +48,7 @@ from components.training import (
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
+from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
@@ -148,35 +149,31 @@ class Stage1:
         return ds.materialize() if self.config.train.materialize_data else ds
 
     # -- where each task's outputs live; what is already done (reruns, --dry-run, nightly)
-    def search_dir(self, task: Task) -> Path:
+    def search_step(self, task: Task) -> Step:
         cfg = self.config
-        return (
-            cfg.root
-            / "tune"
-            / task.name
-            / config_hash(task, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
-        )
+        key = config_hash(task, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
+        return Step(cfg.root, f"tune/{task.name}", key)
 
     def cached_hparams(self, task: Task) -> dict | None:
-        best = self.search_dir(task) / "best.json"
-        return json.loads(best.read_text())["hparams"] if best.exists() else None
+        step = self.search_step(task)
+        return step.info()["hparams"] if step.complete else None
 
     def hparams_if_known(self, task: Task, search: bool) -> dict | None:
         """The hyperparameters training would use, or None while the search has not run."""
         return self.cached_hparams(task) if search and self.config.tune.enabled else self.default_hparams()
 
-    def train_dir(self, task: Task, hparams: dict) -> Path:
+    def train_step(self, task: Task, hparams: dict) -> Step:
         """Keyed by everything that changes the trained model: the task's definition, model,
         hyperparameters, epochs, seed, data, and how it is trained (workers as configured, 0 for
         "one per GPU"; GPU or not; batches cached in memory or streamed)."""
         cfg, t = self.config, self.config.train
         how = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cache_in_memory": t.cache_in_memory}
         key = config_hash(task, cfg.model, hparams, t.epochs, t.seed, self.store.data_version, how)
-        return cfg.root / "stage1" / task.name / key
+        return Step(cfg.root, f"stage1/{task.name}", key)
 
     def cached_result(self, task: Task, hparams: dict) -> TaskResult | None:
-        done = self.train_dir(task, hparams) / "result.json"
-        return TaskResult(**json.loads(done.read_text())) if done.exists() else None
+        step = self.train_step(task, hparams)
+        return TaskResult(**step.info()) if step.complete else None
 
     def finished(self, task: Task, search: bool = True) -> TaskResult | None:
         """The task's trained network for the current settings, if a run already made it."""
@@ -190,8 +187,8 @@ class Stage1:
     # -- tune
     def search(self, task: Task) -> dict:
         cfg = self.config
-        out = self.search_dir(task)
-        key = out.name
+        step = self.search_step(task)
+        key = step.key
         if (cached := self.cached_hparams(task)) is not None:
             return cached
         use_gpu = self.use_gpu
@@ -217,7 +214,7 @@ class Stage1:
             grace_period=cfg.tune.grace_period,
             reduction_factor=cfg.tune.reduction_factor,
         )
-        storage = str(cfg.root / "ray")
+        storage = (cfg.root / "ray").uri
         name = f"tune-{task.name}-{key}"
         trainable = self._registered_trial(resources)
         if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
@@ -237,7 +234,6 @@ class Stage1:
         best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
         hparams = {k: best.config[k] for k in ("lr", "weight_decay", "batch_size")}
         self._log_search(task, grid, hparams, best.metrics)
-        out.mkdir(parents=True, exist_ok=True)
         trials = [
             {
                 "trial_id": r.metrics.get("trial_id"),
@@ -246,7 +242,7 @@ class Stage1:
             }
             for r in grid
         ]
-        (out / "best.json").write_text(json.dumps({"hparams": hparams, "trials": trials}, indent=1))
+        step.finish({"hparams": hparams, "trials": trials})
         return hparams
 
     def _registered_trial(self, resources: dict) -> str:
@@ -307,13 +303,12 @@ class Stage1:
 
     def train(self, task: Task, hparams: dict) -> TaskResult:
         cfg = self.config
-        out = self.train_dir(task, hparams)
+        step = self.train_step(task, hparams)
         if (cached := self.cached_result(task, hparams)) is not None:
             return cached
-        out.mkdir(parents=True, exist_ok=True)
-        run_file = out / "mlflow_run.json"  # one MLflow run (and logged model) per task network
+        run_file = step.location / "mlflow_run.json"  # one MLflow run (and logged model) per network
         if run_file.exists():  # an earlier attempt's run (KILLED or FAILED by now): continue it
-            ids = json.loads(run_file.read_text())
+            ids = run_file.read_json()
             run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
             model_id = ids.get("model_id") or self.tracker.create_logged_model(run_id, task.name)
         else:
@@ -321,7 +316,7 @@ class Stage1:
                 f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
             )
             model_id = self.tracker.create_logged_model(run_id, task.name)
-            run_file.write_text(json.dumps({"run_id": run_id, "model_id": model_id}))
+            run_file.write_json({"run_id": run_id, "model_id": model_id})
             self.tracker.log_params(
                 run_id,
                 {
@@ -333,13 +328,13 @@ class Stage1:
                 },
             )
         try:
-            return self._train(task, hparams, out, run_id, model_id)
+            return self._train(task, hparams, step, run_id, model_id)
         except BaseException:  # a failed or interrupted training never stays RUNNING
             self.tracker.end_run(run_id, failed=True)
             raise
 
-    def _train(self, task: Task, hparams: dict, out: Path, run_id: str, model_id: str) -> TaskResult:
-        cfg, key = self.config, out.name
+    def _train(self, task: Task, hparams: dict, step: Step, run_id: str, model_id: str) -> TaskResult:
+        cfg, key, out = self.config, step.key, step.location
         channels = channels_for(task, self.store)
         worker = self.worker_config(task, hparams, run_id, model_id)
         columns = task.columns
@@ -354,7 +349,7 @@ class Stage1:
             ),
             run_config=ray.train.RunConfig(
                 name=f"train-{task.name}-{key}",
-                storage_path=str(cfg.root / "ray"),
+                storage_path=(cfg.root / "ray").uri,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             ),
@@ -367,10 +362,12 @@ class Stage1:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
         model = build_network(task, cfg.model, cfg.data.size, channels)
         model.load_state_dict(state["model"])
-        torch.save(model.state_dict(), out / "model.pt")
+        weights = io.BytesIO()
+        torch.save(model.state_dict(), weights)
+        (out / "model.pt").write_bytes(weights.getvalue())
         test = self.store.read("test", columns)
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
-        pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
+        (out / "test_losses.parquet").write_parquet(pa.table({"image_id": ids.astype(str), "loss": losses}))
         test_loss = nanmean(losses)
         # The model's metrics are its epochs' (rank 0 logs them to the run and the model), the
         # last one's shown, plus the test loss of the saved weights at the last epoch's step.
@@ -400,6 +397,6 @@ class Stage1:
         if self.tracker.alias_version(registered, CHAMPION) is None:  # a task's first version
             self.tracker.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(run_id)
-        done = TaskResult(task.name, key, str(out / "model.pt"), test_loss, hparams, run_id, version)
-        (out / "result.json").write_text(json.dumps(asdict(done), indent=1))
+        done = TaskResult(task.name, key, (out / "model.pt").uri, test_loss, hparams, run_id, version)
+        step.finish(asdict(done))
         return done

@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: stay on loopback
 os.environ.setdefault("TASKATLAS_RAY_DASHBOARD", "0")  # pipelines run as subprocesses start faster
+if "TASKATLAS_CACHE" not in os.environ:  # the local feature cache: this session's own, not ~/.cache
+    import tempfile
+
+    os.environ["TASKATLAS_CACHE"] = tempfile.mkdtemp(prefix="taskatlas-test-cache-")
 
 import pytest
 import torch

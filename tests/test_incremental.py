@@ -77,7 +77,7 @@ def test_a_yaml_task_joins_a_finished_study_training_only_what_involves_it(tmp_p
     assert second["networks_trained"] == ["my_edges"] and sorted(second["networks_reused"]) == sorted(BASE)
     # Expected: 7 first-order readouts into or out of my_edges, its pixels and random baselines,
     # its own pair, and a new pair for each old target whose beam of 2 now includes my_edges.
-    stage2 = json.loads(_newest(tmp_path / "runs" / "stage2", "result.json").read_text())
+    stage2 = json.loads(_newest(tmp_path / "runs" / "stage2", "done.json").read_text())
     losses = first_order_losses(stage2["summary_path"])
     changed = sum(
         set(rank_sources({s: v for s, v in losses[t].items() if s != "my_edges"}, exclude=t)[:2])

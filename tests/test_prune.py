@@ -239,12 +239,12 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
     assert result.counts == {"order 1": 6, "order 2": pairs, "self": 3, "pixels": 3, "random": 3}
     assert len(pruned) == 3 and report["estimator"] == "probe"
     assert set(report["estimates"]) == set(TASKS) and all(len(v) == 3 for v in report["estimates"].values())
-    losses = pq.read_table(result.losses_path).to_pydict()
+    losses = result.all_losses().to_pydict()
     measured = {(t, s[0]) for t, s in zip(losses["target"], losses["sources"], strict=True) if len(s) == 1}
     assert not pruned & measured
 
     cfg = stage.config
-    affinity = run_affinity(cfg, Path(result.losses_path), result.key, stage.tracker, stage.parent_run_id)
+    affinity = run_affinity(cfg, result.losses, result.key, stage.tracker, stage.parent_run_id)
     side = json.loads((affinity.path / "pruned.json").read_text())
     assert sorted(side["transfers"]) == sorted(f"{s}->{t}" for t, s in pruned)
     table = pq.read_table(affinity.path / "affinity.parquet").to_pydict()

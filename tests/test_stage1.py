@@ -1,6 +1,5 @@
 """Stage I on a real local Ray: DDP training, checkpoints, failure recovery, ASHA, the registry."""
 
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,7 +100,7 @@ def test_asha_stops_poor_trials_and_returns_the_best(tmp_path, tiny_dataset, ray
         "tune.batch_sizes=[16]",
     )
     best = stage.search(get_task("reshading"))
-    record = json.loads(next((tmp_path / "tune" / "reshading").glob("*/best.json")).read_text())
+    record = stage.search_step(get_task("reshading")).info()
     epochs = [t["epochs"] for t in record["trials"]]
     assert len(epochs) == 6 and max(epochs) == 4
     assert min(epochs) < 4  # ASHA cut at least one trial short

@@ -27,7 +27,7 @@ def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
 
     def key(*overrides):
         s = stage(tmp_path, tiny_dataset, *overrides)
-        return s.train_dir(s.config.task("normal"), hparams)
+        return s.train_step(s.config.task("normal"), hparams)
 
     base = key("train.num_workers=1")
     assert key("train.num_workers=2") != base

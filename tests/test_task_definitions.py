@@ -72,7 +72,7 @@ def test_a_definition_changes_the_keys_of_what_depends_on_it_and_nothing_else(tm
 
     def where(cfg, task: str):
         stage1 = Stage1(cfg, store, None, "")  # type: ignore[arg-type]
-        return stage1.train_dir(cfg.task(task), hparams), stage1.search_dir(cfg.task(task))
+        return stage1.train_step(cfg.task(task), hparams), stage1.search_step(cfg.task(task))
 
     assert where(before, "normal")[0] != where(after, "normal")[0]
     assert where(before, "normal")[1] != where(after, "normal")[1]

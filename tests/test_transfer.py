@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from components.data.shards import ShardStore
 from components.models import ModelConfig, build_network
+from components.storage import location
 from components.tasks import InputTransform, get_task
 from components.training import iter_batches, per_image_losses
 from components.transfer import (
@@ -43,14 +44,15 @@ from components.transfer.features import PixelFeatures
 from components.transfer.jobs import (
     FeatureEncoder,
     ReadoutJob,
-    attempts_path,
+    attempt_events,
     calibrate_readout,
 )
 from components.transfer.readout import score_network
 from pipelines.config import load_pipeline_config
+from pipelines.fanout import readout_run_name
 from pipelines.invocation import open_tracker
 from pipelines.stage1 import TaskResult
-from pipelines.stage2 import Stage2, readout_run_name
+from pipelines.stage2 import Stage2
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(width=8, downsample=4)
@@ -234,7 +236,7 @@ def env(tmp_path_factory, tiny_dataset, ray_session):
 def _done_counts(keys, readouts) -> Counter:
     return Counter(
         {
-            r: attempts_path(keys.path(r)).read_text().split().count("done")
+            r: attempt_events(keys.path(r)).count("done")
             for r in readouts
             if r.kind.value != "self"
         }
@@ -280,7 +282,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     assert result.failed == () and result.ran == 9 + 3 + 3 + 3  # `self` is read, not trained
     assert result.counts == {"order 1": 9, "order 2": 3, "self": 3, "pixels": 3, "random": 3}
 
-    losses = pq.read_table(result.losses_path)
+    losses = result.all_losses()
     assert losses.column_names == ["target", "sources", "image_id", "loss"]
     assert losses.num_rows == 21 * 16
     keys = pc.binary_join_element_wise(
@@ -288,7 +290,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     )
     assert len(pc.unique(keys)) == losses.num_rows  # no duplicated (target, sources, image)
 
-    summary = pq.read_table(result.summary_path).to_pylist()
+    summary = result.summary().to_pylist()
     assert {"target", "sources", "order", "mean_loss", "seconds"} <= set(summary[0])
     for target in TASKS:  # beams come from validation losses on the transfer split, not test losses
         first = {
@@ -310,7 +312,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     assert set(_done_counts(stage.readout_keys(results), plan_readouts).values()) == {1}
 
     again = make_stage2(root, store).run(results)  # complete: skipped as a whole
-    assert again.ran == 0 and again.key == result.key and again.losses_path == result.losses_path
+    assert again.ran == 0 and again.key == result.key and again.losses_dir == result.losses_dir
 
 
 def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env):
@@ -321,22 +323,21 @@ def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the
     assert result.failed == (failing,)
     bad = Readout("normal", ("reshading",))
     bad_path = make_stage2(root, store, *overrides).readout_keys(results).path(bad)
-    attempts = attempts_path(bad_path).read_text().split()
+    attempts = attempt_events(bad_path)
     assert attempts.count("start") == 2 and attempts.count("done") == 0  # one try + one retry
     assert not bad_path.exists()
-    assert not (Path(result.out_dir) / "result.json").exists()  # incomplete: the rerun retries
-    assert failing in json.loads((Path(result.out_dir) / "failed.json").read_text())
+    assert not (location(result.out_dir) / "done.json").exists()  # incomplete: the rerun retries
+    assert failing in (location(result.out_dir) / "failed.json").read_json()
     # every other readout ran; normal's beam of 2 has one source left, so it has no pair
     assert result.counts == {"order 1": 8, "order 2": 2, "self": 3, "pixels": 3, "random": 3}
 
     rerun = make_stage2(root, store, *overrides)
     fixed = rerun.run(results)  # same key: the seam is not part of it
     assert fixed.key == result.key and fixed.failed == ()
-    assert attempts_path(bad_path).read_text().split().count("done") == 1
-    assert pq.read_table(fixed.summary_path).num_rows == 21
-    assert (Path(fixed.out_dir) / "result.json").exists() and not (
-        Path(fixed.out_dir) / "failed.json"
-    ).exists()
+    assert attempt_events(bad_path).count("done") == 1
+    assert fixed.summary().num_rows == 21
+    assert (location(fixed.out_dir) / "done.json").exists()
+    assert not (location(fixed.out_dir) / "failed.json").exists()
     runs = _readout_runs(rerun, fixed.key)  # the failed readout's run was finished, not duplicated
     trained = {name: n for name, n in runs.items() if not name.endswith(" <- self")}
     assert len(trained) == 18 and set(runs.values()) == {1}  # `self` may be logged by another study
@@ -391,14 +392,14 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     _wait_for_workers_to_go(root)
 
     result = probe.run(results)
-    summary = pq.read_table(result.summary_path).to_pylist()
+    summary = result.summary().to_pylist()
     plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
     assert result.failed == () and len(summary) == 21
     assert 0 < result.ran <= 18 - stored_at_kill + 2  # the rest were stored (2: in flight at the kill)
     assert set(_done_counts(probe.readout_keys(results), plan_readouts).values()) == {
         1
     }  # none lost, none twice
-    losses = pq.read_table(result.losses_path)
+    losses = result.all_losses()
     assert losses.num_rows == 21 * 16
     keys = pc.binary_join_element_wise(
         losses["target"], pc.binary_join(losses["sources"], "+"), losses["image_id"], "|"

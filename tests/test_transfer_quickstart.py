@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from components.affinity import compute_affinity
-from components.affinity_io import read_losses
 from components.data.shards import ShardStore
 from components.models import build_network
 from components.tasks import get_task
@@ -73,7 +72,7 @@ def test_geometric_sources_have_more_affinity_than_texture_edges_for_geometric_t
     result = Stage2(cfg, store, tracker, tracker.start_run("quickstart-test")).run(results)
     assert result.failed == ()
 
-    affinity = compute_affinity(read_losses(result.losses_path)).to_pylist()
+    affinity = compute_affinity(result.all_losses()).to_pylist()
     first_order = {(r["target"], r["sources"][0]): r["affinity"] for r in affinity if r["order"] == 1}
     for target in TARGETS:
         geometric = np.mean([first_order[target, s] for s in GEOMETRIC if s != target])

@@ -13,8 +13,8 @@ returning any of its rows, and name the shard and what is wrong when they fail.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.errors import TaskatlasError
+from components.storage import Location, location
 
 SPLITS = ("train", "transfer", "test")
 MANIFEST = "manifest.json"
@@ -104,27 +105,31 @@ def arrow_schema(columns: tuple[ColumnSpec, ...]) -> pa.Schema:
     return pa.schema([("image_id", pa.string())] + [(c.name, c.arrow_type()) for c in columns])
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path | Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    loc = path if isinstance(path, Location) else location(path)
+    with loc.fs.open_input_stream(loc.path, compression=None) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def write_shard(path: Path, columns: tuple[ColumnSpec, ...], image_ids: list[str], arrays: dict) -> str:
-    """Write one shard atomically (temp file, then rename) and return its sha256."""
+def as_location(root: str | Path | Location) -> Location:
+    return root if isinstance(root, Location) else location(root)
+
+
+def write_shard(path: Location, columns: tuple[ColumnSpec, ...], image_ids: list[str], arrays: dict) -> str:
+    """Write one shard whole (`Location.write_bytes`) and return its sha256."""
     data = {"image_id": pa.array(image_ids, pa.string())}
     for c in columns:
         arr = np.ascontiguousarray(arrays[c.name], dtype=c.dtype)
         if arr.shape[1:] != c.shape:
             raise ShardError(f"{path}: column {c.name!r} has shape {arr.shape[1:]}, schema says {c.shape}")
         data[c.name] = pa.FixedShapeTensorArray.from_numpy_ndarray(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.table(data, schema=arrow_schema(columns)), tmp, compression=COMPRESSION)
-    os.replace(tmp, path)
-    return file_sha256(path)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(data, schema=arrow_schema(columns)), buf, compression=COMPRESSION)
+    path.write_bytes(buf.getvalue())
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 ShardProducer = Callable[[str, int, int], tuple[list[str], dict]]  # (split, start, count) -> ids, arrays
@@ -132,7 +137,7 @@ PARTIAL = ".writing.json"  # settings of a write in progress: only a matching re
 
 
 def write_dataset(
-    root: str | Path,
+    root: str | Path | Location,
     source: str,
     settings: dict,
     columns: tuple[ColumnSpec, ...],
@@ -147,7 +152,7 @@ def write_dataset(
     A complete dataset (manifest present) with the same settings is returned as it is; one with
     other settings is never overwritten.
     """
-    root = Path(root)
+    root = as_location(root)
     if (root / MANIFEST).exists():
         manifest = read_manifest(root)
         if manifest.settings != settings:
@@ -156,20 +161,19 @@ def write_dataset(
                 "choose another output folder"
             )
         return manifest
-    root.mkdir(parents=True, exist_ok=True)
     partial = root / PARTIAL
-    if partial.exists() and json.loads(partial.read_text()) != settings:
+    if partial.exists() and partial.read_json() != settings:
         raise ShardError(
             f"{root} holds an unfinished dataset with other settings; remove it or choose another folder"
         )
-    partial.write_text(json.dumps(settings, sort_keys=True))
+    partial.write_json(settings)
     shards = []
     for split in SPLITS:
         n = counts.get(split, 0)
         for k, start in enumerate(range(0, n, rows_per_shard)):
             count = min(rows_per_shard, n - start)
             rel = f"{split}/part-{k:05d}.parquet"
-            if (root / rel).exists():  # renamed into place whole by the interrupted run
+            if (root / rel).exists():  # written whole by the interrupted run
                 digest = file_sha256(root / rel)
             else:
                 ids, arrays = produce(split, start, count)
@@ -188,16 +192,15 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys)
 
 
-def write_manifest(root: Path, manifest: Manifest) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+def write_manifest(root: str | Path | Location, manifest: Manifest) -> None:
+    (as_location(root) / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
 
 
-def read_manifest(root: str | Path) -> Manifest:
-    path = Path(root) / MANIFEST
+def read_manifest(root: str | Path | Location) -> Manifest:
+    root = as_location(root)
+    path = root / MANIFEST
     if not path.is_file():
-        hint = " (an interrupted write? rerun the same command to finish it)" if Path(root).is_dir() else ""
+        hint = " (an interrupted write? rerun the same command to finish it)" if root.exists() else ""
         raise ShardError(f"{path}: no manifest; not a complete taskatlas dataset{hint}")
     try:
         data = json.loads(path.read_text())
@@ -209,8 +212,8 @@ def read_manifest(root: str | Path) -> Manifest:
 class ShardStore:
     """Read access to a dataset folder; every shard is verified before its rows are returned."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | Path | Location):
+        self.root = as_location(root)
         self.manifest = read_manifest(self.root)
         self._verified: set[str] = set()
 
@@ -223,8 +226,8 @@ class ShardStore:
             raise ShardError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
         return [s for s in self.manifest.shards if s.split == split]
 
-    def shard_paths(self, split: str) -> list[Path]:
-        """Verified absolute paths of a split's shards (for readers such as Ray Data)."""
+    def shard_paths(self, split: str) -> list[Location]:
+        """Verified locations of a split's shards (for readers such as Ray Data)."""
         infos = self.shards(split)
         for info in infos:
             self.verify_shard(info)
@@ -241,7 +244,8 @@ class ShardStore:
         if not path.is_file():
             raise ShardError(f"shard {info.path}: file is missing")
         try:
-            meta = pq.read_metadata(path)
+            with path.fs.open_input_file(path.path) as f:
+                meta = pq.read_metadata(f)
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as err:
             raise ShardError(f"shard {info.path}: not a readable Parquet file ({err})") from None
@@ -268,7 +272,7 @@ class ShardStore:
         names = self._columns(columns)
         for info in self.shards(split):
             self.verify_shard(info)
-            table = pq.read_table(self.root / info.path, columns=["image_id", *names])
+            table = (self.root / info.path).read_parquet(["image_id", *names])
             yield table_to_numpy(table)
 
     def read(self, split: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from components.data.folder import import_folder, parse_spec, scan_folder
 from components.data.importing import ImportConfig
 from components.data.shards import SPLITS, Manifest, ShardStore
 from components.data.taskonomy import import_taskonomy, scan
+from components.storage import Location
 
 IMPORTERS = ("taskatlas.taskonomy", "taskatlas.folder")
 
@@ -35,7 +36,7 @@ def imported_ids(store: ShardStore) -> list[str]:
     return sorted(str(i) for split in SPLITS for i in store.read(split, [])["image_id"])
 
 
-def reimport(manifest: Manifest, out: Path) -> Manifest:
+def reimport(manifest: Manifest, out: Location) -> Manifest:
     """Run the dataset's importer again, with the settings it was imported with, into `out`."""
     s = manifest.settings
     config = ImportConfig(s["size"], s["transfer_fraction"], s["test_fraction"], s["rows_per_shard"])
@@ -45,7 +46,7 @@ def reimport(manifest: Manifest, out: Path) -> Manifest:
     return import_folder(s["root"], out, config, parse_spec(s.get("spec")), skip_incomplete=skip)[0]
 
 
-def refreshed_dataset(path: Path, cache: Path) -> Path:
+def refreshed_dataset(path: str, cache: Location) -> str:
     """`path` itself while its source folder holds the images it was imported from; otherwise
     the source imported again, as a new data version, under `cache/<name>-<hash of the ids>`
     (imported once: a rerun finds it)."""
@@ -56,4 +57,4 @@ def refreshed_dataset(path: Path, cache: Path) -> Path:
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
     out = cache / f"{store.root.name}-{digest}"
     reimport(store.manifest, out)
-    return out
+    return out.uri

@@ -14,6 +14,7 @@ batching and every run sees the same noisy image, and a cached view never depend
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -25,6 +26,7 @@ from torch import nn
 
 from components.models import ModelConfig, TaskNetwork
 from components.models.network import build_encoder
+from components.storage import location
 from components.tasks import InputTransform, view_input
 
 FEATURE_DTYPE = np.float16  # halves the cache; readouts compute in float32
@@ -44,7 +46,7 @@ class FeatureSource:
     name: str
     kind: FeatureKind
     key: str
-    checkpoint: str = ""  # ENCODER: path of the task network's state dict
+    checkpoint: str = ""  # ENCODER: URI of the task network's state dict (local path or s3://...)
 
 
 class PixelFeatures(nn.Module):
@@ -85,8 +87,12 @@ def build_feature_module(source: FeatureSource, model: ModelConfig, random_seed:
         return _frozen(PixelFeatures(model.downsample))
     if source.kind is FeatureKind.RANDOM:
         return random_encoder(model, random_seed)
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)
-    return trained_encoder(state, model)
+    return trained_encoder(load_state_dict(source.checkpoint), model)
+
+
+def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A stored state dict, weights only (nothing unpickled), from local or object storage."""
+    return torch.load(io.BytesIO(location(uri).read_bytes()), map_location="cpu", weights_only=True)
 
 
 @torch.no_grad()

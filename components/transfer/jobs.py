@@ -1,22 +1,26 @@
 """One unit of Stage II work as a plain function over files, for any executor to run.
 
 A readout job reads cached features and the dataset's labels, trains, and writes its per-image
-test losses to one Parquet file *itself*, atomically (temp file + rename): a finished readout is
-on disk even if whoever launched it dies, so a rerun never repeats it. Every execution also
-appends `start` and `done` lines to the readout's attempt log (retries show there).
+test losses to one Parquet file *itself*, whole (`Location.write_bytes`): a finished readout is
+in storage even if whoever launched it dies, so a rerun never repeats it. Every execution also
+notes `start` and `done` in the readout's attempt log (retries show there).
 
 Readouts are stored by their own key, `<root>/readouts/<target>/<sources>.<key>.parquet`, the
 key hashing everything that determines the result (the target's task definition, the sources'
 feature keys, the readout settings, the data): any study that needs the same readout finds it,
 so adding a task to a finished study trains only the readouts that involve it.
 
-Feature cache folders hold `<split>.npy` (N, C, h, w) float16 and `<split>.ids.npy`, rows sorted
-by image id, so features of several sources and the labels line up by position.
+Feature cache folders are written by the encoders themselves, one block per batch
+(`<attempt>/<split>/<block>.npz`: `ids`, `x` (B, C, h, w) float16), complete once `done.json`
+names the attempt. A reader joins a split's blocks once per node into the bounded local cache
+(`components.local_cache`), rows sorted by image id, so features of several sources and the
+labels line up by position, memory-mapped.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import time
@@ -27,14 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from components.data.shards import ShardStore
+from components.local_cache import cached_file
 from components.models import ModelConfig, build_network, representation_shape
+from components.storage import Location, location
 from components.tasks import InputTransform, Loss, Task
 from components.training import nanmean, pick_device
-from components.transfer.features import FeatureSource, build_feature_module, encode_batch
+from components.transfer.features import FeatureSource, build_feature_module, encode_batch, load_state_dict
 from components.transfer.plan import Readout, ReadoutKind
 from components.transfer.readout import ReadoutSettings, score_network, train_readout
 
@@ -55,18 +60,18 @@ class ReadoutJob:
 
     readout: Readout
     task: Task  # the target
-    feature_dirs: tuple[str, ...]  # one cache folder per source, in the readout's source order
+    feature_dirs: tuple[str, ...]  # one cache folder (URI) per source, in the readout's source order
     # (none for `self`, which scores the target's own network, saved at `checkpoint`)
     data_root: str
     model: ModelConfig
     image_size: int
     channels: int
     settings: ReadoutSettings
-    path: str  # the readout's loss file (`readout_path`); its attempt log lies beside it
+    path: str  # the readout's loss file's URI (`readout_path`); its attempt log lies beside it
     use_gpu: bool
     threads: int
     fail: bool = False  # test seam: raise on every attempt
-    checkpoint: str = ""  # `self`: the target's Stage I network (a state dict)
+    checkpoint: str = ""  # `self`: the URI of the target's Stage I network (a state dict)
 
 
 @dataclass(frozen=True)
@@ -80,20 +85,40 @@ class ReadoutOutcome:
     finished: float = 0.0
 
 
-def readout_path(root: str | Path, readout: Readout, key: str) -> Path:
+def readout_path(root: Location, readout: Readout, key: str) -> Location:
     """Where the readout with this key stores its per-image losses, under the storage root."""
-    return Path(root) / "readouts" / readout.target / f"{'+'.join(readout.sources)}.{key}.parquet"
+    return root / "readouts" / readout.target / f"{'+'.join(readout.sources)}.{key}.parquet"
 
 
-def attempts_path(path: str | Path) -> Path:
-    """The attempt log beside a readout's loss file."""
-    return Path(path).with_suffix(".attempts.log")
+def attempts_path(path: str | Location) -> Location:
+    """The attempt log beside a readout's loss file: a file locally, a folder of one object per
+    event on object storage (which cannot append)."""
+    loc = path if isinstance(path, Location) else location(path)
+    return loc.with_name(loc.name.removesuffix(".parquet") + ".attempts.log")
+
+
+def attempt_events(path: str | Location) -> list[str]:
+    """The events (`start`, `done`) noted for a readout, in order."""
+    log = attempts_path(path)
+    if log.is_local:
+        return log.read_text().split()[::3] if log.exists() else []
+    return [f.name.split("-")[-1] for f in sorted(log.files(), key=lambda f: f.name)]
+
+
+def note_attempt(readout_file: str, event: str) -> None:
+    log = attempts_path(readout_file)
+    if log.is_local:
+        log.local_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log.local_path, "a") as f:
+            f.write(f"{event} {os.getpid()} {time.time():.3f}\n")
+    else:
+        (log / f"{time.time():.6f}-{os.getpid()}-{event}").write_bytes(b"")
 
 
 def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     """Train one readout on cached features, store its per-image test losses, return a summary."""
     r, task, started = job.readout, job.task, time.time()
-    _note_attempt(job.path, "start")
+    note_attempt(job.path, "start")
     if job.fail:
         raise RuntimeError(f"injected failure of readout {r.name} (transfer.fail_readouts)")
     torch.set_num_threads(job.threads)
@@ -117,8 +142,8 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     outcome = ReadoutOutcome(
         r, result.mean_loss, result.seconds, result.train_losses, result.val_loss, started, time.time()
     )
-    write_readout(Path(job.path), outcome, result.image_ids, result.losses)
-    _note_attempt(job.path, "done")
+    write_readout(location(job.path), outcome, result.image_ids, result.losses)
+    note_attempt(job.path, "done")
     return outcome
 
 
@@ -128,7 +153,7 @@ def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
     start = time.perf_counter()
     task, device = job.task, pick_device(job.use_gpu)
     net = build_network(task, job.model, job.image_size, job.channels)
-    net.load_state_dict(torch.load(job.checkpoint, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_state_dict(job.checkpoint))
     ids, rgb = _split_labels(job.data_root, "test", "rgb")
     losses = score_network(
         net.to(device), rgb, ids, _labels(job.data_root, "test", task.column, ids), task, device
@@ -136,8 +161,8 @@ def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
     outcome = ReadoutOutcome(
         job.readout, nanmean(losses), time.perf_counter() - start, started=started, finished=time.time()
     )
-    write_readout(Path(job.path), outcome, ids, losses)
-    _note_attempt(job.path, "done")
+    write_readout(location(job.path), outcome, ids, losses)
+    note_attempt(job.path, "done")
     return outcome
 
 
@@ -215,16 +240,80 @@ class FeatureEncoder:
 
 def source_features(dirs: Sequence[str], split: str) -> tuple[np.ndarray, np.ndarray]:
     """Channel-wise concatenation of the sources' cached features, (N, sum C, h, w), and the ids."""
-    ids = _cached_array(str(Path(dirs[0]) / f"{split}.ids.npy"))
+    ids = feature_array(dirs[0], split)[0]
     for d in dirs[1:]:
-        if not np.array_equal(_cached_array(str(Path(d) / f"{split}.ids.npy")), ids):
+        if not np.array_equal(feature_array(d, split)[0], ids):
             raise RuntimeError(f"feature caches {dirs[0]} and {d} hold different {split} images")
-    features = [_cached_array(str(Path(d) / f"{split}.npy")) for d in dirs]
+    features = [feature_array(d, split)[1] for d in dirs]
     return np.concatenate(features, axis=1), np.asarray(ids)
 
 
-def write_readout(path: Path, outcome: ReadoutOutcome, ids: np.ndarray, losses: np.ndarray) -> None:
-    """Atomic: a temp file renamed into place, so a stored readout is always a complete one."""
+FEATURES_DONE = "done.json"  # a feature folder's marker: which attempt's blocks are complete
+
+
+@functools.lru_cache(maxsize=32)
+def feature_array(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, features) of one split of a complete feature folder, rows sorted by id: joined from
+    its blocks once per node into the local cache, then memory-mapped once per process (a worker
+    runs many readouts)."""
+    root = location(folder)
+    attempt = (root / FEATURES_DONE).read_json()["attempt"]
+    name, joined = f"{root.uri}/{attempt}/{split}", {}
+
+    def save(part: int):
+        def make(tmp: Path) -> None:
+            if not joined:
+                joined["ids"], joined["x"] = _joined(root / attempt / split)
+            with open(tmp, "wb") as f:
+                np.save(f, joined["x" if part else "ids"])
+
+        return make
+
+    ids_file, x_file = cached_file(f"{name}.ids.npy", save(0)), cached_file(f"{name}.npy", save(1))
+    return np.load(ids_file), np.load(x_file, mmap_mode="r")
+
+
+def _joined(blocks: Location) -> tuple[np.ndarray, np.ndarray]:
+    """A split's blocks as one array sorted by image id (a retried batch's duplicates dropped)."""
+    parts = []
+    for f in sorted(blocks.files(), key=lambda f: f.name):
+        with np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) as block:
+            parts.append((block["ids"], block["x"]))
+    if not parts:
+        raise RuntimeError(f"feature folder {blocks} holds no blocks")
+    ids = np.concatenate([i for i, _ in parts]).astype(str)
+    order = np.unique(ids, return_index=True)[1]  # sorted, first of duplicates
+    return ids[order], np.concatenate([x for _, x in parts])[order]
+
+
+class FeatureBlockWriter:
+    """A Ray Data actor over numpy batches (`image_id`, `rgb`, `split`) that encodes every
+    (source, view) pair and writes each batch's features to storage itself, one block per pair
+    and split, under `outs[i]` (pair i's attempt folder). Returns only the rows written, so no
+    feature passes through the driver."""
+
+    def __init__(self, outs: Sequence[str], **encoder_kwargs):
+        self.outs = [location(o) for o in outs]
+        self.encoder = FeatureEncoder(**encoder_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = self.encoder(batch)
+        splits = np.asarray(batch["split"]).astype(str)
+        block = uuid.uuid4().hex
+        for split in np.unique(splits):
+            mine = splits == split
+            for i, out in enumerate(self.outs):
+                buf = io.BytesIO()
+                np.savez(buf, ids=features["image_id"][mine], x=features[f"f{i}"][mine])
+                (out / str(split) / f"{block}.npz").write_bytes(buf.getvalue())
+        return {
+            "split": np.unique(splits),
+            "rows": np.array([(splits == s).sum() for s in np.unique(splits)]),
+        }
+
+
+def write_readout(path: Location, outcome: ReadoutOutcome, ids: np.ndarray, losses: np.ndarray) -> None:
+    """Whole: a stored readout is always a complete one."""
     r, n = outcome.readout, len(ids)
     table = pa.table(
         {
@@ -236,18 +325,16 @@ def write_readout(path: Path, outcome: ReadoutOutcome, ids: np.ndarray, losses: 
         schema=LOSS_SCHEMA,
     )
     meta = {"kind": r.kind.value, **{k: v for k, v in asdict(outcome).items() if k != "readout"}}
-    table = table.replace_schema_metadata({_META: json.dumps(meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    path.write_parquet(table.replace_schema_metadata({_META: json.dumps(meta).encode()}))
 
 
-def stored_outcome(path: Path, readout: Readout) -> ReadoutOutcome | None:
-    """The summary of a stored readout (from the file's metadata), or None if not stored."""
-    if not path.exists():
+def stored_outcome(path: Location, readout: Readout, known: set[str] | None = None) -> ReadoutOutcome | None:
+    """The summary of a stored readout (from the file's metadata), or None if not stored.
+    `known`: the file names already listed in its folder (one listing per target, not a request
+    per readout)."""
+    if (path.name not in known) if known is not None else not path.exists():
         return None
-    meta = json.loads(pq.read_schema(path).metadata[_META])
+    meta = json.loads(path.parquet_schema().metadata[_META])
     return ReadoutOutcome(
         readout,
         meta["mean_loss"],
@@ -259,14 +346,17 @@ def stored_outcome(path: Path, readout: Readout) -> ReadoutOutcome | None:
     )
 
 
-def read_readout(path: Path) -> pa.Table:
-    return pq.read_table(path).replace_schema_metadata(None)
+def read_readout(path: Location) -> pa.Table:
+    return path.read_parquet().replace_schema_metadata(None)
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_array(path: str) -> np.ndarray:
-    """Cache files memory-mapped once per process: a worker runs many readouts."""
-    return np.load(path, mmap_mode="r")
+def write_target_losses(readout_files: Sequence[str], out: str) -> int:
+    """One target's loss table (every readout into it, concatenated): what Stage III reads, one
+    target at a time. Run where the work is (a Ray task), not in the driver. Returns its rows."""
+    tables = [read_readout(location(f)) for f in readout_files]
+    table = pa.concat_tables(tables) if tables else LOSS_SCHEMA.empty_table()
+    location(out).write_parquet(table)
+    return table.num_rows
 
 
 @functools.lru_cache(maxsize=4)
@@ -287,10 +377,3 @@ def _labels(data_root: str, split: str, column: str, ids: np.ndarray) -> np.ndar
     if not np.array_equal(label_ids, ids.astype(str)):
         raise RuntimeError(f"cached features and the dataset at {data_root} disagree on the {split} images")
     return labels
-
-
-def _note_attempt(readout_file: str, event: str) -> None:
-    path = attempts_path(readout_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(f"{event} {os.getpid()} {time.time():.3f}\n")

@@ -76,7 +76,7 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
     if result.stage2:
         n = result.summary(str(cfg.root), "")
         print(f"readouts: {n['readouts_ran']} trained, {n['readouts_reused']} reused {result.stage2.counts}")
-        print(f"per-image losses: {result.stage2.losses_path}")
+        print(f"per-image losses: {result.stage2.losses_dir}")
     if result.unlabelled_images:
         print(describe_unlabelled(result.unlabelled_images))
     if result.affinity_path:

@@ -27,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
 
     from components.tasks import parse_tasks
     from components.transfer import describe_plan
@@ -49,8 +48,8 @@ def _transfer(args: argparse.Namespace) -> int:
             print(describe_plan(plan, seconds, slots), flush=True)
             results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
             result = stage2.run(results, plan)
-    print(format_summary(pq.read_table(result.summary_path).to_pylist()))
-    print(f"\nper-image losses: {result.losses_path}  ({result.ran} readouts trained, the rest stored)")
+    print(format_summary(result.summary().to_pylist()))
+    print(f"\nper-image losses: {result.losses_dir}  ({result.ran} readouts trained, the rest stored)")
     if result.failed:
         print(f"FAILED after retries ({len(result.failed)}): {', '.join(result.failed)}")
         return 1

@@ -1,0 +1,125 @@
+"""Stage II's feature cache: every frozen encoder's features of the transfer and test images,
+computed once per (encoder, data version, input view) and reused by every readout and run.
+
+    <root>/features/<encoder key>/<data version>/<view>/<attempt>/<split>/<block>.npz
+    <root>/features/<encoder key>/<data version>/<view>/done.json     (names the attempt; last)
+
+One Ray Data pass over both splits runs every encoder whose features are missing (a class UDF:
+each actor loads the encoders once, reads each image once per view) and writes its blocks to
+storage itself (`FeatureBlockWriter`); the driver sees row counts only, then writes each
+folder's marker. Readouts join a folder's blocks once per node (`jobs.feature_array`).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.data
+
+from components.config import config_hash
+from components.data.shards import ShardStore, file_sha256
+from components.storage import Location, location
+from components.tasks import InputTransform
+from components.transfer import FeatureKind, FeatureSource, ReadoutKind, TransferPlan
+from components.transfer.jobs import FEATURES_DONE, FeatureBlockWriter
+from pipelines.config import PipelineConfig
+from pipelines.ray_data import ray_dataset
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus
+from pipelines.stage1 import TaskResult
+
+SPLITS = ("transfer", "test")
+
+
+@dataclass
+class FeatureCache:
+    config: PipelineConfig
+    store: ShardStore
+    use_gpu: bool
+    encode_log: Path | None = None  # test seam: one JSON line per (pair, batch) encoded
+
+    def sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
+        """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
+        `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement)."""
+        model, seed = self.config.model, self.config.transfer.seed
+        out = {
+            name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
+            for name, r in results.items()
+        }
+        out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
+        out["pixels"] = FeatureSource("pixels", FeatureKind.PIXELS, f"pixels-{model.downsample}")
+        return out
+
+    def folder(self, source: FeatureSource, view: InputTransform) -> Location:
+        return self.config.root / "features" / source.key / self.store.data_version / view.value
+
+    def ensure(self, results: Mapping[str, TaskResult], plan: TransferPlan) -> dict[tuple[str, str], str]:
+        """(source name, view) -> its complete cache folder's URI, encoding whatever is missing."""
+        sources = self.sources(results)
+        kinds = {r.kind for r in plan.baselines}
+        names = [n for n in sources if n not in ("random", "pixels") or ReadoutKind(n) in kinds]
+        views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
+        folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
+        missing = [
+            (sources[n], InputTransform(v)) for (n, v), f in folders.items() if not (f / FEATURES_DONE).exists()
+        ]
+        if missing:
+            self.encode(missing)
+        return {k: f.uri for k, f in folders.items()}
+
+    def encode(self, pairs: list[tuple[FeatureSource, InputTransform]]) -> None:
+        """One Ray Data pass over both splits for every pair; the workers write the blocks."""
+        attempt = uuid.uuid4().hex[:12]
+        folders = [self.folder(s, v) for s, v in pairs]
+        gpus = cluster_gpus() if self.use_gpu else 0
+        data = [ray_dataset(self.store, s, ["rgb"]).map_batches(_tag_split, fn_kwargs={"split": s}) for s in SPLITS]
+        written = data[0].union(*data[1:]).map_batches(
+            FeatureBlockWriter,
+            fn_constructor_kwargs={
+                "outs": [(f / attempt).uri for f in folders],
+                "pairs": pairs,
+                "model": self.config.model,
+                "random_seed": self.config.transfer.seed,
+                "use_gpu": gpus > 0,
+                "log": str(self.encode_log) if self.encode_log else None,
+            },
+            batch_size=self.config.transfer.encode_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=gpus or max(1, min(cluster_cpus() - 1, 8))),
+            num_cpus=1,
+            num_gpus=1 if gpus else 0,
+        )
+        rows = dict.fromkeys(SPLITS, 0)
+        for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
+            for split, n in zip(batch["split"], batch["rows"], strict=True):
+                rows[str(split)] += int(n)
+        counts = self.store.manifest.counts
+        if missed := {s: counts[s] - rows[s] for s in SPLITS if rows[s] < counts[s]}:
+            raise RuntimeError(f"the feature pass missed images: {missed}")
+        for (source, view), folder in zip(pairs, folders, strict=True):
+            if (folder / FEATURES_DONE).exists():  # another run finished it first: keep its blocks
+                continue
+            info = {**asdict(source), "view": view.value, "attempt": attempt, "rows": rows}
+            (folder / FEATURES_DONE).write_json(info)
+
+
+def _tag_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    return {**batch, "split": np.full(len(batch["image_id"]), split)}
+
+
+def checkpoint_key(uri: str) -> str:
+    """An encoder's feature key: its checkpoint's hash, read once per file version (a run asks
+    for it for the readout keys and again for the feature cache; a ResNet-50 is ~100 MB)."""
+    stored = location(uri)
+    info = stored.fs.get_file_info(stored.path)
+    return _sha256_prefix(stored.uri, info.mtime_ns or 0, info.size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_prefix(uri: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(location(uri))[:16]
