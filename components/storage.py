@@ -44,9 +44,15 @@ def location(uri: str | os.PathLike) -> Location:
     if not is_remote(text):
         path = Path(text.removeprefix("file://")).expanduser().resolve()
         return Location(pafs.LocalFileSystem(), path.as_posix(), "")
-    scheme = text.split("://", 1)[0]
+    scheme, path = text.split("://", 1)
     try:
-        fs, path = pafs.FileSystem.from_uri(text)
+        if scheme == "s3":  # not from_uri, which asks AWS for the bucket's region: no network here
+            fs = pafs.S3FileSystem(
+                region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+            )
+        else:
+            fs, path = pafs.FileSystem.from_uri(text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
         raise ConfigError(f"storage_root: cannot open {text!r}: {err}") from err
     return Location(fs, path.rstrip("/"), f"{scheme}://")

@@ -90,8 +90,8 @@ def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None
     sources = list(sources if sources is not None else cfg.tasks)
     if missing := [t for t in cfg.transfer.targets if t not in sources]:
         raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
+    uri = tracking_uri(cfg)  # before touching storage: a refusal needs no network
     check_writable(cfg.root, "storage_root")
-    uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
     elif uri.startswith("sqlite:///"):

@@ -78,7 +78,7 @@ def test_uris_are_told_apart_and_bad_ones_are_refused():
     assert is_remote("s3://b/p") and is_remote("gs://b/p")
     assert not is_remote("/tmp/x") and not is_remote("relative/dir") and not is_remote("file:///tmp/x")
     assert location("file:///tmp/x") == location("/tmp/x")
-    with pytest.raises(ConfigError, match="^storage_root: cannot open 'nosuch://b/p'"):
+    with pytest.raises(ConfigError, match=r"^storage_root: cannot open 'nosuch://b/p'"):
         location("nosuch://b/p")
 
 

@@ -65,7 +65,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str) -> None:
     from components.affinity import describe_unlabelled, top_sources
-    from components.affinity_io import read_table
 
     ran = [s for s, status in result.steps if status == "ran"]
     print(
@@ -81,7 +80,7 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
         print(describe_unlabelled(result.unlabelled_images))
     if result.affinity_path:
         print(f"best sources per target (affinity): {result.affinity_path}")
-        for target, best in top_sources(read_table(result.affinity_path, ["target", "sources"]), 3).items():
+        for target, best in top_sources(result.affinity_path.read_parquet(), 3).items():
             print(f"  {target:<18} " + ", ".join(f"{'+'.join(s)} {a:.3f}" for s, a in best))
     if result.taxonomy:
         t = result.taxonomy
