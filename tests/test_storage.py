@@ -141,3 +141,23 @@ def test_the_local_cache_makes_an_entry_once_and_evicts_least_recently_used(tmp_
     os.utime(a, (1, 1))  # a: least recently used
     assert evict(tmp_path, limit=150) == [a]
     assert b.exists() and not a.exists()
+
+
+def test_a_dataset_written_to_s3_reads_back_and_a_corrupt_shard_is_named(s3):
+    from components.data.scenes import SceneConfig
+    from components.data.shards import ShardError, ShardStore
+    from components.data.synthetic import DatasetConfig, generate_dataset
+
+    config = DatasetConfig(
+        n_train=4, n_transfer=4, n_test=4, seed=1, rows_per_shard=2, scene=SceneConfig(size=16)
+    )
+    generate_dataset(s3 / "data", config)
+    store = ShardStore((s3 / "data").uri)
+    assert len(store.read("test", ["rgb"])["rgb"]) == 4
+
+    first, second = store.shards("train")[:2]
+    (s3 / "data" / first.path).write_bytes((s3 / "data" / second.path).read_bytes())  # same schema, rows
+    fresh = ShardStore((s3 / "data").uri)
+    assert [p.name for p in fresh.shard_paths("train")] == ["part-00000.parquet", "part-00001.parquet"]
+    with pytest.raises(ShardError, match=r"^shard train/part-00000.parquet: corrupt, sha256"):
+        fresh.read("train", ["rgb"])  # the reader of the bytes checks them
