@@ -99,3 +99,44 @@ def pytest_sessionfinish(session, exitstatus):
             continue
     if left:
         print(f"\nended {len(left)} process(es) the tests left behind: {sorted(left)}")
+
+
+# ---------------------------------------------------------------- real services on loopback (tests/services.py)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL 15 cluster on 127.0.0.1 (trust auth) for the session; skipped without initdb.
+    `postgres.create_database(name)` returns a `postgresql+psycopg2://` URL."""
+    from tests.services import PostgresUnavailable, require_postgres, start_postgres
+
+    try:
+        require_postgres()
+    except PostgresUnavailable as err:
+        pytest.skip(str(err))
+    with start_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with a bucket: `.endpoint_url`, `.bucket`. Sets no variable;
+    `tests.services.s3_env(s3_server)` gives the AWS_* ones for a subprocess or monkeypatch."""
+    from tests.services import start_s3_server
+
+    with start_s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_server(postgres, s3_server, tmp_path_factory):
+    """`mlflow server` (one worker) on 127.0.0.1 backed by the session's PostgreSQL (a database of
+    its own), proxying artifacts to `s3://<bucket>/mlartifacts` on the session's S3 server:
+    `.url` is the tracking URI, `.backend_store_uri` the database."""
+    from tests.services import s3_env, start_mlflow_server
+
+    database = postgres.create_database("mlflow")
+    artifacts = f"s3://{s3_server.bucket}/mlartifacts"
+    folder = tmp_path_factory.mktemp("mlflow-pg-server")
+    with start_mlflow_server(folder, database, artifacts, env=s3_env(s3_server)) as server:
+        yield server
