@@ -13,8 +13,10 @@ import json
 import pickle
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,11 @@ everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`; steps are 
 _EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
 
 
+# Runs logged at once by `log_finished_runs`: requests in flight to a tracking server. The measured
+# knee against a one-worker `mlflow server` on PostgreSQL (benchmarks/tracking_scale.py).
+LOG_THREADS = 8
+
+
 class UnsafeModelError(TaskatlasError):
     """A registry payload that is not a plain state dict plus architecture: refused, not loaded."""
 
@@ -72,9 +79,64 @@ class NetworkSpec:
         return build_network(self.task, self.model, self.image_size, self.channels)
 
 
+class FinalStatus(str, Enum):
+    """How a run whose work is over ended (MLflow's run status names)."""
+
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run whose work is over, logged whole by `Tracker.log_finished_runs`.
+
+    `run_id` names a run an earlier driver created and left unfinished (RUNNING, KILLED, FAILED):
+    that run is completed (tags, params, metrics, status, end time) instead of a new one created;
+    its start time stays. Times are epoch seconds; 0 means now."""
+
+    name: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Sequence[tuple[str, float, int]] = ()  # (key, value, step) rows
+    start_time: float = 0.0
+    end_time: float = 0.0
+    status: FinalStatus = FinalStatus.FINISHED
+    run_id: str | None = None
+
+
 def default_tracking_uri(storage_root: str | Path) -> str:
     """SQLite under the storage root, as an absolute URI (relative ones resolve per process)."""
     return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
+
+
+def _scheme(uri: str) -> str:
+    """`s3` of `s3://b/p`, `sqlite` of `sqlite:///x.db`; `` for a plain path."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
+def _is_server(tracking_uri: str) -> bool:
+    return _scheme(tracking_uri) in ("http", "https")
+
+
+def remote_storage_refusal(tracking_uri: str, storage_uri: str, shared: bool) -> str | None:
+    """Why a study may not track to `tracking_uri`, in one line, or None if it may.
+
+    A local store (SQLite, or a folder: MLflow's file store) is a file on one machine: refused
+    when the storage root is remote (`s3://`, `gs://`, any scheme but `file`) or `shared` by the
+    nodes of a cluster, whose workers would write it from several machines (SQLite over NFS)."""
+    if _scheme(tracking_uri) not in ("", "file", "sqlite"):
+        return None
+    remote = _scheme(storage_uri) not in ("", "file")
+    if not (remote or shared):
+        return None
+    why = "is remote" if remote else "is shared by the nodes of a cluster"
+    return (
+        f"tracking_uri {tracking_uri} is a local store, but storage_root {storage_uri} {why}: run an"
+        " MLflow server with a PostgreSQL backend (mlflow server --backend-store-uri"
+        " postgresql+psycopg2://USER@DBHOST:5432/mlflow --artifacts-destination s3://BUCKET/mlartifacts"
+        " --host 0.0.0.0 --port 5000) and set tracking_uri: http://MLFLOW_HOST:5000"
+    )
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -238,6 +300,67 @@ class Tracker:
     def end_run(self, run_id: str, failed: bool = False, end_time: float | None = None) -> None:
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status, None if end_time is None else int(end_time * 1000))
+
+    def log_finished_runs(
+        self, parent_run_id: str | None, runs: Sequence[FinishedRun], threads: int = LOG_THREADS
+    ) -> list[str]:
+        """Log many runs whose work is over, each whole, and return their ids in order.
+
+        A run costs three requests: created with its name, tags (the tracker's run tags and the
+        parent too) and start time; its params and metrics in one batch; ended with its status and
+        end time. Against a tracking server `threads` runs go at once; a local store (SQLite) takes
+        them one at a time. If any run fails to log, the first error is raised once the others are
+        done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`)."""
+        if not _is_server(self.tracking_uri):
+            threads = 1
+        if threads <= 1 or len(runs) <= 1:
+            return [self._log_finished(parent_run_id, run) for run in runs]
+        with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="mlflow-log") as pool:
+            futures = [pool.submit(self._log_finished, parent_run_id, run) for run in runs]
+        return [f.result() for f in futures]
+
+    def _log_finished(self, parent_run_id: str | None, run: FinishedRun) -> str:
+        now = time.time()
+        tags = {MLFLOW_RUN_NAME: run.name, **self.run_tags, **run.tags}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        tag_rows = [RunTag(k, str(v)) for k, v in tags.items()]
+        run_id = run.run_id
+        if run_id is None:
+            start = int((run.start_time or now) * 1000)
+            created = self.client.create_run(
+                self.experiment_id, start_time=start, tags=tags, run_name=run.name
+            )
+            run_id = created.info.run_id
+            tag_rows = []  # set with the run
+        end = int((run.end_time or now) * 1000)
+        metrics = [Metric(k, float(v), end, int(step)) for k, v, step in run.metrics]
+        params = [Param(k, str(v)[:6000]) for k, v in run.params.items()]
+        if metrics or params or tag_rows:
+            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tag_rows, synchronous=True)
+        self._end(run_id, run.status, end)
+        return run_id
+
+    def end_runs(
+        self, run_ids: Sequence[str], status: FinalStatus, end_time: float = 0.0, threads: int = LOG_THREADS
+    ) -> None:
+        """End runs created earlier (one request each, `threads` at a time against a server);
+        `end_time` in epoch seconds, 0 for now."""
+        end = int((end_time or time.time()) * 1000)
+        if not _is_server(self.tracking_uri) or threads <= 1 or len(run_ids) <= 1:
+            for run_id in run_ids:
+                self._end(run_id, status, end)
+            return
+        with ThreadPoolExecutor(min(threads, len(run_ids)), thread_name_prefix="mlflow-end") as pool:
+            futures = [pool.submit(self._end, run_id, status, end) for run_id in run_ids]
+        for f in futures:
+            f.result()
+
+    def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
+        """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
+        print its URL (over HTTP), a second request per run; its store call is this one."""
+        store = self.client._tracking_client.store
+        store.update_run_info(run_id, RunStatus.from_string(status.value), end_ms, None)
 
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description in MLflow's UI."""
