@@ -5,9 +5,11 @@ vector w over the images. Its win rates are a weighted count,
 
     W_b[i, j] = sum_I w_I * (1[loss_i(I) < loss_j(I)] + 0.5 * 1[tie]) / sum_I w_I,
 
-so every resample of a target is one (B, m) x (m, pairs) matrix product over the per-image
-comparison outcomes, never a pass over rows. Each resample then goes through the same AHP as the
-point estimate (`components.affinity.ahp_affinity`) and, for stability, the same taxonomy BIP.
+computed with the point estimate, per target, by `components.affinity` (`affinity_by_target`,
+`cube_affinity`); each resample goes through the same AHP and, for stability, the same taxonomy
+BIP. Target t draws from its own stream (stream t of the seed, targets sorted), as design.md asks
+for a bootstrap over each target's images: reading targets one at a time changes nothing. This
+module lays the resamples out over a cube, gives their intervals, and solves the BIP on each.
 Unlabelled images (NaN loss for every candidate) get weight 0, as they count nowhere in Stage III.
 """
 
@@ -19,66 +21,48 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from components.affinity import AFFINITY_SCHEMA, PIXELS, LossCube, affinity_from_cube, ahp_affinity, loss_cube
+from components.affinity import (
+    INTERVAL,
+    INTERVAL_COLUMNS,
+    PIXELS,
+    LossCube,
+    affinity_from_cube,
+    cube_affinity,
+    loss_cube,
+    resample_counts,
+    resample_streams,
+)
 from components.errors import TaskatlasError
 from components.taxonomy import Taxonomy, TaxonomyOptions, TransferTable, solve_taxonomy
 
-INTERVAL = (2.5, 97.5)  # percentiles of the reported 95% interval
-INTERVAL_COLUMNS = ("affinity_lo", "affinity_hi")
-INTERVAL_SCHEMA = pa.schema([*AFFINITY_SCHEMA, *(pa.field(c, pa.float64()) for c in INTERVAL_COLUMNS)])
 ROOT = "self"  # the source set of a target that is a root, in the stability of its transfers
-_CHUNK_ELEMENTS = 1 << 22  # comparison outcomes (or AHP matrix entries) held in memory at once
 
 
 def resample_weights(cube: LossCube, n: int, seed: int) -> Iterator[np.ndarray]:
     """Per target, in cube order: an (n, m) int matrix, resample b's count of each image.
 
     Each row is multinomial over the target's labelled images and sums to their number; unlabelled
-    images and padding get 0. Target t draws from its own stream (seed spawned per target), so its
-    resamples do not depend on the other targets.
+    images and padding get 0. These are the weights `cube_affinity(cube, n, seed)` uses.
     """
     _check_bootstrappable(cube, n)  # here, not at the first next()
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise TaskatlasError(f"bootstrap: the seed must be an integer >= 0, got {seed!r}")
-    return _weights(cube, n, np.random.SeedSequence(seed).spawn(len(cube.targets)))
+    return _weights(cube, n, resample_streams(seed, len(cube.targets)))
 
 
 def _weights(cube: LossCube, n: int, streams: list[np.random.SeedSequence]) -> Iterator[np.ndarray]:
     for t, stream in enumerate(streams):
         labelled = np.flatnonzero(_labelled(cube, t))
-        counts = np.random.default_rng(stream).multinomial(
-            len(labelled), np.full(len(labelled), 1.0 / len(labelled)), size=n
-        )
         weights = np.zeros((n, cube.losses.shape[2]), dtype=np.int64)
-        weights[:, labelled] = counts
+        weights[:, labelled] = resample_counts(stream, len(labelled), n)
         yield weights
 
 
 def bootstrap_affinities(cube: LossCube, n: int, seed: int) -> np.ndarray:
-    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding).
-
-    Holds the (n, T, n_cand, n_cand) win rates at once; comparisons and AHP run in chunks.
-    """
+    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding)."""
     _check_bootstrappable(cube, n)
-    n_targets, n_cand, _ = cube.losses.shape
-    wins = np.full((n, n_targets, n_cand, n_cand), 0.5)  # diagonal 0.5, as in win_rates
-    upper, lower = np.triu_indices(n_cand, 1)  # candidate pairs i < j; W[j, i] is 1 - W[i, j]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, len(upper)))
-    for t, weights in enumerate(resample_weights(cube, n, seed)):
-        labelled = _labelled(cube, t)
-        losses, weights = cube.losses[t][:, labelled], weights[:, labelled].astype(float)  # (n_cand, m)
-        counts = np.zeros((n, len(upper)))  # (B, pairs): weighted wins of i over j, ties half
-        for start in range(0, losses.shape[1], chunk):
-            a, b = losses[upper, start : start + chunk], losses[lower, start : start + chunk]
-            counts += weights[:, start : start + chunk] @ ((a < b) + 0.5 * (a == b)).T
-        total = cube.n_images[t]  # every resample keeps the target's number of labelled images
-        wins[:, t, upper, lower] = counts / total
-        wins[:, t, lower, upper] = (total - counts) / total  # exact: counts are multiples of 0.5
-    mask = candidate_mask(cube)
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, wins[0].size))
-    return np.concatenate(
-        [ahp_affinity(wins[start : start + per_chunk], mask) for start in range(0, n, per_chunk)]
-    )
+    samples = np.zeros((n, *cube.candidates.shape))
+    t, c = np.nonzero(candidate_mask(cube))  # the rows of the cube's affinity table, in order
+    samples[:, t, c] = cube_affinity(cube, n, seed).samples
+    return samples
 
 
 def candidate_mask(cube: LossCube) -> np.ndarray:
@@ -100,14 +84,16 @@ def affinity_intervals(cube: LossCube, samples: np.ndarray) -> tuple[np.ndarray,
 def compute_affinity_with_intervals(losses: pa.Table, n: int, seed: int) -> pa.Table:
     """`compute_affinity` plus `affinity_lo`, `affinity_hi` over n resamples (INTERVAL_SCHEMA)."""
     cube = loss_cube(losses)
-    return affinity_with_intervals(cube, bootstrap_affinities(cube, n, seed))
+    _check_bootstrappable(cube, n)
+    return cube_affinity(cube, n, seed).table
 
 
 def affinity_with_intervals(cube: LossCube, samples: np.ndarray) -> pa.Table:
     """The cube's affinity table with the intervals of `samples` (from `bootstrap_affinities`)."""
     table = affinity_from_cube(cube)
-    lo, hi = affinity_intervals(cube, samples)
-    return pa.Table.from_arrays([*table.columns, pa.array(lo), pa.array(hi)], schema=INTERVAL_SCHEMA)
+    for name, values in zip(INTERVAL_COLUMNS, affinity_intervals(cube, samples), strict=True):
+        table = table.append_column(pa.field(name, pa.float64()), pa.array(values))
+    return table
 
 
 def taxonomy_stability(

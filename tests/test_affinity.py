@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from components.affinity import (
+    affinity_by_target,
     ahp_affinity,
     compute_affinity,
     loss_cube,
     perron_vector,
     top_sources,
+    unlabelled_counts,
     win_rates,
 )
 from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.bootstrap import bootstrap_affinities, candidate_mask, compute_affinity_with_intervals
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 
@@ -59,8 +66,8 @@ def test_ahp_on_consistent_win_rates_recovers_the_weights():
 
 
 def test_ties_count_half():
-    losses = np.array([[[1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0], [1.0, 0.0, 0.0, 0.0]]])
-    wins = win_rates(losses, np.array([4]))[0]
+    losses = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0], [1.0, 0.0, 0.0, 0.0]])
+    wins = win_rates(losses, np.ones((1, 4)))[0]  # one weight vector: every image once
     assert wins[0, 1] == pytest.approx((0.5 + 1 + 0 + 0.5) / 4)
     assert wins[0, 1] + wins[1, 0] == pytest.approx(1.0)
     assert wins[2, 0] == pytest.approx((0.5 + 1 + 1 + 1) / 4)
@@ -194,3 +201,112 @@ def test_top_sources_rank_candidates_other_than_self():
     )
     best = top_sources(table, 2)["t"]
     assert [s for s, _ in best] == [("b",), ("a",)] and best[0][1] > best[1][1]
+
+
+def _assert_same_table(got: pa.Table, want: pa.Table) -> None:
+    """Same schema and values, NaN equal to NaN (gain is NaN without pixels)."""
+    assert got.schema == want.schema
+    for name in want.column_names:
+        if pa.types.is_floating(want[name].type):
+            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
+        else:
+            assert got[name].equals(want[name]), name
+
+
+def _study(rng: np.random.Generator) -> pa.Table:
+    """Four targets with different candidates and image counts; ties, pixels, an unlabelled image."""
+    per_target = {
+        "a": {s: rng.integers(0, 4, 30).astype(float) for s in ("self", "random", "pixels", "b", "c", "b+c")},
+        "b": {s: rng.random(12) for s in ("self", "a", "c")},
+        "c": {s: rng.integers(0, 3, 25).astype(float) for s in ("self", "random", "a", "b", "a+b", "a+b+d")},
+        "d": {s: rng.random(9) for s in ("self", "pixels", "a")},
+    }
+    for losses in per_target["c"].values():
+        losses[3] = np.nan  # image 3 has no valid label for c
+    return _losses(per_target)
+
+
+def _split(table: pa.Table, calls: list[str] | None = None):
+    """read_target over one table: each target's rows, fresh on every call; records the calls."""
+
+    def read_target(target: str) -> pa.Table:
+        if calls is not None:
+            calls.append(target)
+        return table.filter(pc.equal(table["target"], target))
+
+    return read_target
+
+
+@pytest.mark.parametrize("bootstrap", [0, 7])
+def test_per_target_streaming_equals_the_whole_table(bootstrap):
+    table = _study(np.random.default_rng(6))
+    calls: list[str] = []
+    result = affinity_by_target(["d", "b", "c", "a"], _split(table, calls), bootstrap, seed=4)
+    assert calls == ["a", "b", "c", "d"]  # each target read once, in the table's order
+    cube = loss_cube(table)
+    assert result.unlabelled == unlabelled_counts(cube) == {"c": 1}
+    if bootstrap == 0:
+        _assert_same_table(result.table, compute_affinity(table))
+        assert result.samples is None
+        return
+    _assert_same_table(result.table, compute_affinity_with_intervals(table, bootstrap, seed=4))
+    t, c = np.nonzero(candidate_mask(cube))  # the table's rows, in order
+    whole = bootstrap_affinities(cube, bootstrap, seed=4)
+    assert result.samples.shape == (bootstrap, result.table.num_rows)
+    np.testing.assert_array_equal(result.samples, whole[:, t, c])
+    lo, hi = np.percentile(result.samples, (2.5, 97.5), axis=0)
+    np.testing.assert_array_equal(result.table["affinity_lo"].to_numpy(), lo)
+    np.testing.assert_array_equal(result.table["affinity_hi"].to_numpy(), hi)
+    again = affinity_by_target(["a", "b", "c", "d"], _split(table), bootstrap, seed=4)
+    np.testing.assert_array_equal(again.samples, result.samples)  # deterministic per seed
+
+
+def test_per_target_streaming_holds_one_target_at_a_time():
+    table = _study(np.random.default_rng(7))
+    read = _split(table)
+    alive: list[weakref.ref] = []
+
+    def read_target(target: str) -> pa.Table:
+        gc.collect()
+        assert all(ref() is None for ref in alive), "the previous target's table is still held"
+        rows = read(target)
+        alive.append(weakref.ref(rows))
+        return rows
+
+    affinity_by_target(["a", "b", "c", "d"], read_target, bootstrap=3)
+
+
+def test_per_target_streaming_errors_name_the_targets():
+    table = _study(np.random.default_rng(8))
+    read = _split(table)
+    with pytest.raises(TaskatlasError, match=r"loss table read for target a has rows of target\(s\) a, b"):
+        affinity_by_target(["a", "b"], lambda t: pa.concat_tables([read("a"), read("b")]))
+    with pytest.raises(TaskatlasError, match="target a: its loss table has no rows"):
+        affinity_by_target(["a"], lambda t: read(t).slice(0, 0))
+    with pytest.raises(TaskatlasError, match="expected distinct target names"):
+        affinity_by_target(["a", "a"], read)
+    without_self = table.filter(pc.invert(pc.equal(table["sources"], "self")))
+    with pytest.raises(TaskatlasError, match=r"target\(s\) a, b have no 'self' losses"):
+        affinity_by_target(["a", "b"], _split(without_self))
+    one_image = _losses({"x": {"self": [1.0], "a": [2.0]}, "y": {"self": [1.0, 2.0], "a": [2.0, 1.0]}})
+    with pytest.raises(TaskatlasError, match=r"cannot bootstrap target\(s\) x:"):
+        affinity_by_target(["x", "y"], _split(one_image), bootstrap=5)
+    with pytest.raises(TaskatlasError, match="must be an integer >= 0"):
+        affinity_by_target(["a"], read, bootstrap=-1)
+
+
+def test_weighted_win_rates_are_exact_counts():
+    """float32 sums against a float64 reference, ties included; huge weights take float64."""
+    rng = np.random.default_rng(9)
+    losses = rng.integers(0, 4, (6, 50)).astype(float)
+    losses[0, :5] = np.nextafter(losses[1, :5], np.inf)  # tells apart values float32 would merge
+    for weights in (rng.integers(0, 5, (4, 50)), np.full((1, 50), 2**20)):  # total 50 * 2**20 > 2**24
+        a, b = losses[:, None, :], losses[None, :, :]
+        outcome = (a < b) + 0.5 * (a == b)  # (n, n, m)
+        expected = (
+            np.einsum("km,ijm->kij", weights.astype(float), outcome) / weights.sum(axis=1)[:, None, None]
+        )
+        diagonal = np.arange(6)
+        expected[:, diagonal, diagonal] = 0.5
+        np.testing.assert_array_equal(win_rates(losses, weights), expected)
+    assert win_rates(losses[:2, :5], np.ones((1, 5)))[0, 1, 0] == 1.0  # not ties, as in float32

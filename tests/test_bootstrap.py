@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import components.bootstrap as bootstrap
+import components.affinity as affinity
 from components.affinity import AFFINITY_SCHEMA, affinity_from_cube, compute_affinity, loss_cube
 from components.affinity_io import transfer_table
 from components.bootstrap import (
@@ -159,7 +159,7 @@ def test_weighted_counts_equal_a_brute_force_resample(monkeypatch):
 
     np.testing.assert_array_equal(bootstrap_affinities(cube, n, seed), samples)  # same seed, same answer
     assert not np.array_equal(bootstrap_affinities(cube, n, seed + 1), samples)
-    monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 5)  # chunked images and resamples: same answer
+    monkeypatch.setattr(affinity, "_CHUNK_ELEMENTS", 5)  # one image per chunk: same answer
     np.testing.assert_allclose(bootstrap_affinities(cube, n, seed), samples, rtol=1e-12)
 
 
