@@ -20,6 +20,9 @@ from components.errors import TaskatlasError
 from components.taxonomy import TransferTable
 
 LOSS_COLUMNS = ("target", "sources", "image_id", "loss")
+# Read from Parquet as dictionaries, as stored: a target's table repeats each value thousands of
+# times, and Stage III only needs their codes (about half of reading + arranging a target's table).
+DICTIONARY_COLUMNS = ("target", "image_id")
 AFFINITY_VALUE_COLUMNS = ("affinity", "value")  # ours, then the released Taskonomy CSVs'
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -31,7 +34,7 @@ def read_table(path: str | Path, columns: Sequence[str]) -> pa.Table:
         raise TaskatlasError(f"{path}: no such file")
     try:
         if path.suffix.lower() in _PARQUET_SUFFIXES:
-            table = pq.read_table(path)
+            table = pq.read_table(path, read_dictionary=list(DICTIONARY_COLUMNS))
         elif path.suffix.lower() == ".csv":
             text_types = {name: pa.string() for name in ("target", "sources")}
             table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=text_types))
@@ -51,19 +54,32 @@ def factorize(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[np.ndarray
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if array.null_count:
         raise TaskatlasError(f"column {name!r} has {array.null_count} missing value(s)")
-    encoded = pc.dictionary_encode(array)
-    uniques = encoded.dictionary.to_pylist()
+    if pa.types.is_dictionary(array.type):  # read as stored: no hashing, but drop unused values
+        codes = array.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        used = np.flatnonzero(np.bincount(codes, minlength=len(array.dictionary)))
+        uniques = array.dictionary.take(pa.array(used)).to_pylist()
+        if len(set(uniques)) < len(uniques):  # a dictionary may repeat a value
+            return factorize(array.dictionary_decode(), name)
+        compact = np.zeros(len(array.dictionary), dtype=np.int64)
+        compact[used] = np.arange(len(used))
+        codes = compact[codes]
+    else:
+        encoded = pc.dictionary_encode(array)
+        codes, uniques = encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
     order = np.argsort(np.array(uniques, dtype=object), kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return rank[encoded.indices.to_numpy(zero_copy_only=False)], [uniques[i] for i in order]
+    return rank[codes], [uniques[i] for i in order]
 
 
 def source_sets(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """(codes, sorted unique source sets as sorted tuples) for a list or `+`-joined string column."""
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        if pa.types.is_dictionary(column.type.value_type):  # as Parquet readers may give it
+            column = column.cast(pa.list_(column.type.value_type.value_type))
         column = pc.binary_join(column, "+")
-    elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    text_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise TaskatlasError(
             f"column 'sources' must be a list of strings or a '+'-joined string, not {column.type}"
         )

@@ -310,3 +310,23 @@ def test_weighted_win_rates_are_exact_counts():
         expected[:, diagonal, diagonal] = 0.5
         np.testing.assert_array_equal(win_rates(losses, weights), expected)
     assert win_rates(losses[:2, :5], np.ones((1, 5)))[0, 1, 0] == 1.0  # not ties, as in float32
+
+
+def test_dictionary_columns_as_parquet_readers_give_them(tmp_path):
+    """read_losses reads target and image_id as dictionaries; a filtered dictionary column keeps
+    values it no longer uses, and list elements may be dictionaries too: same answer."""
+    table = _study(np.random.default_rng(10))
+    table = table.set_column(2, "image_id", pc.cast(table["image_id"], pa.string()))
+    sources = pa.array([s.split("+") for s in table["sources"].to_pylist()], pa.list_(pa.string()))
+    pq.write_table(table.set_column(1, "sources", sources), tmp_path / "losses.parquet")
+    expected = compute_affinity(table)
+    read = read_losses(tmp_path / "losses.parquet")
+    assert pa.types.is_dictionary(read.schema.field("target").type)
+    _assert_same_table(compute_affinity(read), expected)
+    every = pq.read_table(
+        tmp_path / "losses.parquet", read_dictionary=["target", "image_id", "sources.list.element"]
+    )
+    by_target = affinity_by_target(["a", "b", "c", "d"], _split(every))
+    _assert_same_table(by_target.table, expected)
+    joined = table.set_column(1, "sources", pc.dictionary_encode(table["sources"]))  # "+"-joined
+    _assert_same_table(compute_affinity(joined), expected)
