@@ -22,7 +22,7 @@ every candidate (design.md section 2): it is left out of that target's win rates
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,20 +176,18 @@ def affinity_by_target(
     if len(names) != len(targets) or not names:
         raise TaskatlasError(f"affinity: expected distinct target names, got {list(targets)!r}")
 
-    def cubes() -> Iterator[tuple[LossCube, int]]:
-        for name in names:
-            table = read_target(name)
-            if table.num_rows == 0:
-                raise TaskatlasError(f"target {name}: its loss table has no rows")
-            cube = loss_cube(table)
-            del table  # only the cube (candidates x images) is kept while the target is computed
-            if cube.targets != [name]:
-                raise TaskatlasError(
-                    f"the loss table read for target {name} has rows of target(s) {', '.join(cube.targets)}"
-                )
-            yield cube, 0
+    def read_cube(name: str) -> LossCube:
+        table = read_target(name)
+        if table.num_rows == 0:
+            raise TaskatlasError(f"target {name}: its loss table has no rows")
+        cube = loss_cube(table)
+        if cube.targets != [name]:
+            raise TaskatlasError(
+                f"the loss table read for target {name} has rows of target(s) {', '.join(cube.targets)}"
+            )
+        return cube  # the table is dropped here; only the cube (candidates x images) is kept
 
-    return _affinity(names, cubes(), bootstrap, seed)
+    return _affinity(names, ((read_cube(name), 0) for name in names), bootstrap, seed)
 
 
 def cube_affinity(cube: LossCube, bootstrap: int = 0, seed: int = 0) -> AffinityResult:
@@ -284,20 +282,20 @@ class _TargetRows:
 def _affinity(
     names: Sequence[str], cubes: Iterable[tuple[LossCube, int]], bootstrap: int, seed: int
 ) -> AffinityResult:
-    """Each (cube, t) is target names[i]: its rows and resamples, then the table.
+    """The i-th (cube, t) of `cubes` is target names[i], resampled from stream i: its rows, then the table.
 
     A target without `self`, or with one labelled image under a bootstrap, is an error naming every
     such target; after the first one the rest are only validated, not computed.
     """
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int | np.integer) or bootstrap < 0:
         raise TaskatlasError(f"bootstrap: the number of resamples must be an integer >= 0, got {bootstrap!r}")
-    streams = resample_streams(seed, len(names)) if bootstrap else [None] * len(names)
+    streams = iter(resample_streams(seed, len(names)) if bootstrap else [None] * len(names))
     rows: list[_TargetRows] = []
     no_self: list[str] = []
     too_few: list[str] = []
     unlabelled: dict[str, int] = {}
-    for (cube, t), stream in zip(cubes, streams, strict=True):
-        name = cube.targets[t]
+    for cube, t in cubes:  # not zip: it would keep the previous cube while the next one is read
+        name, stream = cube.targets[t], next(streams)
         if cube.unlabelled[t]:
             unlabelled[name] = int(cube.unlabelled[t])
         if cube.candidate_index(SELF)[t] < 0:
@@ -306,6 +304,7 @@ def _affinity(
             too_few.append(name)
         if not (no_self or too_few):
             rows.append(_target_rows(cube, t, bootstrap, stream))
+        del cube  # before the next target is read
     if too_few:
         raise TaskatlasError(
             f"cannot bootstrap target(s) {', '.join(too_few)}: only one labelled test image "

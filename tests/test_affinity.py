@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+import components.affinity as affinity
 from components.affinity import (
     affinity_by_target,
     ahp_affinity,
@@ -261,19 +262,27 @@ def test_per_target_streaming_equals_the_whole_table(bootstrap):
     np.testing.assert_array_equal(again.samples, result.samples)  # deterministic per seed
 
 
-def test_per_target_streaming_holds_one_target_at_a_time():
+def test_per_target_streaming_holds_one_target_at_a_time(monkeypatch):
+    """When a target is read, nothing of the previous one is alive: neither its table nor its cube."""
     table = _study(np.random.default_rng(7))
     read = _split(table)
     alive: list[weakref.ref] = []
 
     def read_target(target: str) -> pa.Table:
         gc.collect()
-        assert all(ref() is None for ref in alive), "the previous target's table is still held"
+        assert all(ref() is None for ref in alive), "the previous target's losses are still held"
         rows = read(target)
         alive.append(weakref.ref(rows))
         return rows
 
+    def recorded_cube(rows: pa.Table):
+        cube = loss_cube(rows)
+        alive.append(weakref.ref(cube))
+        return cube
+
+    monkeypatch.setattr(affinity, "loss_cube", recorded_cube)
     affinity_by_target(["a", "b", "c", "d"], read_target, bootstrap=3)
+    assert len(alive) == 8
 
 
 def test_per_target_streaming_errors_name_the_targets():
