@@ -158,8 +158,8 @@ class Location:
     def write_json(self, data: Any) -> None:
         self.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
 
-    def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.path, columns=columns, filesystem=self.fs)
+    def read_parquet(self, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+        return pq.read_table(self.path, columns=columns, filesystem=self.fs, **kwargs)
 
     def parquet_schema(self) -> pa.Schema:
         with self.fs.open_input_file(self.path) as f:

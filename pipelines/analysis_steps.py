@@ -11,16 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from components.affinity import affinity_from_cube, loss_cube, unlabelled_counts
-from components.affinity_io import transfer_table, write_affinity
-from components.bootstrap import (
-    affinity_with_intervals,
-    bootstrap_affinities,
-    candidate_mask,
-    stability_of_rows,
-)
+from components.affinity import affinity_by_target
+from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
+from components.bootstrap import stability_of_rows
 from components.config import config_hash, to_dict
 from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
 from components.storage import Location
@@ -79,15 +73,17 @@ def _affinity(
     parent_run_id: str,
     scratch: Path,
 ) -> None:
-    cube = loss_cube(pa.concat_tables([f.read_parquet() for f in sorted(losses.files(), key=str)]))
-    unlabelled = unlabelled_counts(cube)
-    if n := cfg.analysis.bootstrap:  # intervals, and every resample's affinities for the stability
-        samples = bootstrap_affinities(cube, n, cfg.analysis.seed)
-        table = affinity_with_intervals(cube, samples)
-        t, c = np.nonzero(candidate_mask(cube))  # the table's rows, in order
-        np.save(scratch / SAMPLES, samples[:, t, c].astype(np.float32))
-    else:
-        table = affinity_from_cube(cube)
+    # One target's losses in memory at a time (Stage II wrote them per target).
+    files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
+    result = affinity_by_target(
+        sorted(files),
+        lambda t: files[t].read_parquet(read_dictionary=list(DICTIONARY_COLUMNS)),
+        cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
+        cfg.analysis.seed,
+    )
+    table, unlabelled = result.table, result.unlabelled
+    if result.samples is not None:  # one column per table row, in order
+        np.save(scratch / SAMPLES, result.samples.astype(np.float32))
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
     if pruned := _pruned_transfers(losses.parent):

@@ -66,7 +66,9 @@ class FeatureCache:
         views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
         folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
         missing = [
-            (sources[n], InputTransform(v)) for (n, v), f in folders.items() if not (f / FEATURES_DONE).exists()
+            (sources[n], InputTransform(v))
+            for (n, v), f in folders.items()
+            if not (f / FEATURES_DONE).exists()
         ]
         if missing:
             self.encode(missing)
@@ -77,22 +79,29 @@ class FeatureCache:
         attempt = uuid.uuid4().hex[:12]
         folders = [self.folder(s, v) for s, v in pairs]
         gpus = cluster_gpus() if self.use_gpu else 0
-        data = [ray_dataset(self.store, s, ["rgb"]).map_batches(_tag_split, fn_kwargs={"split": s}) for s in SPLITS]
-        written = data[0].union(*data[1:]).map_batches(
-            FeatureBlockWriter,
-            fn_constructor_kwargs={
-                "outs": [(f / attempt).uri for f in folders],
-                "pairs": pairs,
-                "model": self.config.model,
-                "random_seed": self.config.transfer.seed,
-                "use_gpu": gpus > 0,
-                "log": str(self.encode_log) if self.encode_log else None,
-            },
-            batch_size=self.config.transfer.encode_batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=gpus or max(1, min(cluster_cpus() - 1, 8))),
-            num_cpus=1,
-            num_gpus=1 if gpus else 0,
+        data = [
+            ray_dataset(self.store, s, ["rgb"]).map_batches(_tag_split, fn_kwargs={"split": s})
+            for s in SPLITS
+        ]
+        written = (
+            data[0]
+            .union(*data[1:])
+            .map_batches(
+                FeatureBlockWriter,
+                fn_constructor_kwargs={
+                    "outs": [(f / attempt).uri for f in folders],
+                    "pairs": pairs,
+                    "model": self.config.model,
+                    "random_seed": self.config.transfer.seed,
+                    "use_gpu": gpus > 0,
+                    "log": str(self.encode_log) if self.encode_log else None,
+                },
+                batch_size=self.config.transfer.encode_batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=gpus or max(1, min(cluster_cpus() - 1, 8))),
+                num_cpus=1,
+                num_gpus=1 if gpus else 0,
+            )
         )
         rows = dict.fromkeys(SPLITS, 0)
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):

@@ -385,7 +385,9 @@ class Stage2:
         self.tracker.log_metrics(run_id, metrics)
 
     # -- output
-    def _finish(self, step: Step, run_id: str, plan: TransferPlan, fan: FanOut, seconds: float) -> Stage2Result:
+    def _finish(
+        self, step: Step, run_id: str, plan: TransferPlan, fan: FanOut, seconds: float
+    ) -> Stage2Result:
         out = step.location
         readouts = sorted(fan.outcomes)
         self._write_target_losses(out / LOSSES, readouts, fan.keys)

@@ -124,7 +124,16 @@ def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reru
 
             keys = _keys(s3_server, env)
             steps = {k.split("/")[1] for k in keys if k.startswith("study/")}
-            assert {"data", "stage1", "stage2", "features", "readouts", "affinity", "taxonomy", "ray"} <= steps
+            assert {
+                "data",
+                "stage1",
+                "stage2",
+                "features",
+                "readouts",
+                "affinity",
+                "taxonomy",
+                "ray",
+            } <= steps
             assert any(k.startswith("mlartifacts/") for k in keys)  # MLflow's artifacts, proxied
             assert list(workdir.iterdir()) == []  # nothing written locally but the cache
             assert all(p.suffix == ".npy" for p in cache.rglob("*") if p.is_file())

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,14 +244,14 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
 
     cfg = stage.config
     affinity = run_affinity(cfg, result.losses, result.key, stage.tracker, stage.parent_run_id)
-    side = json.loads((affinity.path / "pruned.json").read_text())
+    side = (affinity.location / "pruned.json").read_json()
     assert sorted(side["transfers"]) == sorted(f"{s}->{t}" for t, s in pruned)
-    table = pq.read_table(affinity.path / "affinity.parquet").to_pydict()
+    table = (affinity.location / "affinity.parquet").read_parquet().to_pydict()
     rows = {(t, s[0]) for t, s in zip(table["target"], table["sources"], strict=True) if len(s) == 1}
     assert not pruned & rows
-    taxonomy = json.loads(
-        (run_taxonomy(cfg, affinity, stage.tracker, stage.parent_run_id).path / "taxonomy.json").read_text()
-    )
+    taxonomy = (
+        run_taxonomy(cfg, affinity, stage.tracker, stage.parent_run_id).location / "taxonomy.json"
+    ).read_json()
     assert taxonomy["pruned"]["transfers"] == side["transfers"]
     for target, sources in taxonomy["transfers"].items():
         assert len(sources) > 1 or (target, sources[0]) not in pruned
