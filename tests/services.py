@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +305,7 @@ def start_mlflow_server(
     artifacts_destination: str | Path,
     env: Mapping[str, str] | None = None,
     workers: int = 1,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[MlflowServer]:
     """`mlflow server` on 127.0.0.1 (a free port) proxying artifacts to `artifacts_destination` (a
     folder, or `s3://...` with the AWS variables in `env`); ended with its process group on exit.
@@ -314,7 +315,7 @@ def start_mlflow_server(
     args = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_destination),
-        "--workers", str(workers),
+        "--workers", str(workers), *extra_args,
     ]  # fmt: skip
     # No job runner: the server answers in ~8 s instead of ~23 s.
     server_env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(env or {})
