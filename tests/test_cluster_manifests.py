@@ -2,7 +2,9 @@
 
 Token auth on every Ray process and client with the token read from a mounted secret file; no secret
 value in any file; nothing exposed outside the cluster; the 02:00 schedules without overlap; GPU
-resources; the MLflow server's Postgres backend, basic-auth app and artifact store.
+resources; the storage root a bucket reached through the standard AWS variables (no ReadWriteMany
+volume, no shared file system, S3 credentials a mounted file, only a bounded local cache); the MLflow
+server's PostgreSQL backend, basic-auth app and s3:// artifact store.
 
 Each rule is a function returning a list of problems. The tests run it on the real files (no
 problems) and on a deliberately broken copy (a problem found), so no rule passes vacuously.
@@ -40,8 +42,11 @@ IMAGE = "ghcr.io/your-org/taskatlas:0.1.0"
 NIGHTLY = "0 2 * * *"
 NAMESPACE = "taskatlas"
 RAY_TOKEN_SECRET = "taskatlas-ray-token"
-# storage_root of configs/taskonomy-gpu.yaml, the config the manifests run: shared by every Ray node.
-STORAGE_ROOT = "/mnt/taskatlas"
+# The storage root every cluster run is given (`--set storage_root=...`): a bucket, no shared volume.
+STORAGE_ROOT = "s3://your-bucket/taskatlas/study"
+STORAGE_CONFIGMAP = "taskatlas-storage"  # AWS_DEFAULT_REGION and, optionally, AWS_ENDPOINT_URL
+S3_SECRET = "taskatlas-s3-credentials"  # key `credentials`: an AWS credentials file
+AWS_KEY_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 RAY_KINDS = {"RayCluster", "RayJob", "RayCronJob"}
 # Fields of RayCronJob's spec in KubeRay 1.6 (ray.io/v1); the CRD rejects or prunes any other.
 RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend"}
@@ -152,6 +157,29 @@ def _secret_behind(pod: dict, container: dict, path: str) -> str | None:
             return None
         return secret.get("secretName")
     return None
+
+
+def _gib(quantity: str) -> float:
+    """A Kubernetes quantity (`50Gi`, `64G`, `512Mi`) in GiB."""
+    units = {
+        "Ki": 2**-20,
+        "Mi": 2**-10,
+        "Gi": 1,
+        "Ti": 2**10,
+        "K": 1e3 / 2**30,
+        "M": 1e6 / 2**30,
+        "G": 1e9 / 2**30,
+    }
+    match = re.fullmatch(r"([0-9.]+)([KMGT]i?)?", str(quantity))
+    if not match:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return float(match[1]) * units.get(match[2] or "", 2**-30)
+
+
+def _storage_roots(text: str) -> list[str]:
+    """The storage roots given with `--set storage_root=` (a `...` placeholder in prose left out)."""
+    found = re.findall(r"--set storage_root=([^\s`'\"]+)", text)
+    return [root for root in found if "..." not in root]
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -302,29 +330,83 @@ def gpu_problems(doc: dict) -> list[str]:
     return problems
 
 
-def _rwx_claims() -> set[str]:
-    return {
-        d["metadata"]["name"]
-        for d in _cached_docs("kubernetes/storage.yaml")
-        if d.get("kind") == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"].get("accessModes", [])
-    }
+def rwx_problems(doc: dict) -> list[str]:
+    """No ReadWriteMany volume anywhere (claim, claim template or volume) and no shared file system
+    mounted into a pod: the storage root is a bucket."""
+    kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
+    problems = []
+    for d in _dicts(doc):
+        if "ReadWriteMany" in (d.get("accessModes") or []):
+            problems.append(f"{kind}/{name}: a ReadWriteMany volume")
+    for pod in _pod_specs(doc):
+        for v in pod.get("volumes", []):
+            if {"nfs", "efs", "cephfs", "glusterfs", "azureFile"} & set(v):
+                problems.append(f"{kind}/{name}: volume {v['name']} is a shared file system")
+    return problems
+
+
+def _s3_env_problems(pod: dict, c: dict, where: str) -> list[str]:
+    """The object store through the standard AWS variables: region and optional endpoint from the
+    ConfigMap, credentials an AWS credentials file of the S3 Secret, never keys in variables."""
+    env = _env(c)
+    problems = []
+    for var, optional in (("AWS_DEFAULT_REGION", False), ("AWS_ENDPOINT_URL", True)):
+        ref = env.get(var, {}).get("valueFrom", {}).get("configMapKeyRef", {})
+        if (
+            ref.get("name") != STORAGE_CONFIGMAP
+            or ref.get("key") != var
+            or bool(ref.get("optional")) != optional
+        ):
+            problems.append(
+                f"{where}: {var} is not key {var} of ConfigMap {STORAGE_CONFIGMAP}" + " (optional)" * optional
+            )
+    path = str(env.get("AWS_SHARED_CREDENTIALS_FILE", {}).get("value", ""))
+    if _secret_behind(pod, c, path) != S3_SECRET:
+        problems.append(f"{where}: AWS_SHARED_CREDENTIALS_FILE={path!r} is not a file of Secret {S3_SECRET}")
+    if AWS_KEY_VARIABLES & set(env):
+        problems.append(f"{where}: S3 keys in variables ({sorted(AWS_KEY_VARIABLES & set(env))}), not a file")
+    return problems
+
+
+def _entrypoint(doc: dict) -> str:
+    spec = doc.get("spec", {})
+    if doc.get("kind") == "RayJob":
+        return str(spec.get("entrypoint", ""))
+    if doc.get("kind") == "RayCronJob":
+        return str(spec.get("jobTemplate", {}).get("entrypoint", ""))
+    if doc.get("kind") == "CronJob":
+        return " ".join(_command(c) for pod in _pod_specs(doc) for c in pod["containers"])
+    return ""
 
 
 def storage_problems(doc: dict) -> list[str]:
-    """Every Ray node mounts the storage root from one ReadWriteMany claim, which outlives the cluster."""
+    """The storage root is the bucket: runs are given it, Ray pods mount no persistent or shared
+    volume, reach S3 through the standard AWS variables, and keep only a bounded cache on an emptyDir."""
     kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
-    problems = []
+    problems = rwx_problems(doc)
+    if kind in {"RayJob", "RayCronJob", "CronJob"} and _storage_roots(_entrypoint(doc)) != [STORAGE_ROOT]:
+        problems.append(f"{kind}/{name}: the run is not given --set storage_root={STORAGE_ROOT}")
     for spec in _ray_cluster_specs(doc):
         for pod in _pod_specs(spec):
-            claims = {
-                v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod.get("volumes", [])
-            }
-            for c in pod["containers"]:
-                mounted = {m["name"] for m in c.get("volumeMounts", []) if m["mountPath"] == STORAGE_ROOT}
-                if not {claims.get(m) for m in mounted} & _rwx_claims():
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for v in volumes.values():
+                if "persistentVolumeClaim" in v or "hostPath" in v:
                     problems.append(
-                        f"{kind}/{name} container {c['name']}: {STORAGE_ROOT} is not a shared volume"
+                        f"{kind}/{name}: Ray pods mount volume {v['name']} (state belongs in the bucket)"
                     )
+            for c in pod["containers"]:
+                where = f"{kind}/{name} container {c['name']}"
+                problems += _s3_env_problems(pod, c, where)
+                env = _env(c)
+                cache = str(env.get("TASKATLAS_CACHE", {}).get("value", ""))
+                mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == cache), None)
+                empty_dir = volumes.get(mount["name"], {}).get("emptyDir") if mount else None
+                if empty_dir is None or "sizeLimit" not in empty_dir:
+                    problems.append(f"{where}: TASKATLAS_CACHE={cache!r} is not an emptyDir with a sizeLimit")
+                    continue
+                bound = float(env.get("TASKATLAS_CACHE_GB", {}).get("value", "inf"))
+                if not bound < _gib(empty_dir["sizeLimit"]):
+                    problems.append(f"{where}: TASKATLAS_CACHE_GB={bound} does not fit the cache's sizeLimit")
     return problems
 
 
@@ -369,6 +451,8 @@ def _mlflow_args_problems(args: list[str], hosts: set[str], where: str) -> list[
         problems.append(f"{where}: not the basic-auth app")
     if _flag(args, "--artifacts-destination") is None:
         problems.append(f"{where}: no --artifacts-destination")
+    if "--backend-store-uri" in " ".join(args) or "--default-artifact-root" in " ".join(args):
+        problems.append(f"{where}: the backend store is the entrypoint's MLFLOW_DB_URI, artifacts proxied")
     if _flag(args, "--host") not in hosts:
         problems.append(f"{where}: --host {_flag(args, '--host')} is not one of {sorted(hosts)}")
     workers = _flag(args, "--workers")
@@ -401,13 +485,23 @@ def mlflow_problems(docs: list[dict]) -> list[str]:
     problems = _mlflow_args_problems(args, {"0.0.0.0", "127.0.0.1"}, where)
     if "cluster/mlflow/entrypoint.sh" not in " ".join(c.get("command", [])):
         problems.append(f"{where}: not started by cluster/mlflow/entrypoint.sh")
-    if not OBJECT_STORE.match(_flag(args, "--artifacts-destination") or ""):
-        problems.append(f"{where}: the artifact destination is not an object store URI")
+    if not (_flag(args, "--artifacts-destination") or "").startswith("s3://"):
+        problems.append(f"{where}: the artifact destination is not an s3:// URI")
     env = {k: str(e.get("value", "")) for k, e in _env(c).items()}
     problems += _mlflow_env_problems(env, where)
     for var in ("MLFLOW_DB_PASSWORD_FILE", "MLFLOW_AUTH_CONFIG_PATH"):
         if _secret_behind(pod, c, env.get(var, "")) is None:
             problems.append(f"{where}: {var} is not a file of a mounted Secret")
+    problems += _s3_env_problems(pod, c, where)  # for S3-compatible stores; IRSA needs none of it
+    db_host = urllib.parse.urlsplit(env.get("MLFLOW_DB_URI", "")).hostname or ""
+    postgres = [
+        d
+        for d in docs
+        if d.get("kind") == "StatefulSet"
+        and any(c["image"].startswith("postgres:") for p in _pod_specs(d) for c in p["containers"])
+    ]
+    if db_host.split(".")[0] not in {d["spec"].get("serviceName") for d in postgres}:
+        problems.append(f"{where}: the database host {db_host!r} is not the Postgres StatefulSet's service")
     db_service = urllib.parse.urlsplit(env.get("MLFLOW_DB_URI", "")).hostname or ""
     services = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Service"}
     if db_service.split(".")[0] not in services:
@@ -488,6 +582,27 @@ def launcher_network_problems(cfg: dict) -> list[str]:
     head_start = " ".join(cfg.get("head_start_ray_commands", []))
     if "--dashboard-host=127.0.0.1" not in head_start:
         problems.append("launcher: the dashboard does not listen on 127.0.0.1 only")
+    return problems
+
+
+def launcher_storage_problems(cfg: dict) -> list[str]:
+    """No shared file system: the storage root is a bucket, reached with the instance profile and
+    the standard AWS variables; the only local data is the bounded cache on each host."""
+    env = _docker_env(cfg)
+    problems = []
+    text = json.dumps(cfg.get("initialization_commands", []) + cfg.get("setup_commands", []))
+    if re.search(r"mount\b.*\b(nfs|efs)|\bnfs4?\b|efs\.", text):
+        problems.append("launcher: a shared file system is mounted (the storage root is a bucket)")
+    binds = [o.split()[1] for o in cfg.get("docker", {}).get("run_options", []) if o.startswith("-v ")]
+    if any(b.split(":")[1] != env.get("TASKATLAS_CACHE") for b in binds):
+        problems.append(f"launcher: bind mounts {binds} other than the cache TASKATLAS_CACHE")
+    if not env.get("TASKATLAS_CACHE_GB") or not env.get("AWS_DEFAULT_REGION"):
+        problems.append("launcher: no TASKATLAS_CACHE_GB or AWS_DEFAULT_REGION in docker run_options")
+    if AWS_KEY_VARIABLES & set(env):
+        problems.append("launcher: S3 keys in docker run_options")
+    for key, node in cfg.get("available_node_types", {}).items():
+        if key != cfg.get("head_node_type") and "IamInstanceProfile" not in node.get("node_config", {}):
+            problems.append(f"launcher: {key} has no IamInstanceProfile to reach the bucket")
     return problems
 
 
@@ -627,11 +742,20 @@ def test_kubernetes_manifests_pass(rel, rule):
     assert [p for doc in _docs(rel) for p in rule(doc)] == []
 
 
-def test_storage_root_is_the_gpu_configs():
-    config = yaml.safe_load((CLUSTER.parent / "configs" / "taskonomy-gpu.yaml").read_text())
-    assert config["storage_root"] == STORAGE_ROOT, "move the shared volume in cluster/ along with the config"
-    options = _docs(LAUNCHER)[0]["docker"]["run_options"]
-    assert f"-v {STORAGE_ROOT}:{STORAGE_ROOT}" in options
+def test_every_cluster_run_uses_the_bucket_and_tracks_to_the_server():
+    """The manifests and the runbooks give every run the same bucket as storage root and the MLflow
+    server as tracking URI (configs/taskonomy-gpu.yaml keeps a local root for single machines)."""
+    assert OBJECT_STORE.match(STORAGE_ROOT)
+    roots = {rel: _storage_roots(_text(rel)) for rel in [*K8S_FILES, LAUNCHER, "README.md"]}
+    assert {r for found in roots.values() for r in found} == {STORAGE_ROOT}
+    runs = [d for rel in K8S_FILES for d in _docs(rel) if d["kind"] in {"RayJob", "RayCronJob", "CronJob"}]
+    assert len(runs) == 3
+    for doc in runs:
+        assert "--set tracking_uri=http://taskatlas-mlflow.taskatlas.svc:5000" in _entrypoint(doc)
+    assert roots[LAUNCHER] and roots["README.md"]
+    assert not (CLUSTER / "kubernetes" / "storage.yaml").exists() or not any(
+        d["kind"] == "PersistentVolumeClaim" for d in _docs("kubernetes/storage.yaml")
+    )
 
 
 def test_kuberay_cluster_specs_are_one_spec():
@@ -662,6 +786,7 @@ def test_launcher():
     ray_dir = Path(importlib.util.find_spec("ray").submodule_search_locations[0])
     jsonschema.validate(cfg, json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text()))
     assert launcher_auth_problems(cfg) + launcher_node_problems(cfg) + launcher_network_problems(cfg) == []
+    assert launcher_storage_problems(cfg) == []
 
 
 def test_no_secret_or_disabled_auth_in_any_file():
@@ -677,8 +802,10 @@ def test_one_image_everywhere_and_torch_installed_first():
     assert {i for i in images if not i.startswith("postgres:")} == {IMAGE}
     lines = _text("Dockerfile").splitlines()
     torch_at = next(i for i, line in enumerate(lines) if "pip install" in line and "${TORCH}" in line)
-    project_at = next(i for i, line in enumerate(lines) if "pip install" in line and " /app" in line)
-    assert torch_at < project_at
+    project_at = next(
+        i for i, line in enumerate(lines) if "pip install" in line and '"/app[cluster]"' in line
+    )
+    assert torch_at < project_at  # with the cluster extra: psycopg2 and boto3 for the MLflow server
 
 
 # ---------------------------------------------------------------- each rule can fail
@@ -724,11 +851,81 @@ BROKEN_DOCS: list[tuple[str, str, Callable[[list[dict]], object], Callable[[list
         lambda docs: ray_auth_problems(docs[0]),
     ),
     (
-        "worker without the shared storage root",
+        "a ReadWriteMany claim is back",
+        "kubernetes/storage.yaml",
+        lambda docs: docs.append(
+            {
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "taskatlas-runs", "namespace": NAMESPACE},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}},
+            }
+        ),
+        lambda docs: storage_problems(docs[-1]),
+    ),
+    (
+        "Ray workers mount a claim",
+        "kuberay/rayjob.yaml",
+        lambda docs: _ray_cluster_specs(docs[0])[0]["workerGroupSpecs"][0]["template"]["spec"][
+            "volumes"
+        ].append({"name": "runs", "persistentVolumeClaim": {"claimName": "taskatlas-runs"}}),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "Ray head on an NFS share",
+        "kuberay/raycluster.yaml",
+        lambda docs: _ray_cluster_specs(docs[0])[0]["headGroupSpec"]["template"]["spec"]["volumes"].append(
+            {"name": "runs", "nfs": {"server": "fs.example", "path": "/"}}
+        ),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "RayJob on a local storage root",
+        "kuberay/rayjob.yaml",
+        lambda docs: docs[0]["spec"].update(
+            entrypoint=docs[0]["spec"]["entrypoint"].replace(STORAGE_ROOT, "/mnt/taskatlas")
+        ),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "CronJob run without the bucket",
+        "kubernetes/nightly-cronjob.yaml",
+        lambda docs: _pod_specs(docs[0])[0]["containers"][0].update(
+            args=[
+                a.replace(f"--set storage_root={STORAGE_ROOT}", "")
+                for a in _pod_specs(docs[0])[0]["containers"][0]["args"]
+            ]
+        ),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "S3 keys as variables",
+        "kuberay/raycronjob.yaml",
+        lambda docs: _gpu_worker(docs[0])["env"].append(
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "secret"}},
+            }
+        ),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "S3 credentials file not from the Secret",
+        "kuberay/raycluster.yaml",
+        lambda docs: _set_env(_head(docs[0]), "AWS_SHARED_CREDENTIALS_FILE", "/home/ray/.aws/credentials"),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "no S3 endpoint setting",
         "kuberay/rayjob.yaml",
         lambda docs: _gpu_worker(docs[0]).update(
-            volumeMounts=[m for m in _gpu_worker(docs[0])["volumeMounts"] if m["mountPath"] != STORAGE_ROOT]
+            env=[e for e in _gpu_worker(docs[0])["env"] if e["name"] != "AWS_ENDPOINT_URL"]
         ),
+        lambda docs: storage_problems(docs[0]),
+    ),
+    (
+        "unbounded local cache",
+        "kuberay/raycluster.yaml",
+        lambda docs: _set_env(_gpu_worker(docs[0]), "TASKATLAS_CACHE_GB", "500"),
         lambda docs: storage_problems(docs[0]),
     ),
     (
@@ -850,6 +1047,28 @@ BROKEN_DOCS: list[tuple[str, str, Callable[[list[dict]], object], Callable[[list
         lambda docs: mlflow_problems(docs),
     ),
     (
+        "MLflow artifacts on GCS",
+        "kubernetes/mlflow.yaml",
+        lambda docs: _mlflow_container(docs).update(
+            args=[a.replace("s3://", "gs://") for a in _mlflow_container(docs)["args"]]
+        ),
+        lambda docs: mlflow_problems(docs),
+    ),
+    (
+        "MLflow with S3 keys in variables",
+        "kubernetes/mlflow.yaml",
+        lambda docs: _mlflow_container(docs)["env"].append(
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "id"}}}
+        ),
+        lambda docs: mlflow_problems(docs),
+    ),
+    (
+        "MLflow database host is not the Postgres StatefulSet",
+        "kubernetes/mlflow.yaml",
+        lambda docs: docs.remove(_first(docs, "StatefulSet")),
+        lambda docs: mlflow_problems(docs),
+    ),
+    (
         "MLflow on SQLite",
         "kubernetes/mlflow.yaml",
         lambda docs: _set_env(_mlflow_container(docs), "MLFLOW_DB_URI", "sqlite:////tmp/mlflow.db"),
@@ -904,6 +1123,26 @@ BROKEN_DOCS: list[tuple[str, str, Callable[[list[dict]], object], Callable[[list
             security_group={"IpPermissions": [{"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
         ),
         lambda docs: launcher_network_problems(docs[0]),
+    ),
+    (
+        "launcher mounts EFS again",
+        LAUNCHER,
+        lambda docs: docs[0]["initialization_commands"].append(
+            "sudo mount -t nfs4 fs-1.efs.us-west-2.amazonaws.com:/ /mnt/taskatlas"
+        ),
+        lambda docs: launcher_storage_problems(docs[0]),
+    ),
+    (
+        "launcher binds a host folder as storage root",
+        LAUNCHER,
+        lambda docs: docs[0]["docker"]["run_options"].append("-v /mnt/taskatlas:/mnt/taskatlas"),
+        lambda docs: launcher_storage_problems(docs[0]),
+    ),
+    (
+        "launcher worker without an instance profile",
+        LAUNCHER,
+        lambda docs: docs[0]["available_node_types"]["worker.gpu1"]["node_config"].pop("IamInstanceProfile"),
+        lambda docs: launcher_storage_problems(docs[0]),
     ),
     (
         "launcher dashboard on every interface",
@@ -1023,7 +1262,9 @@ def test_mlflow_entrypoint_reads_the_password_file(tmp_path):
     done = _run(["/bin/sh", script, "--app-name", "basic-auth", "--port", "5000"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     uri, args, job_execution = done.stdout.splitlines()
-    assert uri == "postgresql://mlflow:p%40ss%3Aw%2Frd%251@db.example:5432/mlflow"
+    assert (
+        uri == "postgresql+psycopg2://mlflow:p%40ss%3Aw%2Frd%251@db.example:5432/mlflow"
+    )  # the image's driver
     assert urllib.parse.unquote(urllib.parse.urlsplit(uri).password) == "p@ss:w/rd%1"
     assert args == "server --app-name basic-auth --port 5000"  # the password is not on the command line
     assert job_execution == "false"
@@ -1055,7 +1296,7 @@ def test_nightly_cronjob_submits_each_day_once(tmp_path, earlier):
         assert done.returncode == 0, done.stderr
         assert submits == [
             f"job submit --address {env['RAY_JOBS_ADDRESS']} --submission-id taskatlas-nightly-{day} "
-            "-- taskatlas nightly -c /app/configs/taskonomy-gpu.yaml"
+            f"-- taskatlas nightly -c /app/configs/taskonomy-gpu.yaml --set storage_root={STORAGE_ROOT}"
             " --set tracking_uri=http://taskatlas-mlflow.taskatlas.svc:5000"
         ]
     else:  # a retried pod: the day's job exists, so follow it and report its outcome

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Start the MLflow tracking server (Postgres backend, basic-auth app) with its secrets read from files.
 #
-#   MLFLOW_DB_URI            postgresql://USER@HOST:PORT/DB, without a password
+#   MLFLOW_DB_URI            postgresql://USER@HOST:PORT/DB, without a password (read with psycopg2)
 #   MLFLOW_DB_PASSWORD_FILE  the file holding that user's password (a mounted Secret or a systemd credential)
 #   MLFLOW_AUTH_CONFIG_PATH  basic_auth.ini for `--app-name basic-auth` (a mounted Secret), read by MLflow
 #
@@ -41,7 +41,9 @@ if not password:
     sys.exit(f"entrypoint: {path} is empty")
 port = f":{uri.port}" if uri.port else ""
 netloc = f"{uri.username}:{up.quote(password, safe='')}@{uri.hostname}{port}"
-print(up.urlunsplit(uri._replace(netloc=netloc)))
+# SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg 3 driver; the image has psycopg2.
+scheme = "postgresql+psycopg2" if uri.scheme == "postgresql" else uri.scheme
+print(up.urlunsplit(uri._replace(scheme=scheme, netloc=netloc)))
 EOF
 )
 export MLFLOW_BACKEND_STORE_URI
