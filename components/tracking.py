@@ -356,6 +356,26 @@ class Tracker:
         for f in futures:
             f.result()
 
+    def log_metrics_many(
+        self, metrics: Mapping[str, Mapping[str, float]], threads: int = LOG_THREADS
+    ) -> None:
+        """One batch of metrics for each of many runs (run id -> metrics): `threads` requests at a
+        time against a server, one at a time on a local store."""
+        now = int(time.time() * 1000)
+
+        def log(run_id: str) -> None:
+            rows = [Metric(k, float(v), now, 0) for k, v in metrics[run_id].items()]
+            self.client.log_batch(run_id, metrics=rows, synchronous=True)
+
+        if not _is_server(self.tracking_uri) or threads <= 1 or len(metrics) <= 1:
+            for run_id in metrics:
+                log(run_id)
+            return
+        with ThreadPoolExecutor(min(threads, len(metrics)), thread_name_prefix="mlflow-metrics") as pool:
+            futures = [pool.submit(log, run_id) for run_id in metrics]
+        for f in futures:
+            f.result()
+
     def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
         """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
         print its URL (over HTTP), a second request per run; its store call is this one."""

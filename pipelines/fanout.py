@@ -4,7 +4,8 @@ logs them, and releases a target's higher orders as soon as its first-order read
 Each readout runs with declared resources (`cpus_per_readout`, and `gpus_per_readout` of a GPU on
 GPU clusters), retried `max_retries` times, and writes its own loss file to storage, so a killed
 driver loses only the readouts in flight. A readout that still fails after its retries is
-reported by name; the others go on. The driver logs each finished readout as a nested MLflow run.
+reported by name; the others go on. The driver logs each finished readout as a nested MLflow run,
+in batches (`pipelines.readout_runs`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ import ray
 from components.transfer import Readout, ReadoutKind, TransferPlan
 from components.transfer.jobs import ReadoutOutcome, run_readout, stored_outcome
 from pipelines.progress import progress_bar
+from pipelines.readout_runs import ReadoutRunLog
 from pipelines.stage1 import TaskResult
 
 if TYPE_CHECKING:
     from pipelines.stage2 import ReadoutKeys, Stage2
 
 _REMOTE_READOUT = ray.remote(run_readout)
-
-
-def readout_run_name(r: Readout) -> str:
-    """Target first, so the useful part shows in MLflow's run table: `normal <- depth_euclidean`."""
-    return f"{r.target} <- {'+'.join(r.sources)}"
 
 
 class FanOut:
@@ -51,23 +48,31 @@ class FanOut:
         self.first_left = {t: len(plan.first_order_of(t)) for t in plan.targets}
         self.ran = 0
         self.key = stage_key
-        self.runs = self._known_runs()
         self.listed: dict[str, set[str]] = {}
+        self.log = ReadoutRunLog(stage.tracker, run_id, stage_key)
+
+    @property
+    def runs(self) -> dict[str, tuple[str, str]]:
+        """Readout key -> (MLflow run id, status), as logged so far."""
+        return self.log.known
 
     def run(self) -> None:
         total = sum(self.plan.counts().values())  # stored readouts tick it at once
-        with progress_bar(total, "readouts", unit="readout") as update:
+        with progress_bar(total, "readouts", unit="readout") as update, self.log:
             self.update: Callable[[int], None] = update
             for r in (*self.plan.first_order, *self.plan.baselines):
                 self._start(r)
             while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=1)
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.log.seconds)
+                if not ready:  # nothing finished for a while: log what waits in the buffer
+                    self.log.flush_if_due()
+                    continue
                 r = self.pending.pop(ready[0])
                 try:
                     self._done(ray.get(ready[0]), ran=True)
                 except ray.exceptions.RayError as err:
                     self.failed[r] = str(err).strip().splitlines()[-1][:500]
-                    self._log_failure(r, self.failed[r])
+                    self.log.add_failure(r, self.keys.key(r), self.failed[r])
                     self.update(1)
                     self._settle(r)
 
@@ -101,7 +106,7 @@ class FanOut:
         r = outcome.readout
         self.outcomes[r] = outcome
         self.ran += ran and r.kind is not ReadoutKind.SELF  # `self` is scored, not trained
-        self._log(outcome)
+        self.log.add(outcome, self.keys.key(r))  # buffered: logged in batches
         self.update(1)
         self._settle(r)
 
@@ -119,64 +124,3 @@ class FanOut:
         }
         for x in self.plan.higher_order(r.target, losses):
             self._start(x)
-
-    def _known_runs(self) -> dict[str, tuple[str, str]]:
-        """Readout runs already in MLflow: readout key -> (run id, status).
-
-        The store, not a side file, says what is logged: a driver killed between creating a run
-        and closing it leaves a run that the rerun finishes instead of duplicating, and a readout
-        reused from another study keeps the run that study logged.
-        """
-        client, experiment = self.stage.tracker.client, [self.stage.tracker.experiment_id]
-        runs, token = {}, None
-        while True:
-            page = client.search_runs(
-                experiment, "tags.readout_key LIKE '%'", max_results=1000, page_token=token
-            )
-            for run in page:
-                runs[run.data.tags["readout_key"]] = (run.info.run_id, run.info.status)
-            if not (token := page.token):
-                return runs
-
-    def _run_for(self, r: Readout, extra: Mapping[str, str] | None = None) -> str:
-        run_id, _ = self.runs.get(self.keys.key(r), (None, None))
-        if run_id:
-            return run_id
-        tags = {
-            "stage": "transfer",
-            "key": self.key,
-            "readout_key": self.keys.key(r),
-            "readout": r.file_id,
-            "target": r.target,
-            "sources": "+".join(r.sources),
-            "kind": r.kind.value,
-            **(extra or {}),
-        }
-        outcome = self.outcomes.get(r)
-        started = outcome.started if outcome is not None and outcome.started else None  # when it ran
-        return self.stage.tracker.start_run(readout_run_name(r), self.run_id, tags, start_time=started)
-
-    def _log(self, o: ReadoutOutcome) -> None:
-        """One nested run per readout: create, one batched write, close (3 requests)."""
-        r, tracker = o.readout, self.stage.tracker
-        if self.runs.get(self.keys.key(r), (None, None))[1] == "FINISHED":
-            return
-        run = self._run_for(r)
-        last = max(len(o.train_losses) - 1, 0)  # steps are 0-based epochs; scores are the last's
-        rows = [("test_loss", o.mean_loss, last), ("seconds", o.seconds, last)]
-        rows += [("val_loss", o.val_loss, last)] if o.val_loss == o.val_loss else []  # not NaN
-        rows += [("train_loss", v, i) for i, v in enumerate(o.train_losses)]
-        params = {
-            "target": r.target,
-            "sources": "+".join(r.sources),
-            "order": str(r.order),
-            "kind": r.kind.value,
-        }
-        tracker.log_history(run, rows, params)
-        tracker.end_run(run, end_time=o.finished or None)  # when the Ray work ended
-        self.runs[self.keys.key(r)] = (run, "FINISHED")
-
-    def _log_failure(self, r: Readout, error: str) -> None:
-        run = self._run_for(r, {"error": error})
-        self.stage.tracker.end_run(run, failed=True)
-        self.runs[self.keys.key(r)] = (run, "FAILED")

@@ -22,9 +22,10 @@ from components.data.synthetic import DatasetConfig, generate_dataset
 from components.errors import ConfigError, TaskatlasError
 from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
-from components.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri
+from components.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri, remote_storage_refusal
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
+from pipelines.ray_runtime import cluster_nodes
 from pipelines.settings import read_settings
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
@@ -59,21 +60,24 @@ def prepare_dataset(cfg: PipelineConfig) -> ShardStore:
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """The configured tracking URI, or SQLite under a local storage root. A study on object
-    storage or on several nodes needs a tracking server (`components.tracking`)."""
-    if cfg.tracking_uri:
+    """The configured tracking URI, or SQLite under a local storage root ("" on object storage,
+    which has no default: `check_tracking_store` refuses it)."""
+    if cfg.tracking_uri or not cfg.root.is_local:
         return cfg.tracking_uri
-    if not cfg.root.is_local:
-        raise ConfigError(
-            f"tracking_uri: storage_root {cfg.root} is object storage, and the default tracking store "
-            "is a SQLite file under a local root; run an MLflow server (`mlflow server "
-            "--backend-store-uri postgresql://... --artifacts-destination s3://...`) and set "
-            "tracking_uri: http://HOST:5000"
-        )
     return default_tracking_uri(cfg.root.local_path)
 
 
+def check_tracking_store(cfg: PipelineConfig, shared: bool = False) -> None:
+    """A local tracking store (SQLite) serves a study on one machine only: refused, in one line
+    saying to run a tracking server, when the storage root is object storage or `shared` by the
+    nodes of a cluster."""
+    uri = tracking_uri(cfg) or "(default: SQLite under the storage root)"
+    if why := remote_storage_refusal(uri, cfg.root.uri, shared):
+        raise ConfigError(why)
+
+
 def open_tracker(cfg: PipelineConfig) -> Tracker:
+    check_tracking_store(cfg)
     uri = tracking_uri(cfg)
     artifacts = None
     if uri.startswith("sqlite"):
@@ -90,8 +94,9 @@ def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None
     sources = list(sources if sources is not None else cfg.tasks)
     if missing := [t for t in cfg.transfer.targets if t not in sources]:
         raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
-    uri = tracking_uri(cfg)  # before touching storage: a refusal needs no network
+    check_tracking_store(cfg)  # before touching storage: a refusal needs no network
     check_writable(cfg.root, "storage_root")
+    uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
     elif uri.startswith("sqlite:///"):
@@ -190,6 +195,7 @@ class Invocation:
 def invocation(cfg: PipelineConfig, command: str):
     """Dataset + tracker + a parent run tagged with config hash, data version and code version;
     the run is marked FAILED if the body raises."""
+    check_tracking_store(cfg, shared=cluster_nodes() > 1)  # Ray is up: SQLite on several nodes?
     store = prepare_dataset(cfg)
     tracker = open_tracker(cfg)
     # The caller holds the study lock: a run of this root still RUNNING has a dead driver.

@@ -150,11 +150,11 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
 def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
     """Stage III's verdict on each readout, on its own run: affinity, quality (vs self), gain
     (vs pixels), so MLflow's run table sorts and filters sources by them."""
+    scores = {}
     for row in table.to_pylist():
-        run = runs.get(f"{'+'.join(row['sources'])}->{row['target']}")
-        if run:
-            scores = {k: row[k] for k in ("affinity", "quality", "gain") if row[k] == row[k]}  # not NaN
-            tracker.log_metrics(run, scores)
+        if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
+            scores[run] = {k: row[k] for k in ("affinity", "quality", "gain") if row[k] == row[k]}  # not NaN
+    tracker.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
 
 
 def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, str]]:

@@ -42,3 +42,10 @@ def cluster_gpus() -> int:
 
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_nodes() -> int:
+    """Alive nodes of the cluster this process is connected to (1 when it is not connected)."""
+    if not ray.is_initialized():
+        return 1
+    return sum(1 for node in ray.nodes() if node["Alive"])

@@ -17,7 +17,7 @@ import pytest
 
 from components.errors import ConfigError
 from pipelines.config import load_pipeline_config
-from pipelines.invocation import preflight
+from pipelines.invocation import check_tracking_store, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,8 +80,16 @@ def test_a_study_on_object_storage_without_a_tracking_server_is_refused_in_one_l
     with pytest.raises(ConfigError) as err:
         preflight(cfg)
     message = str(err.value)
-    assert message.startswith("tracking_uri: storage_root s3://some-bucket/study is object storage")
-    assert "mlflow server --backend-store-uri postgresql://" in message and "\n" not in message
+    assert message.startswith("tracking_uri (default: SQLite under the storage root) is a local store")
+    assert "storage_root s3://some-bucket/study is remote" in message
+    assert "mlflow server --backend-store-uri postgresql" in message and "\n" not in message
+
+
+def test_a_sqlite_store_is_refused_for_a_root_shared_by_several_nodes(tmp_path):
+    cfg = load_pipeline_config(_config(tmp_path, str(tmp_path / "runs")))
+    check_tracking_store(cfg, shared=False)  # one machine: SQLite is fine
+    with pytest.raises(ConfigError, match=r"^tracking_uri sqlite:///.* is shared by the nodes of a cluster"):
+        check_tracking_store(cfg, shared=True)
 
 
 @pytest.mark.slow

@@ -49,8 +49,8 @@ from components.transfer.jobs import (
 )
 from components.transfer.readout import score_network
 from pipelines.config import load_pipeline_config
-from pipelines.fanout import readout_run_name
 from pipelines.invocation import open_tracker
+from pipelines.readout_runs import readout_run_name
 from pipelines.stage1 import TaskResult
 from pipelines.stage2 import Stage2
 

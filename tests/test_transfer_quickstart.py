@@ -42,7 +42,7 @@ def _train(cfg: PipelineConfig, store: ShardStore, name: str) -> TaskResult:
         train_one_epoch(net, optimizer, batches, task, torch.device("cpu"))
     test = store.read("test", ["rgb", task.column])
     ids, losses = per_image_losses(net, iter_batches(test, 128), task, torch.device("cpu"))
-    out = cfg.root / "stage1" / name / "plain"
+    out = cfg.root.local_path / "stage1" / name / "plain"
     out.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out / "model.pt")
     pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
