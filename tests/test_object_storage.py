@@ -1,6 +1,7 @@
 """A study on a cluster's own services (issue 11): storage root on an S3-protocol server, MLflow
 as a server on PostgreSQL with artifacts in the bucket, Ray with two nodes. All real, on loopback:
-moto's S3 server, PostgreSQL 15 (`initdb`/`pg_ctl`), `mlflow server`, `ray.cluster_utils.Cluster`.
+moto's S3 server, PostgreSQL 15 behind `mlflow server` (the session fixtures of tests/conftest.py),
+`ray.cluster_utils.Cluster`.
 """
 
 from __future__ import annotations
@@ -45,14 +46,6 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from services import start_s3_server
-
-    with start_s3_server() as server:
-        yield server
-
-
 def _config(folder: Path, storage_root: str, tracking_uri: str = "") -> Path:
     path = folder / "study.yaml"
     path.write_text(
@@ -95,67 +88,47 @@ def test_a_sqlite_store_is_refused_for_a_root_shared_by_several_nodes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reruns_from_the_bucket(
-    tmp_path, s3_server
+    tmp_path, s3_server, mlflow_pg_server
 ):
-    from services import PostgresUnavailable, s3_env, start_mlflow_server, start_postgres
+    from tests.services import s3_env
 
     env = s3_env(s3_server)
-    try:
-        pg_context = start_postgres()
-        pg = pg_context.__enter__()
-    except PostgresUnavailable as err:
-        pytest.skip(str(err))
-    try:
-        database = pg.create_database("mlflow")
-        artifacts = f"s3://{s3_server.bucket}/mlartifacts"
-        with start_mlflow_server(tmp_path, database, artifacts, env=env) as server:
-            workdir = tmp_path / "work"  # the driver's only local folder: it must stay empty
-            workdir.mkdir()
-            cache = tmp_path / "cache"
-            config = _config(tmp_path, f"s3://{s3_server.bucket}/study", server.url)
-            proc = subprocess.run(
-                [sys.executable, "-c", DRIVER, str(config)],
-                cwd=workdir,
-                env=os.environ | env | {"TASKATLAS_CACHE": str(cache), "PYTHONPATH": str(ROOT)},
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            first, second = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-            assert "NODES 2" in proc.stdout
+    workdir = tmp_path / "work"  # the driver's only local folder: it must stay empty
+    workdir.mkdir()
+    cache = tmp_path / "cache"
+    config = _config(tmp_path, f"s3://{s3_server.bucket}/study", mlflow_pg_server.url)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(config)],
+        cwd=workdir,
+        env=os.environ | env | {"TASKATLAS_CACHE": str(cache), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert "NODES 2" in proc.stdout
 
-            assert sorted(first["networks_trained"]) == ["edge_texture", "normal", "reshading"]
-            assert first["readouts_ran"] > 0 and first["taxonomy"]["roots"]
-            assert second["networks_trained"] == [] and second["readouts_ran"] == 0  # all from the bucket
-            assert second["taxonomy"] == first["taxonomy"]
+    assert sorted(first["networks_trained"]) == ["edge_texture", "normal", "reshading"]
+    assert first["readouts_ran"] > 0 and first["taxonomy"]["roots"]
+    assert second["networks_trained"] == [] and second["readouts_ran"] == 0  # all from the bucket
+    assert second["taxonomy"] == first["taxonomy"]
 
-            keys = _keys(s3_server, env)
-            steps = {k.split("/")[1] for k in keys if k.startswith("study/")}
-            assert {
-                "data",
-                "stage1",
-                "stage2",
-                "features",
-                "readouts",
-                "affinity",
-                "taxonomy",
-                "ray",
-            } <= steps
-            assert any(k.startswith("mlartifacts/") for k in keys)  # MLflow's artifacts, proxied
-            assert list(workdir.iterdir()) == []  # nothing written locally but the cache
-            assert all(p.suffix == ".npy" for p in cache.rglob("*") if p.is_file())
+    keys = _keys(s3_server, env)
+    steps = {k.split("/")[1] for k in keys if k.startswith("study/")}
+    assert {"data", "stage1", "stage2", "features", "readouts", "affinity", "taxonomy", "ray"} <= steps
+    assert any(k.startswith("mlartifacts/") for k in keys)  # MLflow's artifacts, proxied
+    assert list(workdir.iterdir()) == []  # nothing written locally but the cache
+    assert all(p.suffix == ".npy" for p in cache.rglob("*") if p.is_file())
 
-            from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(server.url)
-            experiment = client.get_experiment_by_name("on-object-storage")
-            parents = client.search_runs([experiment.experiment_id], "tags.command = 'run'")
-            assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
-            readouts = client.search_runs([experiment.experiment_id], "tags.readout_key LIKE '%'")
-            assert len(readouts) == first["readouts_ran"] + 3  # each logged once, `self` scored too
-    finally:
-        pg_context.__exit__(None, None, None)
+    client = MlflowClient(mlflow_pg_server.url)
+    experiment = client.get_experiment_by_name("on-object-storage")
+    parents = client.search_runs([experiment.experiment_id], "tags.command = 'run'")
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    readouts = client.search_runs([experiment.experiment_id], "tags.readout_key LIKE '%'")
+    assert len(readouts) == first["readouts_ran"] + 3  # each logged once, `self` scored too
 
 
 def _keys(server, env) -> list[str]:

@@ -17,18 +17,10 @@ from components.study_lock import StudyLock, StudyLocked, lock_store
 from pipelines.steps import Step
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from services import start_s3_server
-
-    with start_s3_server() as server:
-        yield server
-
-
 @pytest.fixture
 def s3(s3_server, monkeypatch):
     """The S3 server's variables in this process (pyarrow and boto3 read them), and a fresh prefix."""
-    from services import s3_env
+    from tests.services import s3_env
 
     for k, v in s3_env(s3_server).items():
         monkeypatch.setenv(k, v)
