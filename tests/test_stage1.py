@@ -1,6 +1,5 @@
 """Stage I on a real local Ray: DDP training, checkpoints, failure recovery, ASHA, the registry."""
 
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

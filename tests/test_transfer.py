@@ -235,11 +235,7 @@ def env(tmp_path_factory, tiny_dataset, ray_session):
 
 def _done_counts(keys, readouts) -> Counter:
     return Counter(
-        {
-            r: attempt_events(keys.path(r)).count("done")
-            for r in readouts
-            if r.kind.value != "self"
-        }
+        {r: attempt_events(keys.path(r)).count("done") for r in readouts if r.kind.value != "self"}
     )
 
 
