@@ -48,13 +48,14 @@ from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import build_network  # noqa: E402
 from components.storage import location  # noqa: E402
+from components.tasks import channels_for  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
 from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
-from pipelines.stage1 import TaskResult, channels_for  # noqa: E402
+from pipelines.stage1 import TaskResult  # noqa: E402
 from pipelines.stage2 import Stage2  # noqa: E402
 
 TASKS = (  # 12 tasks, 10 targets (colorization and inpainting are source-only)

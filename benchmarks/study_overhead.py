@@ -74,8 +74,8 @@ from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import build_network  # noqa: E402
-from components.tasks import Loss, Task  # noqa: E402
-from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets  # noqa: E402
+from components.tasks import Task, channels_for  # noqa: E402
+from components.taxonomy import solve_taxonomy, sweep_budgets  # noqa: E402
 from components.training import (  # noqa: E402
     OptimConfig,
     evaluate,
@@ -100,6 +100,7 @@ from components.transfer import (  # noqa: E402
 )
 from components.transfer.jobs import FeatureEncoder  # noqa: E402
 from components.transfer.readout import score_network  # noqa: E402
+from pipelines.analysis_steps import taxonomy_options  # noqa: E402  (imports no MLflow)
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -142,12 +143,6 @@ class Trial:
     val_losses: list[float] = field(default_factory=list)
 
 
-def channels(task: Task, store: ShardStore) -> int:
-    """Output channels, as `pipelines.stage1.channels_for` (not imported: it would import Ray)."""
-    classes = store.manifest.label_classes.get(task.column)
-    return len(classes) if classes and task.loss is Loss.CROSS_ENTROPY else task.channels
-
-
 def search(
     cfg: PipelineConfig, store: ShardStore, task: Task, sampled: list[dict], device
 ) -> tuple[dict, list]:
@@ -160,7 +155,7 @@ def search(
     trials = []
     for hparams in sampled:
         torch.manual_seed(seed)  # as each trial process does
-        model = build_network(task, cfg.model, cfg.data.size, channels(task, store)).to(device)
+        model = build_network(task, cfg.model, cfg.data.size, channels_for(task, store)).to(device)
         optimizer = make_optimizer(model, OptimConfig(**hparams))
         trials.append(Trial(hparams, model, optimizer, torch.Generator(device=device).manual_seed(seed)))
     alive, rung = trials, t.grace_period
@@ -184,7 +179,7 @@ def train_network(cfg: PipelineConfig, store: ShardStore, task: Task, hparams: d
     """The final training as `train_worker` runs it on one worker, then `Stage1._train`'s scoring."""
     seed = cfg.train.seed
     torch.manual_seed(seed)
-    model = build_network(task, cfg.model, cfg.data.size, channels(task, store)).to(device)
+    model = build_network(task, cfg.model, cfg.data.size, channels_for(task, store)).to(device)
     optimizer = make_optimizer(model, OptimConfig(**hparams))
     generator = torch.Generator(device=device).manual_seed(seed)
     train, test = store.read("train", task.columns), store.read("test", task.columns)
@@ -267,7 +262,7 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
             test_ids=test["image_id"],
             settings=settings,
             device=device,
-            channels=channels(task, store),
+            channels=channels_for(task, store),
         )
         outcomes[r] = (result.val_loss, result.losses, time.perf_counter() - start)
 
@@ -297,21 +292,6 @@ def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) 
             "loss": np.concatenate([losses[r] for r in mine]).astype(np.float32),
         },
         schema=LOSSES,
-    )
-
-
-def taxonomy_options(cfg: PipelineConfig) -> TaxonomyOptions:
-    """As `pipelines.analysis_steps.taxonomy_options` (not imported: it would import MLflow)."""
-    t = cfg.taxonomy
-    source_only = {name for name in cfg.tasks if cfg.task(name).source_only} | set(t.source_only)
-    return TaxonomyOptions(
-        budget=t.budget,
-        max_order=t.max_order,
-        exclude=frozenset(t.exclude),
-        source_only=frozenset(source_only - set(t.exclude)),
-        importance=dict(t.importance),
-        cost=dict(t.cost),
-        transform=Transform(t.transform),
     )
 
 

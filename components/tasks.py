@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import yaml
 
 from components.config import to_dict
-from components.data.shards import NO_LABEL
+from components.data.shards import NO_LABEL, ShardStore
 from components.errors import ConfigError
 
 
@@ -214,3 +214,9 @@ def parse_tasks(names: str | Iterable[str], catalog: Mapping[str, Task] = TASKS)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     return [get_task(n, catalog) for n in names]
+
+
+def channels_for(task: Task, store: ShardStore) -> int:
+    """Output channels: the task's own, or the dataset's class count (imported label sets)."""
+    classes = store.manifest.label_classes.get(task.column)
+    return len(classes) if classes and task.loss is Loss.CROSS_ENTROPY else task.channels

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +17,6 @@ from components.affinity import affinity_by_target
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
 from components.bootstrap import stability_of_rows
 from components.config import config_hash, to_dict
-from components.plots import plot_affinity_heatmap, plot_sweep, plot_taxonomy
 from components.storage import Location
 from components.taxonomy import (
     Taxonomy,
@@ -26,9 +26,11 @@ from components.taxonomy import (
     solve_taxonomy,
     sweep_budgets,
 )
-from components.tracking import Tracker
 from pipelines.config import PipelineConfig
 from pipelines.steps import Step
+
+if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
+    from components.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def _affinity(
     table, unlabelled = result.table, result.unlabelled
     if result.samples is not None:  # one column per table row, in order
         np.save(scratch / SAMPLES, result.samples.astype(np.float32))
+    from components.plots import plot_affinity_heatmap  # matplotlib: only where a picture is made
+
     write_affinity(table, scratch / "affinity.parquet")
     write_affinity(table, scratch / "affinity.csv")
     if pruned := _pruned_transfers(losses.parent):
@@ -126,6 +130,8 @@ def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_r
 def _taxonomy(
     cfg: PipelineConfig, step: Step, affinity: Step, tracker: Tracker, parent_run_id: str, scratch: Path
 ) -> None:
+    from components.plots import plot_sweep, plot_taxonomy  # matplotlib: only where a picture is made
+
     table = transfer_table((affinity.location / "affinity.parquet").read_parquet())
     options = taxonomy_options(cfg)
     pruned = affinity.location / PRUNED

@@ -76,8 +76,10 @@ def check_tracking_store(cfg: PipelineConfig, shared: bool = False) -> None:
         raise ConfigError(why)
 
 
-def open_tracker(cfg: PipelineConfig) -> Tracker:
-    check_tracking_store(cfg)
+def open_tracker(cfg: PipelineConfig, shared: bool = False) -> Tracker:
+    """The study's tracker; `shared`: the storage root is used by several nodes (see
+    `check_tracking_store`)."""
+    check_tracking_store(cfg, shared)
     uri = tracking_uri(cfg)
     artifacts = None
     if uri.startswith("sqlite"):
@@ -195,9 +197,8 @@ class Invocation:
 def invocation(cfg: PipelineConfig, command: str):
     """Dataset + tracker + a parent run tagged with config hash, data version and code version;
     the run is marked FAILED if the body raises."""
-    check_tracking_store(cfg, shared=cluster_nodes() > 1)  # Ray is up: SQLite on several nodes?
+    tracker = open_tracker(cfg, shared=cluster_nodes() > 1)  # Ray is up: SQLite on several nodes?
     store = prepare_dataset(cfg)
-    tracker = open_tracker(cfg)
     # The caller holds the study lock: a run of this root still RUNNING has a dead driver.
     tracker.end_orphans(STORAGE_ROOT_TAG, str(cfg.root))
     commit = code_version()

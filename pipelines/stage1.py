@@ -32,7 +32,7 @@ from components.config import config_hash, from_dict, to_dict
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.models import ModelConfig, build_network
-from components.tasks import Loss, Task
+from components.tasks import Task, channels_for
 from components.tracking import NetworkSpec, Tracker
 from components.training import (
     OptimConfig,
@@ -65,12 +65,6 @@ class TaskResult:
     hparams: dict
     run_id: str
     model_version: str
-
-
-def channels_for(task: Task, store: ShardStore) -> int:
-    """Output channels: the task's own, or the dataset's class count (imported label sets)."""
-    classes = store.manifest.label_classes.get(task.column)
-    return len(classes) if classes and task.loss is Loss.CROSS_ENTROPY else task.channels
 
 
 def worker_batch_size(batch_size: int, num_workers: int) -> int:

@@ -39,7 +39,7 @@ from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
 from components.errors import ConfigError
 from components.storage import Location, location
-from components.tasks import TaskKind
+from components.tasks import TaskKind, channels_for
 from components.tracking import Tracker
 from components.transfer import (
     FeatureSource,
@@ -64,7 +64,7 @@ from pipelines.config import PipelineConfig, TransferConfig
 from pipelines.fanout import FanOut
 from pipelines.feature_cache import FeatureCache
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
-from pipelines.stage1 import TaskResult, channels_for
+from pipelines.stage1 import TaskResult
 from pipelines.steps import Step, log_stored_artifact
 
 _PLAN_FIELDS = ("orders", "beams", "targets", "baselines", "prune")  # which readouts, not how one trains

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.storage import Location
-from components.tracking import Tracker
+
+if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
+    from components.tracking import Tracker
 
 DONE = "done.json"
 

@@ -261,11 +261,24 @@ def s3_env(server: S3Server) -> dict[str, str]:
     }
 
 
+def s3_client(server: S3Server):
+    """A boto3 S3 client of `server`, configured explicitly (this process's variables untouched)."""
+    import boto3
+
+    env = s3_env(server)
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
 @contextlib.contextmanager
 def start_s3_server(bucket: str = "taskatlas-test") -> Iterator[S3Server]:
     """moto's threaded S3 server on 127.0.0.1 (a free port), with `bucket` created; stopped on exit.
     Its state lives in this process: it is gone when the server stops."""
-    import boto3
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -273,15 +286,7 @@ def start_s3_server(bucket: str = "taskatlas-test") -> Iterator[S3Server]:
     server.start()
     try:
         s3 = S3Server(f"http://127.0.0.1:{port}", bucket, server)
-        env = s3_env(s3)
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name=env["AWS_DEFAULT_REGION"],
-        )
-        client.create_bucket(Bucket=bucket)
+        s3_client(s3).create_bucket(Bucket=bucket)
         yield s3
     finally:
         server.stop()

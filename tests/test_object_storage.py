@@ -13,7 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import boto3
 import pytest
 
 from components.errors import ConfigError
@@ -114,7 +113,7 @@ def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reru
     assert second["networks_trained"] == [] and second["readouts_ran"] == 0  # all from the bucket
     assert second["taxonomy"] == first["taxonomy"]
 
-    keys = _keys(s3_server, env)
+    keys = _keys(s3_server)
     steps = {k.split("/")[1] for k in keys if k.startswith("study/")}
     assert {"data", "stage1", "stage2", "features", "readouts", "affinity", "taxonomy", "ray"} <= steps
     assert any(k.startswith("mlartifacts/") for k in keys)  # MLflow's artifacts, proxied
@@ -131,14 +130,10 @@ def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reru
     assert len(readouts) == first["readouts_ran"] + 3  # each logged once, `self` scored too
 
 
-def _keys(server, env) -> list[str]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+def _keys(server) -> list[str]:
+    from tests.services import s3_client
+
+    client = s3_client(server)
     keys, token = [], None
     while True:
         page = client.list_objects_v2(Bucket=server.bucket, **({"ContinuationToken": token} if token else {}))

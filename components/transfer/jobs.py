@@ -300,16 +300,14 @@ class FeatureBlockWriter:
         features = self.encoder(batch)
         splits = np.asarray(batch["split"]).astype(str)
         block = uuid.uuid4().hex
-        for split in np.unique(splits):
+        names, rows = np.unique(splits, return_counts=True)
+        for split in names:
             mine = splits == split
             for i, out in enumerate(self.outs):
                 buf = io.BytesIO()
                 np.savez(buf, ids=features["image_id"][mine], x=features[f"f{i}"][mine])
                 (out / str(split) / f"{block}.npz").write_bytes(buf.getvalue())
-        return {
-            "split": np.unique(splits),
-            "rows": np.array([(splits == s).sum() for s in np.unique(splits)]),
-        }
+        return {"split": names, "rows": rows}
 
 
 def write_readout(path: Location, outcome: ReadoutOutcome, ids: np.ndarray, losses: np.ndarray) -> None:
