@@ -43,24 +43,12 @@ class FeatureCache:
     use_gpu: bool
     encode_log: Path | None = None  # test seam: one JSON line per (pair, batch) encoded
 
-    def sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
-        """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
-        `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement)."""
-        model, seed = self.config.model, self.config.transfer.seed
-        out = {
-            name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
-            for name, r in results.items()
-        }
-        out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
-        out["pixels"] = FeatureSource("pixels", FeatureKind.PIXELS, f"pixels-{model.downsample}")
-        return out
-
     def folder(self, source: FeatureSource, view: InputTransform) -> Location:
         return self.config.root / "features" / source.key / self.store.data_version / view.value
 
     def ensure(self, results: Mapping[str, TaskResult], plan: TransferPlan) -> dict[tuple[str, str], str]:
         """(source name, view) -> its complete cache folder's URI, encoding whatever is missing."""
-        sources = self.sources(results)
+        sources = feature_sources(self.config, results)
         kinds = {r.kind for r in plan.baselines}
         names = [n for n in sources if n not in ("random", "pixels") or ReadoutKind(n) in kinds]
         views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
@@ -115,6 +103,20 @@ class FeatureCache:
                 continue
             info = {**asdict(source), "view": view.value, "attempt": attempt, "rows": rows}
             (folder / FEATURES_DONE).write_json(info)
+
+
+def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
+    """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
+    `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement).
+    Needs no Ray: the readout keys and `--dry-run` ask for it too."""
+    model, seed = config.model, config.transfer.seed
+    out = {
+        name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
+        for name, r in results.items()
+    }
+    out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
+    out["pixels"] = FeatureSource("pixels", FeatureKind.PIXELS, f"pixels-{model.downsample}")
+    return out
 
 
 def _tag_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:

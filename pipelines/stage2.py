@@ -62,7 +62,7 @@ from components.transfer.jobs import (
 )
 from pipelines.config import PipelineConfig, TransferConfig
 from pipelines.fanout import FanOut
-from pipelines.feature_cache import FeatureCache
+from pipelines.feature_cache import FeatureCache, feature_sources
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.stage1 import TaskResult
 from pipelines.steps import Step, log_stored_artifact
@@ -256,7 +256,7 @@ class Stage2:
         return FeatureCache(self.config, self.store, self.use_gpu, self.encode_log)
 
     def feature_sources(self, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
-        return self.features.sources(results)
+        return feature_sources(self.config, results)
 
     # -- run
     def run(self, results: Mapping[str, TaskResult], plan: TransferPlan | None = None) -> Stage2Result:
