@@ -23,7 +23,7 @@ budget 2; its fixed costs weigh more than in --full, where the goal (<= 1.25) is
    `analysis_s` (to the parent run's end), `exit_s` (report, Ray shut down, process gone).
 2. The plain script: this file in a subprocess (`--plain`), one process, `torch.set_num_threads`
    = the machine's cores (`plain_threads`), its split timed in-process (`setup_s`, `exit_s` the
-   rest of its wall time). Per task: the search as `pipelines/stage1.py::tune_trial` runs each
+   rest of its wall time). Per task: the search as `pipelines/search.py::tune_trial` runs each
    trial, replaying the hyperparameters Tune sampled (read from the pipeline's MLflow trial runs,
    so both sides train the same batch sizes), with ASHA's early stopping as synchronous successive
    halving over the same grace period, reduction factor and max epochs; the best trial by
@@ -35,9 +35,9 @@ budget 2; its fixed costs weigh more than in --full, where the goal (<= 1.25) is
    `analysis.bootstrap`, `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` (no plots).
 
 The networks, trials and readouts each side ran must match (asserted after the JSON is printed);
-trial epochs may differ (ASHA stops asynchronously). The final networks differ slightly (the
-pipeline's first epoch takes Ray Data's shuffle order), so the beams and the taxonomy may too
-(`same_hparams`, `same_beams`, `roots`, with each side's `taxonomy_stability`). Progress goes to
+trial epochs may differ (ASHA stops asynchronously). The final networks see the same batches
+(one worker reading its shards, as the plain loop) but may differ in float rounding between
+torch's thread counts, so the beams and the taxonomy may differ too (`same_hparams`, `same_beams`, `roots`, with each side's `taxonomy_stability`). Progress goes to
 stderr; the last line printed is one JSON object: `pipeline_s`, `plain_s`, `overhead_ratio`,
 `pipeline_split`, `plain_split`, `plain_threads` and what both sides ran (`ran`).
 """
@@ -146,7 +146,7 @@ class Trial:
 def search(
     cfg: PipelineConfig, store: ShardStore, task: Task, sampled: list[dict], device
 ) -> tuple[dict, list]:
-    """`Stage1.search` without Tune: `tune_trial`'s loop per trial, ASHA as synchronous successive
+    """`Stage1.search_all` for one task without Tune: `tune_trial`'s loop per trial, ASHA as synchronous successive
     halving (at each rung keep the best 1/reduction_factor by validation loss, at least one)."""
     t, seed = cfg.tune, cfg.train.seed
     fit, val = holdout_split(store.read("train", task.columns), t.holdout_fraction, seed)

@@ -4,6 +4,8 @@ workers) and with a plain PyTorch loop in one process.
     .venv/bin/python benchmarks/train_overhead.py               # about 4 minutes on 2 cores
     .venv/bin/python benchmarks/train_overhead.py --epochs 20 --n-train 4000
 
+Ray Train runs three ways: 1 and 2 workers reading their own shard slices (`train.loader`
+"shards", the default) and 1 worker fed by Ray Data (`ray1_ray_data`, `train.loader` "ray_data").
 Both sides do the same work per epoch: one training pass, a test-set evaluation and a
 checkpoint (Ray Train: rank 0 also logs the epoch to MLflow). Ray is started once beforehand,
 as in a pipeline; `ray*_over_plain` compare `TorchTrainer.fit()` wall time (worker start-up
@@ -70,7 +72,10 @@ def plain_loop(store: ShardStore, cfg, epochs: int, tmp: Path) -> tuple[float, l
     return stamps[-1] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def ray_train(store: ShardStore, cfg, epochs: int, workers: int, tmp: Path) -> tuple[float, list[float]]:
+def ray_train(
+    store: ShardStore, cfg, epochs: int, workers: int, loader: str, tmp: Path
+) -> tuple[float, list[float]]:
+    """`TorchTrainer.fit()` as Stage I runs it; `loader` as `train.loader`."""
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", artifact_location=(tmp / "art").as_uri())
     run_id = tracker.start_run(f"ray{workers}")
     worker = WorkerConfig(
@@ -85,15 +90,18 @@ def ray_train(store: ShardStore, cfg, epochs: int, workers: int, tmp: Path) -> t
         seed=0,
         tracking_uri=tracker.tracking_uri,
         run_id=run_id,
+        data_root=store.root.uri if loader == "shards" else "",
     )
-    datasets = {s: ray_dataset(store, s, ["rgb", TASK]).materialize() for s in ("train", "test")}
+    data = {}
+    if loader == "ray_data":  # materialized, as train.materialize_data does
+        datasets = {s: ray_dataset(store, s, ["rgb", TASK]).materialize() for s in ("train", "test")}
+        data = {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=asdict(worker),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"bench-{workers}", storage_path=str(tmp / "ray")),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(name=f"bench-{workers}-{loader}", storage_path=str(tmp / "ray")),
+        **data,
     )
     set_train_report_poll(cfg.train.report_poll_s)  # as Stage I does
     start = time.perf_counter()
@@ -119,13 +127,19 @@ def main() -> None:
         plain_wall, plain_epochs = plain_loop(store, cfg, args.epochs, tmp)
         print(f"plain loop, 1 thread: {plain_wall:.1f} s")
         out = {"epochs": args.epochs, "n_train": args.n_train, "plain_s": round(plain_wall, 2)}
-        for workers in (1, 2):
-            (tmp / f"w{workers}").mkdir()
-            wall, epochs = ray_train(store, cfg, args.epochs, workers, tmp / f"w{workers}")
-            print(f"Ray Train, {workers} CPU worker(s): {wall:.1f} s")
-            out[f"ray{workers}_s"] = round(wall, 2)
-            out[f"ray{workers}_over_plain"] = round(wall / plain_wall, 3)
-            out[f"ray{workers}_epoch_over_plain"] = round(
+        # rayN: N workers reading their shards (train.loader "shards", the default); ray1_ray_data:
+        # one worker fed by Ray Data from the object store.
+        for name, workers, loader in (
+            ("ray1", 1, "shards"),
+            ("ray2", 2, "shards"),
+            ("ray1_ray_data", 1, "ray_data"),
+        ):
+            (tmp / name).mkdir()
+            wall, epochs = ray_train(store, cfg, args.epochs, workers, loader, tmp / name)
+            print(f"Ray Train, {workers} CPU worker(s), loader {loader}: {wall:.1f} s")
+            out[f"{name}_s"] = round(wall, 2)
+            out[f"{name}_over_plain"] = round(wall / plain_wall, 3)
+            out[f"{name}_epoch_over_plain"] = round(
                 statistics.median(epochs) / statistics.median(plain_epochs[1:]), 3
             )
         ray.shutdown()

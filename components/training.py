@@ -124,6 +124,15 @@ def iter_batches(
         yield {k: v[idx] for k, v in data.items()}
 
 
+def rank_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of an n-row split that DDP rank `rank` trains on. Every
+    rank gets n // world_size rows, so all take the same number of steps (a rank with one batch
+    more would wait forever in its extra all-reduce); the remainder, under world_size rows, is
+    left out, as Ray Data's equal split does."""
+    per = n // world_size
+    return rank * per, (rank + 1) * per
+
+
 def holdout_split(data: Batch, fraction: float, seed: int = 0) -> tuple[Batch, Batch]:
     """Split the `train` split into (fit, validation) for hyperparameter search, so the
     search never looks at `test`, whose per-image losses Stage III compares."""

@@ -5,8 +5,8 @@
     taskatlas train -c configs/taskonomy-gpu.yaml                   # cluster: one worker per GPU
     taskatlas train -c configs/quickstart.yaml --tasks normal --set tune.enabled=false   # smoke
 
-Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train worker) and `tune_trial`
-(each Tune trial) are thin shells around `components.training`. A task's outputs live under
+Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train worker) and
+`pipelines.search.tune_trial` (each Tune trial) are thin shells around `components.training`. A task's outputs live under
 `<storage_root>/stage1/<task>/<key>/` (a `Step`: its marker written last); a complete task is
 skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint, kept under
 `<storage_root>/ray/` (Ray Train and Tune write there themselves, local or object storage).
@@ -15,7 +15,6 @@ skipped on rerun, and an interrupted one resumes from its latest Ray Train check
 from __future__ import annotations
 
 import io
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,33 +25,22 @@ import ray.train
 import ray.train.torch
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
-from components.config import config_hash, from_dict, to_dict
+from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
-from components.models import ModelConfig, build_network
+from components.models import build_network
 from components.tasks import Task, channels_for
 from components.tracking import NetworkSpec, Tracker
-from components.training import (
-    OptimConfig,
-    evaluate,
-    holdout_split,
-    iter_batches,
-    make_optimizer,
-    nanmean,
-    per_image_losses,
-    pick_device,
-    train_one_epoch,
-)
+from components.training import iter_batches, nanmean, per_image_losses
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
+from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
 
-_REGISTRY_LOCK = threading.Lock()
 CHAMPION = "champion"  # the registry alias of a task's best network (nightly moves it)
 
 
@@ -67,34 +55,17 @@ class TaskResult:
     model_version: str
 
 
+def best_val_loss(result) -> float | None:
+    """A trial's lowest validation loss at any epoch (Tune's scope "all"); None if it reported none."""
+    df = result.metrics_dataframe
+    if df is None or "val_loss" not in df or df["val_loss"].isna().all():
+        return None
+    return float(df["val_loss"].min())
+
+
 def worker_batch_size(batch_size: int, num_workers: int) -> int:
     """Per-worker batch of an effective batch `batch_size` split over `num_workers` DDP workers."""
     return max(1, -(-batch_size // num_workers))
-
-
-# ---------------------------------------------------------------- Ray Tune trial
-
-
-def tune_trial(config: dict) -> None:
-    """One trial: the plain loop in-process on its own resources (not a nested TorchTrainer)."""
-    task = from_dict(Task, config["task"])
-    torch.manual_seed(config["seed"])
-    store = ShardStore(config["data_root"])
-    data = store.read("train", task.columns)
-    fit, val = holdout_split(data, config["holdout_fraction"], config["seed"])
-    if config["max_train_images"]:
-        fit = {k: v[: config["max_train_images"]] for k, v in fit.items()}
-    device = pick_device(config["use_gpu"])
-    model = build_network(
-        task, from_dict(ModelConfig, config["model"]), config["image_size"], config["channels"]
-    ).to(device)
-    optimizer = make_optimizer(model, OptimConfig(config["lr"], config["weight_decay"], config["batch_size"]))
-    generator = torch.Generator(device=device).manual_seed(config["seed"])
-    for epoch in range(config["max_epochs"]):
-        batches = iter_batches(fit, config["batch_size"], shuffle=True, seed=config["seed"] + epoch)
-        train_loss = train_one_epoch(model, optimizer, batches, task, device, generator)
-        val_loss = evaluate(model, iter_batches(val, 256), task, device)
-        tune.report({"val_loss": val_loss, "train_loss": train_loss, "epoch": epoch + 1})
 
 
 # ---------------------------------------------------------------- driver side
@@ -120,27 +91,34 @@ class Stage1:
         return max(cluster_gpus(), 1) if self.use_gpu else 2
 
     def run(self, tasks: list[Task], search: bool) -> dict[str, TaskResult]:
-        """Search (if asked and enabled) then train every task; tasks run concurrently when the
-        cluster has room for more than one task's workers."""
-        per_task = self.num_workers * (1 if self.use_gpu else self.config.train.cpus_per_worker)
-        spare = cluster_gpus() if self.use_gpu else cluster_cpus() - 1  # a CPU for Ray Data and Tune
-        concurrent = self.config.train.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
+        """Search (if asked and enabled: every pending task's search in one Tuner) then train
+        every task; tasks train concurrently when the cluster has room for more than one task's
+        workers."""
+        t = self.config.train
+        if search and self.config.tune.enabled:
+            unfinished = [task for task in tasks if self.finished(task) is None]
+            hparams = self.search_all(unfinished) if unfinished else {}
+        else:
+            hparams = {}
+        per_task = self.num_workers * (1 if self.use_gpu else t.cpus_per_worker)
+        streaming = t.loader == "ray_data" and not t.materialize_data  # its read tasks need a CPU
+        spare = cluster_gpus() if self.use_gpu else cluster_cpus() - int(streaming)
+        concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
 
         def one(task: Task) -> TaskResult:
-            hparams = self.hparams_if_known(task, search) or self.search(task)
-            return self.train(task, hparams)
+            return self.train(task, hparams.get(task.name) or self.hparams_if_known(task, search))
 
         with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
             return {t.name: r for t, r in zip(tasks, pool.map(one, tasks), strict=True)}
 
-    def search_all(self, tasks: list[Task]) -> dict[str, dict]:
-        concurrent = self.config.tune.concurrent_tasks or len(tasks)
-        with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
-            return {t.name: h for t, h in zip(tasks, pool.map(self.search, tasks), strict=True)}
-
-    def _dataset(self, split: str, columns: list[str]):
-        ds = ray_dataset(self.store, split, columns)
-        return ds.materialize() if self.config.train.materialize_data else ds
+    def _trainer_datasets(self, columns: list[str]) -> dict:
+        """TorchTrainer's dataset arguments: none when each worker reads its shards itself."""
+        if self.config.train.loader != "ray_data":
+            return {}
+        datasets = {split: ray_dataset(self.store, split, columns) for split in ("train", "test")}
+        if self.config.train.materialize_data:
+            datasets = {split: ds.materialize() for split, ds in datasets.items()}
+        return {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
     # -- where each task's outputs live; what is already done (reruns, --dry-run, nightly)
     def search_step(self, task: Task) -> Step:
@@ -161,7 +139,12 @@ class Stage1:
         hyperparameters, epochs, seed, data, and how it is trained (workers as configured, 0 for
         "one per GPU"; GPU or not; batches cached in memory or streamed)."""
         cfg, t = self.config, self.config.train
-        how = {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "cache_in_memory": t.cache_in_memory}
+        how = {
+            "num_workers": t.num_workers,
+            "use_gpu": t.use_gpu,
+            "loader": t.loader,
+            "cache_in_memory": t.cache_in_memory and t.loader == "ray_data",
+        }
         key = config_hash(task, cfg.model, hparams, t.epochs, t.seed, self.store.data_version, how)
         return Step(cfg.root, f"stage1/{task.name}", key)
 
@@ -179,38 +162,42 @@ class Stage1:
         return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
 
     # -- tune
-    def search(self, task: Task) -> dict:
+    def search_all(self, tasks: list[Task]) -> dict[str, dict]:
+        """Each task's best hyperparameters: from its finished search, or from one Tuner that
+        searches all the others at once (see `pipelines.search`); each task's search is then its
+        own step."""
         cfg = self.config
-        step = self.search_step(task)
-        key = step.key
-        if (cached := self.cached_hparams(task)) is not None:
-            return cached
+        found = {t.name: h for t in tasks if (h := self.cached_hparams(t)) is not None}
+        pending = [t for t in tasks if t.name not in found]
+        if not pending:
+            return found
         use_gpu = self.use_gpu
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
+        jobs = {t.name: {"task": to_dict(t), "channels": channels_for(t, self.store)} for t in pending}
         space = {
+            TASK_KEY: tune.grid_search([t.name for t in pending]),
             "lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
             "weight_decay": tune.loguniform(cfg.tune.weight_decay_min, cfg.tune.weight_decay_max),
             "batch_size": tune.choice(list(cfg.tune.batch_sizes)),
-            "task": to_dict(task),
             "model": to_dict(cfg.model),
             "image_size": cfg.data.size,
-            "channels": channels_for(task, self.store),
-            "data_root": str(self.store.root),
+            "data_root": self.store.root.uri,
             "holdout_fraction": cfg.tune.holdout_fraction,
             "max_train_images": cfg.tune.max_train_images,
             "max_epochs": cfg.tune.max_epochs,
             "seed": cfg.train.seed,
             "use_gpu": use_gpu,
         }
-        scheduler = ASHAScheduler(
+        scheduler = PerTaskASHA(
             time_attr="epoch",
             max_t=cfg.tune.max_epochs,
             grace_period=cfg.tune.grace_period,
             reduction_factor=cfg.tune.reduction_factor,
         )
+        steps = {t.name: self.search_step(t) for t in pending}
         storage = (cfg.root / "ray").uri
-        name = f"tune-{task.name}-{key}"
-        trainable = self._registered_trial(resources)
+        name = f"tune-{config_hash(sorted((n, step.key) for n, step in steps.items()))}"
+        trainable = tune.with_resources(tune.with_parameters(tune_trial, jobs=jobs), resources)
         if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
             tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
         else:
@@ -218,41 +205,44 @@ class Stage1:
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric="val_loss", mode="min", scheduler=scheduler, num_samples=cfg.tune.num_samples
+                    metric="val_loss",
+                    mode="min",
+                    scheduler=scheduler,
+                    num_samples=cfg.tune.num_samples,
+                    reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
             )
         grid = tuner.fit()
-        if grid.num_errors == len(grid):
-            raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {grid.errors[0]}")
-        best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
-        hparams = {k: best.config[k] for k in ("lr", "weight_decay", "batch_size")}
-        self._log_search(task, grid, hparams, best.metrics)
-        trials = [
-            {
-                "trial_id": r.metrics.get("trial_id"),
-                "epochs": r.metrics.get("epoch"),
-                "val_loss": r.metrics.get("val_loss"),
-            }
-            for r in grid
-        ]
-        step.finish({"hparams": hparams, "trials": trials})
-        return hparams
+        for task in pending:
+            results = [r for r in grid if r.config[TASK_KEY] == task.name]
+            scored = [(best_val_loss(r), r) for r in results]
+            scored = [(loss, r) for loss, r in scored if loss is not None]
+            if not scored:
+                raise TaskatlasError(
+                    f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}"
+                )
+            best_loss, best = min(scored, key=lambda pair: pair[0])
+            hparams = {k: best.config[k] for k in ("lr", "weight_decay", "batch_size")}
+            self._log_search(task, results, hparams, best_loss)
+            trials = [
+                {
+                    "trial_id": r.metrics.get("trial_id"),
+                    "epochs": r.metrics.get("epoch"),
+                    "val_loss": r.metrics.get("val_loss"),
+                }
+                for r in results
+            ]
+            steps[task.name].finish({"hparams": hparams, "trials": trials})
+            found[task.name] = hparams
+        return found
 
-    def _registered_trial(self, resources: dict) -> str:
-        """Register the trial function once, by name: Tune's registry is not safe to fill from the
-        threads that run several tasks' searches at once."""
-        name = f"taskatlas_tune_trial_{config_hash(resources)}"
-        with _REGISTRY_LOCK:
-            tune.register_trainable(name, tune.with_resources(tune_trial, resources))
-        return name
-
-    def _log_search(self, task: Task, grid, hparams: dict, best_metrics: dict) -> None:
+    def _log_search(self, task: Task, results: list, hparams: dict, best_loss: float) -> None:
         run = self.tracker.start_run(
             f"tune/{task.name}", self.parent_run_id, {"task": task.name, "stage": "tune"}
         )
         self.tracker.log_params(run, {"best": hparams, "tune": to_dict(self.config.tune)})
-        for result in grid:
+        for result in results:
             trial = self.tracker.start_run(
                 f"tune/{task.name}/{result.metrics.get('trial_id')}", run, {"task": task.name}
             )
@@ -268,7 +258,7 @@ class Stage1:
             stopped = int(result.metrics.get("epoch", 0)) < self.config.tune.max_epochs
             self.tracker.set_tags(trial, {"stopped_early": str(stopped).lower()})
             self.tracker.end_run(trial, failed=result.error is not None)
-        self.tracker.log_metrics(run, {"best_val_loss": float(best_metrics["val_loss"])})
+        self.tracker.log_metrics(run, {"best_val_loss": best_loss})
         self.tracker.end_run(run)
 
     # -- train
@@ -293,6 +283,7 @@ class Stage1:
             model_id=model_id,
             fail_at_epoch=cfg.train.fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
+            data_root=self.store.root.uri if cfg.train.loader == "shards" else "",
         )
 
     def train(self, task: Task, hparams: dict) -> TaskResult:
@@ -347,8 +338,7 @@ class Stage1:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             ),
-            datasets={split: self._dataset(split, columns) for split in ("train", "test")},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            **self._trainer_datasets(columns),
         )
         set_train_report_poll(cfg.train.report_poll_s)
         result = trainer.fit()

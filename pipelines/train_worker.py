@@ -19,10 +19,19 @@ import ray.train.torch
 import torch
 
 from components.config import from_dict
+from components.data.shards import ShardStore
 from components.models import ModelConfig, build_network
 from components.tasks import Task
 from components.tracking import RunLogger
-from components.training import OptimConfig, evaluate, iter_batches, make_optimizer, train_one_epoch, unwrap
+from components.training import (
+    OptimConfig,
+    evaluate,
+    iter_batches,
+    make_optimizer,
+    rank_rows,
+    train_one_epoch,
+    unwrap,
+)
 
 CHECKPOINT_FILE = "state.pt"
 # train.fail_at_epoch waits this long before killing rank 0: a few of Ray Train's report polls.
@@ -47,6 +56,7 @@ class WorkerConfig:
     model_id: str = ""  # the run's MLflow logged model: epoch metrics are its metrics too
     fail_at_epoch: int | None = None
     cache_in_memory: bool = True
+    data_root: str = ""  # train.loader "shards": the dataset each worker reads its slice of; "": Ray Data
 
 
 def train_worker(raw: dict) -> None:
@@ -75,10 +85,17 @@ def train_worker(raw: dict) -> None:
     logged = logger.logged_steps("train_loss") if logger is not None else set()
     if logger is not None:
         logger.set_tags(layout)
-    train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    cached_train: dict | None = None  # see TrainConfig.cache_in_memory
+    cached_train: dict | None = None  # see TrainConfig.loader and TrainConfig.cache_in_memory
     cached_test: list | None = None
+    if cfg.data_root:
+        store = ShardStore(cfg.data_root)
+        start, stop = rank_rows(store.manifest.counts["train"], rank, context.get_world_size())
+        cached_train = store.read_rows("train", task.columns, start, stop)
+        if rank == 0:
+            cached_test = list(iter_batches(store.read("test", task.columns), 256))
+    else:
+        train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
             # Injected failure (tests): the worker process dies mid-run. Ray's controller collects

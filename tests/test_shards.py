@@ -16,6 +16,7 @@ from components.data.shards import (
     write_manifest,
 )
 from components.data.synthetic import DatasetConfig, generate_dataset, render_images
+from components.training import rank_rows
 from tests.conftest import TINY
 
 
@@ -43,6 +44,24 @@ def test_store_reads_back_exactly_what_was_rendered(tiny_dataset):
     for name, arr in expected.items():
         np.testing.assert_array_equal(data[name], arr)
         assert data[name].dtype == arr.dtype
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_ranks_read_equal_disjoint_slices_opening_only_their_shards(tiny_dataset, tmp_path, world_size):
+    # 40 train rows in shards of 16, 16, 8: a rank's rows may span two shards.
+    whole = ShardStore(tiny_dataset).read("train", ["normal"])
+    slices = []
+    for rank in range(world_size):
+        start, stop = rank_rows(40, rank, world_size)
+        store = ShardStore(tiny_dataset)
+        part = store.read_rows("train", ["normal"], start, stop)
+        assert len(part["image_id"]) == 40 // world_size  # equal: every DDP rank takes as many steps
+        np.testing.assert_array_equal(part["normal"], whole["normal"][start:stop])
+        opened = {info.path for info in store.shards("train") if info.path in store._verified}
+        first_shard, last_shard = start // 16, (stop - 1) // 16
+        assert len(opened) == last_shard - first_shard + 1  # the others were never read
+        slices.extend(part["image_id"])
+    assert len(set(slices)) == len(slices) == 40 - 40 % world_size
 
 
 def test_corrupted_shard_is_named_and_nothing_is_returned(tiny_dataset, tmp_path):

@@ -2,7 +2,10 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from components.data.shards import ShardStore
+from components.errors import ConfigError
 from pipelines.config import load_pipeline_config
 from pipelines.stage1 import Stage1, worker_batch_size
 
@@ -31,7 +34,16 @@ def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
 
     base = key("train.num_workers=1")
     assert key("train.num_workers=2") != base
-    assert key("train.num_workers=1", "train.cache_in_memory=false") != base
+    assert key("train.num_workers=1", "train.loader=ray_data") != base
+    with_ray_data = key("train.num_workers=1", "train.loader=ray_data")
+    assert key("train.num_workers=1", "train.loader=ray_data", "train.cache_in_memory=false") != with_ray_data
+    # cache_in_memory is a setting of the Ray Data loader only: workers reading shards keep them anyway
+    assert key("train.num_workers=1", "train.cache_in_memory=false") == base
     assert (
         key("train.num_workers=1", "train.max_failures=5", "train.report_poll_s=2.0") == base
     )  # how it runs
+
+
+def test_an_unknown_loader_is_refused_naming_the_field(tmp_path, tiny_dataset):
+    with pytest.raises(ConfigError, match=r"^train\.loader must be one of shards, ray_data, got 'disk'$"):
+        stage(tmp_path, tiny_dataset, "train.loader=disk")

@@ -281,16 +281,35 @@ class ShardStore:
         """Yield each shard of a split as {column: (rows, ...) array, 'image_id': array of str}."""
         names = self._columns(columns)
         for info in self.shards(split):
-            try:
-                data = (self.root / info.path).read_bytes()  # one read: checked, then parsed
-            except FileNotFoundError:
-                raise ShardError(f"shard {info.path}: file is missing") from None
-            self.verify_shard(info, data=data)
-            yield table_to_numpy(pq.read_table(io.BytesIO(data), columns=["image_id", *names]))
+            yield self._read_shard(info, names)
 
     def read(self, split: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
         """A whole split in memory (fine at the sizes Stage II and the tests use)."""
-        parts = list(self.iter_shards(split, columns))
+        return self._concat(list(self.iter_shards(split, columns)), columns)
+
+    def read_rows(
+        self, split: str, columns: list[str] | None, start: int, stop: int
+    ) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a split, reading only the shards that hold them: a training
+        worker's slice, without the rest of the split passing through it."""
+        names, parts, first = self._columns(columns), [], 0
+        for info in self.shards(split):
+            lo, hi = max(start, first), min(stop, first + info.rows)
+            if lo < hi:
+                shard = self._read_shard(info, names)
+                parts.append({k: v[lo - first : hi - first] for k, v in shard.items()})
+            first += info.rows
+        return self._concat(parts, columns)
+
+    def _read_shard(self, info: ShardInfo, names: list[str]) -> dict[str, np.ndarray]:
+        try:
+            data = (self.root / info.path).read_bytes()  # one read: checked, then parsed
+        except FileNotFoundError:
+            raise ShardError(f"shard {info.path}: file is missing") from None
+        self.verify_shard(info, data=data)
+        return table_to_numpy(pq.read_table(io.BytesIO(data), columns=["image_id", *names]))
+
+    def _concat(self, parts: list[dict[str, np.ndarray]], columns: list[str] | None) -> dict[str, np.ndarray]:
         if not parts:
             return {k: np.zeros((0, *self.manifest.column(k).shape)) for k in self._columns(columns)}
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
