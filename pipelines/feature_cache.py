@@ -4,10 +4,10 @@ computed once per (encoder, data version, input view) and reused by every readou
     <root>/features/<encoder key>/<data version>/<view>/<attempt>/<split>/<block>.npz
     <root>/features/<encoder key>/<data version>/<view>/done.json     (names the attempt; last)
 
-One Ray Data pass over both splits runs every encoder whose features are missing (a class UDF:
-each actor loads the encoders once, reads each image once per view) and writes its blocks to
-storage itself (`FeatureBlockWriter`); the driver sees row counts only, then writes each
-folder's marker. Readouts join a folder's blocks once per node (`jobs.feature_array`).
+One pass over both splits runs every encoder whose features are missing: a few Ray tasks, each
+with a share of the shards, load the encoders once, read each image once per view and write
+their blocks to storage themselves (`jobs.encode_shards`); the driver sees row counts only,
+then writes each folder's marker. Readouts join a folder's blocks once per node (`jobs.feature_array`).
 """
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
-import ray.data
 
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
 from components.storage import Location, location
 from components.tasks import InputTransform
 from components.transfer import FeatureKind, FeatureSource, ReadoutKind, TransferPlan
-from components.transfer.jobs import FEATURES_DONE, FeatureBlockWriter
+from components.transfer.jobs import FEATURES_DONE, encode_shards
 from pipelines.config import PipelineConfig
-from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.stage1 import TaskResult
 
 SPLITS = ("transfer", "test")
+_ENCODE = ray.remote(encode_shards)
 
 
 @dataclass
@@ -63,38 +61,35 @@ class FeatureCache:
         return {k: f.uri for k, f in folders.items()}
 
     def encode(self, pairs: list[tuple[FeatureSource, InputTransform]]) -> None:
-        """One Ray Data pass over both splits for every pair; the workers write the blocks."""
+        """One pass over both splits for every pair, as Ray tasks that each take a share of the
+        shards, load the encoders once and write their blocks themselves (plain tasks on pooled
+        workers: a Ray Data pipeline cost ~10 s of start-up here, for seconds of encoding)."""
         attempt = uuid.uuid4().hex[:12]
         folders = [self.folder(s, v) for s, v in pairs]
         gpus = cluster_gpus() if self.use_gpu else 0
-        data = [
-            ray_dataset(self.store, s, ["rgb"]).map_batches(_tag_split, fn_kwargs={"split": s})
-            for s in SPLITS
-        ]
-        written = (
-            data[0]
-            .union(*data[1:])
-            .map_batches(
-                FeatureBlockWriter,
-                fn_constructor_kwargs={
-                    "outs": [(f / attempt).uri for f in folders],
-                    "pairs": pairs,
-                    "model": self.config.model,
-                    "random_seed": self.config.transfer.seed,
-                    "use_gpu": gpus > 0,
-                    "log": str(self.encode_log) if self.encode_log else None,
-                },
-                batch_size=self.config.transfer.encode_batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=gpus or max(1, min(cluster_cpus() - 1, 8))),
-                num_cpus=1,
-                num_gpus=1 if gpus else 0,
+        shards = [(split, info.path) for split in SPLITS for info in self.store.shards(split)]
+        for split in SPLITS:  # checked here first, so a bad shard fails in one line, before any work
+            self.store.shard_paths(split)
+        workers = max(1, min(gpus or min(cluster_cpus(), 8), len(shards)))
+        task = _ENCODE.options(num_cpus=1, num_gpus=1 if gpus else 0)
+        refs = [
+            task.remote(
+                self.store.root.uri,
+                shards[i::workers],
+                self.config.transfer.encode_batch_size,
+                [(f / attempt).uri for f in folders],
+                pairs=pairs,
+                model=self.config.model,
+                random_seed=self.config.transfer.seed,
+                use_gpu=gpus > 0,
+                log=str(self.encode_log) if self.encode_log else None,
             )
-        )
+            for i in range(workers)
+        ]
         rows = dict.fromkeys(SPLITS, 0)
-        for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
-            for split, n in zip(batch["split"], batch["rows"], strict=True):
-                rows[str(split)] += int(n)
+        for written in ray.get(refs):
+            for split, n in written.items():
+                rows[split] += n
         counts = self.store.manifest.counts
         if missed := {s: counts[s] - rows[s] for s in SPLITS if rows[s] < counts[s]}:
             raise RuntimeError(f"the feature pass missed images: {missed}")
@@ -117,10 +112,6 @@ def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -
     out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
     out["pixels"] = FeatureSource("pixels", FeatureKind.PIXELS, f"pixels-{model.downsample}")
     return out
-
-
-def _tag_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
-    return {**batch, "split": np.full(len(batch["image_id"]), split)}
 
 
 def checkpoint_key(uri: str) -> str:

@@ -301,6 +301,10 @@ class ShardStore:
             first += info.rows
         return self._concat(parts, columns)
 
+    def read_shard(self, info: ShardInfo, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """One shard's rows (checked as it is read)."""
+        return self._read_shard(info, self._columns(columns))
+
     def _read_shard(self, info: ShardInfo, names: list[str]) -> dict[str, np.ndarray]:
         try:
             data = (self.root / info.path).read_bytes()  # one read: checked, then parsed

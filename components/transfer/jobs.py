@@ -38,7 +38,7 @@ from components.local_cache import cached_file
 from components.models import ModelConfig, build_network, representation_shape
 from components.storage import Location, location
 from components.tasks import InputTransform, Loss, Task
-from components.training import nanmean, pick_device
+from components.training import iter_batches, nanmean, pick_device
 from components.transfer.features import FeatureSource, build_feature_module, encode_batch, load_state_dict
 from components.transfer.plan import Readout, ReadoutKind
 from components.transfer.readout import ReadoutSettings, score_network, train_readout
@@ -287,7 +287,7 @@ def _joined(blocks: Location) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FeatureBlockWriter:
-    """A Ray Data actor over numpy batches (`image_id`, `rgb`, `split`) that encodes every
+    """A callable over numpy batches (`image_id`, `rgb`, `split`) that encodes every
     (source, view) pair and writes each batch's features to storage itself, one block per pair
     and split, under `outs[i]` (pair i's attempt folder). Returns only the rows written, so no
     feature passes through the driver."""
@@ -308,6 +308,25 @@ class FeatureBlockWriter:
                 np.savez(buf, ids=features["image_id"][mine], x=features[f"f{i}"][mine])
                 (out / str(split) / f"{block}.npz").write_bytes(buf.getvalue())
         return {"split": names, "rows": rows}
+
+
+def encode_shards(
+    data_root: str, shards: Sequence[tuple[str, str]], batch_size: int, outs: Sequence[str], **encoder_kwargs
+) -> dict[str, int]:
+    """One worker's share of the feature pass: encode the (split, shard path) `shards` of the
+    dataset at `data_root` with one `FeatureBlockWriter` (its encoders loaded once), batch by
+    batch; returns the rows written per split."""
+    store = ShardStore(data_root)
+    infos = {(info.split, info.path): info for split, _ in shards for info in store.shards(split)}
+    writer = FeatureBlockWriter(outs, **encoder_kwargs)
+    rows: dict[str, int] = {}
+    for split, path in shards:
+        data = store.read_shard(infos[split, path], ["rgb"])
+        for batch in iter_batches(data, batch_size):
+            written = writer({**batch, "split": np.full(len(batch["image_id"]), split)})
+            for name, n in zip(written["split"], written["rows"], strict=True):
+                rows[str(name)] = rows.get(str(name), 0) + int(n)
+    return rows
 
 
 def write_readout(path: Location, outcome: ReadoutOutcome, ids: np.ndarray, losses: np.ndarray) -> None:
