@@ -1,4 +1,6 @@
 # Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+# `make test` (and CI) runs the default suite, every test not marked slow; `make test-all` adds
+# the slow ones (longer end-to-end variants of what the default suite covers).
 # torch and torchvision go in first, pinned, so pip never pulls a CUDA torch by accident;
 # a GPU user overrides them, e.g. `make demo TORCH=torch==2.13.0+cu130 TORCHVISION=...`.
 PYTHON ?= python3
@@ -8,7 +10,7 @@ TORCHVISION ?= torchvision==0.28.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taskatlas-installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-all lint format clean
 
 $(STAMP): pyproject.toml tools/torchvision_cpu_stubs.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	$(PY) -m pytest -m "not slow"
+
+test-all: lint
 	$(PY) -m pytest
 
 format: $(STAMP)

@@ -9,9 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -16,7 +16,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +68,8 @@ def _finish(driver: subprocess.Popen) -> None:
     assert driver.returncode == 0, err[-3000:]
 
 
+# Slow (make test-all): Stage I's resume from a checkpoint is in test_stage1's killed-worker test.
+@pytest.mark.slow
 def test_a_killed_training_leaves_no_run_running_and_its_rerun_logs_each_epoch_once(tmp_path):
     root = tmp_path / "runs"
     config = _config(tmp_path, "[normal]", "train: {epochs: 4, num_workers: 1}\n")
@@ -99,6 +100,8 @@ def test_a_killed_training_leaves_no_run_running_and_its_rerun_logs_each_epoch_o
     assert not leftover.exists()
 
 
+# Slow (make test-all): resuming a killed Stage II is in test_transfer's killed-driver test.
+@pytest.mark.slow
 def test_a_killed_transfer_stage_is_continued_in_one_run_holding_all_its_readouts(tmp_path):
     root = tmp_path / "runs"
     config = _config(

@@ -10,8 +10,6 @@ import pytest
 from components.transfer import plan_transfers, rank_sources
 from pipelines.cli import main
 
-pytestmark = pytest.mark.slow
-
 BASE = ["normal", "reshading", "edge_texture"]
 MY_TASK = "task_definitions: {my_edges: {column: edge_occlusion, kind: pixel, loss: l1, channels: 1}}"
 
@@ -58,6 +56,8 @@ def first_order_losses(summary_path) -> dict[str, dict[str, float]]:
     return out
 
 
+# Slow (make test-all): which keys a task definition changes is in test_task_definitions.
+@pytest.mark.slow
 def test_a_yaml_task_joins_a_finished_study_training_only_what_involves_it(tmp_path, capsys, ray_session):
     first = run_json(write_config(tmp_path, BASE), capsys)
     assert sorted(first["networks_trained"]) == sorted(BASE) and first["networks_reused"] == []

@@ -11,11 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import pids_carrying
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 _SOCKET = re.compile(r"^LISTEN\s+\d+\s+\d+\s+(\S+):(\d+)\s+\S+\s+users:\((.*)\)$")
 

@@ -31,7 +31,6 @@ def mlflow_server(tmp_path_factory):
         yield server.url, db, artifacts
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_tracker_logs_params_metrics_and_artifacts_over_http(mlflow_server, tmp_path):
     url, db, artifacts = mlflow_server
@@ -69,7 +68,6 @@ def test_tracker_logs_params_metrics_and_artifacts_over_http(mlflow_server, tmp_
     assert [p.read_text() for p in artifacts.rglob("notes.txt")] == ["hello from the driver"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_postgres_backed_server_stores_runs_in_postgres_and_artifacts_in_the_bucket(
     mlflow_pg_server, s3_server, tmp_path

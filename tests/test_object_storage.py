@@ -84,6 +84,7 @@ def test_a_sqlite_store_is_refused_for_a_root_shared_by_several_nodes(tmp_path):
         check_tracking_store(cfg, shared=True)
 
 
+# Slow (make test-all): the S3 store, shards and lock on moto are in test_storage; two nodes in test_multinode.
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reruns_from_the_bucket(

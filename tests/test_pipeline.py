@@ -10,8 +10,6 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def tiny_config(tmp_path):
@@ -168,6 +166,8 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert len(runs_named(root, "train/")) == 3
 
 
+# Slow (make test-all): promotion is in test_weights_only, the lock that refuses a second run in test_study_lock.
+@pytest.mark.slow
 def test_nightly_promotes_at_most_once_and_a_concurrent_nightly_is_refused(
     tiny_config, tmp_path, capsys, ray_session
 ):

@@ -209,7 +209,6 @@ def test_pruning_report_says_what_was_pruned_and_how_well_the_estimate_ranked():
 # ---------------------------------------------------------------- Stage II and III/IV, pruned, on Ray
 
 
-@pytest.mark.slow
 def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
     tmp_path, tiny_dataset, ray_session
 ):

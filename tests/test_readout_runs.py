@@ -295,7 +295,6 @@ def test_a_failed_flush_keeps_its_runs_and_the_retry_duplicates_none(store, requ
 # ---------------------------------------------------------------- against a PostgreSQL-backed server
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hundreds_of_readouts_reach_a_postgres_backed_server_whole(mlflow_pg_server):
     tracker = Tracker(mlflow_pg_server.url, "readouts-pg")

@@ -155,7 +155,6 @@ def test_missing_inputs_are_errors(tmp_path, capsys):
     assert "  a  <- self (root)  affinity 0.5" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_subprocess_smoke(tmp_path):
     path = tmp_path / "aff.csv"
     path.write_text("target,sources,order,value\na,self,1,0.5\na,b,1,0.4\nb,self,1,0.5\nb,a+c,2,0.9\n")

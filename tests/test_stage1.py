@@ -15,8 +15,6 @@ from pipelines.invocation import open_tracker
 from pipelines.stage1 import Stage1
 from pipelines.train_worker import CHECKPOINT_FILE
 
-pytestmark = pytest.mark.slow
-
 
 def make_stage1(tmp_path, dataset, *overrides):
     cfg = load_pipeline_config(

@@ -274,7 +274,6 @@ def finished_tiny_job(cluster, tiny_config):
     return rc, out.getvalue()
 
 
-@pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_wait_streams_logs_and_succeeds(cluster, finished_tiny_job):
@@ -288,7 +287,6 @@ def test_wait_streams_logs_and_succeeds(cluster, finished_tiny_job):
     assert "RAY_AUTH_TOKEN" not in str(job.runtime_env) and cluster.token not in str(job.runtime_env)
 
 
-@pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_an_existing_id_is_followed_not_submitted_again(
@@ -312,7 +310,6 @@ def test_an_existing_id_is_followed_not_submitted_again(
     assert len(_jobs(cluster)) == before
 
 
-@pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
 def test_cli_submits_taskatlas_run_once_per_nightly_id(cluster, tiny_config, token_env, capsys):
@@ -332,7 +329,6 @@ def test_cli_submits_taskatlas_run_once_per_nightly_id(cluster, tiny_config, tok
     assert len(_jobs(cluster, nightly)) == 1
 
 
-@pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_without_the_token_the_cluster_refuses_with_one_clear_line(

@@ -211,7 +211,6 @@ def test_every_budget_and_order_solves_on_taskonomy():
 
 
 @needs_taskonomy
-@pytest.mark.slow
 def test_linking_forms_agree_on_taskonomy_at_high_order():
     table = read_affinities(TASKONOMY_16K)
     results = [

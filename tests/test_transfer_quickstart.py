@@ -49,6 +49,7 @@ def _train(cfg: PipelineConfig, store: ShardStore, name: str) -> TaskResult:
     return TaskResult(name, f"plain-{name}", str(out / "model.pt"), float(losses.mean()), {}, "", "0")
 
 
+# Slow (make test-all): a science check on 6 trained networks; Stages II-III run in test_pipeline.
 @pytest.mark.slow
 def test_geometric_sources_have_more_affinity_than_texture_edges_for_geometric_targets(tmp_path, ray_session):
     tasks = [*GEOMETRIC, "edge_texture"]
