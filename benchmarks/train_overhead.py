@@ -79,7 +79,7 @@ def ray_train(
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", artifact_location=(tmp / "art").as_uri())
     run_id = tracker.start_run(f"ray{workers}")
     worker = WorkerConfig(
-        task=TASK,
+        task=to_dict(get_task(TASK)),
         model=to_dict(cfg.model),
         image_size=cfg.data.size,
         channels=get_task(TASK).channels,
