@@ -95,6 +95,7 @@ class Stage1:
         every task; tasks train concurrently when the cluster has room for more than one task's
         workers."""
         t = self.config.train
+        self.check_worker_rows()
         if search and self.config.tune.enabled:
             unfinished = [task for task in tasks if self.finished(task) is None]
             hparams = self.search_all(unfinished) if unfinished else {}
@@ -110,6 +111,16 @@ class Stage1:
 
         with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
             return {t.name: r for t, r in zip(tasks, pool.map(one, tasks), strict=True)}
+
+    def check_worker_rows(self) -> None:
+        """Before any work: every DDP worker trains on an equal share of the train split
+        (`rank_rows`), so a split smaller than the worker count would leave a worker nothing."""
+        rows = self.store.manifest.counts["train"]
+        if rows < self.num_workers:
+            raise TaskatlasError(
+                f"train.num_workers: {self.num_workers} workers, but the train split has only {rows} "
+                "images; every worker needs at least one"
+            )
 
     def _trainer_datasets(self, columns: list[str]) -> dict:
         """TorchTrainer's dataset arguments: none when each worker reads its shards itself."""

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from components.data.shards import ShardStore
-from components.errors import ConfigError
+from components.errors import ConfigError, TaskatlasError
 from pipelines.config import load_pipeline_config
 from pipelines.stage1 import Stage1, worker_batch_size
 
@@ -47,3 +47,11 @@ def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
 def test_an_unknown_loader_is_refused_naming_the_field(tmp_path, tiny_dataset):
     with pytest.raises(ConfigError, match=r"^train\.loader must be one of shards, ray_data, got 'disk'$"):
         stage(tmp_path, tiny_dataset, "train.loader=disk")
+
+
+def test_more_workers_than_train_images_is_refused_before_any_work(tmp_path, tiny_dataset):
+    stage(tmp_path, tiny_dataset, "train.num_workers=40").check_worker_rows()  # 40 images: one each
+    with pytest.raises(
+        TaskatlasError, match=r"^train\.num_workers: 41 workers, but the train split has only 40"
+    ):
+        stage(tmp_path, tiny_dataset, "train.num_workers=41").check_worker_rows()
