@@ -6,10 +6,11 @@
     taskatlas train -c configs/quickstart.yaml --tasks normal --set tune.enabled=false   # smoke
 
 Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train worker) and
-`pipelines.search.tune_trial` (each Tune trial) are thin shells around `components.training`. A task's outputs live under
-`<storage_root>/stage1/<task>/<key>/` (a `Step`: its marker written last); a complete task is
-skipped on rerun, and an interrupted one resumes from its latest Ray Train checkpoint, kept under
-`<storage_root>/ray/` (Ray Train and Tune write there themselves, local or object storage).
+`pipelines.search.tune_trial` (each Tune trial) are thin shells around `components.training`.
+A task's outputs live under `<storage_root>/stage1/<task>/<key>/` (a `Step`: its marker written
+last); a complete task is skipped on rerun, and an interrupted one resumes from its latest Ray
+Train checkpoint, kept under `<storage_root>/ray/` (Ray Train and Tune write there themselves,
+local or object storage).
 """
 
 from __future__ import annotations

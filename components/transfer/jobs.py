@@ -317,7 +317,7 @@ def encode_shards(
     dataset at `data_root` with one `FeatureBlockWriter` (its encoders loaded once), batch by
     batch; returns the rows written per split."""
     store = ShardStore(data_root)
-    infos = {(info.split, info.path): info for split, _ in shards for info in store.shards(split)}
+    infos = {(info.split, info.path): info for info in store.manifest.shards}
     writer = FeatureBlockWriter(outs, **encoder_kwargs)
     rows: dict[str, int] = {}
     for split, path in shards:
