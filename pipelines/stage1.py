@@ -26,6 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
 from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
@@ -221,6 +222,8 @@ class Stage1:
                     mode="min",
                     scheduler=scheduler,
                     num_samples=cfg.tune.num_samples,
+                    # Seeded sampling: the same config searches the same points on a rerun.
+                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed),
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),

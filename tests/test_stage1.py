@@ -97,6 +97,10 @@ def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_bes
         "tune.lr_min=0.00001",
         "tune.lr_max=0.01",
         "tune.batch_sizes=[16]",
+        # One trial at a time, so the trials report in a fixed order and, with the seeded
+        # sampling, ASHA's decisions are the same on every run (regression: with two at a time
+        # the order of arrival at a rung varied and, in one CI run, ASHA happened to cut none).
+        "tune.cpus_per_trial=2",
     )
     tasks = [get_task("reshading"), get_task("segment_semantic")]  # an L1 and a cross-entropy loss
     best = stage.search_all(tasks)
@@ -113,6 +117,21 @@ def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_bes
         stopped = sum(r.data.tags["stopped_early"] == "true" for r in trial_runs)
         assert stopped == sum(e < 4 for e in epochs)
     assert stage.search_all(tasks) == best  # finished: read back, nothing searched again
+
+
+def test_a_rerun_of_the_same_search_samples_the_same_points(tmp_path, tiny_dataset, ray_session):
+    # Regression: the search's sampling was unseeded, so the same study chose different points.
+    overrides = ["tune.num_samples=3", "tune.max_epochs=1", "tune.cpus_per_trial=2"]
+    tried = []
+    for root in ("first", "second"):
+        stage, tracker = make_stage1(tmp_path / root, tiny_dataset, *overrides)
+        stage.search_all([get_task("normal")])
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id], "tags.`mlflow.runName` LIKE 'tune/normal/%'"
+        )
+        tried.append(sorted(float(r.data.params["lr"]) for r in runs))
+    assert len(tried[0]) == 3 and len(set(tried[0])) == 3
+    assert tried[0] == tried[1]
 
 
 def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny_dataset, ray_session):
