@@ -5,6 +5,13 @@ source network, cache their output, and train new readouts on it.
 """
 
 from components.models.config import EncoderKind, ModelConfig
-from components.models.network import TaskNetwork, build_network, representation_shape
+from components.models.network import TaskNetwork, build_network, channels_last, representation_shape
 
-__all__ = ["EncoderKind", "ModelConfig", "TaskNetwork", "build_network", "representation_shape"]
+__all__ = [
+    "EncoderKind",
+    "ModelConfig",
+    "TaskNetwork",
+    "build_network",
+    "channels_last",
+    "representation_shape",
+]

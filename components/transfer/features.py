@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.models import ModelConfig, TaskNetwork
+from components.models import ModelConfig, TaskNetwork, channels_last
 from components.models.network import build_encoder
 from components.storage import location
 from components.tasks import InputTransform, view_input
@@ -69,13 +69,13 @@ def random_encoder(model: ModelConfig, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder, representation = build_encoder(model)
-    return _frozen(TaskNetwork(encoder, representation, nn.Identity()))
+    return _frozen(channels_last(TaskNetwork(encoder, representation, nn.Identity())))
 
 
 def trained_encoder(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> nn.Module:
     """The encoder + representation of a Stage I task network (its decoder's weights are dropped)."""
     encoder, representation = build_encoder(model)
-    net = TaskNetwork(encoder, representation, nn.Identity())
+    net = channels_last(TaskNetwork(encoder, representation, nn.Identity()))
     keep = {k: v for k, v in state_dict.items() if k.startswith(("encoder.", "representation."))}
     net.load_state_dict(keep)
     return _frozen(net)
@@ -111,7 +111,10 @@ def encode_batch(
     x = torch.from_numpy(np.array(rgb, copy=True)).to(device).float() / 255.0  # Ray's batches are read-only
     x = view_input(x, view, image_ids)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return {name: m(x).float().cpu().numpy().astype(FEATURE_DTYPE) for name, m in modules.items()}
+        # contiguous: a channels-last encoder's output is NHWC in memory; the cache stores NCHW.
+        return {
+            name: m(x).float().contiguous().cpu().numpy().astype(FEATURE_DTYPE) for name, m in modules.items()
+        }
 
 
 def _frozen(module: nn.Module) -> nn.Module:

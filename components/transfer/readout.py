@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.models import ModelConfig, representation_shape
+from components.models import ModelConfig, channels_last, representation_shape
 from components.models.network import build_decoder
 from components.tasks import Loss, Task, batch_loss, view_input
 from components.training import nanmean
@@ -70,7 +70,7 @@ def build_readout(
     task: Task, in_channels: int, model: ModelConfig, image_size: int, width: int, channels: int | None = None
 ) -> ReadoutNetwork:
     rep = representation_shape(model, image_size)
-    return ReadoutNetwork(in_channels, rep, width, build_decoder(task, rep, model, channels))
+    return channels_last(ReadoutNetwork(in_channels, rep, width, build_decoder(task, rep, model, channels)))
 
 
 def label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.Tensor:
