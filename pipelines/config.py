@@ -62,6 +62,10 @@ class TrainConfig:
     max_failures: int = 2
     checkpoints_to_keep: int = 2
     concurrent_tasks: int = 0  # task networks trained at once; 0: as many as the cluster fits
+    # Networks one Ray Train run trains one after another. 0: each of the concurrent runs trains an
+    # equal share (a run's start-up, seconds of CPU for its processes and imports, is paid once a
+    # share, not once a network); 1: a run of its own for every network.
+    networks_per_run: int = 0
     # How a worker gets its data. "shards": each DDP worker reads its own equal, contiguous slice
     # of the verified shard files into memory and reshuffles it every epoch (a split that fits in
     # the workers' memory: no Ray Data actors, nothing through the object store, seconds less per
@@ -79,7 +83,9 @@ class TrainConfig:
     # checkpoint is registered, and a finished run noticed, up to this much later.
     report_poll_s: float = 0.5
     seed: int = 0
-    fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at the start of this epoch
+    # Test seam: kill rank 0 once, at the start of this epoch of a Ray Train run, its networks'
+    # epochs counted one after another (a network of E epochs, then the next from E, ...).
+    fail_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -92,7 +98,15 @@ class TrainConfig:
         if self.report_poll_s <= 0:
             raise ConfigError(f"train.report_poll_s must be > 0, got {self.report_poll_s}")
         _at_least(
-            "train", self, 0, "num_workers", "max_failures", "concurrent_tasks", "seed", "fail_at_epoch"
+            "train",
+            self,
+            0,
+            "num_workers",
+            "max_failures",
+            "concurrent_tasks",
+            "networks_per_run",
+            "seed",
+            "fail_at_epoch",
         )
         _at_least("train", self, 1, "checkpoints_to_keep")
         _at_least("train", self, 0, "cpus_per_worker", above=True)

@@ -10,7 +10,9 @@ Where Ray meets the plain components: `pipelines.train_worker` (each Ray Train w
 A task's outputs live under `<storage_root>/stage1/<task>/<key>/` (a `Step`: its marker written
 last); a complete task is skipped on rerun, and an interrupted one resumes from its latest Ray
 Train checkpoint, kept under `<storage_root>/ray/` (Ray Train and Tune write there themselves,
-local or object storage).
+local or object storage). One Ray Train run trains a share of the networks one after another
+(`network_runs`), so its start-up is paid once a share; each network keeps its own MLflow run,
+step and key.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -41,7 +42,7 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_p
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
-from pipelines.train_worker import CHECKPOINT_FILE, WorkerConfig, train_worker
+from pipelines.train_worker import WorkerConfig, train_worker
 
 CHAMPION = "champion"  # the registry alias of a task's best network (nightly moves it)
 
@@ -68,6 +69,34 @@ def best_val_loss(result) -> float | None:
 def worker_batch_size(batch_size: int, num_workers: int) -> int:
     """Per-worker batch of an effective batch `batch_size` split over `num_workers` DDP workers."""
     return max(1, -(-batch_size // num_workers))
+
+
+def network_runs(jobs: list, slots: int, per_run: int) -> list[list]:
+    """Split the networks to train into Ray Train runs, each training its share one after
+    another. `per_run` 0: one run per slot (as few start-ups as keep every slot busy); N: at most
+    N networks a run. Shares are dealt round-robin, so their sizes differ by at most one."""
+    if not jobs:
+        return []
+    runs = max(slots, -(-len(jobs) // per_run)) if per_run else slots
+    runs = min(runs, len(jobs))
+    return [jobs[i::runs] for i in range(runs)]
+
+
+@dataclass(frozen=True)
+class _Network:
+    """A network being trained: its step, its MLflow run and logged model."""
+
+    task: Task
+    hparams: dict
+    step: Step
+    run_id: str
+    model_id: str
+
+    @property
+    def weights(self):
+        """Its final weights: written by rank 0 after the last epoch, so they exist only once the
+        network is trained."""
+        return self.step.location / "model.pt"
 
 
 # ---------------------------------------------------------------- driver side
@@ -107,12 +136,15 @@ class Stage1:
         streaming = t.loader == "ray_data" and not t.materialize_data  # its read tasks need a CPU
         spare = cluster_gpus() if self.use_gpu else cluster_cpus() - int(streaming)
         concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
-
-        def one(task: Task) -> TaskResult:
-            return self.train(task, hparams.get(task.name) or self.hparams_if_known(task, search))
-
-        with ThreadPoolExecutor(max_workers=min(concurrent, len(tasks))) as pool:
-            return {t.name: r for t, r in zip(tasks, pool.map(one, tasks), strict=True)}
+        jobs = [(task, hparams.get(task.name) or self.hparams_if_known(task, search)) for task in tasks]
+        done = {task.name: r for task, h in jobs if (r := self.cached_result(task, h)) is not None}
+        groups = network_runs(
+            [job for job in jobs if job[0].name not in done], concurrent, t.networks_per_run
+        )
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrent, len(groups)))) as pool:
+            for results in pool.map(self.train_networks, groups):
+                done.update((r.task, r) for r in results)
+        return {task.name: done[task.name] for task in tasks}
 
     def check_worker_rows(self) -> None:
         """Before any work: every DDP worker trains on an equal share of the train split
@@ -277,7 +309,9 @@ class Stage1:
         self.tracker.end_run(run)
 
     # -- train
-    def worker_config(self, task: Task, hparams: dict, run_id: str, model_id: str = "") -> WorkerConfig:
+    def worker_config(
+        self, task: Task, hparams: dict, run_id: str, model_id: str = "", weights: str = ""
+    ) -> WorkerConfig:
         """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
@@ -295,6 +329,7 @@ class Stage1:
             seed=cfg.train.seed,
             tracking_uri=self.tracker.tracking_uri,
             run_id=run_id,
+            weights=weights,
             model_id=model_id,
             fail_at_epoch=cfg.train.fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
@@ -302,12 +337,41 @@ class Stage1:
         )
 
     def train(self, task: Task, hparams: dict) -> TaskResult:
+        """One network in a Ray Train run of its own."""
+        return self.train_networks([(task, hparams)])[0]
+
+    def train_networks(self, jobs: list[tuple[Task, dict]]) -> list[TaskResult]:
+        """Train these networks one after another in one Ray Train run (one start-up for all),
+        then score, register and finish each. Finished networks are read back; a network whose
+        final weights a killed run already wrote is not trained again."""
+        results: dict[str, TaskResult] = {}
+        pending: list[_Network] = []
+        for task, hparams in jobs:
+            if (cached := self.cached_result(task, hparams)) is not None:
+                results[task.name] = cached
+            else:
+                pending.append(self._open_network(task, hparams))
+        try:
+            untrained = [n for n in pending if not n.weights.exists()]
+            if untrained:
+                self._fit(untrained)
+            while pending:
+                network = pending[0]
+                results[network.task.name] = self._finish(network)
+                pending.pop(0)
+        except BaseException:  # a failed or interrupted training never stays RUNNING
+            for network in pending:
+                self.tracker.end_run(network.run_id, failed=True)
+            raise
+        return [results[task.name] for task, _ in jobs]
+
+    def _open_network(self, task: Task, hparams: dict) -> _Network:
+        """The network's step and its MLflow run: one run (and logged model) per network, an
+        earlier attempt's (KILLED or FAILED by now) continued."""
         cfg = self.config
         step = self.train_step(task, hparams)
-        if (cached := self.cached_result(task, hparams)) is not None:
-            return cached
-        run_file = step.location / "mlflow_run.json"  # one MLflow run (and logged model) per network
-        if run_file.exists():  # an earlier attempt's run (KILLED or FAILED by now): continue it
+        run_file = step.location / "mlflow_run.json"
+        if run_file.exists():
             ids = run_file.read_json()
             run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
             model_id = ids.get("model_id") or self.tracker.create_logged_model(run_id, task.name)
@@ -327,20 +391,19 @@ class Stage1:
                     "data_version": self.store.data_version,
                 },
             )
-        try:
-            return self._train(task, hparams, step, run_id, model_id)
-        except BaseException:  # a failed or interrupted training never stays RUNNING
-            self.tracker.end_run(run_id, failed=True)
-            raise
+        return _Network(task, hparams, step, run_id, model_id)
 
-    def _train(self, task: Task, hparams: dict, step: Step, run_id: str, model_id: str) -> TaskResult:
-        cfg, key, out = self.config, step.key, step.location
-        channels = channels_for(task, self.store)
-        worker = self.worker_config(task, hparams, run_id, model_id)
-        columns = task.columns
+    def _fit(self, networks: list[_Network]) -> None:
+        cfg = self.config
+        workers = [
+            asdict(self.worker_config(n.task, n.hparams, n.run_id, n.model_id, n.weights.uri))
+            for n in networks
+        ]
+        columns = sorted({c for n in networks for c in n.task.columns})
+        names = "+".join(n.task.name for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
-            train_loop_config=asdict(worker),
+            train_loop_config={"networks": workers},
             torch_config=LoopbackTorchConfig(),  # the rendezvous on 127.0.0.1 for local runs
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.num_workers,
@@ -348,7 +411,8 @@ class Stage1:
                 resources_per_worker=None if self.use_gpu else {"CPU": cfg.train.cpus_per_worker},
             ),
             run_config=ray.train.RunConfig(
-                name=f"train-{task.name}-{key}",
+                # The same networks, the same run: a rerun after a kill resumes its checkpoint.
+                name=f"train-{names}-{config_hash([n.step.key for n in networks])}",
                 storage_path=(cfg.root / "ray").uri,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
@@ -356,14 +420,16 @@ class Stage1:
             **self._trainer_datasets(columns),
         )
         set_train_report_poll(cfg.train.report_poll_s)
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+        trainer.fit()
+
+    def _finish(self, network: _Network) -> TaskResult:
+        """Score the final weights on the test split, register them, and mark the network done."""
+        cfg, task, hparams, step = self.config, network.task, network.hparams, network.step
+        key, out, run_id, model_id = step.key, step.location, network.run_id, network.model_id
+        channels = channels_for(task, self.store)
+        columns = task.columns
         model = build_network(task, cfg.model, cfg.data.size, channels)
-        model.load_state_dict(state["model"])
-        weights = io.BytesIO()
-        torch.save(model.state_dict(), weights)
-        (out / "model.pt").write_bytes(weights.getvalue())
+        model.load_state_dict(torch.load(io.BytesIO(network.weights.read_bytes()), weights_only=True))
         test = self.store.read("test", columns)
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
         (out / "test_losses.parquet").write_parquet(pa.table({"image_id": ids.astype(str), "loss": losses}))
@@ -396,6 +462,6 @@ class Stage1:
         if self.tracker.alias_version(registered, CHAMPION) is None:  # a task's first version
             self.tracker.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(run_id)
-        done = TaskResult(task.name, key, (out / "model.pt").uri, test_loss, hparams, run_id, version)
+        done = TaskResult(task.name, key, network.weights.uri, test_loss, hparams, run_id, version)
         step.finish(asdict(done))
         return done

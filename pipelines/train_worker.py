@@ -2,10 +2,15 @@
 
 It lives apart from `pipelines.stage1`, the driver's side, because every worker process imports
 the module its function comes from: this one holds only what a worker runs.
+
+One Ray Train run may train several networks, one after another (`train.networks_per_run`): a
+run's start-up (controller, workers, their imports, the process group) costs seconds of CPU, as
+much as a small network's whole training, so a share of the networks pays it once.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -21,6 +26,7 @@ import torch
 from components.config import from_dict
 from components.data.shards import ShardStore
 from components.models import ModelConfig, build_network
+from components.storage import location
 from components.tasks import Task
 from components.tracking import RunLogger
 from components.training import (
@@ -40,7 +46,7 @@ FAILURE_DRAIN_S = 6.0
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a training worker needs; it arrives as Ray's dict and is typed again on line one."""
+    """One network a training worker trains; it arrives as Ray's dict and is typed again."""
 
     task: dict  # the Task, as `components.config.to_dict` writes it
     model: dict
@@ -52,15 +58,85 @@ class WorkerConfig:
     epochs: int
     seed: int
     tracking_uri: str
-    run_id: str
+    run_id: str  # also names the network in the run's checkpoints
     model_id: str = ""  # the run's MLflow logged model: epoch metrics are its metrics too
-    fail_at_epoch: int | None = None
+    fail_at_epoch: int | None = None  # counted over the run's networks, one after another
     cache_in_memory: bool = True
     data_root: str = ""  # train.loader "shards": the dataset each worker reads its slice of; "": Ray Data
+    weights: str = ""  # where rank 0 writes the final weights (the driver scores and registers them)
 
 
 def train_worker(raw: dict) -> None:
-    cfg = WorkerConfig(**raw)
+    """Train each network of `raw["networks"]` in turn. After a restart, the run's checkpoint
+    names the network it belongs to: the ones listed before it are done (their weights were
+    written before it began), it resumes after its last checkpointed epoch."""
+    networks = [WorkerConfig(**n) for n in raw["networks"]]
+    first = [sum(n.epochs for n in networks[:i]) for i in range(len(networks))]  # run-wide epochs
+    done, state = 0, None
+    if (restored := ray.train.get_checkpoint()) is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+        done = [n.run_id for n in networks].index(state["network"])
+    data = _WorkerData(networks[done:])
+    for i in range(done, len(networks)):
+        resume = state if i == done else None
+        _train_network(networks[i], resume, data, first[i], first_attempt=restored is None)
+
+
+class _WorkerData:
+    """The batches every network of the run trains and is tested on, loaded once per worker:
+    each network reads the columns it needs from the same arrays."""
+
+    def __init__(self, networks: list[WorkerConfig]):
+        self.columns = sorted({c for n in networks for c in from_dict(Task, n.task).columns})
+        self.data_root = networks[0].data_root
+        self.cache_in_memory = networks[0].cache_in_memory
+        self._train: dict | None = None
+        self._test: list | None = None
+
+    def train_batches(self, batch_size: int, seed: int):
+        """One epoch's shuffled batches of this worker's share of the train split."""
+        if self._train is None and self.data_root:
+            context = ray.train.get_context()
+            store = ShardStore(self.data_root)
+            rank, world = context.get_world_rank(), context.get_world_size()
+            start, stop = rank_rows(store.manifest.counts["train"], rank, world)
+            self._train = store.read_rows("train", self.columns, start, stop)
+        if self._train is not None:  # the worker's own share, reshuffled in memory
+            return iter_batches(self._train, batch_size, shuffle=True, seed=seed)
+        batches = ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed,
+        )
+        return self._caching(batches) if self.cache_in_memory else batches
+
+    def test_batches(self) -> list:
+        if self._test is None:
+            if self.data_root:
+                self._test = list(iter_batches(ShardStore(self.data_root).read("test", self.columns), 256))
+            else:
+                self._test = list(
+                    ray.train.get_dataset_shard("test").iter_batches(batch_size=256, batch_format="numpy")
+                )
+        return self._test
+
+    def _caching(self, batches):
+        """Pass Ray Data's batches through, keeping them: after the first epoch the worker's shard
+        is in memory and later epochs (and networks) reshuffle it there."""
+        seen: list = []
+        for batch in batches:
+            seen.append(batch)
+            yield batch
+        self._train = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
+
+
+def _train_network(
+    cfg: WorkerConfig, state: dict | None, data: _WorkerData, run_epoch: int, first_attempt: bool
+) -> None:
+    """Train one network from `state` (its checkpoint) or from scratch; its first epoch is the
+    run's `run_epoch` (what the failure seam counts)."""
     task = from_dict(Task, cfg.task)
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -71,10 +147,8 @@ def train_worker(raw: dict) -> None:
     device = ray.train.torch.get_device()
     model = build_network(task, from_dict(ModelConfig, cfg.model), cfg.image_size, cfg.channels)
     optimizer = make_optimizer(model, OptimConfig(cfg.lr, cfg.weight_decay, cfg.batch_size))
-    start_epoch, restored = 0, ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+    start_epoch = 0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -86,66 +160,35 @@ def train_worker(raw: dict) -> None:
     if logger is not None:
         logger.set_tags(layout)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    cached_train: dict | None = None  # see TrainConfig.loader and TrainConfig.cache_in_memory
-    cached_test: list | None = None
-    if cfg.data_root:
-        store = ShardStore(cfg.data_root)
-        start, stop = rank_rows(store.manifest.counts["train"], rank, context.get_world_size())
-        cached_train = store.read_rows("train", task.columns, start, stop)
-        if rank == 0:
-            cached_test = list(iter_batches(store.read("test", task.columns), 256))
-    else:
-        train_shard, test_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("test")
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
+        if cfg.fail_at_epoch == run_epoch + epoch and first_attempt and rank == 0:
             # Injected failure (tests): the worker process dies mid-run. Ray's controller collects
             # reports by polling every few seconds, so wait for it to register the last checkpoint:
             # otherwise, on a loaded machine, the kill races the registration and the restart
             # resumes from an older checkpoint than the test can name.
             time.sleep(FAILURE_DRAIN_S)
             os._exit(1)
-        if cached_train is not None:  # later epochs: the worker's own shard, reshuffled in memory
-            batches = iter_batches(cached_train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-        else:
-            batches = train_shard.iter_batches(
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                local_shuffle_buffer_size=4 * cfg.batch_size,
-                local_shuffle_seed=cfg.seed + epoch,
-            )
-            if cfg.cache_in_memory:
-                batches, seen = _tee(batches)
+        batches = data.train_batches(cfg.batch_size, cfg.seed + epoch)
         metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
-        if cached_train is None and cfg.cache_in_memory:
-            cached_train = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                if cached_test is None:
-                    cached_test = list(test_shard.iter_batches(batch_size=256, batch_format="numpy"))
-                metrics["test_loss"] = evaluate(unwrap(model), cached_test, task, device)
+                metrics["test_loss"] = evaluate(unwrap(model), data.test_batches(), task, device)
                 if epoch not in logged:
                     logger.log_metrics(metrics, step=epoch)
                 state = {
+                    "network": cfg.run_id,
                     "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "epoch": epoch,
                 }
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
-
-
-def _tee(batches):
-    """Pass batches through while keeping them (to cache a worker's shard after one epoch)."""
-    seen: list = []
-
-    def gen():
-        for batch in batches:
-            seen.append(batch)
-            yield batch
-
-    return gen(), seen
+            ray.train.report({**metrics, "epoch": epoch, "task": task.name}, checkpoint=checkpoint)
+    if rank == 0:  # also after a restart at the very end: the weights come from the checkpoint
+        weights = io.BytesIO()
+        torch.save(unwrap(model).state_dict(), weights)
+        location(cfg.weights).write_bytes(weights.getvalue())
 
 
 def _distinct_ray_nodes() -> int:

@@ -1,5 +1,7 @@
 """Stage I on a real local Ray: DDP training, checkpoints, failure recovery, ASHA, the registry."""
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -45,9 +47,7 @@ def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset
     assert losses[-1][1] < losses[0][1]  # fixed seed: the loss falls
     assert tracker.client.get_run(result.run_id).data.tags["world_size"] == "2"  # a tag: a constant
     # The newest Ray Train checkpoint and the saved model give identical outputs.
-    ckpts = sorted(
-        p for p in (tmp_path / "ray").glob(f"train-normal-{result.key}/checkpoint_*") if p.is_dir()
-    )
+    ckpts = sorted(p for p in (tmp_path / "ray").glob("train-normal-*/checkpoint_*") if p.is_dir())
     state = torch.load(ckpts[-1] / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 2
     a = build_network(task, stage.config.model, 32)
@@ -83,6 +83,48 @@ def test_killed_worker_resumes_from_the_last_checkpoint_with_one_mlflow_run(
     assert steps[:3] == [0, 1, 2] and steps[-1] == 3 and steps.count(3) == 1
     assert steps[3] > 0  # the retry began after a checkpointed epoch, not from scratch
     assert np.isfinite(result.test_loss)
+
+
+def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_first(
+    tmp_path, tiny_dataset, ray_session
+):
+    # Epochs are counted over the run: 0-2 are the first network's, 3-5 the second's.
+    stage, tracker = make_stage1(
+        tmp_path, tiny_dataset, "train.fail_at_epoch=5", "train.epochs=3", "train.num_workers=1"
+    )
+    hparams = stage.default_hparams()
+    first, second = stage.train_networks([(get_task("edge_texture"), hparams), (get_task("normal"), hparams)])
+    assert (first.task, second.task) == ("edge_texture", "normal")
+    assert len(list((tmp_path / "ray").glob("train-edge_texture+normal-*"))) == 1  # one run
+    for result in (first, second):
+        [run] = tracker.client.search_runs(
+            [tracker.experiment_id], f"tags.`mlflow.runName` = 'train/{result.task}'"
+        )
+        assert run.info.status == "FINISHED" and np.isfinite(result.test_loss)
+    assert [s for s, _ in history(tracker, first.run_id, "train_loss")] == [0, 1, 2]
+    logged = tracker.client.get_metric_history(second.run_id, "train_loss")
+    steps = [m.step for m in sorted(logged, key=lambda m: (m.timestamp, m.step))]
+    # The second network died at the start of its epoch 2 and resumed after a checkpointed epoch.
+    assert steps[:2] == [0, 1] and steps[-1] == 2 and steps.count(2) == 1 and steps[2] > 0
+    # The restart did not train the first network again: its weights were written once, before
+    # the second network's first epoch ended.
+    second_started = min(m.timestamp for m in logged) / 1000
+    assert os.path.getmtime(first.model_path) < second_started
+
+
+def test_networks_trained_in_one_run_are_those_trained_each_in_its_own(tmp_path, tiny_dataset, ray_session):
+    # What `train.networks_per_run` packs does not change a network (so it is not in the key).
+    overrides = ["train.epochs=2", "train.num_workers=1"]
+    together, tracker = make_stage1(tmp_path / "together", tiny_dataset, *overrides)
+    alone, _ = make_stage1(tmp_path / "alone", tiny_dataset, *overrides)
+    hparams = together.default_hparams()
+    pair = together.train_networks([(get_task("normal"), hparams), (get_task("segment_semantic"), hparams)])
+    single = alone.train(get_task("segment_semantic"), hparams)
+    assert pair[1].key == single.key
+    assert pair[1].test_loss == pytest.approx(single.test_loss, rel=1e-5)
+    assert [s for s, _ in history(tracker, pair[0].run_id, "test_loss")] == [0, 1]  # each its own run
+    assert [s for s, _ in history(tracker, pair[1].run_id, "test_loss")] == [0, 1]
+    assert together.train_networks([(get_task("segment_semantic"), hparams)]) == [pair[1]]  # read back
 
 
 def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_best(

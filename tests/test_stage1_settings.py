@@ -7,7 +7,7 @@ import pytest
 from components.data.shards import ShardStore
 from components.errors import ConfigError, TaskatlasError
 from pipelines.config import load_pipeline_config
-from pipelines.stage1 import Stage1, worker_batch_size
+from pipelines.stage1 import Stage1, network_runs, worker_batch_size
 
 
 def stage(tmp_path, dataset, *overrides) -> Stage1:
@@ -23,6 +23,29 @@ def test_the_effective_batch_does_not_grow_with_the_worker_count(tmp_path, tiny_
         s = stage(tmp_path, tiny_dataset, f"train.num_workers={workers}")
         config = s.worker_config(s.config.task("normal"), hparams, run_id="r")
         assert config.batch_size == per_worker and config.lr == 1e-3  # the same lr for the same batch
+
+
+def test_networks_are_dealt_to_as_few_train_runs_as_keep_every_slot_busy():
+    nine = list("abcdefghi")
+    assert network_runs(nine, slots=2, per_run=0) == [list("acegi"), list("bdfh")]
+    assert network_runs(nine, slots=4, per_run=0) == [list("aei"), list("bf"), list("cg"), list("dh")]
+    assert network_runs(nine, slots=2, per_run=1) == [[n] for n in nine]  # a run per network
+    assert [len(r) for r in network_runs(nine, slots=2, per_run=3)] == [3, 3, 3]
+    assert network_runs(list("ab"), slots=8, per_run=0) == [["a"], ["b"]]  # never an empty run
+    assert network_runs([], slots=2, per_run=0) == []
+
+
+def test_networks_per_run_is_not_in_a_networks_key(tmp_path, tiny_dataset):
+    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+    keys = {
+        stage(tmp_path, tiny_dataset, f"train.networks_per_run={n}")
+        .train_step(stage(tmp_path, tiny_dataset).config.task("normal"), hparams)
+        .key
+        for n in (0, 1, 3)
+    }
+    assert len(keys) == 1
+    with pytest.raises(ConfigError, match=r"train\.networks_per_run"):
+        stage(tmp_path, tiny_dataset, "train.networks_per_run=-1")
 
 
 def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
