@@ -18,7 +18,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pipelines  # noqa: F401  (first: keeps the local Ray on loopback)
@@ -42,7 +41,7 @@ from components.training import OptimConfig, evaluate, iter_batches, make_optimi
 from pipelines.config import load_pipeline_config
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import set_train_report_poll
-from pipelines.train_worker import WorkerConfig, train_worker
+from pipelines.train_worker import WorkerConfig, loop_config, train_worker
 
 TASK = "normal"
 
@@ -91,6 +90,7 @@ def ray_train(
         tracking_uri=tracker.tracking_uri,
         run_id=run_id,
         data_root=store.root.uri if loader == "shards" else "",
+        weights=str(tmp / f"weights-{workers}-{loader}.pt"),
     )
     data = {}
     if loader == "ray_data":  # materialized, as train.materialize_data does
@@ -98,7 +98,7 @@ def ray_train(
         data = {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config=asdict(worker),
+        train_loop_config=loop_config([worker]),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"bench-{workers}-{loader}", storage_path=str(tmp / "ray")),
         **data,

@@ -38,11 +38,12 @@ from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import EncoderKind, ModelConfig  # noqa: E402
+from components.storage import location  # noqa: E402
 from components.tasks import InputTransform, get_task  # noqa: E402
 from components.training import pick_device  # noqa: E402
 from components.transfer import FeatureKind, FeatureSource, Readout, ReadoutSettings, train_readout  # noqa: E402
 from components.transfer.features import encode_batch, random_encoder  # noqa: E402
-from components.transfer.jobs import FeatureEncoder, ReadoutJob, run_readout  # noqa: E402
+from components.transfer.jobs import FEATURES_DONE, ReadoutJob, encode_shards, run_readout  # noqa: E402
 
 SIZE = 32
 TARGET = "normal"
@@ -86,16 +87,22 @@ def cached_vs_reencode(model: ModelConfig, images: int, epochs: int, repeats: in
 
 
 def _feature_cache(store: ShardStore, model: ModelConfig, folder: Path) -> str:
-    """Cached `random`-encoder features of both splits, laid out as Stage II stores them."""
+    """Cached `random`-encoder features of both splits, written by Stage II's own feature pass
+    code (`jobs.encode_shards`) and marked complete as Stage II marks them."""
     pairs = [(FeatureSource("random", FeatureKind.RANDOM, "random"), InputTransform.NONE)]
-    encoder = FeatureEncoder(pairs, model, random_seed=0, use_gpu=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("transfer", "test"):
-        data = store.read(split, ["rgb"])
-        order = np.argsort(data["image_id"].astype(str))
-        out = encoder({k: v[order] for k, v in data.items()})
-        np.save(folder / f"{split}.npy", out["f0"])
-        np.save(folder / f"{split}.ids.npy", out["image_id"].astype(str))
+    shards = [(i.split, i.path) for i in store.manifest.shards if i.split in ("transfer", "test")]
+    attempt = "bench"
+    encode_shards(
+        str(store.root),
+        shards,
+        256,
+        [str(folder / attempt)],
+        pairs=pairs,
+        model=model,
+        random_seed=0,
+        use_gpu=False,
+    )
+    location(folder / FEATURES_DONE).write_json({"attempt": attempt})
     return str(folder)
 
 

@@ -42,7 +42,7 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_p
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
-from pipelines.train_worker import WorkerConfig, train_worker
+from pipelines.train_worker import WorkerConfig, loop_config, train_worker
 
 CHAMPION = "champion"  # the registry alias of a task's best network (nightly moves it)
 
@@ -396,14 +396,13 @@ class Stage1:
     def _fit(self, networks: list[_Network]) -> None:
         cfg = self.config
         workers = [
-            asdict(self.worker_config(n.task, n.hparams, n.run_id, n.model_id, n.weights.uri))
-            for n in networks
+            self.worker_config(n.task, n.hparams, n.run_id, n.model_id, n.weights.uri) for n in networks
         ]
         columns = sorted({c for n in networks for c in n.task.columns})
         names = "+".join(n.task.name for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
-            train_loop_config={"networks": workers},
+            train_loop_config=loop_config(workers),
             torch_config=LoopbackTorchConfig(),  # the rendezvous on 127.0.0.1 for local runs
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.num_workers,

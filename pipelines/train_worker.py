@@ -14,7 +14,7 @@ import io
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,13 @@ class WorkerConfig:
     weights: str = ""  # where rank 0 writes the final weights (the driver scores and registers them)
 
 
+def loop_config(networks: list[WorkerConfig]) -> dict:
+    """`TorchTrainer`'s `train_loop_config` for `train_worker`: the networks to train, in order."""
+    return {"networks": [asdict(n) for n in networks]}
+
+
 def train_worker(raw: dict) -> None:
-    """Train each network of `raw["networks"]` in turn. After a restart, the run's checkpoint
+    """Train each network of `raw` (from `loop_config`) in turn. After a restart, the run's checkpoint
     names the network it belongs to: the ones listed before it are done (their weights were
     written before it began), it resumes after its last checkpointed epoch."""
     networks = [WorkerConfig(**n) for n in raw["networks"]]
