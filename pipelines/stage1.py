@@ -123,8 +123,8 @@ class Stage1:
 
     def run(self, tasks: list[Task], search: bool) -> dict[str, TaskResult]:
         """Search (if asked and enabled: every pending task's search in one Tuner) then train
-        every task; tasks train concurrently when the cluster has room for more than one task's
-        workers."""
+        every task: the pending networks are dealt to as many concurrent Ray Train runs as the
+        cluster has room for (`network_runs`), each training its share one after another."""
         t = self.config.train
         self.check_worker_rows()
         if search and self.config.tune.enabled:
