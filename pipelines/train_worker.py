@@ -163,7 +163,9 @@ def _train_network(
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()
     if logger is not None:
-        logger.set_tags(layout)
+        # A network resumed after a failure says from which checkpoint, for whoever browses runs.
+        resumed = {"resumed_after_epoch": state["epoch"]} if state is not None else {}
+        logger.set_tags({**layout, **resumed})
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.fail_at_epoch == run_epoch + epoch and first_attempt and rank == 0:

@@ -66,25 +66,6 @@ def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset
     assert stage.train(task, stage.default_hparams()) == result
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint_with_one_mlflow_run(
-    tmp_path, tiny_dataset, ray_session
-):
-    stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.fail_at_epoch=3", "train.epochs=4")
-    result = stage.train(get_task("depth_zbuffer"), stage.default_hparams())
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], "tags.`mlflow.runName` = 'train/depth_zbuffer'"
-    )
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    # Rank 0 died at the start of epoch 3 and the group restarted from a checkpoint Ray had
-    # registered (the newest, epoch 2, unless the machine was too loaded to register it before the
-    # kill): epochs already done are not redone from scratch, and the last one runs once.
-    logged = tracker.client.get_metric_history(result.run_id, "train_loss")
-    steps = [m.step for m in sorted(logged, key=lambda m: (m.timestamp, m.step))]
-    assert steps[:3] == [0, 1, 2] and steps[-1] == 3 and steps.count(3) == 1
-    assert steps[3] > 0  # the retry began after a checkpointed epoch, not from scratch
-    assert np.isfinite(result.test_loss)
-
-
 def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_first(
     tmp_path, tiny_dataset, ray_session
 ):
@@ -104,27 +85,23 @@ def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_fir
     assert [s for s, _ in history(tracker, first.run_id, "train_loss")] == [0, 1, 2]
     logged = tracker.client.get_metric_history(second.run_id, "train_loss")
     steps = [m.step for m in sorted(logged, key=lambda m: (m.timestamp, m.step))]
-    # The second network died at the start of its epoch 2 and resumed after a checkpointed epoch.
-    assert steps[:2] == [0, 1] and steps[-1] == 2 and steps.count(2) == 1 and steps[2] > 0
+    # The second network died at the start of its epoch 2 and resumed after a checkpointed epoch
+    # (the newest, 1, unless the machine was too loaded to register it before the kill); each
+    # epoch is logged once.
+    assert steps == [0, 1, 2]
+    tags = {r.task: tracker.client.get_run(r.run_id).data.tags for r in (first, second)}
+    assert tags["normal"]["resumed_after_epoch"] in ("0", "1")
+    assert "resumed_after_epoch" not in tags["edge_texture"]
     # The restart did not train the first network again: its weights were written once, before
     # the second network's first epoch ended.
     second_started = min(m.timestamp for m in logged) / 1000
     assert os.path.getmtime(first.model_path) < second_started
-
-
-def test_networks_trained_in_one_run_are_those_trained_each_in_its_own(tmp_path, tiny_dataset, ray_session):
-    # What `train.networks_per_run` packs does not change a network (so it is not in the key).
-    overrides = ["train.epochs=2", "train.num_workers=1"]
-    together, tracker = make_stage1(tmp_path / "together", tiny_dataset, *overrides)
-    alone, _ = make_stage1(tmp_path / "alone", tiny_dataset, *overrides)
-    hparams = together.default_hparams()
-    pair = together.train_networks([(get_task("normal"), hparams), (get_task("segment_semantic"), hparams)])
-    single = alone.train(get_task("segment_semantic"), hparams)
-    assert pair[1].key == single.key
-    assert pair[1].test_loss == pytest.approx(single.test_loss, rel=1e-5)
-    assert [s for s, _ in history(tracker, pair[0].run_id, "test_loss")] == [0, 1]  # each its own run
-    assert [s for s, _ in history(tracker, pair[1].run_id, "test_loss")] == [0, 1]
-    assert together.train_networks([(get_task("segment_semantic"), hparams)]) == [pair[1]]  # read back
+    # Sharing a run does not change a network (so `train.networks_per_run` is not in the key): the
+    # first one, trained before the kill, is the network a run of its own trains.
+    alone, _ = make_stage1(tmp_path / "alone", tiny_dataset, "train.epochs=3", "train.num_workers=1")
+    single = alone.train(get_task("edge_texture"), hparams)
+    assert single.key == first.key and single.test_loss == pytest.approx(first.test_loss, rel=1e-5)
+    assert stage.train_networks([(get_task("edge_texture"), hparams)]) == [first]  # read back
 
 
 def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_best(
