@@ -17,7 +17,6 @@ step and key.
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -33,9 +32,11 @@ from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.models import build_network
+from components.storage import Location
 from components.tasks import Task, channels_for
 from components.tracking import NetworkSpec, Tracker
 from components.training import iter_batches, nanmean, per_image_losses
+from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
@@ -93,7 +94,7 @@ class _Network:
     model_id: str
 
     @property
-    def weights(self):
+    def weights(self) -> Location:
         """Its final weights: written by rank 0 after the last epoch, so they exist only once the
         network is trained."""
         return self.step.location / "model.pt"
@@ -428,7 +429,7 @@ class Stage1:
         channels = channels_for(task, self.store)
         columns = task.columns
         model = build_network(task, cfg.model, cfg.data.size, channels)
-        model.load_state_dict(torch.load(io.BytesIO(network.weights.read_bytes()), weights_only=True))
+        model.load_state_dict(load_state_dict(network.weights.uri))  # onto the CPU, weights only
         test = self.store.read("test", columns)
         ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
         (out / "test_losses.parquet").write_parquet(pa.table({"image_id": ids.astype(str), "loss": losses}))
