@@ -3,6 +3,8 @@
 # the slow ones (longer end-to-end variants of what the default suite covers).
 # torch and torchvision go in first, pinned, so pip never pulls a CUDA torch by accident;
 # a GPU user overrides them, e.g. `make demo TORCH=torch==2.13.0+cu130 TORCHVISION=...`.
+# The rest goes in with uv (about 4x faster than pip here; it keeps the torch already installed and
+# compiles bytecode as pip does); where uv cannot reach an index, pip installs it instead.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -14,9 +16,10 @@ STAMP := $(VENV)/.taskatlas-installed
 
 $(STAMP): pyproject.toml tools/torchvision_cpu_stubs.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) $(TORCHVISION)
+	$(PY) -m pip install -q $(TORCH) $(TORCHVISION) uv
 	$(PY) tools/torchvision_cpu_stubs.py
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m uv pip install -q --native-tls --python $(PY) --compile-bytecode -e '.[dev]' \
+		|| $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)
