@@ -191,7 +191,10 @@ def _pruned_transfers(stage_dir: Location) -> dict | None:
     report = path.read_json()
     keep = ("estimator", "top_k", "audit_fraction", "spearman", "spearman_by_target", "audit_misses")
     transfers = [f"{s}->{t}" for t, sources in report["pruned"].items() for s in sources]
-    return {"transfers": transfers, "audited": report["audited"]} | {k: report[k] for k in keep}
+    shared = report.get("shared", [])  # a pruning.json written before shared sources: none
+    return {"transfers": transfers, "audited": report["audited"], "shared": shared} | {
+        k: report[k] for k in keep
+    }
 
 
 def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> dict | None:

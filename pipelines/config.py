@@ -151,6 +151,9 @@ class PruneConfig:
 
     enabled: bool = False
     top_k: int = 3  # sources per target trained in full, by estimate (ignored with compute_fraction)
+    # sources trained into every target: those whose estimates rank best over all targets, so a
+    # small-budget taxonomy (a few roots serving every target) stays feasible and measured
+    shared: int = 2
     audit_fraction: float = 0.1  # of the other sources, per target (rounded up): trained to check
     # > 0: budget mode, K is the largest whose Stage II (estimates included) costs at most this
     # fraction of the full plan's, from the calibrated readout cost
@@ -161,6 +164,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.short_epochs < 1:
             raise ConfigError("transfer.prune.top_k and transfer.prune.short_epochs must be >= 1")
+        if self.shared < 0:
+            raise ConfigError(f"transfer.prune.shared must be >= 0, got {self.shared}")
         for name in ("audit_fraction", "compute_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"transfer.prune.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -351,16 +351,16 @@ class Stage2:
         return {(e.target, e.source): e for e in estimates}
 
     def _pruned(self, plan: TransferPlan, estimates: Mapping[tuple[str, str], Estimate]) -> TransferPlan:
-        """Top-K sources per target by estimate (K from the budget in budget mode), an audit sample
-        of the rest, every baseline."""
+        """Top-K sources per target by estimate (K from the budget in budget mode), the shared
+        sources, an audit sample of the rest, every baseline."""
         p = self.transfer.prune
         top_k = p.top_k
         if p.compute_fraction:
             seconds, _ = self.estimate(plan)
             spent = sum(e.seconds for e in estimates.values())
-            top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction)
+            top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction, p.shared)
         scores = {k: e.score for k, e in estimates.items()}
-        return prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed)
+        return prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed, p.shared)
 
     def _write_pruning(
         self,

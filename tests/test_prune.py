@@ -18,7 +18,15 @@ from components.data.shards import ShardStore
 from components.errors import ConfigError
 from components.tasks import get_task
 from components.taxonomy import TaxonomyOptions, solve_taxonomy, sweep_budgets
-from components.transfer import Readout, ReadoutKind, baseline, plan_transfers, prune_plan, top_k_for_budget
+from components.transfer import (
+    Readout,
+    ReadoutKind,
+    baseline,
+    plan_transfers,
+    prune_plan,
+    shared_sources,
+    top_k_for_budget,
+)
 from components.transfer.estimate import Estimate, probe_loss, pruning_report, spearman
 from pipelines.config import load_pipeline_config
 
@@ -125,6 +133,32 @@ def test_no_audit_and_k_beyond_the_sources():
         prune_plan(plan, _estimates(("a",)), 0)
 
 
+def test_shared_sources_rank_best_over_all_targets_and_are_kept_for_every_target():
+    """b is the top source of one target only but second for the others: over all targets it ranks
+    best. Kept by each target's top 1 alone, no source reaches every target, so no one-root
+    taxonomy exists; with one shared source, b reaches all three."""
+    plan = plan_transfers(("t1", "t2", "t3"), SOURCES, orders=(), beams=())
+    order = {"t1": "abcd", "t2": "bcad", "t3": "cbad"}  # each target's sources, best first
+    estimates = {(t, s): float(rank.index(s)) for t, rank in order.items() for s in SOURCES}
+    # mean scaled ranks: a 4/9, b 2/9, c 3/9, d 1
+    assert shared_sources(plan, estimates, 2) == ("b", "c")
+    assert shared_sources(plan, estimates, 9) == ("b", "c", "a", "d")
+    assert shared_sources(plan, estimates, 0) == ()
+
+    def kept(p):
+        return {t: {r.sources[0] for r in p.first_order_of(t)} for t in p.targets}
+
+    alone = prune_plan(plan, estimates, top_k=1)
+    assert kept(alone) == {"t1": {"a"}, "t2": {"b"}, "t3": {"c"}} and alone.shared == ()
+    assert not set.intersection(*kept(alone).values())
+    with_b = prune_plan(plan, estimates, top_k=1, shared=1)
+    assert kept(with_b) == {"t1": {"a", "b"}, "t2": {"b"}, "t3": {"c", "b"}} and with_b.shared == ("b",)
+    assert len(with_b.pruned) == 12 - 5
+    # a target's own network is not ranked for it: a target that is also a source
+    plan = plan_transfers(("a",), SOURCES, orders=(), beams=())
+    assert shared_sources(plan, {("a", s): RANK[s] for s in SOURCES}, 1) == ("b",)
+
+
 def test_budget_mode_picks_the_largest_k_that_fits():
     plan = plan_transfers(("a", "b", "c"), SOURCES, orders=(), beams=())
     # full: 12 first-order + 6 baselines (pixels, random) = 18 readouts of 1 s; pruned: 3K + 6
@@ -133,6 +167,7 @@ def test_budget_mode_picks_the_largest_k_that_fits():
     assert top_k_for_budget(plan, 0.7, 1.0, 1.0) == 1  # the estimates' 1 s leaves room for K = 1
     assert top_k_for_budget(plan, 0.7, 1.0, 0.0, audit_fraction=0.5) == 1  # 3 x (2 + 1) + 6 > 12.6
     assert top_k_for_budget(plan, 0.1, 1.0, 0.0) == 1  # never below one
+    assert top_k_for_budget(plan, 0.7, 1.0, 0.0, shared=1) == 1  # 3 x (1 + 1) + 6 fits, 3 x 3 + 6 not
 
 
 def test_prune_config_is_off_by_default_and_checked():
@@ -144,6 +179,9 @@ def test_prune_config_is_off_by_default_and_checked():
     assert cfg.transfer.prune.top_k == 2 and cfg.transfer.prune.estimator.value == "probe"
     with pytest.raises(ConfigError, match=r"transfer\.prune\.audit_fraction"):
         load_pipeline_config(None, ["data.size=32", "transfer.prune.audit_fraction=2"])
+    assert cfg.transfer.prune.shared == 2
+    with pytest.raises(ConfigError, match=r"transfer\.prune\.shared"):
+        load_pipeline_config(None, ["data.size=32", "transfer.prune.shared=-1"])
 
 
 # ---------------------------------------------------------------- pruned transfers never reach the BIP
@@ -223,6 +261,7 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
         "transfer.prune.enabled=true",
         "transfer.prune.top_k=1",
         "transfer.prune.audit_fraction=0.5",
+        "transfer.prune.shared=0",
         "analysis.bootstrap=0",
         "taxonomy.budget=1",
     )

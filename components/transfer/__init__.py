@@ -21,6 +21,7 @@ from components.transfer.plan import (
     plan_transfers,
     prune_plan,
     rank_sources,
+    shared_sources,
     top_k_for_budget,
 )
 from components.transfer.readout import (
@@ -54,6 +55,7 @@ __all__ = [
     "prune_plan",
     "random_encoder",
     "rank_sources",
+    "shared_sources",
     "top_k_for_budget",
     "train_readout",
     "trained_encoder",

@@ -228,6 +228,7 @@ def pruning_report(
     group = lambda readouts: {t: [r.sources[0] for r in readouts if r.target == t] for t in plan.targets}  # noqa: E731
     return {
         "top_k": plan.top_k,
+        "shared": list(plan.shared),
         "pruned": group(plan.pruned),
         "audited": group(plan.audited),
         "spearman": float(np.mean(rhos)) if rhos else None,

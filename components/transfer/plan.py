@@ -76,6 +76,7 @@ class TransferPlan:
     pruned: tuple[Readout, ...] = ()
     audited: tuple[Readout, ...] = ()
     top_k: int = 0  # sources per target kept by estimate; 0: not pruned
+    shared: tuple[str, ...] = ()  # sources kept for every target (`shared_sources`)
 
     def first_order_of(self, target: str) -> tuple[Readout, ...]:
         return tuple(r for r in self.first_order if r.target == target)
@@ -122,14 +123,19 @@ def prune_plan(
     top_k: int,
     audit_fraction: float = 0.0,
     seed: int = 0,
+    shared: int = 0,
 ) -> TransferPlan:
     """Per target, keep the first-order readouts of the `top_k` sources with the lowest estimate
-    ((target, source) -> estimated loss; ties by name) and a random audit sample of the rest:
+    ((target, source) -> estimated loss; ties by name), of the `shared` sources that rank best
+    over all targets (`shared_sources`), and a random audit sample of the rest:
     `ceil(audit_fraction x rest)` of them, drawn from (seed, target). Every baseline stays, and
     higher orders still come from the trained first-order results. A source without an estimate
     is kept (nothing says it is hopeless)."""
-    if top_k < 1 or not 0 <= audit_fraction <= 1:
-        raise ValueError(f"need top_k >= 1 and 0 <= audit_fraction <= 1, got {top_k}, {audit_fraction}")
+    if top_k < 1 or shared < 0 or not 0 <= audit_fraction <= 1:
+        raise ValueError(
+            f"need top_k >= 1, shared >= 0 and 0 <= audit_fraction <= 1, got {top_k}, {shared}, {audit_fraction}"
+        )
+    everywhere = shared_sources(plan, estimates, shared)
     kept, pruned, audited = [], [], []
     for target in plan.targets:
         readouts = plan.first_order_of(target)
@@ -139,7 +145,7 @@ def prune_plan(
             if (target, r.sources[0]) in estimates
         }
         ranked = rank_sources(known)
-        rest = ranked[top_k:]
+        rest = [s for s in ranked[top_k:] if s not in everywhere]
         rng = np.random.default_rng([seed, zlib.crc32(target.encode())])
         audit = {str(s) for s in rng.choice(rest, _audit_size(len(rest), audit_fraction), replace=False)}
         for r in readouts:
@@ -150,7 +156,36 @@ def prune_plan(
             kept.append(r)
             if source in audit:
                 audited.append(r)
-    return replace(plan, first_order=tuple(kept), pruned=tuple(pruned), audited=tuple(audited), top_k=top_k)
+    return replace(
+        plan,
+        first_order=tuple(kept),
+        pruned=tuple(pruned),
+        audited=tuple(audited),
+        top_k=top_k,
+        shared=everywhere,
+    )
+
+
+def shared_sources(plan: TransferPlan, estimates: Mapping[tuple[str, str], float], n: int) -> tuple[str, ...]:
+    """The `n` sources with the best mean rank over the targets' estimates (each target's ranks
+    scaled to [0, 1]; a target's own network is not ranked for it; ties by name).
+
+    Why: a taxonomy at a small budget picks a few roots that serve every target. If each target
+    kept only its own top K, no few sources might be trained into every target, and the budget
+    would be infeasible for the pruned study although the full one solves it."""
+    if n <= 0:
+        return ()
+    ranks: dict[str, list[float]] = {}
+    for target in plan.targets:
+        known = {
+            r.sources[0]: estimates[target, r.sources[0]]
+            for r in plan.first_order_of(target)
+            if (target, r.sources[0]) in estimates
+        }
+        ranked = rank_sources(known, exclude=target)
+        for i, source in enumerate(ranked):
+            ranks.setdefault(source, []).append(i / max(len(ranked) - 1, 1))
+    return tuple(sorted(ranks, key=lambda s: (float(np.mean(ranks[s])), s))[:n])
 
 
 def _audit_size(rest: int, audit_fraction: float) -> int:
@@ -163,10 +198,12 @@ def top_k_for_budget(
     seconds_per_readout: float,
     estimate_seconds: float,
     audit_fraction: float = 0.0,
+    shared: int = 0,
 ) -> int:
     """The largest K (>= 1) whose pruned plan, estimates included, costs at most `compute_fraction`
     of the full plan's trained readouts, every readout costing `seconds_per_readout` (the
-    calibrated cost). Higher orders are counted at their most (a full beam from K + audit)."""
+    calibrated cost). The `shared` sources are counted on top of K (at most: some may be among a
+    target's top K), higher orders at their most (a full beam from what is kept)."""
     full = plan.trained * seconds_per_readout
     fixed = sum(v for k, v in plan.counts().items() if k not in ("order 1", ReadoutKind.SELF.value)) - sum(
         plan.higher_order_count(t, k) for t in plan.targets for k in plan.orders
@@ -176,7 +213,8 @@ def top_k_for_budget(
         n = 0
         for target in plan.targets:
             sources = len(plan.first_order_of(target))
-            first = min(k, sources) + _audit_size(sources - min(k, sources), audit_fraction)
+            keep = min(k + shared, sources)
+            first = keep + _audit_size(sources - keep, audit_fraction)
             n += first + sum(
                 math.comb(min(b, first), o) for o, b in zip(plan.orders, plan.beams, strict=True)
             )
