@@ -1,7 +1,7 @@
 """GPU throughput of the project's training code, with no Ray and no MLflow (plain components), so
 it runs on a bare GPU machine with only torch, numpy and pyarrow:
 
-    .venv/bin/python benchmarks/gpu_throughput.py                      # ~3 minutes on one GPU
+    .venv/bin/python benchmarks/gpu_throughput.py                      # sized for minutes on one GPU
     .venv/bin/python benchmarks/gpu_throughput.py --device cpu --images 64 --size 32 \\
         --encoder small --epochs 2 --readouts 4 --readout-epochs 1     # smoke run on a CPU
 
