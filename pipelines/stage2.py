@@ -25,6 +25,7 @@ far less to schedule than a trial actor.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ from components.transfer import (
     ReadoutSettings,
     TransferPlan,
     plan_transfers,
+    planned_fraction,
     prune_plan,
     top_k_for_budget,
 )
@@ -354,13 +356,23 @@ class Stage2:
         """Top-K sources per target by estimate (K from the budget in budget mode), the shared
         sources, an audit sample of the rest, every baseline."""
         p = self.transfer.prune
-        top_k = p.top_k
-        if p.compute_fraction:
-            seconds, _ = self.estimate(plan)
-            spent = sum(e.seconds for e in estimates.values())
-            top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction, p.shared)
         scores = {k: e.score for k, e in estimates.items()}
-        return prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed, p.shared)
+        if not p.compute_fraction:
+            return prune_plan(plan, scores, p.top_k, p.audit_fraction, self.transfer.seed, p.shared)
+        seconds, _ = self.estimate(plan)
+        spent = sum(e.seconds for e in estimates.values())
+        top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction, p.shared)
+        pruned = prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed, p.shared)
+        cost = planned_fraction(plan, pruned, seconds, spent)
+        if cost > p.compute_fraction:  # K never goes below 1: say so rather than overspend quietly
+            print(
+                f"transfer.prune.compute_fraction: {p.compute_fraction} cannot be met; the smallest "
+                f"pruned plan (top_k {top_k}, shared {p.shared}, audit_fraction {p.audit_fraction}, "
+                f"baselines never pruned) costs {cost:.2f} of the full plan",
+                file=sys.stderr,
+                flush=True,
+            )
+        return pruned
 
     def _write_pruning(
         self,

@@ -23,6 +23,7 @@ from components.transfer import (
     ReadoutKind,
     baseline,
     plan_transfers,
+    planned_fraction,
     prune_plan,
     shared_sources,
     top_k_for_budget,
@@ -168,6 +169,9 @@ def test_budget_mode_picks_the_largest_k_that_fits():
     assert top_k_for_budget(plan, 0.7, 1.0, 0.0, audit_fraction=0.5) == 1  # 3 x (2 + 1) + 6 > 12.6
     assert top_k_for_budget(plan, 0.1, 1.0, 0.0) == 1  # never below one
     assert top_k_for_budget(plan, 0.7, 1.0, 0.0, shared=1) == 1  # 3 x (1 + 1) + 6 fits, 3 x 3 + 6 not
+    smallest = prune_plan(plan, _estimates(), top_k=1)
+    assert planned_fraction(plan, smallest, 1.0, 0.0) == pytest.approx(9 / 18)  # 3 x 1 + 6 baselines
+    assert planned_fraction(plan, smallest, 1.0, 1.8) == pytest.approx(10.8 / 18)
 
 
 def test_prune_config_is_off_by_default_and_checked():
@@ -293,6 +297,32 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
     assert taxonomy["pruned"]["transfers"] == side["transfers"]
     for target, sources in taxonomy["transfers"].items():
         assert len(sources) > 1 or (target, sources[0]) not in pruned
+
+
+def test_a_budget_that_cannot_be_met_is_reported_and_the_smallest_plan_trains(
+    tmp_path, tiny_dataset, ray_session, capsys
+):
+    """K never goes below 1, so a budget below the smallest pruned plan (its baselines are never
+    pruned) would be overspent: the run says so in one line instead of quietly."""
+    from test_transfer import TASKS, fake_stage1, make_stage2
+
+    root, store = tmp_path, ShardStore(tiny_dataset)
+    overrides = (
+        "transfer.epochs=1",
+        "transfer.orders=[]",
+        "transfer.beams=[]",
+        "transfer.prune.enabled=true",
+        "transfer.prune.compute_fraction=0.05",
+        "transfer.prune.shared=0",
+        "transfer.prune.audit_fraction=0",
+    )
+    result = make_stage2(root, store, *overrides).run(fake_stage1(root, store))
+    assert result.failed == ()
+    assert result.counts["order 1"] == len(TASKS)  # top 1 per target
+    report = json.loads((Path(result.out_dir) / "pruning.json").read_text())
+    assert report["top_k"] == 1
+    err = capsys.readouterr().err
+    assert "transfer.prune.compute_fraction: 0.05 cannot be met" in err
 
 
 def test_a_source_pruned_from_every_target_is_dropped_from_the_solvers_options():

@@ -224,6 +224,15 @@ def top_k_for_budget(
     return max([k for k in range(1, most + 1) if cost(k) <= compute_fraction * full] or [1])
 
 
+def planned_fraction(
+    full: TransferPlan, pruned: TransferPlan, seconds_per_readout: float, estimate_seconds: float
+) -> float:
+    """What `pruned` costs as a fraction of `full`, estimates included, every trained readout at
+    `seconds_per_readout` (higher orders at their most): how budget mode checks its K."""
+    whole = full.trained * seconds_per_readout
+    return (pruned.trained * seconds_per_readout + estimate_seconds) / whole if whole else 0.0
+
+
 def plan_transfers(
     targets: Sequence[str],
     sources: Sequence[str],
