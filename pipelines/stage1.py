@@ -143,7 +143,7 @@ class Stage1:
             [job for job in jobs if job[0].name not in done], concurrent, t.networks_per_run
         )
         with ThreadPoolExecutor(max_workers=max(1, min(concurrent, len(groups)))) as pool:
-            for results in pool.map(self.train_networks, groups):
+            for results in pool.map(self._train_pending, groups):
                 done.update((r.task, r) for r in results)
         return {task.name: done[task.name] for task in tasks}
 
@@ -343,28 +343,29 @@ class Stage1:
 
     def train_networks(self, jobs: list[tuple[Task, dict]]) -> list[TaskResult]:
         """Train these networks one after another in one Ray Train run (one start-up for all),
-        then score, register and finish each. Finished networks are read back; a network whose
-        final weights a killed run already wrote is not trained again."""
-        results: dict[str, TaskResult] = {}
-        pending: list[_Network] = []
-        for task, hparams in jobs:
-            if (cached := self.cached_result(task, hparams)) is not None:
-                results[task.name] = cached
-            else:
-                pending.append(self._open_network(task, hparams))
+        then score, register and finish each. Finished networks are read back."""
+        results = {task.name: r for task, h in jobs if (r := self.cached_result(task, h)) is not None}
+        trained = self._train_pending([job for job in jobs if job[0].name not in results])
+        results.update((r.task, r) for r in trained)
+        return [results[task.name] for task, _ in jobs]
+
+    def _train_pending(self, jobs: list[tuple[Task, dict]]) -> list[TaskResult]:
+        """`train_networks` for networks not finished yet (their markers already read): a network
+        whose final weights a killed run already wrote is not trained again."""
+        pending = [self._open_network(task, hparams) for task, hparams in jobs]
+        results = []
         try:
             untrained = [n for n in pending if not n.weights.exists()]
             if untrained:
                 self._fit(untrained)
             while pending:
-                network = pending[0]
-                results[network.task.name] = self._finish(network)
+                results.append(self._finish(pending[0]))
                 pending.pop(0)
         except BaseException:  # a failed or interrupted training never stays RUNNING
             for network in pending:
                 self.tracker.end_run(network.run_id, failed=True)
             raise
-        return [results[task.name] for task, _ in jobs]
+        return results
 
     def _open_network(self, task: Task, hparams: dict) -> _Network:
         """The network's step and its MLflow run: one run (and logged model) per network, an
@@ -423,7 +424,9 @@ class Stage1:
         trainer.fit()
 
     def _finish(self, network: _Network) -> TaskResult:
-        """Score the final weights on the test split, register them, and mark the network done."""
+        """Score the final weights on the test split, register them, and mark the network done.
+        Each network reads only its own task's test columns: a run's networks together may need
+        more of the test split than a driver should hold at once."""
         cfg, task, hparams, step = self.config, network.task, network.hparams, network.step
         key, out, run_id, model_id = step.key, step.location, network.run_id, network.model_id
         channels = channels_for(task, self.store)
