@@ -164,8 +164,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.short_epochs < 1:
             raise ConfigError("transfer.prune.top_k and transfer.prune.short_epochs must be >= 1")
-        if self.shared < 0:
-            raise ConfigError(f"transfer.prune.shared must be >= 0, got {self.shared}")
+        _at_least("transfer.prune", self, 0, "shared")
         for name in ("audit_fraction", "compute_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"transfer.prune.{name} must be in [0, 1], got {getattr(self, name)}")
