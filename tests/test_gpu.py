@@ -16,7 +16,7 @@ def test_amp_training_on_one_gpu(tiny_dataset):
 
     task = get_task("normal")
     device = torch.device("cuda")
-    data = ShardStore(tiny_dataset).read("train", ["image_id", "rgb", "normal"])
+    data = ShardStore(tiny_dataset).read("train", ["rgb", "normal"])  # image_id comes with every read
     model = (
         build_network(task, ModelConfig(downsample=4), 32).to(device).to(memory_format=torch.channels_last)
     )
