@@ -23,6 +23,8 @@ Figures, on the last line as one JSON object:
   budget the pruned study cannot solve counts as a disagreement);
 - `objective_gap`: worst relative loss of BIP objective over those budgets, each pruned
   taxonomy's objective evaluated on the full study's affinities;
+- `oracle_agreement`, `oracle_objective_gap`: the same two for the pruning rule fed the full
+  study's own first-order losses instead of estimates (a perfect estimator): the rule's ceiling;
 - `repeat_spearman`, `repeat_agreement`, `repeat_objective_gap`: the same three for the second
   full study against the first.
 """
@@ -58,6 +60,7 @@ from components.storage import location  # noqa: E402
 from components.tasks import channels_for  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
+from components.transfer import BASELINES, prune_plan  # noqa: E402
 from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
 from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
@@ -169,6 +172,24 @@ def first_order(summary: list[dict]) -> dict[tuple[str, str], float]:
     }
 
 
+def oracle_losses(stage: Stage2, results, full: dict, args: argparse.Namespace) -> pa.Table:
+    """The full study's losses restricted to what the same pruning rule keeps when it ranks by
+    the full study's own first-order losses: a perfect estimator. How far this gets is the rule's
+    ceiling, whatever the estimator. Higher orders are kept where all their sources are."""
+    truth = first_order(full["summary"])
+    plan = prune_plan(
+        stage.plan(list(results)), truth, args.top_k, args.audit_fraction, args.seed, args.shared
+    )
+    kept = {(r.target, r.sources[0]) for r in plan.first_order}
+    baselines = {k.value for k in BASELINES}
+    table = full["result"].all_losses()
+    mask = [
+        (len(s) == 1 and s[0] in baselines) or all((t, x) in kept for x in s)
+        for t, s in zip(table["target"].to_pylist(), table["sources"].to_pylist(), strict=True)
+    ]
+    return table.filter(pa.array(mask))
+
+
 def mean_spearman(a: dict[tuple[str, str], float], b: dict[tuple[str, str], float]) -> float:
     """Mean over targets of the rank correlation of two {(target, source): score} tables."""
     rhos = []
@@ -277,6 +298,9 @@ def main() -> None:
     full_sweep = sweep_budgets(full_table, options, BUDGETS)
     pruned_sweep = sweep_budgets(pruned_table, within_table(options, pruned_table), BUDGETS)
     agreement, gap, per_budget = compare_sweeps(full_aff, full_sweep, pruned_sweep, options)
+    _, oracle_table = affinities(oracle_losses(full["stage"], results, full, args), tmp / "oracle")
+    oracle_sweep = sweep_budgets(oracle_table, within_table(options, oracle_table), BUDGETS)
+    oracle_agreement, oracle_gap, _ = compare_sweeps(full_aff, full_sweep, oracle_sweep, options)
     repeat = {}
     if args.repeat:  # the ceiling: the full study again, readouts drawn with another seed
         again, _ = run_stage2(repeat_cfg, store, results)
@@ -314,6 +338,8 @@ def main() -> None:
         "taxonomy_agreement": round(agreement, 3),
         "objective_gap": round(gap, 4),
         "roots": per_budget,
+        "oracle_agreement": round(oracle_agreement, 3),
+        "oracle_objective_gap": round(oracle_gap, 4),
         **repeat,
         "stage1_s": round(stage1_s, 1),
         "total_s": round(time.perf_counter() - start, 1),
