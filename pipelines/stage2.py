@@ -49,9 +49,8 @@ from components.transfer import (
     ReadoutSettings,
     TransferPlan,
     plan_transfers,
-    planned_fraction,
+    prune_for_budget,
     prune_plan,
-    top_k_for_budget,
 )
 from components.transfer.estimate import Estimate, EstimateJob, pruning_report, run_estimates
 from components.transfer.jobs import (
@@ -361,13 +360,13 @@ class Stage2:
             return prune_plan(plan, scores, p.top_k, p.audit_fraction, self.transfer.seed, p.shared)
         seconds, _ = self.estimate(plan)
         spent = sum(e.seconds for e in estimates.values())
-        top_k = top_k_for_budget(plan, p.compute_fraction, seconds, spent, p.audit_fraction, p.shared)
-        pruned = prune_plan(plan, scores, top_k, p.audit_fraction, self.transfer.seed, p.shared)
-        cost = planned_fraction(plan, pruned, seconds, spent)
+        pruned, cost = prune_for_budget(
+            plan, scores, p.compute_fraction, seconds, spent, p.audit_fraction, self.transfer.seed, p.shared
+        )
         if cost > p.compute_fraction:  # K never goes below 1: say so rather than overspend quietly
             print(
                 f"transfer.prune.compute_fraction: {p.compute_fraction} cannot be met; the smallest "
-                f"pruned plan (top_k {top_k}, shared {p.shared}, audit_fraction {p.audit_fraction}, "
+                f"pruned plan (top_k {pruned.top_k}, shared {p.shared}, audit_fraction {p.audit_fraction}, "
                 f"baselines never pruned) costs {cost:.2f} of the full plan",
                 file=sys.stderr,
                 flush=True,

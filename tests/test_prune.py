@@ -24,9 +24,9 @@ from components.transfer import (
     baseline,
     plan_transfers,
     planned_fraction,
+    prune_for_budget,
     prune_plan,
     shared_sources,
-    top_k_for_budget,
 )
 from components.transfer.estimate import Estimate, probe_loss, pruning_report, spearman
 from pipelines.config import load_pipeline_config
@@ -162,15 +162,26 @@ def test_shared_sources_rank_best_over_all_targets_and_are_kept_for_every_target
 
 def test_budget_mode_picks_the_largest_k_that_fits():
     plan = plan_transfers(("a", "b", "c"), SOURCES, orders=(), beams=())
+    est = _estimates()
+
+    def k(fraction, spent=0.0, **kw):
+        return prune_for_budget(plan, est, fraction, 1.0, spent, **kw)[0].top_k
+
     # full: 12 first-order + 6 baselines (pixels, random) = 18 readouts of 1 s; pruned: 3K + 6
-    assert top_k_for_budget(plan, 0.5, 1.0, 0.0) == 1  # 9 s: K = 1
-    assert top_k_for_budget(plan, 0.7, 1.0, 0.0) == 2  # 12.6 s: K = 2
-    assert top_k_for_budget(plan, 0.7, 1.0, 1.0) == 1  # the estimates' 1 s leaves room for K = 1
-    assert top_k_for_budget(plan, 0.7, 1.0, 0.0, audit_fraction=0.5) == 1  # 3 x (2 + 1) + 6 > 12.6
-    assert top_k_for_budget(plan, 0.1, 1.0, 0.0) == 1  # never below one
-    assert top_k_for_budget(plan, 0.7, 1.0, 0.0, shared=1) == 1  # 3 x (1 + 1) + 6 fits, 3 x 3 + 6 not
-    smallest = prune_plan(plan, _estimates(), top_k=1)
-    assert planned_fraction(plan, smallest, 1.0, 0.0) == pytest.approx(9 / 18)  # 3 x 1 + 6 baselines
+    assert k(0.5) == 1  # 9 s: K = 1
+    assert k(0.7) == 2  # 12.6 s: K = 2
+    assert k(0.7, 1.0) == 1  # the estimates' 1 s leaves room for K = 1
+    assert k(0.7, audit_fraction=0.5) == 1  # 3 x (2 + 1) + 6 > 12.6
+    assert k(0.1) == 1  # never below one
+    # every target ranks a first, b second: the shared source (a) is in each top K, so K = 2
+    # costs 3 x 2 + 6 = 12 <= 12.6 (an upper bound counting K + shared, 15, chose K = 1)
+    assert k(0.7, shared=1) == 2
+    # a shared source outside a target's top K does cost: target c ranking c, d first keeps
+    # c, d and the shared a at K = 2, so 2 + 2 + 3 + 6 = 13 > 12.6
+    other = est | {("c", "c"): -2.0, ("c", "d"): -1.0}
+    assert prune_for_budget(plan, other, 0.7, 1.0, 0.0, shared=1)[0].top_k == 1
+    smallest, cost = prune_for_budget(plan, est, 0.1, 1.0, 0.0)
+    assert cost == pytest.approx(9 / 18) == planned_fraction(plan, smallest, 1.0, 0.0)  # 3 x 1 + 6
     assert planned_fraction(plan, smallest, 1.0, 1.8) == pytest.approx(10.8 / 18)
 
 

@@ -192,43 +192,38 @@ def _audit_size(rest: int, audit_fraction: float) -> int:
     return math.ceil(audit_fraction * rest - 1e-9)
 
 
-def top_k_for_budget(
+def prune_for_budget(
     plan: TransferPlan,
+    estimates: Mapping[tuple[str, str], float],
     compute_fraction: float,
     seconds_per_readout: float,
     estimate_seconds: float,
     audit_fraction: float = 0.0,
+    seed: int = 0,
     shared: int = 0,
-) -> int:
-    """The largest K (>= 1) whose pruned plan, estimates included, costs at most `compute_fraction`
-    of the full plan's trained readouts, every readout costing `seconds_per_readout` (the
-    calibrated cost). The `shared` sources are counted on top of K (at most: some may be among a
-    target's top K), higher orders at their most (a full beam from what is kept)."""
-    full = plan.trained * seconds_per_readout
-    fixed = sum(v for k, v in plan.counts().items() if k not in ("order 1", ReadoutKind.SELF.value)) - sum(
-        plan.higher_order_count(t, k) for t in plan.targets for k in plan.orders
-    )  # trained baselines
-
-    def cost(k: int) -> float:
-        n = 0
-        for target in plan.targets:
-            sources = len(plan.first_order_of(target))
-            keep = min(k + shared, sources)
-            first = keep + _audit_size(sources - keep, audit_fraction)
-            n += first + sum(
-                math.comb(min(b, first), o) for o, b in zip(plan.orders, plan.beams, strict=True)
-            )
-        return estimate_seconds + (n + fixed) * seconds_per_readout
-
+) -> tuple[TransferPlan, float]:
+    """(the pruned plan with the largest K (>= 1) whose cost, `planned_fraction`, is at most
+    `compute_fraction`, that cost). Each K's plan is built and counted exactly, so a shared
+    source that is already among a target's top K costs nothing twice. The cost never falls as K
+    grows (a source moved into the top K leaves the audit pool), so the first K over budget ends
+    the search. When K = 1 is already over, that plan is returned with its cost, for the caller
+    to report."""
     most = max((len(plan.first_order_of(t)) for t in plan.targets), default=1)
-    return max([k for k in range(1, most + 1) if cost(k) <= compute_fraction * full] or [1])
+    best = None
+    for k in range(1, most + 1):
+        pruned = prune_plan(plan, estimates, k, audit_fraction, seed, shared)
+        cost = planned_fraction(plan, pruned, seconds_per_readout, estimate_seconds)
+        if cost > compute_fraction:
+            return best or (pruned, cost)
+        best = (pruned, cost)
+    return best
 
 
 def planned_fraction(
     full: TransferPlan, pruned: TransferPlan, seconds_per_readout: float, estimate_seconds: float
 ) -> float:
     """What `pruned` costs as a fraction of `full`, estimates included, every trained readout at
-    `seconds_per_readout` (higher orders at their most): how budget mode checks its K."""
+    `seconds_per_readout` (higher orders at their most): budget mode's one cost model."""
     whole = full.trained * seconds_per_readout
     return (pruned.trained * seconds_per_readout + estimate_seconds) / whole if whole else 0.0
 
