@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/pruned_study.py --no-repeat              # ~4.5 minutes
     .venv/bin/python benchmarks/pruned_study.py --seed 1 --max-order 2   # with second order
     .venv/bin/python benchmarks/pruned_study.py --tasks normal,reshading,edge_texture --shared 0  # smoke
+    .venv/bin/python benchmarks/pruned_study.py --readout-epochs 10 --transfer-images 600  # ~35 min
 
 Stage I: one network per task, trained here with the plain loop (8 epochs on 600 images, two
 at a time on Ray), so the sources really differ: with 3 epochs on 300 images every source's
@@ -254,7 +255,8 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=2, help="sources kept for every target")
     p.add_argument("--stage1-epochs", type=int, default=8)
     p.add_argument("--readout-epochs", type=int, default=4, help="the quickstart trains readouts for 6")
-    p.add_argument("--images", type=int, default=600, help="train split; transfer and test get a third")
+    p.add_argument("--images", type=int, default=600, help="train split; test gets a third")
+    p.add_argument("--transfer-images", type=int, default=None, help="transfer split (default: a third)")
     p.add_argument("--short", action="store_true", help="also rank with a 1-epoch readout (slow)")
     p.add_argument(
         "--repeat",
@@ -267,8 +269,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     tmp = Path(tempfile.mkdtemp(prefix="pruned-study-"))
     n = args.images
+    n_transfer = args.transfer_images or n // 3
     data_cfg = DatasetConfig(
-        n_train=n, n_transfer=n // 3, n_test=n // 3, seed=args.seed, scene=SceneConfig(size=32)
+        n_train=n, n_transfer=n_transfer, n_test=n // 3, seed=args.seed, scene=SceneConfig(size=32)
     )
     generate_dataset(tmp / "data", data_cfg)
     store = ShardStore(tmp / "data")
