@@ -61,7 +61,7 @@ from components.storage import location  # noqa: E402
 from components.tasks import channels_for  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
-from components.transfer import BASELINES, prune_plan  # noqa: E402
+from components.transfer import BASELINES, TransferPlan, prune_plan  # noqa: E402
 from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
 from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
@@ -173,17 +173,16 @@ def first_order(summary: list[dict]) -> dict[tuple[str, str], float]:
     }
 
 
-def oracle_losses(stage: Stage2, results, full: dict, args: argparse.Namespace) -> pa.Table:
-    """The full study's losses restricted to what the same pruning rule keeps when it ranks by
-    the full study's own first-order losses: a perfect estimator. How far this gets is the rule's
-    ceiling, whatever the estimator. Higher orders are kept where all their sources are."""
-    truth = first_order(full["summary"])
-    plan = prune_plan(
-        stage.plan(list(results)), truth, args.top_k, args.audit_fraction, args.seed, args.shared
-    )
-    kept = {(r.target, r.sources[0]) for r in plan.first_order}
+def oracle_losses(
+    plan: TransferPlan, summary: list[dict], table: pa.Table, args: argparse.Namespace
+) -> pa.Table:
+    """The full study's losses (`table`, its `summary`) restricted to what the same pruning rule
+    keeps of `plan` when it ranks by the full study's own first-order losses: a perfect estimator.
+    How far this gets is the rule's ceiling, whatever the estimator. Higher orders are kept where
+    all their sources are."""
+    pruned = prune_plan(plan, first_order(summary), args.top_k, args.audit_fraction, args.seed, args.shared)
+    kept = {(r.target, r.sources[0]) for r in pruned.first_order}
     baselines = {k.value for k in BASELINES}
-    table = full["result"].all_losses()
     mask = [
         (len(s) == 1 and s[0] in baselines) or all((t, x) in kept for x in s)
         for t, s in zip(table["target"].to_pylist(), table["sources"].to_pylist(), strict=True)
@@ -295,13 +294,15 @@ def main() -> None:
     if args.short:
         short_rho, short_s = estimator_ranking(full["stage"], results, full["summary"], EstimatorKind.SHORT)
 
-    full_aff, full_table = affinities(full["result"].all_losses(), tmp / "full")
+    full_losses = full["result"].all_losses()
+    full_aff, full_table = affinities(full_losses, tmp / "full")
     _, pruned_table = affinities(pruned["result"].all_losses(), tmp / "pruned")
     options = taxonomy_options(full_cfg)
     full_sweep = sweep_budgets(full_table, options, BUDGETS)
     pruned_sweep = sweep_budgets(pruned_table, within_table(options, pruned_table), BUDGETS)
     agreement, gap, per_budget = compare_sweeps(full_aff, full_sweep, pruned_sweep, options)
-    _, oracle_table = affinities(oracle_losses(full["stage"], results, full, args), tmp / "oracle")
+    oracle = oracle_losses(full["stage"].plan(list(results)), full["summary"], full_losses, args)
+    _, oracle_table = affinities(oracle, tmp / "oracle")
     oracle_sweep = sweep_budgets(oracle_table, within_table(options, oracle_table), BUDGETS)
     oracle_agreement, oracle_gap, _ = compare_sweeps(full_aff, full_sweep, oracle_sweep, options)
     repeat = {}
