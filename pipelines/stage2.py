@@ -163,7 +163,7 @@ class Stage2:
     @property
     def settings(self) -> ReadoutSettings:
         t = self.transfer
-        return ReadoutSettings(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction)
+        return ReadoutSettings(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed)
 
     @property
     def slots(self) -> int:

@@ -68,7 +68,7 @@ def estimate_transfer(
 ) -> float:
     """Estimated validation loss of a readout from `features` (N, C, h, w) of the transfer split
     to `labels` (N, ...) as stored; the validation rows are the readouts' own."""
-    fit, val = validation_split(len(features), settings.val_fraction, settings.seed)
+    fit, val = validation_split(len(features), settings.val_fraction, settings.split_seed)
     if kind is EstimatorKind.PROBE:
         return probe_loss(task, features[fit], labels[fit], features[val], labels[val], channels)
     result = train_readout(

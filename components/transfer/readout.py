@@ -31,8 +31,11 @@ class ReadoutSettings:
     weight_decay: float = 1e-4
     batch_size: int = 32
     width: int = 64  # channels of the two transfer conv layers
-    seed: int = 0
+    seed: int = 0  # this readout's initialisation and batch order (a replicate's own seed)
     val_fraction: float = 0.2  # of the transfer split, held out to rank sources (never test images)
+    # The validation rows: the study's seed, the same for every readout and replicate, so replicates'
+    # validation losses average over the same images.
+    split_seed: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +109,7 @@ def train_readout(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     featurize = featurize or (lambda x: x)
-    fit, val = validation_split(len(transfer_x), settings.val_fraction, settings.seed)
+    fit, val = validation_split(len(transfer_x), settings.val_fraction, settings.split_seed)
     val_x, val_y = transfer_x[val], transfer_y[val]
     transfer_x, transfer_y = transfer_x[fit], transfer_y[fit]
     with torch.no_grad():
