@@ -4,16 +4,21 @@
     .venv/bin/python benchmarks/analysis_scale.py --images 2000 --bootstrap 20   # a quick look
     .venv/bin/python benchmarks/analysis_scale.py --data /tmp/losses --profile   # keep the files; cProfile
     .venv/bin/python benchmarks/analysis_scale.py --data /tmp/losses --budget 8  # reuse them, harder BIP
+    .venv/bin/python benchmarks/analysis_scale.py --replicates 3   # 60 M rows: the multi-bootstrap
+    .venv/bin/python benchmarks/analysis_scale.py --replicates 3 --replicate-groups 20  # nested, faster
 
 Generates Stage II's output as it will be written, one Parquet table per target (`<target>.parquet`,
-columns `target, sources, image_id, loss`): 26 targets, every first-order source (the 25 other
-tasks, `self`, `random`, `pixels`) plus the 2- and 3-subsets of each target's top 5 sources (48
-per target), 16,000 test images, about 20 million rows. Sources differ in reach (`--hubs`): a few
-serve many targets, as Taskonomy found; with `--hubs 0` every task is a point in space and the
-BIP becomes a facility-location problem that HiGHS needs seconds per solve to close.
+columns `target, sources, image_id, loss, replicate`): 26 targets, every first-order source (the 25
+other tasks, `self`, `random`, `pixels`) plus the 2- and 3-subsets of each target's top 5 sources
+(48 per target), 16,000 test images, `--replicates` R trainings of every readout but `self`: about
+20 million rows at R = 1, 60 million at R = 3. A replicate's loss on an image is its readout's plus
+seed noise (per image, and a shift per replicate). Sources differ in reach (`--hubs`): a few serve
+many targets, as Taskonomy found; with `--hubs 0` (or `--no-hub`) every task is a point in space
+and the BIP becomes a facility-location problem that HiGHS needs seconds per solve to close.
 
 Then, in a fresh subprocess so that the figures exclude generation: `affinity_by_target` with a
-bootstrap (reading each target's table, win rates, AHP, resamples), the taxonomy at one budget,
+bootstrap (the study's image ids from the tables' `image_id` columns, then reading each target's
+table, win rates, AHP, resamples), the taxonomy at one budget,
 the budget sweep, and the stability of the chosen taxonomy over the resamples, as
 `pipelines/analysis_steps.py` does. Goal (issue 11): under 60 s and 4 GB. The last line printed is
 one JSON object: `wall_s` (the analysis, imports excluded), `cpu_s`, `peak_rss_gb` (the analysis
@@ -56,12 +61,14 @@ def _write_target(
     reach: dict[str, float],
     images: int,
     beam: int,
+    replicates: int,
     rng,
 ) -> int:
     """One target's loss table. A task is a point in 3-D with a reach; a source's loss on an image is
     the image's difficulty times exp(distance to the target - the source's reach + noise), so closer
     and more general sources win more often but not always; a k-subset of the top sources is a
-    little better than its best member."""
+    little better than its best member. Replicate r of a readout (`self`: replicate 0 only)
+    multiplies that by exp(seed noise): 0.4 per image, 0.1 per replicate (standard deviations)."""
     others = [t for t in position if t != target]
     cost = {s: float(np.linalg.norm(position[s] - position[target])) - reach[s] for s in others}
     top = sorted(others, key=cost.get)[:beam]
@@ -75,13 +82,18 @@ def _write_target(
     loss = difficulty * np.exp(
         np.array([shift[s] for s in sets])[:, None] + rng.normal(size=(len(sets), images))
     )
-    loss = loss.astype(np.float32)  # (candidates, images), as the readouts record them
+    loss = loss[:, None]  # (candidates, replicates, images); with R = 1 the data of before replicates
+    if replicates > 1:
+        seed_noise = 0.4 * rng.normal(size=(len(sets), replicates, images))
+        loss = loss * np.exp(seed_noise + 0.1 * rng.normal(size=(len(sets), replicates, 1)))
+    loss = loss.astype(np.float32)  # as the readouts record them
     if rng.random() < 0.3:  # some targets have images without a valid label: NaN for every source
-        loss[:, rng.random(images) < 0.01] = np.nan
+        loss[:, :, rng.random(images) < 0.01] = np.nan
+    blocks = [(c, r) for c in range(len(sets)) for r in range(1 if sets[c] == ("self",) else replicates)]
     names = sorted({s for c in sets for s in c})
     index = {s: i for i, s in enumerate(names)}
-    lengths = np.repeat([len(c) for c in sets], images)  # row order: source set, then image
-    members = np.concatenate([np.tile([index[s] for s in c], images) for c in sets])
+    lengths = np.repeat([len(sets[c]) for c, _ in blocks], images)  # rows: source set, replicate, image
+    members = np.concatenate([np.tile([index[s] for s in sets[c]], images) for c, _ in blocks])
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     sources = pa.ListArray.from_arrays(offsets, pc.take(pa.array(names), pa.array(members)))
     ids = pa.array([f"test-{i:07d}" for i in range(images)])
@@ -89,28 +101,33 @@ def _write_target(
         {
             "target": pc.take(pa.array([target]), pa.array(np.zeros(len(lengths), dtype=np.int32))),
             "sources": sources,
-            "image_id": pc.take(ids, pa.array(np.tile(np.arange(images), len(sets)))),
-            "loss": pa.array(loss.reshape(-1)),
+            "image_id": pc.take(ids, pa.array(np.tile(np.arange(images), len(blocks)))),
+            "loss": pa.array(np.concatenate([loss[c, r] for c, r in blocks])),
+            "replicate": pa.array(np.repeat([r for _, r in blocks], images).astype(np.int32)),
         }
     )
     pq.write_table(table, out / f"{target}.parquet")
     return table.num_rows
 
 
-def generate(out: Path, n_tasks: int, images: int, beam: int, hubs: float, seed: int) -> dict:
+def generate(
+    out: Path, n_tasks: int, images: int, beam: int, hubs: float, replicates: int, seed: int
+) -> dict:
     """Every target's table; `hubs` is the mean reach (exponential), 0 for none."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     position = dict(zip(_task_names(n_tasks), rng.normal(size=(n_tasks, 3)), strict=True))
     reach = dict(zip(position, rng.exponential(hubs, n_tasks) if hubs else np.zeros(n_tasks), strict=True))
     start = time.perf_counter()
-    rows = sum(_write_target(out, t, position, reach, images, beam, rng) for t in position)
+    rows = sum(_write_target(out, t, position, reach, images, beam, replicates, rng) for t in position)
     return {"rows": rows, "generate_s": round(time.perf_counter() - start, 2)}
 
 
-def analyse(data: Path, bootstrap: int, seed: int, budget: int, max_order: int, profile: bool) -> dict:
+def analyse(
+    data: Path, bootstrap: int, seed: int, groups: int | None, budget: int, max_order: int, profile: bool
+) -> dict:
     """The measured part, in its own process: Stage III per target, then Stage IV."""
-    from components.affinity import affinity_by_target
+    from components.affinity import affinity_by_target, study_image_ids
     from components.affinity_io import read_losses, transfer_table
     from components.bootstrap import stability_of_rows
     from components.taxonomy import TaxonomyOptions, solve_taxonomy, sweep_budgets
@@ -128,7 +145,14 @@ def analyse(data: Path, bootstrap: int, seed: int, budget: int, max_order: int, 
     if profiler:
         profiler.enable()
     start, cpu = time.perf_counter(), time.process_time()
-    result = affinity_by_target(targets, read_target, bootstrap, seed)
+    # the study's image ids from the `image_id` columns alone, as the pipeline reads them
+    columns = (
+        pq.read_table(data / f"{t}.parquet", columns=["image_id"], read_dictionary=["image_id"])
+        for t in targets
+    )
+    image_ids = study_image_ids(columns) if bootstrap else None
+    parts["read_s"] += time.perf_counter() - start
+    result = affinity_by_target(targets, read_target, bootstrap, seed, image_ids, replicate_groups=groups)
     parts["affinity_s"] = time.perf_counter() - start - parts["read_s"]  # cube, win rates, AHP, resamples
     mark = time.perf_counter()
     table = transfer_table(result.table)
@@ -161,6 +185,7 @@ def analyse(data: Path, bootstrap: int, seed: int, budget: int, max_order: int, 
         "stability": stability["taxonomy"],
         "sweep_budgets": len(sweep),
         "unlabelled_targets": len(result.unlabelled),
+        "replicates": max(result.replicates.values()),
     }
 
 
@@ -175,7 +200,19 @@ def main() -> None:
         default=0.5,
         help="mean reach of a source (some tasks serve many, as in Taskonomy); 0: none, a hard BIP",
     )
+    parser.add_argument("--no-hub", action="store_true", help="hub-free tables: the same as --hubs 0")
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        default=1,
+        help="trainings of each readout (self: one); 1: no replicate noise",
+    )
     parser.add_argument("--bootstrap", type=int, default=100)
+    parser.add_argument(
+        "--replicate-groups",
+        type=int,
+        help="distinct replicate draws, each shared by bootstrap/G image weights (default: one per resample)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=3, help="roots (the pipeline's default, 3)")
     parser.add_argument("--max-order", type=int, default=3)
@@ -186,8 +223,17 @@ def main() -> None:
     )
     parser.add_argument("--analyse", type=Path, help=argparse.SUPPRESS)  # the subprocess's entry
     args = parser.parse_args()
+    hubs = 0.0 if args.no_hub else args.hubs
     if args.analyse:
-        figures = analyse(args.analyse, args.bootstrap, args.seed, args.budget, args.max_order, args.profile)
+        figures = analyse(
+            args.analyse,
+            args.bootstrap,
+            args.seed,
+            args.replicate_groups,
+            args.budget,
+            args.max_order,
+            args.profile,
+        )
         print(json.dumps(figures))
         return
 
@@ -199,7 +245,7 @@ def main() -> None:
                 "generate_s": None,
             }
         else:
-            made = generate(data, args.tasks, args.images, args.beam, args.hubs, args.seed)
+            made = generate(data, args.tasks, args.images, args.beam, hubs, args.replicates, args.seed)
         size = sum(p.stat().st_size for p in data.glob("*.parquet"))
         print(
             f"{made['rows']:,} rows in {args.tasks} per-target tables, {size / 1e6:.0f} MB, generated in {made['generate_s']} s"
@@ -212,13 +258,16 @@ def main() -> None:
             str(args.budget),
             "--max-order",
             str(args.max_order),
+            *(["--replicate-groups", str(args.replicate_groups)] if args.replicate_groups else []),
         ]
         start = time.perf_counter()
+        blas = {"OPENBLAS_NUM_THREADS": str(args.blas_threads)} if args.blas_threads else {}
         child = subprocess.run(
             [*command, *(["--profile"] if args.profile else [])],
             check=True,
             stdout=subprocess.PIPE,
             text=True,
+            env=os.environ | blas,
         )
         process_s = time.perf_counter() - start
     figures = json.loads(child.stdout.strip().splitlines()[-1])
@@ -231,8 +280,9 @@ def main() -> None:
         "process_s": round(process_s, 2),  # with the interpreter's start and the imports
         "rows": made["rows"],
         "images": args.images,
-        "hubs": args.hubs if made["generate_s"] is not None else None,  # unknown for reused tables
+        "hubs": hubs if made["generate_s"] is not None else None,  # unknown for reused tables
         "bootstrap": args.bootstrap,
+        "replicate_groups": args.replicate_groups or args.bootstrap,
         "budget": args.budget,
         "max_order": args.max_order,
         "blas_threads": args.blas_threads or os.environ.get("OPENBLAS_NUM_THREADS", "default"),

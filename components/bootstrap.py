@@ -1,16 +1,20 @@
-"""How sure the answer is: a bootstrap over each target's test images (design.md section 10).
+"""How sure the answer is: the multi-bootstrap over test images and readout replicates (design.md
+section 10).
 
-A resample draws each target's labelled test images again, with replacement: a multinomial count
-vector w over the images. Its win rates are a weighted count,
+A resample draws one multinomial count vector w over the study's test images, the same for every
+candidate and every target (`image_weights`), and per candidate R of its R replicates with
+replacement (`replicate_draws`); per image it averages the drawn replicates' losses. Its win rates
+are a weighted count,
 
     W_b[i, j] = sum_I w_I * (1[loss_i(I) < loss_j(I)] + 0.5 * 1[tie]) / sum_I w_I,
 
 computed with the point estimate, per target, by `components.affinity` (`affinity_by_target`,
 `cube_affinity`); each resample goes through the same AHP and, for stability, the same taxonomy
-BIP. Target t draws from its own stream (stream t of the seed, targets sorted), as design.md asks
-for a bootstrap over each target's images: reading targets one at a time changes nothing. This
-module lays the resamples out over a cube, gives their intervals, and solves the BIP on each.
-Unlabelled images (NaN loss for every candidate) get weight 0, as they count nowhere in Stage III.
+BIP. Reading targets one at a time changes nothing: the weights are over the study's image ids
+and the replicate draws depend on the seed, the target and the source set only. This module lays
+the resamples out over a cube, gives their intervals and each candidate's probability of being
+the best, and solves the BIP on each. Unlabelled images (NaN loss for every candidate) get weight
+0 for their target, as they count nowhere in Stage III.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import pyarrow as pa
 from components.affinity import (
     INTERVAL,
     INTERVAL_COLUMNS,
+    P_BEST,
     PIXELS,
     LossCube,
     affinity_from_cube,
+    best_shares,
     cube_affinity,
+    image_weights,
     loss_cube,
-    resample_counts,
-    resample_streams,
 )
 from components.errors import TaskatlasError
 from components.taxonomy import Taxonomy, TaxonomyOptions, TransferTable, solve_taxonomy
@@ -39,29 +44,33 @@ ROOT = "self"  # the source set of a target that is a root, in the stability of 
 
 
 def resample_weights(cube: LossCube, n: int, seed: int) -> Iterator[np.ndarray]:
-    """Per target, in cube order: an (n, m) int matrix, resample b's count of each image.
+    """Per target, in cube order: an (n, m) int matrix, resample b's count of each of the target's
+    image slots (`cube.losses[t]`'s last axis).
 
-    Each row is multinomial over the target's labelled images and sums to their number; unlabelled
-    images and padding get 0. These are the weights `cube_affinity(cube, n, seed)` uses.
+    Every target's counts come from the same study-wide vectors, `image_weights(seed,
+    cube.image_ids, n)`: a shared image has the same count in every target. Unlabelled images and
+    padding get 0, so a target's row sums to the draws that landed on its labelled images. These
+    are the weights `cube_affinity(cube, n, seed)` uses.
     """
     _check_bootstrappable(cube, n)  # here, not at the first next()
-    return _weights(cube, n, resample_streams(seed, len(cube.targets)))
+    return _weights(cube, image_weights(seed, cube.image_ids, n))
 
 
-def _weights(cube: LossCube, n: int, streams: list[np.random.SeedSequence]) -> Iterator[np.ndarray]:
-    for t, stream in enumerate(streams):
-        labelled = np.flatnonzero(_labelled(cube, t))
-        weights = np.zeros((n, cube.losses.shape[2]), dtype=np.int64)
-        weights[:, labelled] = resample_counts(stream, len(labelled), n)
-        yield weights
+def _weights(cube: LossCube, weights: np.ndarray) -> Iterator[np.ndarray]:
+    for t in range(len(cube.targets)):
+        slots = cube.images[t]
+        yield np.where(_labelled(cube, t) & (slots >= 0), weights[:, slots], 0)
 
 
-def bootstrap_affinities(cube: LossCube, n: int, seed: int) -> np.ndarray:
-    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding)."""
+def bootstrap_affinities(
+    cube: LossCube, n: int, seed: int, *, replicate_groups: int | None = None
+) -> np.ndarray:
+    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding).
+    `replicate_groups`: see `cube_affinity`."""
     _check_bootstrappable(cube, n)
     samples = np.zeros((n, *cube.candidates.shape))
     t, c = np.nonzero(candidate_mask(cube))  # the rows of the cube's affinity table, in order
-    samples[:, t, c] = cube_affinity(cube, n, seed).samples
+    samples[:, t, c] = cube_affinity(cube, n, seed, replicate_groups=replicate_groups).samples
     return samples
 
 
@@ -81,19 +90,43 @@ def affinity_intervals(cube: LossCube, samples: np.ndarray) -> tuple[np.ndarray,
     return lo, hi
 
 
-def compute_affinity_with_intervals(losses: pa.Table, n: int, seed: int) -> pa.Table:
-    """`compute_affinity` plus `affinity_lo`, `affinity_hi` over n resamples (INTERVAL_SCHEMA)."""
+def compute_affinity_with_intervals(
+    losses: pa.Table, n: int, seed: int, *, replicate_groups: int | None = None
+) -> pa.Table:
+    """`compute_affinity` plus `affinity_lo`, `affinity_hi` and `p_best` over n resamples
+    (INTERVAL_SCHEMA)."""
     cube = loss_cube(losses)
     _check_bootstrappable(cube, n)
-    return cube_affinity(cube, n, seed).table
+    return cube_affinity(cube, n, seed, replicate_groups=replicate_groups).table
 
 
 def affinity_with_intervals(cube: LossCube, samples: np.ndarray) -> pa.Table:
-    """The cube's affinity table with the intervals of `samples` (from `bootstrap_affinities`)."""
+    """The cube's affinity table with the intervals and `p_best` of `samples` (from
+    `bootstrap_affinities`)."""
     table = affinity_from_cube(cube)
     for name, values in zip(INTERVAL_COLUMNS, affinity_intervals(cube, samples), strict=True):
         table = table.append_column(pa.field(name, pa.float64()), pa.array(values))
-    return table
+    t, c = np.nonzero(candidate_mask(cube))
+    sources = [tuple(s) for s in table["sources"].to_pylist()]
+    shares = best_shares(table["target"].to_pylist(), sources, samples[:, t, c])
+    return table.append_column(pa.field(P_BEST, pa.float64()), pa.array(shares))
+
+
+def best_candidates(
+    table: pa.Table, threshold: float = 0.1
+) -> dict[str, list[tuple[tuple[str, ...], float]]]:
+    """Per target, the candidates not distinguishable from the best: those whose `p_best` (the
+    share of resamples in which they have the highest affinity, `self` aside) is at least
+    `threshold`, as (sources, p_best), most probable first. Needs a table with `p_best` (from a
+    bootstrap)."""
+    if P_BEST not in table.column_names:
+        raise TaskatlasError(f"the affinity table has no {P_BEST!r} column: compute it with a bootstrap")
+    best: dict[str, list[tuple[tuple[str, ...], float]]] = {}
+    for row in table.select(["target", "sources", P_BEST]).to_pylist():
+        p = row[P_BEST]
+        if p is not None and p == p and p >= threshold:  # NaN (self) never
+            best.setdefault(row["target"], []).append((tuple(row["sources"]), float(p)))
+    return {t: sorted(rows, key=lambda r: (-r[1], r[0])) for t, rows in sorted(best.items())}
 
 
 def taxonomy_stability(
@@ -117,16 +150,25 @@ def stability_of_rows(
     samples: np.ndarray,
     options: TaxonomyOptions,
     chosen: Taxonomy,
+    *,
+    available: np.ndarray | None = None,
 ) -> dict:
     """`taxonomy_stability` on resampled affinities given per row of an affinity table:
-    `samples` is (resamples, rows), row i being `targets[i] <- sources[i]`."""
+    `samples` is (resamples, rows), row i being `targets[i] <- sources[i]`. `available`
+    (resamples, rows) bool: rows a resample leaves out of its BIP (False: that resample's beam
+    would not have trained the transfer); default every row in every resample."""
+    if available is not None and np.shape(available) != np.shape(samples):
+        raise TaskatlasError(
+            f"stability: available has shape {np.shape(available)}, the samples {np.shape(samples)}"
+        )
     roots: Counter[str] = Counter()
     transfers: defaultdict[str, Counter[str]] = defaultdict(Counter)
     same = 0
-    for values in samples:
-        taxonomy = solve_taxonomy(
-            TransferTable.from_rows(zip(targets, sources, values, strict=True)), options
-        )
+    for b, values in enumerate(samples):
+        rows = zip(targets, sources, values, strict=True)
+        if available is not None:
+            rows = (row for row, keep in zip(rows, available[b], strict=True) if keep)
+        taxonomy = solve_taxonomy(TransferTable.from_rows(rows), options)
         roots.update(taxonomy.roots)
         for target in taxonomy.affinity:  # every target solved for: a root or served by a transfer
             transfers[target]["+".join(taxonomy.transfers.get(target, (ROOT,)))] += 1
@@ -145,7 +187,7 @@ def _fractions(counts: Counter[str], n: int) -> dict[str, float]:
 
 def _labelled(cube: LossCube, t: int) -> np.ndarray:
     """(m,) bool: images of target t with a loss (not unlabelled, not padding)."""
-    return ~np.isnan(cube.losses[t]).all(axis=0)
+    return ~np.isnan(cube.losses[t]).all(axis=(0, 1))
 
 
 def _check_bootstrappable(cube: LossCube, n: int) -> None:

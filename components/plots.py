@@ -48,11 +48,16 @@ def plot_affinity_heatmap(affinity: pa.Table, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None = None) -> Path:
+def plot_taxonomy(
+    taxonomy: Taxonomy, path: str | Path, stability: dict | None = None, verdict: dict | None = None
+) -> Path:
     """Roots on top, the other targets below; a transfer from k > 1 sources is a hyper-edge that
     joins its sources at a dot before the arrow into the target. Colour = transfer order. With a
     bootstrap `stability`, each edge and root is labelled with the fraction of resamples that
-    choose it."""
+    choose it; with a `verdict` (`components.verdict`), an edge below its stable share is dashed
+    and a transfer that gains nothing over `random`/`pixels` is marked with a cross."""
+    verdict = verdict or {}
+    shaky, useless = set(verdict.get("alternatives", {})), set(verdict.get("no_gain", {}))
     roots = list(taxonomy.roots)
     root_x = {r: float(i) for i, r in enumerate(roots)}
     targets = sorted(
@@ -67,15 +72,19 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None =
     orders = sorted({len(s) for s in taxonomy.transfers.values()})
     for target, sources in taxonomy.transfers.items():
         colour = _ORDER_COLOURS[(len(sources) - 1) % len(_ORDER_COLOURS)]
+        style = "--" if target in shaky else "-"
         end = (target_x[target], _TARGET_Y + 0.04)
         if len(sources) == 1:
             start = (root_x[sources[0]], _ROOT_Y - 0.04)
         else:
             start = (np.mean([root_x[s] for s in sources] + [target_x[target]]), _JUNCTION_Y)
             for s in sources:
-                ax.plot([root_x[s], start[0]], [_ROOT_Y - 0.04, start[1]], color=colour, lw=1.2, alpha=0.8)
+                ax.plot(
+                    [root_x[s], start[0]], [_ROOT_Y - 0.04, start[1]], style, color=colour, lw=1.2, alpha=0.8
+                )
             ax.plot(*start, "o", color=colour, ms=5)
-        ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.2})
+        arrow = {"arrowstyle": "-|>", "color": colour, "lw": 1.2, "linestyle": style}
+        ax.annotate("", xy=end, xytext=start, arrowprops=arrow)
         if stability:
             share = stability["transfers"].get(target, {}).get("+".join(sources), 0.0)
             mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
@@ -96,6 +105,8 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None =
         ax.text(x, _ROOT_Y + 0.07, r + share, rotation=35, ha="left", va="bottom", fontsize=8)
     for t, x in target_x.items():
         ax.plot(x, _TARGET_Y, "o", ms=10, color="#f4a261", zorder=3)
+        if t in useless:  # a transfer that loses to random or pixels: nothing gained
+            ax.plot(x, _TARGET_Y, "x", ms=9, color="#c0392b", mew=2, zorder=4)
         label = f"{t} ({taxonomy.affinity[t]:.3g})"
         ax.text(x, _TARGET_Y - 0.07, label, rotation=35, ha="right", va="top", fontsize=8)
 
@@ -110,6 +121,10 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None =
         Line2D([], [], color=_ORDER_COLOURS[(k - 1) % len(_ORDER_COLOURS)], label=f"order {k}")
         for k in orders
     ]
+    if shaky:
+        handles.append(Line2D([], [], ls="--", color="#555555", label="below 0.9: see alternatives"))
+    if useless:
+        handles.append(Line2D([], [], marker="x", ls="", color="#c0392b", label="no gain over random/pixels"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     ax.set_xlim(-0.8, width - 0.2)
     ax.set_ylim(-0.9, 1.5)
@@ -118,6 +133,8 @@ def plot_taxonomy(taxonomy: Taxonomy, path: str | Path, stability: dict | None =
     if stability:
         title += f"\nin {stability['taxonomy']:.0%} of {stability.get('resamples', '')} bootstrap resamples"
         title += "; labels: share per root and edge"
+    if verdict and not verdict.get("training_noise_measured", True):
+        title += "\ntraining noise NOT measured (transfer.replicates: 1)"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

@@ -1,4 +1,4 @@
-"""Make a stand-in for your own photos and annotation (README: "Study your own tasks").
+"""Make a stand-in for your own photos and annotation (README: "Studying your own tasks and data").
 
     .venv/bin/python examples/make_photo_folder.py my-photos [--images 600]
 

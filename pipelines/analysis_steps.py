@@ -7,13 +7,13 @@ outputs live (step folders keyed by their inputs), skips finished steps, and log
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from components.affinity import affinity_by_target
+from components.affinity import affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
 from components.bootstrap import stability_of_rows
 from components.config import config_hash, to_dict
@@ -26,6 +26,7 @@ from components.taxonomy import (
     solve_taxonomy,
     sweep_budgets,
 )
+from components.verdict import verdict
 from pipelines.config import PipelineConfig
 from pipelines.steps import Step
 
@@ -33,20 +34,14 @@ if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without 
     from components.tracking import Tracker
 
 
-@dataclass(frozen=True)
-class AnalysisResult:
-    affinity_key: str
-    affinity_path: Location
-    taxonomy_key: str
-    taxonomy: dict
-
-
 SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): the bootstrap's affinities
+AVAILABLE = "beam_available.npy"  # (resamples, rows) bool: the row's sources were in that resample's beam
 PRUNED = "pruned.json"  # beside affinity.parquet when Stage II was pruned: what was never a candidate
 
 
 def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
-    return Step(cfg.root, "affinity", config_hash("affinity-v2", transfer_key, cfg.analysis))
+    # v3: the multi-bootstrap over replicates and images, `vs_random` and `p_best`
+    return Step(cfg.root, "affinity", config_hash("affinity-v3", transfer_key, cfg.analysis))
 
 
 def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
@@ -82,10 +77,19 @@ def _affinity(
         lambda t: files[t].read_parquet(read_dictionary=list(DICTIONARY_COLUMNS)),
         cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
         cfg.analysis.seed,
+        # the test split's image ids, the resamples' image axis shared by every target (every
+        # target's table has a row per test image), read from the image_id columns alone
+        study_image_ids(
+            files[t].read_parquet(["image_id"], read_dictionary=["image_id"]) for t in sorted(files)
+        )
+        if cfg.analysis.bootstrap
+        else None,
     )
     table, unlabelled = result.table, result.unlabelled
     if result.samples is not None:  # one column per table row, in order
         np.save(scratch / SAMPLES, result.samples.astype(np.float32))
+        if (available := _beam_availability(cfg, losses.parent, table, len(result.samples))) is not None:
+            np.save(scratch / AVAILABLE, available)
     from components.plots import plot_affinity_heatmap  # matplotlib: only where a picture is made
 
     write_affinity(table, scratch / "affinity.parquet")
@@ -101,6 +105,32 @@ def _affinity(
     tracker.end_run(run)
     info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
     step.finish(info | {"mlflow_run": run}, scratch)
+
+
+def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) -> np.ndarray | None:
+    """Per resample, which higher-order rows its own validation draw would have put in the beam
+    (`beam_availability`), from Stage II's summary of first-order validation losses per replicate;
+    None without higher orders (or a summary, as for a loss table given on the command line)."""
+    from components.affinity import replicate_draws
+    from components.transfer.plan import beam_availability
+
+    t = cfg.transfer
+    if not t.orders or not (stage_dir / "summary.parquet").exists():
+        return None
+    summary = (stage_dir / "summary.parquet").read_parquet().to_pylist()
+    by_readout: dict[tuple[str, str], dict[int, float]] = {}
+    for row in summary:
+        if row["kind"] == "transfer" and row["order"] == 1:
+            by_readout.setdefault((row["target"], row["sources"][0]), {})[row.get("replicate") or 0] = row[
+                "val_loss"
+            ]
+    val_losses = {k: np.array([v[r] for r in sorted(v)]) for k, v in by_readout.items()}
+    draws = {
+        (target, source): replicate_draws(cfg.analysis.seed, target, (source,), len(v), n)
+        for (target, source), v in val_losses.items()
+    }
+    rows = list(zip(table["target"].to_pylist(), map(tuple, table["sources"].to_pylist()), strict=True))
+    return beam_availability(rows, val_losses, draws, t.orders, t.beams, t.widen_beams, n)
 
 
 def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> TaxonomyOptions:
@@ -141,6 +171,8 @@ def _taxonomy(
     sweep = sweep_budgets(table, options)
     stability = _stability(affinity, options, taxonomy)
     answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
+    rows = (affinity.location / "affinity.parquet").read_parquet().to_pylist()
+    answer["verdict"] = verdict(answer, stability, rows, cfg.transfer.replicates)
     if pruned.exists():  # transfers the BIP never saw
         answer["pruned"] = pruned.read_json()
     (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))
@@ -153,7 +185,7 @@ def _taxonomy(
         for p in sweep
     ]
     (scratch / "budget_sweep.json").write_text(json.dumps(sweep_rows, indent=1))
-    plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability)
+    plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability, answer["verdict"])
     plot_sweep(sweep, scratch / "budget_sweep.png", cfg.taxonomy.max_order)
     run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"})
     tracker.log_params(run, to_dict(cfg.taxonomy))
@@ -205,4 +237,8 @@ def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> di
     rows = (affinity.location / "affinity.parquet").read_parquet(["target", "sources"]).to_pydict()
     sources = [tuple(s) for s in rows["sources"]]
     samples = (affinity.location / SAMPLES).read_array().astype(np.float64)
-    return stability_of_rows(rows["target"], sources, samples, options, chosen) | {"resamples": len(samples)}
+    available = (
+        (affinity.location / AVAILABLE).read_array() if (affinity.location / AVAILABLE).exists() else None
+    )
+    stability = stability_of_rows(rows["target"], sources, samples, options, chosen, available=available)
+    return stability | {"resamples": len(samples)}

@@ -18,7 +18,7 @@ from components.errors import ConfigError
 from components.models import ModelConfig
 from components.storage import Location, is_remote, location
 from components.tasks import TASKS, Task, define_tasks
-from components.transfer import BASELINES, ReadoutKind
+from components.transfer import BASELINES, Pairing, ReadoutKind
 from components.transfer.estimate import EstimatorKind
 
 
@@ -184,12 +184,27 @@ class TransferConfig:
     batch_size: int = 32
     width: int = 64  # channels of the readout's two conv layers
     seed: int = 0  # readout init and shuffling, and the `random` encoder's weights
+    # Each readout (and the `pixels` and `random` baselines) trained this many times, each replicate
+    # with its own seed: Stage III's multi-bootstrap then measures training noise, not only the
+    # test images' (design.md section 10). Raising it trains only the new replicates.
+    replicates: int = 3
+    pairing: Pairing = Pairing.PAIRED  # replicate r of a target's candidates shares its seed, or not
+    # Beams take in up to 2 more sources whose mean validation loss is within this many standard
+    # errors (over replicates) of the beam's last source; 0: exactly `beams` sources.
+    widen_beams: float = 1.0
     # Held out of each readout's training to rank first-order sources for the higher-order beams:
     # the beams never see the test images that the win rates are computed on.
     val_fraction: float = 0.2
     encode_batch_size: int = 256
+    # Readouts into one target trained as one stacked model, one Ray task (design.md section 13):
+    # at most this many, fewer where `stack_memory_gb` says so; 1: a Ray task per readout. 0: by
+    # measurement (docs/benchmarks.md): 16, but 1 for pixel targets on CPUs, whose readouts are
+    # compute-bound there and train slower stacked (oneDNN's grouped convolutions).
+    stack: int = 0
+    stack_memory_gb: float = 4.0  # a rough bound on one stack's activations and parameters
+    # Resources of one Ray task: a stack of readouts, or one `self` scored
     cpus_per_readout: float = 1.0
-    gpus_per_readout: float = 0.25  # on GPU clusters: 4 readouts share a GPU
+    gpus_per_readout: float = 0.25  # on GPU clusters: 4 stacks share a GPU
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     max_retries: int = 2  # per readout, then it is reported as failed and the others go on
     fail_readouts: tuple[str, ...] = ()  # test seam: these readouts (`a+b->t`) always raise
@@ -213,6 +228,10 @@ class TransferConfig:
             raise ConfigError("transfer.cpus_per_readout must be > 0 and transfer.gpus_per_readout in (0, 1]")
         if self.max_retries < 0:
             raise ConfigError(f"transfer.max_retries must be >= 0, got {self.max_retries}")
+        _at_least("transfer", self, 1, "replicates")
+        _at_least("transfer", self, 0, "stack")
+        _at_least("transfer", self, 0, "stack_memory_gb", above=True)
+        _at_least("transfer", self, 0, "widen_beams", "seed")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"transfer.val_fraction must be in (0, 1), got {self.val_fraction}")
 

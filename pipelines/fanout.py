@@ -1,22 +1,34 @@
-"""Stage II's fan-out: every readout is one Ray task; a `ray.wait` loop submits, collects and
-logs them, and releases a target's higher orders as soon as its first-order readouts are in.
+"""Stage II's fan-out: readouts go out as stacks, one Ray task each; a `ray.wait` loop submits,
+collects and logs them, and releases a target's higher orders as soon as its first-order
+readouts (every replicate) are in.
 
-Each readout runs with declared resources (`cpus_per_readout`, and `gpus_per_readout` of a GPU on
-GPU clusters), retried `max_retries` times, and writes its own loss file to storage, so a killed
-driver loses only the readouts in flight. A readout that still fails after its retries is
-reported by name; the others go on. The driver logs each finished readout as a nested MLflow run,
-in batches (`pipelines.readout_runs`).
+A stack is up to `transfer.stack` readouts into one target trained as one model (design.md
+section 13): a target's first-order sources x replicates with its `random` baseline, its `pixels`
+replicates, or one higher order's source sets x replicates. Each stack runs with declared
+resources (`cpus_per_readout`, and `gpus_per_readout` of a GPU on GPU clusters), retried
+`max_retries` times, and writes each member's loss file itself, so a killed driver loses only
+the members in flight, and a retried or resumed stack skips the members already written. A member
+that still fails after its retries is reported by name; the others go on. `self` (scored, not
+trained) is a task of its own. The driver logs each finished readout as a nested MLflow run, in
+batches (`pipelines.readout_runs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import ray
 
 from components.transfer import Readout, ReadoutKind, TransferPlan
-from components.transfer.jobs import ReadoutOutcome, run_readout, stored_outcome
+from components.transfer.jobs import (
+    ReadoutOutcome,
+    StackJob,
+    StackOutcome,
+    run_readout,
+    run_stack,
+    stored_outcome,
+)
 from pipelines.progress import progress_bar
 from pipelines.readout_runs import ReadoutRunLog
 from pipelines.stage1 import TaskResult
@@ -25,10 +37,11 @@ if TYPE_CHECKING:
     from pipelines.stage2 import ReadoutKeys, Stage2
 
 _REMOTE_READOUT = ray.remote(run_readout)
+_REMOTE_STACK = ray.remote(run_stack)
 
 
 class FanOut:
-    """The `ray.wait` loop: submits, collects, logs, and releases higher orders per target."""
+    """The `ray.wait` loop: submits stacks, collects, logs, and releases higher orders per target."""
 
     def __init__(
         self,
@@ -44,8 +57,8 @@ class FanOut:
         self.results = results
         self.outcomes: dict[Readout, ReadoutOutcome] = {}
         self.failed: dict[Readout, str] = {}
-        self.pending: dict[ray.ObjectRef, Readout] = {}
-        self.first_left = {t: len(plan.first_order_of(t)) for t in plan.targets}
+        self.pending: dict[ray.ObjectRef, tuple[Readout, ...]] = {}
+        self.first_left = {t: len(plan.first_order_of(t)) * plan.replicates for t in plan.targets}
         self.ran = 0
         self.key = stage_key
         self.listed: dict[str, set[str]] = {}
@@ -60,47 +73,78 @@ class FanOut:
         total = sum(self.plan.counts().values())  # stored readouts tick it at once
         with progress_bar(total, "readouts", unit="readout") as update, self.log:
             self.update: Callable[[int], None] = update
-            for r in (*self.plan.first_order, *self.plan.baselines):
-                self._start(r)
+            for target in self.plan.targets:
+                mine = [r for r in self.plan.baselines if r.target == target]
+                self._submit([*self.plan.first_order_of(target), *mine])
             while self.pending:
                 ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.log.seconds)
                 if not ready:  # nothing finished for a while: log what waits in the buffer
                     self.log.flush_if_due()
                     continue
-                r = self.pending.pop(ready[0])
+                members = self.pending.pop(ready[0])
                 try:
-                    self._done(ray.get(ready[0]), ran=True)
+                    outcome: StackOutcome | ReadoutOutcome = ray.get(ready[0])
                 except ray.exceptions.RayError as err:
-                    self.failed[r] = str(err).strip().splitlines()[-1][:500]
-                    self.log.add_failure(r, self.keys.key(r), self.failed[r])
-                    self.update(1)
-                    self._settle(r)
+                    self._lost(members, str(err).strip().splitlines()[-1][:500])
+                    continue
+                if isinstance(outcome, ReadoutOutcome):
+                    outcome = StackOutcome((outcome,))
+                for o in outcome.outcomes:
+                    self._done(o, ran=True)
+                for r, error in outcome.failed:
+                    self._fail(r, error)
 
-    def _start(self, r: Readout) -> None:
-        path = self.keys.path(r)
-        stored = stored_outcome(path, r, self._stored_names(r.target))
-        if stored is not None:
-            self._done(stored, ran=False)
-            return
-        if r.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
-            job = self.stage._job(r, (), path.uri, checkpoint=self.results[r.target].model_path)
-        else:
-            names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-            view = self.stage.config.task(r.target).input.value
-            job = self.stage._job(r, tuple(self.dirs[(n, view)] for n in names), path.uri)
+    def _submit(self, readouts: Iterable[Readout]) -> None:
+        """Every replicate of `readouts`, less those stored, as stacks (and `self` on its own)."""
+        groups: dict[tuple, list[Readout]] = {}
+        for r in readouts:
+            for x in self.plan.replicas(r):
+                stored = stored_outcome(self.keys.path(x), x, self._stored_names(x.target))
+                if stored is not None:
+                    self._done(stored, ran=False)
+                elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
+                    job = self.stage._job(x, (), self.keys.path(x).uri, self.results[x.target].model_path)
+                    self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
+                else:  # one input width per stack: first order with `random`, `pixels`, each higher order
+                    width = (x.kind is ReadoutKind.PIXELS, x.order)
+                    groups.setdefault((x.target, width), []).append(x)
+        for (target, _), members in groups.items():
+            size = self.stage.stack_size(target)
+            for i in range(0, len(members), size):
+                chunk = tuple(members[i : i + size])
+                job = StackJob(tuple(self._readout_job(x) for x in chunk))
+                self._remote(_REMOTE_STACK, f"stack {job.name}", job, chunk)
+
+    def _readout_job(self, x: Readout):
+        names = x.sources if x.kind is ReadoutKind.TRANSFER else (x.kind.value,)
+        view = self.stage.config.task(x.target).input.value
+        return self.stage._job(x, tuple(self.dirs[(n, view)] for n in names), self.keys.path(x).uri)
+
+    def _remote(self, function, name: str, job, members: tuple[Readout, ...]) -> None:
         options = {
             **self.stage._resources(),
             "max_retries": self.stage.transfer.max_retries,
             "retry_exceptions": True,
         }
-        ref = _REMOTE_READOUT.options(name=f"readout {r.name}", **options).remote(job)
-        self.pending[ref] = r
+        self.pending[function.options(name=name, **options).remote(job)] = members
 
     def _stored_names(self, target: str) -> set[str]:
         """The readout files stored for a target: one listing, not a request per readout."""
         if target not in self.listed:
             self.listed[target] = {f.name for f in (self.keys.root / "readouts" / target).files()}
         return self.listed[target]
+
+    def _lost(self, members: tuple[Readout, ...], error: str) -> None:
+        """A stack failed after its retries: its members that were written are done, the rest failed."""
+        for r in members:
+            stored = stored_outcome(self.keys.path(r), r)
+            self._done(stored, ran=True) if stored is not None else self._fail(r, error)
+
+    def _fail(self, r: Readout, error: str) -> None:
+        self.failed[r] = error
+        self.log.add_failure(r, self.keys.key(r), error)
+        self.update(1)
+        self._settle(r)
 
     def _done(self, outcome: ReadoutOutcome, ran: bool) -> None:
         r = outcome.readout
@@ -111,16 +155,24 @@ class FanOut:
         self._settle(r)
 
     def _settle(self, r: Readout) -> None:
-        """A first-order readout is in (or failed): release its target's higher orders when all are."""
+        """A first-order readout replicate is in (or failed): release its target's higher orders
+        (every replicate) when all are, the beams chosen on the replicates' mean validation loss."""
         if r.kind is not ReadoutKind.TRANSFER or r.order != 1:
             return
         self.first_left[r.target] -= 1
         if self.first_left[r.target]:
             return
-        losses = {  # validation losses: beams are never chosen on the test images
-            x.sources[0]: self.outcomes[x].val_loss
-            for x in self.plan.first_order_of(r.target)
-            if x in self.outcomes
-        }
-        for x in self.plan.higher_order(r.target, losses):
-            self._start(x)
+        self._submit(self.plan.higher_order(r.target, validation_losses(self.plan, r.target, self.outcomes)))
+
+
+def validation_losses(
+    plan: TransferPlan, target: str, outcomes: Mapping[Readout, ReadoutOutcome]
+) -> dict[str, list[float]]:
+    """Source -> its first-order readout's validation loss per replicate (those that finished):
+    what a target's beams are chosen on. Never the test losses the win rates are computed on."""
+    losses: dict[str, list[float]] = {}
+    for first in plan.first_order_of(target):
+        for x in plan.replicas(first):
+            if x in outcomes:
+                losses.setdefault(x.sources[0], []).append(outcomes[x].val_loss)
+    return losses

@@ -78,6 +78,7 @@ class PipelineResult:
             "storage_root": storage_root,
             "run_id": run_id,
             "data_version": self.data_version,
+            "losses": self.stage2.losses_dir if self.stage2 else None,  # per-image losses, per target
         }
 
 

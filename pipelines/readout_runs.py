@@ -33,7 +33,7 @@ READOUT_KEY_TAG = "readout_key"  # the readout's key: what finds its run again
 
 def readout_run_name(r: Readout) -> str:
     """Target first, so the useful part shows in MLflow's run table: `normal <- depth_euclidean`."""
-    return f"{r.target} <- {'+'.join(r.sources)}"
+    return f"{r.target} <- {'+'.join(r.sources)}" + (f" #{r.replicate}" if r.replicate else "")
 
 
 def known_readout_runs(tracker: Tracker) -> dict[str, tuple[str, str]]:
@@ -73,6 +73,7 @@ def readout_run(
         "target": r.target,
         "sources": "+".join(r.sources),
         "kind": r.kind.value,
+        "replicate": str(r.replicate),
     }
     times = {"start_time": outcome.started or now, "end_time": outcome.finished or now}
     if error is not None:
@@ -82,7 +83,13 @@ def readout_run(
     rows = [("test_loss", o.mean_loss, last), ("seconds", o.seconds, last)]
     rows += [("val_loss", o.val_loss, last)] if o.val_loss == o.val_loss else []  # not NaN
     rows += [("train_loss", v, i) for i, v in enumerate(o.train_losses)]
-    params = {"target": r.target, "sources": "+".join(r.sources), "order": str(r.order), "kind": r.kind.value}
+    params = {
+        "target": r.target,
+        "sources": "+".join(r.sources),
+        "order": str(r.order),
+        "kind": r.kind.value,
+        "replicate": str(r.replicate),
+    }
     return FinishedRun(readout_run_name(r), tags, params, tuple(rows), **times)
 
 

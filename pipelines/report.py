@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from components.affinity import top_sources
+from components.verdict import STABLE, edge_text, noise_note, ties_text
 
 
 def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int = 3) -> str:
@@ -35,19 +36,27 @@ def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int
         "",
         f"Label these tasks (the roots): {roots}.",
     ]
+    said = taxonomy.get("verdict") or {}
     if stability:
         lines.append(
             f"This exact taxonomy comes back in {stability['taxonomy']:.0%} of {stability['resamples']} "
-            "bootstrap resamples of the test images (numbers in brackets: the share of resamples "
-            "choosing that root or edge)."
+            "bootstrap resamples (numbers in brackets: the share of resamples choosing that root or "
+            f"edge; an edge below {STABLE} is given with its alternatives)."
         )
+    if said:
+        lines.append(f"*{noise_note(said)}.*")
     lines += ["", "| target | gets its representation from | affinity | stability |", "|---|---|---|---|"]
     targets = sorted({t for t, _ in value})
     for target in targets:
         sources = "+".join(taxonomy["transfers"].get(target, ["self"]))
         label = "self (a root: labelled)" if sources == "self" else sources.replace("+", " + ")
+        if sources != "self" and said:
+            label = edge_text(target, sources.split("+"), said, stability).split(" <- ", 1)[1]
         aff = value.get((target, sources), float("nan"))
         lines.append(f"| {target} | {label} | {aff:.3f} | {share(target, sources)} |")
+    if said.get("ties"):
+        lines += ["", "Not distinguishable from the best (each one's probability of being the best):", ""]
+        lines += [f"- {target}: {ties_text(target, said)}" for target in said["ties"]]
     lines += ["", f"### The {top} best sources of each target (affinity; higher is better)", ""]
     lines += ["| target | " + " | ".join(f"#{i + 1}" for i in range(top)) + " |", "|---" * (top + 1) + "|"]
     for target, best in top_sources(affinity, top).items():

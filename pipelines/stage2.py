@@ -25,10 +25,11 @@ far less to schedule than a trial actor.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,13 +45,16 @@ from components.tasks import TaskKind, channels_for
 from components.tracking import Tracker
 from components.transfer import (
     FeatureSource,
+    Pairing,
     Readout,
     ReadoutKind,
     ReadoutSettings,
     TransferPlan,
+    build_readout,
     plan_transfers,
     prune_for_budget,
     prune_plan,
+    readout_seed,
 )
 from components.transfer.estimate import Estimate, EstimateJob, pruning_report, run_estimates
 from components.transfer.jobs import (
@@ -68,9 +72,13 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.stage1 import TaskResult
 from pipelines.steps import Step, log_stored_artifact
 
-_PLAN_FIELDS = ("orders", "beams", "targets", "baselines", "prune")  # which readouts, not how one trains
+# Which readouts, not how one trains: not in a readout's key. `pairing` and `seed` reach it as the
+# readout's own seed (`ReadoutKeys`), so raising `replicates` reuses every replicate already stored.
+_PLAN_FIELDS = ("orders", "beams", "targets", "baselines", "prune", "replicates", "widen_beams", "pairing")
 _RUNTIME_FIELDS = (  # TransferConfig fields that do not change a result: not in the stage key
     "encode_batch_size",
+    "stack",
+    "stack_memory_gb",
     "cpus_per_readout",
     "gpus_per_readout",
     "use_gpu",
@@ -80,6 +88,7 @@ _RUNTIME_FIELDS = (  # TransferConfig fields that do not change a result: not in
 _REMOTE_CALIBRATE = ray.remote(calibrate_readout)
 _REMOTE_ESTIMATES = ray.remote(run_estimates)
 _REMOTE_TARGET_LOSSES = ray.remote(write_target_losses)
+AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
 READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, in the step folder
 LOSSES = "losses"  # the step's folder of per-target loss tables, `<target>.parquet`
 PRUNING = "pruning.json"  # beside transfer_losses.parquet when transfer.prune is on
@@ -104,7 +113,7 @@ class Stage2Result:
         return location(self.losses_dir)
 
     def summary(self) -> pa.Table:
-        """One row per readout: target, sources, order, kind, mean/val loss, seconds."""
+        """One row per readout replicate: target, sources, order, replicate, kind, mean/val loss, seconds."""
         return location(self.summary_path).read_parquet()
 
     def all_losses(self) -> pa.Table:
@@ -131,12 +140,20 @@ class ReadoutKeys:
     features: Mapping[str, str]  # source (task, `random`, `pixels`) -> feature key
     networks: Mapping[str, str]  # task -> its Stage I key
     targets: Mapping[str, str]  # task -> hash of its definition and output channels
+    seed: int = 0  # transfer.seed (also in `common`)
+    pairing: Pairing = Pairing.PAIRED
 
     def key(self, r: Readout) -> str:
         if r.kind is ReadoutKind.SELF:  # the target's network, scored: no readout setting applies
             return config_hash("self-v2", r.name, self.targets[r.target], self.networks[r.target])
         names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-        return config_hash(self.common, r.name, self.targets[r.target], [self.features[n] for n in names])
+        parts = [self.common, r.name, self.targets[r.target], [self.features[n] for n in names]]
+        if (seed := self.seed_of(r)) != self.seed:  # replicate 0, paired: the key it always had
+            parts.append({"seed": seed})
+        return config_hash(*parts)
+
+    def seed_of(self, r: Readout) -> int:
+        return readout_seed(self.seed, r, self.pairing)
 
     def path(self, r: Readout) -> Location:
         return readout_path(self.root, r, self.key(r))
@@ -151,6 +168,7 @@ class Stage2:
     tracker: Tracker
     parent_run_id: str
     encode_log: Path | None = None
+    _stack_sizes: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def transfer(self) -> TransferConfig:
@@ -162,8 +180,11 @@ class Stage2:
 
     @property
     def settings(self) -> ReadoutSettings:
+        """Replicate 0's settings; replicate r trains with `ReadoutKeys.seed_of` as its seed."""
         t = self.transfer
-        return ReadoutSettings(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed)
+        return ReadoutSettings(
+            t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed
+        )
 
     @property
     def slots(self) -> int:
@@ -180,7 +201,7 @@ class Stage2:
         if missing := [x for x in t.targets if x not in sources]:
             raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
         targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
-        return plan_transfers(targets, sources, t.orders, t.beams, t.baselines)
+        return plan_transfers(targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
 
     def estimate(self, plan: TransferPlan) -> tuple[float, int]:
         """(seconds per readout, parallel slots), from one short readout timed on a worker."""
@@ -206,15 +227,16 @@ class Stage2:
 
     def readout_keys(self, results: Mapping[str, TaskResult]) -> ReadoutKeys:
         """How to key each readout of a study on these networks (see `ReadoutKeys`)."""
-        science = {
-            k: v for k, v in to_dict(self.transfer).items() if k not in (*_RUNTIME_FIELDS, *_PLAN_FIELDS)
-        }
+        t = self.transfer
+        science = {k: v for k, v in to_dict(t).items() if k not in (*_RUNTIME_FIELDS, *_PLAN_FIELDS)}
         common = config_hash(
             "readout-v1", science, self.config.model, self.config.data.size, self.store.data_version
         )
         features = {name: s.key for name, s in self.feature_sources(results).items()}
         networks = {name: r.key for name, r in results.items()}
-        return ReadoutKeys(self.config.root, common, features, networks, self._target_keys())
+        return ReadoutKeys(
+            self.config.root, common, features, networks, self._target_keys(), t.seed, t.pairing
+        )
 
     def _target_keys(self) -> dict[str, str]:
         """Per task: its definition and output channels, which shape every readout into it."""
@@ -235,12 +257,17 @@ class Stage2:
             except KeyError:  # a source or the target has no trained network yet
                 return None
 
-        out = [(r.name, "reuse" if stored(r) else "run") for r in (*plan.first_order, *plan.baselines)]
+        def status(readouts) -> list[tuple[str, str]]:
+            return [(x.name, "reuse" if stored(x) else "run") for r in readouts for x in plan.replicas(r)]
+
+        out = status((*plan.first_order, *plan.baselines))
         for target in plan.targets:
-            first = {r.sources[0]: stored(r) for r in plan.first_order_of(target)}
+            first = {x: stored(x) for r in plan.first_order_of(target) for x in plan.replicas(r)}
             if all(first.values()):
-                beam = plan.higher_order(target, {s: o.val_loss for s, o in first.items()})
-                out += [(r.name, "reuse" if stored(r) else "run") for r in beam]
+                losses: dict[str, list[float]] = {}
+                for x, o in first.items():
+                    losses.setdefault(x.sources[0], []).append(o.val_loss)
+                out += status(plan.higher_order(target, losses))
             elif n := sum(plan.higher_order_count(target, k) for k in plan.orders):
                 out.append((f"{target}: up to {n} higher-order (beam after first order)", "run"))
         return out
@@ -297,6 +324,7 @@ class Stage2:
 
     def _job(self, r: Readout, dirs: tuple[str, ...], path: str, checkpoint: str = "") -> ReadoutJob:
         t, task = self.transfer, self.config.task(r.target)
+        seed = readout_seed(t.seed, r, t.pairing)
         return ReadoutJob(
             readout=r,
             task=task,
@@ -305,13 +333,29 @@ class Stage2:
             model=self.config.model,
             image_size=self.config.data.size,
             channels=channels_for(task, self.store),
-            settings=self.settings,
+            settings=replace(self.settings, seed=seed),
             path=path,
             use_gpu=self.use_gpu,
             threads=max(1, int(t.cpus_per_readout)),
-            fail=r.name in t.fail_readouts,
+            fail=r.first.name in t.fail_readouts,  # every replicate of it
             checkpoint=checkpoint,
         )
+
+    def stack_size(self, target: str) -> int:
+        """Readouts per stack into `target`: `transfer.stack` (0: 16, or 1 for a pixel target on
+        CPUs), fewer where one member's rough footprint (parameters, gradients and AdamW's two
+        moments; the decoder's activations kept for backward, about 16 floats per output value of
+        a batch) times the stack would pass `transfer.stack_memory_gb`."""
+        if target not in self._stack_sizes:
+            t, task, size = self.transfer, self.config.task(target), self.config.data.size
+            limit = t.stack or (1 if task.kind is TaskKind.PIXEL and not self.use_gpu else AUTO_STACK)
+            channels = channels_for(task, self.store)
+            rep = self.config.model.representation_channels
+            net = build_readout(task, rep, self.config.model, size, t.width, channels)
+            params = sum(p.numel() for p in net.parameters())
+            member = 4 * (4 * params + 16 * t.batch_size * math.prod(task.output_shape(size, channels)))
+            self._stack_sizes[target] = max(1, min(limit, int(t.stack_memory_gb * 2**30 // member)))
+        return self._stack_sizes[target]
 
     def _resources(self) -> dict:
         t = self.transfer
@@ -407,6 +451,7 @@ class Stage2:
                 "target": [r.target for r in readouts],
                 "sources": [list(r.sources) for r in readouts],
                 "order": pa.array([r.order for r in readouts], pa.int32()),
+                "replicate": pa.array([r.replicate for r in readouts], pa.int32()),
                 "kind": [r.kind.value for r in readouts],
                 "mean_loss": [fan.outcomes[r].mean_loss for r in readouts],
                 "val_loss": [fan.outcomes[r].val_loss for r in readouts],

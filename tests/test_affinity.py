@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import components.affinity as affinity
+import components.affinity_io as affinity_io
 from components.affinity import (
     affinity_by_target,
     ahp_affinity,
@@ -143,7 +144,8 @@ def test_list_column_and_csv_inputs(tmp_path):
     pacsv.write_csv(table, tmp_path / "losses.csv")
     from_parquet = compute_affinity(read_losses(tmp_path / "losses.parquet"))
     from_csv = compute_affinity(read_losses(tmp_path / "losses.csv"))
-    assert from_parquet.drop_columns(["gain"]).equals(from_csv.drop_columns(["gain"]))  # gain: NaN
+    no_reference = ["gain", "vs_random"]  # NaN: neither pixels nor random was measured
+    assert from_parquet.drop_columns(no_reference).equals(from_csv.drop_columns(no_reference))
     assert _by_sources(from_parquet, "t").keys() == {"self", "a", "a+b"}
 
 
@@ -243,7 +245,9 @@ def test_per_target_streaming_equals_the_whole_table(bootstrap):
     table = _study(np.random.default_rng(6))
     calls: list[str] = []
     result = affinity_by_target(["d", "b", "c", "a"], _split(table, calls), bootstrap, seed=4)
-    assert calls == ["a", "b", "c", "d"]  # each target read once, in the table's order
+    # each target read once, in the table's order; with a bootstrap and no image ids given, a first
+    # pass reads each target for its image ids (the resamples' image weights are over the study's)
+    assert calls == ["a", "b", "c", "d"] * (2 if bootstrap else 1)
     cube = loss_cube(table)
     assert result.unlabelled == unlabelled_counts(cube) == {"c": 1}
     if bootstrap == 0:
@@ -258,8 +262,16 @@ def test_per_target_streaming_equals_the_whole_table(bootstrap):
     lo, hi = np.percentile(result.samples, (2.5, 97.5), axis=0)
     np.testing.assert_array_equal(result.table["affinity_lo"].to_numpy(), lo)
     np.testing.assert_array_equal(result.table["affinity_hi"].to_numpy(), hi)
-    again = affinity_by_target(["a", "b", "c", "d"], _split(table), bootstrap, seed=4)
-    np.testing.assert_array_equal(again.samples, result.samples)  # deterministic per seed
+    calls.clear()
+    given = affinity_by_target(["a", "b", "c", "d"], _split(table, calls), bootstrap, 4, cube.image_ids)
+    assert calls == ["a", "b", "c", "d"]  # the study's image ids given: one read per target
+    np.testing.assert_array_equal(given.samples, result.samples)  # deterministic per seed
+    _assert_same_table(given.table, result.table)
+    wider = [*cube.image_ids, "zz-not-in-any-table"]  # a test image no target has: other weights
+    assert not np.array_equal(
+        affinity_by_target(["a"], _split(table), bootstrap, 4, wider).samples,
+        result.samples[:, : len(_by_sources(result.table, "a"))],
+    )
 
 
 def test_per_target_streaming_holds_one_target_at_a_time(monkeypatch):
@@ -282,7 +294,7 @@ def test_per_target_streaming_holds_one_target_at_a_time(monkeypatch):
 
     monkeypatch.setattr(affinity, "loss_cube", recorded_cube)
     affinity_by_target(["a", "b", "c", "d"], read_target, bootstrap=3)
-    assert len(alive) == 8
+    assert len(alive) == 12  # the first pass (image ids) reads 4 tables, then 4 tables and 4 cubes
 
 
 def test_per_target_streaming_errors_name_the_targets():
@@ -339,3 +351,37 @@ def test_dictionary_columns_as_parquet_readers_give_them(tmp_path):
     _assert_same_table(by_target.table, expected)
     joined = table.set_column(1, "sources", pc.dictionary_encode(table["sources"]))  # "+"-joined
     _assert_same_table(compute_affinity(joined), expected)
+
+
+def test_source_sets_from_dictionary_encoded_lists_equal_the_joined_strings():
+    """Parquet's dictionary-encoded list elements are read by their codes (no string per row):
+    unordered, repeated names, several chunks with their own dictionaries, a sliced chunk."""
+    as_lists = pa.list_(pa.string())
+    encoded = pa.list_(pa.dictionary(pa.int32(), pa.string()))
+    column = pa.chunked_array(
+        [
+            pa.array([["b", "a"], ["a"], ["a", "a"], ["c", "b", "a"]], as_lists).cast(encoded),
+            pa.array([["x", "y"], ["a"], ["b", "a"], ["random"]], as_lists).slice(1).cast(encoded),
+        ]
+    )
+    codes, sets = affinity_io.source_sets(column)
+    assert sets == [("a",), ("a", "b"), ("a", "b", "c"), ("random",)]
+    assert codes.tolist() == [1, 0, 0, 2, 0, 1, 3]
+    plain = affinity_io.source_sets(column.cast(as_lists))
+    assert plain[1] == sets and plain[0].tolist() == codes.tolist()
+    with pytest.raises(TaskatlasError, match="empty source set"):  # the general path decides
+        affinity_io.source_sets(pa.array([["a"], []], as_lists).cast(encoded))
+
+
+def test_a_loss_file_reads_one_target_by_its_row_groups(tmp_path):
+    table = _study(np.random.default_rng(11))
+    joined = table.set_column(2, "image_id", pc.cast(table["image_id"], pa.string()))  # "+"-joined sources
+    pq.write_table(joined, tmp_path / "losses.parquet", row_group_size=40)
+    losses = affinity_io.LossFile(tmp_path / "losses.parquet")
+    assert losses.targets == ["a", "b", "c", "d"]
+    assert losses.read_target("b").num_rows == 36 and set(losses.read_target("b")["target"].to_pylist()) == {
+        "b"
+    }
+    assert losses.image_ids() == sorted(str(i) for i in range(30))
+    result = affinity_by_target(losses.targets, losses.read_target, 5, 1, losses.image_ids())
+    _assert_same_table(result.table, compute_affinity_with_intervals(joined, 5, seed=1))

@@ -10,7 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import components.affinity as affinity
-from components.affinity import AFFINITY_SCHEMA, affinity_from_cube, compute_affinity, loss_cube
+from components.affinity import (
+    AFFINITY_SCHEMA,
+    INTERVAL_SCHEMA,
+    affinity_from_cube,
+    compute_affinity,
+    loss_cube,
+)
 from components.affinity_io import transfer_table
 from components.bootstrap import (
     INTERVAL_COLUMNS,
@@ -92,7 +98,7 @@ def test_a_clear_edge_is_stable_and_a_coin_flip_splits():
 def test_intervals_bracket_the_point_estimate(mixed_losses):
     for losses in (mixed_losses, _edge_and_coin()):
         table = compute_affinity_with_intervals(losses, 200, seed=0)
-        assert table.column_names == [*AFFINITY_SCHEMA.names, *INTERVAL_COLUMNS]
+        assert table.column_names == INTERVAL_SCHEMA.names
         _assert_same_table(table.select(AFFINITY_SCHEMA.names), compute_affinity(losses))
         point, lo, hi = (table[c].to_numpy() for c in ("affinity", *INTERVAL_COLUMNS))
         assert (lo <= point).all() and (point <= hi).all() and (lo < hi).any()
@@ -140,8 +146,11 @@ def test_weighted_counts_equal_a_brute_force_resample(monkeypatch):
     n, seed = 6, 3
     weights = list(resample_weights(cube, n, seed))
     samples = bootstrap_affinities(cube, n, seed)
-    assert [w.sum(axis=1).tolist() for w in weights] == [[m] * n, [m - 1] * n]
-    assert (weights[1][:, 4] == 0).all()  # the unlabelled image is never drawn
+    # One count vector per resample over the study's images, shared by both targets (the images
+    # are the same images): x, labelled everywhere, gets all m draws; y the same counts, except on
+    # its unlabelled image 4, which counts nowhere for y (its rows sum to less than m).
+    assert weights[0].sum(axis=1).tolist() == [m] * n
+    np.testing.assert_array_equal(weights[1], np.where(np.arange(m) == 4, 0, weights[0]))
 
     rows = table.to_pylist()
     for b in range(n):
@@ -199,9 +208,11 @@ def test_affinity_bootstrap_writes_the_interval_columns(mixed_losses, tmp_path, 
         main(["affinity", "--losses", str(losses), "--out", str(out), "--bootstrap", "30", "--seed", "2"])
         == 0
     )
-    assert "95% intervals over 30 resamples" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "95% intervals and p_best over 30 resamples" in said
+    assert "training noise not measured" in said  # no replicate column: one replicate per readout
     written = pq.read_table(out)
-    assert written.column_names == [*AFFINITY_SCHEMA.names, *INTERVAL_COLUMNS]
+    assert written.column_names == INTERVAL_SCHEMA.names
     _assert_same_table(written, compute_affinity_with_intervals(mixed_losses, 30, seed=2))
 
 

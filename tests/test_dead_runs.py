@@ -107,7 +107,7 @@ def test_a_killed_transfer_stage_is_continued_in_one_run_holding_all_its_readout
     config = _config(
         tmp_path,
         "[normal, reshading]",
-        "train: {epochs: 1, num_workers: 1}\ntransfer: {orders: [], beams: [], epochs: 30, width: 16}\n",
+        "train: {epochs: 1, num_workers: 1}\ntransfer: {orders: [], beams: [], epochs: 30, width: 16, replicates: 1}\n",
     )
     _finish(_cli("train", "-c", str(config)))  # Stage I first: the kill lands among the readouts
 

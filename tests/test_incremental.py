@@ -26,7 +26,7 @@ def write_config(tmp_path, tasks, extra=""):
             model: {{encoder: small, width: 8, downsample: 4}}
             train: {{epochs: 1, num_workers: 1}}
             tune: {{enabled: false}}
-            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16}}
+            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16, replicates: 1}}
             taxonomy: {{budget: 1, max_order: 2}}
             """
         )

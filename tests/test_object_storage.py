@@ -58,7 +58,7 @@ def _config(folder: Path, storage_root: str, tracking_uri: str = "") -> Path:
             model: {{encoder: small, width: 8, downsample: 4}}
             train: {{epochs: 1, num_workers: 2, cpus_per_worker: 1}}
             tune: {{enabled: false}}
-            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16}}
+            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16, replicates: 1}}
             taxonomy: {{budget: 1, max_order: 2}}
             analysis: {{bootstrap: 20}}
             """

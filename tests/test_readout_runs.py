@@ -74,12 +74,14 @@ def test_a_readout_run_holds_the_tags_params_metrics_and_times_of_the_fan_out():
         "target": "normal",
         "sources": "depth+edge_texture",
         "kind": "transfer",
+        "replicate": "0",
     }
     assert dict(run.params) == {
         "target": "normal",
         "sources": "depth+edge_texture",
         "order": "2",
         "kind": "transfer",
+        "replicate": "0",
     }
     assert list(run.metrics) == [
         ("test_loss", 0.25, 2),  # scores at the last epoch (0-based)
@@ -94,6 +96,15 @@ def test_a_readout_run_holds_the_tags_params_metrics_and_times_of_the_fan_out():
         FINISHED,
         FinalStatus.FINISHED,
         None,
+    )
+
+
+def test_a_replicates_run_is_named_and_tagged_with_its_replicate():
+    r = Readout("normal", ("depth",), replicate=2)
+    run = readout_run(ReadoutOutcome(r, 0.5, 1.0, (0.9,), 0.4), "rk", "s")
+    assert run.name == "normal <- depth #2" == readout_run_name(r)
+    assert (
+        run.tags["replicate"] == run.params["replicate"] == "2" and run.tags["readout"] == "depth--normal.r2"
     )
 
 
@@ -202,7 +213,13 @@ def test_the_log_buffers_readouts_and_logs_them_every_batch_and_at_close(tracker
     assert one.data.tags["mlflow.parentRunId"] == parent and one.data.tags["key"] == "stage1"
     assert one.data.metrics == {"test_loss": 0.25, "seconds": 3.5, "val_loss": 0.4, "train_loss": 1 / 3}
     assert _history(tracker, one.info.run_id, "train_loss") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
-    assert one.data.params == {"target": "normal", "sources": "s4", "order": "1", "kind": "transfer"}
+    assert one.data.params == {
+        "target": "normal",
+        "sources": "s4",
+        "order": "1",
+        "kind": "transfer",
+        "replicate": "0",
+    }
     assert (one.info.start_time, one.info.end_time) == (int(STARTED * 1000), int(FINISHED * 1000))
 
 

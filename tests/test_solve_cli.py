@@ -46,7 +46,8 @@ def test_affinity_then_solve_with_plot(losses_file, tmp_path, capsys):
     assert main(["affinity", "--losses", str(losses_file), "--out", str(out)]) == 0
     assert "3 targets" in capsys.readouterr().out
     assert out.with_suffix(".png").read_bytes()[:4] == PNG
-    assert pq.read_table(out).column_names == ["target", "sources", "order", "affinity", "quality", "gain"]
+    columns = ["target", "sources", "order", "affinity", "quality", "gain", "vs_random"]
+    assert pq.read_table(out).column_names == columns
     as_csv = tmp_path / "affinity.csv"
     assert (
         main(["affinity", "--losses", str(losses_file), "--out", str(as_csv), "--heatmap", str(plot_dir)])

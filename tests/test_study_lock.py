@@ -99,7 +99,7 @@ def _config(tmp_path: Path) -> Path:
             data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
             train: {{epochs: 1, num_workers: 1}}
             tune: {{enabled: false}}
-            transfer: {{orders: [], beams: [], epochs: 1}}
+            transfer: {{orders: [], beams: [], epochs: 1, replicates: 1}}
             """
         )
     )

@@ -35,6 +35,7 @@ from components.transfer import (
     ReadoutKind,
     ReadoutSettings,
     build_readout,
+    plan_transfers,
     random_encoder,
     train_readout,
     trained_encoder,
@@ -44,11 +45,14 @@ from components.transfer.features import PixelFeatures
 from components.transfer.jobs import (
     FeatureEncoder,
     ReadoutJob,
+    ReadoutOutcome,
     attempt_events,
     calibrate_readout,
+    read_readout,
 )
 from components.transfer.readout import score_network
 from pipelines.config import load_pipeline_config
+from pipelines.fanout import validation_losses
 from pipelines.invocation import open_tracker
 from pipelines.readout_runs import readout_run_name
 from pipelines.stage1 import TaskResult
@@ -66,6 +70,7 @@ BASE = [
     "transfer.batch_size=8",
     "transfer.width=16",
     "transfer.epochs=2",
+    "transfer.replicates=1",  # the fan-out tests count readouts; test_replicates_* set their own
 ]
 
 
@@ -279,7 +284,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     assert result.counts == {"order 1": 9, "order 2": 3, "self": 3, "pixels": 3, "random": 3}
 
     losses = result.all_losses()
-    assert losses.column_names == ["target", "sources", "image_id", "loss"]
+    assert losses.column_names == ["target", "sources", "image_id", "loss", "replicate"]
     assert losses.num_rows == 21 * 16
     keys = pc.binary_join_element_wise(
         losses["target"], pc.binary_join(losses["sources"], "+"), losses["image_id"], "|"
@@ -287,16 +292,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     assert len(pc.unique(keys)) == losses.num_rows  # no duplicated (target, sources, image)
 
     summary = result.summary().to_pylist()
-    assert {"target", "sources", "order", "mean_loss", "seconds"} <= set(summary[0])
-    for target in TASKS:  # beams come from validation losses on the transfer split, not test losses
-        first = {
-            r["sources"][0]: r["val_loss"]
-            for r in summary
-            if r["target"] == target and r["kind"] == "transfer" and r["order"] == 1
-        }
-        beam = sorted((s for s in first if s != target), key=lambda s: (first[s], s))[:2]
-        pairs = [r["sources"] for r in summary if r["target"] == target and r["order"] == 2]
-        assert pairs == [sorted(beam)]
+    assert {"target", "sources", "order", "replicate", "mean_loss", "seconds"} <= set(summary[0])
 
     runs = _readout_runs(stage, result.key)
     assert len(runs) == 21 and set(runs.values()) == {1}
@@ -309,6 +305,43 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
 
     again = make_stage2(root, store).run(results)  # complete: skipped as a whole
     assert again.ran == 0 and again.key == result.key and again.losses_dir == result.losses_dir
+
+
+def test_beams_are_chosen_on_validation_losses_averaged_over_replicates_never_on_test_losses():
+    plan = plan_transfers(["t"], ["a", "b", "c", "t"], orders=(2,), beams=(2,), replicates=2)
+    val = {"a": (0.1, 0.1), "b": (0.2, 0.9), "c": (0.5, 0.5), "t": (0.0, 0.0)}  # means: a, c, b
+    test = {"a": 0.1, "b": 0.2, "c": 0.9, "t": 0.0}  # test losses (and replicate 0 alone) rank b second
+    outcomes = {
+        x: ReadoutOutcome(
+            x, mean_loss=test[x.sources[0]], seconds=1.0, val_loss=val[x.sources[0]][x.replicate]
+        )
+        for r in plan.first_order
+        for x in plan.replicas(r)
+    }
+    losses = validation_losses(plan, "t", outcomes)
+    assert losses == {s: list(v) for s, v in val.items()}
+    assert [r.sources for r in plan.higher_order("t", losses)] == [("a", "c")]
+
+
+def test_replicates_add_only_the_new_readouts_and_carry_a_replicate_column(env):
+    root, store, results = env
+    make_stage2(root, store).run(results)  # one replicate (shared with the other tests of `env`)
+    first_keys = make_stage2(root, store).readout_keys(results)
+    stage = make_stage2(root, store, "transfer.replicates=2", "transfer.stack=8")  # stacked: one model
+    result = stage.run(results)
+    # every trained readout once more (pairs: 3 targets x 1 beam pair); `self` is not replicated
+    assert result.failed == () and result.ran == 9 + 3 + 3 + 3
+    assert result.counts == {"order 1": 18, "order 2": 6, "self": 3, "pixels": 6, "random": 6}
+    losses = result.all_losses()
+    assert sorted(set(losses["replicate"].to_pylist())) == [0, 1]
+    keys = stage.readout_keys(results)
+    one = Readout("normal", ("reshading",))
+    assert keys.key(one) == first_keys.key(one)  # replicate 0 is the readout already stored
+    assert attempt_events(keys.path(one)).count("done") == 1  # ... and was not trained again
+    second = Readout("normal", ("reshading",), replicate=1)
+    assert keys.key(second) != keys.key(one) and keys.path(second).exists()
+    a, b = (read_readout(keys.path(r)).to_pydict()["loss"] for r in (one, second))
+    assert a != b  # another seed, another readout
 
 
 def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env):
@@ -356,8 +389,10 @@ make_stage2(__import__("pathlib").Path(spec["root"]), ShardStore(spec["data"]), 
 def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_once(
     env, ray_session, tmp_path
 ):
+    """With stacks of 4 and 2 replicates: a stack killed half-way is rerun for its members whose
+    losses are not written, and no member is trained twice."""
     root, store, results = env
-    overrides = ["transfer.epochs=25", "transfer.seed=5"]
+    overrides = ["transfer.epochs=15", "transfer.seed=5", "transfer.stack=4", "transfer.replicates=2"]
     probe = make_stage2(root, store, *overrides)
     spec = {
         "address": ray_session.get_runtime_context().gcs_address,
@@ -377,7 +412,7 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     before = stored()  # readouts of the other tests in this storage root
     trained = lambda: stored() - before  # noqa: E731
     deadline = time.monotonic() + 180
-    while len(trained()) < 4:
+    while len(trained()) < 8:
         assert driver.poll() is None, "the driver finished or died before it could be killed"
         assert time.monotonic() < deadline, "no readouts were stored in time"
         time.sleep(0.02)
@@ -388,21 +423,27 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
 
     result = probe.run(results)
     summary = result.summary().to_pylist()
-    plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
-    assert result.failed == () and len(summary) == 21
-    assert 0 < result.ran <= 18 - stored_at_kill + 2  # the rest were stored (2: in flight at the kill)
-    assert set(_done_counts(probe.readout_keys(results), plan_readouts).values()) == {
-        1
-    }  # none lost, none twice
+    plan_readouts = [
+        Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"]), r["replicate"]) for r in summary
+    ]
+    assert result.failed == () and len(summary) == 39  # (9 + 3 + 3 + 3) x 2 replicates + 3 self
+    # the rest were stored; up to 2 stacks of 4 were in flight at the kill
+    assert 0 < result.ran <= 36 - stored_at_kill + 8
+    done = _done_counts(probe.readout_keys(results), plan_readouts)
+    assert set(done.values()) == {1}  # none lost, none twice
     losses = result.all_losses()
-    assert losses.num_rows == 21 * 16
+    assert losses.num_rows == 39 * 16
     keys = pc.binary_join_element_wise(
-        losses["target"], pc.binary_join(losses["sources"], "+"), losses["image_id"], "|"
+        losses["target"],
+        pc.binary_join(losses["sources"], "+"),
+        losses["image_id"],
+        pc.cast(losses["replicate"], "string"),
+        "|",
     )
     assert len(pc.unique(keys)) == losses.num_rows
     runs = _readout_runs(probe, result.key)  # `self` runs may belong to another study that scored them
     trained = [r for r in plan_readouts if r.kind.value != "self"]
-    assert len(trained) == 18 and all(runs[readout_run_name(r)] == 1 for r in trained)
+    assert len(trained) == 36 and all(runs[readout_run_name(r)] == 1 for r in trained)
 
 
 def _wait_for_workers_to_go(root: Path, timeout: float = 60) -> None:

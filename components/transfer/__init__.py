@@ -12,10 +12,13 @@ from components.transfer.features import (
 )
 from components.transfer.plan import (
     BASELINES,
+    Pairing,
     Readout,
     ReadoutKind,
     TransferPlan,
     baseline,
+    beam,
+    beam_availability,
     describe_plan,
     estimate_seconds,
     plan_transfers,
@@ -23,6 +26,7 @@ from components.transfer.plan import (
     prune_for_budget,
     prune_plan,
     rank_sources,
+    readout_seed,
     shared_sources,
 )
 from components.transfer.readout import (
@@ -33,18 +37,23 @@ from components.transfer.readout import (
     label_tensor,
     train_readout,
 )
+from components.transfer.stacked import StackMember, train_stacked
 
 __all__ = [
     "BASELINES",
     "FeatureKind",
     "FeatureSource",
+    "Pairing",
     "Readout",
     "ReadoutKind",
     "ReadoutNetwork",
     "ReadoutResult",
     "ReadoutSettings",
+    "StackMember",
     "TransferPlan",
     "baseline",
+    "beam",
+    "beam_availability",
     "build_feature_module",
     "build_readout",
     "describe_plan",
@@ -58,8 +67,10 @@ __all__ = [
     "prune_plan",
     "random_encoder",
     "rank_sources",
+    "readout_seed",
     "shared_sources",
     "train_readout",
+    "train_stacked",
     "trained_encoder",
     "view_input",
 ]

@@ -42,6 +42,7 @@ from components.training import iter_batches, nanmean, pick_device
 from components.transfer.features import FeatureSource, build_feature_module, encode_batch, load_state_dict
 from components.transfer.plan import Readout, ReadoutKind
 from components.transfer.readout import ReadoutSettings, score_network, train_readout
+from components.transfer.stacked import StackMember, train_stacked
 
 LOSS_SCHEMA = pa.schema(
     [
@@ -49,6 +50,7 @@ LOSS_SCHEMA = pa.schema(
         ("sources", pa.list_(pa.string())),
         ("image_id", pa.string()),
         ("loss", pa.float32()),
+        ("replicate", pa.int32()),  # which training of the readout (design.md section 10)
     ]
 )
 _META = b"taskatlas"  # readout file metadata: mean loss, seconds, training history
@@ -145,6 +147,93 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     write_readout(location(job.path), outcome, result.image_ids, result.losses)
     note_attempt(job.path, "done")
     return outcome
+
+
+@dataclass(frozen=True)
+class StackJob:
+    """Readouts into one target trained as one stacked model (design.md section 13): first-order
+    sources x replicates, or one higher order's source sets x replicates. Every member is a whole
+    `ReadoutJob` (its own features, seed and loss file); members must differ only in those."""
+
+    members: tuple[ReadoutJob, ...]
+
+    @property
+    def name(self) -> str:
+        first = self.members[0].readout
+        return f"{len(self.members)} readouts -> {first.target}"
+
+
+@dataclass(frozen=True)
+class StackOutcome:
+    """What a stack did: the members it trained (or found stored) and those that failed."""
+
+    outcomes: tuple[ReadoutOutcome, ...]
+    failed: tuple[tuple[Readout, str], ...] = ()
+
+
+def run_stack(job: StackJob) -> StackOutcome:
+    """Train a stack's members that are not stored yet, as one model per input shape, and store
+    each member's losses itself: a member is written once, so a retried or resumed stack skips
+    what is done (exactly once per member). A member that diverges is retried alone by
+    `train_stacked`, and reported failed if it diverges again; the others are kept. A member
+    with the `fail` seam raises after the others are stored."""
+    first, started = job.members[0], time.time()
+    torch.set_num_threads(first.threads)
+    done, todo = [], []
+    for m in job.members:
+        stored = stored_outcome(location(m.path), m.readout)
+        (done.append(stored) if stored is not None else todo.append(m))
+    failed: list[tuple[Readout, str]] = []
+    by_shape: dict[tuple, list[tuple[ReadoutJob, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for m in todo:
+        note_attempt(m.path, "start")
+        if m.fail:
+            continue
+        train_x, train_ids = source_features(m.feature_dirs, "transfer")
+        test_x, test_ids = source_features(m.feature_dirs, "test")
+        by_shape.setdefault(train_x.shape[1:], []).append((m, train_x, train_ids, test_x, test_ids))
+    for group in by_shape.values():  # every member's features hold the same images, by id
+        m0, _, train_ids, _, test_ids = group[0]
+        for m, _, a, _, b in group[1:]:
+            if not (np.array_equal(a, train_ids) and np.array_equal(b, test_ids)):
+                raise RuntimeError(
+                    f"features of {m.readout.name} and {m0.readout.name} hold different images"
+                )
+        common = {
+            "task": m0.task,
+            "model": m0.model,
+            "image_size": m0.image_size,
+            "transfer_y": _labels(m0.data_root, "transfer", m0.task.column, train_ids),
+            "test_y": _labels(m0.data_root, "test", m0.task.column, test_ids),
+            "test_ids": test_ids,
+            "device": pick_device(m0.use_gpu),
+            "channels": m0.channels,
+        }
+        if len(group) == 1:  # a stack of one is the plain readout (`transfer.stack: 1`)
+            m, tx, _, sx, _ = group[0]
+            results = [train_readout(transfer_x=tx, test_x=sx, settings=m.settings, **common)]
+        else:
+            members = [StackMember(tx, sx, m.settings.seed) for m, tx, _, sx, _ in group]
+            results = train_stacked(members=members, settings=m0.settings, **common)
+        for (m, *_), result in zip(group, results, strict=True):
+            if result is None:
+                failed.append((m.readout, f"readout {m.readout.name} diverged (non-finite loss), alone too"))
+                continue
+            outcome = ReadoutOutcome(
+                m.readout,
+                result.mean_loss,
+                result.seconds,
+                result.train_losses,
+                result.val_loss,
+                started,
+                time.time(),
+            )
+            write_readout(location(m.path), outcome, result.image_ids, result.losses)
+            note_attempt(m.path, "done")
+            done.append(outcome)
+    if seams := [m.readout.name for m in todo if m.fail]:
+        raise RuntimeError(f"injected failure of readout {', '.join(seams)} (transfer.fail_readouts)")
+    return StackOutcome(tuple(done), tuple(failed))
 
 
 def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
@@ -338,6 +427,7 @@ def write_readout(path: Location, outcome: ReadoutOutcome, ids: np.ndarray, loss
             "sources": [list(r.sources)] * n,
             "image_id": np.asarray(ids).astype(str),
             "loss": np.asarray(losses, np.float32),
+            "replicate": np.full(n, r.replicate, np.int32),
         },
         schema=LOSS_SCHEMA,
     )
@@ -364,7 +454,11 @@ def stored_outcome(path: Location, readout: Readout, known: set[str] | None = No
 
 
 def read_readout(path: Location) -> pa.Table:
-    return path.read_parquet().replace_schema_metadata(None)
+    """A stored readout's losses (a file written before replicates existed is replicate 0)."""
+    table = path.read_parquet().replace_schema_metadata(None)
+    if "replicate" not in table.column_names:
+        table = table.append_column(LOSS_SCHEMA.field("replicate"), pa.array(np.zeros(len(table), np.int32)))
+    return table
 
 
 def write_target_losses(readout_files: Sequence[str], out: str) -> int:

@@ -30,19 +30,30 @@ class ReadoutKind(str, Enum):
 BASELINES = (ReadoutKind.SELF, ReadoutKind.PIXELS, ReadoutKind.RANDOM)
 
 
+class Pairing(str, Enum):
+    """How replicates draw their seeds (design.md section 10)."""
+
+    PAIRED = "paired"  # replicate r of every candidate of a target shares one seed (common random numbers)
+    INDEPENDENT = "independent"  # every readout's replicate r has a seed of its own
+
+
 @dataclass(frozen=True, order=True)
 class Readout:
-    """One unit of Stage II work: train a readout from `sources` to `target` (or read `self`)."""
+    """One unit of Stage II work: train a readout from `sources` to `target` (or read `self`).
+    `replicate` r > 0 is the same readout trained again with another seed (`readout_seed`)."""
 
     target: str
     sources: tuple[str, ...]  # sorted; (kind,) for a baseline, as in the loss table
     kind: ReadoutKind = ReadoutKind.TRANSFER
+    replicate: int = 0
 
     def __post_init__(self) -> None:
         if tuple(sorted(set(self.sources))) != self.sources or not self.sources:
             raise ValueError(f"sources must be a non-empty sorted set, got {self.sources}")
         if self.kind is not ReadoutKind.TRANSFER and self.sources != (self.kind.value,):
             raise ValueError(f"a {self.kind.value} baseline has sources ({self.kind.value!r},)")
+        if self.replicate < 0 or (self.replicate and self.kind is ReadoutKind.SELF):
+            raise ValueError(f"replicate must be >= 0 (and 0 for self), got {self.replicate}")
 
     @property
     def order(self) -> int:
@@ -50,13 +61,35 @@ class Readout:
 
     @property
     def name(self) -> str:
-        """`a+b->t`: how logs, MLflow (`transfer/<name>`) and failure reports call it."""
-        return f"{'+'.join(self.sources)}->{self.target}"
+        """`a+b->t` (`a+b->t#r` for replicate r > 0): how logs, MLflow (`transfer/<name>`) and
+        failure reports call it."""
+        return f"{'+'.join(self.sources)}->{self.target}{self._suffix('#')}"
 
     @property
     def file_id(self) -> str:
-        """The name without `>`: safe as a file name on any filesystem or object store."""
-        return f"{'+'.join(self.sources)}--{self.target}"
+        """The name without `>` or `#`: safe as a file name on any filesystem or object store."""
+        return f"{'+'.join(self.sources)}--{self.target}{self._suffix('.r')}"
+
+    @property
+    def first(self) -> Readout:
+        """Replicate 0 of this readout: what beams, summaries and candidates are keyed by."""
+        return replace(self, replicate=0)
+
+    def _suffix(self, mark: str) -> str:
+        return f"{mark}{self.replicate}" if self.replicate else ""
+
+
+def readout_seed(seed: int, r: Readout, pairing: Pairing = Pairing.PAIRED) -> int:
+    """The seed of a readout's initialisation and batch order. Paired, replicate 0 keeps the
+    study's seed (every readout of a study before replicates existed), and replicate r of every
+    candidate of a target shares one seed; independent, each readout's replicate draws its own."""
+    if pairing is Pairing.PAIRED:
+        if r.replicate == 0:
+            return seed
+        entropy = [seed, r.replicate]
+    else:
+        entropy = [seed, r.replicate, zlib.crc32(r.target.encode()), zlib.crc32("+".join(r.sources).encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def baseline(target: str, kind: ReadoutKind) -> Readout:
@@ -77,6 +110,14 @@ class TransferPlan:
     audited: tuple[Readout, ...] = ()
     top_k: int = 0  # sources per target kept by estimate; 0: not pruned
     shared: tuple[str, ...] = ()  # sources kept for every target (`shared_sources`)
+    replicates: int = 1  # each trained readout, trained this many times with its own seed
+    widen: float = 0.0  # beams take in sources within this many standard errors of the edge
+
+    def replicas(self, r: Readout) -> tuple[Readout, ...]:
+        """Every replicate of `r` (`self` is scored, not trained: one)."""
+        if r.kind is ReadoutKind.SELF:
+            return (r,)
+        return tuple(replace(r, replicate=i) for i in range(self.replicates))
 
     def first_order_of(self, target: str) -> tuple[Readout, ...]:
         return tuple(r for r in self.first_order if r.target == target)
@@ -87,28 +128,33 @@ class TransferPlan:
         return tuple(r.sources[0] for r in self.first_order_of(target) if r.sources[0] != target)
 
     def higher_order_count(self, target: str, order: int) -> int:
+        """Readouts of one higher order for `target` (replicate 0; at the beam's widest when widened)."""
         beam = self.beams[self.orders.index(order)]
-        return math.comb(min(beam, len(self.candidates(target))), order)
+        widest = beam + (_MAX_WIDEN if self.widen > 0 else 0)
+        return math.comb(min(widest, len(self.candidates(target))), order)
 
-    def higher_order(self, target: str, first_order_losses: Mapping[str, float]) -> tuple[Readout, ...]:
-        """Readouts of every higher order for `target`, from its first-order mean test losses
-        (source -> loss; lower is better). Sources missing from the mapping (a failed readout)
-        are not in the beam."""
-        ranked = rank_sources(first_order_losses, exclude=target)
+    def higher_order(
+        self, target: str, first_order_losses: Mapping[str, float | Sequence[float]]
+    ) -> tuple[Readout, ...]:
+        """Readouts of every higher order for `target` (replicate 0 of each), from its first-order
+        validation losses (source -> loss, or its replicates' losses; lower is better), each order's
+        beam chosen by `beam`. Sources missing from the mapping (a failed readout) are not in it."""
         out = []
-        for order, beam in zip(self.orders, self.beams, strict=True):
-            out += [Readout(target, tuple(sorted(c))) for c in combinations(ranked[:beam], order)]
+        for order, size in zip(self.orders, self.beams, strict=True):
+            chosen = beam(first_order_losses, size, self.widen, exclude=target)
+            out += [Readout(target, tuple(sorted(c))) for c in combinations(chosen, order)]
         return tuple(out)
 
     def counts(self) -> dict[str, int]:
-        """Readouts per order and per baseline, as printed before a run."""
-        out = {"order 1": len(self.first_order)}
+        """Readouts per order and per baseline, replicates included, as printed before a run."""
+        out = {"order 1": len(self.first_order) * self.replicates}
         for order in self.orders:
-            out[f"order {order}"] = sum(self.higher_order_count(t, order) for t in self.targets)
+            n = sum(self.higher_order_count(t, order) for t in self.targets)
+            out[f"order {order}"] = n * self.replicates
         for kind in BASELINES:
             n = sum(r.kind is kind for r in self.baselines)
             if n:
-                out[kind.value] = n
+                out[kind.value] = n * (1 if kind is ReadoutKind.SELF else self.replicates)
         return out
 
     @property
@@ -234,6 +280,8 @@ def plan_transfers(
     orders: Sequence[int] = (2, 3),
     beams: Sequence[int] = (4, 4),
     baselines: Sequence[ReadoutKind] = BASELINES,
+    replicates: int = 1,
+    widen: float = 0.0,
 ) -> TransferPlan:
     """The plan for `targets` (tasks that are not source-only) from `sources` (every trained task)."""
     if len(orders) != len(beams):
@@ -246,6 +294,8 @@ def plan_transfers(
         )
     if ReadoutKind.TRANSFER in baselines:
         raise ValueError("transfer is not a baseline")
+    if replicates < 1 or widen < 0:
+        raise ValueError(f"need replicates >= 1 and widen >= 0, got {replicates}, {widen}")
     pairs = sorted(zip(orders, beams, strict=True))
     first = tuple(Readout(t, (s,)) for t in targets for s in sources)
     extra = tuple(baseline(t, kind) for t in targets for kind in BASELINES if kind in baselines)
@@ -256,12 +306,81 @@ def plan_transfers(
         beams=tuple(b for _, b in pairs),
         first_order=first,
         baselines=extra,
+        replicates=replicates,
+        widen=widen,
     )
 
 
 def rank_sources(first_order_losses: Mapping[str, float], exclude: str = "") -> list[str]:
     """Sources by mean test loss, best first; ties by name so every rerun picks the same beam."""
     return sorted((s for s in first_order_losses if s != exclude), key=lambda s: (first_order_losses[s], s))
+
+
+_MAX_WIDEN = 2  # a widened beam takes in at most this many sources past its size
+
+
+def beam(
+    losses: Mapping[str, float | Sequence[float]], size: int, widen: float = 0.0, exclude: str = ""
+) -> list[str]:
+    """A target's beam: its `size` best sources by mean validation loss over their replicates, and,
+    with `widen` > 0, up to `_MAX_WIDEN` more whose mean lies within `widen` standard errors of the
+    difference from the last one in (sources a rerun with other seeds could as well have put in).
+
+    Why the replicates' mean and a margin: a beam chosen on one seed's losses is luck where sources
+    are within seed noise of its edge, and a higher-order transfer outside it is never measured."""
+    values = {s: np.atleast_1d(np.asarray(v, dtype=float)) for s, v in losses.items() if s != exclude}
+    values = {s: v[np.isfinite(v)] for s, v in values.items()}
+    values = {s: v for s, v in values.items() if v.size}
+    means = {s: float(v.mean()) for s, v in values.items()}
+    ranked = rank_sources(means)
+    chosen = ranked[:size]
+    if widen <= 0 or len(ranked) <= size or size == 0:
+        return chosen
+    edge = chosen[-1]
+
+    def se2(s: str) -> float:  # squared standard error of a source's mean; 0 with one replicate
+        v = values[s]
+        return float(v.var(ddof=1) / v.size) if v.size > 1 else 0.0
+
+    for s in ranked[size : size + _MAX_WIDEN]:
+        if means[s] - means[edge] <= widen * math.sqrt(se2(s) + se2(edge)):
+            chosen.append(s)
+    return chosen
+
+
+def beam_availability(
+    rows: Sequence[tuple[str, tuple[str, ...]]],
+    val_losses: Mapping[tuple[str, str], np.ndarray],
+    draws: Mapping[tuple[str, str], np.ndarray],
+    orders: Sequence[int],
+    beams: Sequence[int],
+    widen: float,
+    n: int,
+) -> np.ndarray:
+    """(n, rows) bool: whether each affinity row (target, source set) was in reach in each of n
+    bootstrap resamples. A higher-order set is in reach when all its sources are in the beam that
+    resample's validation losses choose: `val_losses[(target, source)]` are a first-order
+    readout's replicates' validation losses and `draws[(target, source)]` (n, R) the replicates
+    the resample draws of it (the same draw as its test losses). First-order rows, baselines and
+    orders not in `orders` are always in reach.
+
+    Why: each study's higher-order candidates come from its own beam; a bootstrap over test losses
+    alone cannot see that a rerun might not have trained a transfer at all."""
+    size = dict(zip(orders, beams, strict=True))
+    out = np.ones((n, len(rows)), dtype=bool)
+    chosen: dict[tuple[str, int], list[set[str]]] = {}
+    for i, (target, sources) in enumerate(rows):
+        k = len(sources)
+        if k < 2 or k not in size:
+            continue
+        if (target, k) not in chosen:
+            mine = {s: v for (t, s), v in val_losses.items() if t == target}
+            chosen[target, k] = [
+                set(beam({s: v[draws[target, s][b]] for s, v in mine.items()}, size[k], widen, target))
+                for b in range(n)
+            ]
+        out[:, i] = [set(sources) <= reach for reach in chosen[target, k]]
+    return out
 
 
 def estimate_seconds(readouts: int, seconds_per_readout: float, slots: int) -> float:

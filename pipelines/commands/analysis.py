@@ -1,7 +1,7 @@
 """`taskatlas affinity` and `taskatlas solve`: Stages III and IV on files, no Ray needed.
 
 taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet     # + affinity.png
-taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet --bootstrap 200  # + 95% intervals
+taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet --bootstrap 200  # + intervals, p_best
 taskatlas solve --affinities affinity.parquet --budget 4 --max-order 2 --plot taxonomy.png
 taskatlas solve --losses transfer_losses.parquet --budget 4 --max-order 2 --bootstrap 200 --json  # + stability
 taskatlas solve --affinities ../shared/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from components.errors import TaskatlasError
 
 if TYPE_CHECKING:
+    from components.affinity import AffinityResult
     from components.taxonomy import SweepPoint, Taxonomy
 
 TRANSFORMS = ("sqrt", "none")  # components.taxonomy.Transform's values, without importing scipy here
@@ -28,11 +29,14 @@ TRANSFORMS = ("sqrt", "none")  # components.taxonomy.Transform's values, without
 def register(sub: argparse._SubParsersAction) -> None:
     aff = sub.add_parser("affinity", help="Stage III: per-image losses -> AHP affinity table and heatmap")
     aff.add_argument(
-        "--losses", required=True, type=Path, help="target,sources,image_id,loss (.parquet/.csv)"
+        "--losses",
+        required=True,
+        type=Path,
+        help="target,sources,image_id,loss[,replicate] (.parquet/.csv; Parquet is read a target at a time)",
     )
     aff.add_argument("--out", required=True, type=Path, help="affinity table to write (.parquet)")
     aff.add_argument("--heatmap", type=Path, help="heatmap PNG (default: --out with .png)")
-    _bootstrap_arguments(aff, "adds affinity_lo, affinity_hi: a 95%% interval over N resamples")
+    _bootstrap_arguments(aff, "adds affinity_lo, affinity_hi (a 95%% interval) and p_best")
     aff.set_defaults(func=_affinity)
 
     solve = sub.add_parser("solve", help="Stage IV: the taxonomy BIP on an affinity table")
@@ -58,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _bootstrap_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
-        "--bootstrap", type=int, metavar="N", help=f"resample each target's test images N times; {what}"
+        "--bootstrap",
+        type=int,
+        metavar="N",
+        help=f"N multi-bootstrap resamples (the test images, and each readout's replicates); {what}",
     )
     parser.add_argument("--seed", type=int, help="seed of the resamples (default 0; needs --bootstrap)")
 
@@ -77,34 +84,46 @@ def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
 
 
 def _affinity(args: argparse.Namespace) -> int:
-    from components.affinity import affinity_from_cube, describe_unlabelled, loss_cube, unlabelled_counts
-    from components.affinity_io import read_losses, write_affinity
-    from components.bootstrap import (
-        affinity_with_intervals,
-        bootstrap_affinities,
-    )
+    from components.affinity import describe_unlabelled
+    from components.affinity_io import write_affinity
     from components.plots import plot_affinity_heatmap
 
     bootstrap = _bootstrap_request(args)
-    cube = loss_cube(read_losses(args.losses))
-    table = (
-        affinity_from_cube(cube)
-        if bootstrap is None
-        else affinity_with_intervals(cube, bootstrap_affinities(cube, *bootstrap))
-    )
+    result = _affinity_of(args.losses, bootstrap)
+    table = result.table
     write_affinity(table, args.out)
     heatmap = plot_affinity_heatmap(table, args.heatmap or args.out.with_suffix(".png"))
     n_targets = len(set(table["target"].to_pylist()))
-    intervals = "" if bootstrap is None else f", 95% intervals over {bootstrap[0]} resamples"
+    intervals = "" if bootstrap is None else f", 95% intervals and p_best over {bootstrap[0]} resamples"
     print(f"wrote {args.out} ({table.num_rows} rows, {n_targets} targets{intervals}) and {heatmap}")
-    if unlabelled := unlabelled_counts(cube):
-        print(describe_unlabelled(unlabelled))
+    if bootstrap is not None and max(result.replicates.values()) == 1:
+        print(_NOT_MEASURED)
+    if result.unlabelled:
+        print(describe_unlabelled(result.unlabelled))
     return 0
+
+
+_NOT_MEASURED = (
+    "one replicate per readout: the resamples cover which test images were drawn, not how each "
+    "readout happened to train (training noise not measured)"
+)
+
+
+def _affinity_of(path: Path, bootstrap: tuple[int, int] | None) -> AffinityResult:
+    """Stage III on a loss file, one target's rows in memory at a time (a Parquet file is read by
+    the row groups holding each target); with a bootstrap, over the file's image ids."""
+    from components.affinity import affinity_by_target
+    from components.affinity_io import LossFile
+
+    losses = LossFile(path)
+    resamples, seed = bootstrap or (0, 0)
+    image_ids = losses.image_ids() if resamples else None
+    return affinity_by_target(losses.targets, losses.read_target, resamples, seed, image_ids)
 
 
 def _solve(args: argparse.Namespace) -> int:
     # Only what this request needs is imported: a plain solve answers in well under a second.
-    from components.affinity_io import read_affinities, read_losses, transfer_table
+    from components.affinity_io import read_affinities, transfer_table
     from components.taxonomy import TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
 
     sweep = args.sweep or args.sweep_plot is not None
@@ -129,20 +148,17 @@ def _solve(args: argparse.Namespace) -> int:
         cost=_weights("--cost", args.cost),
         transform=Transform(args.transform),
     )
-    cube = None
-    if args.losses is not None:
-        from components.affinity import affinity_from_cube, loss_cube
-
-        cube = loss_cube(read_losses(args.losses))
-    table = read_affinities(args.affinities) if cube is None else transfer_table(affinity_from_cube(cube))
+    measured = None if args.losses is None else _affinity_of(args.losses, bootstrap)
+    table = read_affinities(args.affinities) if measured is None else transfer_table(measured.table)
     taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
     stability = None
-    if bootstrap is not None and cube is not None and taxonomy is not None:
-        from components.bootstrap import bootstrap_affinities, taxonomy_stability
+    if bootstrap is not None and measured is not None and taxonomy is not None:
+        from components.bootstrap import stability_of_rows
 
-        (resamples, seed), samples = bootstrap, bootstrap_affinities(cube, *bootstrap)
-        stability = {"resamples": resamples, "seed": seed}
-        stability |= taxonomy_stability(cube, samples, options, taxonomy)
+        rows = measured.table.select(["target", "sources"]).to_pydict()
+        sources = [tuple(s) for s in rows["sources"]]
+        stability = {"resamples": bootstrap[0], "seed": bootstrap[1]}
+        stability |= stability_of_rows(rows["target"], sources, measured.samples, options, taxonomy)
     points = sweep_budgets(table, options) if sweep else None
     if args.json:
         result = taxonomy.to_dict() if taxonomy else {"max_order": options.max_order}
@@ -156,6 +172,8 @@ def _solve(args: argparse.Namespace) -> int:
             print(_summary(taxonomy))
         if taxonomy and stability is not None:
             print(_stability_summary(taxonomy, stability))
+            if max(measured.replicates.values()) == 1:
+                print(_NOT_MEASURED)
         if points is not None:
             print(_sweep_table(points))
     notes = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON

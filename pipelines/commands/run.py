@@ -83,27 +83,27 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
         for target, best in top_sources(result.affinity_path.read_parquet(), 3).items():
             print(f"  {target:<18} " + ", ".join(f"{'+'.join(s)} {a:.3f}" for s, a in best))
     if result.taxonomy:
+        from components.verdict import edge_text, noise_note, ties_text
+
         t = result.taxonomy
-        stability = t.get("stability")
-
-        def share(target: str, key: str) -> str:
-            return (
-                f"  (stability {stability['transfers'].get(target, {}).get(key, 0.0):.2f})"
-                if stability
-                else ""
-            )
-
+        stability, said = t.get("stability"), t.get("verdict", {})
         roots = ", ".join(
             r + (f" ({stability['roots'].get(r, 0.0):.2f})" if stability else "") for r in t["roots"]
         )
         print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {roots}")
         for target, sources in t["transfers"].items():
-            print(f"  {target:<18} <- {' + '.join(sources)}{share(target, '+'.join(sources))}")
+            print(f"  {edge_text(target, sources, said, stability)}")
         if stability:
             print(
                 f"  this exact taxonomy comes back in {stability['taxonomy']:.0%} of "
-                f"{stability['resamples']} bootstrap resamples of the test images"
+                f"{stability['resamples']} bootstrap resamples"
             )
+        if said.get("ties"):
+            print("not distinguishable from the best (probability of being the best):")
+            for target in said["ties"]:
+                print(f"  {target:<18} {ties_text(target, said)}")
+        if said:
+            print(noise_note(said))
         print(f"outputs: {t['path']}")
     print(f"storage root: {cfg.root}")
     print(f"MLflow UI:    {mlflow_ui_command(tracking_uri)}")

@@ -1,0 +1,397 @@
+"""The multi-bootstrap over test images and readout replicates (design.md section 10): against a
+brute-force resample, on planted ties and planted winners, and R = 1 against the numbers from
+before replicates existed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from components.affinity import (
+    INTERVAL_SCHEMA,
+    affinity_by_target,
+    compute_affinity,
+    cube_affinity,
+    image_weights,
+    loss_cube,
+    replicate_draws,
+    win_rates,
+)
+from components.bootstrap import (
+    best_candidates,
+    compute_affinity_with_intervals,
+    resample_weights,
+    stability_of_rows,
+)
+from components.errors import TaskatlasError
+from components.taxonomy import TaxonomyOptions, TransferTable, solve_taxonomy
+from pipelines.cli import main
+
+NAN = float("nan")
+
+
+def _table(per_target: dict[str, dict[str, np.ndarray]], replicate_column: bool = True) -> pa.Table:
+    """{target: {"a+b": (R, m) losses}} -> the long loss table; image ids `img<i>`; a NaN-only image
+    column is written as NaN rows (an unlabelled image), and a column of `None` is left out."""
+    rows = []
+    for target, by_source in per_target.items():
+        for sources, losses in by_source.items():
+            for r, per_image in enumerate(np.atleast_2d(losses)):
+                for i, loss in enumerate(per_image):
+                    if loss is not None:
+                        rows.append((target, sources.split("+"), f"img{i}", float(loss), r))
+    columns = {
+        "target": [r[0] for r in rows],
+        "sources": pa.array([r[1] for r in rows], pa.list_(pa.string())),
+        "image_id": [r[2] for r in rows],
+        "loss": [r[3] for r in rows],
+    }
+    if replicate_column:
+        columns["replicate"] = pa.array([r[4] for r in rows], pa.int32())
+    return pa.table(columns)
+
+
+def _split(table: pa.Table):
+    return lambda target: table.filter(pc.equal(table["target"], target))
+
+
+def _assert_same_table(got: pa.Table, want: pa.Table) -> None:
+    """Same columns and values, NaN equal to NaN (gain without pixels, p_best of self)."""
+    assert got.column_names == want.column_names
+    for name in want.column_names:
+        if pa.types.is_floating(want[name].type):
+            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
+        else:
+            assert got[name].to_pylist() == want[name].to_pylist(), name
+
+
+# Two targets, 2-3 replicates, losses in quarters (replicate averages are exact, so the brute force
+# and the code agree on every tie). y has no label on img2 and is not measured on img5 at all;
+# img6 exists only for y: the image weights are over the union img0..img6.
+TINY = {
+    "x": {
+        "self": [[1.0, 0.5, 1.25, 0.75, 1.0, 0.5, None]],
+        "a": [
+            [1.0, 0.75, 1.0, 0.5, 1.25, 0.75, None],
+            [0.5, 0.75, 1.5, 1.0, 1.0, 0.25, None],
+            [1.25, 1.0, 0.5, 0.75, 0.75, 0.5, None],
+        ],
+        "b": [[0.75, 1.0, 1.0, 1.0, 0.5, 1.0, None], [1.0, 0.5, 0.75, 0.75, 1.0, 1.25, None]],
+        "a+b": [
+            [0.5, 0.5, 1.0, 0.75, 0.75, 0.5, None],
+            [0.75, 0.75, 0.75, 0.5, 1.0, 0.75, None],
+            [1.0, 0.5, 1.0, 1.0, 0.5, 0.25, None],
+        ],
+        "random": [
+            [1.5, 1.25, 1.0, 1.5, 1.25, 1.0, None],
+            [1.25, 1.5, 1.5, 1.0, 1.0, 1.25, None],
+            [1.0, 1.25, 1.25, 1.25, 1.5, 0.75, None],
+        ],
+        "pixels": [[1.25, 1.0, 1.0, 1.25, 0.75, 1.0, None], [1.0, 1.0, 1.25, 1.0, 1.0, 1.5, None]],
+    },
+    "y": {
+        "self": [[0.5, 0.75, NAN, 1.0, 0.5, None, 0.75]],
+        "a": [[0.75, 0.5, NAN, 1.0, 0.75, None, 0.5], [1.0, 0.75, NAN, 0.5, 0.5, None, 1.0]],
+        "x": [[0.5, 1.0, NAN, 0.75, 1.0, None, 0.75], [0.75, 0.75, NAN, 1.0, 0.5, None, 0.5]],
+        "random": [[1.0, 1.0, NAN, 1.25, 0.75, None, 1.0], [0.75, 1.25, NAN, 1.0, 1.0, None, 1.25]],
+    },
+}
+
+
+def _brute_force(per_target: dict, target: str, seed: int, b: int, n: int, groups: int | None = None) -> dict:
+    """Resample b by hand, with explicit loops: the study's image weights, each candidate's drawn
+    replicates averaged per image, the weighted win rates, the Perron vector."""
+    ids = sorted({f"img{i}" for t in per_target.values() for v in t.values() for i in range(len(v[0]))})
+    weights = dict(zip(ids, image_weights(seed, ids, n)[b], strict=True))
+    by_source = per_target[target]
+    names = sorted(tuple(sorted(s.split("+"))) for s in by_source if s != "pixels")
+    averaged = {}
+    for sources in names:
+        losses = np.array(by_source["+".join(sources)], dtype=float)
+        drawn = replicate_draws(seed, target, sources, len(losses), groups or n)[b % (groups or n)]
+        averaged[sources] = {
+            f"img{i}": np.mean([losses[r, i] for r in drawn]) for i in range(losses.shape[1])
+        }
+    labelled = [i for i in ids if not np.isnan(averaged[names[0]].get(i, np.nan))]  # measured, with a label
+    k = len(names)
+    wins = np.full((k, k), 0.5)
+    for p in range(k):
+        for q in range(k):
+            if p != q:
+                won = sum(
+                    weights[i]
+                    * (
+                        (averaged[names[p]][i] < averaged[names[q]][i])
+                        + 0.5 * (averaged[names[p]][i] == averaged[names[q]][i])
+                    )
+                    for i in labelled
+                )
+                wins[p, q] = won / sum(weights[i] for i in labelled)
+    clipped = np.clip(wins, 0.001, 0.999)
+    values, vectors = np.linalg.eig(clipped / clipped.T)
+    vector = np.abs(vectors[:, np.argmax(values.real)].real)
+    return dict(zip(names, vector / vector.sum(), strict=True))
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_the_multi_bootstrap_equals_a_brute_force_resample(groups):
+    table = _table(TINY)
+    n, seed = 5, 11
+    result = affinity_by_target(["x", "y"], _split(table), n, seed, replicate_groups=groups)
+    rows = [(r["target"], tuple(r["sources"])) for r in result.table.to_pylist()]
+    for b in (0, 1, 4):
+        for target in ("x", "y"):
+            for sources, value in _brute_force(TINY, target, seed, b, n, groups).items():
+                got = result.samples[b, rows.index((target, sources))]
+                np.testing.assert_allclose(got, value, rtol=1e-12, atol=1e-15)
+    whole = cube_affinity(loss_cube(table), n, seed, replicate_groups=groups)
+    np.testing.assert_array_equal(whole.samples, result.samples)  # the whole table: the same numbers
+    _assert_same_table(whole.table, result.table)
+    assert result.replicates == {"x": 3, "y": 2}
+
+
+def test_the_point_estimate_averages_every_replicate():
+    table = _table(TINY)
+    got = {(r["target"], tuple(r["sources"])): r for r in compute_affinity(table).to_pylist()}
+    averaged = {
+        t: {s: [np.mean(np.array(v, dtype=float), axis=0)] for s, v in d.items()} for t, d in TINY.items()
+    }
+    for target in ("x", "y"):
+        one = {
+            (r["target"], tuple(r["sources"])): r
+            for r in compute_affinity(_table({target: averaged[target]})).to_pylist()
+        }
+        for key, row in one.items():
+            assert got[key]["affinity"] == pytest.approx(row["affinity"], rel=1e-12)
+            assert got[key]["quality"] == row["quality"] and got[key]["vs_random"] == row["vs_random"]
+
+
+def test_identical_replicates_change_nothing_the_fast_path_and_the_replicate_path_agree():
+    """Every replicate a copy of replicate 0: the averages are replicate 0's losses, so the
+    replicate path (comparisons per resample) must give what one replicate gives (one product)."""
+    rng = np.random.default_rng(3)
+    one = {
+        t: {s: rng.integers(0, 4, (1, 40)).astype(float) for s in ("self", "a", "b", "a+b", "random")}
+        for t in "pq"
+    }
+    three = {
+        t: {s: (v if s == "self" else np.repeat(v, 3, axis=0)) for s, v in d.items()} for t, d in one.items()
+    }
+    a = compute_affinity_with_intervals(_table(one), 30, seed=2)
+    b = compute_affinity_with_intervals(_table(three), 30, seed=2)
+    for name in INTERVAL_SCHEMA.names[3:]:
+        np.testing.assert_allclose(b[name].to_numpy(), a[name].to_numpy(), rtol=1e-12, equal_nan=True)
+
+
+def _planted(offsets: np.ndarray, images: int = 400) -> dict:
+    """Target t: A = base + d_r, B = base - d_r per replicate r; self better, random worse."""
+    base = np.random.default_rng(5).random(images) + 1.0
+    return {
+        "t": {
+            "self": (base - 0.5)[None],
+            "A": base[None] + offsets[:, None],
+            "B": base[None] - offsets[:, None],
+            "random": base[None] + 0.5 + 0.0 * offsets[:, None],
+        }
+    }
+
+
+def test_a_seed_effect_comes_out_as_a_tie_not_as_a_winner():
+    offsets = np.array([0.1, -0.1, 0.1, -0.1])  # the sign of A - B flips between seeds
+    with_replicates = compute_affinity_with_intervals(_table(_planted(offsets)), 200, seed=0)
+    p_best = {tuple(r["sources"]): r["p_best"] for r in with_replicates.to_pylist()}
+    assert (
+        p_best[("A",)] < 0.9
+        and p_best[("B",)] < 0.9
+        and p_best[("A",)] + p_best[("B",)] == pytest.approx(1.0)
+    )
+    assert np.isnan(p_best[("self",)]) and p_best[("random",)] == 0.0
+    assert {s for s, _ in best_candidates(with_replicates)["t"]} == {("A",), ("B",)}
+    # replicate 0 alone (a bootstrap over images only) is sure that B is best: false certainty
+    one_seed = compute_affinity_with_intervals(_table(_planted(offsets[:1])), 200, seed=0)
+    assert {tuple(r["sources"]): r["p_best"] for r in one_seed.to_pylist()}[("B",)] == 1.0
+
+
+def test_a_clear_winner_stays_the_best():
+    rng = np.random.default_rng(8)
+    images = 300
+    base = rng.random(images) + 1.0
+    better = rng.random(images) < 0.9  # A beats B on 90% of the images, in every replicate
+    noise = rng.normal(0, 0.01, (4, images))
+    losses = {
+        "t": {
+            "self": (base - 0.5)[None],
+            "A": base + np.where(better, -0.2, 0.2) + noise,
+            "B": base + noise[::-1],
+            "random": base + 0.5 + noise,
+        }
+    }
+    table = compute_affinity_with_intervals(_table(losses), 200, seed=1)
+    p_best = {tuple(r["sources"]): r["p_best"] for r in table.to_pylist()}
+    assert p_best[("A",)] >= 0.95
+    assert best_candidates(table, threshold=0.01)["t"][0] == (("A",), p_best[("A",)])
+
+
+def test_with_one_replicate_the_point_estimate_is_what_it_was_before_replicates():
+    """Expected numbers computed with the code before replicates existed (commit bcd0686, Stage III
+    `compute_affinity` on this table, printed with repr): one replicate must change nothing."""
+    fixed = {
+        "t": {
+            "self": [[0.5, 1.0, 0.2, 0.7, 0.3, 0.9, 0.4, 0.6]],
+            "a": [[0.6, 0.8, 0.2, 1.1, 0.5, 0.9, 0.3, 0.9]],
+            "b": [[1.0, 0.7, 0.4, 0.7, 0.8, 1.2, 0.5, 0.6]],
+            "a+b": [[0.55, 0.75, 0.3, 0.8, 0.45, 1.0, 0.35, 0.7]],
+            "random": [[1.5, 1.2, 0.9, 1.0, 0.8, 1.4, 0.6, 1.1]],
+            "pixels": [[1.2, 0.9, 0.6, 1.2, 0.7, 1.0, 0.5, 0.8]],
+        },
+        "u": {
+            "self": [[0.1, 0.4, NAN, 0.3, 0.2, 0.5]],
+            "a": [[0.3, 0.2, NAN, 0.3, 0.6, 0.4]],
+            "t": [[0.2, 0.5, NAN, 0.1, 0.6, 0.7]],
+            "random": [[0.4, 0.6, NAN, 0.3, 0.5, 0.9]],
+        },
+    }
+    expected = {  # (target, sources): (affinity, quality, gain)
+        ("t", "a"): (0.08429992921780402, 0.375, 0.875),
+        ("t", "a+b"): (0.3590567219629281, 0.25, 0.9375),
+        ("t", "b"): (0.062101045251171216, 0.25, 0.6875),
+        ("t", "random"): (0.0022785727017890795, 0.0, 0.125),
+        ("t", "self"): (0.49226373086630765, 0.5, 0.875),
+        ("u", "a"): (0.25359289132494045, 0.5, NAN),
+        ("u", "random"): (0.06437567888593879, 0.1, NAN),
+        ("u", "self"): (0.4890410807260989, 0.5, NAN),
+        ("u", "t"): (0.19299034906302176, 0.2, NAN),
+    }
+    for replicate_column in (False, True):  # no column, or replicate 0 everywhere: the same
+        got = compute_affinity(_table(fixed, replicate_column)).to_pylist()
+        assert [(r["target"], "+".join(r["sources"])) for r in got] == list(expected)
+        values = np.array([[r["affinity"], r["quality"], r["gain"]] for r in got])
+        np.testing.assert_array_equal(values, np.array(list(expected.values())))
+
+
+def test_vs_random_is_the_win_rate_against_random():
+    table = _table(
+        {"t": {"self": [[1.0, 1.0, 1.0, 1.0]], "a": [[2.0, 2.0, 2.0, 0.0]], "random": [[1.5, 1.5, 1.5, 1.5]]}}
+    )
+    rows = {tuple(r["sources"]): r for r in compute_affinity(table).to_pylist()}
+    assert rows[("a",)]["vs_random"] == 0.25  # loses to random on 3 of 4 images: a useless transfer
+    assert rows[("random",)]["vs_random"] == 0.5 and rows[("self",)]["vs_random"] == 1.0
+    no_random = compute_affinity(_table({"t": {"self": [[1.0, 2.0]], "a": [[2.0, 1.0]]}}))
+    assert np.isnan(no_random["vs_random"].to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda rows: [
+                r
+                for r in rows
+                if not (r["sources"] == ["a"] and r["replicate"] == 1 and r["image_id"] == "img2")
+            ],
+            "t <- a: losses for 5 of the target's 6 test images in replicate 1",
+        ),
+        (
+            lambda rows: [r for r in rows if not (r["sources"] == ["a"] and r["replicate"] == 1)],
+            "t <- a: no losses in replicate 1, but losses in replicate 2",
+        ),
+        (
+            lambda rows: [*rows, next(r for r in rows if r["sources"] == ["b"] and r["replicate"] == 1)],
+            "t <- b: image 'img0' has 2 losses in replicate 1",
+        ),
+        (
+            lambda rows: [
+                dict(r, loss=NAN)
+                if r["sources"] == ["b"] and r["replicate"] == 0 and r["image_id"] == "img3"
+                else r
+                for r in rows
+            ],
+            "loss of t <- b on image 'img3' is NaN while other candidates have a loss there (replicate 0",
+        ),
+        (
+            lambda rows: [dict(r, replicate=None) if r["image_id"] == "img1" else r for r in rows],
+            "column 'replicate' has 6 missing value(s)",
+        ),
+    ],
+)
+def test_missing_replicate_rows_are_one_line_errors_naming_target_sources_and_replicate(edit, message):
+    losses = np.arange(18.0).reshape(3, 6) / 4
+    table = _table({"t": {"self": losses[:1], "a": losses, "b": losses[:2] + 1}})
+    edited = pa.Table.from_pylist(edit(table.to_pylist()), schema=table.schema)
+    with pytest.raises(TaskatlasError) as err:
+        compute_affinity(edited)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_weights_and_replicate_draws():
+    ids = [f"img{i:02d}" for i in range(30)]
+    w = image_weights(7, ids, 50)
+    assert w.shape == (50, 30) and (w.sum(axis=1) == 30).all()
+    np.testing.assert_array_equal(image_weights(7, ids, 50), w)
+    with pytest.raises(TaskatlasError, match="sorted and distinct"):
+        image_weights(7, ids[::-1], 5)
+    d = replicate_draws(7, "normal", ("depth", "edge"), 3, 40)
+    assert d.shape == (40, 3) and set(np.unique(d)) <= {0, 1, 2}
+    np.testing.assert_array_equal(replicate_draws(7, "normal", ("depth", "edge"), 3, 10), d[:10])  # a prefix
+    assert not np.array_equal(replicate_draws(7, "normal", ("depth",), 3, 40), d)
+    assert not np.array_equal(replicate_draws(7, "depth", ("depth", "edge"), 3, 40), d)
+    assert (replicate_draws(7, "normal", ("self",), 1, 5) == 0).all()
+
+
+def test_a_resample_that_misses_a_targets_images_says_nothing_about_it():
+    wins = win_rates(np.array([[1.0, 2.0], [2.0, 1.0], [0.0, 0.0]]), np.array([[0, 0], [1, 0]]))
+    assert (wins[0] == 0.5).all() and wins[1, 0, 1] == 1.0
+
+
+def test_weights_are_shared_across_targets():
+    cube = loss_cube(_table(TINY))
+    x, y = resample_weights(cube, 20, seed=3)
+    ids = np.array(cube.image_ids)
+    for t, w in enumerate((x, y)):
+        slots = cube.images[t]
+        for slot in np.flatnonzero(slots >= 0):
+            if ids[slots[slot]] != "img2" or t == 0:  # img2 is unlabelled for y: weight 0
+                np.testing.assert_array_equal(w[:, slot], image_weights(3, ids, 20)[:, slots[slot]])
+            else:
+                assert (w[:, slot] == 0).all()
+
+
+def test_stability_leaves_out_rows_a_resample_did_not_have():
+    rows = [
+        ("a", ("self",), 0.2),
+        ("a", ("b",), 0.5),
+        ("a", ("c",), 0.3),
+        ("b", ("self",), 0.2),
+        ("b", ("a",), 0.7),
+        ("b", ("c",), 0.1),
+        ("c", ("self",), 0.2),
+        ("c", ("a",), 0.6),
+        ("c", ("b",), 0.2),
+    ]
+    targets, sources, values = zip(*rows, strict=True)
+    samples = np.tile(values, (4, 1))
+    options = TaxonomyOptions(budget=1, max_order=1)
+    chosen = solve_taxonomy(TransferTable.from_rows(rows), options)
+    assert chosen.roots == ("a",)
+    every = stability_of_rows(list(targets), list(sources), samples, options, chosen)
+    assert every["roots"] == {"a": 1.0} and every["taxonomy"] == 1.0
+    available = np.ones(samples.shape, bool)
+    available[:2, [4, 7]] = False  # resamples 0, 1: nothing from a was trained
+    some = stability_of_rows(list(targets), list(sources), samples, options, chosen, available=available)
+    assert some["roots"]["a"] == 0.5 and some["taxonomy"] == 0.5
+
+
+def test_the_cli_reads_a_parquet_file_one_target_at_a_time(tmp_path, capsys):
+    table = _table(TINY)
+    path, out = tmp_path / "losses.parquet", tmp_path / "affinity.parquet"
+    pq.write_table(table, path, row_group_size=20)  # several row groups per target
+    assert (
+        main(["affinity", "--losses", str(path), "--out", str(out), "--bootstrap", "9", "--seed", "4"]) == 0
+    )
+    assert "training noise not measured" not in capsys.readouterr().out  # 3 replicates
+    written = pq.read_table(out)
+    assert written.column_names == INTERVAL_SCHEMA.names
+    _assert_same_table(written, compute_affinity_with_intervals(table, 9, seed=4))

@@ -1,0 +1,132 @@
+"""Stacked readouts: each member gets the numbers `train_readout` gives it alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from components.data.shards import NO_LABEL
+from components.models import ModelConfig
+from components.tasks import Loss, TaskKind, get_task
+from components.transfer import ReadoutSettings, StackMember, build_readout, train_readout, train_stacked
+from components.transfer.stacked import _fold, _member
+
+MODEL = ModelConfig(width=8, representation_channels=8, downsample=4)
+SIZE, N_TRANSFER, N_TEST = 16, 40, 20
+SETTINGS = ReadoutSettings(epochs=3, batch_size=8, width=8, lr=3e-3)
+CPU = torch.device("cpu")
+
+
+def _labels(task, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random labels with holes: unlabelled pixels/elements, and one image with no label."""
+    shape = (n, *task.output_shape(SIZE))
+    if task.loss is Loss.CROSS_ENTROPY:
+        y = rng.integers(0, task.channels, (n, SIZE, SIZE)).astype(np.uint8)
+        y[rng.random(y.shape) < 0.1] = NO_LABEL
+        y[0] = NO_LABEL
+        return y
+    y = (rng.random(shape) < 0.5 if task.loss is Loss.BCE else rng.random(shape)).astype(np.float32)
+    if task.kind is TaskKind.PIXEL:
+        y[rng.random(shape) < 0.1] = np.nan
+    y[0] = np.nan
+    return y
+
+
+def _case(task_name: str, seeds=(1, 2, 3), features=None):
+    task, rng = get_task(task_name), np.random.default_rng(0)
+    members = [
+        StackMember(
+            rng.standard_normal((N_TRANSFER, 8, 4, 4)).astype(np.float16),
+            rng.standard_normal((N_TEST, 8, 4, 4)).astype(np.float16),
+            seed,
+        )
+        for seed in seeds
+    ]
+    if features is not None:  # every member on the same features
+        members = [replace(m, transfer_x=members[0].transfer_x, test_x=members[0].test_x) for m in members]
+    common = {
+        "task": task,
+        "model": MODEL,
+        "image_size": SIZE,
+        "transfer_y": _labels(task, N_TRANSFER, rng),
+        "test_y": _labels(task, N_TEST, rng),
+        "test_ids": np.array([f"img-{i}" for i in range(N_TEST)]),
+        "device": CPU,
+    }
+    return members, common
+
+
+def _solo(member: StackMember, common: dict):
+    return train_readout(
+        **common,
+        transfer_x=member.transfer_x,
+        test_x=member.test_x,
+        settings=replace(SETTINGS, seed=member.seed),
+    )
+
+
+def _assert_same(stacked, solo):
+    np.testing.assert_array_equal(stacked.image_ids, solo.image_ids)
+    np.testing.assert_allclose(stacked.losses, solo.losses, rtol=1e-4, atol=1e-5)  # measured: <= 1.2e-7
+    np.testing.assert_allclose(stacked.train_losses, solo.train_losses, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stacked.val_loss, solo.val_loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["normal", "segment_semantic", "class_object", "room_layout"])
+def test_each_member_matches_its_solo_readout(task_name):
+    """l1 / cross-entropy pixel tasks and bce / l2 vector tasks. Eval-mode losses use the batch-norm
+    running statistics, so this also checks that each member keeps its own."""
+    members, common = _case(task_name)
+    results = train_stacked(**common, members=members, settings=SETTINGS)
+    assert len(results) == len(members)
+    for member, result in zip(members, results, strict=True):
+        solo = _solo(member, common)
+        assert np.isnan(solo.losses[0]) and np.isfinite(solo.losses[1:]).all()  # the unlabelled image
+        _assert_same(result, solo)
+        assert result.seconds > 0
+
+
+def test_replicates_differ_by_seed_only():
+    members, common = _case("normal", seeds=(5, 6, 5), features="shared")
+    a, b, c = train_stacked(**common, members=members, settings=SETTINGS)
+    assert not np.allclose(a.losses[1:], b.losses[1:])
+    np.testing.assert_allclose(a.losses, c.losses, rtol=1e-6)
+    assert a.train_losses == pytest.approx(c.train_losses, rel=1e-6)
+
+
+def test_a_diverging_member_fails_alone_and_spoils_no_other():
+    members, common = _case("normal")
+    bad = members[1].transfer_x.copy()
+    bad[::3] = np.inf  # NaN predictions from the first step on
+    members[1] = replace(members[1], transfer_x=bad)
+    results = train_stacked(**common, members=members, settings=SETTINGS)
+    assert results[1] is None  # diverged in the stack, and again when retrained alone
+    for i in (0, 2):
+        _assert_same(results[i], _solo(members[i], common))
+
+
+def test_folded_batch_norm_keeps_each_members_statistics():
+    task = get_task("normal")
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(build_readout(task, 8, MODEL, SIZE, 8))
+    stack = _fold(nets).train()
+    xs = [torch.randn(4, 8, 4, 4), 3 + torch.randn(4, 8, 4, 4)]
+    out = stack(torch.stack(xs, 1).flatten(1, 2)).unflatten(1, (2, -1))
+    state = stack.state_dict()
+    for i, (net, x) in enumerate(zip(nets, xs, strict=True)):
+        torch.testing.assert_close(out[:, i], net.train()(x), rtol=1e-4, atol=1e-5)
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(_member(state[key], value.shape, 2, i), value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stack_needs_members_of_one_shape():
+    members, common = _case("normal", seeds=(1, 2))
+    assert train_stacked(**common, members=[], settings=SETTINGS) == []
+    members[1] = replace(members[1], transfer_x=members[1].transfer_x[:, :4])
+    with pytest.raises(ValueError, match="same transfer rows and input channels"):
+        train_stacked(**common, members=members, settings=SETTINGS)
