@@ -140,3 +140,17 @@ def mlflow_pg_server(postgres, s3_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-pg-server")
     with start_mlflow_server(folder, database, artifacts, env=s3_env(s3_server)) as server:
         yield server
+
+
+def assert_same_table(got, want) -> None:
+    """Same columns and values, NaN equal to NaN (gain without pixels, p_best of self; a Parquet
+    round trip renames list items, so the schemas may differ in those names)."""
+    import numpy as np
+    import pyarrow as pa
+
+    assert got.column_names == want.column_names
+    for name in want.column_names:
+        if pa.types.is_floating(want[name].type):
+            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
+        else:
+            assert got[name].to_pylist() == want[name].to_pylist(), name

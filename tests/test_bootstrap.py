@@ -30,6 +30,7 @@ from components.bootstrap import (
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from pipelines.cli import main
+from tests.conftest import assert_same_table
 
 N_IMAGES = 200
 
@@ -99,7 +100,7 @@ def test_intervals_bracket_the_point_estimate(mixed_losses):
     for losses in (mixed_losses, _edge_and_coin()):
         table = compute_affinity_with_intervals(losses, 200, seed=0)
         assert table.column_names == INTERVAL_SCHEMA.names
-        _assert_same_table(table.select(AFFINITY_SCHEMA.names), compute_affinity(losses))
+        assert_same_table(table.select(AFFINITY_SCHEMA.names), compute_affinity(losses))
         point, lo, hi = (table[c].to_numpy() for c in ("affinity", *INTERVAL_COLUMNS))
         assert (lo <= point).all() and (point <= hi).all() and (lo < hi).any()
 
@@ -213,7 +214,7 @@ def test_affinity_bootstrap_writes_the_interval_columns(mixed_losses, tmp_path, 
     assert "training noise not measured" in said  # no replicate column: one replicate per readout
     written = pq.read_table(out)
     assert written.column_names == INTERVAL_SCHEMA.names
-    _assert_same_table(written, compute_affinity_with_intervals(mixed_losses, 30, seed=2))
+    assert_same_table(written, compute_affinity_with_intervals(mixed_losses, 30, seed=2))
 
 
 @pytest.mark.parametrize(
@@ -239,13 +240,3 @@ def test_bad_bootstrap_requests_are_one_line_errors(args, message, tmp_path, cap
     assert main([*args, "--max-order", "1"] if args[0] == "solve" else args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-
-
-def _assert_same_table(got: pa.Table, want: pa.Table) -> None:
-    """Same columns and values, NaN equal to NaN (a Parquet round trip renames list items)."""
-    assert got.column_names == want.column_names
-    for name in want.column_names:
-        if pa.types.is_floating(want[name].type):
-            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
-        else:
-            assert got[name].to_pylist() == want[name].to_pylist(), name

@@ -29,6 +29,7 @@ from components.bootstrap import (
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, TransferTable, solve_taxonomy
 from pipelines.cli import main
+from tests.conftest import assert_same_table
 
 NAN = float("nan")
 
@@ -56,16 +57,6 @@ def _table(per_target: dict[str, dict[str, np.ndarray]], replicate_column: bool 
 
 def _split(table: pa.Table):
     return lambda target: table.filter(pc.equal(table["target"], target))
-
-
-def _assert_same_table(got: pa.Table, want: pa.Table) -> None:
-    """Same columns and values, NaN equal to NaN (gain without pixels, p_best of self)."""
-    assert got.column_names == want.column_names
-    for name in want.column_names:
-        if pa.types.is_floating(want[name].type):
-            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
-        else:
-            assert got[name].to_pylist() == want[name].to_pylist(), name
 
 
 # Two targets, 2-3 replicates, losses in quarters (replicate averages are exact, so the brute force
@@ -149,7 +140,7 @@ def test_the_multi_bootstrap_equals_a_brute_force_resample(groups):
                 np.testing.assert_allclose(got, value, rtol=1e-12, atol=1e-15)
     whole = cube_affinity(loss_cube(table), n, seed, replicate_groups=groups)
     np.testing.assert_array_equal(whole.samples, result.samples)  # the whole table: the same numbers
-    _assert_same_table(whole.table, result.table)
+    assert_same_table(whole.table, result.table)
     assert result.replicates == {"x": 3, "y": 2}
 
 
@@ -394,4 +385,4 @@ def test_the_cli_reads_a_parquet_file_one_target_at_a_time(tmp_path, capsys):
     assert "training noise not measured" not in capsys.readouterr().out  # 3 replicates
     written = pq.read_table(out)
     assert written.column_names == INTERVAL_SCHEMA.names
-    _assert_same_table(written, compute_affinity_with_intervals(table, 9, seed=4))
+    assert_same_table(written, compute_affinity_with_intervals(table, 9, seed=4))
