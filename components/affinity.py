@@ -49,6 +49,10 @@ from components.errors import TaskatlasError
 SELF = ("self",)  # the target's fully supervised network
 RANDOM = ("random",)  # a random-init encoder: an ordinary candidate, and the reference for vs_random
 PIXELS = ("pixels",)  # trained from raw pixels: the reference for gain, not a candidate
+SCRATCH = (
+    "scratch",
+)  # a whole network trained from scratch on the same labels: a positioned task's gain reference
+REFERENCES = (PIXELS, SCRATCH)  # measured only to compare against, never AHP candidates
 WIN_CLIP = (0.001, 0.999)  # keeps W / W^T finite when a source always (or never) wins
 INTERVAL = (2.5, 97.5)  # percentiles of the reported 95% interval
 INTERVAL_COLUMNS = ("affinity_lo", "affinity_hi")
@@ -271,6 +275,8 @@ def affinity_by_target(
     image_ids: Sequence[str] | None = None,
     *,
     replicate_groups: int | None = None,
+    gain_reference: tuple[str, ...] = PIXELS,
+    require_self: bool = True,
 ) -> AffinityResult:
     """Stage III one target at a time: `read_target(t)` gives t's `target, sources, image_id, loss`
     (and `replicate`) rows, Stage II's per-target loss table; a target's losses are dropped before
@@ -281,7 +287,9 @@ def affinity_by_target(
     `image_ids`: the study's test image ids (the bootstrap's image axis, shared by every target);
     without them a first pass reads every target's table for its ids (read_target is then called
     twice per target). With the same ids, the whole table (`cube_affinity`) gives the same numbers.
-    `replicate_groups`: see `cube_affinity`.
+    `replicate_groups`: see `cube_affinity`. `gain_reference`: what `gain` is the win rate against
+    (`SCRATCH` for a positioned task, Taskonomy's Gain). `require_self`: a target without `self`
+    is an error (a study's); a positioned task has no full network, and NaN quality.
     """
     names = sorted(set(targets))
     if len(names) != len(targets) or not names:
@@ -303,7 +311,7 @@ def affinity_by_target(
         _check_seed(seed)  # before reading anything
         image_ids = study_image_ids(read_target(name) for name in names)
     cubes = ((read_cube(name), 0) for name in names)
-    return _affinity(names, cubes, bootstrap, seed, image_ids, replicate_groups)
+    return _affinity(names, cubes, bootstrap, seed, image_ids, replicate_groups, gain_reference, require_self)
 
 
 def cube_affinity(
@@ -416,6 +424,8 @@ def _affinity(
     seed: int,
     image_ids: Sequence[str] | None,
     groups: int | None,
+    gain_reference: tuple[str, ...] = PIXELS,
+    require_self: bool = True,
 ) -> AffinityResult:
     """The i-th (cube, t) of `cubes` is target names[i]: its rows, then the table. With a bootstrap,
     the image weights are over `image_ids` (the study's test images), shared by every target.
@@ -442,7 +452,7 @@ def _affinity(
         name = cube.targets[t]
         if cube.unlabelled[t]:
             unlabelled[name] = int(cube.unlabelled[t])
-        if cube.candidate_index(SELF)[t] < 0:
+        if require_self and cube.candidate_index(SELF)[t] < 0:
             no_self.append(name)
         if bootstrap and cube.n_images[t] < 2:
             too_few.append(name)
@@ -453,7 +463,7 @@ def _affinity(
                     positions = _study_positions(study, cube, name)
                 slots = cube.images[t]
                 slot_weights = np.where(slots >= 0, weights[:, positions[slots]], 0)  # (B, m)
-            rows.append(_target_rows(cube, t, slot_weights, seed, groups))
+            rows.append(_target_rows(cube, t, slot_weights, seed, groups, gain_reference))
         del cube  # before the next target is read
     if too_few:
         raise TaskatlasError(
@@ -498,7 +508,12 @@ def _study_positions(study: np.ndarray, cube: LossCube, name: str) -> np.ndarray
 
 
 def _target_rows(
-    cube: LossCube, t: int, weights: np.ndarray | None, seed: int, groups: int | None
+    cube: LossCube,
+    t: int,
+    weights: np.ndarray | None,
+    seed: int,
+    groups: int | None,
+    gain_reference: tuple[str, ...] = PIXELS,
 ) -> _TargetRows:
     """Target t of the cube: the point estimate, and with `weights` (B, m) over the target's image
     slots its B resamples."""
@@ -508,7 +523,7 @@ def _target_rows(
     losses = cube.losses[t][present][:, : reps.max()]  # (n, R, m)
     labelled = ~np.isnan(losses[0, 0])  # NaN: every candidate and replicate, or padding
     losses = losses[:, :, labelled]
-    candidates = np.flatnonzero([s != PIXELS for s in sets])
+    candidates = np.flatnonzero([s not in REFERENCES for s in sets])
     n_cand, among = len(candidates), np.ix_(candidates, candidates)
     ones = np.ones((1, losses.shape[2]), dtype=np.int64)
     resamples = weights[:, labelled] if weights is not None else ones[:0]
@@ -535,7 +550,7 @@ def _target_rows(
         sources=[sets[c] for c in candidates],
         affinity=affinity[0],
         quality=against(SELF),
-        gain=against(PIXELS),
+        gain=against(gain_reference),
         vs_random=against(RANDOM),
         samples=affinity[1:],
         replicates=int(reps.max()),

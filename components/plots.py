@@ -167,3 +167,32 @@ def _save(fig: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_position(
+    target: str, rows: Sequence[dict], path: str | Path, chosen: Sequence[str] = (), limit: int = 20
+) -> Path:
+    """A positioned task's candidates ranked by affinity, with their 95% intervals (horizontal
+    bars, best on top); baselines grey, the model's sources outlined in black."""
+    rows = sorted(rows, key=lambda r: -r["affinity"])[:limit]
+    names = ["+".join(r["sources"]) for r in rows]
+    baselines = {"self", "random", "pixels", "scratch"}
+    fig = Figure(figsize=(6.5, 1.2 + 0.28 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    aff = np.array([r["affinity"] for r in rows])
+    lo = np.array([r.get("affinity_lo", np.nan) for r in rows])
+    hi = np.array([r.get("affinity_hi", np.nan) for r in rows])
+    colours = [
+        "#999999" if n in baselines else _ORDER_COLOURS[len(r["sources"]) - 1]
+        for n, r in zip(names, rows, strict=True)
+    ]
+    edges = ["black" if tuple(r["sources"]) == tuple(chosen) else "none" for r in rows]
+    ax.barh(y, aff, color=colours, edgecolor=edges, linewidth=1.5)
+    if np.isfinite(lo).any():
+        err = np.vstack([np.clip(aff - lo, 0, None), np.clip(hi - aff, 0, None)])
+        ax.errorbar(aff, y, xerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("AHP affinity (95% interval)")
+    ax.set_title(f"where {target} sits: its sources, best first")
+    return _save(fig, path)

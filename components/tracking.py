@@ -38,6 +38,7 @@ STORAGE_ROOT_TAG = "taskatlas.storage_root"  # on every run: which study a run b
 WEIGHTS_FILE = "weights.pt"  # the state dict, read back with torch.load(weights_only=True)
 ARCHITECTURE_FILE = "architecture.json"  # what rebuilds the network with the project's own code
 _WEIGHTS_FORMAT = "taskatlas-weights-v1"
+CHAMPION = "champion"  # the registry alias of a task's best model (nightly moves it for networks)
 NOTE = "mlflow.note.content"  # the markdown description MLflow's UI shows for a run or experiment
 # What a newcomer needs to read the experiment, shown on its page; the kind tag makes MLflow 3
 # open it on the "Model training" view instead of the GenAI traces page.
@@ -414,18 +415,45 @@ class Tracker:
         """Store a task network as weights only (its state dict and the architecture that
         rebuilds it) in its logged model `model_id`, log `metrics` (at `step`) to the run and the
         model, and register a new version of it, tagged and described; returns the version."""
+        architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
+        return self.register_weights(
+            run_id,
+            model_id,
+            state_dict,
+            architecture,
+            registered_name,
+            version_tags,
+            description,
+            metrics,
+            step,
+        )
+
+    def register_weights(
+        self,
+        run_id: str,
+        model_id: str,
+        state_dict: Mapping[str, Any],
+        architecture: Mapping[str, Any],
+        registered_name: str,
+        version_tags: Mapping[str, str],
+        description: str,
+        metrics: Mapping[str, float] | None = None,
+        step: int = 0,
+    ) -> str:
+        """Any model as weights only: `state_dict` and `architecture` (JSON, with its `format`)
+        in the logged model `model_id`, registered as a new version of `registered_name`."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
             folder.mkdir()
             torch.save(dict(state_dict), folder / WEIGHTS_FILE)
-            architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
-            (folder / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=1, sort_keys=True))
+            (folder / ARCHITECTURE_FILE).write_text(json.dumps(dict(architecture), indent=1, sort_keys=True))
             self.client.log_model_artifacts(model_id, str(folder))
         self.client.set_logged_model_tags(model_id, dict(version_tags))
         logged = self.client.finalize_logged_model(model_id, "READY")
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=rows)
+        rows = [Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in (metrics or {}).items()]
+        if rows:
+            self.client.log_batch(run_id, metrics=rows)
         try:
             self.client.create_registered_model(registered_name)
         except mlflow.exceptions.MlflowException as err:
@@ -458,9 +486,34 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
 
-def load_registered_model(tracking_uri: str, registered_name: str, version: str) -> TaskNetwork:
-    """Rebuild a registered task network with the project's code and load its weights with
-    `torch.load(weights_only=True)`; anything else in the registry is refused, never unpickled."""
+def resolve_version(tracking_uri: str, model: str) -> tuple[str, str]:
+    """`name`, `name@alias` or `name/version` -> (registered name, version); `name` alone is its
+    champion. One-line errors for an unknown model, alias or version."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if "/" in model:
+        name, version = model.rsplit("/", 1)
+        try:
+            return name, str(client.get_model_version(name, version).version)
+        except mlflow.exceptions.MlflowException:
+            raise TaskatlasError(f"--model: {name} has no version {version!r} at {tracking_uri}") from None
+    name, _, alias = model.partition("@")
+    alias = alias or CHAMPION
+    try:
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        known = [m.name for m in client.search_registered_models(max_results=50)]
+        raise TaskatlasError(
+            f"--model: no registered model {name!r} with alias {alias!r} at {tracking_uri}"
+            f" (registered: {', '.join(sorted(known)) or 'none'})"
+        ) from None
+
+
+def load_registered_weights(
+    tracking_uri: str, registered_name: str, version: str, formats: Sequence[str] = (_WEIGHTS_FORMAT,)
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(architecture, state dict) of a registered version, loaded with `torch.load(weights_only=
+    True)`; anything that is not a plain state dict plus an architecture in one of `formats` is
+    refused, never unpickled."""
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     what = f"registered model {registered_name} v{version}"
     uri = client.get_model_version_download_uri(registered_name, version)
@@ -475,14 +528,8 @@ def load_registered_model(tracking_uri: str, registered_name: str, version: str)
                 f"{what}: no readable {ARCHITECTURE_FILE}; only weights-only models are loaded"
                 " (a model registered by an older taskatlas: retrain it)"
             ) from None
-        if not isinstance(architecture, dict) or architecture.pop("format", None) != _WEIGHTS_FORMAT:
-            raise UnsafeModelError(f"{what}: {ARCHITECTURE_FILE} is not in the {_WEIGHTS_FORMAT} format")
-        spec = NetworkSpec(
-            task=from_dict(Task, architecture["task"], "task."),
-            model=from_dict(ModelConfig, architecture["model"], "model."),
-            image_size=int(architecture["image_size"]),
-            channels=int(architecture["channels"]),
-        )
+        if not isinstance(architecture, dict) or architecture.get("format") not in formats:
+            raise UnsafeModelError(f"{what}: {ARCHITECTURE_FILE} is not in the {' or '.join(formats)} format")
         try:
             state = torch.load(local / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
@@ -490,6 +537,22 @@ def load_registered_model(tracking_uri: str, registered_name: str, version: str)
             raise UnsafeModelError(
                 f"{what}: {WEIGHTS_FILE} is not a plain state dict; refused ({first})"
             ) from None
-    model = spec.build()
+    return architecture, state
+
+
+def network_spec(architecture: Mapping[str, Any]) -> NetworkSpec:
+    return NetworkSpec(
+        task=from_dict(Task, architecture["task"], "task."),
+        model=from_dict(ModelConfig, architecture["model"], "model."),
+        image_size=int(architecture["image_size"]),
+        channels=int(architecture["channels"]),
+    )
+
+
+def load_registered_model(tracking_uri: str, registered_name: str, version: str) -> TaskNetwork:
+    """Rebuild a registered task network with the project's code and load its weights with
+    `torch.load(weights_only=True)`; anything else in the registry is refused, never unpickled."""
+    architecture, state = load_registered_weights(tracking_uri, registered_name, version)
+    model = network_spec(architecture).build()
     model.load_state_dict(state)
     return model.eval()

@@ -3,6 +3,7 @@
 taskatlas run -c configs/quickstart.yaml   # the main job on the embedded default (`make demo`)
 taskatlas data generate --out DIR          # synthetic scenes -> Parquet shards
 taskatlas submit --address http://HEAD:8265 -c CONFIG --wait
+taskatlas position -c CONFIG --task NEW.yaml --images DIR   # a new task against a finished study
 taskatlas --help                           # every command
 """
 
@@ -14,6 +15,7 @@ import sys
 from components.errors import TaskatlasError
 from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
+from pipelines.commands import position as position_commands
 from pipelines.commands import run as run_commands
 from pipelines.commands import submit as submit_commands
 from pipelines.commands import train as train_commands
@@ -21,6 +23,7 @@ from pipelines.commands import transfer as transfer_commands
 
 COMMAND_MODULES = (
     run_commands,
+    position_commands,
     submit_commands,
     data_commands,
     train_commands,

@@ -195,6 +195,10 @@ class TransferConfig:
     # Held out of each readout's training to rank first-order sources for the higher-order beams:
     # the beams never see the test images that the win rates are computed on.
     val_fraction: float = 0.2
+    # The `scratch` baseline (a whole network trained from random weights on the readouts' images,
+    # the reference for Gain when positioning a new task) trains this many epochs: with few labels
+    # it needs more passes than a readout on frozen features.
+    scratch_epochs: int = 30
     encode_batch_size: int = 256
     # Readouts into one target trained as one stacked model, one Ray task (design.md section 13):
     # at most this many, fewer where `stack_memory_gb` says so; 1: a Ray task per readout. 0: by
@@ -218,8 +222,8 @@ class TransferConfig:
         if any(b < k for k, b in zip(self.orders, self.beams, strict=True)):
             raise ConfigError(f"transfer.beams: each beam must be >= its order ({self.orders}, {self.beams})")
         if ReadoutKind.TRANSFER in self.baselines:
-            raise ConfigError("transfer.baselines: choose from self, pixels, random")
-        for name in ("epochs", "batch_size", "width", "encode_batch_size"):
+            raise ConfigError("transfer.baselines: choose from self, pixels, random, scratch")
+        for name in ("epochs", "batch_size", "width", "encode_batch_size", "scratch_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transfer.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -268,6 +272,28 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class PositionConfig:
+    """`taskatlas position` (design.md section 12): how a new task's labelled images are split."""
+
+    test_fraction: float = 0.25  # of the images, drawn per image from its name, scored not trained on
+    min_test_images: int = 10  # fewer cannot tell sources apart: refused up front
+    # Readouts (and `scratch`) train at least this many optimizer steps: with few labelled images
+    # an epoch is one or two steps, and `transfer.epochs` alone would leave them untrained.
+    min_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"position.test_fraction must be in (0, 1), got {self.test_fraction}")
+        _at_least("position", self, 2, "min_test_images")
+        _at_least("position", self, 1, "min_steps")
+
+    def epochs(self, epochs: int, fit_images: int, batch_size: int) -> int:
+        """`epochs`, or more where they would give fewer than `min_steps` steps on `fit_images`."""
+        per_epoch = max(1, len(range(0, fit_images - 1, batch_size)))  # a last batch of one is dropped
+        return max(epochs, -(-self.min_steps // per_epoch))
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "taskatlas"  # the MLflow experiment
     storage_root: str = "taskatlas-runs"
@@ -282,6 +308,7 @@ class PipelineConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
 
     def __post_init__(self) -> None:
         catalog = self.catalog  # validates task_definitions

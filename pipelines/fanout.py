@@ -4,7 +4,7 @@ readouts (every replicate) are in.
 
 A stack is up to `transfer.stack` readouts into one target trained as one model (design.md
 section 13): a target's first-order sources x replicates with its `random` baseline, its `pixels`
-replicates, or one higher order's source sets x replicates. Each stack runs with declared
+replicates, or one higher order's source sets x replicates (`scratch`, a whole network, goes alone). Each stack runs with declared
 resources (`cpus_per_readout`, and `gpus_per_readout` of a GPU on GPU clusters), retried
 `max_retries` times, and writes each member's loss file itself, so a killed driver loses only
 the members in flight, and a retried or resumed stack skips the members already written. A member
@@ -105,6 +105,13 @@ class FanOut:
                 elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
                     job = self.stage._job(x, (), self.keys.path(x).uri, self.results[x.target].model_path)
                     self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
+                elif x.kind is ReadoutKind.SCRATCH:  # a whole network on raw images: not stackable
+                    self._remote(
+                        _REMOTE_READOUT,
+                        f"readout {x.name}",
+                        self.stage._job(x, (), self.keys.path(x).uri),
+                        (x,),
+                    )
                 else:  # one input width per stack: first order with `random`, `pixels`, each higher order
                     width = (x.kind is ReadoutKind.PIXELS, x.order)
                     groups.setdefault((x.target, width), []).append(x)

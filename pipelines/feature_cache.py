@@ -48,7 +48,8 @@ class FeatureCache:
         """(source name, view) -> its complete cache folder's URI, encoding whatever is missing."""
         sources = feature_sources(self.config, results)
         kinds = {r.kind for r in plan.baselines}
-        names = [n for n in sources if n not in ("random", "pixels") or ReadoutKind(n) in kinds]
+        baselines = {k.value for k in (ReadoutKind.RANDOM, ReadoutKind.PIXELS)}
+        names = [n for n in sources if (ReadoutKind(n) in kinds if n in baselines else n in plan.sources)]
         views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
         folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
         missing = [

@@ -34,7 +34,7 @@ from components.errors import TaskatlasError
 from components.models import build_network
 from components.storage import Location
 from components.tasks import Task, channels_for
-from components.tracking import NetworkSpec, Tracker
+from components.tracking import CHAMPION, NetworkSpec, Tracker
 from components.training import iter_batches, nanmean, per_image_losses
 from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
@@ -44,8 +44,6 @@ from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import WorkerConfig, loop_config, train_worker
-
-CHAMPION = "champion"  # the registry alias of a task's best network (nightly moves it)
 
 
 @dataclass(frozen=True)

@@ -142,10 +142,16 @@ class ReadoutKeys:
     targets: Mapping[str, str]  # task -> hash of its definition and output channels
     seed: int = 0  # transfer.seed (also in `common`)
     pairing: Pairing = Pairing.PAIRED
+    scratch_epochs: int = 0  # transfer.scratch_epochs: in the keys of `scratch` baselines only
 
     def key(self, r: Readout) -> str:
         if r.kind is ReadoutKind.SELF:  # the target's network, scored: no readout setting applies
             return config_hash("self-v2", r.name, self.targets[r.target], self.networks[r.target])
+        if r.kind is ReadoutKind.SCRATCH:  # no features: the raw images, and its own epochs
+            parts = [self.common, r.name, self.targets[r.target], {"scratch_epochs": self.scratch_epochs}]
+            if (seed := self.seed_of(r)) != self.seed:
+                parts.append({"seed": seed})
+            return config_hash(*parts)
         names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
         parts = [self.common, r.name, self.targets[r.target], [self.features[n] for n in names]]
         if (seed := self.seed_of(r)) != self.seed:  # replicate 0, paired: the key it always had
@@ -220,6 +226,8 @@ class Stage2:
         science = {k: v for k, v in to_dict(self.transfer).items() if k not in _RUNTIME_FIELDS}
         if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
             science.pop("prune")
+        if ReadoutKind.SCRATCH not in self.transfer.baselines:  # likewise, without a scratch baseline
+            science.pop("scratch_epochs")
         encoders = {name: r.key for name, r in results.items()}
         return config_hash(
             "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
@@ -228,14 +236,25 @@ class Stage2:
     def readout_keys(self, results: Mapping[str, TaskResult]) -> ReadoutKeys:
         """How to key each readout of a study on these networks (see `ReadoutKeys`)."""
         t = self.transfer
-        science = {k: v for k, v in to_dict(t).items() if k not in (*_RUNTIME_FIELDS, *_PLAN_FIELDS)}
+        science = {
+            k: v
+            for k, v in to_dict(t).items()
+            if k not in (*_RUNTIME_FIELDS, *_PLAN_FIELDS, "scratch_epochs")
+        }
         common = config_hash(
             "readout-v1", science, self.config.model, self.config.data.size, self.store.data_version
         )
         features = {name: s.key for name, s in self.feature_sources(results).items()}
         networks = {name: r.key for name, r in results.items()}
         return ReadoutKeys(
-            self.config.root, common, features, networks, self._target_keys(), t.seed, t.pairing
+            self.config.root,
+            common,
+            features,
+            networks,
+            self._target_keys(),
+            t.seed,
+            t.pairing,
+            t.scratch_epochs,
         )
 
     def _target_keys(self) -> dict[str, str]:
@@ -333,7 +352,11 @@ class Stage2:
             model=self.config.model,
             image_size=self.config.data.size,
             channels=channels_for(task, self.store),
-            settings=replace(self.settings, seed=seed),
+            settings=replace(
+                self.settings,
+                seed=seed,
+                **({"epochs": t.scratch_epochs} if r.kind is ReadoutKind.SCRATCH else {}),
+            ),
             path=path,
             use_gpu=self.use_gpu,
             threads=max(1, int(t.cpus_per_readout)),

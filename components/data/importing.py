@@ -54,9 +54,9 @@ class ImportConfig:
         if not (
             self.transfer_fraction >= 0
             and self.test_fraction >= 0
-            and self.transfer_fraction + self.test_fraction < 1
+            and self.transfer_fraction + self.test_fraction <= 1
         ):
-            raise ConfigError("transfer_fraction and test_fraction must be >= 0 and sum to less than 1")
+            raise ConfigError("transfer_fraction and test_fraction must be >= 0 and sum to at most 1")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 

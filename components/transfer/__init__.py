@@ -11,6 +11,7 @@ from components.transfer.features import (
     trained_encoder,
 )
 from components.transfer.plan import (
+    ALL_BASELINES,
     BASELINES,
     Pairing,
     Readout,
@@ -40,6 +41,7 @@ from components.transfer.readout import (
 from components.transfer.stacked import StackMember, train_stacked
 
 __all__ = [
+    "ALL_BASELINES",
     "BASELINES",
     "FeatureKind",
     "FeatureSource",

@@ -42,6 +42,7 @@ from components.training import iter_batches, nanmean, pick_device
 from components.transfer.features import FeatureSource, build_feature_module, encode_batch, load_state_dict
 from components.transfer.plan import Readout, ReadoutKind
 from components.transfer.readout import ReadoutSettings, score_network, train_readout
+from components.transfer.scratch import train_scratch
 from components.transfer.stacked import StackMember, train_stacked
 
 LOSS_SCHEMA = pa.schema(
@@ -126,6 +127,8 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     torch.set_num_threads(job.threads)
     if r.kind is ReadoutKind.SELF:
         return _score_self(job, started)
+    if r.kind is ReadoutKind.SCRATCH:
+        return _train_scratch(job, started)
     train_x, train_ids = source_features(job.feature_dirs, "transfer")
     test_x, test_ids = source_features(job.feature_dirs, "test")
     result = train_readout(
@@ -147,6 +150,29 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     write_readout(location(job.path), outcome, result.image_ids, result.losses)
     note_attempt(job.path, "done")
     return outcome
+
+
+def train_model(job: ReadoutJob) -> tuple[dict, int, float]:
+    """The readout of `job` trained with its weights kept: (state dict, input channels, mean test
+    loss). With replicate 0's job it retrains that readout exactly (same seed, data and order)."""
+    torch.set_num_threads(job.threads)
+    train_x, train_ids = source_features(job.feature_dirs, "transfer")
+    test_x, test_ids = source_features(job.feature_dirs, "test")
+    result = train_readout(
+        task=job.task,
+        model=job.model,
+        image_size=job.image_size,
+        transfer_x=train_x,
+        transfer_y=_labels(job.data_root, "transfer", job.task.column, train_ids),
+        test_x=test_x,
+        test_y=_labels(job.data_root, "test", job.task.column, test_ids),
+        test_ids=test_ids,
+        settings=job.settings,
+        device=pick_device(job.use_gpu),
+        channels=job.channels,
+        keep=True,
+    )
+    return result.weights, int(train_x.shape[1]), result.mean_loss
 
 
 @dataclass(frozen=True)
@@ -251,6 +277,40 @@ def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
         job.readout, nanmean(losses), time.perf_counter() - start, started=started, finished=time.time()
     )
     write_readout(location(job.path), outcome, ids, losses)
+    note_attempt(job.path, "done")
+    return outcome
+
+
+def _train_scratch(job: ReadoutJob, started: float) -> ReadoutOutcome:
+    """The `scratch` baseline: the target's architecture trained from random weights on the
+    readouts' images and labels (`components.transfer.scratch`)."""
+    task = job.task
+    transfer_ids, transfer_rgb = _split_labels(job.data_root, "transfer", "rgb")
+    test_ids, test_rgb = _split_labels(job.data_root, "test", "rgb")
+    result = train_scratch(
+        task=task,
+        model=job.model,
+        image_size=job.image_size,
+        transfer_rgb=transfer_rgb,
+        transfer_ids=transfer_ids,
+        transfer_y=_labels(job.data_root, "transfer", task.column, transfer_ids),
+        test_rgb=test_rgb,
+        test_ids=test_ids,
+        test_y=_labels(job.data_root, "test", task.column, test_ids),
+        settings=job.settings,
+        device=pick_device(job.use_gpu),
+        channels=job.channels,
+    )
+    outcome = ReadoutOutcome(
+        job.readout,
+        result.mean_loss,
+        result.seconds,
+        result.train_losses,
+        result.val_loss,
+        started,
+        time.time(),
+    )
+    write_readout(location(job.path), outcome, result.image_ids, result.losses)
     note_attempt(job.path, "done")
     return outcome
 

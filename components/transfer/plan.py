@@ -25,9 +25,13 @@ class ReadoutKind(str, Enum):
     SELF = "self"  # the target's fully supervised network (Stage I): read, not trained
     PIXELS = "pixels"  # raw pixels, rearranged to the representation's shape
     RANDOM = "random"  # a frozen random-init encoder
+    # A whole task network trained from scratch on the readouts' labelled images: the reference
+    # for Gain when a new task is positioned with few labels (design.md section 12)
+    SCRATCH = "scratch"
 
 
-BASELINES = (ReadoutKind.SELF, ReadoutKind.PIXELS, ReadoutKind.RANDOM)
+BASELINES = (ReadoutKind.SELF, ReadoutKind.PIXELS, ReadoutKind.RANDOM)  # a study's default
+ALL_BASELINES = (*BASELINES, ReadoutKind.SCRATCH)
 
 
 class Pairing(str, Enum):
@@ -151,7 +155,7 @@ class TransferPlan:
         for order in self.orders:
             n = sum(self.higher_order_count(t, order) for t in self.targets)
             out[f"order {order}"] = n * self.replicates
-        for kind in BASELINES:
+        for kind in ALL_BASELINES:
             n = sum(r.kind is kind for r in self.baselines)
             if n:
                 out[kind.value] = n * (1 if kind is ReadoutKind.SELF else self.replicates)
@@ -298,7 +302,7 @@ def plan_transfers(
         raise ValueError(f"need replicates >= 1 and widen >= 0, got {replicates}, {widen}")
     pairs = sorted(zip(orders, beams, strict=True))
     first = tuple(Readout(t, (s,)) for t in targets for s in sources)
-    extra = tuple(baseline(t, kind) for t in targets for kind in BASELINES if kind in baselines)
+    extra = tuple(baseline(t, kind) for t in targets for kind in ALL_BASELINES if kind in baselines)
     return TransferPlan(
         targets=tuple(targets),
         sources=tuple(sources),

@@ -45,6 +45,7 @@ class ReadoutResult:
     train_losses: tuple[float, ...]  # mean training loss of each epoch
     seconds: float
     val_loss: float = float("nan")  # mean loss on the held-out part of the transfer split
+    weights: dict | None = None  # the trained network's state dict, when asked to keep it (`keep`)
 
     @property
     def mean_loss(self) -> float:
@@ -99,12 +100,14 @@ def train_readout(
     device: torch.device,
     channels: int | None = None,
     featurize: Featurize | None = None,
+    keep: bool = False,
 ) -> ReadoutResult:
     """Train a readout on the transfer split less its validation part, and score the validation
     part (what ranks sources for higher-order beams) and every test image (what Stage III uses).
 
     `*_x` are cached features (N, C, h, w). `featurize` (no gradient) maps each batch of `*_x`
     to features first: the benchmark uses it to re-encode raw images every epoch instead.
+    `keep`: return the trained weights too (a positioned task's model, `ReadoutResult.weights`).
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -121,7 +124,7 @@ def train_readout(
     for _ in range(settings.epochs):
         net.train()
         total, count = 0.0, 0
-        for idx in _batches(len(transfer_x), settings.batch_size, rng):
+        for idx in batches(len(transfer_x), settings.batch_size, rng):
             with torch.no_grad():
                 x = featurize(_floats(transfer_x[idx], device))
             with _autocast(device):
@@ -135,8 +138,14 @@ def train_readout(
         history.append(total / max(count, 1))
     val_loss = nanmean(_test_losses(net, featurize, val_x, val_y, task, device))
     losses = _test_losses(net, featurize, test_x, test_y, task, device)
+    weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if keep else None
     return ReadoutResult(
-        np.asarray(test_ids).astype(str), losses, tuple(history), time.perf_counter() - start, val_loss
+        np.asarray(test_ids).astype(str),
+        losses,
+        tuple(history),
+        time.perf_counter() - start,
+        val_loss,
+        weights,
     )
 
 
@@ -182,7 +191,7 @@ def _test_losses(
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches; a last batch of one image is dropped (batch norm needs two)."""
     order = rng.permutation(n)
     return [b for b in np.split(order, range(batch_size, n, batch_size)) if len(b) > 1]

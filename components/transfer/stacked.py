@@ -34,8 +34,8 @@ from components.transfer.readout import (
     ReadoutResult,
     ReadoutSettings,
     _autocast,
-    _batches,
     _test_losses,
+    batches,
     build_readout,
     label_tensor,
     train_readout,
@@ -94,7 +94,7 @@ def train_stacked(
         stack.train()
         total = torch.zeros(n, dtype=torch.float64, device=device)
         count = torch.zeros(n, dtype=torch.float64, device=device)
-        orders = [_batches(len(fit), settings.batch_size, rng) for rng in rngs]  # same sizes for all
+        orders = [batches(len(fit), settings.batch_size, rng) for rng in rngs]  # same sizes for all
         for idxs in zip(*orders, strict=True):
             rows = [fit[i] for i in idxs]
             batch = np.stack([m.transfer_x[r] for m, r in zip(members, rows, strict=True)], axis=1)

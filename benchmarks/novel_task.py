@@ -1,0 +1,150 @@
+"""Taskonomy's novel-task experiment on the built-in data: each target task of a finished study in
+turn is positioned as if it were new, from a few labelled images (design.md section 12).
+
+    .venv/bin/python benchmarks/novel_task.py                          # the quickstart's study (made if missing)
+    .venv/bin/python benchmarks/novel_task.py --budgets 0.05 --targets normal,reshading
+    .venv/bin/python benchmarks/novel_task.py --seed 3                 # other labelled images
+
+For target t and label budget L (a fraction of the study's transfer split), L of the study's
+transfer images with t's labels, and the study's test images, become a dataset of their own; t is
+positioned against the study with `pipelines.position` exactly as `taskatlas position` does: t's own
+network is never a source (it is only the `self` reference for Quality), nor are the study's readouts
+into t used. Per (t, L) it reports:
+- `gain`: the chosen transfer's win rate against `scratch`, a network trained from scratch on the same L labels;
+- `quality`: its win rate against t's fully supervised network (the study's);
+- `spearman`: the rank correlation of the position's first-order source affinities with the full study's for t;
+- `beats_random`: whether the chosen transfer beats `random` on most test images.
+The last line: `median_gain` (smallest budget), `median_quality`, `median_spearman` (over all),
+and `beats_random`: the share of targets, among those where some trained source beats `random`,
+whose chosen transfer does. Goals: median gain >= 0.7, median Spearman >= 0.6, beats_random 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components.config import config_hash  # noqa: E402
+from components.data.shards import SPLITS, ShardStore, write_dataset  # noqa: E402
+from components.position import BASELINE_SETS, first_order_columns  # noqa: E402
+from pipelines.config import load_pipeline_config  # noqa: E402
+from pipelines.invocation import open_tracker  # noqa: E402
+from pipelines.position import finished_study, position_task  # noqa: E402
+from pipelines.ray_runtime import ensure_ray  # noqa: E402
+
+
+def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> ShardStore:
+    """n of the study's transfer images (drawn with `seed`) and all its test images, with the
+    RGB and `column` only: what a user with a new task and n labels would bring."""
+    ids = study.read("transfer", ["rgb"])["image_id"].astype(str)
+    chosen = set(np.random.default_rng([seed, n]).choice(np.sort(ids), n, replace=False))
+    data = {s: study.read(s, ["rgb", column]) for s in ("transfer", "test")}
+    keep = {"train": np.zeros(0, int), "transfer": np.flatnonzero(np.isin(data["transfer"]["image_id"].astype(str), list(chosen)))}
+    keep["test"] = np.arange(len(data["test"]["image_id"]))
+
+    def produce(split: str, start: int, count: int):
+        rows = keep[split][start : start + count]
+        part = data.get(split)
+        return [str(i) for i in part["image_id"][rows]], {c: part[c][rows] for c in ("rgb", column)}
+
+    columns = tuple(c for c in study.manifest.columns if c.name in ("rgb", column))
+    label_classes = {k: v for k, v in study.manifest.label_classes.items() if k == column}
+    write_dataset(
+        out,
+        source="novel-task-benchmark",
+        settings={"study": study.data_version, "column": column, "images": n, "seed": seed},
+        columns=columns,
+        counts={s: len(keep[s]) for s in SPLITS},
+        produce=produce,
+        rows_per_shard=512,
+        label_classes=label_classes,
+    )
+    return ShardStore(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    parser.add_argument("--set", action="append", default=[], help="config override of the study")
+    parser.add_argument("--budgets", default="0.05,0.25", help="label budgets, fractions of the transfer split")
+    parser.add_argument("--targets", default="", help="comma-separated (default: every target of the study)")
+    parser.add_argument("--seed", type=int, default=0, help="which labelled images each budget draws")
+    args = parser.parse_args()
+    cfg = load_pipeline_config(args.config, args.set)
+    start = time.perf_counter()
+    cmd = [str(Path(sys.executable).parent / "taskatlas"), "run", "-c", args.config]
+    out = subprocess.run(cmd + [a for s in args.set for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"the study failed: {out.stderr[-2000:]}")
+    study_seconds = time.perf_counter() - start
+    study = finished_study(cfg)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] or [
+        t for t in cfg.tasks if not cfg.task(t).source_only
+    ]
+    full = first_order_columns((study.affinity.location / "affinity.parquet").read_parquet())
+    n_transfer = study.store.manifest.counts["transfer"]
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    ensure_ray()
+    tracker = open_tracker(cfg)
+    rows = []
+    for fraction in budgets:
+        n = max(4, round(fraction * n_transfer))
+        for target in targets:
+            task = cfg.task(target)
+            folder = cfg.root / "novel_task" / config_hash(study.store.data_version, target, n, args.seed)
+            store = labelled_subset(study.store, task.column, n, args.seed, folder)
+            run_id = tracker.start_run(f"novel task {target} ({n} labels)", tags={"benchmark": "novel_task"})
+            t0 = time.perf_counter()
+            answer = position_task(study, task, store, tracker, run_id, use_self=True).answer
+            tracker.end_run(run_id)
+            cands = {tuple(c["sources"]): c for c in answer["candidates"]}
+            chosen = cands[tuple(answer["chosen"]["sources"])]
+            first = {c[0]: cands[c]["affinity"] for c in cands if len(c) == 1 and c not in BASELINE_SETS}
+            common = sorted(set(first) & set(full[target]))
+            rho = float(spearmanr([first[s] for s in common], [full[target][s] for s in common]).statistic)
+            any_beats = any(cands[c]["vs_random"] > 0.5 for c in cands if c not in BASELINE_SETS)
+            rows.append(
+                {
+                    "target": target,
+                    "labels": n,
+                    "chosen": "+".join(chosen["sources"]),
+                    "gain": chosen["gain"],
+                    "quality": chosen["quality"],
+                    "spearman": round(rho, 3),
+                    "beats_random": chosen["vs_random"] > 0.5,
+                    "any_source_beats_random": any_beats,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    smallest = [r for r in rows if r["labels"] == max(4, round(budgets[0] * n_transfer))]
+    eligible = [r for r in rows if r["any_source_beats_random"]]
+    result = {
+        "budgets": {str(b): max(4, round(b * n_transfer)) for b in budgets},
+        "median_gain": statistics.median(r["gain"] for r in smallest),
+        "median_quality": statistics.median(r["quality"] for r in rows if r["quality"] is not None),
+        "median_spearman": statistics.median(r["spearman"] for r in rows),
+        "beats_random": round(sum(r["beats_random"] for r in eligible) / len(eligible), 3) if eligible else None,
+        "median_gain_per_budget": {
+            str(r0["labels"]): statistics.median(r["gain"] for r in rows if r["labels"] == r0["labels"])
+            for r0 in {r["labels"]: r for r in rows}.values()
+        },
+        "study_seconds": round(study_seconds, 1),
+        "position_seconds": round(sum(r["seconds"] for r in rows), 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

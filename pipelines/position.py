@@ -1,0 +1,420 @@
+"""`taskatlas position`: where a new task sits among a finished study's tasks, from a folder of
+images labelled for that task only, and a model for it built on its best sources (design.md
+section 12; Taskonomy's closing use case).
+
+    taskatlas position -c configs/quickstart.yaml --task near.yaml --images my-images/
+    taskatlas predict -c configs/quickstart.yaml --model taskatlas-near-transfer --images new/ --out preds/
+
+Everything is checked before any work (the task definition, the folder, the split's size, the
+study being finished), then, each step resumable under the study's storage root:
+1. The folder is imported as a dataset of its own (`rgb/` and the task's column), split per image
+   by name into transfer and test images: `position/<task>/data/<key>/`. Its data version keys
+   every step after it, so more images retrain only this task's readouts.
+2. Stage II for one target, the study's own fan-out (`Stage2`): the study's frozen encoders encode
+   the new images once (the feature cache, keyed by encoder and data version), readouts from every
+   study task and higher orders from the new target's beam, with replicates; baselines `scratch`,
+   `random`, `pixels`, and `self` only where the study has a network for this very task.
+3. Stage III for this target: the multi-bootstrap's affinities with intervals and p_best, gain as
+   the win rate against `scratch` (Taskonomy's Gain).
+4. Where it sits (`components.position`): the study tasks nearest to it, what the study's roots
+   give it, what one more root would add.
+5. The model: the chosen transfer's readout trained again with its weights kept (replicate 0's seed:
+   the same readout), registered weights-only as `taskatlas-<task>-transfer`, champion.
+Nothing of the study is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from components.affinity import SCRATCH, affinity_by_target
+from components.config import config_hash
+from components.data.folder import RGB, FolderColumn, import_folder, load_spec, scan_folder
+from components.data.importing import ImportConfig, read_raw, split_of
+from components.data.shards import MANIFEST, ShardStore
+from components.errors import ConfigError, TaskatlasError
+from components.plots import plot_position
+from components.position import (
+    Candidate,
+    candidates_of,
+    choose_model,
+    first_order_columns,
+    nearest_tasks,
+    root_service,
+)
+from components.tasks import Loss, Task, TaskKind, task_from_definition
+from components.tracking import CHAMPION, Tracker
+from components.transfer import Readout, ReadoutKind, plan_transfers
+from components.transfer.jobs import train_model
+from components.transfer.model import EncoderRef, TransferSpec
+from components.transfer.readout import validation_split
+from components.verdict import TIE
+from pipelines.analysis_steps import affinity_step, taxonomy_step
+from pipelines.config import PipelineConfig
+from pipelines.invocation import dataset_folder
+from pipelines.stage1 import Stage1, TaskResult
+from pipelines.stage2 import Stage2
+from pipelines.steps import Step, log_stored_artifact
+
+_TRAIN_MODEL = ray.remote(train_model)
+POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
+
+
+def registered_name(task: str) -> str:
+    """The registry name of a positioned task's model (a study's own networks are `taskatlas-<task>`)."""
+    return f"taskatlas-{task}-transfer"
+
+
+# ---------------------------------------------------------------- up-front checks
+
+
+def load_task(path: str | Path) -> Task:
+    """NEW.yaml: one task definition under its name, the form of `task_definitions`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--task {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--task {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or len(data) != 1:
+        raise ConfigError(f"--task {path}: expected one task, `<name>: {{column, kind, loss, channels}}`")
+    name, definition = next(iter(data.items()))
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"--task {path}: {name!r} is not a task name (letters, digits and underscores)")
+    return task_from_definition(name, definition, where=f"{path.name}: ")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A finished study: its networks, its affinity table and its taxonomy."""
+
+    config: PipelineConfig
+    store: ShardStore
+    networks: dict[str, TaskResult]
+    affinity: Step
+    taxonomy: dict
+
+
+def finished_study(cfg: PipelineConfig) -> Study:
+    """The study of `cfg`, or a one-line error saying what is missing."""
+    hint = "run `taskatlas run` with this config first"
+    folder = dataset_folder(cfg)
+    if not (folder / MANIFEST).exists():
+        raise TaskatlasError(f"the study {cfg.name!r} is not finished: no dataset at {folder}; {hint}")
+    store = ShardStore(folder)
+    stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]  # reads only
+    networks = {}
+    for task in cfg.study_tasks():
+        if (done := stage1.finished(task)) is None:
+            raise TaskatlasError(f"the study {cfg.name!r} is not finished: no {task.name} network; {hint}")
+        networks[task.name] = done
+    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    affinity = affinity_step(cfg, stage2.key(networks))
+    taxonomy = taxonomy_step(cfg, affinity.key)
+    if not (affinity.complete and taxonomy.complete):
+        raise TaskatlasError(f"the study {cfg.name!r} is not finished: no taxonomy yet; {hint}")
+    return Study(cfg, store, networks, affinity, (taxonomy.location / "taxonomy.json").read_json())
+
+
+def check_task(study: Study, task: Task) -> bool:
+    """A new task, or one of the study's with the very same definition (then its network is the
+    `self` baseline, never a source). Returns whether `self` applies."""
+    if task.name in study.config.tasks:
+        mine = study.config.task(task.name)
+        if mine.definition() != task.definition():
+            differs = next(k for k, v in task.definition().items() if mine.definition().get(k) != v)
+            raise ConfigError(
+                f"task {task.name}: the study has a task of that name with another {differs}; "
+                "give the new task a name of its own"
+            )
+        return True
+    return False
+
+
+def check_images(
+    folder: Path, task: Task, cfg: PipelineConfig, spec_path: str | None
+) -> dict[str, FolderColumn]:
+    """The folder has `rgb/` and the task's column for enough images, before anything is written:
+    (the column's import spec)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--images {folder}: no such folder")
+    if not (folder / task.column).is_dir():
+        raise ConfigError(f"--images {folder}: no {task.column}/ folder (the column of task {task.name})")
+    with _columns_view(folder, (RGB, task.column)) as view:
+        found = scan_folder(view, skip_incomplete=True)
+    n_test = sum(split_of(i, _import_config(cfg)) == "test" for i in found.ids)
+    p = cfg.position
+    if n_test < p.min_test_images or len(found.ids) - n_test < 2 * p.min_test_images:
+        need = math.ceil(3 * p.min_test_images / p.test_fraction)
+        raise ConfigError(
+            f"--images {folder}: {len(found.ids)} labelled images give {n_test} test and "
+            f"{len(found.ids) - n_test} transfer images; positioning needs at least {p.min_test_images} "
+            f"test and {2 * p.min_test_images} transfer images (about {need} images)"
+        )
+    spec = load_spec(spec_path)
+    if unknown := sorted(set(spec) - {task.column}):
+        raise ConfigError(f"--spec: column {unknown[0]!r} is not the task's column {task.column!r}")
+    column = spec.get(task.column, FolderColumn(labels=task.loss is Loss.CROSS_ENTROPY))
+    if task.kind is TaskKind.PIXEL and not column.labels:
+        sample = folder / task.column / found.files[task.column][found.ids[0]].name
+        if (channels := read_raw(sample).shape[-1]) != task.channels:
+            raise ConfigError(
+                f"{sample}: {channels} channel(s), but task {task.name} has channels: {task.channels}"
+            )
+    return {task.column: column}
+
+
+def _import_config(cfg: PipelineConfig) -> ImportConfig:
+    p = cfg.position
+    return ImportConfig(
+        size=cfg.data.size, transfer_fraction=1 - p.test_fraction, test_fraction=p.test_fraction
+    )
+
+
+def import_images(cfg: PipelineConfig, task: Task, folder: Path, spec: dict[str, FolderColumn]) -> ShardStore:
+    """The folder's RGB and task column as a dataset under the study's root, imported once per
+    version of the folder (its files' names, sizes and times)."""
+    listing = [
+        (f"{c}/{p.name}", p.stat().st_size, p.stat().st_mtime_ns)
+        for c in (RGB, task.column)
+        for p in sorted((folder / c).iterdir())
+        if p.is_file()
+    ]
+    key = config_hash("position-data-v1", listing, {c: vars(s) for c, s in spec.items()}, _import_config(cfg))
+    out = cfg.root / "position" / task.name / "data" / key
+    if not (out / MANIFEST).exists():
+        with _columns_view(folder, (RGB, task.column)) as view:
+            import_folder(view, out.uri, _import_config(cfg), spec, skip_incomplete=True)
+    return ShardStore(out)
+
+
+@contextmanager
+def _columns_view(folder: Path, columns: tuple[str, ...]) -> Iterator[Path]:
+    """A temporary folder of links to `columns` of `folder`: the importer takes every column
+    folder it finds, and the user's folder may hold others (labels of other tasks)."""
+    with tempfile.TemporaryDirectory(prefix="taskatlas-position-") as tmp:
+        for c in columns:
+            (Path(tmp) / c).symlink_to(folder.resolve() / c, target_is_directory=True)
+        yield Path(tmp)
+
+
+# ---------------------------------------------------------------- the flow
+
+
+@dataclass(frozen=True)
+class PositionResult:
+    answer: dict[str, Any]  # POSITION's contents
+    folder: str  # the step folder: affinity.parquet, position.json, position.png
+    readouts_ran: int
+    run_id: str
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.answer,
+            "readouts_ran": self.readouts_ran,
+            "run_id": self.run_id,
+            "folder": self.folder,
+        }
+
+
+def position_task(
+    study: Study, task: Task, store: ShardStore, tracker: Tracker, run_id: str, use_self: bool
+) -> PositionResult:
+    cfg = study.config
+    sources = [t for t in cfg.tasks if t != task.name]
+    baselines = [ReadoutKind.SCRATCH, ReadoutKind.RANDOM, ReadoutKind.PIXELS] + (
+        [ReadoutKind.SELF] if use_self else []
+    )
+    t = cfg.transfer
+    fit = validation_split(store.manifest.counts["transfer"], t.val_fraction, t.seed)[0].size
+    epochs = cfg.position.epochs(t.epochs, fit, t.batch_size)
+    derived = replace(
+        cfg,
+        tasks=(task.name,),
+        task_definitions={task.name: task.definition()},
+        data=replace(cfg.data, path=store.root.uri),
+        transfer=replace(
+            t,
+            targets=(task.name,),
+            baselines=tuple(baselines),
+            epochs=epochs,
+            scratch_epochs=cfg.position.epochs(t.scratch_epochs, fit, t.batch_size),
+        ),
+    )
+    t = derived.transfer
+    plan = plan_transfers([task.name], sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
+    networks = {s: study.networks[s] for s in sources} | (
+        {task.name: study.networks[task.name]} if use_self else {}
+    )
+    stage2 = Stage2(derived, store, tracker, run_id)
+    transfer = stage2.run(networks, plan)
+    if transfer.failed:
+        raise TaskatlasError(f"{len(transfer.failed)} readout(s) failed: {', '.join(transfer.failed)}")
+
+    step = Step(cfg.root, f"position/{task.name}", config_hash("position-v1", transfer.key, cfg.analysis))
+    if not step.complete:
+        table = affinity_by_target(
+            [task.name],
+            lambda name: (transfer.losses / f"{name}.parquet").read_parquet(),
+            cfg.analysis.bootstrap,
+            cfg.analysis.seed,
+            gain_reference=SCRATCH,
+            require_self=False,
+        ).table
+        (step.location / "affinity.parquet").write_parquet(table)
+        candidates = candidates_of(table, task.name)
+        chosen = choose_model(candidates)
+        model = _model(derived, stage2, networks, plan, task, chosen, tracker, run_id)
+        answer = _answer(study, task, store, candidates, chosen, model, t.replicates)
+        with step.scratch() as scratch:
+            plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
+            (scratch / POSITION).write_text(json.dumps(answer, indent=1))
+            step.finish(answer, scratch)
+    answer = step.info()
+    for name in ("position.png", POSITION):
+        log_stored_artifact(tracker, run_id, step.location / name)
+    tracker.describe(run_id, answer_markdown(answer))
+    return PositionResult(answer, step.location.uri, transfer.ran, run_id)
+
+
+def _model(
+    cfg: PipelineConfig,
+    stage2: Stage2,
+    networks: dict[str, TaskResult],
+    plan,
+    task: Task,
+    chosen: Candidate,
+    tracker: Tracker,
+    run_id: str,
+) -> dict[str, str]:
+    """Retrain the chosen transfer's replicate 0 with its weights kept and register it, once."""
+    readout = Readout(task.name, chosen.sources)
+    keys = stage2.readout_keys(networks)
+    step = Step(cfg.root, f"position/{task.name}/model", keys.key(readout))
+    if step.complete:
+        return step.info()
+    dirs = stage2.features.ensure(networks, plan)
+    view = task.input.value
+    job = stage2._job(readout, tuple(dirs[(s, view)] for s in chosen.sources), "")
+    weights, in_channels, test_loss = ray.get(_TRAIN_MODEL.options(**stage2._resources()).remote(job))
+    spec = TransferSpec(
+        task=task,
+        model=cfg.model,
+        image_size=cfg.data.size,
+        channels=job.channels,
+        width=cfg.transfer.width,
+        in_channels=in_channels,
+        encoders=tuple(EncoderRef(s, f"taskatlas-{s}", networks[s].model_version) for s in chosen.sources),
+    )
+    name = registered_name(task.name)
+    model_id = tracker.create_logged_model(run_id, name)
+    version = tracker.register_weights(
+        run_id,
+        model_id,
+        weights,
+        spec.architecture(),
+        name,
+        version_tags={
+            "task": task.name,
+            "sources": "+".join(chosen.sources),
+            "encoders": ",".join(f"{e.registered}/{e.version}" for e in spec.encoders),
+            "data_version": stage2.store.data_version,
+            "mean_test_loss": f"{test_loss:.6g}",
+        },
+        description=(
+            f"{task.name} from the frozen encoders of {' + '.join(chosen.sources)} (registered versions "
+            f"{', '.join(f'{e.registered} v{e.version}' for e in spec.encoders)}) and a readout trained on "
+            f"{stage2.store.manifest.counts['transfer']} labelled images; mean test loss {test_loss:.4g}. "
+            "Weights only: `taskatlas predict --model NAME` runs it."
+        ),
+        metrics={"mean_test_loss": test_loss},
+    )
+    tracker.set_alias(name, CHAMPION, version)
+    return step.finish({"model": name, "model_version": version, "model_sources": list(chosen.sources)})
+
+
+def _answer(
+    study: Study,
+    task: Task,
+    store: ShardStore,
+    candidates: list[Candidate],
+    chosen: Candidate,
+    model: dict,
+    replicates: int,
+) -> dict[str, Any]:
+    """The answer as JSON: every candidate, the best (ties said as ties), where it sits, the model."""
+    study_table = (study.affinity.location / "affinity.parquet").read_parquet()
+    column = {c.sources[0]: c.affinity for c in candidates if len(c.sources) == 1 and not c.is_baseline}
+    nearest = nearest_tasks(first_order_columns(study_table), column, exclude=[task.name])
+    roots = list(study.taxonomy["roots"])
+    from_roots, more = root_service(candidates, roots, [t for t in study.config.tasks if t != task.name])
+    ties = [c for c in candidates if not c.is_baseline and (c.p_best >= TIE or math.isnan(c.p_best))]
+    if any(math.isnan(c.p_best) for c in ties):  # no bootstrap: the point estimate's best only
+        ties = [max(ties, key=lambda c: c.affinity)] if ties else []
+    counts = store.manifest.counts
+    return {
+        "task": task.name,
+        "data_version": store.data_version,
+        "images": {"transfer": counts["transfer"], "test": counts["test"]},
+        "replicates": replicates,
+        "candidates": [_round(asdict(c)) | {"sources": list(c.sources)} for c in candidates],
+        "best": [{"sources": list(c.sources), "p_best": _num(c.p_best)} for c in ties],
+        "nearest": [t for t, _ in nearest],
+        "nearest_rho": {t: round(r, 3) for t, r in nearest},
+        "roots": roots,
+        "from_roots": {"sources": list(from_roots.sources), "affinity": _num(from_roots.affinity)}
+        if from_roots
+        else None,
+        "one_more_root": [
+            {"task": t, "sources": list(c.sources) if c else None, "adds": _num(gain)} for t, c, gain in more
+        ],
+        **model,
+        "chosen": {
+            "sources": list(chosen.sources),
+            "affinity": _num(chosen.affinity),
+            "gain": _num(chosen.gain),
+        },
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 4)
+
+
+def _round(row: dict) -> dict:
+    return {k: _num(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def answer_markdown(answer: dict) -> str:
+    """The MLflow description of a position run: the answer in a few lines."""
+    lines = [f"## Where {answer['task']} sits", ""]
+    lines.append(
+        f"From {answer['images']['transfer']} labelled transfer images and {answer['images']['test']} test "
+        f"images, {answer['replicates']} replicate(s) of every readout."
+    )
+    lines += ["", "| sources | affinity | 95% interval | gain vs scratch | p_best |", "|---|---|---|---|---|"]
+    for c in answer["candidates"][:12]:
+        lines.append(
+            f"| {'+'.join(c['sources'])} | {_fmt(c['affinity'])} | {_fmt(c['affinity_lo'])}-"
+            f"{_fmt(c['affinity_hi'])} | {_fmt(c['gain'])} | {_fmt(c['p_best'])} |"
+        )
+    lines += ["", f"Nearest study tasks: {', '.join(answer['nearest'][:3]) or 'none'}."]
+    lines.append(
+        f"Model: `{answer['model']}` v{answer['model_version']}, from {' + '.join(answer['model_sources'])}."
+    )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,189 @@
+"""`taskatlas position` and `taskatlas predict` end to end on a tiny finished study (real Ray,
+real MLflow): a planted task sits next to the task it copies, a rerun reuses everything, the model
+loads weights-only and predicts in the task's encoding, and bad input is refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.data.scenes import SceneConfig
+from components.data.synthetic import DatasetConfig, render_images
+from components.tracking import (
+    UnsafeModelError,
+    load_registered_model,
+    load_registered_weights,
+    resolve_version,
+)
+from pipelines.cli import main
+
+STUDY = """
+name: tiny-position
+storage_root: {root}
+tasks: [autoencoding, depth_euclidean, edge_texture, normal]
+data: {{n_train: 120, n_transfer: 24, n_test: 16, size: 32, rows_per_shard: 64}}
+model: {{encoder: small, width: 8, downsample: 4}}
+train: {{epochs: 3, num_workers: 1}}
+tune: {{enabled: false}}
+transfer: {{orders: [2], beams: [2], epochs: 2, width: 16, replicates: 2, widen_beams: 0}}
+taxonomy: {{budget: 2, max_order: 2}}
+analysis: {{bootstrap: 50}}
+position: {{min_test_images: 6, min_steps: 40, test_fraction: 0.3}}
+"""
+
+
+def labelled_folder(folder, n, label=None, seed=91, column="edges"):
+    """Scenes no study image comes from, labelled for one column only: `label(rgb)` (uint8
+    (n, 3, S, S) -> (n, 1, S, S)), by default a copy of their `edge_texture` maps."""
+    data = render_images(
+        DatasetConfig(n_train=0, n_transfer=n, n_test=0, seed=seed, scene=SceneConfig(size=32)),
+        "transfer",
+        0,
+        n,
+    )
+    labels = label(data["rgb"]) if label else data["edge_texture"].astype(np.float32)
+    (folder / "rgb").mkdir(parents=True)
+    (folder / column).mkdir()
+    (folder / "depth_zbuffer").mkdir()  # labels of another task: ignored
+    for i in range(n):
+        Image.fromarray(data["rgb"][i].transpose(1, 2, 0)).save(folder / "rgb" / f"s{i:03d}.png")
+        np.save(folder / column / f"s{i:03d}.npy", labels[i].transpose(1, 2, 0))
+    return folder
+
+
+def network_output(uri, task):
+    """What the study's registered `task` network predicts, as labels: a planted task that is a
+    function of that one source's output, however briefly it was trained."""
+    net = load_registered_model(uri, f"taskatlas-{task}", resolve_version(uri, f"taskatlas-{task}")[1])
+
+    def label(rgb):
+        with torch.no_grad():
+            return net(torch.from_numpy(rgb).float() / 255.0).numpy().astype(np.float32)
+
+    return label
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A finished 4-task study (trained once for the module)."""
+    tmp = tmp_path_factory.mktemp("position")
+    config = tmp / "study.yaml"
+    config.write_text(STUDY.format(root=tmp / "runs"))
+    import ray
+
+    ray.shutdown()  # this module's own local Ray (pytest may have another session's up)
+    assert main(["run", "-c", str(config)]) == 0
+    (tmp / "edges.yaml").write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
+    yield tmp, config
+    ray.shutdown()
+
+
+def position(config, task, images, capsys, *extra):
+    code = main(
+        ["position", "-c", str(config), "--task", str(task), "--images", str(images), "--json", *extra]
+    )
+    captured = capsys.readouterr()
+    out = captured.out if code == 0 else captured.err
+    return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 else None), out
+
+
+def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(study, capsys, tmp_path):
+    tmp, config = study
+    uri = f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"
+    images = labelled_folder(tmp_path / "edges", 60, network_output(uri, "edge_texture"))
+    code, answer, out = position(config, tmp / "edges.yaml", images, capsys)
+    assert code == 0, out
+    first = [
+        c
+        for c in answer["candidates"]
+        if len(c["sources"]) == 1 and c["sources"][0] not in ("random", "pixels")
+    ]
+    assert first[0]["sources"] == ["edge_texture"], first  # the source whose output the labels are
+    assert "edge_texture" in answer["best"][0]["sources"]  # the best source set has it
+    assert "edge_texture" in answer["model_sources"] and answer["model"] == "taskatlas-edges-transfer"
+    assert {"sources", "affinity", "gain", "p_best", "affinity_lo", "affinity_hi"} <= set(first[0])
+    assert set(answer["nearest"]) == {"autoencoding", "depth_euclidean", "edge_texture", "normal"}
+    assert answer["images"]["test"] >= 6 and answer["replicates"] == 2
+    assert not any(c["sources"] == ["self"] for c in answer["candidates"])  # the study has no `edges` network
+    assert any(c["sources"] == ["random"] for c in answer["candidates"])
+    assert "where edges sits" in out and "taskatlas predict" in out
+    assert (tmp / "runs" / "position" / "edges").is_dir()
+
+    code, again, out = position(config, tmp / "edges.yaml", images, capsys)
+    assert code == 0 and again["readouts_ran"] == 0  # nothing trained again
+    assert again["model_version"] == answer["model_version"]  # nor registered again
+    assert again["candidates"] == answer["candidates"]
+
+    # the registered model: weights only, rebuilt by our code; predict writes the task's encoding
+    name, version = resolve_version(uri, "taskatlas-edges-transfer")
+    assert version == answer["model_version"]
+    architecture, state = load_registered_weights(uri, name, version, formats=("taskatlas-transfer-v1",))
+    assert architecture["encoders"][0]["registered"].startswith("taskatlas-")
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    with pytest.raises(UnsafeModelError, match="format"):  # a task network's loader refuses it
+        load_registered_weights(uri, name, version)
+    out_dir = tmp_path / "preds"
+    assert (
+        main(
+            [
+                "predict",
+                "-c",
+                str(config),
+                "--model",
+                "taskatlas-edges-transfer",
+                "--images",
+                str(images),
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
+    files = sorted((out_dir / "edges").iterdir())
+    assert len(files) == 60 and files[0].suffix == ".npy"
+    pred = np.load(files[0])
+    assert pred.shape == (32, 32, 1) and pred.dtype == np.float32 and np.isfinite(pred).all()
+    # a study network predicts too (normals: an (H, W, 3) array)
+    assert (
+        main(
+            [
+                "predict",
+                "-c",
+                str(config),
+                "--model",
+                "taskatlas-normal@champion",
+                "--images",
+                str(images / "rgb"),
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
+    assert np.load(next((out_dir / "normal").iterdir())).shape == (32, 32, 3)
+
+
+def test_bad_input_is_refused_in_one_line_before_any_work(study, capsys, tmp_path):
+    tmp, config = study
+
+    def refused(task, images, *extra):
+        code = main(["position", "-c", str(config), "--task", str(task), "--images", str(images), *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        return err
+
+    few = labelled_folder(tmp_path / "few", 12)
+    assert "positioning needs at least 6 test" in refused(tmp / "edges.yaml", few)
+    assert "no edges/ folder" in refused(tmp / "edges.yaml", tmp_path / "few" / "rgb")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("edges: {column: edges, kind: pixel, loss: l1}\n")
+    assert "edges.channels: required" in refused(bad, few)
+    bad.write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 3}\n")
+    assert "1 channel(s), but task edges has channels: 3" in refused(
+        bad, labelled_folder(tmp_path / "ok", 60)
+    )
+    bad.write_text("normal: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
+    assert "the study has a task of that name" in refused(bad, few)
+    assert "not finished" in refused(tmp / "edges.yaml", few, "--set", "train.epochs=9")
