@@ -50,7 +50,10 @@ def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> S
     ids = study.read("transfer", ["rgb"])["image_id"].astype(str)
     chosen = set(np.random.default_rng([seed, n]).choice(np.sort(ids), n, replace=False))
     data = {s: study.read(s, ["rgb", column]) for s in ("transfer", "test")}
-    keep = {"train": np.zeros(0, int), "transfer": np.flatnonzero(np.isin(data["transfer"]["image_id"].astype(str), list(chosen)))}
+    keep = {
+        "train": np.zeros(0, int),
+        "transfer": np.flatnonzero(np.isin(data["transfer"]["image_id"].astype(str), list(chosen))),
+    }
     keep["test"] = np.arange(len(data["test"]["image_id"]))
 
     def produce(split: str, start: int, count: int):
@@ -77,14 +80,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     parser.add_argument("--set", action="append", default=[], help="config override of the study")
-    parser.add_argument("--budgets", default="0.05,0.25", help="label budgets, fractions of the transfer split")
+    parser.add_argument(
+        "--budgets", default="0.05,0.25", help="label budgets, fractions of the transfer split"
+    )
     parser.add_argument("--targets", default="", help="comma-separated (default: every target of the study)")
     parser.add_argument("--seed", type=int, default=0, help="which labelled images each budget draws")
     args = parser.parse_args()
     cfg = load_pipeline_config(args.config, args.set)
     start = time.perf_counter()
     cmd = [str(Path(sys.executable).parent / "taskatlas"), "run", "-c", args.config]
-    out = subprocess.run(cmd + [a for s in args.set for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        cmd + [a for s in args.set for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True
+    )
     if out.returncode:
         sys.exit(f"the study failed: {out.stderr[-2000:]}")
     study_seconds = time.perf_counter() - start
@@ -135,7 +142,9 @@ def main() -> None:
         "median_gain": statistics.median(r["gain"] for r in smallest),
         "median_quality": statistics.median(r["quality"] for r in rows if r["quality"] is not None),
         "median_spearman": statistics.median(r["spearman"] for r in rows),
-        "beats_random": round(sum(r["beats_random"] for r in eligible) / len(eligible), 3) if eligible else None,
+        "beats_random": round(sum(r["beats_random"] for r in eligible) / len(eligible), 3)
+        if eligible
+        else None,
         "median_gain_per_budget": {
             str(r0["labels"]): statistics.median(r["gain"] for r in rows if r["labels"] == r0["labels"])
             for r0 in {r["labels"]: r for r in rows}.values()

@@ -65,7 +65,11 @@ def test_root_service_without_a_usable_candidate():
 
 
 def test_choose_model_prefers_the_smaller_of_equally_likely_bests():
-    cands = [cand(["a", "b"], 0.40, p_best=0.48), cand(["a"], 0.38, p_best=0.45), cand(["c"], 0.1, p_best=0.07)]
+    cands = [
+        cand(["a", "b"], 0.40, p_best=0.48),
+        cand(["a"], 0.38, p_best=0.45),
+        cand(["c"], 0.1, p_best=0.07),
+    ]
     assert choose_model(cands).sources == ("a",)
     clear = [cand(["a", "b"], 0.40, p_best=0.9), cand(["a"], 0.38, p_best=0.1)]
     assert choose_model(clear).sources == ("a", "b")
