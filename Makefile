@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
-# `make test` (and CI) runs the default suite, every test not marked slow; `make test-all` adds
-# the slow ones (longer end-to-end variants of what the default suite covers).
+# `make test` runs the default suite, every test not marked slow; `make test-all` (what CI runs,
+# `.ci/run`) adds the slow ones (longer end-to-end variants, the kill, two-node and object-storage runs).
 # torch and torchvision go in first, pinned, so pip never pulls a CUDA torch by accident;
 # a GPU user overrides them, e.g. `make demo TORCH=torch==2.13.0+cu130 TORCHVISION=...`.
 # The rest goes in with uv (about 4x faster than pip here; it keeps the torch already installed and

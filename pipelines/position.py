@@ -162,9 +162,7 @@ def check_images(
             f"{len(found.ids) - n_test} transfer images; positioning needs at least {p.min_test_images} "
             f"test and {2 * p.min_test_images} transfer images (about {need} images)"
         )
-    spec = load_spec(spec_path)
-    if unknown := sorted(set(spec) - {task.column}):
-        raise ConfigError(f"--spec: column {unknown[0]!r} is not the task's column {task.column!r}")
+    spec = load_spec(spec_path)  # other columns' entries are not used: only the task's column is read
     column = spec.get(task.column, FolderColumn(labels=task.loss is Loss.CROSS_ENTROPY))
     if task.kind is TaskKind.PIXEL and not column.labels:
         sample = folder / task.column / found.files[task.column][found.ids[0]].name

@@ -11,6 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import pids_carrying
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,7 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_every_socket_a_local_training_run_listens_on_is_loopback(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(

@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_training_spreads_over_two_nodes(tmp_path, tiny_dataset):
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "runs"), str(tiny_dataset)],
