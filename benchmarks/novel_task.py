@@ -47,9 +47,10 @@ from pipelines.ray_runtime import ensure_ray  # noqa: E402
 def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> ShardStore:
     """n of the study's transfer images (drawn with `seed`) and all its test images, with the
     RGB and `column` only: what a user with a new task and n labels would bring."""
+    cols = list(dict.fromkeys(["rgb", column]))  # autoencoding's label is the RGB image itself
     ids = study.read("transfer", ["rgb"])["image_id"].astype(str)
     chosen = set(np.random.default_rng([seed, n]).choice(np.sort(ids), n, replace=False))
-    data = {s: study.read(s, ["rgb", column]) for s in ("transfer", "test")}
+    data = {s: study.read(s, cols) for s in ("transfer", "test")}
     keep = {
         "train": np.zeros(0, int),
         "transfer": np.flatnonzero(np.isin(data["transfer"]["image_id"].astype(str), list(chosen))),
@@ -59,7 +60,7 @@ def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> S
     def produce(split: str, start: int, count: int):
         rows = keep[split][start : start + count]
         part = data.get(split)
-        return [str(i) for i in part["image_id"][rows]], {c: part[c][rows] for c in ("rgb", column)}
+        return [str(i) for i in part["image_id"][rows]], {c: part[c][rows] for c in cols}
 
     columns = tuple(c for c in study.manifest.columns if c.name in ("rgb", column))
     label_classes = {k: v for k, v in study.manifest.label_classes.items() if k == column}

@@ -10,6 +10,7 @@ taskatlas --help                           # every command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from components.errors import TaskatlasError
@@ -34,6 +35,12 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskatlas", description="Taskonomy-style task transfer study.")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Ray, Tune and Train logs live (default: to Ray's log folder)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -42,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # what `settings` reads, inherited by the Ray workers and jobs this starts
+        os.environ["TASKATLAS_VERBOSE"] = "1"
     try:
         return args.func(args) or 0
     except TaskatlasError as err:

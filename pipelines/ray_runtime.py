@@ -4,6 +4,8 @@ loopback), read what the cluster has, and set what Ray Train reads from the driv
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import ray
 import ray.data
@@ -18,14 +20,18 @@ def ensure_ray() -> None:
         return
     settings = read_settings()
     if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=True)
-        return
-    ray.init(
-        address="local",
-        num_cpus=settings.ray_num_cpus,
-        include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
-        _node_ip_address="127.0.0.1",
-    )
+        context = ray.init(address=settings.ray_address, log_to_driver=settings.verbose)
+    else:
+        context = ray.init(
+            address="local",
+            num_cpus=settings.ray_num_cpus,
+            include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
+            log_to_driver=settings.verbose,
+            _node_ip_address="127.0.0.1",
+        )
+    if not settings.verbose:  # workers' logs (Tune, Train, readouts) stay in Ray's log folder
+        logs = Path(context.address_info["session_dir"]) / "logs"
+        print(f"Ray, Tune and Train logs: {logs} (taskatlas -v shows them live)", file=sys.stderr, flush=True)
 
 
 def set_train_report_poll(seconds: float) -> None:

@@ -17,6 +17,10 @@ class Settings:
     # the tests do this). With it, users watch the run at http://127.0.0.1:8265, and Ray Train's
     # placement-group cleaner can see its controller through the state API it serves.
     ray_dashboard: bool = True
+    # TASKATLAS_VERBOSE=1 (or `taskatlas -v`): Ray, Tune and Train logs live on the console; by
+    # default they go to Ray's log folder (its path is printed) and the console shows progress
+    # bars and the answer.
+    verbose: bool = False
 
 
 def read_settings() -> Settings:
@@ -24,10 +28,14 @@ def read_settings() -> Settings:
     dashboard = os.environ.get("TASKATLAS_RAY_DASHBOARD", "1").strip().lower()
     if dashboard not in ("0", "1", "true", "false"):
         raise ConfigError(f"TASKATLAS_RAY_DASHBOARD must be 0 or 1, got {dashboard!r}")
+    verbose = os.environ.get("TASKATLAS_VERBOSE", "0").strip().lower()
+    if verbose not in ("0", "1", "true", "false"):
+        raise ConfigError(f"TASKATLAS_VERBOSE must be 0 or 1, got {verbose!r}")
     return Settings(
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         ray_num_cpus=_positive_int("TASKATLAS_RAY_NUM_CPUS", cpus) if cpus else None,
         ray_dashboard=dashboard in ("1", "true"),
+        verbose=verbose in ("1", "true"),
     )
 
 

@@ -41,6 +41,7 @@ from pipelines.config import PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
+from pipelines.settings import read_settings
 from pipelines.steps import Step
 from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.train_worker import WorkerConfig, loop_config, train_worker
@@ -257,7 +258,10 @@ class Stage1:
                     search_alg=BasicVariantGenerator(random_state=cfg.train.seed),
                     reuse_actors=True,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+                # Tune's trial tables only with -v: the console shows the answer, not the search
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, verbose=int(read_settings().verbose)
+                ),
             )
         grid = tuner.fit()
         for task in pending:

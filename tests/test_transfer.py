@@ -34,6 +34,7 @@ from components.transfer import (
     Readout,
     ReadoutKind,
     ReadoutSettings,
+    baseline,
     build_readout,
     plan_transfers,
     random_encoder,
@@ -462,3 +463,25 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"  # a zombie has finished
+
+
+def test_a_scratch_baseline_trains_a_whole_network_and_leaves_a_study_without_it_keyed_as_before(env):
+    """`transfer.scratch_epochs` enters no key of a study without the `scratch` baseline (its stored
+    readouts and steps stay valid); with it, `scratch` trains on raw images beside the readouts."""
+    root, store, results = env
+    plain, other = make_stage2(root, store), make_stage2(root, store, "transfer.scratch_epochs=7")
+    one = Readout("normal", ("reshading",))
+    assert plain.key(results) == other.key(results)
+    assert plain.readout_keys(results).key(one) == other.readout_keys(results).key(one)
+    stage = make_stage2(root, store, "transfer.baselines=[scratch,pixels]", "transfer.scratch_epochs=2")
+    assert stage.key(results) != plain.key(results)
+    result = stage.run(results)
+    assert result.failed == () and result.counts["scratch"] == 3
+    losses = result.all_losses().to_pydict()
+    scratch = [loss for s, loss in zip(losses["sources"], losses["loss"], strict=True) if s == ["scratch"]]
+    assert len(scratch) == 3 * len(store.read("test", ["rgb"])["image_id"]) and all(np.isfinite(scratch))
+    keys = stage.readout_keys(results)
+    s2 = make_stage2(root, store, "transfer.baselines=[scratch,pixels]", "transfer.scratch_epochs=3")
+    assert keys.key(baseline("normal", ReadoutKind.SCRATCH)) != s2.readout_keys(results).key(
+        baseline("normal", ReadoutKind.SCRATCH)
+    )
