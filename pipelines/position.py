@@ -127,11 +127,11 @@ def finished_study(cfg: PipelineConfig) -> Study:
     return Study(cfg, store, networks, affinity, (taxonomy.location / "taxonomy.json").read_json())
 
 
-def check_task(study: Study, task: Task) -> bool:
+def check_task(cfg: PipelineConfig, task: Task) -> bool:
     """A new task, or one of the study's with the very same definition (then its network is the
     `self` baseline, never a source). Returns whether `self` applies."""
-    if task.name in study.config.tasks:
-        mine = study.config.task(task.name)
+    if task.name in cfg.tasks:
+        mine = cfg.task(task.name)
         if mine.definition() != task.definition():
             differs = next(k for k, v in task.definition().items() if mine.definition().get(k) != v)
             raise ConfigError(

@@ -85,6 +85,7 @@ def position(config, task, images, capsys, *extra):
     return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 else None), out
 
 
+@pytest.mark.slow  # a study of its own: about a minute (CI runs it)
 def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(study, capsys, tmp_path):
     tmp, config = study
     uri = f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"
@@ -163,8 +164,13 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
     assert np.load(next((out_dir / "normal").iterdir())).shape == (32, 32, 3)
 
 
-def test_bad_input_is_refused_in_one_line_before_any_work(study, capsys, tmp_path):
-    tmp, config = study
+def test_bad_input_is_refused_in_one_line_before_any_work(capsys, tmp_path):
+    """Each refused before anything is imported or trained; the study need not exist for the
+    checks of the task and the folder, and an unfinished study is the last one."""
+    config = tmp_path / "study.yaml"
+    config.write_text(STUDY.format(root=tmp_path / "runs"))
+    task = tmp_path / "edges.yaml"
+    task.write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
 
     def refused(task, images, *extra):
         code = main(["position", "-c", str(config), "--task", str(task), "--images", str(images), *extra])
@@ -173,15 +179,18 @@ def test_bad_input_is_refused_in_one_line_before_any_work(study, capsys, tmp_pat
         return err
 
     few = labelled_folder(tmp_path / "few", 12)
-    assert "positioning needs at least 6 test" in refused(tmp / "edges.yaml", few)
-    assert "no edges/ folder" in refused(tmp / "edges.yaml", tmp_path / "few" / "rgb")
+    assert "positioning needs at least 6 test" in refused(task, few)
+    assert "no edges/ folder" in refused(task, tmp_path / "few" / "rgb")
+    assert "no such folder" in refused(task, tmp_path / "nowhere")
     bad = tmp_path / "bad.yaml"
     bad.write_text("edges: {column: edges, kind: pixel, loss: l1}\n")
     assert "edges.channels: required" in refused(bad, few)
+    bad.write_text("- a list\n")
+    assert "expected one task" in refused(bad, few)
+    ok = labelled_folder(tmp_path / "ok", 60)
     bad.write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 3}\n")
-    assert "1 channel(s), but task edges has channels: 3" in refused(
-        bad, labelled_folder(tmp_path / "ok", 60)
-    )
+    assert "1 channel(s), but task edges has channels: 3" in refused(bad, ok)
     bad.write_text("normal: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
-    assert "the study has a task of that name" in refused(bad, few)
-    assert "not finished" in refused(tmp / "edges.yaml", few, "--set", "train.epochs=9")
+    assert "the study has a task of that name with another column" in refused(bad, ok)
+    assert "is not finished" in refused(task, ok)  # nothing was run for this config
+    assert not (tmp_path / "runs" / "position").exists()  # nothing imported

@@ -106,6 +106,7 @@ def _config(tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.slow  # real drivers, one killed: 26 s (CI runs it)
 def test_a_second_study_on_a_root_is_refused_at_once_or_waits_and_takes_over_a_killed_holder(tmp_path):
     config, lock_path = _config(tmp_path), tmp_path / "runs" / STUDY_LOCK
     holder = subprocess.Popen(

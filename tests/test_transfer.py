@@ -387,6 +387,7 @@ make_stage2(__import__("pathlib").Path(spec["root"]), ShardStore(spec["data"]), 
 """
 
 
+@pytest.mark.slow  # kills a real driver mid-run: 30 s (CI runs it)
 def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_once(
     env, ray_session, tmp_path
 ):

@@ -49,9 +49,9 @@ def _position(args: argparse.Namespace) -> int:
 
     cfg = load_pipeline_config(args.config, args.overrides)
     task = load_task(args.task)
-    study = finished_study(cfg)
-    use_self = check_task(study, task)
+    use_self = check_task(cfg, task)
     spec = check_images(args.images, task, cfg, args.spec)
+    study = finished_study(cfg)
     preflight(cfg)
     with study_lock(cfg, "position", args.wait_for_lock):
         store = import_images(cfg, task, args.images, spec)
