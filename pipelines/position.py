@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,12 +201,20 @@ def import_images(cfg: PipelineConfig, task: Task, folder: Path, spec: dict[str,
 
 @contextmanager
 def _columns_view(folder: Path, columns: tuple[str, ...]) -> Iterator[Path]:
-    """A temporary folder of links to `columns` of `folder`: the importer takes every column
-    folder it finds, and the user's folder may hold others (labels of other tasks)."""
-    with tempfile.TemporaryDirectory(prefix="taskatlas-position-") as tmp:
+    """A folder of links to `columns` of `folder`: the importer takes every column folder it
+    finds, and the user's folder may hold others (labels of other tasks). Its path depends only
+    on the folder and columns: the importer records it, and an interrupted import resumes only
+    under the same settings."""
+    name = config_hash("position-view", str(folder.resolve()), columns)
+    view = Path(tempfile.gettempdir()) / f"taskatlas-position-{name}-{os.getuid()}"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    try:
         for c in columns:
-            (Path(tmp) / c).symlink_to(folder.resolve() / c, target_is_directory=True)
-        yield Path(tmp)
+            (view / c).symlink_to(folder.resolve() / c, target_is_directory=True)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the flow
