@@ -144,12 +144,7 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
         device=pick_device(job.use_gpu),
         channels=job.channels,
     )
-    outcome = ReadoutOutcome(
-        r, result.mean_loss, result.seconds, result.train_losses, result.val_loss, started, time.time()
-    )
-    write_readout(location(job.path), outcome, result.image_ids, result.losses)
-    note_attempt(job.path, "done")
-    return outcome
+    return _store(job.path, r, result, started)
 
 
 def train_model(job: ReadoutJob) -> tuple[dict, int, float]:
@@ -245,21 +240,20 @@ def run_stack(job: StackJob) -> StackOutcome:
             if result is None:
                 failed.append((m.readout, f"readout {m.readout.name} diverged (non-finite loss), alone too"))
                 continue
-            outcome = ReadoutOutcome(
-                m.readout,
-                result.mean_loss,
-                result.seconds,
-                result.train_losses,
-                result.val_loss,
-                started,
-                time.time(),
-            )
-            write_readout(location(m.path), outcome, result.image_ids, result.losses)
-            note_attempt(m.path, "done")
-            done.append(outcome)
+            done.append(_store(m.path, m.readout, result, started))
     if seams := [m.readout.name for m in todo if m.fail]:
         raise RuntimeError(f"injected failure of readout {', '.join(seams)} (transfer.fail_readouts)")
     return StackOutcome(tuple(done), tuple(failed))
+
+
+def _store(path: str, readout: Readout, result, started: float) -> ReadoutOutcome:
+    """A trained readout's (or `scratch`'s) result as its stored loss file, then `done` in its log."""
+    outcome = ReadoutOutcome(
+        readout, result.mean_loss, result.seconds, result.train_losses, result.val_loss, started, time.time()
+    )
+    write_readout(location(path), outcome, result.image_ids, result.losses)
+    note_attempt(path, "done")
+    return outcome
 
 
 def _score_self(job: ReadoutJob, started: float) -> ReadoutOutcome:
@@ -301,18 +295,7 @@ def _train_scratch(job: ReadoutJob, started: float) -> ReadoutOutcome:
         device=pick_device(job.use_gpu),
         channels=job.channels,
     )
-    outcome = ReadoutOutcome(
-        job.readout,
-        result.mean_loss,
-        result.seconds,
-        result.train_losses,
-        result.val_loss,
-        started,
-        time.time(),
-    )
-    write_readout(location(job.path), outcome, result.image_ids, result.losses)
-    note_attempt(job.path, "done")
-    return outcome
+    return _store(job.path, job.readout, result, started)
 
 
 def calibrate_readout(job: ReadoutJob, n_images: int, n_transfer: int, n_test: int) -> float:
