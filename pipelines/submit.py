@@ -5,20 +5,25 @@ taskatlas submit --address http://127.0.0.1:8265 -c configs/taskonomy-gpu.yaml -
 pytest tests/test_submit.py     # smoke: a token-authenticated local cluster of its own
 
 The job needs the project and the config on the cluster, and Ray ships exactly one folder (the
-`working_dir`). So we copy the project without venvs, data, runs and git, put the config inside the
-copy, and let Ray package that: a config from anywhere reaches the job at a path relative to the
-working_dir, and the checkout is never written to. Ray names the package by its content hash, so an
-unchanged project is uploaded once.
+`working_dir`). So we copy the project, put the config inside the copy, and let Ray package that:
+a config from anywhere reaches the job at a path relative to the working_dir, and the checkout is
+never written to. Ray names the package by its content hash, so an unchanged project is uploaded
+once. What is copied is planned here (`plan_upload`), not left to Ray, so that `--dry-run` shows
+exactly what goes: every `.gitignore` (the gitwildmatch rules Ray applies to `.gitignore` and to
+runtime_env `excludes`), then patterns no `.gitignore` can bring back (secrets, venvs, data, the
+storage root when it is inside the project), and no symlinks (they can point anywhere).
 
 Ray's client sends its token only when RAY_AUTH_MODE=token is set in the client's environment; we
-read the token from the same places (settings.read_ray_auth) and send the header ourselves. The
-token never goes into the runtime_env.
+read the token from the same places (settings.read_ray_auth) and send the header ourselves, only
+over https or to loopback unless `--insecure`. The token never goes into the runtime_env. Ray's
+client sets no timeouts; ours does, so an address that accepts and never answers is one line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
+import ipaddress
+import re
 import shlex
 import shutil
 import sys
@@ -30,19 +35,42 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import aiohttp
 import requests
+from ray._private.thirdparty.pathspec import PathSpec  # Ray's own gitignore matcher, pinned with Ray
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from components.errors import TaskatlasError
+from components.storage import is_remote
 from pipelines.settings import RayAuth
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Left out of the shipped project: top-level folders (as in .gitignore) and names anywhere.
-EXCLUDED_AT_ROOT = frozenset({".git", ".venv", "data", "taskatlas-runs", "mlruns", "mlartifacts", ".whl"})
-EXCLUDED_ANYWHERE = (
+# Never uploaded, whatever a .gitignore says (gitignore syntax; a leading / anchors at the root).
+SECRET_PATTERNS = (
+    ".env*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "credentials",
+    "*.credentials*",
+    ".aws/",
+    ".netrc",
+)
+HEAVY_PATTERNS = (  # what the job does not need: venvs, git, data, runs, caches
+    ".git",
+    "/.venv/",
+    "/data/",
+    "/taskatlas-runs/",
+    "/mlruns/",
+    "/mlartifacts/",
+    "/.whl/",
     "__pycache__",
     "*.pyc",
     "*.parquet",
@@ -54,6 +82,13 @@ EXCLUDED_ANYWHERE = (
 STAGED_CONFIG_DIR = ".taskatlas-submit"  # inside the working_dir: where the config travels
 NIGHTLY = "nightly"  # --submission-id nightly -> taskatlas-nightly-YYYYMMDD (UTC)
 _AGENT_WAIT_S = 60.0  # a cluster that has just started answers "No available agent" for a while
+CONNECT_S = 5.0  # TCP connect, every request
+PROBE_S = 10.0  # the first request (Ray's version check): a Jobs API that is up answers at once
+READ_S = 60.0  # every later request, the package upload among them
+_SECRET_KEY = re.compile(r"secret|passw|token|access_key|api_key|private_key", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+_SECRET_PARAM = re.compile(r"[?&][^=&\s]*(secret|passw|token|access_key|api_key)[^=&\s]*=[^&\s]", re.I)
+_REFERENCE = re.compile(r"\$\{?\w+\}?")  # $VAR / ${VAR}: resolved on the cluster, not a secret
 
 EntrypointFn = Callable[[str | None], str]  # config path relative to the working_dir -> command
 
@@ -77,6 +112,55 @@ def resolve_submission_id(value: str | None, today: date | None = None) -> str |
         return value
     today = today or datetime.now(timezone.utc).date()
     return f"taskatlas-nightly-{today:%Y%m%d}"
+
+
+def refuse_secrets(overrides: Sequence[str]) -> None:
+    """A `--set` value travels in the job's command line, which anyone who can list jobs reads:
+    refuse a password in a URL, or a literal value for a key named like a secret."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if _URL_PASSWORD.search(value):
+            why = "holds a password in a URL (user:password@)"
+        elif _SECRET_PARAM.search(value):
+            why = "holds a secret in a URL parameter"
+        elif _SECRET_KEY.search(key) and not _names_a_place(key, value):
+            why = "looks like a secret"
+        else:
+            continue
+        raise TaskatlasError(
+            f"--set {key}: the value {why}, and would travel in clear in the job's command line; "
+            "give it to the job as an environment variable on the cluster (e.g. MLFLOW_TRACKING_PASSWORD) "
+            "or a mounted file"
+        )
+
+
+def _names_a_place(key: str, value: str) -> bool:
+    """Empty, `$VAR`, or a key that names where the secret is (`token_file=/run/secrets/x`)."""
+    leaf = key.rsplit(".", 1)[-1].lower()
+    value = value.strip()
+    return not value or bool(_REFERENCE.fullmatch(value)) or leaf.endswith(("_file", "_path", "_env"))
+
+
+def refuse_plain_http(address: str, token: Token | None, insecure: bool) -> None:
+    """The token is the cluster's only lock: over plain http anyone on the path can read it.
+    Loopback (an SSH tunnel, a port-forward) is fine; elsewhere it needs https or `--insecure`."""
+    if token is None or insecure:
+        return
+    url = urlsplit(address if "://" in address else f"http://{address}")  # Ray's default scheme
+    if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+        raise TaskatlasError(
+            f"refusing to send the Ray token from {token.source} over plain http to {address}: use https, "
+            "a tunnel to 127.0.0.1 (ssh -L 8265:localhost:8265 HEAD), or --insecure on a network you trust"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -114,11 +198,20 @@ def _where_we_looked(auth: RayAuth) -> str:
     return f"looked in RAY_AUTH_TOKEN (unset), {path}, {auth.default_token_path} (missing)"
 
 
+class _TimedClient(JobSubmissionClient):
+    """Ray's Jobs client with a timeout on every request: Ray sets none, so an address that
+    accepts connections and never answers would hang `submit` forever."""
+
+    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", (CONNECT_S, PROBE_S if endpoint == "/api/version" else READ_S))
+        return super()._do_request(method, endpoint, **kwargs)
+
+
 def connect(address: str, auth: RayAuth, token: Token | None) -> JobSubmissionClient:
     """A Jobs API client that sends the token if we have one; refusals become one-line errors."""
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
     with cluster_errors(address, auth, token):
-        return JobSubmissionClient(address, headers=headers)
+        return _TimedClient(address, headers=headers)
 
 
 @contextmanager
@@ -131,38 +224,137 @@ def cluster_errors(address: str, auth: RayAuth, token: Token | None) -> Iterator
         else:
             msg = f"the Ray cluster at {address} refused the token from {token.source}: is it this cluster's?"
         raise TaskatlasError(msg) from None
+    except (requests.exceptions.ReadTimeout, TimeoutError):
+        raise TaskatlasError(
+            f"the Ray Jobs API at {address} accepted the connection but did not answer in time "
+            f"({PROBE_S:.0f} s for the first request, {READ_S:.0f} s after): is this the dashboard's port?"
+        ) from None
     except (ConnectionError, requests.exceptions.ConnectionError):
         raise TaskatlasError(
             f"cannot reach the Ray Jobs API at {address} (is the dashboard up, the port forwarded?)"
         ) from None
 
 
+def upload_excludes(storage_root: str | None, root: Path = PROJECT_ROOT) -> tuple[str, ...]:
+    """The patterns always left out, and the storage root when it is a folder inside the project
+    (its runs and MLflow store are the study's, not the job's code)."""
+    patterns = SECRET_PATTERNS + HEAVY_PATTERNS
+    if not storage_root or is_remote(storage_root):
+        return patterns
+    local, project = Path(storage_root.removeprefix("file://")).expanduser().resolve(), root.resolve()
+    if local != project and local.is_relative_to(project):
+        inside = f"/{local.relative_to(project).as_posix()}/"
+        patterns += () if inside in patterns else (inside,)
+    return patterns
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """What `submit` ships from `root`: `files` (relative, posix), after every .gitignore and
+    `excluded`; `links` are left out too."""
+
+    root: Path
+    files: tuple[str, ...]
+    excluded: tuple[str, ...]
+    links: tuple[str, ...]
+
+
+def plan_upload(root: Path, excludes: Sequence[str]) -> UploadPlan:
+    """Walk `root` as git would: a .gitignore applies below its folder, an ignored folder is not
+    entered. `excludes` win over any `!pattern` of a .gitignore."""
+    always = PathSpec.from_lines("gitwildmatch", excludes)
+    files: list[str] = []
+    links: list[str] = []
+
+    def walk(folder: Path, ignores: list[tuple[Path, PathSpec]]) -> None:
+        if (folder / ".gitignore").is_file():
+            ignores = [*ignores, (folder, PathSpec.from_lines("gitwildmatch", _lines(folder / ".gitignore")))]
+        for entry in sorted(folder.iterdir()):
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            if always.match_file(_key(entry, root, is_dir)) or any(
+                spec.match_file(_key(entry, base, is_dir)) for base, spec in ignores
+            ):
+                continue
+            if entry.is_symlink():
+                links.append(entry.relative_to(root).as_posix())
+            elif is_dir:
+                walk(entry, ignores)
+            elif entry.is_file():
+                files.append(entry.relative_to(root).as_posix())
+
+    walk(root, [])
+    return UploadPlan(root, tuple(files), tuple(excludes), tuple(links))
+
+
+def _key(path: Path, base: Path, is_dir: bool) -> str:
+    """The path as gitwildmatch wants it: relative, posix, a trailing / for a folder."""
+    return path.relative_to(base).as_posix() + ("/" if is_dir else "")
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError as err:
+        raise TaskatlasError(f"{path}: cannot read ({err.strerror})") from None
+
+
 @contextmanager
-def staged_project(config: Path | None, root: Path = PROJECT_ROOT) -> Iterator[tuple[Path, str | None]]:
-    """A temporary copy of the project with the config inside: (working_dir, config path in it)."""
-    if not (root / "pyproject.toml").is_file():
-        raise TaskatlasError(f"taskatlas submit ships the project folder; {root} is not a checkout")
-    if config is not None and not config.is_file():
-        raise TaskatlasError(f"config file not found: {config}")
+def staged_project(
+    config: Path | None, root: Path = PROJECT_ROOT, excludes: Sequence[str] | None = None
+) -> Iterator[tuple[Path, str | None]]:
+    """A temporary copy of the planned files with the config inside: (working_dir, config path
+    in it). `excludes` defaults to `upload_excludes(None, root)`."""
+    plan = _checked_plan(config, root, excludes)
     with tempfile.TemporaryDirectory(prefix="taskatlas-submit-") as tmp:
         work = Path(tmp) / "taskatlas"
-        shutil.copytree(root, work, ignore=_ignore_for(root), symlinks=True)
+        for name in plan.files:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, work / name)
         rel = None
         if config is not None:
-            (work / STAGED_CONFIG_DIR).mkdir(exist_ok=True)
-            rel = f"{STAGED_CONFIG_DIR}/{config.name}"
+            rel = _staged_config(config)
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(config, work / rel)
         yield work, rel
 
 
-def _ignore_for(root: Path) -> Callable[[str, list[str]], set[str]]:
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        skip = {n for n in names if any(fnmatch.fnmatch(n, p) for p in EXCLUDED_ANYWHERE)}
-        if Path(folder) == root:
-            skip |= EXCLUDED_AT_ROOT & set(names)
-        return skip
+def _checked_plan(config: Path | None, root: Path, excludes: Sequence[str] | None) -> UploadPlan:
+    if not (root / "pyproject.toml").is_file():
+        raise TaskatlasError(f"taskatlas submit ships the project folder; {root} is not a checkout")
+    if config is not None and not config.is_file():
+        raise TaskatlasError(f"config file not found: {config}")
+    return plan_upload(root, upload_excludes(None, root) if excludes is None else excludes)
 
-    return ignore
+
+def _staged_config(config: Path) -> str:
+    return f"{STAGED_CONFIG_DIR}/{config.name}"
+
+
+def dry_run(
+    address: str,
+    *,
+    entrypoint: EntrypointFn,
+    config: Path | None,
+    excludes: Sequence[str] | None = None,
+    root: Path = PROJECT_ROOT,
+    out: TextIO | None = None,
+) -> int:
+    """What `submit --dry-run` prints: every file that would be uploaded, what is left out, and
+    the job's command. Contacts no cluster."""
+    out = out or sys.stdout
+    plan = _checked_plan(config, root, excludes)
+    rel = _staged_config(config) if config is not None else None
+    for name in plan.files:
+        print(f"  {name}", file=out)
+    if rel:
+        print(f"  {rel}    (your config, {config})", file=out)
+    count = len(plan.files) + (rel is not None)
+    print(f"would upload {count} files from {root} to {address} (dry run: nothing sent)", file=out)
+    print(f"left out: what the .gitignore files ignore, and {' '.join(plan.excluded)}", file=out)
+    if plan.links:
+        print(f"left out, symlinks (they can point anywhere): {' '.join(plan.links)}", file=out)
+    print(f"entrypoint: {entrypoint(rel)}", file=out)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -247,21 +439,25 @@ def submit(
     submission_id: str | None,
     wait: bool,
     auth: RayAuth,
+    excludes: Sequence[str] | None = None,
+    insecure: bool = False,
     out: TextIO | None = None,
 ) -> int:
     """What `taskatlas submit` does; returns the exit code (1: the followed job did not succeed).
 
     `entrypoint` maps the staged config path to the job's command (`build_entrypoint` for the
     pipeline); a job with `submission_id` that already exists is followed, never submitted again.
+    `excludes`: see `staged_project`; `insecure` lets the token go over plain http.
     """
     out = out or sys.stdout
     token = find_token(auth)
+    refuse_plain_http(address, token, insecure)
     client = connect(address, auth, token)
     with cluster_errors(address, auth, token):
         if submission_id and job_exists(client, submission_id):
             sub = Submission(submission_id, created=False)
         else:
-            with staged_project(config) as (work, rel):
+            with staged_project(config, excludes=excludes) as (work, rel):
                 command = entrypoint(rel)
                 sub = submit_job(
                     client,

@@ -3,11 +3,14 @@
 One folder per dataset column, `rgb/` among them; the files of one image share a stem. A spec
 (YAML, optional) says per column how raw values become stored ones:
 
-    depth:  {scale: 0.001, invalid: 0}     # millimetres in 16-bit PNGs, 0 = no measurement
-    parts:  {labels: true, invalid: 0}     # class ids; 0 = unlabelled
-    edges:  {}                             # values as stored
+    depth:  {scale: 0.001, invalid: 0, bits: 16}   # millimetres in 16-bit PNGs, 0 = no measurement
+    parts:  {labels: true, invalid: 0}             # class ids; 0 = unlabelled
+    edges:  {}                                     # values as stored
 
-Defaults: values as stored, no invalid value, not labels. Label columns are stored as uint8
+Defaults: values as stored, no invalid value, not labels, any bit depth (but one per column;
+`bits` says which, so an 8-bit file in a 16-bit column is refused rather than read in wrong
+units). File stems must be safe ids, `image_id` is no column name, and no file may resolve
+outside the root (all checked before anything is written). Label columns are stored as uint8
 maps (255 = no label), others as float32 (NaN = no label), RGB as uint8. Splits are drawn per
 stem, so a re-import of a grown folder keeps every old image's id and split.
 """
@@ -44,6 +47,7 @@ class FolderColumn:
     offset: float = 0.0
     invalid: float | None = None
     labels: bool = False
+    bits: int | None = None  # bits per sample of the files (8 or 16); None: any, one per column
 
 
 def parse_spec(data: Any, where: str = "spec") -> dict[str, FolderColumn]:
@@ -68,6 +72,8 @@ def parse_spec(data: Any, where: str = "spec") -> dict[str, FolderColumn]:
                 raise ConfigError(f"{where}.{column}.{key}: expected a number, got {value!r}")
         if not isinstance(settings.get("labels", False), bool):
             raise ConfigError(f"{where}.{column}.labels: expected true or false, got {settings['labels']!r}")
+        if isinstance(settings.get("bits"), bool) or settings.get("bits") not in (None, 8, 16):
+            raise ConfigError(f"{where}.{column}.bits: expected 8 or 16, got {settings['bits']!r}")
         out[str(column)] = FolderColumn(**settings)
     return out
 
@@ -113,8 +119,21 @@ def column_rule(column: str, spec: FolderColumn) -> ColumnRule:
         return ColumnRule(RGB, "uint8", 3)
     dtype = "uint8" if spec.labels else "float32"
     return ColumnRule(
-        column, dtype, 1 if spec.labels else None, spec.scale, spec.offset, spec.invalid, spec.labels
+        column,
+        dtype,
+        1 if spec.labels else None,
+        spec.scale,
+        spec.offset,
+        spec.invalid,
+        spec.labels,
+        bits=spec.bits,
     )
+
+
+def _recorded(spec: FolderColumn) -> dict:
+    """The spec as the manifest's settings record it; `bits` only when set, so a dataset
+    imported before `bits` existed resumes and compares equal."""
+    return {k: v for k, v in vars(spec).items() if k != "bits" or v is not None}
 
 
 def import_folder(
@@ -140,7 +159,7 @@ def import_folder(
         "importer": "taskatlas.folder",
         "root": str(root),
         "columns": columns,
-        "spec": {c: vars(s) for c, s in sorted(spec.items())},
+        "spec": {c: _recorded(s) for c, s in sorted(spec.items())},
         "skip_incomplete": skip_incomplete,
         **vars(config),
     }

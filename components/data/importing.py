@@ -2,16 +2,19 @@
 that keeps invalid pixels out of valid ones, splits drawn per group, and writing the shards.
 
 An importer finds, per image id, one file per column (`Found`), then `write_import` checks every
-file's size against the image's RGB file before any shard is written, and stores each column in
-the units and dtype its `ColumnRule` says. "No label" is stored as NaN in float columns and as
-255 in label maps (design.md section 2); a raw `invalid` value and an optional validity mask
-(Taskonomy's `mask_valid`) both mark pixels so. Nothing is a finished dataset until its manifest
+file before any shard is written (`check_files`: inside the import root, a safe image id, no
+reserved column name, the bit depth of the column's encoding; then the size of the image's RGB
+file, which also refuses decompression bombs), and stores each column in the units and dtype its
+`ColumnRule` says. "No label" is stored as NaN in float columns and as 255 in label maps
+(design.md section 2); a raw `invalid` value and an optional validity mask (Taskonomy's
+`mask_valid`) both mark pixels so. Nothing is a finished dataset until its manifest
 is written, last (`shards.write_dataset`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +28,9 @@ from components.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIX = ".npy"
+RESERVED_COLUMNS = frozenset({"image_id"})  # the shards' own id column
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no '.', '..', separators, hidden names
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class ColumnRule:
     invalid: float | None = None  # raw value that means "no label"
     labels: bool = False  # class ids: nearest-neighbour resizing, 255 = no label
     masked: bool = False  # the importer's validity mask (e.g. Taskonomy's mask_valid) applies
+    bits: int | None = None  # the encoding's bits per sample (8, 16); None: any, but one per column
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ def read_raw(path: Path) -> np.ndarray:
         else:
             with Image.open(path) as img:
                 raw = np.asarray(img)
+    except Image.DecompressionBombError as err:
+        raise ShardError(f"{path}: refused, a possible decompression bomb ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ShardError(f"{path}: cannot read ({err})") from None
     if raw.ndim == 2:
@@ -118,8 +127,75 @@ def image_size(path: Path) -> tuple[int, int]:
             return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
         with Image.open(path) as img:
             return img.size[1], img.size[0]
+    except Image.DecompressionBombError as err:
+        raise ShardError(f"{path}: refused, a possible decompression bomb ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ShardError(f"{path}: cannot read ({err})") from None
+
+
+def sample_bits(path: Path) -> int | None:
+    """Bits per sample from the file's header: a PNG's IHDR bit depth, an integer .npy's item
+    size, 8 for JPEG; None for float arrays (no encoding to get wrong)."""
+    try:
+        if path.suffix.lower() == ARRAY_SUFFIX:
+            dtype = np.load(path, mmap_mode="r", allow_pickle=False).dtype
+            return dtype.itemsize * 8 if dtype.kind in "ui" else None
+        with path.open("rb") as f:
+            head = f.read(25)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: cannot read ({err})") from None
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 25:
+        return head[24]
+    return 8  # JPEG (and anything else PIL decodes to 8-bit)
+
+
+def check_files(found: Found, rules: dict[str, ColumnRule], root: Path) -> None:
+    """What would make the import read what it should not, or write wrong data, checked before
+    anything is written; each a one-line error naming the file."""
+    check_inside([files[i] for files in found.files.values() for i in found.ids], root)  # before opening
+    for folder, rule in rules.items():
+        if rule.column in RESERVED_COLUMNS:
+            raise ShardError(f"{root / folder}: {rule.column!r} is reserved for image ids; rename the folder")
+    for i in found.ids:
+        if not _SAFE_ID.fullmatch(i):
+            path = next(iter(found.files.values()))[i]
+            raise ShardError(f"{path}: {i!r} is not a safe image id (letters, digits, _ . -, no leading dot)")
+    for folder, rule in rules.items():
+        check_bits([found.files[folder][i] for i in found.ids], rule)
+
+
+def check_inside(paths: list[Path], root: Path) -> None:
+    """A file that resolves outside the import root is refused: an import reads the folder it
+    was given, not what a link in it points at (`rgb/a.png -> ../../secret.png`). A column folder
+    may itself be a link (a layout assembled from links, as `taskatlas position` builds one);
+    then its files must stay inside the folder it points at."""
+    top = root.resolve()
+    for path in paths:
+        real = path.resolve()
+        if not (real.is_relative_to(top) or real.is_relative_to(path.parent.resolve())):
+            raise ShardError(f"{path}: resolves to {real}, outside the import root {root}")
+
+
+def check_bits(paths: list[Path], rule: ColumnRule) -> None:
+    """A 16-bit file in an 8-bit encoding (or the reverse) would import in the wrong units
+    silently: refuse it. Without a declared depth, a column's scaled values share one depth."""
+    scaled = not rule.labels and np.dtype(rule.dtype) != np.uint8
+    if rule.bits is None and not scaled:
+        return
+    want, first = rule.bits, None
+    for path in paths:
+        got = sample_bits(path)
+        if got is None or got == want:
+            continue
+        if want is None:
+            want, first = got, path
+        elif first is None:
+            raise ShardError(f"{path}: {got}-bit, but column {rule.column} is encoded in {want} bits")
+        else:
+            raise ShardError(
+                f"{path}: {got}-bit, but {first} is {want}-bit; the files of column {rule.column} "
+                "must share one encoding"
+            )
 
 
 def check_sizes(found: Found, rgb: str) -> None:
@@ -210,8 +286,10 @@ def write_import(
     mask_folder: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Manifest:
-    """Check every file up front, then write the shards (see module docstring)."""
+    """Check every file up front, then write the shards (see module docstring). Every file must
+    resolve inside `settings["root"]`, the source folder the manifest records."""
     rgb = next(f for f, r in rules.items() if r.column == "rgb")
+    check_files(found, rules, Path(settings["root"]))
     check_sizes(found, rgb)
     channels = {f: r.channels or read_raw(found.files[f][found.ids[0]]).shape[-1] for f, r in rules.items()}
     label_classes = {

@@ -4,7 +4,11 @@ taskatlas submit --address http://127.0.0.1:8265 -c configs/taskonomy-gpu.yaml -
 taskatlas submit --address http://127.0.0.1:8265 -c configs/taskonomy-gpu.yaml --submission-id nightly
 taskatlas submit --address http://127.0.0.1:8265 --submission-id taskatlas-nightly-20250101 --wait  # follow
 
-The token comes from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token.
+taskatlas submit --address http://127.0.0.1:8265 -c configs/taskonomy-gpu.yaml --dry-run  # what would go
+
+The token comes from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token, and
+goes over plain http only to loopback (or with --insecure). Secrets in --set values are refused:
+they would be readable in the job's command line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'nightly': taskatlas-nightly-YYYYMMDD (UTC date)",
     )
     p.add_argument("--wait", action="store_true", help="stream the job's logs; exit 1 unless it succeeds")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files that would be uploaded, what is left out, and the job's command; send nothing",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the Ray token over plain http:// to a host other than loopback",
+    )
     p.set_defaults(func=_submit)
 
 
@@ -33,15 +47,33 @@ def _submit(args: argparse.Namespace) -> int:
     from pipelines.config import load_pipeline_config
     from pipelines.pipeline import parse_stages
     from pipelines.settings import read_ray_auth
-    from pipelines.submit import build_entrypoint, resolve_submission_id, submit
+    from pipelines.submit import (
+        build_entrypoint,
+        dry_run,
+        refuse_secrets,
+        resolve_submission_id,
+        submit,
+        upload_excludes,
+    )
 
-    load_pipeline_config(args.config, args.overrides)  # typos fail here, not on the cluster
+    refuse_secrets(args.overrides)  # before the config echoes a value back in an error
+    cfg = load_pipeline_config(args.config, args.overrides)  # typos fail here, not on the cluster
     parse_stages(args.stages)
+    config = Path(args.config) if args.config else None
+    excludes = upload_excludes(cfg.storage_root)
+
+    def entrypoint(staged: str | None) -> str:
+        return build_entrypoint(staged, args.overrides, args.stages)
+
+    if args.dry_run:
+        return dry_run(args.address, entrypoint=entrypoint, config=config, excludes=excludes)
     return submit(
         args.address,
-        entrypoint=lambda config: build_entrypoint(config, args.overrides, args.stages),
-        config=Path(args.config) if args.config else None,
+        entrypoint=entrypoint,
+        config=config,
         submission_id=resolve_submission_id(args.submission_id),
         wait=args.wait,
         auth=read_ray_auth(),
+        excludes=excludes,
+        insecure=args.insecure,
     )
