@@ -66,8 +66,9 @@ from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimat
 from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
-from pipelines.stage1 import TaskResult  # noqa: E402
+from pipelines.results import TaskResult  # noqa: E402
 from pipelines.stage2 import Stage2  # noqa: E402
+from pipelines.stage2_plan import feature_sources  # noqa: E402
 
 TASKS = (  # 12 tasks, 10 targets (colorization and inpainting are source-only)
     "autoencoding,denoising,colorization,inpainting,depth_zbuffer,depth_euclidean,normal,"
@@ -221,8 +222,8 @@ def estimator_ranking(
     stage: Stage2, results, summary: list[dict], kind: EstimatorKind
 ) -> tuple[float, float]:
     """(mean Spearman over targets vs the full first-order test losses, seconds) of an estimator."""
-    cfg, plan = stage.config, stage.plan(list(results))
-    dirs = stage.features.ensure(results, plan)  # already encoded: just the folders
+    cfg, plan = stage.config, stage.jobs.plan(list(results))
+    dirs = stage.features.ensure(feature_sources(cfg, results), plan)  # already encoded: just the folders
     full = first_order(summary)
     rhos, seconds = [], 0.0
     for target in plan.targets:
@@ -232,7 +233,7 @@ def estimator_ranking(
             feature_dirs=tuple((s, str(dirs[s, task.input.value])) for s in plan.sources),
             data_root=stage.store.root.uri,
             kind=kind,
-            settings=stage.settings,
+            settings=stage.jobs.settings,
             model=cfg.model,
             image_size=cfg.data.size,
             channels=channels_for(task, stage.store),

@@ -43,7 +43,7 @@ from components.tasks import TaskKind, get_task  # noqa: E402
 from components.transfer import ReadoutSettings, StackMember, train_readout, train_stacked  # noqa: E402
 
 TARGETS = ("normal", "class_object")
-AUTO_STACK = 16  # pipelines/stage2.py: `transfer.stack: 0`
+AUTO_STACK = 16  # pipelines/stage2_plan.py: `transfer.stack: 0`
 
 
 def labels(task, n: int, size: int, rng: np.random.Generator) -> np.ndarray:

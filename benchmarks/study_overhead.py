@@ -375,7 +375,7 @@ def pipeline_record(root: Path, experiment: str) -> dict:
     """From the pipeline's MLflow store: stage times, the trials Tune ran, the readouts."""
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import default_tracking_uri
+    from pipelines.tracking import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(root))
     exp = client.get_experiment_by_name(experiment)

@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout, installed or not
 
 from components.tasks import TASKS  # noqa: E402
-from components.tracking import LOG_THREADS, Tracker  # noqa: E402
 from components.transfer import Readout  # noqa: E402
 from components.transfer.jobs import ReadoutOutcome  # noqa: E402
 from pipelines.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
+from pipelines.tracking import LOG_THREADS, Tracker  # noqa: E402
 from tests.services import start_mlflow_server, start_postgres  # noqa: E402
 
 STAGE_KEY = "bench0000stage"

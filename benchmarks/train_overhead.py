@@ -36,11 +36,11 @@ from components.data.shards import ShardStore
 from components.data.synthetic import DatasetConfig, generate_dataset
 from components.models import build_network
 from components.tasks import get_task
-from components.tracking import Tracker
 from components.training import OptimConfig, evaluate, iter_batches, make_optimizer, train_one_epoch
 from pipelines.config import load_pipeline_config
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import set_train_report_poll
+from pipelines.tracking import Tracker
 from pipelines.train_worker import WorkerConfig, loop_config, train_worker
 
 TASK = "normal"

@@ -22,7 +22,6 @@ from components.taxonomy import (
     Taxonomy,
     TaxonomyOptions,
     TransferTable,
-    Transform,
     solve_taxonomy,
     sweep_budgets,
 )
@@ -31,7 +30,7 @@ from pipelines.config import PipelineConfig
 from pipelines.steps import Step
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
-    from components.tracking import Tracker
+    from pipelines.tracking import Tracker
 
 
 SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): the bootstrap's affinities
@@ -143,7 +142,7 @@ def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> Taxonomy
         source_only=frozenset(source_only - set(t.exclude)),
         importance=dict(t.importance),
         cost=dict(t.cost),
-        transform=Transform(t.transform),
+        transform=t.transform,
     )
 
 

@@ -6,20 +6,38 @@ load_pipeline_config("configs/quickstart.yaml", ["train.epochs=3", "tasks=normal
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from components.config import load_config
+from components.config import load_config, to_dict
 from components.data.shards import MANIFEST
 from components.data.synthetic import synthetic_columns
 from components.errors import ConfigError
 from components.models import ModelConfig
 from components.storage import Location, is_remote, location
 from components.tasks import TASKS, Task, define_tasks
+from components.taxonomy import Transform
 from components.transfer import BASELINES, Pairing, ReadoutKind
 from components.transfer.estimate import EstimatorKind
+
+# What a config field's value changes (`field(metadata=...)`), read by `key_fields`.
+KEY_ROLE = "key_role"
+RUNTIME = {KEY_ROLE: "runtime"}  # how work is laid out: enters no key
+PLAN = {KEY_ROLE: "plan"}  # which steps run: enters the stage's key, not each step's
+SCRATCH_KEY = {KEY_ROLE: "scratch"}  # enters the keys of `scratch` baselines only
+
+
+def key_fields(config: Any, *roles: str) -> dict[str, Any]:
+    """The config's fields as plain values (`to_dict`), less those whose role is in `roles`
+    (unmarked fields have the role "result": they enter every key)."""
+    return {
+        f.name: to_dict(getattr(config, f.name))
+        for f in fields(config)
+        if f.metadata.get(KEY_ROLE, "result") not in roles
+    }
 
 
 def _at_least(section: str, config: Any, minimum: float, *names: str, above: bool = False) -> None:
@@ -47,7 +65,11 @@ class DataConfig:
         _at_least("data", self, 0, "seed")
 
 
-LOADERS = ("shards", "ray_data")  # train.loader
+class Loader(Enum):
+    """`train.loader`: how a DDP worker gets its data (see `TrainConfig.loader`)."""
+
+    SHARDS = "shards"
+    RAY_DATA = "ray_data"
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ class TrainConfig:
     # the workers' memory: no Ray Data actors, nothing through the object store, seconds less per
     # network). "ray_data": Ray Data streams the split and splits it among the workers (larger
     # than memory, or read and decoded on other nodes); the two settings below are for it.
-    loader: str = "shards"
+    loader: Loader = Loader.SHARDS
     # Load each split into the object store before training. Ray Data read tasks then never wait
     # for CPUs the training workers hold (a deadlock on small CPU clusters); turn it off for
     # datasets larger than the object store, on clusters with CPUs to spare for streaming reads.
@@ -83,9 +105,6 @@ class TrainConfig:
     # checkpoint is registered, and a finished run noticed, up to this much later.
     report_poll_s: float = 0.5
     seed: int = 0
-    # Test seam: kill rank 0 once, at the start of this epoch of a Ray Train run, its networks'
-    # epochs counted one after another (a network of E epochs, then the next from E, ...).
-    fail_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -93,8 +112,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("train.lr must be > 0 and train.weight_decay >= 0")
-        if self.loader not in LOADERS:
-            raise ConfigError(f"train.loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.report_poll_s <= 0:
             raise ConfigError(f"train.report_poll_s must be > 0, got {self.report_poll_s}")
         _at_least(
@@ -106,7 +123,6 @@ class TrainConfig:
             "concurrent_tasks",
             "networks_per_run",
             "seed",
-            "fail_at_epoch",
         )
         _at_least("train", self, 1, "checkpoints_to_keep")
         _at_least("train", self, 0, "cpus_per_worker", above=True)
@@ -172,12 +188,22 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """Stage II: which readouts (orders, beams, baselines), how each trains, what it may use."""
+    """Stage II: which readouts (orders, beams, baselines), how each trains, what it may use.
 
-    orders: tuple[int, ...] = (2,)  # higher orders; first order always runs (<= taxonomy.max_order)
-    beams: tuple[int, ...] = (4,)  # B of each higher order: its k-subsets of the top-B sources
-    targets: tuple[str, ...] = ()  # empty: every configured task that is not source-only
-    baselines: tuple[ReadoutKind, ...] = BASELINES
+    Each field says which keys it enters (`key_fields`): by default, every readout's key and the
+    stage's; `PLAN` fields (which readouts) the stage's only; `RUNTIME` fields (how the work is
+    laid out on the cluster) none; `scratch_epochs` the keys of `scratch` baselines only."""
+
+    orders: tuple[int, ...] = field(
+        default=(2,), metadata=PLAN
+    )  # higher orders; first order always runs (<= taxonomy.max_order)
+    beams: tuple[int, ...] = field(
+        default=(4,), metadata=PLAN
+    )  # B of each higher order: its k-subsets of the top-B sources
+    targets: tuple[str, ...] = field(
+        default=(), metadata=PLAN
+    )  # empty: every configured task that is not source-only
+    baselines: tuple[ReadoutKind, ...] = field(default=BASELINES, metadata=PLAN)
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -187,32 +213,37 @@ class TransferConfig:
     # Each readout (and the `pixels` and `random` baselines) trained this many times, each replicate
     # with its own seed: Stage III's multi-bootstrap then measures training noise, not only the
     # test images' (design.md section 10). Raising it trains only the new replicates.
-    replicates: int = 3
-    pairing: Pairing = Pairing.PAIRED  # replicate r of a target's candidates shares its seed, or not
+    replicates: int = field(default=3, metadata=PLAN)
+    pairing: Pairing = field(
+        default=Pairing.PAIRED, metadata=PLAN
+    )  # replicate r of a target's candidates shares its seed, or not
     # Beams take in up to 2 more sources whose mean validation loss is within this many standard
     # errors (over replicates) of the beam's last source; 0: exactly `beams` sources.
-    widen_beams: float = 1.0
+    widen_beams: float = field(default=1.0, metadata=PLAN)
     # Held out of each readout's training to rank first-order sources for the higher-order beams:
     # the beams never see the test images that the win rates are computed on.
     val_fraction: float = 0.2
     # The `scratch` baseline (a whole network trained from random weights on the readouts' images,
     # the reference for Gain when positioning a new task) trains this many epochs: with few labels
     # it needs more passes than a readout on frozen features.
-    scratch_epochs: int = 30
-    encode_batch_size: int = 256
+    scratch_epochs: int = field(default=30, metadata=SCRATCH_KEY)
+    encode_batch_size: int = field(default=256, metadata=RUNTIME)
     # Readouts into one target trained as one stacked model, one Ray task (design.md section 13):
     # at most this many, fewer where `stack_memory_gb` says so; 1: a Ray task per readout. 0: by
     # measurement (docs/benchmarks.md): 16, but 1 for pixel targets on CPUs, whose readouts are
     # compute-bound there and train slower stacked (oneDNN's grouped convolutions).
-    stack: int = 0
-    stack_memory_gb: float = 4.0  # a rough bound on one stack's activations and parameters
+    stack: int = field(default=0, metadata=RUNTIME)
+    stack_memory_gb: float = field(
+        default=4.0, metadata=RUNTIME
+    )  # a rough bound on one stack's activations and parameters
     # Resources of one Ray task: a stack of readouts, or one `self` scored
-    cpus_per_readout: float = 1.0
-    gpus_per_readout: float = 0.25  # on GPU clusters: 4 stacks share a GPU
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    max_retries: int = 2  # per readout, then it is reported as failed and the others go on
-    fail_readouts: tuple[str, ...] = ()  # test seam: these readouts (`a+b->t`) always raise
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    cpus_per_readout: float = field(default=1.0, metadata=RUNTIME)
+    gpus_per_readout: float = field(default=0.25, metadata=RUNTIME)  # on GPU clusters: 4 stacks share a GPU
+    use_gpu: bool | None = field(default=None, metadata=RUNTIME)  # None: when the cluster has GPUs
+    max_retries: int = field(
+        default=2, metadata=RUNTIME
+    )  # per readout, then it is reported as failed and the others go on
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata=PLAN)
 
     def __post_init__(self) -> None:
         if len(self.orders) != len(self.beams):
@@ -246,7 +277,7 @@ class TaxonomyConfig:
 
     budget: int = 3  # roots given full supervision (with costs: the supervision budget)
     max_order: int = 2
-    transform: str = "sqrt"  # or "none"
+    transform: Transform = Transform.SQRT
     importance: dict[str, float] = field(default_factory=dict)  # r_t, default 1
     cost: dict[str, float] = field(default_factory=dict)  # supervision cost of a root, default 1
     exclude: tuple[str, ...] = ()
@@ -255,8 +286,6 @@ class TaxonomyConfig:
     def __post_init__(self) -> None:
         if self.budget < 1 or self.max_order < 1:
             raise ConfigError("taxonomy.budget and taxonomy.max_order must be >= 1")
-        if self.transform not in ("sqrt", "none"):
-            raise ConfigError(f"taxonomy.transform must be sqrt or none, got {self.transform!r}")
 
 
 @dataclass(frozen=True)

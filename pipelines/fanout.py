@@ -16,7 +16,6 @@ batches (`pipelines.readout_runs`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
 
 import ray
 
@@ -31,38 +30,41 @@ from components.transfer.jobs import (
 )
 from pipelines.progress import progress_bar
 from pipelines.readout_runs import ReadoutRunLog
-from pipelines.stage1 import TaskResult
-
-if TYPE_CHECKING:
-    from pipelines.stage2 import ReadoutKeys, Stage2
+from pipelines.stage2_plan import ReadoutKeys, Stage2Plan
 
 _REMOTE_READOUT = ray.remote(run_readout)
 _REMOTE_STACK = ray.remote(run_stack)
 
 
 class FanOut:
-    """The `ray.wait` loop: submits stacks, collects, logs, and releases higher orders per target."""
+    """The `ray.wait` loop: submits stacks, collects, logs, and releases higher orders per target.
+
+    `jobs` makes each readout's job, its stack sizes and its resources; `networks` are the Stage
+    I weights (task -> URI) that `self` scores; `log` records each finished readout in MLflow."""
 
     def __init__(
         self,
-        stage: Stage2,
+        jobs: Stage2Plan,
         plan: TransferPlan,
         keys: ReadoutKeys,
-        stage_key: str,
         dirs: Mapping[tuple[str, str], str],
-        run_id: str,
-        results: Mapping[str, TaskResult],
+        networks: Mapping[str, str],
+        log: ReadoutRunLog,
     ):
-        self.stage, self.plan, self.keys, self.dirs, self.run_id = stage, plan, keys, dirs, run_id
-        self.results = results
+        self.jobs, self.plan, self.keys, self.dirs, self.networks, self.log = (
+            jobs,
+            plan,
+            keys,
+            dirs,
+            networks,
+            log,
+        )
         self.outcomes: dict[Readout, ReadoutOutcome] = {}
         self.failed: dict[Readout, str] = {}
         self.pending: dict[ray.ObjectRef, tuple[Readout, ...]] = {}
         self.first_left = {t: len(plan.first_order_of(t)) * plan.replicates for t in plan.targets}
         self.ran = 0
-        self.key = stage_key
         self.listed: dict[str, set[str]] = {}
-        self.log = ReadoutRunLog(stage.tracker, run_id, stage_key)
 
     @property
     def runs(self) -> dict[str, tuple[str, str]]:
@@ -103,20 +105,20 @@ class FanOut:
                 if stored is not None:
                     self._done(stored, ran=False)
                 elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
-                    job = self.stage._job(x, (), self.keys.path(x).uri, self.results[x.target].model_path)
+                    job = self.jobs.job(x, (), self.keys.path(x).uri, self.networks[x.target])
                     self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
                 elif x.kind is ReadoutKind.SCRATCH:  # a whole network on raw images: not stackable
                     self._remote(
                         _REMOTE_READOUT,
                         f"readout {x.name}",
-                        self.stage._job(x, (), self.keys.path(x).uri),
+                        self.jobs.job(x, (), self.keys.path(x).uri),
                         (x,),
                     )
                 else:  # one input width per stack: first order with `random`, `pixels`, each higher order
                     width = (x.kind is ReadoutKind.PIXELS, x.order)
                     groups.setdefault((x.target, width), []).append(x)
         for (target, _), members in groups.items():
-            size = self.stage.stack_size(target)
+            size = self.jobs.stack_size(target)
             for i in range(0, len(members), size):
                 chunk = tuple(members[i : i + size])
                 job = StackJob(tuple(self._readout_job(x) for x in chunk))
@@ -124,13 +126,13 @@ class FanOut:
 
     def _readout_job(self, x: Readout):
         names = x.sources if x.kind is ReadoutKind.TRANSFER else (x.kind.value,)
-        view = self.stage.config.task(x.target).input.value
-        return self.stage._job(x, tuple(self.dirs[(n, view)] for n in names), self.keys.path(x).uri)
+        view = self.jobs.config.task(x.target).input.value
+        return self.jobs.job(x, tuple(self.dirs[(n, view)] for n in names), self.keys.path(x).uri)
 
     def _remote(self, function, name: str, job, members: tuple[Readout, ...]) -> None:
         options = {
-            **self.stage._resources(),
-            "max_retries": self.stage.transfer.max_retries,
+            **self.jobs.resources,
+            "max_retries": self.jobs.transfer.max_retries,
             "retry_exceptions": True,
         }
         self.pending[function.options(name=name, **options).remote(job)] = members

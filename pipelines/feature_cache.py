@@ -12,7 +12,6 @@ then writes each folder's marker. Readouts join a folder's blocks once per node 
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -20,15 +19,13 @@ from pathlib import Path
 
 import ray
 
-from components.config import config_hash
-from components.data.shards import ShardStore, file_sha256
-from components.storage import Location, location
+from components.data.shards import ShardStore
+from components.storage import Location
 from components.tasks import InputTransform
-from components.transfer import FeatureKind, FeatureSource, ReadoutKind, TransferPlan
+from components.transfer import FeatureSource, ReadoutKind, TransferPlan
 from components.transfer.jobs import FEATURES_DONE, encode_shards
 from pipelines.config import PipelineConfig
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
-from pipelines.stage1 import TaskResult
 
 SPLITS = ("transfer", "test")
 _ENCODE = ray.remote(encode_shards)
@@ -44,9 +41,9 @@ class FeatureCache:
     def folder(self, source: FeatureSource, view: InputTransform) -> Location:
         return self.config.root / "features" / source.key / self.store.data_version / view.value
 
-    def ensure(self, results: Mapping[str, TaskResult], plan: TransferPlan) -> dict[tuple[str, str], str]:
-        """(source name, view) -> its complete cache folder's URI, encoding whatever is missing."""
-        sources = feature_sources(self.config, results)
+    def ensure(self, sources: Mapping[str, FeatureSource], plan: TransferPlan) -> dict[tuple[str, str], str]:
+        """(source name, view) -> its complete cache folder's URI, encoding whatever is missing.
+        `sources`: every feature source by name (`stage2_plan.feature_sources`)."""
         kinds = {r.kind for r in plan.baselines}
         baselines = {k.value for k in (ReadoutKind.RANDOM, ReadoutKind.PIXELS)}
         names = [n for n in sources if (ReadoutKind(n) in kinds if n in baselines else n in plan.sources)]
@@ -99,30 +96,3 @@ class FeatureCache:
                 continue
             info = {**asdict(source), "view": view.value, "attempt": attempt, "rows": rows}
             (folder / FEATURES_DONE).write_json(info)
-
-
-def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
-    """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
-    `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement).
-    Needs no Ray: the readout keys and `--dry-run` ask for it too."""
-    model, seed = config.model, config.transfer.seed
-    out = {
-        name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
-        for name, r in results.items()
-    }
-    out["random"] = FeatureSource("random", FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
-    out["pixels"] = FeatureSource("pixels", FeatureKind.PIXELS, f"pixels-{model.downsample}")
-    return out
-
-
-def checkpoint_key(uri: str) -> str:
-    """An encoder's feature key: its checkpoint's hash, read once per file version (a run asks
-    for it for the readout keys and again for the feature cache; a ResNet-50 is ~100 MB)."""
-    stored = location(uri)
-    info = stored.fs.get_file_info(stored.path)
-    return _sha256_prefix(stored.uri, info.mtime_ns or 0, info.size)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256_prefix(uri: str, mtime_ns: int, size: int) -> str:
-    return file_sha256(location(uri))[:16]

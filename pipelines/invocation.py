@@ -22,11 +22,11 @@ from components.data.synthetic import DatasetConfig, generate_dataset
 from components.errors import ConfigError, TaskatlasError
 from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
-from components.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri, remote_storage_refusal
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_nodes
 from pipelines.settings import read_settings
+from pipelines.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri, remote_storage_refusal
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
 # Under the storage root, what holds no temp files of ours (Ray's own storage, MLflow's artifacts).

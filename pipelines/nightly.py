@@ -26,13 +26,13 @@ import torch
 
 from components.data.sources import refreshed_dataset
 from components.tasks import Task
-from components.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_model
 from components.training import iter_batches, nanmean, per_image_losses
 from pipelines.config import PipelineConfig
 from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
-from pipelines.stage1 import TaskResult
+from pipelines.results import TaskResult
+from pipelines.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_model
 
 
 @contextmanager

@@ -21,14 +21,17 @@ from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
 from components.storage import Location
 from components.tasks import Task
-from components.tracking import Tracker
 from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
 from pipelines.report import answer_markdown
-from pipelines.stage1 import Stage1, TaskResult
-from pipelines.stage2 import Stage2, Stage2Result
+from pipelines.results import Stage2Result, TaskResult
+from pipelines.stage1 import Stage1
+from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage2 import Stage2
+from pipelines.stage2_plan import Stage2Plan
 from pipelines.steps import log_stored_artifact
+from pipelines.tracking import Tracker
 
 
 class Stage(str, Enum):
@@ -87,19 +90,19 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     cfg = inv.config
     tasks = cfg.study_tasks()
     result = PipelineResult(inv.store.data_version)
-    stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
-    before = {t.name: stage1.finished(t) is not None for t in tasks}
+    planned = Stage1Plan(cfg, inv.store)
+    before = {t.name: planned.finished(t) is not None for t in tasks}
     if Stage.TRAIN in stages:
-        result.stage1 = stage1.run(tasks, search=True)
+        result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
     else:
-        result.stage1 = _require_stage1(stage1, tasks)
+        result.stage1 = _require_stage1(planned, tasks)
     result.retrained = [t.name for t in tasks if not before[t.name]]
     result.steps += [(f"train/{t.name}", "reused" if before[t.name] else "ran") for t in tasks]
     if not {Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
         return result
 
     stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
-    if Stage.TRANSFER not in stages and not stage2.is_complete(stage2.key(result.stage1)):
+    if Stage.TRANSFER not in stages and not stage2.jobs.is_complete(stage2.jobs.key(result.stage1)):
         raise TaskatlasError("stage transfer has not run for these settings; add it to --stages")
     result.stage2 = stage2.run(result.stage1)
     result.steps.append(("transfer", "reused" if result.stage2.ran == 0 else "ran"))
@@ -165,7 +168,7 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
         return [("data", "run")] + [(s.value, "run" if s in stages else "skip") for s in ALL_STAGES]
     store = ShardStore(folder)
     plan: list[tuple[str, str]] = [("data", "reuse")]
-    stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    stage1 = Stage1Plan(cfg, store)
     results, complete = {}, True
     for task in cfg.study_tasks():
         if stage1.hparams_if_known(task, search=True) is None:
@@ -178,7 +181,7 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
         if cached:
             results[task.name] = cached
     downstream = [Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY]
-    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
+    stage2 = Stage2Plan(cfg, store)
     if Stage.TRANSFER in stages:
         readouts = stage2.preview(results)
         if reused := sum(status == "reuse" for _, status in readouts):
@@ -196,7 +199,7 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     return plan
 
 
-def _require_stage1(stage1: Stage1, tasks: list[Task]) -> dict[str, TaskResult]:
+def _require_stage1(stage1: Stage1Plan, tasks: list[Task]) -> dict[str, TaskResult]:
     out = {}
     for task in tasks:
         cached = stage1.finished(task)

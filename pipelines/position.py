@@ -55,7 +55,6 @@ from components.position import (
     root_service,
 )
 from components.tasks import Loss, Task, TaskKind, task_from_definition
-from components.tracking import CHAMPION, Tracker
 from components.transfer import Readout, ReadoutKind, plan_transfers
 from components.transfer.jobs import train_model
 from components.transfer.model import EncoderRef, TransferSpec
@@ -64,9 +63,12 @@ from components.verdict import TIE
 from pipelines.analysis_steps import affinity_step, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_folder
-from pipelines.stage1 import Stage1, TaskResult
+from pipelines.results import TaskResult
+from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage2 import Stage2
+from pipelines.stage2_plan import Stage2Plan, feature_sources
 from pipelines.steps import Step, log_stored_artifact
+from pipelines.tracking import CHAMPION, Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
@@ -115,14 +117,13 @@ def finished_study(cfg: PipelineConfig) -> Study:
     if not (folder / MANIFEST).exists():
         raise TaskatlasError(f"the study {cfg.name!r} is not finished: no dataset at {folder}; {hint}")
     store = ShardStore(folder)
-    stage1 = Stage1(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]  # reads only
+    stage1 = Stage1Plan(cfg, store)
     networks = {}
     for task in cfg.study_tasks():
         if (done := stage1.finished(task)) is None:
             raise TaskatlasError(f"the study {cfg.name!r} is not finished: no {task.name} network; {hint}")
         networks[task.name] = done
-    stage2 = Stage2(cfg, store, tracker=None, parent_run_id="")  # type: ignore[arg-type]
-    affinity = affinity_step(cfg, stage2.key(networks))
+    affinity = affinity_step(cfg, Stage2Plan(cfg, store).key(networks))
     taxonomy = taxonomy_step(cfg, affinity.key)
     if not (affinity.complete and taxonomy.complete):
         raise TaskatlasError(f"the study {cfg.name!r} is not finished: no taxonomy yet; {hint}")
@@ -308,14 +309,14 @@ def _model(
 ) -> dict[str, str]:
     """Retrain the chosen transfer's replicate 0 with its weights kept and register it, once."""
     readout = Readout(task.name, chosen.sources)
-    keys = stage2.readout_keys(networks)
+    keys = stage2.jobs.readout_keys(networks)
     step = Step(cfg.root, f"position/{task.name}/model", keys.key(readout))
     if step.complete:
         return step.info()
-    dirs = stage2.features.ensure(networks, plan)
+    dirs = stage2.features.ensure(feature_sources(cfg, networks), plan)
     view = task.input.value
-    job = stage2._job(readout, tuple(dirs[(s, view)] for s in chosen.sources), "")
-    weights, in_channels, test_loss = ray.get(_TRAIN_MODEL.options(**stage2._resources()).remote(job))
+    job = stage2.jobs.job(readout, tuple(dirs[(s, view)] for s in chosen.sources), "")
+    weights, in_channels, test_loss = ray.get(_TRAIN_MODEL.options(**stage2.jobs.resources).remote(job))
     spec = TransferSpec(
         task=task,
         model=cfg.model,

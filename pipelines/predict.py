@@ -23,10 +23,10 @@ from components.data.importing import ARRAY_SUFFIX, IMAGE_SUFFIXES, ColumnRule, 
 from components.errors import ConfigError
 from components.models import TaskNetwork
 from components.tasks import Task, view_input
-from components.tracking import load_registered_model, load_registered_weights, network_spec, resolve_version
 from components.transfer.features import trained_encoder
 from components.transfer.model import TRANSFER_FORMAT, TransferModel, TransferSpec, write_prediction
 from pipelines.progress import progress_bar
+from pipelines.tracking import load_registered_model, load_registered_weights, network_spec, resolve_version
 
 _NETWORK_FORMAT = "taskatlas-weights-v1"
 BATCH = 64

@@ -24,9 +24,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
-from components.tracking import FinalStatus, FinishedRun, Tracker
 from components.transfer import Readout
 from components.transfer.jobs import ReadoutOutcome
+from pipelines.tracking import FinalStatus, FinishedRun, Tracker
 
 READOUT_KEY_TAG = "readout_key"  # the readout's key: what finds its run again
 

@@ -21,6 +21,11 @@ class Settings:
     # default they go to Ray's log folder (its path is printed) and the console shows progress
     # bars and the answer.
     verbose: bool = False
+    # Fault injection for the tests, never in a user's config. TASKATLAS_TEST_FAIL_AT_EPOCH=N:
+    # kill rank 0 once, at the start of epoch N of a Ray Train run (its networks' epochs counted
+    # one after another). TASKATLAS_TEST_FAIL_READOUTS=a->t,b+c->t: those readouts always raise.
+    fail_at_epoch: int | None = None
+    fail_readouts: tuple[str, ...] = ()
 
 
 def read_settings() -> Settings:
@@ -31,21 +36,25 @@ def read_settings() -> Settings:
     verbose = os.environ.get("TASKATLAS_VERBOSE", "0").strip().lower()
     if verbose not in ("0", "1", "true", "false"):
         raise ConfigError(f"TASKATLAS_VERBOSE must be 0 or 1, got {verbose!r}")
+    epoch = os.environ.get("TASKATLAS_TEST_FAIL_AT_EPOCH", "").strip()
+    readouts = os.environ.get("TASKATLAS_TEST_FAIL_READOUTS", "")
     return Settings(
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         ray_num_cpus=_positive_int("TASKATLAS_RAY_NUM_CPUS", cpus) if cpus else None,
         ray_dashboard=dashboard in ("1", "true"),
         verbose=verbose in ("1", "true"),
+        fail_at_epoch=_positive_int("TASKATLAS_TEST_FAIL_AT_EPOCH", epoch, minimum=0) if epoch else None,
+        fail_readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()),
     )
 
 
-def _positive_int(name: str, text: str) -> int:
+def _positive_int(name: str, text: str, minimum: int = 1) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {text!r}")
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {text!r}")
     return value
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from components.storage import Location
 
 if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
-    from components.tracking import Tracker
+    from pipelines.tracking import Tracker
 
 DONE = "done.json"
 

@@ -28,7 +28,6 @@ from components.data.shards import ShardStore
 from components.models import ModelConfig, build_network
 from components.storage import location
 from components.tasks import Task
-from components.tracking import RunLogger
 from components.training import (
     OptimConfig,
     evaluate,
@@ -38,9 +37,10 @@ from components.training import (
     train_one_epoch,
     unwrap,
 )
+from pipelines.tracking import RunLogger
 
 CHECKPOINT_FILE = "state.pt"
-# train.fail_at_epoch waits this long before killing rank 0: a few of Ray Train's report polls.
+# TASKATLAS_TEST_FAIL_AT_EPOCH waits this long before killing rank 0: a few of Ray Train's report polls.
 FAILURE_DRAIN_S = 6.0
 
 

@@ -47,6 +47,6 @@ def test_ddp_over_all_gpus(tmp_path, tiny_dataset, ray_session):
     )
     tracker = open_tracker(cfg)
     stage = Stage1(cfg, ShardStore(tiny_dataset), tracker, tracker.start_run("gpu"))
-    result = stage.train(get_task("reshading"), stage.default_hparams())
+    result = stage.train(get_task("reshading"), stage.plan.default_hparams())
     sizes = [float(tracker.client.get_run(result.run_id).data.tags["world_size"])]
     assert sizes[-1] == torch.cuda.device_count()

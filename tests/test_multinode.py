@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
                                "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1"])
     tracker = open_tracker(cfg)
     stage = Stage1(cfg, ShardStore(dataset), tracker, tracker.start_run("multinode"))
-    result = stage.train(get_task("edge_occlusion"), stage.default_hparams())
+    result = stage.train(get_task("edge_occlusion"), stage.plan.default_hparams())
     nodes = [float(tracker.client.get_run(result.run_id).data.tags["nodes"])]
     print("RESULT", json.dumps({"nodes": nodes, "alive": len([n for n in ray.nodes() if n["Alive"]]),
                                 "test_loss": result.test_loss}))

@@ -11,13 +11,13 @@ from PIL import Image
 
 from components.data.scenes import SceneConfig
 from components.data.synthetic import DatasetConfig, render_images
-from components.tracking import (
+from pipelines.cli import main
+from pipelines.tracking import (
     UnsafeModelError,
     load_registered_model,
     load_registered_weights,
     resolve_version,
 )
-from pipelines.cli import main
 
 STUDY = """
 name: tiny-position

@@ -12,10 +12,10 @@ import math
 
 import pytest
 
-from components.tracking import FinalStatus, FinishedRun, Tracker
 from components.transfer import Readout, ReadoutKind
 from components.transfer.jobs import ReadoutOutcome
 from pipelines.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
+from pipelines.tracking import FinalStatus, FinishedRun, Tracker
 
 STARTED, FINISHED = 1_700_000_000.25, 1_700_000_042.5  # epoch seconds
 

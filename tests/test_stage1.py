@@ -10,11 +10,11 @@ import torch
 from components.data.shards import ShardStore
 from components.models import build_network
 from components.tasks import get_task
-from components.tracking import load_registered_model
 from components.training import iter_batches, per_image_losses
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
 from pipelines.stage1 import Stage1
+from pipelines.tracking import load_registered_model
 from pipelines.train_worker import CHECKPOINT_FILE
 
 
@@ -41,7 +41,7 @@ def history(tracker, run_id, key):
 def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset, ray_session):
     stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.lr=0.003")
     task = get_task("normal")
-    result = stage.train(task, stage.default_hparams())
+    result = stage.train(task, stage.plan.default_hparams())
     losses = history(tracker, result.run_id, "train_loss")
     assert [s for s, _ in losses] == [0, 1, 2]
     assert losses[-1][1] < losses[0][1]  # fixed seed: the loss falls
@@ -63,17 +63,16 @@ def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset
     assert list(ids) == saved["image_id"]
     np.testing.assert_allclose(per_image, saved["loss"], rtol=1e-6)
     # A rerun reuses the finished task network.
-    assert stage.train(task, stage.default_hparams()) == result
+    assert stage.train(task, stage.plan.default_hparams()) == result
 
 
 def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_first(
-    tmp_path, tiny_dataset, ray_session
+    tmp_path, tiny_dataset, ray_session, monkeypatch
 ):
     # Epochs are counted over the run: 0-2 are the first network's, 3-5 the second's.
-    stage, tracker = make_stage1(
-        tmp_path, tiny_dataset, "train.fail_at_epoch=5", "train.epochs=3", "train.num_workers=1"
-    )
-    hparams = stage.default_hparams()
+    monkeypatch.setenv("TASKATLAS_TEST_FAIL_AT_EPOCH", "5")
+    stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.epochs=3", "train.num_workers=1")
+    hparams = stage.plan.default_hparams()
     first, second = stage.train_networks([(get_task("edge_texture"), hparams), (get_task("normal"), hparams)])
     assert (first.task, second.task) == ("edge_texture", "normal")
     assert len(list((tmp_path / "ray").glob("train-edge_texture+normal-*"))) == 1  # one run
@@ -122,9 +121,9 @@ def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_bes
         "tune.cpus_per_trial=2",
     )
     tasks = [get_task("reshading"), get_task("segment_semantic")]  # an L1 and a cross-entropy loss
-    best = stage.search_all(tasks)
+    best = stage.search(tasks)
     for task in tasks:
-        record = stage.search_step(task).info()
+        record = stage.plan.search_step(task).info()
         epochs = [t["epochs"] for t in record["trials"]]
         assert len(epochs) == 6 and max(epochs) == 4
         assert min(epochs) < 4  # ASHA cut at least one of this task's trials short
@@ -135,7 +134,7 @@ def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_bes
         assert len(trial_runs) == 6
         stopped = sum(r.data.tags["stopped_early"] == "true" for r in trial_runs)
         assert stopped == sum(e < 4 for e in epochs)
-    assert stage.search_all(tasks) == best  # finished: read back, nothing searched again
+    assert stage.search(tasks) == best  # finished: read back, nothing searched again
 
 
 def test_a_rerun_of_the_same_search_samples_the_same_points(tmp_path, tiny_dataset, ray_session):
@@ -144,7 +143,7 @@ def test_a_rerun_of_the_same_search_samples_the_same_points(tmp_path, tiny_datas
     tried = []
     for root in ("first", "second"):
         stage, tracker = make_stage1(tmp_path / root, tiny_dataset, *overrides)
-        stage.search_all([get_task("normal")])
+        stage.search([get_task("normal")])
         runs = tracker.client.search_runs(
             [tracker.experiment_id], "tags.`mlflow.runName` LIKE 'tune/normal/%'"
         )
@@ -159,7 +158,7 @@ def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny
         tmp_path, tiny_dataset, "train.epochs=1", "train.num_workers=1", "train.loader=ray_data"
     )
     task = get_task("class_object")
-    result = stage.train(task, stage.default_hparams())
+    result = stage.train(task, stage.plan.default_hparams())
     model = load_registered_model(tracker.tracking_uri, "taskatlas-class_object", result.model_version)
     test = ShardStore(tiny_dataset).read("test", ["rgb", "class_object"])
     _, losses = per_image_losses(model, iter_batches(test, 8), task, torch.device("cpu"))
@@ -169,5 +168,5 @@ def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny
 def test_search_works_for_a_task_whose_label_is_the_rgb_image(tmp_path, tiny_dataset, ray_session):
     # Regression: the trial asked the store for ["rgb", "rgb"] and every trial failed.
     stage, _ = make_stage1(tmp_path, tiny_dataset, "tune.num_samples=1", "tune.max_epochs=1")
-    best = stage.search_all([get_task("autoencoding")])
+    best = stage.search([get_task("autoencoding")])
     assert set(best["autoencoding"]) == {"lr", "weight_decay", "batch_size"}

@@ -7,7 +7,8 @@ import pytest
 from components.data.shards import ShardStore
 from components.errors import ConfigError, TaskatlasError
 from pipelines.config import load_pipeline_config
-from pipelines.stage1 import Stage1, network_runs, worker_batch_size
+from pipelines.stage1 import Stage1
+from pipelines.stage1_plan import network_runs, worker_batch_size
 
 
 def stage(tmp_path, dataset, *overrides) -> Stage1:
@@ -39,7 +40,7 @@ def test_networks_per_run_is_not_in_a_networks_key(tmp_path, tiny_dataset):
     hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
     keys = {
         stage(tmp_path, tiny_dataset, f"train.networks_per_run={n}")
-        .train_step(stage(tmp_path, tiny_dataset).config.task("normal"), hparams)
+        .plan.train_step(stage(tmp_path, tiny_dataset).config.task("normal"), hparams)
         .key
         for n in (0, 1, 3)
     }
@@ -53,7 +54,7 @@ def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
 
     def key(*overrides):
         s = stage(tmp_path, tiny_dataset, *overrides)
-        return s.train_step(s.config.task("normal"), hparams)
+        return s.plan.train_step(s.config.task("normal"), hparams)
 
     base = key("train.num_workers=1")
     assert key("train.num_workers=2") != base
@@ -68,13 +69,13 @@ def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
 
 
 def test_an_unknown_loader_is_refused_naming_the_field(tmp_path, tiny_dataset):
-    with pytest.raises(ConfigError, match=r"^train\.loader must be one of shards, ray_data, got 'disk'$"):
+    with pytest.raises(ConfigError, match=r"^train\.loader: 'disk' is not one of shards, ray_data$"):
         stage(tmp_path, tiny_dataset, "train.loader=disk")
 
 
 def test_more_workers_than_train_images_is_refused_before_any_work(tmp_path, tiny_dataset):
-    stage(tmp_path, tiny_dataset, "train.num_workers=40").check_worker_rows()  # 40 images: one each
+    stage(tmp_path, tiny_dataset, "train.num_workers=40").plan.check_worker_rows(40)  # 40 images: one each
     with pytest.raises(
         TaskatlasError, match=r"^train\.num_workers: 41 workers, but the train split has only 40"
     ):
-        stage(tmp_path, tiny_dataset, "train.num_workers=41").check_worker_rows()
+        stage(tmp_path, tiny_dataset, "train.num_workers=41").plan.check_worker_rows(41)

@@ -7,8 +7,9 @@ from components.tasks import TASKS, InputTransform, Loss, define_tasks, task_fro
 from components.transfer import Readout, ReadoutKind, baseline
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
-from pipelines.stage1 import Stage1, TaskResult
-from pipelines.stage2 import Stage2
+from pipelines.results import TaskResult
+from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage2_plan import Stage2Plan
 
 EDGES = {"column": "edge_occlusion", "kind": "pixel", "loss": "l1", "channels": 1}
 
@@ -68,10 +69,10 @@ def test_a_definition_changes_the_keys_of_what_depends_on_it_and_nothing_else(tm
     base = [f"storage_root={tmp_path}", "tasks=[normal,reshading]", "data.size=32", "model.downsample=4"]
     before = load_pipeline_config(None, base)
     after = load_pipeline_config(None, [*base, "task_definitions={normal: {loss: l2}}"])
-    hparams = Stage1(before, store, None, "").default_hparams()  # type: ignore[arg-type]
+    hparams = Stage1Plan(before, store).default_hparams()
 
     def where(cfg, task: str):
-        stage1 = Stage1(cfg, store, None, "")  # type: ignore[arg-type]
+        stage1 = Stage1Plan(cfg, store)
         return stage1.train_step(cfg.task(task), hparams), stage1.search_step(cfg.task(task))
 
     assert where(before, "normal")[0] != where(after, "normal")[0]
@@ -82,7 +83,7 @@ def test_a_definition_changes_the_keys_of_what_depends_on_it_and_nothing_else(tm
     model = tmp_path / "model.pt"
     model.write_bytes(b"weights")
     results = {t: TaskResult(t, f"k-{t}", str(model), 0.0, {}, "", "1") for t in ("normal", "reshading")}
-    old, new = (Stage2(cfg, store, None, "").readout_keys(results) for cfg in (before, after))  # type: ignore[arg-type]
+    old, new = (Stage2Plan(cfg, store).readout_keys(results) for cfg in (before, after))
     readouts = [
         Readout("normal", ("reshading",)),
         baseline("normal", ReadoutKind.PIXELS),

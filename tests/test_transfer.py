@@ -56,7 +56,7 @@ from pipelines.config import load_pipeline_config
 from pipelines.fanout import validation_losses
 from pipelines.invocation import open_tracker
 from pipelines.readout_runs import readout_run_name
-from pipelines.stage1 import TaskResult
+from pipelines.results import TaskResult
 from pipelines.stage2 import Stage2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_features_are_encoded_once_per_encoder_and_reused(tmp_path, tiny_dataset
 def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
     root, store, results = env
     stage = make_stage2(root, store)
-    seconds, slots = stage.estimate(stage.plan(list(TASKS)))  # what the CLI prints before running
+    seconds, slots = stage.estimate(stage.jobs.plan(list(TASKS)))  # what the CLI prints before running
     assert seconds > 0 and slots == 2
     result = stage.run(results)
     assert result.failed == () and result.ran == 9 + 3 + 3 + 3  # `self` is read, not trained
@@ -302,7 +302,7 @@ def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
         or "normal <- edge_texture+reshading" in runs  # target first
     )
     plan_readouts = [Readout(r["target"], tuple(r["sources"]), ReadoutKind(r["kind"])) for r in summary]
-    assert set(_done_counts(stage.readout_keys(results), plan_readouts).values()) == {1}
+    assert set(_done_counts(stage.jobs.readout_keys(results), plan_readouts).values()) == {1}
 
     again = make_stage2(root, store).run(results)  # complete: skipped as a whole
     assert again.ran == 0 and again.key == result.key and again.losses_dir == result.losses_dir
@@ -327,7 +327,7 @@ def test_beams_are_chosen_on_validation_losses_averaged_over_replicates_never_on
 def test_replicates_add_only_the_new_readouts_and_carry_a_replicate_column(env):
     root, store, results = env
     make_stage2(root, store).run(results)  # one replicate (shared with the other tests of `env`)
-    first_keys = make_stage2(root, store).readout_keys(results)
+    first_keys = make_stage2(root, store).jobs.readout_keys(results)
     stage = make_stage2(root, store, "transfer.replicates=2", "transfer.stack=8")  # stacked: one model
     result = stage.run(results)
     # every trained readout once more (pairs: 3 targets x 1 beam pair); `self` is not replicated
@@ -335,7 +335,7 @@ def test_replicates_add_only_the_new_readouts_and_carry_a_replicate_column(env):
     assert result.counts == {"order 1": 18, "order 2": 6, "self": 3, "pixels": 6, "random": 6}
     losses = result.all_losses()
     assert sorted(set(losses["replicate"].to_pylist())) == [0, 1]
-    keys = stage.readout_keys(results)
+    keys = stage.jobs.readout_keys(results)
     one = Readout("normal", ("reshading",))
     assert keys.key(one) == first_keys.key(one)  # replicate 0 is the readout already stored
     assert attempt_events(keys.path(one)).count("done") == 1  # ... and was not trained again
@@ -345,14 +345,16 @@ def test_replicates_add_only_the_new_readouts_and_carry_a_replicate_column(env):
     assert a != b  # another seed, another readout
 
 
-def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env):
+def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env, monkeypatch):
     root, store, results = env
     failing = "reshading->normal"
     overrides = ("transfer.epochs=1", "transfer.max_retries=1")
-    result = make_stage2(root, store, *overrides, f"transfer.fail_readouts=[{failing}]").run(results)
+    monkeypatch.setenv("TASKATLAS_TEST_FAIL_READOUTS", failing)
+    result = make_stage2(root, store, *overrides).run(results)
+    monkeypatch.delenv("TASKATLAS_TEST_FAIL_READOUTS")
     assert result.failed == (failing,)
     bad = Readout("normal", ("reshading",))
-    bad_path = make_stage2(root, store, *overrides).readout_keys(results).path(bad)
+    bad_path = make_stage2(root, store, *overrides).jobs.readout_keys(results).path(bad)
     attempts = attempt_events(bad_path)
     assert attempts.count("start") == 2 and attempts.count("done") == 0  # one try + one retry
     assert not bad_path.exists()
@@ -377,7 +379,7 @@ _DRIVER = """
 import json, sys
 import ray
 from components.data.shards import ShardStore
-from pipelines.stage1 import TaskResult
+from pipelines.results import TaskResult
 sys.path.insert(0, {tests!r})
 from test_transfer import make_stage2
 spec = json.load(open(sys.argv[1]))
@@ -431,7 +433,7 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     assert result.failed == () and len(summary) == 39  # (9 + 3 + 3 + 3) x 2 replicates + 3 self
     # the rest were stored; up to 2 stacks of 4 were in flight at the kill
     assert 0 < result.ran <= 36 - stored_at_kill + 8
-    done = _done_counts(probe.readout_keys(results), plan_readouts)
+    done = _done_counts(probe.jobs.readout_keys(results), plan_readouts)
     assert set(done.values()) == {1}  # none lost, none twice
     losses = result.all_losses()
     assert losses.num_rows == 39 * 16
@@ -472,17 +474,17 @@ def test_a_scratch_baseline_trains_a_whole_network_and_leaves_a_study_without_it
     root, store, results = env
     plain, other = make_stage2(root, store), make_stage2(root, store, "transfer.scratch_epochs=7")
     one = Readout("normal", ("reshading",))
-    assert plain.key(results) == other.key(results)
-    assert plain.readout_keys(results).key(one) == other.readout_keys(results).key(one)
+    assert plain.jobs.key(results) == other.jobs.key(results)
+    assert plain.jobs.readout_keys(results).key(one) == other.jobs.readout_keys(results).key(one)
     stage = make_stage2(root, store, "transfer.baselines=[scratch,pixels]", "transfer.scratch_epochs=2")
-    assert stage.key(results) != plain.key(results)
+    assert stage.jobs.key(results) != plain.jobs.key(results)
     result = stage.run(results)
     assert result.failed == () and result.counts["scratch"] == 3
     losses = result.all_losses().to_pydict()
     scratch = [loss for s, loss in zip(losses["sources"], losses["loss"], strict=True) if s == ["scratch"]]
     assert len(scratch) == 3 * len(store.read("test", ["rgb"])["image_id"]) and all(np.isfinite(scratch))
-    keys = stage.readout_keys(results)
+    keys = stage.jobs.readout_keys(results)
     s2 = make_stage2(root, store, "transfer.baselines=[scratch,pixels]", "transfer.scratch_epochs=3")
-    assert keys.key(baseline("normal", ReadoutKind.SCRATCH)) != s2.readout_keys(results).key(
+    assert keys.key(baseline("normal", ReadoutKind.SCRATCH)) != s2.jobs.readout_keys(results).key(
         baseline("normal", ReadoutKind.SCRATCH)
     )

@@ -22,7 +22,7 @@ from components.tasks import get_task
 from components.training import OptimConfig, iter_batches, make_optimizer, per_image_losses, train_one_epoch
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.invocation import open_tracker, prepare_dataset
-from pipelines.stage1 import TaskResult
+from pipelines.results import TaskResult
 from pipelines.stage2 import Stage2
 
 ROOT = Path(__file__).resolve().parents[1]

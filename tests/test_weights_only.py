@@ -12,7 +12,9 @@ import torch
 from components.config import to_dict
 from components.models import ModelConfig
 from components.tasks import get_task
-from components.tracking import (
+from pipelines.nightly import promote
+from pipelines.results import TaskResult
+from pipelines.tracking import (
     ARCHITECTURE_FILE,
     WEIGHTS_FILE,
     NetworkSpec,
@@ -20,8 +22,6 @@ from components.tracking import (
     UnsafeModelError,
     load_registered_model,
 )
-from pipelines.nightly import promote
-from pipelines.stage1 import TaskResult
 
 SPEC = NetworkSpec(get_task("normal"), ModelConfig(width=8, downsample=4), 16, 3)
 

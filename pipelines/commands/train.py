@@ -67,7 +67,7 @@ def _tune(args: argparse.Namespace) -> int:
     with study_lock(cfg, "tune", args.wait_for_lock):
         ensure_ray()
         with invocation(cfg, "tune") as inv:
-            best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search_all(tasks)
+            best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search(tasks)
     for name, h in best.items():
         print(
             f"{name:<18} lr={h['lr']:.2e} weight_decay={h['weight_decay']:.2e} batch_size={h['batch_size']}"

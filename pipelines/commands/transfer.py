@@ -43,7 +43,7 @@ def _transfer(args: argparse.Namespace) -> int:
         ensure_ray()
         with invocation(cfg, "transfer") as inv:
             stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
-            plan = stage2.plan([t.name for t in tasks])
+            plan = stage2.jobs.plan([t.name for t in tasks])
             seconds, slots = stage2.estimate(plan)
             print(describe_plan(plan, seconds, slots), flush=True)
             results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)

@@ -1,0 +1,56 @@
+"""What each stage hands the next: plain, torch-free and Ray-free dataclasses, so the feature
+cache, the fan-out, nightly and the CLI can read a stage's result without loading the stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from components.storage import Location, location
+
+READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, in Stage II's step folder
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A trained task network (Stage I): its step key, weights and registered version."""
+
+    task: str
+    key: str
+    model_path: str
+    test_loss: float
+    hparams: dict
+    run_id: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Stage2Result:
+    key: str
+    out_dir: str  # the step folder's URI
+    losses_dir: str  # its per-target loss tables, `<target>.parquet`
+    summary_path: str
+    run_id: str
+    counts: dict[str, int]  # readouts per order / baseline in the final table
+    failed: tuple[str, ...] = ()  # readout names that failed after their retries
+    ran: int = 0  # readouts trained by this run (the rest were stored)
+
+    @property
+    def losses(self) -> Location:
+        return location(self.losses_dir)
+
+    def summary(self) -> pa.Table:
+        """One row per readout replicate: target, sources, order, replicate, kind, mean/val loss, seconds."""
+        return location(self.summary_path).read_parquet()
+
+    def all_losses(self) -> pa.Table:
+        """Every target's losses in one table: for small studies, the CLI and tests (Stage III
+        reads one target at a time)."""
+        return pa.concat_tables([f.read_parquet() for f in sorted(self.losses.files(), key=str)])
+
+    @property
+    def readout_runs(self) -> dict[str, str]:
+        """Readout name (`a+b->t`) -> its MLflow run id (Stage III adds its affinity there)."""
+        path = location(self.out_dir) / READOUT_RUNS
+        return path.read_json() if path.exists() else {}

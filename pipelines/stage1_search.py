@@ -1,0 +1,109 @@
+"""Stage I's search: one Ray Tune Tuner for every pending task (see `pipelines.search` for why
+one), each task's best hyperparameters then a step of its own (`tune/<task>/<key>/`)."""
+
+from __future__ import annotations
+
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+
+from components.config import config_hash, to_dict
+from components.errors import TaskatlasError
+from components.tasks import Task, channels_for
+from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
+from pipelines.settings import read_settings
+from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage1_record import NetworkRecord
+
+HPARAMS = ("lr", "weight_decay", "batch_size")  # what the search chooses
+
+
+def best_val_loss(result) -> float | None:
+    """A trial's lowest validation loss at any epoch (Tune's scope "all"); None if it reported none."""
+    df = result.metrics_dataframe
+    if df is None or "val_loss" not in df or df["val_loss"].isna().all():
+        return None
+    return float(df["val_loss"].min())
+
+
+def search_tasks(
+    plan: Stage1Plan, record: NetworkRecord, tasks: list[Task], use_gpu: bool
+) -> dict[str, dict]:
+    """Each task's best hyperparameters: from its finished search, or from one Tuner that
+    searches all the others at once; each task's search is then its own step."""
+    cfg = plan.config
+    found = {t.name: h for t in tasks if (h := plan.cached_hparams(t)) is not None}
+    pending = [t for t in tasks if t.name not in found]
+    if not pending:
+        return found
+    steps = {t.name: plan.search_step(t) for t in pending}
+    storage = (cfg.root / "ray").uri
+    name = f"tune-{config_hash(sorted((n, step.key) for n, step in steps.items()))}"
+    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
+    jobs = {t.name: {"task": to_dict(t), "channels": channels_for(t, plan.store)} for t in pending}
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, jobs=jobs), resources)
+    if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
+        tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
+    else:
+        tuner = _tuner(plan, pending, trainable, name, storage, use_gpu)
+    grid = tuner.fit()
+    for task in pending:
+        results = [r for r in grid if r.config[TASK_KEY] == task.name]
+        scored = [(loss, r) for r in results if (loss := best_val_loss(r)) is not None]
+        if not scored:
+            raise TaskatlasError(
+                f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}"
+            )
+        best_loss, best = min(scored, key=lambda pair: pair[0])
+        hparams = {k: best.config[k] for k in HPARAMS}
+        record.log_search(task, results, hparams, best_loss)
+        trials = [
+            {
+                k: r.metrics.get(m)
+                for k, m in (("trial_id", "trial_id"), ("epochs", "epoch"), ("val_loss", "val_loss"))
+            }
+            for r in results
+        ]
+        steps[task.name].finish({"hparams": hparams, "trials": trials})
+        found[task.name] = hparams
+    return found
+
+
+def _tuner(
+    plan: Stage1Plan, pending: list[Task], trainable, name: str, storage: str, use_gpu: bool
+) -> tune.Tuner:
+    cfg = plan.config
+    space = {
+        TASK_KEY: tune.grid_search([t.name for t in pending]),
+        "lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
+        "weight_decay": tune.loguniform(cfg.tune.weight_decay_min, cfg.tune.weight_decay_max),
+        "batch_size": tune.choice(list(cfg.tune.batch_sizes)),
+        "model": to_dict(cfg.model),
+        "image_size": cfg.data.size,
+        "data_root": plan.store.root.uri,
+        "holdout_fraction": cfg.tune.holdout_fraction,
+        "max_train_images": cfg.tune.max_train_images,
+        "max_epochs": cfg.tune.max_epochs,
+        "seed": cfg.train.seed,
+        "use_gpu": use_gpu,
+    }
+    scheduler = PerTaskASHA(
+        time_attr="epoch",
+        max_t=cfg.tune.max_epochs,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+            # Seeded sampling: the same config searches the same points on a rerun.
+            search_alg=BasicVariantGenerator(random_state=cfg.train.seed),
+            reuse_actors=True,
+        ),
+        # Tune's trial tables only with -v: the console shows the answer, not the search
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=int(read_settings().verbose)),
+    )

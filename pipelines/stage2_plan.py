@@ -1,0 +1,231 @@
+"""Stage II's plan: which readouts a study trains, each one's key and file, which are stored,
+and the job each runs. Pure reads of the config, the data version and the stored files: no
+tracker and no Ray, so `run`, `--dry-run`, `nightly` and `position` all plan alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from components.config import config_hash
+from components.data.shards import ShardStore, file_sha256
+from components.errors import ConfigError
+from components.storage import Location, location
+from components.tasks import TaskKind, channels_for
+from components.transfer import (
+    FeatureKind,
+    FeatureSource,
+    Pairing,
+    Readout,
+    ReadoutKind,
+    ReadoutSettings,
+    TransferPlan,
+    build_readout,
+    plan_transfers,
+    readout_seed,
+)
+from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
+from pipelines.config import KEY_ROLE, PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
+from pipelines.results import TaskResult
+from pipelines.settings import read_settings
+from pipelines.steps import Step
+
+AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
+_RUNTIME, _PLAN, _SCRATCH = (role[KEY_ROLE] for role in (RUNTIME, PLAN, SCRATCH_KEY))
+
+
+@dataclass(frozen=True)
+class ReadoutKeys:
+    """Each readout's own key and file. The key hashes what determines the readout and nothing
+    else: the readout settings, model and data (`common`), the target's definition, and its
+    sources' feature keys (for `self`, the target's Stage I network). So any study that needs
+    the same readout finds it stored, whatever other tasks it has."""
+
+    root: Location  # the storage root
+    common: str
+    features: Mapping[str, str]  # source (task, `random`, `pixels`) -> feature key
+    networks: Mapping[str, str]  # task -> its Stage I key
+    targets: Mapping[str, str]  # task -> hash of its definition and output channels
+    seed: int = 0  # transfer.seed (also in `common`)
+    pairing: Pairing = Pairing.PAIRED
+    scratch_epochs: int = 0  # transfer.scratch_epochs: in the keys of `scratch` baselines only
+
+    def key(self, r: Readout) -> str:
+        if r.kind is ReadoutKind.SELF:  # the target's network, scored: no readout setting applies
+            return config_hash("self-v2", r.name, self.targets[r.target], self.networks[r.target])
+        if r.kind is ReadoutKind.SCRATCH:  # no features: the raw images, and its own epochs
+            parts = [self.common, r.name, self.targets[r.target], {"scratch_epochs": self.scratch_epochs}]
+        else:
+            names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
+            parts = [self.common, r.name, self.targets[r.target], [self.features[n] for n in names]]
+        if (seed := self.seed_of(r)) != self.seed:  # replicate 0, paired: the key it always had
+            parts.append({"seed": seed})
+        return config_hash(*parts)
+
+    def seed_of(self, r: Readout) -> int:
+        return readout_seed(self.seed, r, self.pairing)
+
+    def path(self, r: Readout) -> Location:
+        return readout_path(self.root, r, self.key(r))
+
+
+@dataclass(frozen=True)
+class Stage2Plan:
+    """Stage II's plan for a config and a dataset. `use_gpu`: the run's answer (the cluster's
+    GPUs when `transfer.use_gpu` is unset); it shapes the jobs and stacks, never a key."""
+
+    config: PipelineConfig
+    store: ShardStore
+    use_gpu: bool = False
+    _stack_sizes: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def transfer(self) -> TransferConfig:
+        return self.config.transfer
+
+    @property
+    def settings(self) -> ReadoutSettings:
+        """Replicate 0's settings; replicate r trains with `ReadoutKeys.seed_of` as its seed."""
+        t = self.transfer
+        return ReadoutSettings(
+            t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed
+        )
+
+    @property
+    def resources(self) -> dict:
+        """One Ray task's: a stack of readouts, or one `self` scored."""
+        t = self.transfer
+        return {"num_cpus": t.cpus_per_readout, "num_gpus": t.gpus_per_readout if self.use_gpu else 0}
+
+    def plan(self, sources: list[str]) -> TransferPlan:
+        """Every configured task is a source; targets are `transfer.targets` or the non-source-only."""
+        t = self.transfer
+        if missing := [x for x in t.targets if x not in sources]:
+            raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
+        targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
+        return plan_transfers(targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
+
+    def key(self, results: Mapping[str, TaskResult]) -> str:
+        science = key_fields(self.transfer, _RUNTIME)
+        if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
+            science.pop("prune")
+        if ReadoutKind.SCRATCH not in self.transfer.baselines:  # likewise, without a scratch baseline
+            science.pop("scratch_epochs")
+        encoders = {name: r.key for name, r in results.items()}
+        return config_hash(
+            "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
+        )
+
+    def step(self, key: str) -> Step:
+        return Step(self.config.root, "stage2", key)
+
+    def is_complete(self, key: str) -> bool:
+        """The marker is written only when every readout of the plan succeeded."""
+        return self.step(key).complete
+
+    def readout_keys(self, results: Mapping[str, TaskResult]) -> ReadoutKeys:
+        """How to key each readout of a study on these networks (see `ReadoutKeys`)."""
+        t, cfg = self.transfer, self.config
+        science = key_fields(t, _RUNTIME, _PLAN, _SCRATCH)
+        common = config_hash("readout-v1", science, cfg.model, cfg.data.size, self.store.data_version)
+        features = {name: s.key for name, s in feature_sources(cfg, results).items()}
+        networks = {name: r.key for name, r in results.items()}
+        targets = {  # a task's definition and output channels shape every readout into it
+            name: config_hash(task, channels_for(task, self.store)) for name, task in cfg.catalog.items()
+        }
+        return ReadoutKeys(cfg.root, common, features, networks, targets, t.seed, t.pairing, t.scratch_epochs)
+
+    def preview(self, results: Mapping[str, TaskResult]) -> list[tuple[str, str]]:
+        """(readout, "run" | "reuse") for `--dry-run`, from the networks trained so far: exact for
+        first order and baselines, and for the higher orders of targets whose first-order readouts
+        are all stored; other targets' higher orders are one line "up to N", as their beams come
+        from first-order results still to be trained. A readout of an untrained network runs."""
+        plan = self.plan(list(self.config.tasks))
+        keys = self.readout_keys(results)
+
+        def stored(r: Readout) -> ReadoutOutcome | None:
+            try:
+                return stored_outcome(keys.path(r), r)
+            except KeyError:  # a source or the target has no trained network yet
+                return None
+
+        def status(readouts) -> list[tuple[str, str]]:
+            return [(x.name, "reuse" if stored(x) else "run") for r in readouts for x in plan.replicas(r)]
+
+        out = status((*plan.first_order, *plan.baselines))
+        for target in plan.targets:
+            first = {x: stored(x) for r in plan.first_order_of(target) for x in plan.replicas(r)}
+            if all(first.values()):
+                losses: dict[str, list[float]] = {}
+                for x, o in first.items():
+                    losses.setdefault(x.sources[0], []).append(o.val_loss)
+                out += status(plan.higher_order(target, losses))
+            elif n := sum(plan.higher_order_count(target, k) for k in plan.orders):
+                out.append((f"{target}: up to {n} higher-order (beam after first order)", "run"))
+        return out
+
+    def job(self, r: Readout, dirs: tuple[str, ...], path: str, checkpoint: str = "") -> ReadoutJob:
+        """What the readout's Ray task runs: `dirs` its sources' feature folders, `path` its loss file."""
+        t, task = self.transfer, self.config.task(r.target)
+        epochs = {"epochs": t.scratch_epochs} if r.kind is ReadoutKind.SCRATCH else {}
+        return ReadoutJob(
+            readout=r,
+            task=task,
+            feature_dirs=dirs,
+            data_root=self.store.root.uri,
+            model=self.config.model,
+            image_size=self.config.data.size,
+            channels=channels_for(task, self.store),
+            settings=replace(self.settings, seed=readout_seed(t.seed, r, t.pairing), **epochs),
+            path=path,
+            use_gpu=self.use_gpu,
+            threads=max(1, int(t.cpus_per_readout)),
+            fail=r.first.name in read_settings().fail_readouts,  # every replicate of it
+            checkpoint=checkpoint,
+        )
+
+    def stack_size(self, target: str) -> int:
+        """Readouts per stack into `target`: `transfer.stack` (0: 16, or 1 for a pixel target on
+        CPUs), fewer where one member's rough footprint (parameters, gradients and AdamW's two
+        moments; the decoder's activations kept for backward, about 16 floats per output value of
+        a batch) times the stack would pass `transfer.stack_memory_gb`."""
+        if target not in self._stack_sizes:
+            t, task, size = self.transfer, self.config.task(target), self.config.data.size
+            limit = t.stack or (1 if task.kind is TaskKind.PIXEL and not self.use_gpu else AUTO_STACK)
+            channels = channels_for(task, self.store)
+            rep = self.config.model.representation_channels
+            net = build_readout(task, rep, self.config.model, size, t.width, channels)
+            params = sum(p.numel() for p in net.parameters())
+            member = 4 * (4 * params + 16 * t.batch_size * math.prod(task.output_shape(size, channels)))
+            self._stack_sizes[target] = max(1, min(limit, int(t.stack_memory_gb * 2**30 // member)))
+        return self._stack_sizes[target]
+
+
+def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
+    """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
+    `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement)."""
+    model, seed = config.model, config.transfer.seed
+    out = {
+        name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
+        for name, r in results.items()
+    }
+    random, pixels = ReadoutKind.RANDOM.value, ReadoutKind.PIXELS.value
+    out[random] = FeatureSource(random, FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
+    out[pixels] = FeatureSource(pixels, FeatureKind.PIXELS, f"pixels-{model.downsample}")
+    return out
+
+
+def checkpoint_key(uri: str) -> str:
+    """An encoder's feature key: its checkpoint's hash, read once per file version (a run asks
+    for it for the readout keys and again for the feature cache; a ResNet-50 is ~100 MB)."""
+    stored = location(uri)
+    info = stored.fs.get_file_info(stored.path)
+    return _sha256_prefix(stored.uri, info.mtime_ns or 0, info.size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_prefix(uri: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(location(uri))[:16]

@@ -1,0 +1,83 @@
+"""The quickstart's plan, before and after any refactor: the same step keys, readout keys, seeds,
+settings and stack sizes. The golden file was written by the code before the plan/run/record
+split (issue 23); a change to it is a change to every stored study's keys, so it is deliberate:
+regenerate with `TASKATLAS_WRITE_SNAPSHOT=1` and say why in the commit."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from components.config import to_dict
+from components.data.shards import ShardStore
+from pipelines.config import load_pipeline_config
+from pipelines.results import TaskResult
+from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage2_plan import Stage2Plan
+
+GOLDEN = Path(__file__).parent / "data" / "quickstart_plan.json"
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+
+
+def plan_snapshot(tiny_dataset: Path, weights: Path) -> dict:
+    cfg = load_pipeline_config(
+        QUICKSTART, ["storage_root=/nonexistent/taskatlas-root", "transfer.use_gpu=false"]
+    )
+    store = ShardStore(tiny_dataset)
+    stage1 = Stage1Plan(cfg, store)
+    hparams = stage1.default_hparams()
+    tasks = cfg.study_tasks()
+    results = {}
+    for task in tasks:
+        (weights / f"{task.name}.pt").write_bytes(f"{task.name}-weights".encode())
+        key = stage1.train_step(task, hparams).key
+        results[task.name] = TaskResult(
+            task.name, key, str(weights / f"{task.name}.pt"), 0.0, hparams, "", "1"
+        )
+    stage2 = Stage2Plan(cfg, store, use_gpu=False)
+    plan = stage2.plan(list(cfg.tasks))
+    keys = stage2.readout_keys(results)
+
+    def row(x):
+        job = stage2.job(x, (), keys.path(x).uri)
+        return {
+            "name": x.name,
+            "key": keys.key(x),
+            "path": keys.path(x).uri,
+            "settings": to_dict(asdict(job.settings)),
+            "channels": job.channels,
+            "threads": job.threads,
+        }
+
+    readouts = [row(x) for r in (*plan.first_order, *plan.baselines) for x in plan.replicas(r)]
+    for target in plan.targets:  # higher orders from made-up validation losses
+        losses = {
+            r.sources[0]: [((i * 7) % 5) + 0.1 * rep for rep in range(plan.replicates)]
+            for i, r in enumerate(plan.first_order_of(target))
+        }
+        readouts += [row(x) for r in plan.higher_order(target, losses) for x in plan.replicas(r)]
+    return {
+        "data_version": store.data_version,
+        "search": {t.name: stage1.search_step(t).key for t in tasks},
+        "train": {name: r.key for name, r in results.items()},
+        "stage2": stage2.key(results),
+        "counts": plan.counts(),
+        "stack": {t: stage2.stack_size(t) for t in plan.targets},
+        "readouts": readouts,
+    }
+
+
+def test_the_quickstart_plan_is_unchanged(tiny_dataset, tmp_path):
+    got = plan_snapshot(tiny_dataset, tmp_path)
+    if os.environ.get("TASKATLAS_WRITE_SNAPSHOT"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert got["data_version"] == want["data_version"]  # the fixture's data, not the code, changed
+    for part in ("search", "train", "stage2", "counts", "stack"):
+        assert got[part] == want[part], part
+    assert len(got["readouts"]) == len(want["readouts"])
+    for g, w in zip(got["readouts"], want["readouts"], strict=True):
+        assert g == w, w["name"]
