@@ -43,15 +43,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from components import vocabulary
 from components.affinity_io import REPLICATE, factorize, source_sets
 from components.errors import TaskatlasError
 
-SELF = ("self",)  # the target's fully supervised network
-RANDOM = ("random",)  # a random-init encoder: an ordinary candidate, and the reference for vs_random
-PIXELS = ("pixels",)  # trained from raw pixels: the reference for gain, not a candidate
-SCRATCH = (
-    "scratch",
-)  # a whole network trained from scratch on the same labels: a positioned task's gain reference
+# Baselines as source sets (components.vocabulary names them)
+SELF = (vocabulary.SELF,)  # the target's fully supervised network
+RANDOM = (vocabulary.RANDOM,)  # a random-init encoder: an ordinary candidate, and the reference for vs_random
+PIXELS = (vocabulary.PIXELS,)  # trained from raw pixels: the reference for gain, not a candidate
+SCRATCH = (vocabulary.SCRATCH,)  # a whole network trained on the same labels: a new task's gain reference
 REFERENCES = (PIXELS, SCRATCH)  # measured only to compare against, never AHP candidates
 WIN_CLIP = (0.001, 0.999)  # keeps W / W^T finite when a source always (or never) wins
 INTERVAL = (2.5, 97.5)  # percentiles of the reported 95% interval

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from components.errors import TaskatlasError
 from components.taxonomy import TransferTable
+from components.vocabulary import LOSS_COLUMNS, REPLICATE
 
-LOSS_COLUMNS = ("target", "sources", "image_id", "loss")
-REPLICATE = "replicate"  # optional loss column: which training of the readout (absent: replicate 0)
+# The loss table's columns (REPLICATE is optional: which training of the readout; absent: replicate 0)
 # Read from Parquet as dictionaries, as stored: a target's table repeats each value thousands of
 # times, and Stage III only needs their codes (about half of reading + arranging a target's table).
 DICTIONARY_COLUMNS = ("target", "image_id", "sources.list.element")  # the last: a list's names

@@ -39,8 +39,9 @@ from components.affinity import (
 )
 from components.errors import TaskatlasError
 from components.taxonomy import Taxonomy, TaxonomyOptions, TransferTable, solve_taxonomy
+from components.vocabulary import SELF
 
-ROOT = "self"  # the source set of a target that is a root, in the stability of its transfers
+ROOT = SELF  # the source set of a target that is a root, in the stability of its transfers
 
 
 def resample_weights(cube: LossCube, n: int, seed: int) -> Iterator[np.ndarray]:

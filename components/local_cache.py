@@ -17,15 +17,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_GB = 20.0
+from components.settings import read_settings
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TASKATLAS_CACHE") or Path.home() / ".cache" / "taskatlas")
+    return read_settings().cache_dir
 
 
 def cache_limit_bytes() -> int:
-    return int(float(os.environ.get("TASKATLAS_CACHE_GB") or DEFAULT_GB) * 2**30)
+    return int(read_settings().cache_gb * 2**30)
 
 
 def cached_file(name: str, make: Callable[[Path], None], root: Path | None = None) -> Path:

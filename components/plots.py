@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from components.taxonomy import SweepPoint, Taxonomy
+from components.vocabulary import BASELINE_NAMES, RANDOM, SELF
 
 _ORDER_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 _ROOT_Y, _TARGET_Y, _JUNCTION_Y = 1.0, 0.0, 0.45
@@ -28,8 +29,8 @@ def plot_affinity_heatmap(affinity: pa.Table, path: str | Path) -> Path:
     rows = affinity.filter(pc.equal(affinity["order"], 1)).to_pylist()
     targets = sorted({r["target"] for r in rows})
     names = {r["sources"][0] for r in rows}
-    sources = [n for n in ("self",) if n in names] + sorted(names - {"self", "random"})
-    sources += [n for n in ("random",) if n in names]
+    sources = [n for n in (SELF,) if n in names] + sorted(names - {SELF, RANDOM})
+    sources += [n for n in (RANDOM,) if n in names]
     matrix = np.full((len(sources), len(targets)), np.nan)
     for r in rows:
         matrix[sources.index(r["sources"][0]), targets.index(r["target"])] = r["affinity"]
@@ -176,7 +177,7 @@ def plot_position(
     bars, best on top); baselines grey, the model's sources outlined in black."""
     rows = sorted(rows, key=lambda r: -r["affinity"])[:limit]
     names = ["+".join(r["sources"]) for r in rows]
-    baselines = {"self", "random", "pixels", "scratch"}
+    baselines = BASELINE_NAMES
     fig = Figure(figsize=(6.5, 1.2 + 0.28 * len(rows)), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from components.errors import ConfigError
+from components.settings import read_settings
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -47,10 +48,8 @@ def location(uri: str | os.PathLike) -> Location:
     scheme, path = text.split("://", 1)
     try:
         if scheme == "s3":  # not from_uri, which asks AWS for the bucket's region: no network here
-            fs = pafs.S3FileSystem(
-                region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
-            )
+            settings = read_settings()
+            fs = pafs.S3FileSystem(region=settings.aws_region, endpoint_override=settings.aws_endpoint)
         else:
             fs, path = pafs.FileSystem.from_uri(text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:

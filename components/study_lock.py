@@ -54,7 +54,11 @@ class Holder:
 
 
 class StudyLocked(TaskatlasError):
-    """Another live process holds the storage root."""
+    """Another live process holds the storage root: `holder`."""
+
+    def __init__(self, message: str, holder: Holder):
+        super().__init__(message)
+        self.holder = holder
 
 
 class LockStore(Protocol):
@@ -210,9 +214,10 @@ class StudyLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self, wait: bool = False, on_wait=None) -> None:
+    def acquire(self, wait: bool = False, on_wait=None, never_wait_for: str = "") -> None:
         """Take the lock; if a live process holds it, raise `StudyLocked` (or, with `wait`,
-        poll until it is free, calling `on_wait(holder)` once)."""
+        poll until it is free, calling `on_wait(holder)` once; a holder running the command
+        `never_wait_for` is not waited for: a second nightly has nothing to add to the first)."""
         waited = False
         while True:
             now = time.time()
@@ -234,10 +239,11 @@ class StudyLock:
                 if self.store.swap(current, me):  # a dead holder's lock is taken over
                     return self._start(me)
                 continue
-            if not wait:
+            if not wait or (never_wait_for and current.command == never_wait_for):
                 raise StudyLocked(
                     f"{self.where or 'the storage root'} is in use by {current.describe()};"
-                    " rerun with --wait-for-lock to wait for it"
+                    " rerun with --wait-for-lock to wait for it",
+                    current,
                 )
             if not waited and on_wait is not None:
                 on_wait(current)
@@ -253,8 +259,8 @@ class StudyLock:
             self.holder = None
 
     @contextmanager
-    def held(self, wait: bool = False, on_wait=None) -> Iterator[Holder]:
-        self.acquire(wait, on_wait)
+    def held(self, wait: bool = False, on_wait=None, never_wait_for: str = "") -> Iterator[Holder]:
+        self.acquire(wait, on_wait, never_wait_for)
         try:
             yield self.holder
         finally:

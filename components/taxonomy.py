@@ -19,10 +19,11 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from components.errors import TaskatlasError
+from components.vocabulary import PIXELS, RANDOM, SELF
 
-SELF = "self"  # the target's fully supervised network: the value of making the target a root
-PIXELS = "pixels"  # a baseline trained from raw pixels: not a transfer, dropped by the solver
-RANDOM = "random"  # a baseline, a random-init encoder: not a task to supervise, dropped too
+# SELF: the target's fully supervised network, the value of making the target a root. PIXELS and
+# RANDOM (raw pixels, a random-init encoder) are baselines, not tasks to supervise: the solver
+# drops them.
 BASELINES = (PIXELS, RANDOM)  # never roots, never sources (design.md section 6)
 VALUE_CLIP = (1e-5, 1.0)  # f(affinity) is clipped to this range, as in Taskonomy's solver backend
 _MIP_REL_GAP = 1e-9  # HiGHS defaults to 1e-4; we want the optimum, not a near-optimum

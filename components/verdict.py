@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from components.vocabulary import SELF
+
 STABLE = 0.9  # an edge or root chosen in at least this share of resamples is stated as the choice
 TIE = 0.1  # candidates at least this likely to be the best are not distinguishable from it
 ALTERNATIVE = 0.05  # alternatives of a shaky edge shown down to this share
@@ -31,7 +33,7 @@ def verdict(
     ties: dict[str, list] = {}
     for (target, sources), row in sorted(rows.items()):
         p = row.get("p_best")
-        if sources != ("self",) and p is not None and p == p and p >= TIE:
+        if sources != (SELF,) and p is not None and p == p and p >= TIE:
             ties.setdefault(target, []).append(["+".join(sources), round(float(p), 4)])
     for target in ties:
         ties[target].sort(key=lambda item: (-item[1], item[0]))

@@ -27,7 +27,7 @@ from components.transfer.estimate import EstimatorKind
 KEY_ROLE = "key_role"
 RUNTIME = {KEY_ROLE: "runtime"}  # how work is laid out: enters no key
 PLAN = {KEY_ROLE: "plan"}  # which steps run: enters the stage's key, not each step's
-SCRATCH_KEY = {KEY_ROLE: "scratch"}  # enters the keys of `scratch` baselines only
+SCRATCH_KEY = {KEY_ROLE: "scratch-readouts"}  # enters the keys of `scratch` baselines only
 
 
 def key_fields(config: Any, *roles: str) -> dict[str, Any]:

@@ -20,12 +20,12 @@ from components.data.scenes import SceneConfig
 from components.data.shards import ShardStore
 from components.data.synthetic import DatasetConfig, generate_dataset
 from components.errors import ConfigError, TaskatlasError
+from components.settings import read_settings
 from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_nodes
-from pipelines.settings import read_settings
 from pipelines.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri, remote_storage_refusal
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
@@ -130,15 +130,18 @@ def check_tracking_server(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> No
 
 
 @contextmanager
-def study_lock(cfg: PipelineConfig, command: str, wait: bool = False) -> Iterator[None]:
+def study_lock(
+    cfg: PipelineConfig, command: str, wait: bool = False, never_wait_for: str = ""
+) -> Iterator[None]:
     """The storage root for this process alone (design.md section 1); then what dead attempts
-    left behind, temp files of theirs, is removed."""
+    left behind, temp files of theirs, is removed. The one lock of a study: `run`, `nightly`,
+    `position` and the stage commands all take it (`StudyLock.acquire` for `never_wait_for`)."""
     lock = StudyLock(lock_store(cfg.root), command, where=f"storage root {cfg.root}")
 
     def waiting(holder) -> None:
         print(f"waiting for {holder.describe()} to finish with {cfg.root}", file=sys.stderr, flush=True)
 
-    with lock.held(wait, waiting):
+    with lock.held(wait, waiting, never_wait_for):
         if cfg.root.is_local:  # object stores get whole objects or nothing: no temp files
             remove_dead_temp_files(cfg.root.local_path)
         yield

@@ -14,17 +14,13 @@ current champion's on the same (new) test split.
 
 from __future__ import annotations
 
-import fcntl
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import date
-from pathlib import Path
 
 import torch
 
 from components.data.sources import refreshed_dataset
+from components.study_lock import StudyLocked
 from components.tasks import Task
 from components.training import iter_batches, nanmean, per_image_losses
 from pipelines.config import PipelineConfig
@@ -33,26 +29,6 @@ from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
 from pipelines.results import TaskResult
 from pipelines.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_model
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[bool]:
-    """Yields False at once if another process holds the lock (the OS drops it if we die)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
@@ -109,16 +85,16 @@ def promote(
 def run_nightly(
     cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES, wait_for_lock: bool = False
 ) -> dict | None:
-    """The nightly job; None if another nightly holds the nightly lock. Another study working on
-    the storage root is refused (`StudyLocked`), or waited for with `wait_for_lock`."""
-    # Two nightlies of one local root: the second leaves at once. On object storage the study
-    # lock alone keeps them apart (the second is refused, or waits with `wait_for_lock`).
-    guard = exclusive_lock(cfg.root.local_path / "nightly.lock") if cfg.root.is_local else nullcontext(True)
-    with guard as acquired:
-        if not acquired:
-            return None
-        with study_lock(cfg, "nightly", wait_for_lock):
+    """The nightly job; None if another nightly holds the study's lock (the second of two leaves
+    at once, even with `wait_for_lock`). Another command working on the storage root is refused
+    (`StudyLocked`), or waited for with `wait_for_lock`."""
+    try:
+        with study_lock(cfg, "nightly", wait_for_lock, never_wait_for="nightly"):
             return _nightly_under_lock(cfg, day, stages)
+    except StudyLocked as err:
+        if err.holder.command != "nightly":
+            raise
+        return None
 
 
 def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...]) -> dict:

@@ -21,6 +21,7 @@ from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
 from components.storage import Location
 from components.tasks import Task
+from components.vocabulary import SELF
 from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
@@ -70,7 +71,7 @@ class PipelineResult:
     def summary(self, storage_root: str, run_id: str) -> dict:
         """What `taskatlas run --json` prints: what was trained, what was reused, the answer."""
         trained = self.stage2.ran if self.stage2 else 0
-        readouts = sum(self.stage2.counts.values()) - self.stage2.counts.get("self", 0) if self.stage2 else 0
+        readouts = sum(self.stage2.counts.values()) - self.stage2.counts.get(SELF, 0) if self.stage2 else 0
         taxonomy = {k: v for k, v in (self.taxonomy or {}).items() if k != "path"} or None
         return {
             "networks_trained": self.retrained,

@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from pipelines.settings import read_settings
+from components.settings import read_settings
 
 
 def ensure_ray() -> None:

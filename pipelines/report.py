@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from components.affinity import top_sources
 from components.verdict import STABLE, edge_text, noise_note, ties_text
+from components.vocabulary import SELF
 
 
 def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int = 3) -> str:
@@ -48,9 +49,9 @@ def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int
     lines += ["", "| target | gets its representation from | affinity | stability |", "|---|---|---|---|"]
     targets = sorted({t for t, _ in value})
     for target in targets:
-        sources = "+".join(taxonomy["transfers"].get(target, ["self"]))
-        label = "self (a root: labelled)" if sources == "self" else sources.replace("+", " + ")
-        if sources != "self" and said:
+        sources = "+".join(taxonomy["transfers"].get(target, [SELF]))
+        label = f"{SELF} (a root: labelled)" if sources == SELF else sources.replace("+", " + ")
+        if sources != SELF and said:
             label = edge_text(target, sources.split("+"), said, stability).split(" <- ", 1)[1]
         aff = value.get((target, sources), float("nan"))
         lines.append(f"| {target} | {label} | {aff:.3f} | {share(target, sources)} |")

@@ -27,12 +27,12 @@ import ray.train.torch
 
 from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
+from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
 from pipelines.results import TaskResult
-from pipelines.settings import read_settings
 from pipelines.stage1_plan import Stage1Plan, network_runs, worker_batch_size
 from pipelines.stage1_record import Network, NetworkRecord
 from pipelines.stage1_search import search_tasks

@@ -8,9 +8,9 @@ from ray.tune.search import BasicVariantGenerator
 
 from components.config import config_hash, to_dict
 from components.errors import TaskatlasError
+from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
-from pipelines.settings import read_settings
 from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage1_record import NetworkRecord
 

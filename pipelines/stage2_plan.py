@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
 from components.errors import ConfigError
+from components.settings import read_settings
 from components.storage import Location, location
 from components.tasks import TaskKind, channels_for
 from components.transfer import (
@@ -30,7 +31,6 @@ from components.transfer import (
 from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
 from pipelines.config import KEY_ROLE, PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
 from pipelines.results import TaskResult
-from pipelines.settings import read_settings
 from pipelines.steps import Step
 
 AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)

@@ -44,8 +44,8 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from components.errors import TaskatlasError
+from components.settings import RayAuth
 from components.storage import is_remote
-from pipelines.settings import RayAuth
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded, whatever a .gitignore says (gitignore syntax; a leading / anchors at the root).

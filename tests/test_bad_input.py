@@ -4,10 +4,11 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,20 +31,7 @@ def _read_only_folder(tmp_path: Path) -> Path:
 
 def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_path):
     root = tmp_path / "runs"
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            storage_root: {root}
-            tasks: [normal, reshading, edge_texture]
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            train: {{epochs: 1, num_workers: 1}}
-            tune: {{enabled: false}}
-            transfer: {{orders: [2], beams: [2], epochs: 1}}
-            """
-        )
-    )
+    config = write_study(tmp_path / "tiny.yaml", root)
     bad_csv = tmp_path / "words.csv"
     bad_csv.write_text("target,sources,image_id,loss\nnormal,reshading,0,high\n")
     empty_csv = tmp_path / "header-only.csv"

@@ -8,33 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, tasks: str, extra: str = "") -> Path:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            storage_root: {tmp_path / "runs"}
-            tasks: {tasks}
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            model: {{encoder: small, width: 8, downsample: 4}}
-            tune: {{enabled: false}}
-            """
-        )
-        + extra
-    )
-    return config
+    """The tiny study with `tasks`, and `extra` (YAML) sections in place of its own."""
+    sections = {"train": None, "transfer": None, "taxonomy": None} | (yaml.safe_load(extra) or {})
+    return write_study(tmp_path / "tiny.yaml", tmp_path / "runs", tasks=yaml.safe_load(tasks), **sections)
 
 
 def _runs(root: Path) -> list:

@@ -2,37 +2,28 @@
 study, and only its network and the readouts that involve it are trained (real Ray, real MLflow)."""
 
 import json
-import textwrap
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from components.transfer import plan_transfers, rank_sources
 from pipelines.cli import main
+from tests.study import write_study
 
 BASE = ["normal", "reshading", "edge_texture"]
 MY_TASK = "task_definitions: {my_edges: {column: edge_occlusion, kind: pixel, loss: l1, channels: 1}}"
 
 
 def write_config(tmp_path, tasks, extra=""):
-    path = tmp_path / f"study-{len(tasks)}.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            name: own-tasks
-            storage_root: {tmp_path / "runs"}
-            tasks: [{", ".join(tasks)}]
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            model: {{encoder: small, width: 8, downsample: 4}}
-            train: {{epochs: 1, num_workers: 1}}
-            tune: {{enabled: false}}
-            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16, replicates: 1}}
-            taxonomy: {{budget: 1, max_order: 2}}
-            """
-        )
-        + extra
+    sections = {"transfer": {"replicates": 1}} | (yaml.safe_load(extra) or {})
+    return write_study(
+        tmp_path / f"study-{len(tasks)}.yaml",
+        tmp_path / "runs",
+        name="own-tasks",
+        tasks=list(tasks),
+        **sections,
     )
-    return path
 
 
 def run_json(config, capsys) -> dict:

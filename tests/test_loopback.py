@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import pids_carrying
+from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 _SOCKET = re.compile(r"^LISTEN\s+\d+\s+\d+\s+(\S+):(\d+)\s+\S+\s+users:\((.*)\)$")
@@ -49,18 +49,11 @@ def cmdline(pid: int) -> str:
 @pytest.mark.slow
 def test_every_socket_a_local_training_run_listens_on_is_loopback(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            storage_root: {tmp_path / "runs"}
-            tasks: [normal]
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            model: {{encoder: small, width: 8, downsample: 4}}
-            train: {{epochs: 3, num_workers: 2, cpus_per_worker: 0.5}}
-            tune: {{enabled: false}}
-            """
-        )
+    write_study(
+        config,
+        tmp_path / "runs",
+        tasks=["normal"],
+        train={"epochs": 3, "num_workers": 2, "cpus_per_worker": 0.5},
     )
     marker = f"TASKATLAS_SOCKET_PROBE={uuid.uuid4().hex}"
     key, value = marker.split("=")

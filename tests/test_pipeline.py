@@ -3,33 +3,20 @@
 import json
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
+from tests.study import write_study
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            storage_root: {tmp_path / "runs"}
-            tasks: [normal, reshading, edge_texture]
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            model: {{encoder: small, width: 8, downsample: 4}}
-            train: {{epochs: 1, num_workers: 1}}
-            tune: {{enabled: false}}
-            transfer: {{orders: [2], beams: [2], epochs: 1, width: 16}}
-            taxonomy: {{budget: 1, max_order: 2}}
-            """
-        )
-    )
-    return path
+    return write_study(tmp_path / "tiny.yaml", tmp_path / "runs")
 
 
 def _mkdir(path):
@@ -214,22 +201,36 @@ def test_nightly_promotes_at_most_once_and_a_concurrent_nightly_is_refused(
     for p in summary["promotions"]:
         assert p["champion_version"] == "1" and p["promoted"] == (p["test_loss"] <= p["champion_loss"])
 
-    # Another process holds the lock: a second nightly exits cleanly and does nothing.
+    # Another nightly holds the study's lock: a second nightly exits cleanly and does nothing,
+    # even when told to wait for the lock.
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-            str(root / "nightly.lock"),
+            "import sys, time; from components.study_lock import StudyLock; "
+            "from components.storage import location; from components.study_lock import lock_store; "
+            "lock = StudyLock(lock_store(location(sys.argv[1])), 'nightly'); lock.acquire(); "
+            "print('locked', flush=True); time.sleep(60)",
+            str(root),
         ],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = len(runs_named(root, "nightly"))
-        assert main(["nightly", "-c", str(tiny_config), "--stages", "train", "--date", "2026-11-22"]) == 0
+        argv = [
+            "nightly",
+            "-c",
+            str(tiny_config),
+            "--stages",
+            "train",
+            "--date",
+            "2026-11-22",
+            "--wait-for-lock",
+        ]
+        assert main(argv) == 0
         assert "another nightly run holds" in capsys.readouterr().out
         assert len(runs_named(root, "nightly")) == before
     finally:

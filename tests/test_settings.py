@@ -1,9 +1,9 @@
-"""The environment the pipeline reads (pipelines/settings.py), parsed once and checked."""
+"""The environment the pipeline reads (components/settings.py), parsed once and checked."""
 
 import pytest
 
 from components.errors import ConfigError
-from pipelines.settings import read_settings
+from components.settings import read_settings
 
 
 def test_a_local_ray_gets_its_dashboard_unless_told_not_to(monkeypatch):

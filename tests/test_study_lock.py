@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from components.study_lock import STUDY_LOCK, LocalLockStore, StudyLock, StudyLocked
+from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = textwrap.dedent(
@@ -89,21 +90,10 @@ def test_a_heartbeat_keeps_the_record_fresh(tmp_path):
 
 
 def _config(tmp_path: Path) -> Path:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            name: tiny
-            storage_root: {tmp_path / "runs"}
-            tasks: [normal, reshading]
-            data: {{n_train: 40, n_transfer: 16, n_test: 16, size: 32, rows_per_shard: 16}}
-            train: {{epochs: 1, num_workers: 1}}
-            tune: {{enabled: false}}
-            transfer: {{orders: [], beams: [], epochs: 1, replicates: 1}}
-            """
-        )
+    transfer = {"orders": [], "beams": [], "replicates": 1}
+    return write_study(
+        tmp_path / "tiny.yaml", tmp_path / "runs", tasks=["normal", "reshading"], transfer=transfer
     )
-    return config
 
 
 @pytest.mark.slow  # real drivers, one killed: 26 s (CI runs it)

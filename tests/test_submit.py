@@ -25,8 +25,8 @@ import pytest
 import requests
 
 from components.errors import TaskatlasError
+from components.settings import RayAuth
 from pipelines import cli
-from pipelines.settings import RayAuth
 from pipelines.submit import (
     STAGED_CONFIG_DIR,
     build_entrypoint,

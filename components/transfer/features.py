@@ -28,6 +28,7 @@ from components.models import ModelConfig, TaskNetwork, channels_last
 from components.models.network import build_encoder
 from components.storage import location
 from components.tasks import InputTransform, view_input
+from components.vocabulary import ReadoutKind
 
 FEATURE_DTYPE = np.float16  # halves the cache; readouts compute in float32
 _RGB_MEAN, _RGB_STD = 0.5, 0.25  # the task networks' own input normalisation
@@ -35,8 +36,8 @@ _RGB_MEAN, _RGB_STD = 0.5, 0.25  # the task networks' own input normalisation
 
 class FeatureKind(str, Enum):
     ENCODER = "encoder"  # a trained Stage I encoder
-    RANDOM = "random"
-    PIXELS = "pixels"
+    RANDOM = ReadoutKind.RANDOM.value
+    PIXELS = ReadoutKind.PIXELS.value
 
 
 @dataclass(frozen=True)

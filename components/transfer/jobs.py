@@ -44,14 +44,15 @@ from components.transfer.plan import Readout, ReadoutKind
 from components.transfer.readout import ReadoutSettings, score_network, train_readout
 from components.transfer.scratch import train_scratch
 from components.transfer.stacked import StackMember, train_stacked
+from components.vocabulary import IMAGE_ID, LOSS, REPLICATE, SOURCES, TARGET
 
 LOSS_SCHEMA = pa.schema(
     [
-        ("target", pa.string()),
-        ("sources", pa.list_(pa.string())),
-        ("image_id", pa.string()),
-        ("loss", pa.float32()),
-        ("replicate", pa.int32()),  # which training of the readout (design.md section 10)
+        (TARGET, pa.string()),
+        (SOURCES, pa.list_(pa.string())),
+        (IMAGE_ID, pa.string()),
+        (LOSS, pa.float32()),
+        (REPLICATE, pa.int32()),  # which training of the readout (design.md section 10)
     ]
 )
 _META = b"taskatlas"  # readout file metadata: mean loss, seconds, training history

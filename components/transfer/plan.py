@@ -19,19 +19,9 @@ from itertools import combinations
 
 import numpy as np
 
+from components.vocabulary import ALL_BASELINES, BASELINES, ReadoutKind
 
-class ReadoutKind(str, Enum):
-    TRANSFER = "transfer"  # features of one or more source encoders
-    SELF = "self"  # the target's fully supervised network (Stage I): read, not trained
-    PIXELS = "pixels"  # raw pixels, rearranged to the representation's shape
-    RANDOM = "random"  # a frozen random-init encoder
-    # A whole task network trained from scratch on the readouts' labelled images: the reference
-    # for Gain when a new task is positioned with few labels (design.md section 12)
-    SCRATCH = "scratch"
-
-
-BASELINES = (ReadoutKind.SELF, ReadoutKind.PIXELS, ReadoutKind.RANDOM)  # a study's default
-ALL_BASELINES = (*BASELINES, ReadoutKind.SCRATCH)
+__all__ = ["ALL_BASELINES", "BASELINES", "ReadoutKind"]  # named in components.vocabulary
 
 
 class Pairing(str, Enum):

@@ -121,7 +121,7 @@ def _nightly(args: argparse.Namespace) -> int:
     preflight(cfg)
     summary = run_nightly(cfg, day, stages, wait_for_lock=args.wait_for_lock)
     if summary is None:
-        print(f"another nightly run holds {cfg.root / 'nightly.lock'}; nothing to do")
+        print(f"another nightly run holds the lock of {cfg.root}; nothing to do")
         return 0
     print(
         json.dumps(

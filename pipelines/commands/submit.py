@@ -44,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from components.settings import read_ray_auth
     from pipelines.config import load_pipeline_config
     from pipelines.pipeline import parse_stages
-    from pipelines.settings import read_ray_auth
     from pipelines.submit import (
         build_entrypoint,
         dry_run,

@@ -1,4 +1,4 @@
-"""The one module that reads the environment."""
+"""The one module that reads the environment: what a run is told by its machine, not its config."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ class Settings:
     # one after another). TASKATLAS_TEST_FAIL_READOUTS=a->t,b+c->t: those readouts always raise.
     fail_at_epoch: int | None = None
     fail_readouts: tuple[str, ...] = ()
+    # The local cache of remote files (TASKATLAS_CACHE, default ~/.cache/taskatlas) and its size
+    # bound in GB (TASKATLAS_CACHE_GB, default 20)
+    cache_dir: Path = Path.home() / ".cache" / "taskatlas"
+    cache_gb: float = 20.0
+    # S3 storage: the region (AWS_DEFAULT_REGION, default us-east-1; pyarrow would ask AWS, and
+    # there is no network at run time) and an S3-protocol server's URL (AWS_ENDPOINT_URL)
+    aws_region: str = "us-east-1"
+    aws_endpoint: str | None = None
 
 
 def read_settings() -> Settings:
@@ -45,7 +53,21 @@ def read_settings() -> Settings:
         verbose=verbose in ("1", "true"),
         fail_at_epoch=_positive_int("TASKATLAS_TEST_FAIL_AT_EPOCH", epoch, minimum=0) if epoch else None,
         fail_readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()),
+        cache_dir=Path(os.environ.get("TASKATLAS_CACHE") or Path.home() / ".cache" / "taskatlas"),
+        cache_gb=_positive_float("TASKATLAS_CACHE_GB", os.environ.get("TASKATLAS_CACHE_GB") or "20"),
+        aws_region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        aws_endpoint=os.environ.get("AWS_ENDPOINT_URL") or None,
     )
+
+
+def _positive_float(name: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {text!r}")
+    return value
 
 
 def _positive_int(name: str, text: str, minimum: int = 1) -> int:
