@@ -41,7 +41,7 @@ import yaml
 
 from components.affinity import SCRATCH, affinity_by_target
 from components.config import config_hash
-from components.data.folder import RGB, FolderColumn, import_folder, load_spec, scan_folder
+from components.data.folder import RGB, FolderColumn, import_folder, load_spec, recorded_spec, scan_folder
 from components.data.importing import ImportConfig, read_raw, split_of
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import ConfigError, TaskatlasError
@@ -183,6 +183,12 @@ def _import_config(cfg: PipelineConfig) -> ImportConfig:
     )
 
 
+def import_key(cfg: PipelineConfig, listing: list, spec: dict[str, FolderColumn]) -> str:
+    """A folder version's import: its files, the spec as recorded, the split settings."""
+    recorded = {c: recorded_spec(s) for c, s in spec.items()}
+    return config_hash("position-data-v1", listing, recorded, _import_config(cfg))
+
+
 def import_images(cfg: PipelineConfig, task: Task, folder: Path, spec: dict[str, FolderColumn]) -> ShardStore:
     """The folder's RGB and task column as a dataset under the study's root, imported once per
     version of the folder (its files' names, sizes and times)."""
@@ -192,8 +198,7 @@ def import_images(cfg: PipelineConfig, task: Task, folder: Path, spec: dict[str,
         for p in sorted((folder / c).iterdir())
         if p.is_file()
     ]
-    key = config_hash("position-data-v1", listing, {c: vars(s) for c, s in spec.items()}, _import_config(cfg))
-    out = cfg.root / "position" / task.name / "data" / key
+    out = cfg.root / "position" / task.name / "data" / import_key(cfg, listing, spec)
     if not (out / MANIFEST).exists():
         with _columns_view(folder, (RGB, task.column)) as view:
             import_folder(view, out.uri, _import_config(cfg), spec, skip_incomplete=True)

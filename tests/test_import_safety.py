@@ -164,3 +164,31 @@ def test_ids_the_filesystem_cannot_spell_are_refused_too(tmp_path):
             check_files(
                 Found([image_id], {"rgb": {image_id: rgb}}), {"rgb": ColumnRule("rgb", "uint8", 3)}, tmp_path
             )
+
+
+def test_a_spec_without_bits_records_what_it_recorded_before_bits_existed():
+    # Every stored import (and `taskatlas position`'s import key) hashes the recorded spec: a
+    # field added with its default must not change it, or every finished import is redone.
+    from components.data.folder import FolderColumn, recorded_spec
+
+    assert recorded_spec(FolderColumn(scale=0.001, invalid=0)) == {
+        "scale": 0.001,
+        "offset": 0.0,
+        "invalid": 0,
+        "labels": False,
+    }
+    assert recorded_spec(FolderColumn(scale=0.001, bits=16))["bits"] == 16
+
+
+def test_the_position_import_key_is_the_one_it_was_before_bits_existed():
+    from components.config import config_hash
+    from components.data.folder import FolderColumn
+    from pipelines.config import load_pipeline_config
+    from pipelines.position import _import_config, import_key
+
+    cfg = load_pipeline_config(None, ["data.size=32", "model.downsample=4"])
+    listing = [("rgb/a.png", 10, 1), ("edges/a.png", 5, 1)]
+    before = {"edges": {"scale": 1.0, "offset": 0.0, "invalid": None, "labels": False}}
+    assert import_key(cfg, listing, {"edges": FolderColumn()}) == config_hash(
+        "position-data-v1", listing, before, _import_config(cfg)
+    )

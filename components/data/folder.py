@@ -130,7 +130,7 @@ def column_rule(column: str, spec: FolderColumn) -> ColumnRule:
     )
 
 
-def _recorded(spec: FolderColumn) -> dict:
+def recorded_spec(spec: FolderColumn) -> dict:
     """The spec as the manifest's settings record it; `bits` only when set, so a dataset
     imported before `bits` existed resumes and compares equal."""
     return {k: v for k, v in vars(spec).items() if k != "bits" or v is not None}
@@ -159,7 +159,7 @@ def import_folder(
         "importer": "taskatlas.folder",
         "root": str(root),
         "columns": columns,
-        "spec": {c: _recorded(s) for c, s in sorted(spec.items())},
+        "spec": {c: recorded_spec(s) for c, s in sorted(spec.items())},
         "skip_incomplete": skip_incomplete,
         **vars(config),
     }
