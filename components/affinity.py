@@ -277,6 +277,7 @@ def affinity_by_target(
     replicate_groups: int | None = None,
     gain_reference: tuple[str, ...] = PIXELS,
     require_self: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> AffinityResult:
     """Stage III one target at a time: `read_target(t)` gives t's `target, sources, image_id, loss`
     (and `replicate`) rows, Stage II's per-target loss table; a target's losses are dropped before
@@ -289,7 +290,8 @@ def affinity_by_target(
     twice per target). With the same ids, the whole table (`cube_affinity`) gives the same numbers.
     `replicate_groups`: see `cube_affinity`. `gain_reference`: what `gain` is the win rate against
     (`SCRATCH` for a positioned task, Taskonomy's Gain). `require_self`: a target without `self`
-    is an error (a study's); a positioned task has no full network, and NaN quality.
+    is an error (a study's); a positioned task has no full network, and NaN quality. `progress(1)`
+    is called as each target's table is read.
     """
     names = sorted(set(targets))
     if len(names) != len(targets) or not names:
@@ -305,6 +307,8 @@ def affinity_by_target(
             raise TaskatlasError(
                 f"the loss table read for target {name} has rows of target(s) {', '.join(cube.targets)}"
             )
+        if progress is not None:
+            progress(1)
         return cube  # the table is dropped here; only the cube (candidates x replicates x images) is kept
 
     if bootstrap and image_ids is None:

@@ -20,7 +20,7 @@ the best, and solves the BIP on each. Unlabelled images (NaN loss for every cand
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -153,11 +153,13 @@ def stability_of_rows(
     chosen: Taxonomy,
     *,
     available: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """`taxonomy_stability` on resampled affinities given per row of an affinity table:
     `samples` is (resamples, rows), row i being `targets[i] <- sources[i]`. `available`
     (resamples, rows) bool: rows a resample leaves out of its BIP (False: that resample's beam
-    would not have trained the transfer); default every row in every resample."""
+    would not have trained the transfer); default every row in every resample. `progress(1)` is
+    called as each resample is solved."""
     if available is not None and np.shape(available) != np.shape(samples):
         raise TaskatlasError(
             f"stability: available has shape {np.shape(available)}, the samples {np.shape(samples)}"
@@ -174,6 +176,8 @@ def stability_of_rows(
         for target in taxonomy.affinity:  # every target solved for: a root or served by a transfer
             transfers[target]["+".join(taxonomy.transfers.get(target, (ROOT,)))] += 1
         same += taxonomy.roots == chosen.roots and dict(taxonomy.transfers) == dict(chosen.transfers)
+        if progress is not None:
+            progress(1)
     n = len(samples)
     return {
         "roots": _fractions(roots, n),

@@ -27,6 +27,7 @@ from components.taxonomy import (
 )
 from components.verdict import verdict
 from pipelines.config import PipelineConfig
+from pipelines.progress import progress_bar
 from pipelines.steps import Step
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
@@ -71,19 +72,21 @@ def _affinity(
 ) -> None:
     # One target's losses in memory at a time (Stage II wrote them per target).
     files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
-    result = affinity_by_target(
-        sorted(files),
-        lambda t: files[t].read_parquet(read_dictionary=list(DICTIONARY_COLUMNS)),
-        cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
-        cfg.analysis.seed,
-        # the test split's image ids, the resamples' image axis shared by every target (every
-        # target's table has a row per test image), read from the image_id columns alone
-        study_image_ids(
-            files[t].read_parquet(["image_id"], read_dictionary=["image_id"]) for t in sorted(files)
+    with progress_bar(len(files), "affinity (bootstrap)", unit="target") as update:
+        result = affinity_by_target(
+            sorted(files),
+            lambda t: files[t].read_parquet(read_dictionary=list(DICTIONARY_COLUMNS)),
+            cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
+            cfg.analysis.seed,
+            # the test split's image ids, the resamples' image axis shared by every target (every
+            # target's table has a row per test image), read from the image_id columns alone
+            study_image_ids(
+                files[t].read_parquet(["image_id"], read_dictionary=["image_id"]) for t in sorted(files)
+            )
+            if cfg.analysis.bootstrap
+            else None,
+            progress=update,
         )
-        if cfg.analysis.bootstrap
-        else None,
-    )
     table, unlabelled = result.table, result.unlabelled
     if result.samples is not None:  # one column per table row, in order
         np.save(scratch / SAMPLES, result.samples.astype(np.float32))
@@ -239,5 +242,8 @@ def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> di
     available = (
         (affinity.location / AVAILABLE).read_array() if (affinity.location / AVAILABLE).exists() else None
     )
-    stability = stability_of_rows(rows["target"], sources, samples, options, chosen, available=available)
+    with progress_bar(len(samples), "taxonomy stability", unit="resample") as update:
+        stability = stability_of_rows(
+            rows["target"], sources, samples, options, chosen, available=available, progress=update
+        )
     return stability | {"resamples": len(samples)}

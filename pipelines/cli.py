@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:  # what `settings` reads, inherited by the Ray workers and jobs this starts
         os.environ["TASKATLAS_VERBOSE"] = "1"
+    else:  # MLflow's store migrations and the like: notices, not news (read when mlflow loads)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args) or 0
     except TaskatlasError as err:

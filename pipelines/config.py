@@ -6,6 +6,7 @@ load_pipeline_config("configs/quickstart.yaml", ["train.epochs=3", "tasks=normal
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import cached_property
@@ -30,13 +31,14 @@ PLAN = {KEY_ROLE: "plan"}  # which steps run: enters the stage's key, not each s
 SCRATCH_KEY = {KEY_ROLE: "scratch-readouts"}  # enters the keys of `scratch` baselines only
 
 
-def key_fields(config: Any, *roles: str) -> dict[str, Any]:
-    """The config's fields as plain values (`to_dict`), less those whose role is in `roles`
-    (unmarked fields have the role "result": they enter every key)."""
+def key_fields(config: Any, *leave_out: Mapping[str, str]) -> dict[str, Any]:
+    """The config's fields as plain values (`to_dict`), less those marked with any of `leave_out`
+    (`RUNTIME`, `PLAN`, `SCRATCH_KEY`); unmarked fields enter every key."""
+    roles = {marks[KEY_ROLE] for marks in leave_out}
     return {
         f.name: to_dict(getattr(config, f.name))
         for f in fields(config)
-        if f.metadata.get(KEY_ROLE, "result") not in roles
+        if f.metadata.get(KEY_ROLE) not in roles
     }
 
 
@@ -347,6 +349,8 @@ class PipelineConfig:
             raise ConfigError("tasks: at least one task is needed")
         if unknown := [t for t in self.transfer.targets if t not in catalog]:
             raise ConfigError(f"transfer.targets: unknown task {unknown[0]!r}")
+        if missing := [t for t in self.transfer.targets if t not in self.tasks]:
+            raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {list(self.tasks)}")
         t = self.taxonomy
         if unknown := [x for x in [*t.importance, *t.cost, *t.exclude, *t.source_only] if x not in catalog]:
             raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
@@ -361,6 +365,7 @@ class PipelineConfig:
                 f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"
             )
         self._check_dataset()
+        _ = self.root  # opened (and checked) once, here
 
     @cached_property
     def catalog(self) -> dict[str, Task]:
@@ -390,9 +395,10 @@ class PipelineConfig:
                     f"{where}: the dataset has no column {column!r} (it has {', '.join(sorted(columns))})"
                 )
 
-    @property
+    @cached_property
     def root(self) -> Location:
-        """The storage root: a local folder or an object-store URI (`s3://bucket/prefix`)."""
+        """The storage root: a local folder or an object-store URI (`s3://bucket/prefix`), opened
+        once, when the config loads (a bad URI is refused there, naming `storage_root`)."""
         return location(self.storage_root)
 
 

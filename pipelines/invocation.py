@@ -90,12 +90,12 @@ def open_tracker(cfg: PipelineConfig, shared: bool = False) -> Tracker:
 
 def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None:
     """What must hold before a command does any work, each failing in one line naming the field
-    or path: the environment's settings, `transfer.targets` among the tasks studied, a writable
-    storage root, and a tracking server that answers within TRACKING_TIMEOUT_S."""
+    or path: the environment's settings, `transfer.targets` among the tasks a command's `--tasks`
+    kept (`sources`), a writable storage root, and a tracking server that answers within
+    TRACKING_TIMEOUT_S."""
     read_settings()
-    sources = list(sources if sources is not None else cfg.tasks)
-    if missing := [t for t in cfg.transfer.targets if t not in sources]:
-        raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
+    if sources is not None and (missing := [t for t in cfg.transfer.targets if t not in sources]):
+        raise ConfigError(f"--tasks: leaves out {missing[0]!r}, one of transfer.targets")
     check_tracking_store(cfg)  # before touching storage: a refusal needs no network
     check_writable(cfg.root, "storage_root")
     uri = tracking_uri(cfg)

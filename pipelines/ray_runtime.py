@@ -3,6 +3,7 @@ loopback), read what the cluster has, and set what Ray Train reads from the driv
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,14 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     settings = read_settings()
+    # Quiet unless -v: Ray's start-up notices (a local instance started, token auth on) and Tune's
+    # experiment tables say nothing a user acts on. Tune's legacy reporter prints nothing at
+    # verbose 0, where its new one still prints a table per search.
+    quiet = {} if settings.verbose else {"logging_level": logging.ERROR}
+    if not settings.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if settings.ray_address:
-        context = ray.init(address=settings.ray_address, log_to_driver=settings.verbose)
+        context = ray.init(address=settings.ray_address, log_to_driver=settings.verbose, **quiet)
     else:
         context = ray.init(
             address="local",
@@ -28,6 +35,7 @@ def ensure_ray() -> None:
             include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
             log_to_driver=settings.verbose,
             _node_ip_address="127.0.0.1",
+            **quiet,
         )
     if not settings.verbose:  # workers' logs (Tune, Train, readouts) stay in Ray's log folder
         logs = Path(context.address_info["session_dir"]) / "logs"

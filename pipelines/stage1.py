@@ -18,6 +18,7 @@ own MLflow run, step and key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from components.data.shards import ShardStore
 from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
+from pipelines.progress import progress_bar
 from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
 from pipelines.results import TaskResult
@@ -83,11 +85,13 @@ class Stage1:
         concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
         jobs = [(task, hparams.get(task.name) or plan.hparams_if_known(task, search)) for task in tasks]
         done = {task.name: r for task, h in jobs if (r := plan.cached_result(task, h)) is not None}
-        groups = network_runs(
-            [job for job in jobs if job[0].name not in done], concurrent, t.networks_per_run
-        )
-        with ThreadPoolExecutor(max_workers=max(1, min(concurrent, len(groups)))) as pool:
-            for results in pool.map(self._train_pending, groups):
+        pending = [job for job in jobs if job[0].name not in done]
+        groups = network_runs(pending, concurrent, t.networks_per_run)
+        with (
+            progress_bar(len(pending), "networks", unit="network") as update,
+            ThreadPoolExecutor(max_workers=max(1, min(concurrent, len(groups)))) as pool,
+        ):
+            for results in pool.map(lambda group: self._train_pending(group, update), groups):
                 done.update((r.task, r) for r in results)
         return {task.name: done[task.name] for task in tasks}
 
@@ -108,9 +112,12 @@ class Stage1:
         results.update((r.task, r) for r in trained)
         return [results[task.name] for task, _ in jobs]
 
-    def _train_pending(self, jobs: list[tuple[Task, dict]]) -> list[TaskResult]:
+    def _train_pending(
+        self, jobs: list[tuple[Task, dict]], progress: Callable[[int], None] = lambda n: None
+    ) -> list[TaskResult]:
         """`train_networks` for networks not finished yet (their markers already read): a network
-        whose final weights a killed run already wrote is not trained again."""
+        whose final weights a killed run already wrote is not trained again. `progress(1)` as
+        each is finished."""
         plan, record = self.plan, self.record
         pending = [record.open(task, hparams, plan.train_step(task, hparams)) for task, hparams in jobs]
         results = []
@@ -120,6 +127,7 @@ class Stage1:
             while pending:
                 results.append(record.finish(pending[0]))
                 pending.pop(0)
+                progress(1)
         except BaseException:  # a failed or interrupted training never stays RUNNING
             for network in pending:
                 record.fail(network)

@@ -3,6 +3,8 @@ one), each task's best hyperparameters then a step of its own (`tune/<task>/<key
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
@@ -10,11 +12,25 @@ from components.config import config_hash, to_dict
 from components.errors import TaskatlasError
 from components.settings import read_settings
 from components.tasks import Task, channels_for
+from pipelines.progress import progress_bar
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage1_record import NetworkRecord
 
 HPARAMS = ("lr", "weight_decay", "batch_size")  # what the search chooses
+
+
+class TrialProgress(tune.Callback):
+    """Ticks the console's bar as each search trial ends (finished, stopped early or failed)."""
+
+    def __init__(self, update: Callable[[int], None]):
+        self.update = update
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.update(1)
 
 
 def best_val_loss(result) -> float | None:
@@ -41,11 +57,12 @@ def search_tasks(
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
     jobs = {t.name: {"task": to_dict(t), "channels": channels_for(t, plan.store)} for t in pending}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, jobs=jobs), resources)
-    if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
-        tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
-    else:
-        tuner = _tuner(plan, pending, trainable, name, storage, use_gpu)
-    grid = tuner.fit()
+    with progress_bar(len(pending) * cfg.tune.num_samples, "search trials", unit="trial") as update:
+        if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
+            tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
+        else:
+            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, TrialProgress(update))
+        grid = tuner.fit()
     for task in pending:
         results = [r for r in grid if r.config[TASK_KEY] == task.name]
         scored = [(loss, r) for r in results if (loss := best_val_loss(r)) is not None]
@@ -69,7 +86,13 @@ def search_tasks(
 
 
 def _tuner(
-    plan: Stage1Plan, pending: list[Task], trainable, name: str, storage: str, use_gpu: bool
+    plan: Stage1Plan,
+    pending: list[Task],
+    trainable,
+    name: str,
+    storage: str,
+    use_gpu: bool,
+    progress: tune.Callback,
 ) -> tune.Tuner:
     cfg = plan.config
     space = {
@@ -105,5 +128,7 @@ def _tuner(
             reuse_actors=True,
         ),
         # Tune's trial tables only with -v: the console shows the answer, not the search
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=int(read_settings().verbose)),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=int(read_settings().verbose), callbacks=[progress]
+        ),
     )

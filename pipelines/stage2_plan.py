@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
-from components.errors import ConfigError
 from components.settings import read_settings
 from components.storage import Location, location
 from components.tasks import TaskKind, channels_for
@@ -29,12 +28,11 @@ from components.transfer import (
     readout_seed,
 )
 from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
-from pipelines.config import KEY_ROLE, PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
+from pipelines.config import PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
 from pipelines.results import TaskResult
 from pipelines.steps import Step
 
 AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
-_RUNTIME, _PLAN, _SCRATCH = (role[KEY_ROLE] for role in (RUNTIME, PLAN, SCRATCH_KEY))
 
 
 @dataclass(frozen=True)
@@ -102,14 +100,12 @@ class Stage2Plan:
 
     def plan(self, sources: list[str]) -> TransferPlan:
         """Every configured task is a source; targets are `transfer.targets` or the non-source-only."""
-        t = self.transfer
-        if missing := [x for x in t.targets if x not in sources]:
-            raise ConfigError(f"transfer.targets: {missing[0]!r} is not among the tasks {sources}")
+        t = self.transfer  # targets among `sources`: checked at load and by `preflight`
         targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
         return plan_transfers(targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
 
     def key(self, results: Mapping[str, TaskResult]) -> str:
-        science = key_fields(self.transfer, _RUNTIME)
+        science = key_fields(self.transfer, RUNTIME)
         if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
             science.pop("prune")
         if ReadoutKind.SCRATCH not in self.transfer.baselines:  # likewise, without a scratch baseline
@@ -129,7 +125,7 @@ class Stage2Plan:
     def readout_keys(self, results: Mapping[str, TaskResult]) -> ReadoutKeys:
         """How to key each readout of a study on these networks (see `ReadoutKeys`)."""
         t, cfg = self.transfer, self.config
-        science = key_fields(t, _RUNTIME, _PLAN, _SCRATCH)
+        science = key_fields(t, RUNTIME, PLAN, SCRATCH_KEY)
         common = config_hash("readout-v1", science, cfg.model, cfg.data.size, self.store.data_version)
         features = {name: s.key for name, s in feature_sources(cfg, results).items()}
         networks = {name: r.key for name, r in results.items()}

@@ -1,0 +1,48 @@
+"""What a user sees: `taskatlas run` prints one bar per stage, then the answer; Ray, Tune, Train
+and MLflow keep their notices to Ray's log folder (`-v` shows them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.study import write_study
+
+ROOT = Path(__file__).resolve().parents[1]
+BARS = (
+    "rendering scenes",
+    "search trials",
+    "networks",
+    "readouts",
+    "affinity (bootstrap)",
+    "taxonomy stability",
+)
+TUNE = {"enabled": True, "num_samples": 2, "max_epochs": 1, "grace_period": 1, "max_train_images": 40}
+
+
+@pytest.mark.slow  # a whole tiny study in a fresh process: about a minute (CI runs it)
+def test_a_run_prints_a_bar_per_stage_then_the_answer_and_no_library_notices(tmp_path):
+    config = write_study(tmp_path / "tiny.yaml", tmp_path / "runs", tune=TUNE, analysis={"bootstrap": 20})
+    env = {**os.environ, "TASKATLAS_RAY_DASHBOARD": "0"}
+    env.pop("TASKATLAS_VERBOSE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "-c", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    noise = [line for line in lines if any(w in line for w in (" INFO ", "WARNING", "Configuration for"))]
+    assert not noise, noise
+    assert all(any(line.startswith(f"{bar}:") for line in lines) for bar in BARS)
+    assert len(lines) <= 2 * 40  # two screens, bars included
+    answer = done.stdout.splitlines()
+    assert any(line.startswith("taxonomy (budget 1") for line in answer)
+    assert answer[-1].startswith("MLflow UI:")
