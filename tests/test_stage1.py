@@ -66,6 +66,7 @@ def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset
     assert stage.train(task, stage.plan.default_hparams()) == result
 
 
+@pytest.mark.slow  # a worker killed mid-run and the run resumed: about 40 s (CI runs it)
 def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_first(
     tmp_path, tiny_dataset, ray_session, monkeypatch
 ):
