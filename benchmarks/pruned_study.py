@@ -62,13 +62,14 @@ from components.tasks import channels_for  # noqa: E402
 from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer import BASELINES, TransferPlan, prune_plan  # noqa: E402
-from components.transfer.estimate import EstimateJob, EstimatorKind, run_estimates, spearman  # noqa: E402
+from components.transfer.estimate import EstimatorKind, run_estimates, spearman  # noqa: E402
 from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.results import TaskResult  # noqa: E402
 from pipelines.stage2 import Stage2  # noqa: E402
 from pipelines.stage2_plan import feature_sources  # noqa: E402
+from pipelines.stage2_pruning import estimate_job  # noqa: E402
 
 TASKS = (  # 12 tasks, 10 targets (colorization and inpainting are source-only)
     "autoencoding,denoising,colorization,inpainting,depth_zbuffer,depth_euclidean,normal,"
@@ -227,18 +228,7 @@ def estimator_ranking(
     full = first_order(summary)
     rhos, seconds = [], 0.0
     for target in plan.targets:
-        task = cfg.task(target)
-        job = EstimateJob(
-            target=task,
-            feature_dirs=tuple((s, str(dirs[s, task.input.value])) for s in plan.sources),
-            data_root=stage.store.root.uri,
-            kind=kind,
-            settings=stage.jobs.settings,
-            model=cfg.model,
-            image_size=cfg.data.size,
-            channels=channels_for(task, stage.store),
-        )
-        estimates = run_estimates(job)
+        estimates = run_estimates(estimate_job(stage.jobs, target, list(plan.sources), dirs, kind))
         seconds += sum(e.seconds for e in estimates)
         scores = np.array([e.score for e in estimates])
         rhos.append(spearman(scores, np.array([full[target, e.source] for e in estimates])))

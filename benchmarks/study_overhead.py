@@ -236,9 +236,7 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
     data = {split: sorted_split(store, split, columns) for split in SPLITS}
     features = encode(cfg, plan, checkpoints, data, threads, device)
     to_first_readout_s = time.perf_counter() - start
-    settings = ReadoutSettings(
-        t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed
-    )
+    settings = ReadoutSettings.from_config(t)
     outcomes: dict[Readout, tuple] = {}  # readout -> (val loss, per-image test losses, wall seconds)
     test = data["test"]
 

@@ -87,10 +87,7 @@ class Stage2Plan:
     @property
     def settings(self) -> ReadoutSettings:
         """Replicate 0's settings; replicate r trains with `ReadoutKeys.seed_of` as its seed."""
-        t = self.transfer
-        return ReadoutSettings(
-            t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed
-        )
+        return ReadoutSettings.from_config(self.transfer)
 
     @property
     def resources(self) -> dict:

@@ -12,7 +12,7 @@ import ray
 from components.storage import Location
 from components.tasks import channels_for
 from components.transfer import TransferPlan, prune_for_budget, prune_plan
-from components.transfer.estimate import Estimate, EstimateJob, run_estimates
+from components.transfer.estimate import Estimate, EstimateJob, EstimatorKind, run_estimates
 from pipelines.stage2_plan import Stage2Plan
 
 _REMOTE_ESTIMATES = ray.remote(run_estimates)
@@ -26,29 +26,38 @@ def estimates(
     stored = out / "estimates.json"
     if stored.exists():
         return {(r["target"], r["source"]): Estimate(**r) for r in stored.read_json()}
-    cfg, p = jobs.config, jobs.transfer.prune
     refs = []
     for target in plan.targets:
-        task = cfg.task(target)
-        job = EstimateJob(
-            target=task,
-            feature_dirs=tuple(
-                (r.sources[0], dirs[r.sources[0], task.input.value]) for r in plan.first_order_of(target)
-            ),
-            data_root=jobs.store.root.uri,
-            kind=p.estimator,
-            settings=jobs.settings,
-            model=cfg.model,
-            image_size=cfg.data.size,
-            channels=channels_for(task, jobs.store),
-            short_epochs=p.short_epochs,
-            use_gpu=jobs.use_gpu,
-            threads=max(1, int(jobs.transfer.cpus_per_readout)),
-        )
+        job = estimate_job(jobs, target, [r.sources[0] for r in plan.first_order_of(target)], dirs)
         refs.append(_REMOTE_ESTIMATES.options(**jobs.resources).remote(job))
     found = [e for batch in ray.get(refs) for e in batch]
     stored.write_json([asdict(e) for e in found])
     return {(e.target, e.source): e for e in found}
+
+
+def estimate_job(
+    jobs: Stage2Plan,
+    target: str,
+    sources: list[str],
+    dirs: Mapping[tuple[str, str], str],
+    kind: EstimatorKind | None = None,
+) -> EstimateJob:
+    """One target's estimates of `sources`, from their cached features (`kind`: the configured
+    estimator unless given)."""
+    cfg, p, task = jobs.config, jobs.transfer.prune, jobs.config.task(target)
+    return EstimateJob(
+        target=task,
+        feature_dirs=tuple((s, dirs[s, task.input.value]) for s in sources),
+        data_root=jobs.store.root.uri,
+        kind=kind or p.estimator,
+        settings=jobs.settings,
+        model=cfg.model,
+        image_size=cfg.data.size,
+        channels=channels_for(task, jobs.store),
+        short_epochs=p.short_epochs,
+        use_gpu=jobs.use_gpu,
+        threads=max(1, int(jobs.transfer.cpus_per_readout)),
+    )
 
 
 def pruned(

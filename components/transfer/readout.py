@@ -37,6 +37,13 @@ class ReadoutSettings:
     # validation losses average over the same images.
     split_seed: int = 0
 
+    @classmethod
+    def from_config(cls, transfer) -> ReadoutSettings:
+        """Replicate 0's settings from a study's `transfer` config section (any object with its
+        fields); replicate r trains with its own seed (`readout_seed`)."""
+        t = transfer
+        return cls(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed)
+
 
 @dataclass(frozen=True, eq=False)
 class ReadoutResult:
