@@ -26,6 +26,12 @@ class TrialProgress(tune.Callback):
     def __init__(self, update: Callable[[int], None]):
         self.update = update
 
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment: not the console
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.update = lambda n: None
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.update(1)
 
