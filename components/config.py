@@ -34,9 +34,14 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        if data is None:  # rather than run every default without a word
+            raise ConfigError(f"{path}: the file is empty; a config says at least which tasks to study")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     for item in overrides:

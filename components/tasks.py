@@ -216,6 +216,25 @@ def parse_tasks(names: str | Iterable[str], catalog: Mapping[str, Task] = TASKS)
     return [get_task(n, catalog) for n in names]
 
 
+def check_column(task: Task, dtype: str, shape: tuple[int, ...], where: str) -> None:
+    """A definition against the column it learns (its dtype and per-image shape), before any
+    work: a mismatch would otherwise surface as a shape error after Stage I's training."""
+    integer = np.issubdtype(np.dtype(dtype), np.integer)
+    said = f"column {task.column!r} holds {dtype} of shape {tuple(shape)}"
+    if task.loss is Loss.CROSS_ENTROPY:
+        if not integer:
+            raise ConfigError(f"{where}.loss: cross_entropy needs integer class labels, but {said}")
+        if task.kind is TaskKind.PIXEL and len(shape) != 2:
+            raise ConfigError(f"{where}.kind: a pixel class map is one label per pixel, but {said}")
+        return
+    if task.kind is TaskKind.VECTOR and len(shape) != 1:
+        raise ConfigError(f"{where}.kind: vector, but {said} (a vector column has one axis)")
+    if task.kind is TaskKind.PIXEL and len(shape) != 3:
+        raise ConfigError(f"{where}.kind: pixel, but {said} (channels, height, width)")
+    if shape[0] != task.channels:
+        raise ConfigError(f"{where}.channels: {task.channels}, but {said}")
+
+
 def channels_for(task: Task, store: ShardStore) -> int:
     """Output channels: the task's own, or the dataset's class count (imported label sets)."""
     classes = store.manifest.label_classes.get(task.column)

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from components.config import load_config, to_dict
-from components.data.shards import MANIFEST
+from components.data.shards import MANIFEST, ColumnSpec
 from components.data.synthetic import synthetic_columns
 from components.errors import ConfigError
 from components.models import ModelConfig
 from components.storage import Location, is_remote, location
-from components.tasks import TASKS, Task, define_tasks
+from components.tasks import TASKS, Task, check_column, define_tasks
 from components.taxonomy import Transform
 from components.transfer import BASELINES, Pairing, ReadoutKind
 from components.transfer.estimate import EstimatorKind
@@ -58,7 +58,7 @@ class DataConfig:
     n_train: int = 2000
     n_transfer: int = 500
     n_test: int = 500
-    size: int = 64
+    size: int | None = None  # image side; unset: the dataset's own (data.path), or 64 for generated scenes
     seed: int = 0
     rows_per_shard: int = 500
 
@@ -347,6 +347,17 @@ class PipelineConfig:
             raise ConfigError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(catalog)}")
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed")
+        if twice := sorted({t for t in self.tasks if self.tasks.count(t) > 1}):
+            raise ConfigError(f"tasks: {twice[0]!r} is listed twice")
+        only = set(self.taxonomy.source_only)
+        if not self.transfer.targets and all(catalog[t].source_only or t in only for t in self.tasks):
+            raise ConfigError(
+                f"tasks: every task ({', '.join(self.tasks)}) is source-only, so nothing is a transfer "
+                "target; add a task that can be one"
+            )
+        columns = dataset_columns(self.data)
+        if self.data.size is None:  # the dataset's own size, or the generator's default
+            object.__setattr__(self, "data", replace(self.data, size=_dataset_size(self.data, columns)))
         if unknown := [t for t in self.transfer.targets if t not in catalog]:
             raise ConfigError(f"transfer.targets: unknown task {unknown[0]!r}")
         if missing := [t for t in self.transfer.targets if t not in self.tasks]:
@@ -364,7 +375,7 @@ class PipelineConfig:
             raise ConfigError(
                 f"data.size {self.data.size} must be divisible by model.downsample {self.model.downsample}"
             )
-        self._check_dataset()
+        self._check_dataset(columns)
         _ = self.root  # opened (and checked) once, here
 
     @cached_property
@@ -378,22 +389,25 @@ class PipelineConfig:
     def study_tasks(self) -> list[Task]:
         return [self.catalog[name] for name in self.tasks]
 
-    def _check_dataset(self) -> None:
-        """The dataset has `data.size` images and each studied or defined task's column, when it
-        can be read here (a `submit`ted config may name a path that exists only on the cluster)."""
-        columns = dataset_columns(self.data)
+    def _check_dataset(self, columns: dict[str, ColumnSpec] | None) -> None:
+        """The dataset has `data.size` images and each studied or defined task's column, of a
+        dtype and shape the definition can learn, when it can be read here (a `submit`ted config
+        may name a path that exists only on the cluster)."""
         if columns is None:
             return
-        check_image_size(self.data, columns)
+        if not self.data.path:  # generated scenes, made at the size now resolved
+            columns = {c.name: c for c in synthetic_columns(self.data.size)}
+        check_image_size(self.data, {name: c.shape for name, c in columns.items()})
         for name in [*self.task_definitions, *self.tasks]:
-            column = self.catalog[name].column
-            if column not in columns:
-                where = (
-                    f"task_definitions.{name}.column" if name in self.task_definitions else f"tasks: {name}"
-                )
+            task = self.catalog[name]
+            where = f"task_definitions.{name}" if name in self.task_definitions else f"tasks: {name}"
+            if task.column not in columns:
                 raise ConfigError(
-                    f"{where}: the dataset has no column {column!r} (it has {', '.join(sorted(columns))})"
+                    f"{where}.column: the dataset has no column {task.column!r} "
+                    f"(it has {', '.join(sorted(columns))})"
                 )
+            spec = columns[task.column]
+            check_column(task, spec.dtype, spec.shape, where)
 
     @cached_property
     def root(self) -> Location:
@@ -402,18 +416,30 @@ class PipelineConfig:
         return location(self.storage_root)
 
 
-def dataset_columns(data: DataConfig) -> dict[str, tuple[int, ...]] | None:
-    """Column name -> per-image shape of the configured dataset; None when its manifest is not
-    readable here."""
+def dataset_columns(data: DataConfig) -> dict[str, ColumnSpec] | None:
+    """Column name -> its dtype and per-image shape, of the configured dataset (generated scenes:
+    at `data.size`, or 64); None when its manifest is not readable here."""
     if not data.path:
-        return {c.name: c.shape for c in synthetic_columns(data.size)}
+        return {c.name: c for c in synthetic_columns(data.size or DEFAULT_SIZE)}
     if is_remote(data.path):  # checked when the run opens the dataset
         return None
     try:
         manifest = json.loads((Path(data.path) / MANIFEST).read_text())
-        return {c["name"]: tuple(c["shape"]) for c in manifest["columns"]}
+        return {c["name"]: ColumnSpec(c["name"], c["dtype"], tuple(c["shape"])) for c in manifest["columns"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+DEFAULT_SIZE = 64  # generated scenes' side when data.size is unset
+
+
+def _dataset_size(data: DataConfig, columns: dict[str, ColumnSpec] | None) -> int:
+    """`data.size` left unset: the images' side at data.path, or the generator's default."""
+    if not data.path:
+        return DEFAULT_SIZE
+    if columns is None or "rgb" not in columns:
+        raise ConfigError(f"data.size: needed, as the dataset at data.path {data.path} cannot be read here")
+    return columns["rgb"].shape[-1]
 
 
 def check_image_size(data: DataConfig, columns: dict[str, tuple[int, ...]]) -> None:

@@ -26,3 +26,67 @@ def test_fields_marked_runtime_enter_no_key():
     science = key_fields(t, RUNTIME)
     assert "stack" not in science and "cpus_per_readout" not in science and "max_retries" not in science
     assert {"epochs", "lr", "width", "seed", "orders", "replicates"} <= set(science)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["tasks=[normal,reshading,normal]"], r"^tasks: 'normal' is listed twice$"),
+        (["tasks=[colorization]"], r"^tasks: every task \(colorization\) is source-only"),
+        (
+            [
+                "task_definitions={x: {column: normal, kind: pixel, loss: l1, channels: 1}}",
+                "tasks=[x,normal]",
+            ],
+            r"^task_definitions\.x\.channels: 1, but column 'normal' holds float16 of shape \(3, 64, 64\)$",
+        ),
+        (
+            [
+                "task_definitions={x: {column: normal, kind: pixel, loss: cross_entropy, channels: 4}}",
+                "tasks=[x]",
+            ],
+            r"^task_definitions\.x\.loss: cross_entropy needs integer class labels, but column 'normal'",
+        ),
+        (
+            ["task_definitions={x: {column: room_layout, kind: pixel, loss: l2, channels: 9}}", "tasks=[x]"],
+            r"^task_definitions\.x\.kind: pixel, but column 'room_layout' holds float32 of shape \(9,\)",
+        ),
+        (
+            [
+                "task_definitions={x: {column: depth_zbuffer, kind: vector, loss: l2, channels: 1}}",
+                "tasks=[x]",
+            ],
+            r"^task_definitions\.x\.kind: vector, but column 'depth_zbuffer'",
+        ),
+    ],
+)
+def test_a_study_that_would_crash_after_training_is_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_config(None, overrides)
+
+
+def test_every_built_in_task_fits_its_generated_column():
+    from components.tasks import TASKS
+
+    cfg = load_pipeline_config(None, ["data.size=32", "model.downsample=4", f"tasks=[{','.join(TASKS)}]"])
+    assert set(cfg.tasks) == set(TASKS) and cfg.data.size == 32
+
+
+def test_an_empty_config_file_or_bad_yaml_is_one_line_not_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
+        load_pipeline_config(empty)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [normal\nname: x\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML \(line \d+, column \d+\): ") as err:
+        load_pipeline_config(broken)
+    assert "\n" not in str(err.value)
+
+
+def test_data_size_defaults_to_the_datasets_own(tiny_dataset):
+    cfg = load_pipeline_config(None, [f"data.path={tiny_dataset}", "model.downsample=4", "tasks=[normal]"])
+    assert cfg.data.size == 32  # the tiny dataset's images
+    assert load_pipeline_config(None, ["tasks=[normal]"]).data.size == 64  # generated scenes' default
+    with pytest.raises(ConfigError, match=r"^data\.size: 64, but the images at data\.path .* are 32x32"):
+        load_pipeline_config(None, [f"data.path={tiny_dataset}", "data.size=64", "tasks=[normal]"])
