@@ -1,9 +1,13 @@
-"""Step folders: `<storage_root>/<step>/<key>/`, complete once the marker `done.json` exists.
+"""Step folders: `<storage_root>/<step>/<key>/`, complete once the marker `done.json` exists
+and the files it lists are those it recorded.
 
 The one convention every stage uses to say "finished" (design.md section 1). Object stores have
 no rename, so the rule is the same on both kinds of storage: write the outputs, then the marker,
 last. A killed step leaves outputs without a marker, which a rerun overwrites; a step whose
-marker exists is skipped. The marker holds the step's summary (what a rerun returns).
+marker exists is skipped. The marker holds the step's summary (what a rerun returns) and the
+size and SHA-256 of every file of the step, checked before a rerun reuses it (once per file
+version and process): a step whose files were damaged or removed is done again, and the run
+says which file, in one line.
 
 Outputs are made in a local scratch folder (plots, MLflow artifacts and torch want local files)
 and uploaded by `finish`; outputs a worker writes itself go straight to `step.location`.
@@ -11,6 +15,8 @@ and uploaded by `finish`; outputs a worker writes itself go straight to `step.lo
 
 from __future__ import annotations
 
+import functools
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,12 +24,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.storage import Location
+from components.data.shards import file_sha256
+from components.storage import Location, location
 
 if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
     from pipelines.tracking import Tracker
 
 DONE = "done.json"
+FILES = "files"  # the marker's record of the step's files: relative path -> [size, sha256]
+
+
+def sha256_of(file: Location) -> str:
+    """A file's SHA-256, computed once per version (uri, size, mtime) in this process."""
+    info = file.fs.get_file_info(file.path)
+    return _sha256(file.uri, info.size, info.mtime_ns or 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256(uri: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(location(uri))
+
+
+def _file_problem(file: Location, size: int, digest: str) -> str:
+    """Why a step's file is not as its marker recorded it ("" when it is)."""
+    info = file.fs.get_file_info(file.path)
+    if info.type.name == "NotFound":
+        return "is missing"
+    if info.size != size:
+        return f"has {info.size} bytes, its step recorded {size}"
+    if sha256_of(file) != digest:
+        return "does not match the checksum its step recorded"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -42,11 +73,34 @@ class Step:
 
     @property
     def complete(self) -> bool:
-        return self.marker.exists()
+        """The marker exists, reads, and every file it lists is as recorded. A step found damaged
+        loses its marker (it is done again) and says so on stderr."""
+        if not self.marker.exists():
+            return False
+        try:
+            info = self.marker.read_json()
+            recorded = info.get(FILES, {}) if isinstance(info, dict) else None
+            if recorded is None:
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            return self._damaged(self.marker, f"cannot be read ({err})")
+        for name, (size, digest) in recorded.items():
+            problem = _file_problem(self.location / name, size, digest)
+            if problem:
+                return self._damaged(self.location / name, problem)
+        return True
 
     def info(self) -> dict:
         """The summary the finished step wrote into its marker."""
-        return self.marker.read_json()
+        return {k: v for k, v in self.marker.read_json().items() if k != FILES}
+
+    def _damaged(self, file: Location, problem: str) -> bool:
+        """Marker and damaged file removed, so nothing reuses either (a network's damaged weights
+        are trained again, not loaded)."""
+        print(f"taskatlas: {file} {problem}; the step {self.name} is done again", file=sys.stderr, flush=True)
+        file.unlink(missing_ok=True)
+        self.marker.unlink(missing_ok=True)
+        return False
 
     @contextmanager
     def scratch(self) -> Iterator[Path]:
@@ -55,11 +109,18 @@ class Step:
             yield Path(d)
 
     def finish(self, info: dict[str, Any], scratch: Path | None = None) -> dict[str, Any]:
-        """Upload the scratch folder's files (if any), then write the marker: last."""
+        """Upload the scratch folder's files (if any), then write the marker, last, with the size
+        and SHA-256 of every file in the step folder (those workers wrote there too)."""
         if scratch is not None:
             for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
                 (self.location / path.relative_to(scratch).as_posix()).upload(path)
-        self.marker.write_json(info)
+        prefix = len(self.location.path) + 1
+        files = {
+            f.path[prefix:]: [f.size(), sha256_of(f)]
+            for f in sorted(self.location.files(recursive=True), key=lambda f: f.path)
+            if f.path[prefix:] != DONE
+        }
+        self.marker.write_json({**info, FILES: files})
         return info
 
 

@@ -20,11 +20,14 @@ labels line up by position, memory-mapped.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
+import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -410,8 +413,16 @@ def _joined(blocks: Location) -> tuple[np.ndarray, np.ndarray]:
     """A split's blocks as one array sorted by image id (a retried batch's duplicates dropped)."""
     parts = []
     for f in sorted(blocks.files(), key=lambda f: f.name):
-        with np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) as block:
-            parts.append((block["ids"], block["x"]))
+        try:
+            with np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) as block:
+                parts.append((block["ids"], block["x"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            # The folder is no longer complete: its marker goes, so the next run encodes it again.
+            (blocks.parent.parent / FEATURES_DONE).unlink(missing_ok=True)
+            raise RuntimeError(
+                f"feature block {f} is damaged ({type(err).__name__}: {err}); "
+                "its features are encoded again on the next run"
+            ) from None
     if not parts:
         raise RuntimeError(f"feature folder {blocks} holds no blocks")
     ids = np.concatenate([i for i, _ in parts]).astype(str)
@@ -476,7 +487,16 @@ def write_readout(path: Location, outcome: ReadoutOutcome, ids: np.ndarray, loss
         schema=LOSS_SCHEMA,
     )
     meta = {"kind": r.kind.value, **{k: v for k, v in asdict(outcome).items() if k != "readout"}}
+    meta["digest"] = _digest(table)
     path.write_parquet(table.replace_schema_metadata({_META: json.dumps(meta).encode()}))
+
+
+def _digest(table: pa.Table) -> str:
+    """SHA-256 of a readout's image ids and losses: what its file must still hold when reused."""
+    h = hashlib.sha256()
+    h.update("\0".join(table["image_id"].to_pylist()).encode())
+    h.update(np.ascontiguousarray(table["loss"].to_numpy(zero_copy_only=False), np.float32).tobytes())
+    return h.hexdigest()
 
 
 def stored_outcome(path: Location, readout: Readout, known: set[str] | None = None) -> ReadoutOutcome | None:
@@ -485,7 +505,16 @@ def stored_outcome(path: Location, readout: Readout, known: set[str] | None = No
     per readout)."""
     if (path.name not in known) if known is not None else not path.exists():
         return None
-    meta = json.loads(path.parquet_schema().metadata[_META])
+    try:
+        meta = _verified_meta(path)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:  # truncated, or bytes changed
+        print(
+            f"taskatlas: readout file {path} is damaged ({err}); it is trained again",
+            file=sys.stderr,
+            flush=True,
+        )
+        path.unlink(missing_ok=True)
+        return None
     return ReadoutOutcome(
         readout,
         meta["mean_loss"],
@@ -495,6 +524,22 @@ def stored_outcome(path: Location, readout: Readout, known: set[str] | None = No
         meta.get("started", 0.0),
         meta.get("finished", 0.0),
     )
+
+
+def _verified_meta(path: Location) -> dict:
+    """A readout file's metadata, once its losses are checked against the digest written with
+    them (files from before digests are taken as they are); once per file version and process."""
+    info = path.fs.get_file_info(path.path)
+    return _verified_meta_of(path.uri, info.size, info.mtime_ns or 0)
+
+
+@functools.lru_cache(maxsize=65536)
+def _verified_meta_of(uri: str, size: int, mtime_ns: int) -> dict:
+    table = location(uri).read_parquet()
+    meta = json.loads(table.schema.metadata[_META])
+    if "digest" in meta and _digest(table) != meta["digest"]:
+        raise ValueError("its losses do not match the digest written with them")
+    return meta
 
 
 def read_readout(path: Location) -> pa.Table:
