@@ -7,6 +7,7 @@ outputs live (step folders keyed by their inputs), skips finished steps, and log
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,7 @@ def _affinity(
     parent_run_id: str,
     scratch: Path,
 ) -> None:
+    started = time.time()  # the run spans the work, not just its logging
     # One target's losses in memory at a time (Stage II wrote them per target).
     files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
     with progress_bar(len(files), "affinity (bootstrap)", unit="target") as update:
@@ -99,11 +101,12 @@ def _affinity(
     if pruned := _pruned_transfers(losses.parent):
         (scratch / PRUNED).write_text(json.dumps(pruned, indent=1))
     plot_affinity_heatmap(table, scratch / "affinity_heatmap.png")
-    run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"})
+    run = tracker.start_run("affinity", parent_run_id, {"stage": "affinity"}, start_time=started)
     for name in ("affinity.parquet", "affinity.csv", "affinity_heatmap.png", *([PRUNED] if pruned else [])):
         tracker.log_artifact(run, scratch / name)
     metrics = {"rows": table.num_rows, "targets": len(set(table["target"].to_pylist()))}
-    tracker.log_metrics(run, metrics | {f"unlabelled_images.{t}": n for t, n in unlabelled.items()})
+    metrics |= {f"unlabelled_images.{t}": n for t, n in unlabelled.items()}
+    tracker.log_metrics(run, metrics | {"wall_seconds": time.time() - started})
     tracker.end_run(run)
     info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
     step.finish(info | {"mlflow_run": run}, scratch)
@@ -164,6 +167,7 @@ def _taxonomy(
 ) -> None:
     from components.plots import plot_sweep, plot_taxonomy  # matplotlib: only where a picture is made
 
+    started = time.time()  # the run spans the work (the bootstrap's solves), not just its logging
     table = transfer_table((affinity.location / "affinity.parquet").read_parquet())
     options = taxonomy_options(cfg)
     pruned = affinity.location / PRUNED
@@ -189,10 +193,11 @@ def _taxonomy(
     (scratch / "budget_sweep.json").write_text(json.dumps(sweep_rows, indent=1))
     plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability, answer["verdict"])
     plot_sweep(sweep, scratch / "budget_sweep.png", cfg.taxonomy.max_order)
-    run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"})
+    run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"}, start_time=started)
     tracker.log_params(run, to_dict(cfg.taxonomy))
     metrics = {"objective": taxonomy.objective, "roots": len(taxonomy.roots)}
-    tracker.log_metrics(run, metrics | ({"stability": stability["taxonomy"]} if stability else {}))
+    metrics |= {"stability": stability["taxonomy"]} if stability else {}
+    tracker.log_metrics(run, metrics | {"wall_seconds": time.time() - started})
     tracker.log_history(
         run, [("sweep_objective", p.objective, int(p.budget)) for p in sweep if p.objective is not None]
     )

@@ -26,7 +26,13 @@ from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_nodes
-from pipelines.tracking import STORAGE_ROOT_TAG, Tracker, default_tracking_uri, remote_storage_refusal
+from pipelines.tracking import (
+    STORAGE_ROOT_TAG,
+    DatasetRef,
+    Tracker,
+    default_tracking_uri,
+    remote_storage_refusal,
+)
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
 # Under the storage root, what holds no temp files of ours (Ray's own storage, MLflow's artifacts).
@@ -177,6 +183,11 @@ def dataset_name(cfg: PipelineConfig, store: ShardStore) -> str:
     return Path(cfg.data.path).name if cfg.data.path else f"synthetic-{cfg.data.size}px-seed{cfg.data.seed}"
 
 
+def dataset_ref(cfg: PipelineConfig, store: ShardStore) -> DatasetRef:
+    """The study's dataset as an MLflow input: on the parent run, and on every train and readout run."""
+    return DatasetRef(dataset_name(cfg, store), store.data_version, str(store.root))
+
+
 def code_version() -> str:
     """The full commit hash of the code (MLflow links `mlflow.source.git.commit`)."""
     try:
@@ -205,21 +216,24 @@ def invocation(cfg: PipelineConfig, command: str):
     # The caller holds the study lock: a run of this root still RUNNING has a dead driver.
     tracker.end_orphans(STORAGE_ROOT_TAG, str(cfg.root))
     commit = code_version()
-    tags = {
-        "command": command,
-        "config_hash": config_hash(cfg),
-        "data_version": store.data_version,
-        "code_version": commit[:7],
+    # Who ran it, from which code: MLflow's "Created by" and "Source", on every run it creates.
+    tracker.source_tags = {
         "mlflow.source.git.commit": commit,
         "mlflow.source.name": f"taskatlas {command}",
         "mlflow.source.type": "LOCAL",
         "mlflow.user": _user(),
     }
+    tags = {
+        "command": command,
+        "config_hash": config_hash(cfg),
+        "data_version": store.data_version,
+        "code_version": commit[:7],
+    }
     started = datetime.now(timezone.utc)
     run_id = tracker.start_run(f"{command} {cfg.name} {started:%Y-%m-%d %H:%M}", tags=tags)
     tracker.log_params(run_id, to_dict(cfg))  # the resolved config, flattened: filterable
     tracker.log_dict(run_id, to_dict(cfg), "config.json")
-    tracker.log_dataset(run_id, dataset_name(cfg, store), store.data_version, str(store.root))
+    tracker.log_dataset(run_id, dataset_ref(cfg, store))
     try:
         yield Invocation(cfg, store, tracker, run_id)
     except BaseException:

@@ -43,6 +43,11 @@ class Stage(str, Enum):
 
 
 ALL_STAGES = tuple(Stage)
+# What the parent run holds of Stages III and IV (its description names exactly these); the
+# `affinity` and `taxonomy` runs hold the rest. CSV: the UI previews it, not Parquet.
+AFFINITY_ON_PARENT = ("affinity.csv", "affinity.parquet", "affinity_heatmap.png")
+TAXONOMY_ON_PARENT = ("taxonomy.json", "taxonomy.png", "budget_sweep.png")
+ROOTS_TAG = "taxonomy.roots"  # on the parent run: the chosen roots, comma-separated
 
 
 def parse_stages(text: str | None) -> tuple[Stage, ...]:
@@ -121,7 +126,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     table = (affinity.location / "affinity.parquet").read_parquet()
     if fresh:
         _score_readout_runs(inv.tracker, result.stage2.readout_runs, table)
-    for name in ("affinity.parquet", "affinity_heatmap.png"):
+    for name in AFFINITY_ON_PARENT:
         log_stored_artifact(inv.tracker, inv.run_id, affinity.location / name)
     result.affinity_path = affinity.location / "affinity.parquet"
     result.unlabelled_images = affinity.info().get("unlabelled_images", {})
@@ -130,7 +135,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     taxonomy = taxonomy_step(cfg, affinity.key)
     result.steps.append(("taxonomy", "reused" if taxonomy.complete else "ran"))
     taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
-    for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.png"):
+    for name in TAXONOMY_ON_PARENT:
         log_stored_artifact(inv.tracker, inv.run_id, taxonomy.location / name)
     result.taxonomy = {k: v for k, v in taxonomy.info().items() if k not in ("affinity_key", "mlflow_run")}
     metrics = {"taxonomy_objective": result.taxonomy["objective"]}
@@ -138,27 +143,35 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         metrics["taxonomy_stability"] = stability["taxonomy"]
     inv.tracker.log_metrics(inv.run_id, metrics)
     result.taxonomy["path"] = str(taxonomy.location)
-    counts = result.summary(str(cfg.root), inv.run_id)
     inv.tracker.log_metrics(
         inv.run_id,
         {
             "networks": len(result.stage1),
             "networks_trained": len(result.retrained),
-            "readouts": counts["readouts_ran"] + counts["readouts_reused"],
-            "readouts_trained": counts["readouts_ran"],
+            # as many as the readout runs under `transfer` (self's included), as its `readouts`
+            "readouts": sum(result.stage2.counts.values()),
+            "readouts_trained": result.stage2.ran,
         },
     )
-    inv.tracker.describe(inv.run_id, answer_markdown(result.taxonomy, table, inv.run_id))
+    # The roots as a tag: studies compared in the run table, and filtered (tags.`taxonomy.roots`)
+    inv.tracker.set_tags(inv.run_id, {ROOTS_TAG: ",".join(result.taxonomy["roots"])})
+    artifacts = (*TAXONOMY_ON_PARENT, *AFFINITY_ON_PARENT)
+    inv.tracker.describe(inv.run_id, answer_markdown(result.taxonomy, table, inv.run_id, artifacts))
     return result
 
 
+# Stage III's columns on each readout's run: the affinity with its bootstrap interval (95%),
+# quality (vs self), gain (vs pixels)
+SCORES = ("affinity", "affinity_lo", "affinity_hi", "quality", "gain")
+
+
 def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
-    """Stage III's verdict on each readout, on its own run: affinity, quality (vs self), gain
-    (vs pixels), so MLflow's run table sorts and filters sources by them."""
+    """Stage III's verdict on each readout, on its own run (`SCORES`), so MLflow's run table
+    sorts and filters sources by them."""
     scores = {}
     for row in table.to_pylist():
         if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
-            scores[run] = {k: row[k] for k in ("affinity", "quality", "gain") if row[k] == row[k]}  # not NaN
+            scores[run] = {k: row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
     tracker.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
 
 

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +39,7 @@ from typing import Any
 
 import ray
 import yaml
+from mlflow.entities import Metric
 
 from components.affinity import SCRATCH, affinity_by_target
 from components.config import config_hash
@@ -68,7 +70,7 @@ from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage2 import Stage2
 from pipelines.stage2_plan import Stage2Plan, feature_sources
 from pipelines.steps import Step, log_stored_artifact
-from pipelines.tracking import CHAMPION, Tracker
+from pipelines.tracking import CHAMPION, Registration, Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
@@ -333,12 +335,14 @@ def _model(
     )
     name = registered_name(task.name)
     model_id = tracker.create_logged_model(run_id, name)
-    version = tracker.register_weights(
-        run_id,
-        model_id,
-        weights,
-        spec.architecture(),
+    registration = Registration(
         name,
+        description=(
+            f"The {task.name} task positioned against a taskatlas study: a readout on the frozen "
+            "encoders of its best sources, one version per positioning, `@champion` the newest. "
+            "Weights only: `taskatlas predict --model NAME` runs it."
+        ),
+        tags={"task": task.name, "kind": task.kind.value, "positioned": "true"},
         version_tags={
             "task": task.name,
             "sources": "+".join(chosen.sources),
@@ -346,13 +350,21 @@ def _model(
             "data_version": stage2.store.data_version,
             "mean_test_loss": f"{test_loss:.6g}",
         },
-        description=(
+        version_description=(
             f"{task.name} from the frozen encoders of {' + '.join(chosen.sources)} (registered versions "
             f"{', '.join(f'{e.registered} v{e.version}' for e in spec.encoders)}) and a readout trained on "
             f"{stage2.store.manifest.counts['transfer']} labelled images; mean test loss {test_loss:.4g}. "
             "Weights only: `taskatlas predict --model NAME` runs it."
         ),
-        metrics={"mean_test_loss": test_loss},
+    )
+    now = int(time.time() * 1000)
+    version = tracker.register_weights(
+        run_id,
+        model_id,
+        weights,
+        spec.architecture(),
+        registration,
+        [Metric("mean_test_loss", test_loss, now, 0)],
     )
     tracker.set_alias(name, CHAMPION, version)
     return step.finish({"model": name, "model_version": version, "model_sources": list(chosen.sources)})

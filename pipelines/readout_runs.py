@@ -2,7 +2,7 @@
 
 The fan-out hands every readout that finished (or failed for good) to a `ReadoutRunLog`, which
 buffers them and logs them with `Tracker.log_finished_runs` (several runs at a time, three
-requests each) every `batch` readouts or `seconds`, and at close. Thousands of readouts cost
+requests each, a fourth for the dataset input) every `batch` readouts or `seconds`, and at close. Thousands of readouts cost
 seconds of tracking, not minutes of one request after another in the driver:
 
     with ReadoutRunLog(tracker, parent_run_id=stage_run, stage_key=key) as runs:
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 
 from components.transfer import Readout
 from components.transfer.jobs import ReadoutOutcome
-from pipelines.tracking import FinalStatus, FinishedRun, Tracker
+from pipelines.tracking import DatasetRef, FinalStatus, FinishedRun, Tracker
 
 READOUT_KEY_TAG = "readout_key"  # the readout's key: what finds its run again
 
@@ -59,25 +59,33 @@ def known_readout_runs(tracker: Tracker) -> dict[str, tuple[str, str]]:
 
 
 def readout_run(
-    outcome: ReadoutOutcome, readout_key: str, stage_key: str, error: str | None = None
+    outcome: ReadoutOutcome,
+    readout_key: str,
+    stage_key: str,
+    error: str | None = None,
+    dataset: DatasetRef | None = None,
 ) -> FinishedRun:
     """The run of one readout: FINISHED with its params and metrics (test_loss, seconds, val_loss
     unless NaN at the last epoch; train_loss per epoch), or, given an `error`, FAILED with the
-    error as a tag and no metrics. Times are the outcome's (when the Ray work ran), else now."""
+    error as a tag and no metrics. Times are the outcome's (when the Ray work ran), else now.
+    `dataset`: the study's, its input (the readout trains on its `transfer` split)."""
     r, now = outcome.readout, time.time()
     tags = {
         "stage": "transfer",
         "key": stage_key,
         READOUT_KEY_TAG: readout_key,
-        "readout": r.file_id,
+        "readout": readout_run_name(r),  # as the run is named: target first
         "target": r.target,
         "sources": "+".join(r.sources),
         "kind": r.kind.value,
         "replicate": str(r.replicate),
     }
-    times = {"start_time": outcome.started or now, "end_time": outcome.finished or now}
+    when = {"start_time": outcome.started or now, "end_time": outcome.finished or now}
+    inputs = (dataset.input("transfer"),) if dataset is not None else ()
     if error is not None:
-        return FinishedRun(readout_run_name(r), tags | {"error": error}, status=FinalStatus.FAILED, **times)
+        return FinishedRun(
+            readout_run_name(r), tags | {"error": error}, status=FinalStatus.FAILED, inputs=inputs, **when
+        )
     o = outcome
     last = max(len(o.train_losses) - 1, 0)  # steps are 0-based epochs; scores are the last's
     rows = [("test_loss", o.mean_loss, last), ("seconds", o.seconds, last)]
@@ -90,7 +98,7 @@ def readout_run(
         "kind": r.kind.value,
         "replicate": str(r.replicate),
     }
-    return FinishedRun(readout_run_name(r), tags, params, tuple(rows), **times)
+    return FinishedRun(readout_run_name(r), tags, params, tuple(rows), inputs=inputs, **when)
 
 
 class ReadoutRunLog:
@@ -110,8 +118,10 @@ class ReadoutRunLog:
         seconds: float = 10.0,
         known: Mapping[str, tuple[str, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        dataset: DatasetRef | None = None,
     ):
         self.tracker, self.parent_run_id, self.stage_key = tracker, parent_run_id, stage_key
+        self.dataset = dataset  # every run's input
         self.batch, self.seconds, self._clock = batch, seconds, clock
         # readout key -> (run id, status): what MLflow holds, updated as batches are logged
         self.known = dict(known) if known is not None else known_readout_runs(tracker)
@@ -130,13 +140,13 @@ class ReadoutRunLog:
 
     def add(self, outcome: ReadoutOutcome, readout_key: str) -> None:
         """Buffer the run of a readout that returned (a FINISHED run)."""
-        self._add(readout_run(outcome, readout_key, self.stage_key))
+        self._add(readout_run(outcome, readout_key, self.stage_key, dataset=self.dataset))
 
     def add_failure(self, readout: Readout, readout_key: str, error: str) -> None:
         """Buffer the run of a readout that failed after its retries (a FAILED run, `error` tagged)."""
         now = time.time()
         placeholder = ReadoutOutcome(readout, float("nan"), 0.0, started=now, finished=now)
-        self._add(readout_run(placeholder, readout_key, self.stage_key, error=error))
+        self._add(readout_run(placeholder, readout_key, self.stage_key, error, self.dataset))
 
     def _add(self, run: FinishedRun) -> None:
         key = run.tags[READOUT_KEY_TAG]

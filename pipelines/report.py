@@ -7,7 +7,7 @@ the bootstrap, how often that choice comes back), and each target's best sources
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
@@ -16,8 +16,11 @@ from components.verdict import STABLE, edge_text, noise_note, ties_text
 from components.vocabulary import SELF
 
 
-def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int = 3) -> str:
-    """`taxonomy` is the taxonomy JSON (with `stability` when bootstrapped); `affinity` the table."""
+def answer_markdown(
+    taxonomy: Mapping, affinity: pa.Table, run_id: str, artifacts: Sequence[str] = (), top: int = 3
+) -> str:
+    """`taxonomy` is the taxonomy JSON (with `stability` when bootstrapped); `affinity` the table;
+    `artifacts` the files on the run `run_id` (the pictures are linked if among them)."""
     stability = taxonomy.get("stability") or {}
     value = {
         (row["target"], "+".join(row["sources"])): row["affinity"]
@@ -63,10 +66,9 @@ def answer_markdown(taxonomy: Mapping, affinity: pa.Table, run_id: str, top: int
     for target, best in top_sources(affinity, top).items():
         cells = [f"{'+'.join(s)} ({a:.3f})" for s, a in best] + [""] * (top - len(best))
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Pictures: [taxonomy](get-artifact?path=taxonomy.png&run_uuid={run_id}), "
-        f"[affinity heatmap](get-artifact?path=affinity_heatmap.png&run_uuid={run_id}) "
-        "(also in the Artifacts tab, with `affinity.csv` and `taxonomy.json`).",
-    ]
+    pictures = {"taxonomy.png": "taxonomy", "affinity_heatmap.png": "affinity heatmap"}
+    links = [f"[{pictures[n]}](get-artifact?path={n}&run_uuid={run_id})" for n in artifacts if n in pictures]
+    if artifacts:  # only what is on this run: the `affinity` and `taxonomy` runs hold the rest
+        said = f"Pictures: {', '.join(links)}. " if links else ""
+        lines += ["", said + f"In this run's Artifacts tab: {', '.join(f'`{n}`' for n in artifacts)}."]
     return "\n".join(lines)

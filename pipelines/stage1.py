@@ -134,9 +134,7 @@ class Stage1:
             raise
         return results
 
-    def worker_config(
-        self, task: Task, hparams: dict, run_id: str, model_id: str = "", weights: str = ""
-    ) -> WorkerConfig:
+    def worker_config(self, task: Task, hparams: dict, run_id: str, weights: str = "") -> WorkerConfig:
         """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
@@ -155,7 +153,6 @@ class Stage1:
             tracking_uri=self.tracker.tracking_uri,
             run_id=run_id,
             weights=weights,
-            model_id=model_id,
             fail_at_epoch=read_settings().fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
             data_root=self.store.root.uri if cfg.train.loader is Loader.SHARDS else "",
@@ -163,9 +160,7 @@ class Stage1:
 
     def _fit(self, networks: list[Network]) -> None:
         cfg = self.config
-        workers = [
-            self.worker_config(n.task, n.hparams, n.run_id, n.model_id, n.weights.uri) for n in networks
-        ]
+        workers = [self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri) for n in networks]
         columns = sorted({c for n in networks for c in n.task.columns})
         names = "+".join(n.task.name for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
         trainer = ray.train.torch.TorchTrainer(

@@ -7,10 +7,12 @@ test loss of the final weights, registers them and writes the step's marker, las
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import torch
+from mlflow.entities import Metric
 
 from components.config import to_dict
 from components.data.shards import ShardStore
@@ -20,9 +22,20 @@ from components.tasks import Task, channels_for
 from components.training import iter_batches, nanmean, per_image_losses
 from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
+from pipelines.invocation import dataset_ref
 from pipelines.results import TaskResult
 from pipelines.steps import Step
-from pipelines.tracking import CHAMPION, NetworkSpec, Tracker
+from pipelines.tracking import (
+    CHAMPION,
+    FinalStatus,
+    FinishedRun,
+    NetworkSpec,
+    Registration,
+    Tracker,
+    tensor_signature,
+)
+
+EPOCH_METRICS = ("train_loss", "test_loss")  # what rank 0 logs each epoch (`pipelines.train_worker`)
 
 
 @dataclass(frozen=True)
@@ -54,27 +67,40 @@ class NetworkRecord:
     def open(self, task: Task, hparams: dict, step: Step) -> Network:
         """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued."""
         run_file = step.location / "mlflow_run.json"
+        trained_with = self.trained_with(hparams)
         if run_file.exists():
             ids = run_file.read_json()
             run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
-            model_id = ids.get("model_id") or self.tracker.create_logged_model(run_id, task.name)
+            model_id = ids.get("model_id") or self.tracker.create_logged_model(
+                run_id, task.name, trained_with
+            )
             return Network(task, hparams, step, run_id, model_id)
         run_id = self.tracker.start_run(
             f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
         )
-        model_id = self.tracker.create_logged_model(run_id, task.name)
+        model_id = self.tracker.create_logged_model(run_id, task.name, trained_with)
         run_file.write_json({"run_id": run_id, "model_id": model_id})
+        searched = self.config.tune.enabled
         self.tracker.log_params(
             run_id,
             {
                 "task": task.name,
-                "hparams": hparams,
+                # One name per setting: train.lr, train.weight_decay and train.batch_size are the
+                # ones it trained with, the search's best where it searched (tune/<task> has the
+                # search), and train.hparams_from says which.
+                "train": to_dict(self.config.train)
+                | hparams
+                | {"hparams_from": "tune" if searched else "config"},
                 "model": to_dict(self.config.model),
-                "train": to_dict(self.config.train),
                 "data_version": self.store.data_version,
             },
         )
+        self.tracker.log_dataset(run_id, dataset_ref(self.config, self.store), context="train")
         return Network(task, hparams, step, run_id, model_id)
+
+    def trained_with(self, hparams: dict) -> dict:
+        """The logged model's parameters: what its network was trained with."""
+        return hparams | {"epochs": self.config.train.epochs, "seed": self.config.train.seed}
 
     def fail(self, network: Network) -> None:
         self.tracker.end_run(network.run_id, failed=True)
@@ -93,30 +119,42 @@ class NetworkRecord:
             pa.table({"image_id": ids.astype(str), "loss": losses})
         )
         test_loss = nanmean(losses)
-        # The model's metrics are its epochs' (rank 0 logs them to the run and the model), the
-        # last one's shown, plus the test loss of the saved weights at the last epoch's step.
+        # The logged model's metrics: the last epoch's (as rank 0 logged them to the run) and the
+        # test loss of the saved weights at that step, one value per key.
+        last = cfg.train.epochs - 1
+        metrics = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
+        metrics.append(Metric("final_test_loss", test_loss, int(time.time() * 1000), last))
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
         registered = f"taskatlas-{task.name}"
-        version = self.tracker.log_task_network(
-            network.run_id,
-            network.model_id,
-            model.state_dict(),
-            spec,
+        about = f"{task.kind.value} task, {task.loss.value} loss on column `{task.column}`"
+        registration = Registration(
             registered,
-            metrics={"final_test_loss": test_loss},
-            step=cfg.train.epochs - 1,
+            description=(
+                f"The {task.name} network of a taskatlas study ({about}): one version per training, "
+                f"`@{CHAMPION}` the one in use. Weights only: load with taskatlas' load_registered_model."
+            ),
+            version_description=(
+                f"The {task.name} network ({about}), trained {cfg.train.epochs} epochs on data version "
+                f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
+                "Weights only: load with taskatlas' load_registered_model."
+            ),
+            tags={"task": task.name, "kind": task.kind.value, "loss": task.loss.value},
             version_tags={
                 "task": task.name,
                 "final_test_loss": f"{test_loss:.6g}",
                 "data_version": self.store.data_version,
                 "config_hash": step.key,
             },
-            description=(
-                f"The {task.name} network ({task.kind.value} task, {task.loss.value} loss on column "
-                f"`{task.column}`), trained {cfg.train.epochs} epochs on data version "
-                f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
-                "Weights only: load with taskatlas' load_registered_model."
-            ),
+        )
+        example = torch.rand(1, 3, cfg.data.size, cfg.data.size)  # RGB in [0, 1]
+        version = self.tracker.log_task_network(
+            network.run_id,
+            network.model_id,
+            model.state_dict(),
+            spec,
+            registration,
+            metrics,
+            signature=tensor_signature(model, example),
         )
         if self.tracker.alias_version(registered, CHAMPION) is None:  # a task's first version
             self.tracker.set_alias(registered, CHAMPION, version)
@@ -127,24 +165,49 @@ class NetworkRecord:
         step.finish(asdict(done))
         return done
 
-    def log_search(self, task: Task, results: list, hparams: dict, best_loss: float) -> None:
-        """A task's search as a run with a nested run per trial (its epochs' losses)."""
+    def log_search(
+        self,
+        task: Task,
+        results: list,
+        spans: list[tuple[float, float]],
+        best,
+        best_loss: float,
+        span: tuple[float, float],
+        hparams: tuple[str, ...],
+    ) -> None:
+        """A task's search as a run spanning the search (`span`, epoch seconds) with its space
+        (`tune.*`) and best trial (`best.*`, tag `best_trial`), and a nested run per trial (Tune's
+        `results`) spanning its own work (`spans`), with its epochs' losses."""
         tracker = self.tracker
-        run = tracker.start_run(f"tune/{task.name}", self.parent_run_id, {"task": task.name, "stage": "tune"})
-        tracker.log_params(run, {"best": hparams, "tune": to_dict(self.config.tune)})
-        for result in results:
-            trial = tracker.start_run(
-                f"tune/{task.name}/{result.metrics.get('trial_id')}", run, {"task": task.name}
-            )
-            tracker.log_params(trial, {k: result.config[k] for k in ("lr", "weight_decay", "batch_size")})
+        best_id = str(best.metrics.get("trial_id"))
+        run = tracker.start_run(
+            f"tune/{task.name}",
+            self.parent_run_id,
+            {"task": task.name, "stage": "tune", "best_trial": best_id},
+            start_time=span[0],
+        )
+        best_hparams = {k: best.config[k] for k in hparams}
+        tracker.log_params(run, {"best": best_hparams, "tune": to_dict(self.config.tune)})
+        trials = []
+        for result, (start, end) in zip(results, spans, strict=True):
             df = result.metrics_dataframe
             rows = []
             if df is not None:
                 for _, row in df.iterrows():
                     rows += [(m, float(row[m]), int(row["epoch"])) for m in ("val_loss", "train_loss")]
-            tracker.log_history(trial, rows)
             stopped = int(result.metrics.get("epoch", 0)) < self.config.tune.max_epochs
-            tracker.set_tags(trial, {"stopped_early": str(stopped).lower()})
-            tracker.end_run(trial, failed=result.error is not None)
+            trial_id = str(result.metrics.get("trial_id"))
+            trials.append(
+                FinishedRun(
+                    f"tune/{task.name}/{trial_id}",
+                    tags={"task": task.name, "stopped_early": str(stopped).lower(), "trial_id": trial_id},
+                    params={k: str(result.config[k]) for k in hparams},
+                    metrics=tuple(rows),
+                    start_time=start,
+                    end_time=end,
+                    status=FinalStatus.FAILED if result.error is not None else FinalStatus.FINISHED,
+                )
+            )
+        tracker.log_finished_runs(run, trials)
         tracker.log_metrics(run, {"best_val_loss": best_loss})
-        tracker.end_run(run)
+        tracker.end_run(run, end_time=span[1])

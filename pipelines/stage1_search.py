@@ -3,6 +3,7 @@ one), each task's best hyperparameters then a step of its own (`tune/<task>/<key
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from ray import tune
@@ -21,22 +22,38 @@ HPARAMS = ("lr", "weight_decay", "batch_size")  # what the search chooses
 
 
 class TrialProgress(tune.Callback):
-    """Ticks the console's bar as each search trial ends (finished, stopped early or failed)."""
+    """Ticks the console's bar as each search trial ends (finished, stopped early or failed), and
+    notes when each trial started and ended (epoch seconds, by trial id): its run's times."""
 
     def __init__(self, update: Callable[[int], None]):
         self.update = update
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment: not the console
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.update = lambda n: None
+        self.__init__(lambda n: None)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started.setdefault(trial.trial_id, time.time())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended[trial.trial_id] = time.time()
         self.update(1)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.ended[trial.trial_id] = time.time()
         self.update(1)
+
+    def span(self, result) -> tuple[float, float]:
+        """When a trial's work started and ended: as seen here, else (a trial that finished before
+        a restore) from what it reported: its last report's time less its total time."""
+        trial_id = result.metrics.get("trial_id")
+        end = self.ended.get(trial_id) or float(result.metrics.get("timestamp") or time.time())
+        start = self.started.get(trial_id) or end - float(result.metrics.get("time_total_s") or 0.0)
+        return start, max(end, start)
 
 
 def best_val_loss(result) -> float | None:
@@ -64,11 +81,14 @@ def search_tasks(
     jobs = {t.name: {"task": to_dict(t), "channels": channels_for(t, plan.store)} for t in pending}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, jobs=jobs), resources)
     with progress_bar(len(pending) * cfg.tune.num_samples, "search trials", unit="trial") as update:
+        progress = TrialProgress(update)
+        started = time.time()
         if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
             tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
         else:
-            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, TrialProgress(update))
+            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, progress)
         grid = tuner.fit()
+        ended = time.time()
     for task in pending:
         results = [r for r in grid if r.config[TASK_KEY] == task.name]
         scored = [(loss, r) for r in results if (loss := best_val_loss(r)) is not None]
@@ -78,7 +98,9 @@ def search_tasks(
             )
         best_loss, best = min(scored, key=lambda pair: pair[0])
         hparams = {k: best.config[k] for k in HPARAMS}
-        record.log_search(task, results, hparams, best_loss)
+        spans = [progress.span(r) for r in results]
+        search_span = (min([started, *(s for s, _ in spans)]), ended)
+        record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS)
         trials = [
             {
                 k: r.metrics.get(m)

@@ -42,6 +42,7 @@ from components.transfer.jobs import calibrate_readout, write_target_losses
 from pipelines.config import PipelineConfig
 from pipelines.fanout import FanOut
 from pipelines.feature_cache import FeatureCache
+from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.readout_runs import ReadoutRunLog
 from pipelines.results import Stage2Result, TaskResult
@@ -137,7 +138,7 @@ class Stage2:
         if prune.enabled:
             found = estimates(self.jobs, out, plan, dirs)
             plan = pruned(self.jobs, plan, found, lambda: self.estimate(plan)[0])
-        log = ReadoutRunLog(self.tracker, run_id, step.key)
+        log = ReadoutRunLog(self.tracker, run_id, step.key, dataset=dataset_ref(self.config, self.store))
         networks = {name: r.model_path for name, r in results.items()}
         fan = FanOut(self.jobs, plan, keys, dirs, networks, log)
         fan.run()

@@ -9,23 +9,43 @@ logging to the same run instead of making a second one.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import pickle
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 import mlflow.artifacts
 import torch
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.types.schema import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_MODEL_VERSIONS,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+)
 
 from components.config import from_dict, to_dict
 from components.errors import TaskatlasError
@@ -40,8 +60,8 @@ ARCHITECTURE_FILE = "architecture.json"  # what rebuilds the network with the pr
 _WEIGHTS_FORMAT = "taskatlas-weights-v1"
 CHAMPION = "champion"  # the registry alias of a task's best model (nightly moves it for networks)
 NOTE = "mlflow.note.content"  # the markdown description MLflow's UI shows for a run or experiment
-# What a newcomer needs to read the experiment, shown on its page; the kind tag makes MLflow 3
-# open it on the "Model training" view instead of the GenAI traces page.
+# What a newcomer needs to read the experiment, shown on its page. The kind tag is what MLflow's
+# UI read before 3.x's workflow switcher; 3.17's UI ignores it (`run_url` says why and what works).
 EXPERIMENT_DESCRIPTION = """A Taskonomy-style transfer study (taskatlas). **Lower loss is better**
 everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`; steps are 0-based epochs).
 
@@ -58,6 +78,7 @@ everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`; steps are 
 _EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
 
 
+SYSTEM_METRICS_INTERVAL_S = 5.0  # how often a train run samples its machine's CPU, memory and GPU
 # Runs logged at once by `log_finished_runs`: requests in flight to a tracking server. The measured
 # knee against a one-worker `mlflow server` on PostgreSQL (benchmarks/tracking_scale.py).
 LOG_THREADS = 8
@@ -80,12 +101,66 @@ class NetworkSpec:
         return build_network(self.task, self.model, self.image_size, self.channels)
 
 
+@dataclass(frozen=True)
+class Registration:
+    """Where a logged model is registered and what the registry says: the registered model's
+    description and tags (what every version is), and this version's."""
+
+    name: str
+    description: str
+    version_description: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    version_tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def tensor_signature(model: torch.nn.Module, example: torch.Tensor) -> ModelSignature:
+    """The input and output tensors of `model` (a batch dimension of any size), from one example."""
+    with torch.no_grad():
+        out = model.eval()(example)
+
+    def batch_of(t: torch.Tensor) -> Schema:  # (-1, C, H, W): any batch size
+        return Schema([TensorSpec(t.numpy().dtype, (-1, *t.shape[1:]))])
+
+    return ModelSignature(inputs=batch_of(example), outputs=batch_of(out))
+
+
+_PROCESS_URI_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI set to `uri` for the block (see `Tracker.register_weights`)."""
+    from mlflow.tracking._tracking_service import utils
+
+    with _PROCESS_URI_LOCK:
+        before = utils._tracking_uri
+        utils._tracking_uri = uri
+        try:
+            yield
+        finally:
+            utils._tracking_uri = before
+
+
 class FinalStatus(str, Enum):
     """How a run whose work is over ended (MLflow's run status names)."""
 
     FINISHED = "FINISHED"
     FAILED = "FAILED"
     KILLED = "KILLED"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A versioned dataset as a run's input in MLflow: its name, version digest and location."""
+
+    name: str
+    digest: str
+    source: str
+
+    def input(self, context: str) -> DatasetInput:
+        """The input of a run that read the dataset's `context` split (train, transfer, test)."""
+        dataset = Dataset(self.name, self.digest, "local", json.dumps({"uri": self.source}))
+        return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 @dataclass(frozen=True)
@@ -104,6 +179,7 @@ class FinishedRun:
     end_time: float = 0.0
     status: FinalStatus = FinalStatus.FINISHED
     run_id: str | None = None
+    inputs: Sequence[DatasetInput] = ()  # the datasets it read (one more request)
 
 
 def default_tracking_uri(storage_root: str | Path) -> str:
@@ -118,6 +194,21 @@ def _scheme(uri: str) -> str:
 
 def _is_server(tracking_uri: str) -> bool:
     return _scheme(tracking_uri) in ("http", "https")
+
+
+# MLflow 3.17's UI opens every experiment on its GenAI view: a sidebar switch it keeps in the
+# browser (localStorage `mlflow.workflowType`, default `genai`) overrides the experiment's
+# `mlflow.experimentKind` tag, and no server setting changes that default. A link that names the
+# view (`?workflowType=machine_learning`) opens on runs and models.
+_UI_VIEW = "workflowType=machine_learning"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI of a tracking server; None for a local store (no UI runs)."""
+    if not _is_server(tracking_uri):
+        return None
+    base = tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{quote(run_id)}?{_UI_VIEW}"
 
 
 def remote_storage_refusal(tracking_uri: str, storage_uri: str, shared: bool) -> str | None:
@@ -156,17 +247,42 @@ class RunLogger:
 
     tracking_uri: str
     run_id: str
-    model_id: str | None = None  # the run's logged model: its metrics are the model's too
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """The run's metrics only: its logged model gets the final epoch's when it is registered
+        (`Tracker.register_weights`), so the model shows one value per key, not every epoch's."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         MlflowClient(self.tracking_uri).log_batch(
             self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
         )
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
+        """MLflow's system metrics of this machine (`system/cpu_utilization_percentage`, memory,
+        disk, network; GPUs too with nvidia-ml-py) on the run every `interval_s` while the block
+        runs, and at least once; nothing where psutil is not installed (MLflow measures with it)."""
+        if importlib.util.find_spec("psutil") is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.tracking_uri
+        )
+        first = monitor._logging_step
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            if monitor._logging_step == first:  # the block was shorter than one interval
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
     def logged_steps(self, key: str) -> set[int]:
         """Steps at which the run already has metric `key` (what an earlier attempt logged)."""
@@ -185,7 +301,10 @@ class Tracker:
     ):
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        self.run_tags = dict(run_tags or {})  # set on every run this tracker creates
+        self.run_tags = dict(run_tags or {})  # set on every run this tracker creates (and matched)
+        # Also set on every run it creates, but never searched for: who ran it, from which code
+        # (MLflow's "Created by" and "Source"); `invocation` sets them once it knows them.
+        self.source_tags: dict[str, str] = {}
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
@@ -205,7 +324,7 @@ class Tracker:
         start_time: float | None = None,
     ) -> str:
         """A new run; `start_time` (epoch seconds) when the work it records began earlier."""
-        all_tags = {MLFLOW_RUN_NAME: name, **self.run_tags, **(tags or {})}
+        all_tags = {MLFLOW_RUN_NAME: name, **self.source_tags, **self.run_tags, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         start = None if start_time is None else int(start_time * 1000)
@@ -309,7 +428,7 @@ class Tracker:
 
         A run costs three requests: created with its name, tags (the tracker's run tags and the
         parent too) and start time; its params and metrics in one batch; ended with its status and
-        end time. Against a tracking server `threads` runs go at once; a local store (SQLite) takes
+        end time (a fourth when it has dataset `inputs`). Against a tracking server `threads` runs go at once; a local store (SQLite) takes
         them one at a time. If any run fails to log, the first error is raised once the others are
         done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`)."""
         if not _is_server(self.tracking_uri):
@@ -322,7 +441,7 @@ class Tracker:
 
     def _log_finished(self, parent_run_id: str | None, run: FinishedRun) -> str:
         now = time.time()
-        tags = {MLFLOW_RUN_NAME: run.name, **self.run_tags, **run.tags}
+        tags = {MLFLOW_RUN_NAME: run.name, **self.source_tags, **self.run_tags, **run.tags}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         tag_rows = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -339,6 +458,8 @@ class Tracker:
         params = [Param(k, str(v)[:6000]) for k, v in run.params.items()]
         if metrics or params or tag_rows:
             self.client.log_batch(run_id, metrics=metrics, params=params, tags=tag_rows, synchronous=True)
+        if run.inputs:
+            self.client.log_inputs(run_id, list(run.inputs))
         self._end(run_id, run.status, end)
         return run_id
 
@@ -387,18 +508,29 @@ class Tracker:
         """The run's description in MLflow's UI."""
         self.client.set_tag(run_id, NOTE, markdown)
 
-    def log_dataset(
-        self, run_id: str, name: str, digest: str, source: str, context: str = "training"
-    ) -> None:
+    def log_dataset(self, run_id: str, dataset: DatasetRef, context: str = "training") -> None:
         """The run's dataset as an MLflow dataset input (name, version digest, where it lives)."""
-        dataset = Dataset(name, digest, "local", json.dumps({"uri": source}))
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
-        self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
+        self.client.log_inputs(run_id, [dataset.input(context)])
 
-    def create_logged_model(self, run_id: str, name: str) -> str:
-        """The MLflow logged model a training run produces, made before training starts so that
-        every epoch's metrics are the model's as well (its metrics: the last epoch's)."""
-        return self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id).model_id
+    def create_logged_model(self, run_id: str, name: str, params: Mapping[str, Any] | None = None) -> str:
+        """The MLflow logged model a training run produces, made before training starts, with the
+        hyperparameters it is trained with. It gets its metrics (the final epoch's) and its files
+        when it is registered (`register_weights`)."""
+        flat = {k: v[:6000] for k, v in flatten(params or {}).items()}
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, params=flat or None
+        )
+        return model.model_id
+
+    def last_metrics(self, run_id: str, keys: Sequence[str]) -> list[Metric]:
+        """The newest record of each of `keys` at its highest step (what the run's page shows),
+        exactly as logged: logged again with a model id it adds no row to the run's history."""
+        out = []
+        for key in keys:
+            history = self.client.get_metric_history(run_id, key)
+            if history:
+                out.append(max(history, key=lambda m: (m.step, m.timestamp)))
+        return out
 
     def log_task_network(
         self,
@@ -406,26 +538,16 @@ class Tracker:
         model_id: str,
         state_dict: Mapping[str, Any],
         spec: NetworkSpec,
-        registered_name: str,
-        metrics: Mapping[str, float],
-        step: int,
-        version_tags: Mapping[str, str],
-        description: str,
+        registration: Registration,
+        metrics: Sequence[Metric],
+        signature: ModelSignature | None = None,
     ) -> str:
         """Store a task network as weights only (its state dict and the architecture that
-        rebuilds it) in its logged model `model_id`, log `metrics` (at `step`) to the run and the
-        model, and register a new version of it, tagged and described; returns the version."""
+        rebuilds it) in its logged model `model_id`, with its final `metrics`, and register a
+        new version of it; returns the version."""
         architecture = {"format": _WEIGHTS_FORMAT, **to_dict(spec.__dict__)}
         return self.register_weights(
-            run_id,
-            model_id,
-            state_dict,
-            architecture,
-            registered_name,
-            version_tags,
-            description,
-            metrics,
-            step,
+            run_id, model_id, state_dict, architecture, registration, metrics, signature
         )
 
     def register_weights(
@@ -434,40 +556,89 @@ class Tracker:
         model_id: str,
         state_dict: Mapping[str, Any],
         architecture: Mapping[str, Any],
-        registered_name: str,
-        version_tags: Mapping[str, str],
-        description: str,
-        metrics: Mapping[str, float] | None = None,
-        step: int = 0,
+        registration: Registration,
+        metrics: Sequence[Metric] = (),
+        signature: ModelSignature | None = None,
     ) -> str:
         """Any model as weights only: `state_dict` and `architecture` (JSON, with its `format`)
-        in the logged model `model_id`, registered as a new version of `registered_name`."""
+        in the logged model `model_id`, which gets `metrics` (one value per key: its final ones),
+        becomes an output of its run, and is registered as a new version (from `models:/<id>`, so
+        the logged model, the run and the version link to each other in the UI). `signature`:
+        the input and output tensors, in an `MLmodel` file beside the weights."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
             folder.mkdir()
             torch.save(dict(state_dict), folder / WEIGHTS_FILE)
             (folder / ARCHITECTURE_FILE).write_text(json.dumps(dict(architecture), indent=1, sort_keys=True))
+            if signature is not None:
+                Model(run_id=run_id, model_id=model_id, signature=signature).save(folder / "MLmodel")
             self.client.log_model_artifacts(model_id, str(folder))
-        self.client.set_logged_model_tags(model_id, dict(version_tags))
-        logged = self.client.finalize_logged_model(model_id, "READY")
-        now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step, model_id=logged.model_id) for k, v in (metrics or {}).items()]
+        self.client.set_logged_model_tags(model_id, dict(registration.version_tags))
+        self._log_model_metrics(run_id, model_id, metrics)
+        step = max((m.step for m in metrics), default=0)
+        run = self.client.get_run(run_id)
+        if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
+        self.client.finalize_logged_model(model_id, "READY")
+        self._describe_registered_model(registration)
+        with self._models_uris_resolvable():
+            version = self.client.create_model_version(
+                registration.name,
+                f"models:/{model_id}",
+                run_id,
+                tags=dict(registration.version_tags),
+                description=registration.version_description,
+                model_id=model_id,
+            )
+        self._link_version(model_id, registration.name, int(version.version))
+        return str(version.version)
+
+    def _log_model_metrics(self, run_id: str, model_id: str, metrics: Sequence[Metric]) -> None:
+        """`metrics` on the logged model, each key once (a key it has already is left as it is).
+        Logged through the run: one the run has already (same key, value, step, timestamp) is not
+        recorded there twice."""
+        have = {m.key for m in self.client.get_logged_model(model_id).metrics or []}
+        rows = [
+            Metric(m.key, float(m.value), m.timestamp, m.step, model_id=model_id)
+            for m in metrics
+            if m.key not in have
+        ]
         if rows:
-            self.client.log_batch(run_id, metrics=rows)
+            self.client.log_batch(run_id, metrics=rows, synchronous=True)
+
+    def _describe_registered_model(self, registration: Registration) -> None:
+        """The registered model, made if new, with its description and tags (every version's)."""
+        name = registration.name
         try:
-            self.client.create_registered_model(registered_name)
+            self.client.create_registered_model(
+                name, tags=dict(registration.tags), description=registration.description
+            )
+            return
         except mlflow.exceptions.MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self.client.create_model_version(
-            registered_name,
-            logged.artifact_location,  # not `models:/<id>`: MLflow would resolve that on its default store
-            run_id,
-            tags=dict(version_tags),
-            description=description,
-            model_id=logged.model_id,
-        )
-        return str(version.version)
+        self.client.update_registered_model(name, registration.description)
+        for key, value in registration.tags.items():
+            self.client.set_registered_model_tag(name, key, value)
+
+    def _models_uris_resolvable(self):
+        """Where a `models:/<id>` source can be registered. A tracking server resolves it in its
+        own store. A local store's registry resolves it with `MlflowClient()`, on the process-wide
+        tracking URI: that is set to ours for the call (without touching the environment, under a
+        lock, and put back after), since this tracker never uses the process-wide URI itself."""
+        if _is_server(self.tracking_uri):
+            return contextlib.nullcontext()
+        return _process_tracking_uri(self.tracking_uri)
+
+    def _link_version(self, model_id: str, name: str, version: int) -> None:
+        """The logged model's `mlflow.modelVersions` tag, what the UI reads to show it registered:
+        a tracking server sets it when the version is created, a local store does not."""
+        tags = self.client.get_logged_model(model_id).tags
+        linked = json.loads(tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        if any(v.get("name") == name and str(v.get("version")) == str(version) for v in linked):
+            return
+        linked.append({"name": name, "version": version})
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
 
     def alias_version(self, registered_name: str, alias: str) -> str | None:
         """The version an alias points at, or None (no such model or alias yet)."""

@@ -10,6 +10,7 @@ much as a small network's whole training, so a share of the networks pays it onc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -59,7 +60,6 @@ class WorkerConfig:
     seed: int
     tracking_uri: str
     run_id: str  # also names the network in the run's checkpoints
-    model_id: str = ""  # the run's MLflow logged model: epoch metrics are its metrics too
     fail_at_epoch: int | None = None  # counted over the run's networks, one after another
     cache_in_memory: bool = True
     data_root: str = ""  # train.loader "shards": the dataset each worker reads its slice of; "": Ray Data
@@ -158,7 +158,7 @@ def _train_network(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
-    logger = RunLogger(cfg.tracking_uri, cfg.run_id, cfg.model_id or None) if rank == 0 else None
+    logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()
@@ -167,35 +167,37 @@ def _train_network(
         resumed = {"resumed_after_epoch": state["epoch"]} if state is not None else {}
         logger.set_tags({**layout, **resumed})
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.fail_at_epoch == run_epoch + epoch and first_attempt and rank == 0:
-            # Injected failure (tests): the worker process dies mid-run. Ray's controller collects
-            # reports by polling every few seconds, so wait for it to register the last checkpoint:
-            # otherwise, on a loaded machine, the kill races the registration and the restart
-            # resumes from an older checkpoint than the test can name.
-            time.sleep(FAILURE_DRAIN_S)
-            os._exit(1)
-        batches = data.train_batches(cfg.batch_size, cfg.seed + epoch)
-        metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                metrics["test_loss"] = evaluate(unwrap(model), data.test_batches(), task, device)
-                if epoch not in logged:
-                    logger.log_metrics(metrics, step=epoch)
-                state = {
-                    "network": cfg.run_id,
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                }
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "epoch": epoch, "task": task.name}, checkpoint=checkpoint)
-    if rank == 0:  # also after a restart at the very end: the weights come from the checkpoint
-        weights = io.BytesIO()
-        torch.save(unwrap(model).state_dict(), weights)
-        location(cfg.weights).write_bytes(weights.getvalue())
+    # Rank 0 samples its machine (CPU, memory, GPU) onto the run while it trains (with psutil).
+    with logger.system_metrics() if logger is not None else contextlib.nullcontext():
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.fail_at_epoch == run_epoch + epoch and first_attempt and rank == 0:
+                # Injected failure (tests): the worker process dies mid-run. Ray's controller collects
+                # reports by polling every few seconds, so wait for it to register the last checkpoint:
+                # otherwise, on a loaded machine, the kill races the registration and the restart
+                # resumes from an older checkpoint than the test can name.
+                time.sleep(FAILURE_DRAIN_S)
+                os._exit(1)
+            batches = data.train_batches(cfg.batch_size, cfg.seed + epoch)
+            metrics = {"train_loss": train_one_epoch(model, optimizer, batches, task, device, generator)}
+            checkpoint = None
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    metrics["test_loss"] = evaluate(unwrap(model), data.test_batches(), task, device)
+                    if epoch not in logged:
+                        logger.log_metrics(metrics, step=epoch)
+                    state = {
+                        "network": cfg.run_id,
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                    }
+                    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({**metrics, "epoch": epoch, "task": task.name}, checkpoint=checkpoint)
+        if rank == 0:  # also after a restart at the very end: the weights come from the checkpoint
+            weights = io.BytesIO()
+            torch.save(unwrap(model).state_dict(), weights)
+            location(cfg.weights).write_bytes(weights.getvalue())
 
 
 def _distinct_ray_nodes() -> int:

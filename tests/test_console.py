@@ -45,4 +45,4 @@ def test_a_run_prints_a_bar_per_stage_then_the_answer_and_no_library_notices(tmp
     assert len(lines) <= 2 * 40  # two screens, bars included
     answer = done.stdout.splitlines()
     assert any(line.startswith("taxonomy (budget 1") for line in answer)
-    assert answer[-1].startswith("MLflow UI:")
+    assert answer[-2].startswith("MLflow UI:") and answer[-1].startswith("MLflow run:")  # its run id

@@ -70,7 +70,7 @@ def test_a_readout_run_holds_the_tags_params_metrics_and_times_of_the_fan_out():
         "stage": "transfer",
         "key": "stage9",
         "readout_key": "rk1",
-        "readout": "depth+edge_texture--normal",
+        "readout": "normal <- depth+edge_texture",  # as the run is named (regression: source first)
         "target": "normal",
         "sources": "depth+edge_texture",
         "kind": "transfer",
@@ -103,9 +103,7 @@ def test_a_replicates_run_is_named_and_tagged_with_its_replicate():
     r = Readout("normal", ("depth",), replicate=2)
     run = readout_run(ReadoutOutcome(r, 0.5, 1.0, (0.9,), 0.4), "rk", "s")
     assert run.name == "normal <- depth #2" == readout_run_name(r)
-    assert (
-        run.tags["replicate"] == run.params["replicate"] == "2" and run.tags["readout"] == "depth--normal.r2"
-    )
+    assert run.tags["replicate"] == run.params["replicate"] == "2" and run.tags["readout"] == run.name
 
 
 def test_a_readout_run_leaves_out_a_nan_val_loss_and_a_baseline_is_its_kind():

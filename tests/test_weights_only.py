@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Metric
 
 from components.config import to_dict
 from components.models import ModelConfig
@@ -18,6 +19,7 @@ from pipelines.tracking import (
     ARCHITECTURE_FILE,
     WEIGHTS_FILE,
     NetworkSpec,
+    Registration,
     Tracker,
     UnsafeModelError,
     load_registered_model,
@@ -44,16 +46,9 @@ def tracker(tmp_path):
 def _register(tracker, run: str, state_dict) -> str:
     """What Stage I does: the run's logged model, then the weights stored and registered."""
     model_id = tracker.create_logged_model(run, "normal")
+    registration = Registration("taskatlas-normal", "m", "d", version_tags={"task": "normal"})
     return tracker.log_task_network(
-        run,
-        model_id,
-        state_dict,
-        SPEC,
-        "taskatlas-normal",
-        {"final_test_loss": 0.5},
-        0,
-        {"task": "normal"},
-        "d",
+        run, model_id, state_dict, SPEC, registration, [Metric("final_test_loss", 0.5, 0, 0)]
     )
 
 

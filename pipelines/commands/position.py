@@ -46,6 +46,7 @@ def _position(args: argparse.Namespace) -> int:
         position_task,
     )
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.tracking import DatasetRef
 
     cfg = load_pipeline_config(args.config, args.overrides)
     task = load_task(args.task)
@@ -57,7 +58,8 @@ def _position(args: argparse.Namespace) -> int:
         store = import_images(cfg, task, args.images, spec)
         ensure_ray()
         with invocation(cfg, f"position {task.name}") as inv:
-            inv.tracker.log_dataset(inv.run_id, f"{task.name}-images", store.data_version, str(store.root))
+            images = DatasetRef(f"{task.name}-images", store.data_version, str(store.root))
+            inv.tracker.log_dataset(inv.run_id, images)
             result = position_task(study, task, store, inv.tracker, inv.run_id, use_self)
     print_position(result.answer, result.folder, args.config or "STUDY.yaml")
     if args.json:

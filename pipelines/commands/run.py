@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from pipelines.commands.common import add_config_args, add_lock_arg, mlflow_ui_command
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
     from pipelines.pipeline import PipelineResult
@@ -58,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         with invocation(cfg, "run") as inv:
             result = run_pipeline(inv, stages)
     print_report(cfg, result, inv.tracker.tracking_uri)
+    print_run(inv.tracker.tracking_uri, inv.tracker.experiment_id, inv.run_id)
     if args.json:
         print(json.dumps(result.summary(str(cfg.root), inv.run_id)))
     return 0
@@ -106,7 +109,19 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
             print(noise_note(said))
         print(f"outputs: {t['path']}")
     print(f"storage root: {cfg.root}")
-    print(f"MLflow UI:    {mlflow_ui_command(tracking_uri)}")
+
+
+def print_run(tracking_uri: str, experiment_id: str, run_id: str) -> None:
+    """The report's last line: the parent run's page on a tracking server, else its id (after
+    the command that opens the UI on the local store, and the page it then shows the run at)."""
+    from pipelines.tracking import run_url
+
+    if url := run_url(tracking_uri, experiment_id, run_id):
+        print(f"MLflow run:   {url}")
+        return
+    local = run_url(LOCAL_UI, experiment_id, run_id)
+    print(f"MLflow UI:    {mlflow_ui_command(tracking_uri)}, then {local}")
+    print(f"MLflow run:   {run_id}")
 
 
 def _nightly(args: argparse.Namespace) -> int:

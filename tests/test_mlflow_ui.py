@@ -1,0 +1,401 @@
+"""What MLflow's UI shows must be true (issue 26): read back through the REST endpoints the UI
+itself calls (`logged-models/search`, `runs/search`, `registered-models/search`) from a real
+`mlflow server` on 127.0.0.1.
+
+The default suite records one network, one search and a few readouts with the real record code
+(`NetworkRecord`, `ReadoutRunLog`), without Ray, against one server for the module; the slow test
+runs a whole tiny study (Tune included) against a server and checks the same things, and the
+stage runs' durations, end to end.
+
+    .venv/bin/python -m pytest tests/test_mlflow_ui.py            # ~25 s
+    .venv/bin/python -m pytest tests/test_mlflow_ui.py -m slow    # the whole study: minutes
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import mlflow.artifacts
+import pandas as pd
+import pytest
+import requests
+import torch
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from components.data.shards import ShardStore
+from components.models import build_network
+from components.tasks import channels_for
+from components.transfer import Readout
+from components.transfer.jobs import ReadoutOutcome
+from pipelines.cli import main
+from pipelines.commands.run import print_run
+from pipelines.config import load_pipeline_config
+from pipelines.invocation import dataset_ref, open_tracker
+from pipelines.readout_runs import ReadoutRunLog
+from pipelines.report import answer_markdown
+from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage1_record import NetworkRecord
+from pipelines.stage1_search import HPARAMS, TrialProgress
+from pipelines.tracking import RunLogger, run_url
+from tests.services import start_mlflow_server
+from tests.study import write_study
+
+EPOCHS = 3
+LOSSES = {"train_loss": (0.9, 0.7, 0.5), "test_loss": (0.8, 0.6, 0.4)}  # per epoch: the last is the model's
+
+
+# ---------------------------------------------------------------- what the UI reads
+
+
+class UI:
+    """The REST calls MLflow's UI makes, against one tracking server."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def _post(self, endpoint: str, body: dict) -> dict:
+        reply = requests.post(f"{self.url}/api/2.0/mlflow/{endpoint}", json=body, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def _get(self, endpoint: str, **params) -> dict:
+        reply = requests.get(f"{self.url}/api/2.0/mlflow/{endpoint}", params=params, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def experiment_id(self, name: str) -> str:
+        return self._get("experiments/get-by-name", experiment_name=name)["experiment"]["experiment_id"]
+
+    def runs(self, experiment_id: str) -> list[dict]:
+        out, token = [], None
+        while True:
+            body = {"experiment_ids": [experiment_id], "max_results": 1000}
+            page = self._post("runs/search", body | ({"page_token": token} if token else {}))
+            out += page.get("runs", [])
+            if not (token := page.get("next_page_token")):
+                return out
+
+    def logged_models(self, experiment_id: str) -> list[dict]:
+        return self._post("logged-models/search", {"experiment_ids": [experiment_id]}).get("models", [])
+
+    def registered_models(self) -> list[dict]:
+        return self._get("registered-models/search", max_results=100).get("registered_models", [])
+
+    def model_version(self, name: str, version: str) -> dict:
+        return self._get("model-versions/get", name=name, version=version)["model_version"]
+
+
+def kv(entries: list[dict] | None) -> dict[str, str]:
+    return {e["key"]: e["value"] for e in entries or []}
+
+
+def name_of(run: dict) -> str:
+    return run["info"]["run_name"]
+
+
+def seconds(run: dict) -> float:
+    return (int(run["info"]["end_time"]) - int(run["info"]["start_time"])) / 1000
+
+
+def check_one_name_per_setting(params: dict[str, str], where: str) -> None:
+    """No setting under two names with different values (`hparams.lr` against `train.lr`)."""
+    by_leaf = defaultdict(dict)
+    for key, value in params.items():
+        by_leaf[key.rsplit(".", 1)[-1]][key] = value
+    for leaf, named in by_leaf.items():
+        assert len(set(named.values())) == 1, f"{where}: {leaf} is {named}"
+
+
+def check_models_are_final_and_linked(
+    ui: UI, experiment_id: str, last: dict[str, dict[str, float]], epochs: int
+) -> None:
+    """Each logged model: one value per metric key, the last epoch's (`last`: model name -> key ->
+    value), an output of its run, registered from `models:/<id>` as a version that names the run
+    and the model, and the registered model described."""
+    runs = {r["info"]["run_id"]: r for r in ui.runs(experiment_id)}
+    models = {m["info"]["name"]: m for m in ui.logged_models(experiment_id)}
+    assert set(last) <= set(models)
+    registered = {m["name"]: m for m in ui.registered_models()}
+    for name, want in last.items():
+        model = models[name]
+        info, metrics = model["info"], model["data"].get("metrics", [])
+        keys = [m["key"] for m in metrics]
+        assert len(keys) == len(set(keys)), f"{name}: {keys}"  # one value per key
+        got = {m["key"]: m["value"] for m in metrics}
+        assert got == pytest.approx(want | {"final_test_loss": got.get("final_test_loss")}), name
+        assert "final_test_loss" in got
+        assert {int(m["step"]) for m in metrics} == {epochs - 1}  # the last epoch's step
+        run = runs[info["source_run_id"]]
+        outputs = [o["model_id"] for o in run.get("outputs", {}).get("model_outputs", [])]
+        assert outputs == [info["model_id"]], name  # the run lists its logged model
+        versions = json.loads(kv(info.get("tags"))["mlflow.modelVersions"])  # the model: registered
+        [(registered_name, version)] = [(v["name"], str(v["version"])) for v in versions]
+        mv = ui.model_version(registered_name, version)
+        # The version points at the logged model by its source (a SQL registry keeps no model id)
+        assert mv["source"] == f"models:/{info['model_id']}" and mv["run_id"] == run["info"]["run_id"]
+        described = registered[registered_name]
+        assert described.get("description") and kv(described.get("tags"))["task"] == name
+        assert "champion" in {a["alias"] for a in described.get("aliases", [])}
+
+
+# ---------------------------------------------------------------- one record of each kind, one server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow-ui")
+    with start_mlflow_server(folder, f"sqlite:///{folder / 'm.db'}", folder / "art") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def recorded(server, tiny_dataset, tmp_path_factory):
+    """A network recorded as Stage I records it (its epochs logged as rank 0 logs them), a search
+    of three trials and three readouts, all on one server."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    config = write_study(
+        tmp / "tiny.yaml",
+        tmp / "runs",
+        tracking_uri=server.url,
+        data={"path": str(tiny_dataset)},
+        train={"epochs": EPOCHS, "num_workers": 1, "lr": 0.003, "batch_size": 8},
+    )
+    cfg = load_pipeline_config(str(config), [])
+    store = ShardStore(tiny_dataset)
+    tracker = open_tracker(cfg)
+    parent = tracker.start_run("run tiny")
+    record = NetworkRecord(cfg, store, tracker, parent)
+
+    task = cfg.task("normal")
+    hparams = Stage1Plan(cfg, store).default_hparams()
+    network = record.open(task, hparams, Stage1Plan(cfg, store).train_step(task, hparams))
+    logger = RunLogger(tracker.tracking_uri, network.run_id)
+    with logger.system_metrics():
+        for epoch in range(EPOCHS):
+            logger.log_metrics({k: v[epoch] for k, v in LOSSES.items()}, step=epoch)
+    weights = io.BytesIO()
+    torch.save(build_network(task, cfg.model, cfg.data.size, channels_for(task, store)).state_dict(), weights)
+    network.weights.write_bytes(weights.getvalue())
+    trained = record.finish(network)
+
+    now = time.time()
+    spans = [(now - 3.0, now - 1.5), (now - 2.5, now - 0.5), (now - 2.0, now - 1.0)]  # the trials' work
+    results = [
+        SimpleNamespace(
+            metrics={"trial_id": f"t{i}", "epoch": 2, "val_loss": 0.5 + i},
+            config={"lr": 10.0**-i, "weight_decay": 0.0, "batch_size": 8},
+            metrics_dataframe=pd.DataFrame(
+                {"epoch": [1, 2], "val_loss": [0.9 + i, 0.5 + i], "train_loss": [1.0, 0.6]}
+            ),
+            error=None,
+        )
+        for i in range(3)
+    ]
+    search_span = (now - 3.2, now)
+    record.log_search(task, results, spans, results[0], 0.5, search_span, HPARAMS)
+
+    with ReadoutRunLog(tracker, parent, "stage", dataset=dataset_ref(cfg, store)) as log:
+        for i, sources in enumerate((("depth",), ("edge_texture",), ("depth", "edge_texture"))):
+            readout = Readout("normal", sources)
+            log.add(
+                ReadoutOutcome(readout, 0.5, 1.0, (0.9,), 0.4, started=now - 2, finished=now - 1), f"k{i}"
+            )
+    tracker.end_run(parent)
+    return SimpleNamespace(
+        cfg=cfg,
+        tracker=tracker,
+        parent=parent,
+        trained=trained,
+        spans=spans,
+        search_span=search_span,
+        digest=store.data_version,
+    )
+
+
+@pytest.fixture(scope="module")
+def ui(server) -> UI:
+    return UI(server.url)
+
+
+@pytest.mark.timeout(240)
+def test_a_logged_model_has_the_final_epochs_metrics_once_and_links_to_its_run_and_version(recorded, ui):
+    # Regression: every epoch's metrics were the model's too, and the UI showed the first epoch's;
+    # versions were registered from a file path, the run listed no logged model, the model said
+    # "Not registered".
+    last = {"normal": {k: v[-1] for k, v in LOSSES.items()}}
+    check_models_are_final_and_linked(ui, recorded.tracker.experiment_id, last, EPOCHS)
+    registered = {m["name"]: m for m in ui.registered_models()}["taskatlas-normal"]
+    task = recorded.cfg.task("normal")
+    assert kv(registered["tags"]) == {"task": "normal", "kind": task.kind.value, "loss": task.loss.value}
+
+
+@pytest.mark.timeout(240)
+def test_a_train_run_names_each_setting_once_and_shows_its_dataset_and_a_signature(recorded, ui, tmp_path):
+    runs = {name_of(r): r for r in ui.runs(recorded.tracker.experiment_id)}
+    train = runs["train/normal"]
+    params = kv(train["data"].get("params"))
+    check_one_name_per_setting(params, "train/normal")  # regression: hparams.lr=… beside train.lr=…
+    assert params["train.lr"] == "0.003" and params["train.batch_size"] == "8"
+    assert params["train.hparams_from"] == "config"
+    inputs = train.get("inputs", {}).get("dataset_inputs", [])
+    assert [d["dataset"]["digest"] for d in inputs] == [recorded.digest]
+    assert kv(inputs[0]["tags"])["mlflow.data.context"] == "train"
+    tags = kv(train["data"].get("tags"))
+    assert tags["mlflow.parentRunId"] == recorded.parent
+    if importlib.util.find_spec("psutil") is not None:  # MLflow's system metrics need psutil
+        assert any(m["key"].startswith("system/") for m in train["data"]["metrics"])
+    model = recorded.tracker.client.get_logged_model(
+        recorded.tracker.client.get_run(recorded.trained.run_id).outputs.model_outputs[0].model_id
+    )
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model.artifact_location}/MLmodel",
+        tracking_uri=recorded.tracker.tracking_uri,
+        dst_path=str(tmp_path),
+    )
+    signature = Model.load(local).signature  # the UI shows it with the model's files
+    assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32)
+
+
+@pytest.mark.timeout(240)
+def test_tune_runs_span_the_work_and_hold_the_space_and_the_best_trial(recorded, ui):
+    # Regression: the search's runs were created after it ended, each lasting ~40 ms.
+    runs = {name_of(r): r for r in ui.runs(recorded.tracker.experiment_id)}
+    search = runs["tune/normal"]
+    start, end = recorded.search_span
+    assert int(search["info"]["start_time"]) == int(start * 1000)
+    assert seconds(search) >= end - start - 0.01
+    params = kv(search["data"]["params"])
+    assert params["best.lr"] == "1.0" and "tune.num_samples" in params  # the best trial, the space
+    assert kv(search["data"]["tags"])["best_trial"] == "t0"
+    for i, (s, e) in enumerate(recorded.spans):
+        trial = runs[f"tune/normal/t{i}"]
+        assert seconds(trial) == pytest.approx(e - s, abs=0.01)
+        assert kv(trial["data"]["tags"])["mlflow.parentRunId"] == search["info"]["run_id"]
+
+
+@pytest.mark.timeout(240)
+def test_readout_runs_are_tagged_in_their_names_order_and_show_their_dataset(recorded, ui):
+    readouts = [r for r in ui.runs(recorded.tracker.experiment_id) if "readout_key" in kv(r["data"]["tags"])]
+    assert len(readouts) == 3
+    for run in readouts:
+        tags = kv(run["data"]["tags"])
+        assert tags["readout"] == name_of(run)  # regression: `depth--normal` beside `normal <- depth`
+        [dataset] = run["inputs"]["dataset_inputs"]
+        assert kv(dataset["tags"])["mlflow.data.context"] == "transfer"
+        assert tags["mlflow.parentRunId"] == recorded.parent
+
+
+def test_trial_progress_times_each_trial_from_its_start_to_its_end():
+    progress = TrialProgress(lambda n: None)
+    trial = SimpleNamespace(trial_id="a")
+    progress.on_trial_start(0, [], trial)
+    time.sleep(0.05)
+    progress.on_trial_complete(0, [], trial)
+    start, end = progress.span(SimpleNamespace(metrics={"trial_id": "a"}))
+    assert 0.05 <= end - start < 1
+    restored = SimpleNamespace(metrics={"trial_id": "b", "timestamp": 100, "time_total_s": 7.5})
+    assert progress.span(restored) == (92.5, 100.0)  # a trial finished before a restore
+
+
+def test_the_description_names_only_the_files_on_its_run():
+    import pyarrow as pa
+
+    taxonomy = {"roots": ["normal"], "transfers": {"depth": ["normal"]}, "budget": 1, "max_order": 1}
+    taxonomy |= {"objective": 1.0}
+    table = pa.table(
+        {"target": ["depth"], "sources": [["normal"]], "affinity": [1.0], "order": [1], "kind": ["transfer"]}
+    )
+    note = answer_markdown(taxonomy, table, "r1", ("taxonomy.json", "taxonomy.png", "affinity.csv"))
+    assert "path=taxonomy.png&run_uuid=r1" in note and "affinity_heatmap" not in note
+    named = {w.strip("`.,") for w in note.split() if w.startswith("`") and "." in w}
+    assert named == {"taxonomy.json", "taxonomy.png", "affinity.csv"}
+
+
+def test_the_cli_ends_with_the_runs_url_on_a_server_and_its_id_otherwise(capsys):
+    print_run("http://mlflow.internal:5000/", "3", "abc123")
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"MLflow run:   {run_url('http://mlflow.internal:5000', '3', 'abc123')}"
+    assert last.endswith("/#/experiments/3/runs/abc123?workflowType=machine_learning")
+    print_run("sqlite:////tmp/x/mlflow.db", "3", "abc123")
+    assert capsys.readouterr().out.splitlines()[-1] == "MLflow run:   abc123"
+
+
+# ---------------------------------------------------------------- a whole tiny study against a server
+
+
+TUNE = {"enabled": True, "num_samples": 2, "max_epochs": 1, "grace_period": 1, "max_train_images": 40}
+
+
+@pytest.mark.slow  # a whole tiny study with its search: minutes on two cores
+@pytest.mark.timeout(900)
+def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_path, ray_session, capsys):
+    config = write_study(
+        tmp_path / "tiny.yaml", tmp_path / "runs", name="ui-study", tracking_uri=server.url, tune=TUNE
+    )
+    assert main(["run", "-c", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    experiment_id = ui.experiment_id("ui-study")
+    runs = ui.runs(experiment_id)
+    [parent] = [r for r in runs if name_of(r).startswith("run ui-study")]
+    assert out[-1] == f"MLflow run:   {run_url(server.url, experiment_id, parent['info']['run_id'])}"
+    by_name = {name_of(r): r for r in runs}
+
+    # Logged models: the last epoch's metrics (one epoch here), linked both ways.
+    client = MlflowClient(server.url)
+    last = {}
+    for task in ("normal", "reshading", "edge_texture"):
+        run_id = by_name[f"train/{task}"]["info"]["run_id"]
+        last[task] = {k: client.get_metric_history(run_id, k)[-1].value for k in ("train_loss", "test_loss")}
+        check_one_name_per_setting(kv(by_name[f"train/{task}"]["data"]["params"]), f"train/{task}")
+        assert by_name[f"train/{task}"]["inputs"]["dataset_inputs"]
+    check_models_are_final_and_linked(ui, experiment_id, last, 1)
+
+    # Durations: each tune trial's run at least its own measured time; the analysis runs span
+    # the work that wrote their files.
+    trials = {}
+    for result in (tmp_path / "runs" / "ray").glob("tune-*/*/result.json"):
+        last_line = json.loads(result.read_text().splitlines()[-1])
+        trials[last_line["trial_id"]] = last_line["time_total_s"]
+    assert len(trials) == 6
+    for name, run in by_name.items():
+        if name.startswith("tune/") and name.count("/") == 2:
+            assert seconds(run) >= trials[name.rsplit("/", 1)[1]] - 0.01, name
+    for stage in ("transfer", "affinity", "taxonomy"):  # regression: affinity 14 ms, taxonomy 30 ms
+        run = by_name[stage]
+        work = {m["key"]: m["value"] for m in run["data"]["metrics"]}["wall_seconds"]
+        assert seconds(run) >= work - 0.01, stage
+
+    # Counts, tags and the description of the parent.
+    transfer = by_name["transfer"]
+    readouts = [
+        r for r in runs if kv(r["data"]["tags"]).get("mlflow.parentRunId") == transfer["info"]["run_id"]
+    ]
+    parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["readouts"] == len(readouts) == 57
+    for run in readouts:
+        assert kv(run["data"]["tags"])["readout"] == name_of(run)
+        metrics = {m["key"] for m in run["data"].get("metrics", [])}
+        if "affinity" in metrics:
+            assert {"affinity_lo", "affinity_hi"} <= metrics
+    taxonomy = json.loads(next((tmp_path / "runs" / "taxonomy").glob("*/taxonomy.json")).read_text())
+    tags = kv(parent["data"]["tags"])
+    assert tags["taxonomy.roots"] == ",".join(taxonomy["roots"])
+    artifacts = {
+        a["path"]
+        for a in requests.get(
+            f"{server.url}/api/2.0/mlflow/artifacts/list",
+            params={"run_id": parent["info"]["run_id"]},
+            timeout=30,
+        ).json()["files"]
+    }
+    named = {w.strip("`.,;") for w in tags["mlflow.note.content"].split() if w.startswith("`") and "." in w}
+    assert named and named <= artifacts, named - artifacts
+    assert tags["mlflow.user"] and all(
+        kv(r["data"]["tags"]).get("mlflow.source.name") for r in runs
+    )  # "Created by" and "Source" on every run
