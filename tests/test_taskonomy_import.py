@@ -85,3 +85,37 @@ def test_cli_import_and_an_unreadable_png(tmp_path, capsys):
         == 2
     )
     assert "point_0_view_0_domain_rgb.png: cannot read" in capsys.readouterr().err
+
+
+def test_omnidata_colour_coded_semantic_imports_with_white_as_no_label(tmp_path):
+    """Omnidata's `semantic` PNGs are colour-coded RGB, white unlabelled: each colour becomes a class
+    id in sorted colour order (recorded in the manifest), white becomes "no label"."""
+    src = tmp_path / "omnidata"
+    red, green, white = (200, 0, 0), (0, 90, 10), (255, 255, 255)
+    for p in range(6):
+        stem = f"point_{p}_view_0_domain_"
+        for domain in ("rgb", "semantic"):
+            (src / domain).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * p, np.uint8)).save(src / "rgb" / f"{stem}rgb.png")
+        sem = np.zeros((16, 16, 3), np.uint8)
+        sem[:, :8], sem[:, 8:] = (red, green) if p % 2 else (green, white)
+        Image.fromarray(sem).save(src / "semantic" / f"{stem}semantic.png")
+    config = ImportConfig(size=16, transfer_fraction=0.0, test_fraction=0.0, rows_per_shard=8)
+    manifest, _, _ = import_taskonomy(src, tmp_path / "out", config)
+    assert manifest.label_classes["segment_semantic"] == ["#005a0a", "#c80000"]  # green 0, red 1
+    data = ShardStore(tmp_path / "out").read("train")
+    for image_id, labels in zip(data["image_id"], data["segment_semantic"], strict=True):
+        odd = int(image_id.split("_")[1]) % 2
+        assert (labels[:, :8] == (1 if odd else 0)).all()
+        assert (labels[:, 8:] == (0 if odd else 255)).all()  # white: no label
+
+
+def test_class_ids_and_colours_mixed_in_one_column_are_refused(tmp_path):
+    src = tmp_path / "mixed"
+    write_tree(src)
+    colour = np.zeros((H, W, 3), np.uint8)
+    colour[..., 0] = 7
+    Image.fromarray(colour).save(src / "segment_semantic" / "point_0_view_0_domain_segment_semantic.png")
+    with pytest.raises(ShardError, match="colour-coded; one encoding per column"):
+        import_taskonomy(src, tmp_path / "out", ImportConfig(size=16))
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ One folder per dataset column, `rgb/` among them; the files of one image share a
 
     depth:  {scale: 0.001, invalid: 0, bits: 16}   # millimetres in 16-bit PNGs, 0 = no measurement
     parts:  {labels: true, invalid: 0}             # class ids; 0 = unlabelled
+    semantic: {labels: true}                       # colour-coded RGB: a class per colour, white unlabelled
     edges:  {}                                     # values as stored
 
 Defaults: values as stored, no invalid value, not labels, any bit depth (but one per column;

@@ -7,7 +7,8 @@ reserved column name, the bit depth of the column's encoding; then the size of t
 file, which also refuses decompression bombs), and stores each column in the units and dtype its
 `ColumnRule` says. "No label" is stored as NaN in float columns and as 255 in label maps
 (design.md section 2); a raw `invalid` value and an optional validity mask (Taskonomy's
-`mask_valid`) both mark pixels so. Nothing is a finished dataset until its manifest
+`mask_valid`) both mark pixels so. A label column of colour-coded RGB files (Omnidata's
+`semantic`) gets one class id per colour, white meaning no label (`colour_palette`). Nothing is a finished dataset until its manifest
 is written, last (`shards.write_dataset`).
 """
 
@@ -17,7 +18,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,44 @@ def check_sizes(found: Found, rgb: str) -> None:
                 )
 
 
+WHITE = (255, 255, 255)  # "no label" in colour-coded label maps (Omnidata's `semantic`)
+
+
+def colour_palette(paths: list[Path]) -> list[tuple[int, int, int]] | None:
+    """The colours of a colour-coded label column (RGB files whose channels differ somewhere, as
+    Omnidata writes `semantic`), white left out as "no label"; None for class-id files. Sorted, so
+    a colour's class id depends only on the set of colours, never on the order files are read."""
+    colours: set[tuple[int, int, int]] = set()
+    coded, grey = None, None
+    for path in paths:
+        raw = read_raw(path)
+        rgb = raw[..., :3] if raw.shape[-1] >= 3 else None
+        if rgb is None or ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
+            grey = grey or path
+        else:
+            coded = coded or path
+        if rgb is not None:
+            colours.update(map(tuple, np.unique(rgb.reshape(-1, 3), axis=0).tolist()))
+    if coded is None:
+        return None
+    if grey is not None and read_raw(grey).shape[-1] < 3:
+        raise ShardError(f"{grey}: a class-id file, but {coded} is colour-coded; one encoding per column")
+    colours.discard(WHITE)
+    if len(colours) >= NO_LABEL:
+        raise ShardError(f"{coded}: {len(colours)} label colours; at most {NO_LABEL - 1} classes fit")
+    return sorted(colours)
+
+
+def colour_ids(raw: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """(H, W, >=3) colours -> (H, W, 1) class ids, the index of each colour in `palette`; white
+    (and any colour not in it) -> NO_LABEL."""
+    code = lambda rgb: (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # noqa: E731
+    codes = code(np.asarray(palette, np.int64))
+    pixels = code(raw[..., :3].astype(np.int64))
+    at = np.clip(np.searchsorted(codes, pixels), 0, len(codes) - 1)
+    return np.where(codes[at] == pixels, at, NO_LABEL)[..., None]
+
+
 def label_count(paths: list[Path], rule: ColumnRule) -> int:
     """Classes in a label column: the largest class id found + 1 (every file read up front, so a
     corrupt label map is reported before anything is written)."""
@@ -228,9 +267,19 @@ def stored_shape(rule: ColumnRule, channels: int, size: int) -> tuple[int, ...]:
     return (size, size) if rule.labels else (channels, size, size)
 
 
-def to_stored(raw: np.ndarray, rule: ColumnRule, size: int, mask: np.ndarray | None = None) -> np.ndarray:
+def to_stored(
+    raw: np.ndarray,
+    rule: ColumnRule,
+    size: int,
+    mask: np.ndarray | None = None,
+    palette: list[tuple[int, int, int]] | None = None,
+) -> np.ndarray:
     """(H, W, C) raw values -> the stored array: centre-cropped to a square, resized to `size`,
-    in the rule's units; invalid pixels (raw `invalid`, or False in `mask`) become NaN / 255."""
+    in the rule's units; invalid pixels (raw `invalid`, or False in `mask`) become NaN / 255.
+    A colour-coded label map becomes class ids through its `palette` first."""
+    if palette is not None:
+        raw = colour_ids(raw, palette)
+        rule = replace(rule, channels=1, invalid=NO_LABEL)
     h, w = raw.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -292,8 +341,13 @@ def write_import(
     check_files(found, rules, Path(settings["root"]))
     check_sizes(found, rgb)
     channels = {f: r.channels or read_raw(found.files[f][found.ids[0]]).shape[-1] for f, r in rules.items()}
-    label_classes = {
-        r.column: [f"class_{k}" for k in range(label_count([found.files[f][i] for i in found.ids], r))]
+    palettes = {
+        f: colour_palette([found.files[f][i] for i in found.ids]) for f, r in rules.items() if r.labels
+    }
+    label_classes = {  # a colour-coded column's classes are named by colour, in its palette's order
+        r.column: [f"#{c[0]:02x}{c[1]:02x}{c[2]:02x}" for c in palettes[f]]
+        if palettes[f] is not None
+        else [f"class_{k}" for k in range(label_count([found.files[f][i] for i in found.ids], r))]
         for f, r in rules.items()
         if r.labels
     }
@@ -309,11 +363,12 @@ def write_import(
             mask = read_raw(found.files[mask_folder][i])[..., 0] > 0 if mask_folder else None
             for f, r in rules.items():
                 raw = read_raw(found.files[f][i])
-                if raw.shape[-1] != channels[f] and r.channels is None:
+                if raw.shape[-1] != channels[f] and r.channels is None and palettes.get(f) is None:
                     raise ShardError(
                         f"{found.files[f][i]}: {raw.shape[-1]} channels, other files have {channels[f]}"
                     )
-                arrays[r.column].append(to_stored(raw, r, config.size, mask if r.masked else None))
+                stored = to_stored(raw, r, config.size, mask if r.masked else None, palettes.get(f))
+                arrays[r.column].append(stored)
         return chosen, {k: np.stack(v) for k, v in arrays.items()}
 
     return write_dataset(

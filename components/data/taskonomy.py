@@ -1,7 +1,8 @@
 """Import the public Taskonomy folder layout into the same Parquet shards as the synthetic data.
 
 Layout: `<root>/<domain>/point_<i>_view_<j>_domain_<domain>.png`, one folder per domain; the
-Omnidata annotator's `semantic` folder is read as `segment_semantic`. Values are converted from
+Omnidata annotator's `semantic` folder is read as `segment_semantic` (its colour-coded PNGs become
+class ids in sorted colour order, recorded in the manifest, white "no label"). Values are converted from
 Taskonomy's encodings (below), with 65535 in the 16-bit depth maps and the zeros of `mask_valid`
 (where present) stored as "no label". Splits are drawn per *point* (hash of the point id), so the
 views of one 3D point never straddle two splits, and a re-import of a grown folder keeps every
