@@ -119,3 +119,12 @@ def test_class_ids_and_colours_mixed_in_one_column_are_refused(tmp_path):
     with pytest.raises(ShardError, match="colour-coded; one encoding per column"):
         import_taskonomy(src, tmp_path / "out", ImportConfig(size=16))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_depth_map_saved_in_8_bits_is_refused_not_read_in_wrong_units(tmp_path):
+    src = tmp_path / "eight"
+    write_tree(src)
+    depth = np.full((H, W), 3, np.uint8)  # 8-bit: would read as 3/512 m
+    Image.fromarray(depth).save(src / "depth_zbuffer" / "point_0_view_0_domain_depth_zbuffer.png")
+    with pytest.raises(ShardError, match="8-bit, but column depth_zbuffer is encoded in 16 bits"):
+        import_taskonomy(src, tmp_path / "out", ImportConfig(size=16))

@@ -33,21 +33,24 @@ ALIASES = {"semantic": "segment_semantic"}  # folder (and file) names other anno
 _DEPTH_INVALID = 65535  # Taskonomy's 16-bit depth: no geometry (would read as 128 m)
 
 # Taskonomy's encodings: 16-bit depth in 1/512 m, 8-bit normals in [-1, 1], 16-bit edge and
-# keypoint responses, 8-bit reshading, curvature centred on 128, 8-bit class ids.
+# keypoint responses, 8-bit reshading, curvature centred on 128, 8-bit class ids. A file in
+# another bit depth would import in wrong units: it is refused (`bits`).
 DOMAINS: dict[str, ColumnRule] = {
-    "rgb": ColumnRule("rgb", "uint8", 3),
-    "depth_zbuffer": ColumnRule("depth_zbuffer", "float16", 1, 1 / 512, invalid=_DEPTH_INVALID, masked=True),
-    "depth_euclidean": ColumnRule(
-        "depth_euclidean", "float16", 1, 1 / 512, invalid=_DEPTH_INVALID, masked=True
+    "rgb": ColumnRule("rgb", "uint8", 3, bits=8),
+    "depth_zbuffer": ColumnRule(
+        "depth_zbuffer", "float16", 1, 1 / 512, invalid=_DEPTH_INVALID, masked=True, bits=16
     ),
-    "normal": ColumnRule("normal", "float16", 3, 2 / 255, -1.0, masked=True),
-    "reshading": ColumnRule("reshading", "float16", 1, 1 / 255, masked=True),
-    "principal_curvature": ColumnRule("curvature", "float16", 2, 1 / 128, -1.0, masked=True),
-    "edge_texture": ColumnRule("edge_texture", "float16", 1, 1 / 65535),
-    "edge_occlusion": ColumnRule("edge_occlusion", "float16", 1, 1 / 65535),
-    "keypoints2d": ColumnRule("keypoints2d", "float16", 1, 1 / 65535),
-    "keypoints3d": ColumnRule("keypoints3d", "float16", 1, 1 / 65535),
-    "segment_semantic": ColumnRule("segment_semantic", "uint8", 1, labels=True),
+    "depth_euclidean": ColumnRule(
+        "depth_euclidean", "float16", 1, 1 / 512, invalid=_DEPTH_INVALID, masked=True, bits=16
+    ),
+    "normal": ColumnRule("normal", "float16", 3, 2 / 255, -1.0, masked=True, bits=8),
+    "reshading": ColumnRule("reshading", "float16", 1, 1 / 255, masked=True, bits=8),
+    "principal_curvature": ColumnRule("curvature", "float16", 2, 1 / 128, -1.0, masked=True, bits=8),
+    "edge_texture": ColumnRule("edge_texture", "float16", 1, 1 / 65535, bits=16),
+    "edge_occlusion": ColumnRule("edge_occlusion", "float16", 1, 1 / 65535, bits=16),
+    "keypoints2d": ColumnRule("keypoints2d", "float16", 1, 1 / 65535, bits=16),
+    "keypoints3d": ColumnRule("keypoints3d", "float16", 1, 1 / 65535, bits=16),
+    "segment_semantic": ColumnRule("segment_semantic", "uint8", 1, labels=True, bits=8),
 }
 
 
