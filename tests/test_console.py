@@ -46,3 +46,15 @@ def test_a_run_prints_a_bar_per_stage_then_the_answer_and_no_library_notices(tmp
     answer = done.stdout.splitlines()
     assert any(line.startswith("taxonomy (budget 1") for line in answer)
     assert answer[-2].startswith("MLflow UI:") and answer[-1].startswith("MLflow run:")  # its run id
+
+
+def test_the_readouts_line_adds_up_and_tells_self_apart():
+    from pipelines.commands.run import readouts_line
+
+    counts = {"order 1": 48, "order 2": 36, "random": 12, "pixels": 12, "self": 4}
+    line = readouts_line(100, 8, counts)
+    assert line == (
+        "readouts: 100 trained, 8 reused (order 1 48, order 2 36, random 12, pixels 12); "
+        "self 4, scored with each target's own network"
+    )
+    assert readouts_line(3, 0, {"order 1": 3}) == "readouts: 3 trained, 0 reused (order 1 3)"
