@@ -16,6 +16,7 @@ on every node; a config never holds them.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -145,7 +146,13 @@ class Location:
             path = Path(self.path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(data)
+            try:
+                tmp.write_bytes(data)
+            except OSError as err:  # a full disk: no part left, and the error names the file
+                tmp.unlink(missing_ok=True)
+                if err.errno == errno.ENOSPC and not err.filename:
+                    raise OSError(err.errno, err.strerror, str(path)) from err
+                raise
             os.replace(tmp, path)
             return
         with self.fs.open_output_stream(self.path, compression=None) as f:

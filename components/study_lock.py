@@ -13,6 +13,11 @@ A holder is alive while its heartbeat (refreshed every `heartbeat_s` by a thread
 is younger than `stale_after_s`, and, when it runs on this host, while its process exists with
 the same start time (so a killed holder is taken over at once, not after the heartbeat goes
 stale, and a recycled pid is not mistaken for it). A lock whose holder is dead is taken over.
+
+A holder is fenced: when its heartbeat, or `check_held` (each step calls it before writing its
+marker), finds the record no longer its own (taken over after a partition or a pause longer than
+`stale_after_s`), or the heartbeat cannot refresh it for `stale_after_s`, the lock is lost:
+`check_held` raises `LockLost` from then on and `on_lost` is called (the CLI interrupts the run).
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from components.errors import TaskatlasError
+from components.errors import LockLost, TaskatlasError
 from components.storage import Location
 
 STUDY_LOCK = "study.lock"  # the lock record's name under a storage root
@@ -111,7 +116,11 @@ class LocalLockStore:
 
     def _write_tmp(self, holder: Holder) -> Path:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.new")
-        tmp.write_text(json.dumps(asdict(holder)))
+        try:
+            tmp.write_text(json.dumps(asdict(holder)))
+        except OSError:  # a full disk: leave no empty file behind
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
 
@@ -207,10 +216,14 @@ class StudyLock:
         heartbeat_s: float = 10.0,
         stale_after_s: float = 60.0,
         poll_s: float = 2.0,
+        on_lost: Callable[[LockLost], None] | None = None,
     ):
         self.store, self.command, self.where = store, command, where
         self.heartbeat_s, self.stale_after_s, self.poll_s = heartbeat_s, stale_after_s, poll_s
+        self.on_lost = on_lost  # called by the heartbeat thread when the lock is lost
         self.holder: Holder | None = None
+        self.lost: LockLost | None = None  # why this process may no longer write, once it may not
+        self._losing = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -254,8 +267,9 @@ class StudyLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _HELD.discard(self)
         if self.holder is not None:
-            self.store.swap(self.holder, None)
+            self.store.swap(self.holder, None)  # False, and nothing deleted, if it was taken over
             self.holder = None
 
     @contextmanager
@@ -267,16 +281,64 @@ class StudyLock:
             self.release()
 
     def _start(self, me: Holder) -> None:
-        self.holder = me
+        self.holder, self.lost = me, None
         self._stop.clear()
+        _HELD.add(self)
         self._thread = threading.Thread(target=self._beat, name="study-lock-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             fresh = replace(self.holder, heartbeat=time.time())
-            if self.store.swap(self.holder, fresh):
+            try:
+                swapped = self.store.swap(self.holder, fresh)
+            except Exception as err:  # unreachable or full storage: the lease runs on, try next beat
+                if fresh.heartbeat - self.holder.heartbeat <= self.stale_after_s:
+                    continue
+                return self._lose(f"could not be refreshed for {self.stale_after_s:g} s ({err})", err)
+            if swapped:
                 self.holder = fresh
+            elif not self._stop.is_set():  # released meanwhile: no loss
+                return self._taken_over(self.store.read())
+
+    def check(self) -> None:
+        """Raise `LockLost` if the lock was lost: known from a heartbeat, or found now in the
+        store (another holder's record), so a holder learns it before its next write."""
+        if self.lost is None and self.holder is not None and not self._stop.is_set():
+            current = self.store.read()
+            if current is None or current.token != self.holder.token:
+                self._taken_over(current)
+        if self.lost is not None:
+            raise self.lost
+
+    def _taken_over(self, current: Holder | None) -> None:
+        self._lose(
+            f"was taken over by {current.describe() if current else 'a process that released it since'}"
+        )
+
+    def _lose(self, how: str, cause: BaseException | None = None) -> None:
+        with self._losing:  # once, whether the heartbeat or a check finds it first
+            if self.lost is not None:
+                return
+            lost = LockLost(
+                f"the study lock of {self.where or 'the storage root'} {how}; this process stopped"
+                " before its next write (rerun when the other is done, with --wait-for-lock to wait)"
+            )
+            lost.__cause__ = cause  # a full disk, say: what the CLI reports instead
+            self.lost = lost
+        if self.on_lost is not None:
+            self.on_lost(lost)
+
+
+_HELD: set[StudyLock] = set()  # the study locks this process holds: what `check_held` asks
+
+
+def check_held() -> None:
+    """Raise `LockLost` if a study lock this process holds was lost (one read of its record):
+    called before a step's marker is written, so a fenced holder's work is never taken for
+    finished."""
+    for lock in list(_HELD):
+        lock.check()
 
 
 def lock_store(root: Location) -> LockStore:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from components.config import to_dict
+from components.config import config_hash, to_dict
 from components.data.shards import NO_LABEL, ShardStore
 from components.errors import ConfigError
 
@@ -100,6 +100,13 @@ class Task:
     def definition(self) -> dict[str, Any]:
         """The YAML form (everything but the name): part of every cache key that uses the task."""
         return {k: v for k, v in to_dict(self).items() if k != "name"}
+
+    @property
+    def definition_hash(self) -> str:
+        """The definition's short hash (`config_hash`, as step keys hash it): two tasks of one
+        name but another loss, column or channels differ here. A registered network carries it
+        as a version tag, so a champion is only ever compared with a model of its definition."""
+        return config_hash(self.definition())
 
 
 def batch_loss(per_image: torch.Tensor) -> torch.Tensor:

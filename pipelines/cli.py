@@ -10,10 +10,12 @@ taskatlas --help                           # every command
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from components.errors import TaskatlasError
+from components.disk_space import no_space
+from components.errors import OutOfSpace, TaskatlasError
 from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
 from pipelines.commands import position as position_commands
@@ -53,11 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TASKATLAS_VERBOSE"] = "1"
     else:  # MLflow's store migrations and the like: notices, not news (read when mlflow loads)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # MLflow logs each SQLite error (a full disk: dozens) before raising it: the error says it
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         return args.func(args) or 0
     except TaskatlasError as err:
         print(f"taskatlas: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except Exception as err:  # a full disk where no study lock names the storage root
+        if (writing := no_space(err)) is None:
+            raise
+        print(f"taskatlas: error: no space left on device writing {writing or 'files'}", file=sys.stderr)
+        return OutOfSpace.exit_code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ load_pipeline_config("configs/quickstart.yaml", ["train.epochs=3", "tasks=normal
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -325,8 +326,22 @@ class PositionConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """How long a tracking server may go without answering before a run stops (it says so in one
+    line; finished work stays on disk and the next run logs what is missing)."""
+
+    retry_s: float = 60.0  # one budget for the whole run's tracking calls while the server is down
+
+    def __post_init__(self) -> None:
+        _at_least("tracking", self, 0, "retry_s")
+
+
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
-    name: str = "taskatlas"  # the MLflow experiment
+    name: str = "taskatlas"  # the MLflow experiment; names the registered models (`<name>-<task>`)
     storage_root: str = "taskatlas-runs"
     tracking_uri: str = ""  # empty: SQLite under the storage root
     tasks: tuple[str, ...] = tuple(TASKS)
@@ -340,8 +355,14 @@ class PipelineConfig:
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if not _STUDY_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"name: {self.name!r} is not a study name: letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit (it names the study's registered models and its nightly folder)"
+            )
         catalog = self.catalog  # validates task_definitions
         if unknown := [t for t in self.tasks if t not in catalog]:
             raise ConfigError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(catalog)}")

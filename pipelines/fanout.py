@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import ray
 
+from components.disk_space import no_space_text
+from components.errors import OutOfSpace
 from components.transfer import Readout, ReadoutKind, TransferPlan
 from components.transfer.jobs import (
     ReadoutOutcome,
@@ -87,6 +89,7 @@ class FanOut:
                 try:
                     outcome: StackOutcome | ReadoutOutcome = ray.get(ready[0])
                 except ray.exceptions.RayError as err:
+                    _stop_if_disk_full(members, str(err))
                     self._lost(members, str(err).strip().splitlines()[-1][:500])
                     continue
                 if isinstance(outcome, ReadoutOutcome):
@@ -94,6 +97,7 @@ class FanOut:
                 for o in outcome.outcomes:
                     self._done(o, ran=True)
                 for r, error in outcome.failed:
+                    _stop_if_disk_full((r,), error)
                     self._fail(r, error)
 
     def _submit(self, readouts: Iterable[Readout]) -> None:
@@ -172,6 +176,14 @@ class FanOut:
         if self.first_left[r.target]:
             return
         self._submit(self.plan.higher_order(r.target, validation_losses(self.plan, r.target, self.outcomes)))
+
+
+def _stop_if_disk_full(members: tuple[Readout, ...], error: str) -> None:
+    """A readout that found the disk full: the stage stops (its retries, and the others, would
+    find it full too), in one `OutOfSpace` naming what was written."""
+    if (writing := no_space_text(error)) is not None:
+        names = ", ".join(r.name for r in members[:3]) + (" ..." if len(members) > 3 else "")
+        raise OutOfSpace(f"no space left on device in readout {names}", writing or f"readout {names}")
 
 
 def validation_losses(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import getpass
 import os
 import shutil
@@ -19,7 +21,8 @@ from components.config import config_hash, to_dict
 from components.data.scenes import SceneConfig
 from components.data.shards import ShardStore
 from components.data.synthetic import DatasetConfig, generate_dataset
-from components.errors import ConfigError, TaskatlasError
+from components.disk_space import free_reserve, no_space, reserve_space
+from components.errors import ConfigError, OutOfSpace, TaskatlasError
 from components.settings import read_settings
 from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
@@ -30,6 +33,7 @@ from pipelines.tracking import (
     STORAGE_ROOT_TAG,
     DatasetRef,
     Tracker,
+    check_sqlite_store,
     default_tracking_uri,
     remote_storage_refusal,
 )
@@ -91,14 +95,20 @@ def open_tracker(cfg: PipelineConfig, shared: bool = False) -> Tracker:
     if uri.startswith("sqlite"):
         cfg.root.local_path.mkdir(parents=True, exist_ok=True)
         artifacts = (cfg.root.local_path / "mlartifacts").as_uri()
-    return Tracker(uri, cfg.name, artifact_location=artifacts, run_tags={STORAGE_ROOT_TAG: str(cfg.root)})
+    return Tracker(
+        uri,
+        cfg.name,
+        artifact_location=artifacts,
+        run_tags={STORAGE_ROOT_TAG: str(cfg.root)},
+        retry_s=cfg.tracking.retry_s,
+    )
 
 
 def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None:
     """What must hold before a command does any work, each failing in one line naming the field
     or path: the environment's settings, `transfer.targets` among the tasks a command's `--tasks`
-    kept (`sources`), a writable storage root, and a tracking server that answers within
-    TRACKING_TIMEOUT_S."""
+    kept (`sources`), a writable storage root, a tracking server that answers within
+    TRACKING_TIMEOUT_S, or an SQLite store that is whole."""
     read_settings()
     if sources is not None and (missing := [t for t in cfg.transfer.targets if t not in sources]):
         raise ConfigError(f"--tasks: leaves out {missing[0]!r}, one of transfer.targets")
@@ -109,6 +119,7 @@ def preflight(cfg: PipelineConfig, sources: Sequence[str] | None = None) -> None
         check_tracking_server(uri)
     elif uri.startswith("sqlite:///"):
         check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking_uri")
+        check_sqlite_store(uri)
 
 
 def check_writable(folder: Path | Location, field: str) -> None:
@@ -141,16 +152,45 @@ def study_lock(
 ) -> Iterator[None]:
     """The storage root for this process alone (design.md section 1); then what dead attempts
     left behind, temp files of theirs, is removed. The one lock of a study: `run`, `nightly`,
-    `position` and the stage commands all take it (`StudyLock.acquire` for `never_wait_for`)."""
-    lock = StudyLock(lock_store(cfg.root), command, where=f"storage root {cfg.root}")
+    `position` and the stage commands all take it (`StudyLock.acquire` for `never_wait_for`).
+
+    Two ends in one line: a full disk (`OutOfSpace`, naming the root and what was being written),
+    and the lock taken over by another process (`LockLost`: the heartbeat interrupts this one, and
+    no step writes its marker after). A local root keeps `reserve_space` set aside meanwhile, which
+    `invocation` frees to mark its runs FAILED on a full disk."""
+    lock = StudyLock(
+        lock_store(cfg.root),
+        command,
+        where=f"storage root {cfg.root}",
+        on_lost=lambda lost: _thread.interrupt_main(),
+    )
 
     def waiting(holder) -> None:
         print(f"waiting for {holder.describe()} to finish with {cfg.root}", file=sys.stderr, flush=True)
 
-    with lock.held(wait, waiting, never_wait_for):
-        if cfg.root.is_local:  # object stores get whole objects or nothing: no temp files
-            remove_dead_temp_files(cfg.root.local_path)
-        yield
+    try:
+        with lock.held(wait, waiting, never_wait_for):
+            if cfg.root.is_local:  # object stores get whole objects or nothing: no temp files
+                remove_dead_temp_files(cfg.root.local_path)
+                reserve_space(cfg.root.local_path)
+            try:
+                yield
+            finally:
+                if cfg.root.is_local:
+                    free_reserve(cfg.root.local_path)
+    except BaseException as err:
+        writing = no_space(err)
+        if writing is None and lock.lost is not None:
+            if no_space(lock.lost) is None:
+                raise lock.lost from None
+            writing = "the study lock's record"  # lost for want of space to refresh it
+        if writing is None:
+            raise
+        raise OutOfSpace(
+            f"no space left on device writing {writing or 'under the storage root'} (storage root"
+            f" {cfg.root}); free some space and rerun: finished steps are kept, the rest resumes",
+            writing,
+        ) from None
 
 
 def remove_dead_temp_files(root: Path) -> list[Path]:
@@ -199,6 +239,27 @@ def code_version() -> str:
         return "unknown"
 
 
+def _ended_failed(tracker: Tracker, run_id: str) -> bool:
+    """The run marked FAILED; False if the disk was too full to."""
+    try:
+        tracker.end_run(run_id, failed=True)
+    except Exception as err:
+        if no_space(err) is None:
+            raise
+        return False
+    return True
+
+
+def _fail_runs_on_full_disk(cfg: PipelineConfig, tracker: Tracker) -> None:
+    """Every run of this study still RUNNING marked FAILED (the parent, and any network or
+    readout run whose own failure handler could not write), in the space `study_lock` reserved;
+    if even that fails, the next run marks them (`Tracker.end_orphans`)."""
+    if cfg.root.is_local:
+        free_reserve(cfg.root.local_path)
+    with contextlib.suppress(Exception):  # the disk's error is the one to report
+        tracker.end_orphans(STORAGE_ROOT_TAG, str(cfg.root), failed=True)
+
+
 @dataclass(frozen=True)
 class Invocation:
     config: PipelineConfig
@@ -236,7 +297,8 @@ def invocation(cfg: PipelineConfig, command: str):
     tracker.log_dataset(run_id, dataset_ref(cfg, store))
     try:
         yield Invocation(cfg, store, tracker, run_id)
-    except BaseException:
-        tracker.end_run(run_id, failed=True)
+    except BaseException as err:
+        if no_space(err) is not None or not _ended_failed(tracker, run_id):
+            _fail_runs_on_full_disk(cfg, tracker)
         raise
     tracker.end_run(run_id)

@@ -8,8 +8,12 @@ data version and a rerun on the same day reuses everything (and promotes nothing
 dataset (`data.path`) whose source folder has grown (or changed) since is imported again, as a
 new data version under `<storage_root>/data/`, its old images keeping their ids and splits;
 while the source is unchanged, the dataset is used as it is.
-A task's new model becomes the registry's `champion` only if its test loss is not worse than the
-current champion's on the same (new) test split.
+A task's new model becomes the registry's `champion` (of `<study>-<task>`, `pipelines/registry.py`)
+only if its test loss is not worse than the current champion's on the same (new) test split. A
+champion of another definition of the task (another loss, column, ...) is not scored with this
+one's loss: the study redefined the task, and the new model takes its place. What a night
+remembers for the next (the last taxonomy) is kept per study, under `nightly/<study>/`, so
+studies that share a storage root and a tracking store never touch each other's state.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from pipelines.config import PipelineConfig
 from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
+from pipelines.registry import network_model, nightly_state, registered_definition
 from pipelines.results import TaskResult
-from pipelines.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_model
+from pipelines.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_weights, network_spec
 
 
 def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
@@ -49,52 +54,81 @@ class Promotion:
     champion_loss: float | None
     promoted: bool
     refused: str = ""  # why the champion could not be loaded (not weights only): it is replaced
+    # The champion's definition hash where it is not this task's: not scored, and replaced
+    champion_definition: str = ""
 
 
 def promote(
     tracker: Tracker,
+    study: str,
     results: dict[str, TaskResult],
     retrained: list[str],
     test_data: dict,
     catalog: dict[str, Task],
 ) -> list[Promotion]:
-    """Compare each retrained task's new model with the registry's champion on the same test split."""
+    """Compare each retrained task's new model with the champion of the study's registered model
+    on the same test split, when that champion is of the same task definition."""
     out = []
     for name in retrained:
-        r = results[name]
-        registered = f"taskatlas-{name}"
+        r, task = results[name], catalog[name]
+        registered = network_model(study, name)
         champion = tracker.alias_version(registered, CHAMPION)
-        champion_loss, refused = None, ""
+        champion_loss, refused, other = None, "", ""
         if champion is not None and champion != r.model_version:
-            task = catalog[name]
-            try:  # weights only: a champion that is anything else is refused, never unpickled
-                model = load_registered_model(tracker.tracking_uri, registered, champion)
-            except UnsafeModelError as err:
-                refused = str(err)
-            else:
-                batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
-                champion_loss = nanmean(per_image_losses(model, batches, task, torch.device("cpu"))[1])
+            tagged = registered_definition(tracker, registered, champion)
+            if tagged not in (None, task.definition_hash):  # the study redefined the task
+                other = tagged
+            else:  # same definition, or untagged: its stored task says
+                try:
+                    champion_loss, other = _score_champion(tracker, registered, champion, task, test_data)
+                except UnsafeModelError as err:  # weights only: anything else is refused, never unpickled
+                    refused = str(err)
         # A task's first version is made champion when it is registered (Stage I): new this night.
-        better = champion in (None, r.model_version) or refused != "" or r.test_loss <= champion_loss
+        better = champion in (None, r.model_version) or bool(refused or other) or r.test_loss <= champion_loss
         if better:
             tracker.set_alias(registered, CHAMPION, r.model_version)
-        out.append(Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better, refused))
+        out.append(
+            Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better, refused, other)
+        )
     return out
+
+
+def _score_champion(
+    tracker: Tracker, registered: str, version: str, task: Task, test_data: dict
+) -> tuple[float | None, str]:
+    """(the champion's mean test loss, "") or, for a champion registered before the definition tag
+    whose stored task has another definition, (None, its definition hash): never scored."""
+    architecture, state = load_registered_weights(tracker.tracking_uri, registered, version)
+    spec = network_spec(architecture)
+    if spec.task.definition_hash != task.definition_hash:
+        return None, spec.task.definition_hash
+    model = spec.build()
+    model.load_state_dict(state)
+    batches = iter_batches({k: test_data[k] for k in ("image_id", *task.columns)}, 256)
+    return nanmean(per_image_losses(model.eval(), batches, task, torch.device("cpu"))[1]), ""
 
 
 def run_nightly(
     cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES, wait_for_lock: bool = False
 ) -> dict | None:
-    """The nightly job; None if another nightly holds the study's lock (the second of two leaves
-    at once, even with `wait_for_lock`). Another command working on the storage root is refused
-    (`StudyLocked`), or waited for with `wait_for_lock`."""
+    """The nightly job; None if another nightly of this study holds the storage root's lock (the
+    second of two leaves at once, even with `wait_for_lock`). Any other command working on the
+    root, another study's nightly included, is refused (`StudyLocked`), or waited for with
+    `wait_for_lock`."""
+    command = lock_command(cfg.name)
     try:
-        with study_lock(cfg, "nightly", wait_for_lock, never_wait_for="nightly"):
+        with study_lock(cfg, command, wait_for_lock, never_wait_for=command):
             return _nightly_under_lock(cfg, day, stages)
     except StudyLocked as err:
-        if err.holder.command != "nightly":
+        if err.holder.command != command:
             raise
         return None
+
+
+def lock_command(study: str) -> str:
+    """What a nightly's lock record says it runs: `nightly (<study>)`. Two studies may share a
+    storage root; only a nightly of the same study has nothing to add to one already running."""
+    return f"nightly ({study})"
 
 
 def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...]) -> dict:
@@ -104,7 +138,7 @@ def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...
         result: PipelineResult = run_pipeline(inv, stages)
         needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
         test = inv.store.read("test", needed)  # only the columns the champions are scored on
-        promotions = promote(inv.tracker, result.stage1, result.retrained, test, cfg.catalog)
+        promotions = promote(inv.tracker, cfg.name, result.stage1, result.retrained, test, cfg.catalog)
         summary = _summary(cfg, day, result, promotions)
         inv.tracker.set_tags(
             inv.run_id,
@@ -122,7 +156,7 @@ def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...
 
 
 def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions: list[Promotion]) -> dict:
-    last_path = cfg.root / "nightly" / "last_taxonomy.json"
+    last_path = nightly_state(cfg.root, cfg.name) / "last_taxonomy.json"  # this study's, not the root's
     previous = last_path.read_json() if last_path.exists() else None
     summary = {
         "date": day.isoformat(),

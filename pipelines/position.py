@@ -3,7 +3,7 @@ images labelled for that task only, and a model for it built on its best sources
 section 12; Taskonomy's closing use case).
 
     taskatlas position -c configs/quickstart.yaml --task near.yaml --images my-images/
-    taskatlas predict -c configs/quickstart.yaml --model taskatlas-near-transfer --images new/ --out preds/
+    taskatlas predict -c configs/quickstart.yaml --model taskatlas-quickstart-near-transfer --images new/ --out preds/
 
 Everything is checked before any work (the task definition, the folder, the split's size, the
 study being finished), then, each step resumable under the study's storage root:
@@ -19,7 +19,7 @@ study being finished), then, each step resumable under the study's storage root:
 4. Where it sits (`components.position`): the study tasks nearest to it, what the study's roots
    give it, what one more root would add.
 5. The model: the chosen transfer's readout trained again with its weights kept (replicate 0's seed:
-   the same readout), registered weights-only as `taskatlas-<task>-transfer`, champion.
+   the same readout), registered weights-only as `<study>-<task>-transfer`, champion.
 Nothing of the study is recomputed.
 """
 
@@ -65,6 +65,7 @@ from components.verdict import TIE
 from pipelines.analysis_steps import affinity_step, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_folder
+from pipelines.registry import network_model, positioned_model, version_tags
 from pipelines.results import TaskResult
 from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage2 import Stage2
@@ -74,11 +75,6 @@ from pipelines.tracking import CHAMPION, Registration, Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
-
-
-def registered_name(task: str) -> str:
-    """The registry name of a positioned task's model (a study's own networks are `taskatlas-<task>`)."""
-    return f"taskatlas-{task}-transfer"
 
 
 # ---------------------------------------------------------------- up-front checks
@@ -331,9 +327,12 @@ def _model(
         channels=job.channels,
         width=cfg.transfer.width,
         in_channels=in_channels,
-        encoders=tuple(EncoderRef(s, f"taskatlas-{s}", networks[s].model_version) for s in chosen.sources),
+        encoders=tuple(
+            EncoderRef(s, networks[s].registered or network_model(cfg.name, s), networks[s].model_version)
+            for s in chosen.sources
+        ),
     )
-    name = registered_name(task.name)
+    name = positioned_model(cfg.name, task.name)
     model_id = tracker.create_logged_model(run_id, name)
     registration = Registration(
         name,
@@ -342,9 +341,9 @@ def _model(
             "encoders of its best sources, one version per positioning, `@champion` the newest. "
             "Weights only: `taskatlas predict --model NAME` runs it."
         ),
-        tags={"task": task.name, "kind": task.kind.value, "positioned": "true"},
+        tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "positioned": "true"},
         version_tags={
-            "task": task.name,
+            **version_tags(cfg.name, task),
             "sources": "+".join(chosen.sources),
             "encoders": ",".join(f"{e.registered}/{e.version}" for e in spec.encoders),
             "data_version": stage2.store.data_version,

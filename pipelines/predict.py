@@ -1,13 +1,14 @@
 """`taskatlas predict`: a registered model's predictions for a folder of images.
 
-    taskatlas predict -c configs/quickstart.yaml --model taskatlas-near-transfer --images photos/ --out preds/
+    taskatlas predict -c configs/quickstart.yaml --model taskatlas-quickstart-near-transfer --images photos/ --out preds/
 
 The model is a positioned task's transfer model (`taskatlas position`), or any study network
-(`taskatlas-<task>`); `NAME` is its champion, `NAME@alias` or `NAME/version` another. Both are
-rebuilt with this project's code from weights-only files; a transfer model's encoders are the
-registered versions it records. Images (`DIR/rgb/*` or `DIR/*`: PNG, JPEG or .npy) are
-centre-cropped and resized as the importers do; predictions go to `OUT/<column>/<stem>.<ext>` in
-the task's stored encoding (`components.transfer.model.write_prediction`), the generic import layout.
+(`<study>-<task>`, `pipelines/registry.py`); `NAME` is its champion, `NAME@alias` or
+`NAME/version` another. Both are rebuilt with this project's code from weights-only files; a
+transfer model's encoders are the registered versions it records. Images (`DIR/rgb/*` or `DIR/*`:
+PNG, JPEG or .npy) are centre-cropped and resized as the importers do; predictions go to
+`OUT/<column>/<stem>.<ext>` in the task's stored encoding
+(`components.transfer.model.write_prediction`), the generic import layout.
 """
 
 from __future__ import annotations

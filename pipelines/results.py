@@ -23,6 +23,10 @@ class TaskResult:
     hparams: dict
     run_id: str
     model_version: str
+    # The registered model `model_version` is a version of: the study's that trained it. Networks
+    # are steps keyed by content, so another study on the same root may reuse this one ('': a
+    # network recorded before the field, of the study's own `<study>-<task>`).
+    registered: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ import ray.train.torch
 
 from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
+from components.disk_space import no_space
+from components.errors import OutOfSpace
 from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
@@ -40,6 +42,7 @@ from pipelines.stage1_record import Network, NetworkRecord
 from pipelines.stage1_search import search_tasks
 from pipelines.torch_loopback import LoopbackTorchConfig
 from pipelines.tracking import Tracker
+from pipelines.train_state import repair_train_state
 from pipelines.train_worker import WorkerConfig, loop_config, train_worker
 
 
@@ -151,6 +154,7 @@ class Stage1:
             epochs=cfg.train.epochs,
             seed=cfg.train.seed,
             tracking_uri=self.tracker.tracking_uri,
+            tracking_retry_s=cfg.tracking.retry_s,
             run_id=run_id,
             weights=weights,
             fail_at_epoch=read_settings().fail_at_epoch,
@@ -163,6 +167,9 @@ class Stage1:
         workers = [self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri) for n in networks]
         columns = sorted({c for n in networks for c in n.task.columns})
         names = "+".join(n.task.name for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
+        # The same networks, the same run: a rerun after a kill resumes its checkpoint ...
+        run_name = f"train-{names}-{config_hash([n.step.key for n in networks])}"
+        repair_train_state(cfg.root / "ray" / run_name, names)  # ... unless a full disk damaged it
         trainer = ray.train.torch.TorchTrainer(
             train_worker,
             train_loop_config=loop_config(workers),
@@ -173,8 +180,7 @@ class Stage1:
                 resources_per_worker=None if self.use_gpu else {"CPU": cfg.train.cpus_per_worker},
             ),
             run_config=ray.train.RunConfig(
-                # The same networks, the same run: a rerun after a kill resumes its checkpoint.
-                name=f"train-{names}-{config_hash([n.step.key for n in networks])}",
+                name=run_name,
                 storage_path=(cfg.root / "ray").uri,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
@@ -182,7 +188,13 @@ class Stage1:
             **self._trainer_datasets(columns),
         )
         set_train_report_poll(cfg.train.report_poll_s)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as err:  # a full disk: name the training, not a worker's traceback
+            if (writing := no_space(err)) is None:
+                raise
+            writing = writing or f"the checkpoints of {names} under {cfg.root / 'ray' / run_name}"
+            raise OutOfSpace(f"no space left on device training {names}", writing) from err
 
     def _trainer_datasets(self, columns: list[str]) -> dict:
         """TorchTrainer's dataset arguments: none when each worker reads its shards itself."""

@@ -23,6 +23,7 @@ from components.training import iter_batches, nanmean, per_image_losses
 from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
+from pipelines.registry import network_model, registered_definition, version_tags
 from pipelines.results import TaskResult
 from pipelines.steps import Step
 from pipelines.tracking import (
@@ -125,22 +126,23 @@ class NetworkRecord:
         metrics = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
         metrics.append(Metric("final_test_loss", test_loss, int(time.time() * 1000), last))
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
-        registered = f"taskatlas-{task.name}"
+        registered = network_model(cfg.name, task.name)
         about = f"{task.kind.value} task, {task.loss.value} loss on column `{task.column}`"
         registration = Registration(
             registered,
             description=(
-                f"The {task.name} network of a taskatlas study ({about}): one version per training, "
-                f"`@{CHAMPION}` the one in use. Weights only: load with taskatlas' load_registered_model."
+                f"The {task.name} network of the taskatlas study {cfg.name} ({about}): one version per "
+                f"training, `@{CHAMPION}` the one in use; tag `definition` tells the task's definitions "
+                "apart. Weights only: load with taskatlas' load_registered_model."
             ),
             version_description=(
                 f"The {task.name} network ({about}), trained {cfg.train.epochs} epochs on data version "
                 f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
                 "Weights only: load with taskatlas' load_registered_model."
             ),
-            tags={"task": task.name, "kind": task.kind.value, "loss": task.loss.value},
+            tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "loss": task.loss.value},
             version_tags={
-                "task": task.name,
+                **version_tags(cfg.name, task),
                 "final_test_loss": f"{test_loss:.6g}",
                 "data_version": self.store.data_version,
                 "config_hash": step.key,
@@ -156,14 +158,30 @@ class NetworkRecord:
             metrics,
             signature=tensor_signature(model, example),
         )
-        if self.tracker.alias_version(registered, CHAMPION) is None:  # a task's first version
+        if self._first_of_its_definition(registered, task):
             self.tracker.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(network.run_id)
         done = TaskResult(
-            task.name, step.key, network.weights.uri, test_loss, network.hparams, network.run_id, version
+            task.name,
+            step.key,
+            network.weights.uri,
+            test_loss,
+            network.hparams,
+            network.run_id,
+            version,
+            registered,
         )
         step.finish(asdict(done))
         return done
+
+    def _first_of_its_definition(self, registered: str, task: Task) -> bool:
+        """No champion yet, or one of another definition of the task (the study redefined it):
+        this version is the first of its definition, so it becomes the champion. A champion
+        without the tag (registered before it) is left to nightly, which reads its definition."""
+        champion = self.tracker.alias_version(registered, CHAMPION)
+        if champion is None:
+            return True
+        return registered_definition(self.tracker, registered, champion) not in (None, task.definition_hash)
 
     def log_search(
         self,

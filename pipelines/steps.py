@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.data.shards import file_sha256
 from components.storage import Location, location
+from components.study_lock import check_held
 
 if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
     from pipelines.tracking import Tracker
@@ -110,7 +111,9 @@ class Step:
 
     def finish(self, info: dict[str, Any], scratch: Path | None = None) -> dict[str, Any]:
         """Upload the scratch folder's files (if any), then write the marker, last, with the size
-        and SHA-256 of every file in the step folder (those workers wrote there too)."""
+        and SHA-256 of every file in the step folder (those workers wrote there too). Nothing,
+        if this process lost its study lock (`LockLost`): another now owns the storage root."""
+        check_held()
         if scratch is not None:
             for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
                 (self.location / path.relative_to(scratch).as_posix()).upload(path)

@@ -10,13 +10,15 @@ logging to the same run instead of making a second one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
+import math
 import pickle
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,6 +28,7 @@ from urllib.parse import quote
 
 import mlflow
 import mlflow.artifacts
+import requests
 import torch
 from mlflow.entities import (
     Dataset,
@@ -36,6 +39,12 @@ from mlflow.entities import (
     Param,
     RunStatus,
     RunTag,
+)
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
 )
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
@@ -196,6 +205,174 @@ def _is_server(tracking_uri: str) -> bool:
     return _scheme(tracking_uri) in ("http", "https")
 
 
+# ---------------------------------------------------------------- a server that does not answer
+
+DEFAULT_RETRY_S = 60.0  # `tracking.retry_s`
+_PAUSE_FIRST_S, _PAUSE_MAX_S = 0.5, 4.0  # between attempts while a server does not answer
+
+
+class TrackingUnavailable(TaskatlasError):
+    """The tracking server did not answer for the run's whole retry budget: the run stops."""
+
+
+def request_timeout_s(retry_s: float) -> int:
+    """How long one request waits for an answer: half the budget, 5 to 30 s. A server that takes
+    connections and never answers stops a run after at most `retry_s` plus this."""
+    return int(min(30, max(5, math.ceil(retry_s / 2))))
+
+
+def use_retry_budget(retry_s: float) -> None:
+    """MLflow's own HTTP retries off in this process, and one request's wait bounded: a
+    `RetryBudget` retries instead, on one budget for the whole run. (By default MLflow retries
+    each request 7 times, ~4 minutes, and a failure handler's requests start over.) MLflow reads
+    these variables at every request (`mlflow.utils.rest_utils.http_request`); Ray workers call
+    this through `RunLogger`, so a cluster's workers need nothing in their runtime env."""
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES.set(0)
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.set(0)
+    MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.set(0.0)
+    MLFLOW_HTTP_REQUEST_TIMEOUT.set(request_timeout_s(retry_s))
+
+
+def _unanswered(err: BaseException) -> bool:
+    """Whether a tracking call failed for want of an answer (refused, timed out, or MLflow's
+    transient statuses: 429, 5xx), not because the server refused the request."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+class RetryBudget:
+    """One budget of `retry_s` seconds for all of a run's tracking calls while the server does
+    not answer. A call without an answer is tried again (pauses of 0.5 s doubling to 4 s) until
+    the server has been silent `retry_s` seconds, counted from the first unanswered attempt of any
+    call (threads share it) and reset by any answer. Then that call, and every later one at once
+    and without a request, raise `TrackingUnavailable`: a failure handler starts no second round."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        retry_s: float = DEFAULT_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.tracking_uri, self.retry_s = tracking_uri, retry_s
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._silent_since: float | None = None  # the first unanswered attempt since an answer
+        self._gave_up_after: float | None = None  # seconds of silence, once the budget is spent
+
+    @property
+    def spent(self) -> bool:
+        """Whether the server is known dead: every call now fails at once."""
+        return self._gave_up_after is not None
+
+    def error(self) -> TrackingUnavailable:
+        return TrackingUnavailable(
+            f"tracking_uri: the tracking server at {self.tracking_uri} did not answer for "
+            f"{self._gave_up_after or 0:.0f} s (tracking.retry_s: {self.retry_s:g}); finished work is"
+            " on disk, and the next run logs what is missing"
+        )
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        pause = _PAUSE_FIRST_S
+        while True:
+            if self.spent:
+                raise self.error()
+            started = self._clock()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:
+                if not _unanswered(err):
+                    raise
+                with self._lock:
+                    if self._silent_since is None or started < self._silent_since:
+                        self._silent_since = started
+                    silent = self._clock() - self._silent_since
+                    if silent >= self.retry_s and self._gave_up_after is None:
+                        self._gave_up_after = silent
+                if self.spent:
+                    raise self.error() from None
+                self._sleep(min(pause, self.retry_s - silent))
+                pause = min(2 * pause, _PAUSE_MAX_S)
+                continue
+            with self._lock:
+                self._silent_since = None
+            return result
+
+
+class _BudgetedClient:
+    """An `MlflowClient` whose every method call goes through a `RetryBudget`."""
+
+    def __init__(self, client: MlflowClient, budget: RetryBudget):
+        self.raw, self._budget = client, budget
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("raw", "_budget"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        value = getattr(self.raw, name)
+        return functools.partial(self._budget.call, value) if callable(value) else value
+
+
+# ---------------------------------------------------------------- a damaged SQLite store
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_store_damage(path: Path) -> str | None:
+    """Why the SQLite file at `path` is not a whole database (not SQLite, or shorter than its
+    header says: cut short by a full disk or a killed copy), or None. Reads its 100-byte header
+    only: the check costs nothing on a store of any size."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    if size == 0:
+        return None  # a new, empty store
+    if any(path.with_name(path.name + suffix).exists() for suffix in ("-journal", "-wal")):
+        return None  # a writer's journal beside it: SQLite itself rolls back or replays it on open
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "not an SQLite database"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_size_valid = header[24:28] == header[92:96]  # SQLite's rule for the in-header size
+    if header_size_valid and pages and size < pages * page_size:
+        return f"cut short: {size} of {pages * page_size} bytes"
+    return None
+
+
+def sqlite_store_refusal(path: Path, why: str) -> str:
+    """The one line that refuses a damaged SQLite store and says what to do."""
+    return (
+        f"tracking_uri: the MLflow store {path} is damaged ({why}); move it aside"
+        f" (mv {path} {path}.damaged) and rerun: the study's outputs under the storage root are kept"
+        " and reused, in a new store (`sqlite3 FILE .recover` may save the old one's runs)"
+    )
+
+
+def check_sqlite_store(tracking_uri: str) -> None:
+    """A damaged SQLite store refused in one line (`sqlite_store_refusal`); anything else passes."""
+    if _scheme(tracking_uri) == "sqlite":
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if why := sqlite_store_damage(path):
+            raise TaskatlasError(sqlite_store_refusal(path, why))
+
+
+def _damaged_sqlite_error(err: BaseException) -> bool:
+    """Whether an error is SQLite finding its file damaged (rather than locked, or missing)."""
+    text = str(err).lower()
+    return "database disk image is malformed" in text or "file is not a database" in text
+
+
 # MLflow 3.17's UI opens every experiment on its GenAI view: a sidebar switch it keeps in the
 # browser (localStorage `mlflow.workflowType`, default `genai`) overrides the experiment's
 # `mlflow.experimentKind` tag, and no server setting changes that default. A link that names the
@@ -227,7 +404,9 @@ def remote_storage_refusal(tracking_uri: str, storage_uri: str, shared: bool) ->
         f"tracking_uri {tracking_uri} is a local store, but storage_root {storage_uri} {why}: run an"
         " MLflow server with a PostgreSQL backend (mlflow server --backend-store-uri"
         " postgresql+psycopg2://USER@DBHOST:5432/mlflow --artifacts-destination s3://BUCKET/mlartifacts"
-        " --host 0.0.0.0 --port 5000) and set tracking_uri: http://MLFLOW_HOST:5000"
+        " --app-name basic-auth --host MLFLOW_HOST --port 5000, MLFLOW_HOST the cluster-internal"
+        " address, never 0.0.0.0) and set tracking_uri: http://MLFLOW_HOST:5000, with"
+        " MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
     )
 
 
@@ -247,29 +426,55 @@ class RunLogger:
 
     tracking_uri: str
     run_id: str
+    retry_s: float = DEFAULT_RETRY_S  # `tracking.retry_s`: this process's budget (`RetryBudget`)
+
+    @functools.cached_property
+    def _client(self) -> _BudgetedClient:
+        """Made in the process that logs (a Ray worker), never pickled: `__getstate__`."""
+        if _is_server(self.tracking_uri):
+            use_retry_budget(self.retry_s)
+        return _BudgetedClient(MlflowClient(self.tracking_uri), RetryBudget(self.tracking_uri, self.retry_s))
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+
+    @property
+    def server_down(self) -> bool:
+        """The budget is spent: the worker's later logging is skipped (`log_metrics`, `set_tags`),
+        its training goes on, and the driver stops the run at its next tracking call."""
+        return "_client" in self.__dict__ and self._client._budget.spent
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """The run's metrics only: its logged model gets the final epoch's when it is registered
-        (`Tracker.register_weights`), so the model shows one value per key, not every epoch's."""
+        (`Tracker.register_weights`), so the model shows one value per key, not every epoch's.
+        Nothing once the server is down (`server_down`): the weights on disk are the work."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch, synchronous=True)
+        self._log([Metric(k, float(v), now, step) for k, v in metrics.items()], [])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        MlflowClient(self.tracking_uri).log_batch(
-            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
-        )
+        self._log([], [RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _log(self, metrics: list[Metric], tags: list[RunTag]) -> None:
+        if self.server_down:
+            return
+        with contextlib.suppress(TrackingUnavailable):
+            self._client.log_batch(self.run_id, metrics=metrics, tags=tags, synchronous=True)
 
     @contextlib.contextmanager
     def system_metrics(self, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
         """MLflow's system metrics of this machine (`system/cpu_utilization_percentage`, memory,
         disk, network; GPUs too with nvidia-ml-py) on the run every `interval_s` while the block
-        runs, and at least once; nothing where psutil is not installed (MLflow measures with it)."""
-        if importlib.util.find_spec("psutil") is None:
+        runs, and at least once; nothing where psutil is not installed (MLflow measures with it), or
+        once the server is down (then what was not sent is lost: the block's work goes on)."""
+        if importlib.util.find_spec("psutil") is None or self.server_down:
             yield
             return
+        import psutil
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # psutil's CPU reading is the use since its previous call, and 0.0 on the first: call it
+        # now, so that a block shorter than one interval does not read as an idle CPU.
+        psutil.cpu_percent()
         monitor = SystemMetricsMonitor(
             self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.tracking_uri
         )
@@ -278,19 +483,31 @@ class RunLogger:
         try:
             yield
         finally:
-            monitor.finish()
-            if monitor._logging_step == first:  # the block was shorter than one interval
+            monitor.finish()  # its own thread's failures are warnings
+            if monitor._logging_step == first and not self.server_down:  # shorter than one interval
                 monitor.collect_metrics()
                 monitor.publish_metrics(monitor.aggregate_metrics())
-                monitor.mlflow_logger.flush()
+                try:
+                    monitor.mlflow_logger.flush()
+                except Exception as err:
+                    if not _unanswered(err):
+                        raise
 
     def logged_steps(self, key: str) -> set[int]:
         """Steps at which the run already has metric `key` (what an earlier attempt logged)."""
-        return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(self.run_id, key)}
+        if self.server_down:
+            return set()
+        with contextlib.suppress(TrackingUnavailable):
+            return {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        return set()
 
 
 class Tracker:
-    """Driver-side access to one experiment of one tracking store."""
+    """Driver-side access to one experiment of one tracking store.
+
+    Every call goes through one `RetryBudget` (`retry_s`, `tracking.retry_s`): a server silent
+    that long stops the run with `TrackingUnavailable`, and failure handlers then skip their
+    calls (`end_run(failed=True)`). A damaged SQLite store is refused in one line, before use."""
 
     def __init__(
         self,
@@ -298,14 +515,26 @@ class Tracker:
         experiment_name: str,
         artifact_location: str | None = None,
         run_tags: Mapping[str, str] | None = None,
+        retry_s: float = DEFAULT_RETRY_S,
     ):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        check_sqlite_store(tracking_uri)
+        if _is_server(tracking_uri):
+            use_retry_budget(retry_s)
+        self.budget = RetryBudget(tracking_uri, retry_s)
         self.run_tags = dict(run_tags or {})  # set on every run this tracker creates (and matched)
         # Also set on every run it creates, but never searched for: who ran it, from which code
         # (MLflow's "Created by" and "Source"); `invocation` sets them once it knows them.
         self.source_tags: dict[str, str] = {}
-        experiment = self.client.get_experiment_by_name(experiment_name)
+        try:
+            raw = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            self.client = _BudgetedClient(raw, self.budget)
+            experiment = self.client.get_experiment_by_name(experiment_name)
+        except Exception as err:
+            if _scheme(tracking_uri) == "sqlite" and _damaged_sqlite_error(err):  # past its header
+                path = Path(tracking_uri.removeprefix("sqlite:///"))
+                raise TaskatlasError(sqlite_store_refusal(path, "malformed")) from None
+            raise
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
                 experiment_name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS
@@ -373,21 +602,23 @@ class Tracker:
             self.log_params(run_id, params)
         return run_id
 
-    def end_orphans(self, tag: str, value: str) -> list[str]:
+    def end_orphans(self, tag: str, value: str, failed: bool = False) -> list[str]:
         """Mark KILLED every run still RUNNING whose `tag` is `value`: called by the one live
-        process of a study (it holds the study lock), so their driver is dead."""
+        process of a study (it holds the study lock), so their driver is dead. `failed`: mark
+        them FAILED, the live process's own runs (a full disk ends them all at once)."""
         query = f"attributes.status = 'RUNNING' and tags.`{tag}` = '{value}'"
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.KILLED)
         killed, token = [], None
         while True:
             page = self.client.search_runs([self.experiment_id], query, max_results=1000, page_token=token)
             for run in page:
-                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                self.client.set_terminated(run.info.run_id, status)
                 killed.append(run.info.run_id)
             if not (token := page.token):
                 return killed
 
     def logger(self, run_id: str) -> RunLogger:
-        return RunLogger(self.tracking_uri, run_id)
+        return RunLogger(self.tracking_uri, run_id, self.budget.retry_s)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
@@ -418,6 +649,10 @@ class Tracker:
         self.client.log_dict(run_id, data, filename)
 
     def end_run(self, run_id: str, failed: bool = False, end_time: float | None = None) -> None:
+        """FINISHED, or FAILED. Marking a run FAILED is skipped once the server is known down
+        (`RetryBudget.spent`): the next run marks it KILLED (`end_orphans`)."""
+        if failed and self.budget.spent:
+            return
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status, None if end_time is None else int(end_time * 1000))
 
@@ -501,8 +736,8 @@ class Tracker:
     def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
         """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
         print its URL (over HTTP), a second request per run; its store call is this one."""
-        store = self.client._tracking_client.store
-        store.update_run_info(run_id, RunStatus.from_string(status.value), end_ms, None)
+        store = self.client.raw._tracking_client.store
+        self.budget.call(store.update_run_info, run_id, RunStatus.from_string(status.value), end_ms, None)
 
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description in MLflow's UI."""
@@ -646,6 +881,10 @@ class Tracker:
             return str(self.client.get_model_version_by_alias(registered_name, alias).version)
         except mlflow.exceptions.MlflowException:
             return None
+
+    def version_tags(self, registered_name: str, version: str) -> dict[str, str]:
+        """The tags of a registered version (its task, study and definition hash, for ours)."""
+        return dict(self.client.get_model_version(registered_name, version).tags)
 
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name, alias, version)

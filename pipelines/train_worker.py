@@ -38,7 +38,7 @@ from components.training import (
     train_one_epoch,
     unwrap,
 )
-from pipelines.tracking import RunLogger
+from pipelines.tracking import DEFAULT_RETRY_S, RunLogger
 
 CHECKPOINT_FILE = "state.pt"
 # TASKATLAS_TEST_FAIL_AT_EPOCH waits this long before killing rank 0: a few of Ray Train's report polls.
@@ -63,6 +63,8 @@ class WorkerConfig:
     fail_at_epoch: int | None = None  # counted over the run's networks, one after another
     cache_in_memory: bool = True
     data_root: str = ""  # train.loader "shards": the dataset each worker reads its slice of; "": Ray Data
+    # `tracking.retry_s`: how long rank 0's logging waits for a silent server, then goes without
+    tracking_retry_s: float = DEFAULT_RETRY_S
     weights: str = ""  # where rank 0 writes the final weights (the driver scores and registers them)
 
 
@@ -158,7 +160,7 @@ def _train_network(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
-    logger = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    logger = RunLogger(cfg.tracking_uri, cfg.run_id, cfg.tracking_retry_s) if rank == 0 else None
     # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()

@@ -119,6 +119,8 @@ def test_a_local_store_is_refused_for_remote_storage(tracking, storage):
     assert tracking in message and storage in message
     assert "mlflow server --backend-store-uri postgresql" in message
     assert "--artifacts-destination s3://" in message and "tracking_uri: http://" in message
+    # The server it shows asks for a password and does not listen on every interface (issue 27).
+    assert "--app-name basic-auth" in message and "--host 0.0.0.0" not in message
 
 
 @pytest.mark.parametrize("storage", ["/mnt/taskatlas", "file:///mnt/taskatlas", "taskatlas-runs"])

@@ -68,7 +68,7 @@ def check_the_answer_is_browsable(root, parent, taxonomy):
         assert duration >= r.data.metrics["seconds"] - 0.01  # the times of the Ray work itself
 
     for task in ("normal", "reshading", "edge_texture"):
-        version = client.get_model_version_by_alias(f"taskatlas-{task}", "champion")
+        version = client.get_model_version_by_alias(f"tiny-{task}", "champion")
         assert str(version.version) == "1" and version.tags["task"] == task and version.description
         (model,) = [
             m
@@ -184,14 +184,14 @@ def test_nightly_promotes_at_most_once_and_a_concurrent_nightly_is_refused(
     assert second["retrained"] == [] and second["promoted"] == []
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     for task in ("normal", "reshading", "edge_texture"):
-        assert str(client.get_model_version_by_alias(f"taskatlas-{task}", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias(f"tiny-{task}", "champion").version) == "1"
     # The next night has new data: new models, promoted only where not worse than the champion.
     assert main(["nightly", "-c", str(tiny_config), "--stages", "train", "--date", "2026-11-21"]) == 0
     third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert third["data_version"] != first["data_version"]
     assert sorted(third["retrained"]) == ["edge_texture", "normal", "reshading"]
     for task in ("normal", "reshading", "edge_texture"):
-        champion = str(client.get_model_version_by_alias(f"taskatlas-{task}", "champion").version)
+        champion = str(client.get_model_version_by_alias(f"tiny-{task}", "champion").version)
         assert champion == ("2" if task in third["promoted"] else "1")
     latest = max(runs_named(root, "nightly"), key=lambda r: r.info.start_time)
     summary = (
@@ -210,7 +210,7 @@ def test_nightly_promotes_at_most_once_and_a_concurrent_nightly_is_refused(
             "-c",
             "import sys, time; from components.study_lock import StudyLock; "
             "from components.storage import location; from components.study_lock import lock_store; "
-            "lock = StudyLock(lock_store(location(sys.argv[1])), 'nightly'); lock.acquire(); "
+            "lock = StudyLock(lock_store(location(sys.argv[1])), 'nightly (tiny)'); lock.acquire(); "
             "print('locked', flush=True); time.sleep(60)",
             str(root),
         ],

@@ -56,7 +56,9 @@ def labelled_folder(folder, n, label=None, seed=91, column="edges"):
 def network_output(uri, task):
     """What the study's registered `task` network predicts, as labels: a planted task that is a
     function of that one source's output, however briefly it was trained."""
-    net = load_registered_model(uri, f"taskatlas-{task}", resolve_version(uri, f"taskatlas-{task}")[1])
+    net = load_registered_model(
+        uri, f"tiny-position-{task}", resolve_version(uri, f"tiny-position-{task}")[1]
+    )
 
     def label(rgb):
         with torch.no_grad():
@@ -99,7 +101,7 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
     ]
     assert first[0]["sources"] == ["edge_texture"], first  # the source whose output the labels are
     assert "edge_texture" in answer["best"][0]["sources"]  # the best source set has it
-    assert "edge_texture" in answer["model_sources"] and answer["model"] == "taskatlas-edges-transfer"
+    assert "edge_texture" in answer["model_sources"] and answer["model"] == "tiny-position-edges-transfer"
     assert {"sources", "affinity", "gain", "p_best", "affinity_lo", "affinity_hi"} <= set(first[0])
     assert set(answer["nearest"]) == {"autoencoding", "depth_euclidean", "edge_texture", "normal"}
     assert answer["images"]["test"] >= 6 and answer["replicates"] == 1
@@ -116,10 +118,10 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
     assert again["candidates"] == answer["candidates"]
 
     # the registered model: weights only, rebuilt by our code; predict writes the task's encoding
-    name, version = resolve_version(uri, "taskatlas-edges-transfer")
+    name, version = resolve_version(uri, "tiny-position-edges-transfer")
     assert version == answer["model_version"]
     architecture, state = load_registered_weights(uri, name, version, formats=("taskatlas-transfer-v1",))
-    assert architecture["encoders"][0]["registered"].startswith("taskatlas-")
+    assert architecture["encoders"][0]["registered"].startswith("tiny-position-")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     with pytest.raises(UnsafeModelError, match="format"):  # a task network's loader refuses it
         load_registered_weights(uri, name, version)
@@ -131,7 +133,7 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
                 "-c",
                 str(config),
                 "--model",
-                "taskatlas-edges-transfer",
+                "tiny-position-edges-transfer",
                 "--images",
                 str(images),
                 "--out",
@@ -152,7 +154,7 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
                 "-c",
                 str(config),
                 "--model",
-                "taskatlas-normal@champion",
+                "tiny-position-normal@champion",
                 "--images",
                 str(images / "rgb"),
                 "--out",

@@ -160,7 +160,9 @@ def test_registered_model_loads_back_and_reproduces_the_test_loss(tmp_path, tiny
     )
     task = get_task("class_object")
     result = stage.train(task, stage.plan.default_hparams())
-    model = load_registered_model(tracker.tracking_uri, "taskatlas-class_object", result.model_version)
+    model = load_registered_model(
+        tracker.tracking_uri, "taskatlas-quickstart-class_object", result.model_version
+    )
     test = ShardStore(tiny_dataset).read("test", ["rgb", "class_object"])
     _, losses = per_image_losses(model, iter_batches(test, 8), task, torch.device("cpu"))
     assert float(np.mean(losses)) == pytest.approx(result.test_loss, rel=1e-6)

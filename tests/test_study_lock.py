@@ -141,3 +141,98 @@ def test_a_second_study_on_a_root_is_refused_at_once_or_waits_and_takes_over_a_k
             if proc is not None and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_a_holder_whose_lock_is_taken_over_is_fenced_and_writes_no_marker(tmp_path):
+    """Issue 27 item 8: a holder that was silent past `stale_after_s` (a partition, a pause) and
+    whose lock a second holder took over learns it at its next heartbeat; from then on no step
+    of it writes its marker, and its release leaves the new holder's record alone."""
+    from components.errors import LockLost
+    from components.storage import location
+    from components.study_lock import check_held
+    from pipelines.steps import DONE, Step
+
+    store = LocalLockStore(tmp_path / STUDY_LOCK)
+    told = threading.Event()
+    first = StudyLock(store, "run", heartbeat_s=0.6, on_lost=lambda lost: told.set())
+    first.acquire()
+    step = Step(location(tmp_path), "stage1/normal", "abc")
+    step.finish({"ok": 1})  # held: the marker is written
+    time.sleep(0.3)  # silent longer than the second holder's patience
+    second = StudyLock(store, "train", stale_after_s=0.2, heartbeat_s=30)
+    second.acquire()  # takes the "dead" holder's lock over
+    try:
+        assert told.wait(5), "the first holder never noticed"
+        with pytest.raises(LockLost) as lost:
+            check_held()
+        line = str(lost.value)
+        assert "\n" not in line and "taken over by taskatlas train" in line and f"pid {os.getpid()}" in line
+        assert "stopped before its next write" in line
+        fenced = Step(location(tmp_path), "stage1/reshading", "def")
+        with pytest.raises(LockLost):
+            fenced.finish({"ok": 1})
+        assert not fenced.marker.exists() and (tmp_path / "stage1/normal/abc" / DONE).exists()
+        first.release()  # must not delete the second holder's record
+        assert store.read().token == second.holder.token
+        check_held()  # the lost lock is no longer this process's: nothing to refuse
+    finally:
+        second.release()
+
+
+def test_a_holder_that_cannot_refresh_its_lock_for_stale_after_s_gives_it_up(tmp_path):
+    """A lease: storage it cannot write for `stale_after_s` (here a full disk; a partitioned S3
+    alike), after which others may take the lock over, fences the holder too."""
+    from components.disk_space import no_space
+    from components.errors import LockLost
+    from components.study_lock import check_held
+    from tests.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        holder = StudyLock(LocalLockStore(disk / STUDY_LOCK), "run", heartbeat_s=0.2, stale_after_s=0.5)
+        holder.acquire()
+        try:
+            fill(disk)  # the record can no longer be rewritten
+            deadline = time.monotonic() + 5
+            while holder.lost is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            with pytest.raises(LockLost, match=r"could not be refreshed for 0\.5 s") as lost:
+                check_held()
+            assert no_space(lost.value) is not None  # the CLI reports the full disk instead
+            assert [p.name for p in disk.iterdir() if p.name.endswith(".new")] == []  # no litter
+        finally:
+            holder.release()
+
+
+@pytest.mark.slow  # a real driver, fenced at its next heartbeat (10 s)
+def test_a_driver_whose_lock_is_taken_over_stops_in_one_line_before_its_next_write(tmp_path):
+    transfer = {"orders": [], "beams": [], "replicates": 1}
+    config = write_study(tmp_path / "tiny.yaml", tmp_path / "runs", tasks=["normal"], transfer=transfer)
+    store = LocalLockStore(tmp_path / "runs" / STUDY_LOCK)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "train", "-c", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    taker = StudyLock(store, "run", stale_after_s=0.0)  # no patience: as after a 60 s partition
+    try:
+        deadline = time.monotonic() + 60
+        while (held := store.read()) is None or held.pid != driver.pid:
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-3000:]
+            time.sleep(0.1)
+        taker.acquire()
+        taken = time.monotonic()
+        _, err = driver.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.startswith("taskatlas: error:")]
+        assert driver.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert "taken over by taskatlas run" in lines[0] and "stopped before its next write" in lines[0]
+        assert time.monotonic() - taken < 60
+        assert not list((tmp_path / "runs" / "stage1").rglob("done.json"))  # nothing marked finished
+        assert store.read().token == taker.holder.token  # the new holder's record is untouched
+    finally:
+        taker.release()
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait()

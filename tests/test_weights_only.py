@@ -111,7 +111,7 @@ def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp
         "rgb": np.zeros((2, 16, 16, 3), np.uint8),
         "normal": np.zeros((2, 16, 16, 3), np.float32),
     }
-    [promotion] = promote(tracker, {"normal": result}, ["normal"], test, {"normal": SPEC.task})
+    [promotion] = promote(tracker, "taskatlas", {"normal": result}, ["normal"], test, {"normal": SPEC.task})
     assert promotion.promoted and promotion.champion_version == evil_weights
     assert "not a plain state dict" in promotion.refused
     assert tracker.alias_version("taskatlas-normal", "champion") == new

@@ -66,6 +66,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def readouts_line(ran: int, reused: int, counts: dict[str, int]) -> str:
+    """'readouts: 10 trained, 2 reused (order 1 6, order 2 4, random 2); self 3 ...': the parts in
+    brackets add up to trained + reused; `self` is scored, never trained, so it is told apart."""
+    from components.vocabulary import SELF
+
+    trained = {k: v for k, v in counts.items() if k != SELF}
+    parts = ", ".join(f"{k} {v}" for k, v in trained.items())
+    own = f"; {SELF} {counts[SELF]}, scored with each target's own network" if counts.get(SELF) else ""
+    return f"readouts: {ran} trained, {reused} reused ({parts}){own}"
+
+
 def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str) -> None:
     from components.affinity import describe_unlabelled, top_sources
 
@@ -77,7 +88,7 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
     print(f"task networks: {len(result.retrained)} trained, {len(reused)} reused")
     if result.stage2:
         n = result.summary(str(cfg.root), "")
-        print(f"readouts: {n['readouts_ran']} trained, {n['readouts_reused']} reused {result.stage2.counts}")
+        print(readouts_line(n["readouts_ran"], n["readouts_reused"], result.stage2.counts))
         print(f"per-image losses: {result.stage2.losses_dir}")
     if result.unlabelled_images:
         print(describe_unlabelled(result.unlabelled_images))
@@ -136,7 +147,7 @@ def _nightly(args: argparse.Namespace) -> int:
     preflight(cfg)
     summary = run_nightly(cfg, day, stages, wait_for_lock=args.wait_for_lock)
     if summary is None:
-        print(f"another nightly run holds the lock of {cfg.root}; nothing to do")
+        print(f"another nightly run holds the lock of {cfg.root} for study {cfg.name}; nothing to do")
         return 0
     print(
         json.dumps(

@@ -41,6 +41,7 @@ def _setup(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from pipelines.invocation import invocation, study_lock
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.registry import network_model
     from pipelines.stage1 import Stage1
 
     cfg, tasks = _setup(args)
@@ -50,9 +51,9 @@ def _train(args: argparse.Namespace) -> int:
             results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
     print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
     for name, r in results.items():
-        h = r.hparams
+        h, registered = r.hparams, r.registered or network_model(cfg.name, name)
         print(
-            f"{name:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  taskatlas-{name} v{r.model_version}"
+            f"{name:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  {registered} v{r.model_version}"
         )
     print(f"\nMLflow UI: {mlflow_ui_command(inv.tracker.tracking_uri)}")
     return 0

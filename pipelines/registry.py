@@ -1,0 +1,47 @@
+"""A study's own names in a shared MLflow registry and under a shared storage root.
+
+Two studies may share one storage root and one tracking store. Their step folders are keyed by
+content (`pipelines/steps.py`): a step two studies define alike is one step, done once, which is
+safe to share. Everything named rather than keyed belongs to one study, its config's `name`:
+
+- its networks are registered as `<study>-<task>` (the default study, `taskatlas`, gives
+  `taskatlas-normal`; `configs/quickstart.yaml` gives `taskatlas-quickstart-normal`), a positioned
+  task's model as `<study>-<task>-transfer`;
+- every version carries tags `study` and `definition` (`Task.definition_hash`), and a champion is
+  compared only with a challenger of its own definition (`pipelines/nightly.py`);
+- nightly state (the last taxonomy) lives under `nightly/<study>/`.
+"""
+
+from __future__ import annotations
+
+from components.storage import Location
+from components.tasks import Task
+from pipelines.tracking import Tracker
+
+STUDY_TAG = "study"
+DEFINITION_TAG = "definition"  # Task.definition_hash of the task the version was trained for
+
+
+def network_model(study: str, task: str) -> str:
+    """The registered name of a study's network for `task`."""
+    return f"{study}-{task}"
+
+
+def positioned_model(study: str, task: str) -> str:
+    """The registered name of a task positioned against a study (`taskatlas position`)."""
+    return f"{study}-{task}-transfer"
+
+
+def version_tags(study: str, task: Task) -> dict[str, str]:
+    """The tags that say whose and what a registered version is."""
+    return {"task": task.name, STUDY_TAG: study, DEFINITION_TAG: task.definition_hash}
+
+
+def registered_definition(tracker: Tracker, registered: str, version: str) -> str | None:
+    """The definition hash a registered version was tagged with (None: registered before the tag)."""
+    return tracker.version_tags(registered, version).get(DEFINITION_TAG)
+
+
+def nightly_state(root: Location, study: str) -> Location:
+    """Where `taskatlas nightly` keeps what it remembers between nights, for one study."""
+    return root / "nightly" / study
