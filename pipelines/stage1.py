@@ -87,7 +87,9 @@ class Stage1:
         spare = cluster_gpus() if self.use_gpu else cluster_cpus() - int(streaming)
         concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
         jobs = [(task, hparams.get(task.name) or plan.hparams_if_known(task, search)) for task in tasks]
-        done = {task.name: r for task, h in jobs if (r := plan.cached_result(task, h)) is not None}
+        done = {
+            task.name: self.record.adopt(task, r) for task, h in jobs if (r := plan.cached_result(task, h))
+        }
         pending = [job for job in jobs if job[0].name not in done]
         groups = network_runs(pending, concurrent, t.networks_per_run)
         with (
@@ -110,7 +112,9 @@ class Stage1:
         """Train these networks one after another in one Ray Train run (one start-up for all),
         then score, register and finish each. Finished networks are read back."""
         plan = self.plan
-        results = {task.name: r for task, h in jobs if (r := plan.cached_result(task, h)) is not None}
+        results = {
+            task.name: self.record.adopt(task, r) for task, h in jobs if (r := plan.cached_result(task, h))
+        }
         trained = self._train_pending([job for job in jobs if job[0].name not in results])
         results.update((r.task, r) for r in trained)
         return [results[task.name] for task, _ in jobs]

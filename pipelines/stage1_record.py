@@ -8,7 +8,7 @@ test loss of the final weights, registers them and writes the step's marker, las
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import torch
@@ -126,28 +126,8 @@ class NetworkRecord:
         metrics = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
         metrics.append(Metric("final_test_loss", test_loss, int(time.time() * 1000), last))
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
-        registered = network_model(cfg.name, task.name)
-        about = f"{task.kind.value} task, {task.loss.value} loss on column `{task.column}`"
-        registration = Registration(
-            registered,
-            description=(
-                f"The {task.name} network of the taskatlas study {cfg.name} ({about}): one version per "
-                f"training, `@{CHAMPION}` the one in use; tag `definition` tells the task's definitions "
-                "apart. Weights only: load with taskatlas' load_registered_model."
-            ),
-            version_description=(
-                f"The {task.name} network ({about}), trained {cfg.train.epochs} epochs on data version "
-                f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
-                "Weights only: load with taskatlas' load_registered_model."
-            ),
-            tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "loss": task.loss.value},
-            version_tags={
-                **version_tags(cfg.name, task),
-                "final_test_loss": f"{test_loss:.6g}",
-                "data_version": self.store.data_version,
-                "config_hash": step.key,
-            },
-        )
+        registration = self.registration(task, test_loss, step.key)
+        registered = registration.name
         example = torch.rand(1, 3, cfg.data.size, cfg.data.size)  # RGB in [0, 1]
         version = self.tracker.log_task_network(
             network.run_id,
@@ -173,6 +153,51 @@ class NetworkRecord:
         )
         step.finish(asdict(done))
         return done
+
+    def registration(self, task: Task, test_loss: float, key: str) -> Registration:
+        """Where and how the study registers its network for `task` (step `key`)."""
+        cfg = self.config
+        about = f"{task.kind.value} task, {task.loss.value} loss on column `{task.column}`"
+        return Registration(
+            network_model(cfg.name, task.name),
+            description=(
+                f"The {task.name} network of the taskatlas study {cfg.name} ({about}): one version per "
+                f"training, `@{CHAMPION}` the one in use; tag `definition` tells the task's definitions "
+                "apart. Weights only: load with taskatlas' load_registered_model."
+            ),
+            version_description=(
+                f"The {task.name} network ({about}), trained {cfg.train.epochs} epochs on data version "
+                f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
+                "Weights only: load with taskatlas' load_registered_model."
+            ),
+            tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "loss": task.loss.value},
+            version_tags={
+                **version_tags(cfg.name, task),
+                "final_test_loss": f"{test_loss:.6g}",
+                "data_version": self.store.data_version,
+                "config_hash": key,
+            },
+        )
+
+    def adopt(self, task: Task, result: TaskResult) -> TaskResult:
+        """A finished network as a version of this study's own registered model. Networks are
+        steps keyed by content, so a study reuses one another study trained alike on the same root;
+        its logged model is then registered under this study's name too (once: found again by its
+        `config_hash` tag), and becomes the champion if it is the first of its definition here."""
+        ours = network_model(self.config.name, task.name)
+        if result.registered in ("", ours):
+            return result
+        version = self.tracker.find_version(ours, {"config_hash": result.key})
+        if version is None:
+            model_id = self.tracker.version_model_id(result.registered, result.model_version)
+            if model_id is None:  # registered from a path, before logged models: nothing to link
+                return result
+            version = self.tracker.register_version(
+                self.registration(task, result.test_loss, result.key), model_id, result.run_id
+            )
+        if self._first_of_its_definition(ours, task):
+            self.tracker.set_alias(ours, CHAMPION, version)
+        return replace(result, model_version=version, registered=ours)
 
     def _first_of_its_definition(self, registered: str, task: Task) -> bool:
         """No champion yet, or one of another definition of the task (the study redefined it):

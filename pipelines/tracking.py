@@ -815,6 +815,11 @@ class Tracker:
         if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
             self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
         self.client.finalize_logged_model(model_id, "READY")
+        return self.register_version(registration, model_id, run_id)
+
+    def register_version(self, registration: Registration, model_id: str, run_id: str) -> str:
+        """A new version of `registration.name` from the logged model `model_id` of `run_id`, so
+        the logged model, the run and the version link to each other; returns the version."""
         self._describe_registered_model(registration)
         with self._models_uris_resolvable():
             version = self.client.create_model_version(
@@ -827,6 +832,21 @@ class Tracker:
             )
         self._link_version(model_id, registration.name, int(version.version))
         return str(version.version)
+
+    def find_version(self, registered_name: str, tags: Mapping[str, str]) -> str | None:
+        """The newest version of `registered_name` carrying all of `tags`, or None."""
+        versions = self.client.search_model_versions(f"name = '{registered_name}'")
+        matching = [int(v.version) for v in versions if all(v.tags.get(k) == t for k, t in tags.items())]
+        return str(max(matching)) if matching else None
+
+    def version_model_id(self, registered_name: str, version: str) -> str | None:
+        """The logged model a registered version was made from (None: registered from a path).
+        A local store keeps it only in the version's source, `models:/<model id>`."""
+        found = self.client.get_model_version(registered_name, version)
+        if found.model_id:
+            return found.model_id
+        source = found.source or ""
+        return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
     def _log_model_metrics(self, run_id: str, model_id: str, metrics: Sequence[Metric]) -> None:
         """`metrics` on the logged model, each key once (a key it has already is left as it is).

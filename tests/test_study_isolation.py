@@ -157,3 +157,27 @@ def test_two_studies_sharing_a_root_and_a_store_keep_their_models_champions_and_
     assert client.get_model_version_by_alias("study-a-normal", CHAMPION).version == va.version
     assert len(client.search_model_versions("name='study-a-normal'")) == 1
     assert (root / "nightly" / "study-a" / "last_taxonomy.json").read_text() == a_state
+
+
+def test_a_network_another_study_trained_is_registered_under_ours_once(tmp_path, tracker, tiny_dataset):
+    """Steps are keyed by content, so study `b` reuses the network `a` trained alike: `b` gets a
+    version of its own `b-normal` from the same logged model (regression: `b-normal` was never
+    registered, so `predict --model b-normal` failed), once, and `a`'s registry is untouched."""
+    from components.data.shards import ShardStore
+    from pipelines.stage1_record import NetworkRecord
+
+    a = _register(tracker, "a", L1, 0.5)
+    cfg = load_pipeline_config(str(write_study(tmp_path / "b.yaml", tmp_path / "runs", name="b")), [])
+    record = NetworkRecord(cfg, ShardStore(tiny_dataset), tracker, "")
+    adopted = record.adopt(L1, a)
+    assert (adopted.registered, adopted.model_version) == ("b-normal", "1")
+    assert tracker.alias_version("b-normal", CHAMPION) == "1"
+    tags = tracker.version_tags("b-normal", "1")
+    assert (
+        tags[STUDY_TAG] == "b" and tags[DEFINITION_TAG] == L1.definition_hash and tags["config_hash"] == "k"
+    )
+    assert tracker.version_model_id("b-normal", "1") == tracker.version_model_id("a-normal", "1")
+    assert record.adopt(L1, a) == adopted  # a rerun finds it: no second version
+    assert len(tracker.client.search_model_versions("name = 'b-normal'")) == 1
+    assert len(tracker.client.search_model_versions("name = 'a-normal'")) == 1
+    assert record.adopt(L1, adopted) is adopted  # already ours
