@@ -123,8 +123,13 @@ class NetworkRecord:
         # The logged model's metrics: the last epoch's (as rank 0 logged them to the run) and the
         # test loss of the saved weights at that step, one value per key.
         last = cfg.train.epochs - 1
-        metrics = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
-        metrics.append(Metric("final_test_loss", test_loss, int(time.time() * 1000), last))
+        data = dataset_ref(cfg, self.store)  # the Models tab shows each metric under its dataset
+        metrics = [
+            Metric(m.key, m.value, m.timestamp, m.step, dataset_name=data.name, dataset_digest=data.digest)
+            for m in self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
+        ]
+        now = int(time.time() * 1000)
+        metrics.append(Metric("final_test_loss", test_loss, now, last, None, data.name, data.digest))
         spec = NetworkSpec(task, cfg.model, cfg.data.size, channels)  # weights only, no pickle
         registration = self.registration(task, test_loss, step.key)
         registered = registration.name

@@ -854,7 +854,15 @@ class Tracker:
         recorded there twice."""
         have = {m.key for m in self.client.get_logged_model(model_id).metrics or []}
         rows = [
-            Metric(m.key, float(m.value), m.timestamp, m.step, model_id=model_id)
+            Metric(
+                m.key,
+                float(m.value),
+                m.timestamp,
+                m.step,
+                model_id=model_id,
+                dataset_name=m.dataset_name,
+                dataset_digest=m.dataset_digest,
+            )
             for m in metrics
             if m.key not in have
         ]

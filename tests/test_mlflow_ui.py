@@ -230,6 +230,9 @@ def test_a_logged_model_has_the_final_epochs_metrics_once_and_links_to_its_run_a
     # "Not registered".
     last = {"normal": {k: v[-1] for k, v in LOSSES.items()}}
     check_models_are_final_and_linked(ui, recorded.tracker.experiment_id, last, EPOCHS)
+    # regression: the Models tab showed every metric under "No dataset"
+    [model] = [m for m in ui.logged_models(recorded.tracker.experiment_id) if m["info"]["name"] == "normal"]
+    assert {m.get("dataset_digest") for m in model["data"]["metrics"]} == {recorded.digest}
     registered = {m["name"]: m for m in ui.registered_models()}["tiny-normal"]  # <study>-<task>
     task = recorded.cfg.task("normal")
     tags = {"task": "normal", "study": "tiny", "kind": task.kind.value, "loss": task.loss.value}
