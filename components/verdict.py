@@ -57,12 +57,15 @@ def verdict(
 
 
 def edge_text(target: str, sources: Iterable[str], verdict_: Mapping, stability: Mapping | None) -> str:
-    """`target <- a + b (0.97)`, or with its alternatives when below STABLE."""
+    """`target <- a + b (0.97)`, or below STABLE the chosen sources first, then the alternatives
+    by share (`self`: the target a root): the answer is what is read first, even where
+    the resamples more often choose something else."""
     key = "+".join(sources)
     if target in verdict_.get("alternatives", {}):
         options = verdict_["alternatives"][target] or [[key, 0.0]]
-        if key not in [s for s, _ in options]:
-            options = [[key, stability["transfers"].get(target, {}).get(key, 0.0)], *options]
+        shares = dict((s, v) for s, v in options)
+        chosen = shares.get(key, (stability or {}).get("transfers", {}).get(target, {}).get(key, 0.0))
+        options = [[key, chosen], *([s, v] for s, v in options if s != key)]
         body = " or ".join(f"{_plus(s)} ({v:.2f})" for s, v in options)
     else:
         share = stability["transfers"].get(target, {}).get(key) if stability else None
