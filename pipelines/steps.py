@@ -35,9 +35,10 @@ DONE = "done.json"
 FILES = "files"  # the marker's record of the step's files: relative path -> [size, sha256]
 
 
-def sha256_of(file: Location) -> str:
-    """A file's SHA-256, computed once per version (uri, size, mtime) in this process."""
-    info = file.fs.get_file_info(file.path)
+def sha256_of(file: Location, info=None) -> str:
+    """A file's SHA-256, computed once per version (uri, size, mtime) in this process; `info`:
+    its `pyarrow.fs.FileInfo`, when the caller has it already."""
+    info = info or file.fs.get_file_info(file.path)
     return _sha256(file.uri, info.size, info.mtime_ns or 0)
 
 
@@ -53,7 +54,7 @@ def _file_problem(file: Location, size: int, digest: str) -> str:
         return "is missing"
     if info.size != size:
         return f"has {info.size} bytes, its step recorded {size}"
-    if sha256_of(file) != digest:
+    if sha256_of(file, info) != digest:
         return "does not match the checksum its step recorded"
     return ""
 

@@ -53,6 +53,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_process(*args: str) -> subprocess.Popen:
+    """`taskatlas ARGS` in a fresh process, from the repository root; its stderr piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 # The parent of every service: runs it (as `user`, if given) in the process group it leads. A
 # stop signal sent to it goes to the whole group (the service and its workers). If the process that
 # started it dies without ending it (a test run killed by a timeout), it stops the group itself

@@ -7,7 +7,6 @@ same run, logs no epoch twice and removes the dead attempt's temp files.
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from tests.services import cli_process
 from tests.study import write_study
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, tasks: str, extra: str = "") -> Path:
@@ -31,16 +29,6 @@ def _runs(root: Path) -> list:
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")
     return client.search_runs([experiment.experiment_id]) if experiment else []
-
-
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _kill_when(driver: subprocess.Popen, ready, seconds: float = 300) -> None:
@@ -69,11 +57,11 @@ def test_a_killed_training_leaves_no_run_running_and_its_rerun_logs_each_epoch_o
         client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
         return any(m.step >= 1 for r in runs for m in client.get_metric_history(r.info.run_id, "train_loss"))
 
-    _kill_when(_cli("train", "-c", str(config)), trained_an_epoch)
+    _kill_when(cli_process("train", "-c", str(config)), trained_an_epoch)
     leftover = root / "features" / "abc" / "v1" / ".none.0123.tmp"  # a killed encoding's folder
     leftover.mkdir(parents=True)
     (leftover / "test.npy").write_bytes(b"partial")
-    _finish(_cli("train", "-c", str(config)))
+    _finish(cli_process("train", "-c", str(config)))
 
     runs = _runs(root)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
@@ -99,13 +87,13 @@ def test_a_killed_transfer_stage_is_continued_in_one_run_holding_all_its_readout
         "[normal, reshading]",
         "train: {epochs: 1, num_workers: 1}\ntransfer: {orders: [], beams: [], epochs: 30, width: 16, replicates: 1}\n",
     )
-    _finish(_cli("train", "-c", str(config)))  # Stage I first: the kill lands among the readouts
+    _finish(cli_process("train", "-c", str(config)))  # Stage I first: the kill lands among the readouts
 
     def some_readouts_logged() -> bool:
         return sum("readout_key" in r.data.tags for r in _runs(root)) >= 2
 
-    _kill_when(_cli("transfer", "-c", str(config)), some_readouts_logged)
-    _finish(_cli("transfer", "-c", str(config)))
+    _kill_when(cli_process("transfer", "-c", str(config)), some_readouts_logged)
+    _finish(cli_process("transfer", "-c", str(config)))
 
     runs = _runs(root)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]

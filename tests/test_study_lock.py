@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from components.study_lock import STUDY_LOCK, LocalLockStore, StudyLock, StudyLocked
+from tests.services import cli_process
 from tests.study import write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,13 +210,7 @@ def test_a_driver_whose_lock_is_taken_over_stops_in_one_line_before_its_next_wri
     transfer = {"orders": [], "beams": [], "replicates": 1}
     config = write_study(tmp_path / "tiny.yaml", tmp_path / "runs", tasks=["normal"], transfer=transfer)
     store = LocalLockStore(tmp_path / "runs" / STUDY_LOCK)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "train", "-c", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = cli_process("train", "-c", str(config))
     taker = StudyLock(store, "run", stale_after_s=0.0)  # no patience: as after a 60 s partition
     try:
         deadline = time.monotonic() + 60

@@ -13,8 +13,6 @@ import contextlib
 import pickle
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,26 +22,8 @@ from mlflow.tracking import MlflowClient
 from components.study_lock import STUDY_LOCK, LocalLockStore
 from pipelines.readout_runs import READOUT_KEY_TAG
 from pipelines.tracking import RunLogger, Tracker, TrackingUnavailable, request_timeout_s
-from tests.services import start_mlflow_server
+from tests.services import cli_process, free_port, start_mlflow_server
 from tests.study import write_study
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _one_error_line(stderr: str) -> str:
@@ -55,7 +35,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_a_server_that_refuses_or_never_answers_stops_the_tracker_within_its_budget():
-    refused = f"http://127.0.0.1:{_closed_port()}"
+    refused = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable) as err:
         Tracker(refused, "down", retry_s=1.5)
@@ -77,7 +57,7 @@ def test_a_server_that_refuses_or_never_answers_stops_the_tracker_within_its_bud
 
 
 def test_a_workers_logger_gives_up_once_then_logs_nothing_and_training_goes_on():
-    logger = RunLogger(f"http://127.0.0.1:{_closed_port()}", "0" * 32, retry_s=1)
+    logger = RunLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, retry_s=1)
     start = time.monotonic()
     logger.log_metrics({"train_loss": 1.0}, step=0)  # no exception: the weights on disk are the work
     assert 1 <= time.monotonic() - start < 3
@@ -109,7 +89,7 @@ def test_a_damaged_sqlite_store_is_refused_in_one_line_naming_it_and_what_to_do(
     db = _damaged_store(root)
     config = write_study(tmp_path / "tiny.yaml", root)
     start = time.monotonic()
-    driver = _cli("run", "-c", str(config))
+    driver = cli_process("run", "-c", str(config))
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 2, stderr[-3000:]
     line = _one_error_line(stderr)
@@ -148,9 +128,9 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_the_rerun_logs_what_wa
     backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
     with start_mlflow_server(tmp_path, backend, artifacts) as server:
         uri = ["--set", f"tracking_uri={server.url}"]
-        _, stderr = (trained := _cli("train", "-c", str(config), *uri)).communicate(timeout=600)
+        _, stderr = (trained := cli_process("train", "-c", str(config), *uri)).communicate(timeout=600)
         assert trained.returncode == 0, stderr[-3000:]
-        driver = _cli("transfer", "-c", str(config), *uri)
+        driver = cli_process("transfer", "-c", str(config), *uri)
         deadline = time.monotonic() + 300
         while not _readout_files(root):  # the first readout is on disk, its run still buffered
             assert driver.poll() is None, driver.stderr.read()[-3000:]
@@ -172,7 +152,7 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_the_rerun_logs_what_wa
 
     with start_mlflow_server(tmp_path, backend, artifacts) as server:  # back, at a new address
         assert len(_logged_readouts(server.url)) < len(on_disk)  # the dead run's are missing
-        rerun = _cli("transfer", "-c", str(config), "--set", f"tracking_uri={server.url}")
+        rerun = cli_process("transfer", "-c", str(config), "--set", f"tracking_uri={server.url}")
         _, stderr = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, stderr[-3000:]
         logged = _logged_readouts(server.url)
