@@ -233,8 +233,9 @@ class TransferConfig:
     encode_batch_size: int = field(default=256, metadata=RUNTIME)
     # Readouts into one target trained as one stacked model, one Ray task (design.md section 13):
     # at most this many, fewer where `stack_memory_gb` says so; 1: a Ray task per readout. 0: by
-    # measurement (docs/benchmarks.md): 16, but 1 for pixel targets on CPUs, whose readouts are
-    # compute-bound there and train slower stacked (oneDNN's grouped convolutions).
+    # measurement (docs/benchmarks.md): 16, but for pixel targets on CPUs 1 (their readouts are
+    # compute-bound there and train no faster stacked: oneDNN's grouped convolutions), or 4 where
+    # the training images fit in one batch (few labels: each step is overhead-bound).
     stack: int = field(default=0, metadata=RUNTIME)
     stack_memory_gb: float = field(
         default=4.0, metadata=RUNTIME

@@ -28,11 +28,15 @@ from components.transfer import (
     readout_seed,
 )
 from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
+from components.transfer.readout import validation_split
 from pipelines.config import PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
 from pipelines.results import TaskResult
 from pipelines.steps import Step
 
 AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
+# ... and for pixel targets on CPUs when every training step is one small batch (a new task
+# positioned from a few labels): 1.3x there, where a step is overhead-bound (docs/benchmarks.md)
+SMALL_BATCH_STACK = 4
 
 
 @dataclass(frozen=True)
@@ -181,13 +185,13 @@ class Stage2Plan:
         )
 
     def stack_size(self, target: str) -> int:
-        """Readouts per stack into `target`: `transfer.stack` (0: 16, or 1 for a pixel target on
-        CPUs), fewer where one member's rough footprint (parameters, gradients and AdamW's two
+        """Readouts per stack into `target`: `transfer.stack` (0: 16, or for a pixel target on
+        CPUs 1, or 4 where the training images fit in one batch), fewer where one member's rough footprint (parameters, gradients and AdamW's two
         moments; the decoder's activations kept for backward, about 16 floats per output value of
         a batch) times the stack would pass `transfer.stack_memory_gb`."""
         if target not in self._stack_sizes:
             t, task, size = self.transfer, self.config.task(target), self.config.data.size
-            limit = t.stack or (1 if task.kind is TaskKind.PIXEL and not self.use_gpu else AUTO_STACK)
+            limit = t.stack or self._auto_stack(task.kind)
             channels = channels_for(task, self.store)
             rep = self.config.model.representation_channels
             net = build_readout(task, rep, self.config.model, size, t.width, channels)
@@ -195,6 +199,18 @@ class Stage2Plan:
             member = 4 * (4 * params + 16 * t.batch_size * math.prod(task.output_shape(size, channels)))
             self._stack_sizes[target] = max(1, min(limit, int(t.stack_memory_gb * 2**30 // member)))
         return self._stack_sizes[target]
+
+    def _auto_stack(self, kind: TaskKind) -> int:
+        t = self.transfer
+        fit = validation_split(self.store.manifest.counts["transfer"], t.val_fraction, t.seed)[0].size
+        return auto_stack(kind, self.use_gpu, fit, t.batch_size)
+
+
+def auto_stack(kind: TaskKind, use_gpu: bool, fit_images: int, batch_size: int) -> int:
+    """`transfer.stack: 0`'s stack size, from docs/benchmarks.md's measurements."""
+    if kind is not TaskKind.PIXEL or use_gpu:
+        return AUTO_STACK
+    return SMALL_BATCH_STACK if fit_images <= batch_size else 1
 
 
 def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:

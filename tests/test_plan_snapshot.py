@@ -81,3 +81,23 @@ def test_the_quickstart_plan_is_unchanged(tiny_dataset, tmp_path):
     assert len(got["readouts"]) == len(want["readouts"])
     for g, w in zip(got["readouts"], want["readouts"], strict=True):
         assert g == w, w["name"]
+
+
+def test_pixel_readouts_stack_on_cpus_only_where_a_step_is_one_small_batch(tiny_dataset):
+    """`transfer.stack: 0` on CPUs: pixel readouts whose training images fit in one batch (a task
+    positioned from a few labels) train in stacks of 4, where a step is overhead-bound; with more
+    images than a batch they train one by one (their convolutions are compute-bound)."""
+    store = ShardStore(tiny_dataset)
+    fit = store.manifest.counts["transfer"] - round(store.manifest.counts["transfer"] * 0.2)
+
+    def sizes(batch_size: int) -> dict[str, int]:
+        cfg = load_pipeline_config(
+            QUICKSTART, [f"transfer.batch_size={batch_size}", "tasks=[normal,class_object]"]
+        )
+        plan = Stage2Plan(cfg, store, use_gpu=False)
+        return {t: plan.stack_size(t) for t in ("normal", "class_object")}
+
+    assert sizes(fit) == {"normal": 4, "class_object": 16}
+    assert sizes(fit - 1) == {"normal": 1, "class_object": 16}
+    cfg = load_pipeline_config(QUICKSTART, ["tasks=[normal,class_object]"])
+    assert Stage2Plan(cfg, store, use_gpu=True).stack_size("normal") == 16

@@ -11,9 +11,10 @@ to floating-point reordering: AdamW is elementwise and the summed loss gives eac
 its own gradient. (`torch.func.vmap` over stacked parameters gives the same numbers but was
 1.7x slower here: it moves every activation between member-major and channel layouts.)
 
-It pays where a readout is overhead-bound: on one CPU thread, quickstart shapes, vector targets
-train 1.6-1.9x faster in stacks of 4-32, but pixel targets 0.6-0.9x as fast (their decoder is
-compute-bound, and oneDNN's grouped conv backward is slower than N separate convs).
+It pays where a readout is overhead-bound (docs/benchmarks.md): on one CPU thread, a pixel
+readout from 10 labelled images (every step one small batch) trains 1.35x faster in stacks of 4,
+but the study's pixel readouts no faster: their decoder is compute-bound, already at 40% of a
+matrix product's FLOP rate, and oneDNN's grouped conv backward is slower than N separate convs.
 """
 
 from __future__ import annotations
