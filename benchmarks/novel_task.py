@@ -93,9 +93,8 @@ def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> S
 def replicate_agreement(study: Study, target: str) -> float:
     """Mean Spearman between two replicates' first-order source rankings (mean test loss) of the
     full study for `target`, over every pair of replicates; NaN with one replicate."""
-    step = Stage2Plan(study.config, study.store).step(
-        Stage2Plan(study.config, study.store).key(study.networks)
-    )
+    plan = Stage2Plan(study.config, study.store)
+    step = plan.step(plan.key(study.networks))
     table = (step.location / LOSSES / f"{target}.parquet").read_parquet()
     table = table.filter(pc.equal(pc.list_value_length(table["sources"]), 1))
     sums: dict[tuple[int, str], list[float]] = {}
