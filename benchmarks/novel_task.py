@@ -49,6 +49,7 @@ from components.config import config_hash  # noqa: E402
 from components.data.shards import SPLITS, ShardStore, write_dataset  # noqa: E402
 from components.errors import TaskatlasError  # noqa: E402
 from components.position import BASELINE_SETS, first_order_columns  # noqa: E402
+from components.storage import Location  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.position import Study, finished_study, position_task  # noqa: E402
@@ -90,12 +91,16 @@ def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> S
     return ShardStore(out)
 
 
-def replicate_agreement(study: Study, target: str) -> float:
+def study_losses(study: Study) -> Location:
+    """The full study's folder of per-target loss tables."""
+    plan = Stage2Plan(study.config, study.store)
+    return plan.step(plan.key(study.networks)).location / LOSSES
+
+
+def replicate_agreement(losses: Location, target: str) -> float:
     """Mean Spearman between two replicates' first-order source rankings (mean test loss) of the
     full study for `target`, over every pair of replicates; NaN with one replicate."""
-    plan = Stage2Plan(study.config, study.store)
-    step = plan.step(plan.key(study.networks))
-    table = (step.location / LOSSES / f"{target}.parquet").read_parquet()
+    table = (losses / f"{target}.parquet").read_parquet()
     table = table.filter(pc.equal(pc.list_value_length(table["sources"]), 1))
     sums: dict[tuple[int, str], list[float]] = {}
     columns = (table["replicate"].to_pylist(), pc.list_flatten(table["sources"]).to_pylist(), table["loss"])
@@ -144,6 +149,7 @@ def main() -> None:
         t for t in cfg.tasks if not cfg.task(t).source_only
     ]
     full = first_order_columns((study.affinity.location / "affinity.parquet").read_parquet())
+    losses = study_losses(study)
     n_transfer = study.store.manifest.counts["transfer"]
     budgets = sorted(float(b) for b in args.budgets.split(","))
     ensure_ray()
@@ -186,7 +192,7 @@ def main() -> None:
         "median_gain": statistics.median(r["gain"] for r in smallest),
         "median_quality": statistics.median(r["quality"] for r in rows if r["quality"] is not None),
         "median_spearman": statistics.median(r["spearman"] for r in rows),
-        "reference_spearman": round(statistics.median(replicate_agreement(study, t) for t in targets), 3),
+        "reference_spearman": round(statistics.median(replicate_agreement(losses, t) for t in targets), 3),
         "beats_random": round(sum(r["beats_random"] for r in eligible) / len(eligible), 3)
         if eligible
         else None,

@@ -201,8 +201,8 @@ def main() -> None:
     measured = {t: throughput(t, args, cfg, device) for t in TARGETS}
     per_hour = {t: rates for t, (rates, _) in measured.items()}
     speedup, best = {}, {}
+    fit = validation_split(args.images, cfg.transfer.val_fraction, cfg.transfer.seed)[0].size
     for t, rates in per_hour.items():
-        fit = validation_split(args.images, cfg.transfer.val_fraction, cfg.transfer.seed)[0].size
         auto = auto_stack(get_task(t).kind, device.type == "cuda", fit, cfg.transfer.batch_size)
         size = str(min(auto, args.members))
         speedup[t] = round(rates[size] / rates["1"], 3) if size in rates else None

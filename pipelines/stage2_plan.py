@@ -185,10 +185,10 @@ class Stage2Plan:
         )
 
     def stack_size(self, target: str) -> int:
-        """Readouts per stack into `target`: `transfer.stack` (0: 16, or for a pixel target on
-        CPUs 1, or 4 where the training images fit in one batch), fewer where one member's rough footprint (parameters, gradients and AdamW's two
-        moments; the decoder's activations kept for backward, about 16 floats per output value of
-        a batch) times the stack would pass `transfer.stack_memory_gb`."""
+        """Readouts per stack into `target`: `transfer.stack` (0: `auto_stack`), fewer where one
+        member's rough footprint (parameters, gradients and AdamW's two moments; the decoder's
+        activations kept for backward, about 16 floats per output value of a batch) times the
+        stack would pass `transfer.stack_memory_gb`."""
         if target not in self._stack_sizes:
             t, task, size = self.transfer, self.config.task(target), self.config.data.size
             limit = t.stack or self._auto_stack(task.kind)
@@ -207,7 +207,8 @@ class Stage2Plan:
 
 
 def auto_stack(kind: TaskKind, use_gpu: bool, fit_images: int, batch_size: int) -> int:
-    """`transfer.stack: 0`'s stack size, from docs/benchmarks.md's measurements."""
+    """`transfer.stack: 0`'s stack size, from docs/benchmarks.md's measurements: 16, but for a
+    pixel target on CPUs 1, or 4 where the training images fit in one batch."""
     if kind is not TaskKind.PIXEL or use_gpu:
         return AUTO_STACK
     return SMALL_BATCH_STACK if fit_images <= batch_size else 1
