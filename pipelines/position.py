@@ -274,7 +274,12 @@ def position_task(
     if transfer.failed:
         raise TaskatlasError(f"{len(transfer.failed)} readout(s) failed: {', '.join(transfer.failed)}")
 
-    step = Step(cfg.root, f"position/{task.name}", config_hash("position-v1", transfer.key, cfg.analysis))
+    # The answer places the task among the study's affinities and roots: a study rerun with other
+    # settings (a new affinity table or taxonomy) makes a new answer, its readouts reused.
+    where = config_hash(
+        "position-v1", transfer.key, cfg.analysis, study.affinity.key, study.taxonomy["roots"]
+    )
+    step = Step(cfg.root, f"position/{task.name}", where)
     if not step.complete:
         table = affinity_by_target(
             [task.name],

@@ -117,6 +117,14 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
     assert again["model_version"] == answer["model_version"]  # nor registered again
     assert again["candidates"] == answer["candidates"]
 
+    # the study's answer changes (another budget: Stage IV again): where the task sits follows it,
+    # with nothing of the task's own trained or registered again
+    assert main(["run", "-c", str(config), "--set", "taxonomy.budget=1"]) == 0
+    code, moved, out = position(config, tmp / "edges.yaml", images, capsys, "--set", "taxonomy.budget=1")
+    assert code == 0 and moved["readouts_ran"] == 0, out
+    assert len(moved["roots"]) == 1 and len(answer["roots"]) == 2, (moved["roots"], answer["roots"])
+    assert moved["model_version"] == answer["model_version"] and moved["candidates"] == answer["candidates"]
+
     # the registered model: weights only, rebuilt by our code; predict writes the task's encoding
     name, version = resolve_version(uri, "tiny-position-edges-transfer")
     assert version == answer["model_version"]
