@@ -23,8 +23,8 @@ median over targets of the mean Spearman between two of its replicates' first-or
 mean test loss; no position can agree with the study better than the study's own replicates
 agree with each other, give or take the averaging over replicates).
 
-By default one budget, 5% (about 5 minutes on 2 cores: eight positions of about 40 s); both
-budgets (`--budgets 0.05,0.25`, the issue's table) take about 19 minutes.
+By default one budget, 5% (6-7 minutes on 2 cores: eight positions of 43-67 s); both budgets
+(`--budgets 0.05,0.25`, the issue's table) take about 20 minutes.
 """
 
 from __future__ import annotations
