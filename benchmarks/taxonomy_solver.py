@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout, installe
 from components.affinity_io import read_affinities  # noqa: E402
 from components.taxonomy import Linking, TaxonomyOptions, solve_taxonomy, sweep_budgets  # noqa: E402
 
-DEFAULT_AFFINITIES = ROOT.parent / "shared" / "data" / "taskonomy" / "affinities_16k.csv"
+DEFAULT_AFFINITIES = ROOT / "tests" / "data" / "taskonomy" / "affinities_16k.csv"  # see its README.md
 BUDGETS = (2, 8, 12)
 ORDERS = (1, 4, 5)
 SWEEP_ORDER = 5

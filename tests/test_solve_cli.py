@@ -16,8 +16,7 @@ import pytest
 from pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKONOMY_16K = ROOT.parent / "shared" / "data" / "taskonomy" / "affinities_16k.csv"
-needs_taskonomy = pytest.mark.skipif(not TASKONOMY_16K.is_file(), reason="no Taskonomy CSV here")
+TASKONOMY_16K = ROOT / "tests" / "data" / "taskonomy" / "affinities_16k.csv"  # see its README.md
 PNG = b"\x89PNG"
 
 
@@ -65,7 +64,6 @@ def test_affinity_then_solve_with_plot(losses_file, tmp_path, capsys):
     assert plot.read_bytes()[:4] == PNG
 
 
-@needs_taskonomy
 def test_json_schema_on_taskonomy(capsys):
     args = ["solve", "--affinities", str(TASKONOMY_16K), "--budget", "3", "--max-order", "2", "--json"]
     assert main(args) == 0
@@ -79,7 +77,6 @@ def test_json_schema_on_taskonomy(capsys):
     assert len((set(result["transfers"]) | set(result["roots"])) - source_only) == 22  # every target covered
 
 
-@needs_taskonomy
 def test_every_budget_and_order_through_the_cli(tmp_path, capsys):
     for max_order in range(1, 6):
         args = [
@@ -98,7 +95,6 @@ def test_every_budget_and_order_through_the_cli(tmp_path, capsys):
         assert all(len(p["roots"]) <= p["budget"] for p in sweep)
 
 
-@needs_taskonomy
 def test_sweep_table_and_plot(tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     args = ["solve", "--affinities", str(TASKONOMY_16K), "--max-order", "1", "--sweep-plot", str(plot)]
@@ -109,7 +105,6 @@ def test_sweep_table_and_plot(tmp_path, capsys):
     assert plot.read_bytes()[:4] == PNG
 
 
-@needs_taskonomy
 def test_options_reach_the_solver(capsys):
     base = ["solve", "--affinities", str(TASKONOMY_16K), "--budget", "2", "--max-order", "1", "--json"]
     assert main([*base, "--targets", "rgb2depth,edge2d", "--transform", "none"]) == 0
@@ -122,7 +117,6 @@ def test_options_reach_the_solver(capsys):
     assert result["roots"] == ["edge2d"]  # the only root it can afford, and worth the most
 
 
-@needs_taskonomy
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

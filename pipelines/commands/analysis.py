@@ -4,7 +4,7 @@ taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet     #
 taskatlas affinity --losses transfer_losses.parquet --out affinity.parquet --bootstrap 200  # + intervals, p_best
 taskatlas solve --affinities affinity.parquet --budget 4 --max-order 2 --plot taxonomy.png
 taskatlas solve --losses transfer_losses.parquet --budget 4 --max-order 2 --bootstrap 200 --json  # + stability
-taskatlas solve --affinities ../shared/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json
+taskatlas solve --affinities tests/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json
 taskatlas solve --affinities FILE --max-order 3 --sweep --sweep-plot sweep.png  # objective vs budget
 """
 
