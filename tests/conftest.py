@@ -18,6 +18,12 @@ from components.data.scenes import SceneConfig
 from components.data.synthetic import DatasetConfig, generate_dataset
 
 
+def pytest_report_header(config):
+    """Which CPU kernels the numerics ran on: `make test-all` runs the `numerics` tests twice."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "the host's best")
+    return f"CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {isa}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

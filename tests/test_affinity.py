@@ -29,6 +29,8 @@ from components.bootstrap import bootstrap_affinities, candidate_mask, compute_a
 from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 
 def _losses(per_target: dict[str, dict[str, list[float]]], image_offset: int = 0) -> pa.Table:
     """{target: {"a+b": [loss per image]}} -> the long loss table."""

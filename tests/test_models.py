@@ -9,6 +9,8 @@ from components.tasks import InputTransform, get_task
 from components.transfer.features import encode_batch, random_encoder
 from components.transfer.readout import build_readout
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 MODEL = ModelConfig(width=8, representation_channels=4, downsample=4)
 
 

@@ -31,6 +31,8 @@ from components.transfer import (
 from components.transfer.estimate import Estimate, probe_loss, pruning_report, spearman
 from pipelines.config import load_pipeline_config
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 N_FIT, N_VAL = 96, 32
 
 

@@ -8,6 +8,8 @@ from components.data.scenes import OBJECT_CLASSES, SEMANTIC_CLASSES, SceneConfig
 from components.data.synthetic import DatasetConfig, render_images, synthetic_columns
 from components.errors import ConfigError
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 SIZE = 64
 CONFIG = DatasetConfig(seed=3, scene=SceneConfig(size=SIZE))
 

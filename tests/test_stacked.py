@@ -1,4 +1,13 @@
-"""Stacked readouts: each member gets the numbers `train_readout` gives it alone."""
+"""Stacked readouts: each member gets the numbers `train_readout` gives it alone, within the
+tolerance of float32 arithmetic.
+
+Stacked and solo readouts are equivalent, not bit for bit the same: a stack runs one grouped
+convolution where a solo readout runs its own, and oneDNN picks kernels (and so the order of
+float32 accumulation) by layer shape and CPU instruction set. One step therefore agrees to float32
+rounding (checked tightly here), and a whole training drifts a little from those rounding
+differences, step after step: it is checked against what matters, the difference another seed
+makes, measured on the same host in the same test.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ from components.models import ModelConfig
 from components.tasks import Loss, TaskKind, get_task
 from components.transfer import ReadoutSettings, StackMember, build_readout, train_readout, train_stacked
 from components.transfer.stacked import _fold, _member
+
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
 MODEL = ModelConfig(width=8, representation_channels=8, downsample=4)
 SIZE, N_TRANSFER, N_TEST = 16, 40, 20
@@ -68,11 +79,25 @@ def _solo(member: StackMember, common: dict):
     )
 
 
-def _assert_same(stacked, solo):
+# A stack's member may differ from its solo readout by at most this share of the difference
+# another seed makes (mean absolute per-image test loss). Measured: <= 0.04 under SSE4.1, AVX2
+# and AVX-512 kernels (0 to 1e-7 absolute where the kernels happen to match); a member that read
+# another member's weights, features or batch-norm statistics differs as much as another seed (1).
+DRIFT_SHARE = 0.2
+
+
+def _assert_same(stacked, solo, other_seed):
+    """`stacked` and `solo` are one readout trained in a stack and alone; `other_seed` is the solo
+    readout of another seed on the same host: the reference for how far is far."""
     np.testing.assert_array_equal(stacked.image_ids, solo.image_ids)
-    np.testing.assert_allclose(stacked.losses, solo.losses, rtol=1e-4, atol=1e-5)  # measured: <= 1.2e-7
-    np.testing.assert_allclose(stacked.train_losses, solo.train_losses, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stacked.val_loss, solo.val_loss, rtol=1e-4, atol=1e-5)
+    finite = np.isfinite(solo.losses)
+    np.testing.assert_array_equal(np.isfinite(stacked.losses), finite)
+    drift = np.mean(np.abs(stacked.losses[finite] - solo.losses[finite]))
+    seed_effect = np.mean(np.abs(other_seed.losses[finite] - solo.losses[finite]))
+    assert drift <= DRIFT_SHARE * seed_effect, (drift, seed_effect)
+    train_drift = np.abs(np.subtract(stacked.train_losses, solo.train_losses)).mean()
+    train_seed = np.abs(np.subtract(other_seed.train_losses, solo.train_losses)).mean()
+    assert train_drift <= DRIFT_SHARE * train_seed, (train_drift, train_seed)
 
 
 @pytest.mark.parametrize("task_name", ["normal", "segment_semantic", "class_object", "room_layout"])
@@ -82,10 +107,10 @@ def test_each_member_matches_its_solo_readout(task_name):
     members, common = _case(task_name)
     results = train_stacked(**common, members=members, settings=SETTINGS)
     assert len(results) == len(members)
-    for member, result in zip(members, results, strict=True):
-        solo = _solo(member, common)
+    solos = [_solo(member, common) for member in members]
+    for i, (result, solo) in enumerate(zip(results, solos, strict=True)):
         assert np.isnan(solo.losses[0]) and np.isfinite(solo.losses[1:]).all()  # the unlabelled image
-        _assert_same(result, solo)
+        _assert_same(result, solo, other_seed=solos[(i + 1) % len(solos)])
         assert result.seconds > 0
 
 
@@ -104,8 +129,9 @@ def test_a_diverging_member_fails_alone_and_spoils_no_other():
     members[1] = replace(members[1], transfer_x=bad)
     results = train_stacked(**common, members=members, settings=SETTINGS)
     assert results[1] is None  # diverged in the stack, and again when retrained alone
-    for i in (0, 2):
-        _assert_same(results[i], _solo(members[i], common))
+    solos = {i: _solo(members[i], common) for i in (0, 2)}
+    for i, other in ((0, 2), (2, 0)):
+        _assert_same(results[i], solos[i], other_seed=solos[other])
 
 
 def test_folded_batch_norm_keeps_each_members_statistics():
@@ -122,6 +148,34 @@ def test_folded_batch_norm_keeps_each_members_statistics():
         torch.testing.assert_close(out[:, i], net.train()(x), rtol=1e-4, atol=1e-5)
         for key, value in net.state_dict().items():
             torch.testing.assert_close(_member(state[key], value.shape, 2, i), value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task_name", ["normal", "segment_semantic", "room_layout"])
+def test_one_step_of_a_stack_is_each_members_step(task_name):
+    """Forward and backward of a folded stack against each member alone, one batch: the same
+    arithmetic up to float32 accumulation order. The tolerance: a kernel sums K products (K <= 8
+    channels x 9 taps x batch 4 here, a few hundred) in another order, which changes a float32 sum
+    by up to about K * 2**-24 of its terms' magnitude: 1e-4 relative to the largest gradient,
+    ten times that bound, and orders of magnitude below the gradient itself."""
+    task = get_task(task_name)
+    nets = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        nets.append(build_readout(task, 8, MODEL, SIZE, 8).train())
+    stack = _fold(nets).train()
+    xs = [torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = stack(torch.stack(xs, 1).flatten(1, 2)).unflatten(1, (3, -1))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    (out * weights).sum().backward()
+    grads = {name: p.grad for name, p in stack.named_parameters()}
+    for i, (net, x) in enumerate(zip(nets, xs, strict=True)):
+        solo = net(x)
+        torch.testing.assert_close(out[:, i].detach(), solo.detach(), rtol=1e-4, atol=1e-5)
+        (solo * weights[:, i]).sum().backward()
+        for name, p in net.named_parameters():
+            scale = p.grad.abs().max().item()
+            got = _member(grads[name], p.shape, 3, i)
+            torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-4 * scale + 1e-12)
 
 
 def test_a_stack_needs_members_of_one_shape():

@@ -17,6 +17,8 @@ from pipelines.stage1 import Stage1
 from pipelines.tracking import load_registered_model
 from pipelines.train_worker import CHECKPOINT_FILE
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 
 def make_stage1(tmp_path, dataset, *overrides):
     cfg = load_pipeline_config(

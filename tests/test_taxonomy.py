@@ -23,6 +23,8 @@ from components.taxonomy import (
     sweep_budgets,
 )
 
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
+
 # Taskonomy's released affinities, kept in the repository (see its README.md)
 TASKONOMY_16K = Path(__file__).resolve().parent / "data" / "taskonomy" / "affinities_16k.csv"
 Row = tuple[str, tuple[str, ...], float]
