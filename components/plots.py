@@ -136,6 +136,8 @@ def plot_taxonomy(
         title += "; labels: share per root and edge"
     if verdict and not verdict.get("training_noise_measured", True):
         title += "\ntraining noise NOT measured (transfer.replicates: 1)"
+    elif verdict and verdict.get("networks", 1) == 1:
+        title += "\nnetworks: 1 training run each (train.replicates: 1): not in the shares"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

@@ -108,6 +108,12 @@ class TrainConfig:
     # checkpoint is registered, and a finished run noticed, up to this much later.
     report_poll_s: float = 0.5
     seed: int = 0
+    # Each task's network trained this many times, the search run once: replicate 0 with `seed`
+    # (the network every study had before replicates, the one registered), replicate n > 0 with a
+    # seed of its own (`stage1_plan.network_seed`). Readout replicate r reads network replicate
+    # r mod N, so Stage III's multi-bootstrap covers how the networks trained too (at most
+    # transfer.replicates: more would never be read). Raising it trains only the new replicates.
+    replicates: int = 1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -127,7 +133,7 @@ class TrainConfig:
             "networks_per_run",
             "seed",
         )
-        _at_least("train", self, 1, "checkpoints_to_keep")
+        _at_least("train", self, 1, "checkpoints_to_keep", "replicates")
         _at_least("train", self, 0, "cpus_per_worker", above=True)
 
 
@@ -298,10 +304,16 @@ class AnalysisConfig:
 
     bootstrap: int = 200  # 0: no intervals, no stability
     seed: int = 0
+    # The share of the study's test images Stage III/IV score, each image kept or not by a hash of
+    # (seed, image id) (`analysis_steps.in_test_subset`): reruns with other seeds score other
+    # halves (benchmarks/calibration.py). 1.0: every image, and the step keys studies always had.
+    test_subset: float = 1.0
 
     def __post_init__(self) -> None:
         if self.bootstrap < 0 or self.seed < 0:
             raise ConfigError("analysis.bootstrap and analysis.seed must be >= 0")
+        if not 0 < self.test_subset <= 1:  # NaN fails too
+            raise ConfigError(f"analysis.test_subset must be in (0, 1], got {self.test_subset}")
 
 
 @dataclass(frozen=True)
@@ -387,6 +399,13 @@ class PipelineConfig:
         t = self.taxonomy
         if unknown := [x for x in [*t.importance, *t.cost, *t.exclude, *t.source_only] if x not in catalog]:
             raise ConfigError(f"taxonomy: unknown task {unknown[0]!r}")
+        if self.train.replicates > self.transfer.replicates:
+            raise ConfigError(
+                f"train.replicates: {self.train.replicates} networks per task, but transfer.replicates is "
+                f"{self.transfer.replicates}: readout replicate r reads network replicate r mod "
+                f"{self.train.replicates}, so networks {self.transfer.replicates} and up would be trained "
+                "and never read; raise transfer.replicates to at least train.replicates"
+            )
         if (top := max(self.transfer.orders, default=1)) > self.taxonomy.max_order:
             raise ConfigError(
                 f"transfer.orders: order-{top} readouts would be trained but taxonomy.max_order is "

@@ -9,13 +9,14 @@ resources (`cpus_per_readout`, and `gpus_per_readout` of a GPU on GPU clusters),
 `max_retries` times, and writes each member's loss file itself, so a killed driver loses only
 the members in flight, and a retried or resumed stack skips the members already written. A member
 that still fails after its retries is reported by name; the others go on. `self` (scored, not
-trained) is a task of its own. The driver logs each finished readout as a nested MLflow run, in
-batches (`pipelines.readout_runs`).
+trained) is a task of its own. Each readout replicate reads its network replicate's features,
+and `self` replicate r its target's network replicate (`ReadoutKeys.network_of`). The driver
+logs each finished readout as a nested MLflow run, in batches (`pipelines.readout_runs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import ray
 
@@ -41,16 +42,18 @@ _REMOTE_STACK = ray.remote(run_stack)
 class FanOut:
     """The `ray.wait` loop: submits stacks, collects, logs, and releases higher orders per target.
 
-    `jobs` makes each readout's job, its stack sizes and its resources; `networks` are the Stage
-    I weights (task -> URI) that `self` scores; `log` records each finished readout in MLflow."""
+    `jobs` makes each readout's job, its stack sizes and its resources; `dirs` are the feature
+    folders ((source, view) -> URI) and `networks` the Stage I weights (task -> URI) that `self`
+    scores, one mapping per network replicate (`ReadoutKeys.network_of` picks one); `log` records
+    each finished readout in MLflow."""
 
     def __init__(
         self,
         jobs: Stage2Plan,
         plan: TransferPlan,
         keys: ReadoutKeys,
-        dirs: Mapping[tuple[str, str], str],
-        networks: Mapping[str, str],
+        dirs: Sequence[Mapping[tuple[str, str], str]],
+        networks: Sequence[Mapping[str, str]],
         log: ReadoutRunLog,
     ):
         self.jobs, self.plan, self.keys, self.dirs, self.networks, self.log = (
@@ -109,7 +112,8 @@ class FanOut:
                 if stored is not None:
                     self._done(stored, ran=False)
                 elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
-                    job = self.jobs.job(x, (), self.keys.path(x).uri, self.networks[x.target])
+                    weights = self.networks[self.keys.network_of(x)][x.target]
+                    job = self.jobs.job(x, (), self.keys.path(x).uri, weights)
                     self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
                 elif x.kind is ReadoutKind.SCRATCH:  # a whole network on raw images: not stackable
                     self._remote(
@@ -131,7 +135,8 @@ class FanOut:
     def _readout_job(self, x: Readout):
         names = x.sources if x.kind is ReadoutKind.TRANSFER else (x.kind.value,)
         view = self.jobs.config.task(x.target).input.value
-        return self.jobs.job(x, tuple(self.dirs[(n, view)] for n in names), self.keys.path(x).uri)
+        dirs = self.dirs[self.keys.network_of(x)]  # `pixels` and `random`: the same in each
+        return self.jobs.job(x, tuple(dirs[(n, view)] for n in names), self.keys.path(x).uri)
 
     def _remote(self, function, name: str, job, members: tuple[Readout, ...]) -> None:
         options = {

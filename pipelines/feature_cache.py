@@ -8,12 +8,15 @@ One pass over both splits runs every encoder whose features are missing: a few R
 with a share of the shards, load the encoders once, read each image once per view and write
 their blocks to storage themselves (`jobs.encode_shards`); the driver sees row counts only,
 then writes each folder's marker. Readouts join a folder's blocks once per node (`jobs.feature_array`).
+
+The encoder key is its checkpoint's hash, so each network replicate of a task (`train.replicates`)
+has folders of its own; `ensure_replicates` encodes what every replicate misses in the same pass.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,19 +47,29 @@ class FeatureCache:
     def ensure(self, sources: Mapping[str, FeatureSource], plan: TransferPlan) -> dict[tuple[str, str], str]:
         """(source name, view) -> its complete cache folder's URI, encoding whatever is missing.
         `sources`: every feature source by name (`stage2_plan.feature_sources`)."""
+        return self.ensure_replicates([sources], plan)[0]
+
+    def ensure_replicates(
+        self, replicates: Sequence[Mapping[str, FeatureSource]], plan: TransferPlan
+    ) -> list[dict[tuple[str, str], str]]:
+        """`ensure` for each network replicate's feature sources (item n: the sources of network
+        replicate n), in one pass over the images for all that is missing: item n of the answer
+        is replicate n's (source name, view) -> folder URI (`random` and `pixels`, the same in
+        every replicate, are encoded once)."""
         kinds = {r.kind for r in plan.baselines}
         baselines = {k.value for k in (ReadoutKind.RANDOM, ReadoutKind.PIXELS)}
-        names = [n for n in sources if (ReadoutKind(n) in kinds if n in baselines else n in plan.sources)]
         views = sorted({self.config.task(t).input for t in plan.targets}, key=lambda v: v.value)
-        folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
-        missing = [
-            (sources[n], InputTransform(v))
-            for (n, v), f in folders.items()
-            if not (f / FEATURES_DONE).exists()
-        ]
+        out, missing = [], {}
+        for sources in replicates:
+            names = [n for n in sources if (ReadoutKind(n) in kinds if n in baselines else n in plan.sources)]
+            folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
+            for (n, v), f in folders.items():
+                if f.uri not in missing and not (f / FEATURES_DONE).exists():
+                    missing[f.uri] = (sources[n], InputTransform(v))
+            out.append({k: f.uri for k, f in folders.items()})
         if missing:
-            self.encode(missing)
-        return {k: f.uri for k, f in folders.items()}
+            self.encode(list(missing.values()))
+        return out
 
     def encode(self, pairs: list[tuple[FeatureSource, InputTransform]]) -> None:
         """One pass over both splits for every pair, as Ray tasks that each take a share of the

@@ -12,7 +12,8 @@ recomputes only what depends on it: a transfer setting never retrains task netwo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ from pipelines.invocation import Invocation, dataset_folder
 from pipelines.report import answer_markdown
 from pipelines.results import Stage2Result, TaskResult
 from pipelines.stage1 import Stage1
-from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage1_plan import Stage1Plan, network_name
 from pipelines.stage2 import Stage2
 from pipelines.stage2_plan import Stage2Plan
 from pipelines.steps import log_stored_artifact
@@ -66,7 +67,9 @@ def parse_stages(text: str | None) -> tuple[Stage, ...]:
 class PipelineResult:
     data_version: str
     stage1: dict[str, TaskResult] = field(default_factory=dict)
-    retrained: list[str] = field(default_factory=list)  # task networks trained by this run
+    retrained: list[str] = field(default_factory=list)  # task networks (replicate 0) trained by this run
+    # network replicates n > 0 (`train.replicates`) trained by this run, by name (`normal#1`)
+    replicates_trained: list[str] = field(default_factory=list)
     stage2: Stage2Result | None = None
     affinity_path: Location | None = None  # the affinity table
     unlabelled_images: dict[str, int] = field(default_factory=dict)  # per target, left out
@@ -78,9 +81,10 @@ class PipelineResult:
         trained = self.stage2.ran if self.stage2 else 0
         readouts = sum(self.stage2.counts.values()) - self.stage2.counts.get(SELF, 0) if self.stage2 else 0
         taxonomy = {k: v for k, v in (self.taxonomy or {}).items() if k != "path"} or None
+        networks = self.networks_trained
         return {
-            "networks_trained": self.retrained,
-            "networks_reused": [t for t in self.stage1 if t not in self.retrained],
+            "networks_trained": networks,  # by name: `normal`, and `normal#1` for replicate 1
+            "networks_reused": [n for n in self.networks if n not in networks],
             "readouts_ran": trained,
             "readouts_reused": readouts - trained,
             "taxonomy": taxonomy,
@@ -90,6 +94,15 @@ class PipelineResult:
             "losses": self.stage2.losses_dir if self.stage2 else None,  # per-image losses, per target
         }
 
+    @property
+    def networks(self) -> list[str]:
+        """Every network of Stage I by name: each task's, then its replicates' (`normal#1`)."""
+        return [network_name(t, n) for t, r in self.stage1.items() for n in range(1 + len(r.replicas))]
+
+    @property
+    def networks_trained(self) -> list[str]:
+        return [*self.retrained, *self.replicates_trained]
+
 
 def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> PipelineResult:
     """Run the requested stages in order; earlier stages that are not requested must be complete."""
@@ -97,13 +110,20 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     tasks = cfg.study_tasks()
     result = PipelineResult(inv.store.data_version)
     planned = Stage1Plan(cfg, inv.store)
-    before = {t.name: planned.finished(t) is not None for t in tasks}
+    before = {t.name: [r is not None for r in planned.finished_networks(t)] for t in tasks}
     if Stage.TRAIN in stages:
         result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
     else:
         result.stage1 = _require_stage1(planned, tasks)
-    result.retrained = [t.name for t in tasks if not before[t.name]]
-    result.steps += [(f"train/{t.name}", "reused" if before[t.name] else "ran") for t in tasks]
+    result.retrained = [t.name for t in tasks if not before[t.name][0]]
+    result.replicates_trained = [
+        network_name(t.name, n) for t in tasks for n, done in enumerate(before[t.name]) if n and not done
+    ]
+    result.steps += [
+        (f"train/{network_name(t.name, n)}", "reused" if done else "ran")
+        for t in tasks
+        for n, done in enumerate(before[t.name])
+    ]
     if not {Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
         return result
 
@@ -146,8 +166,8 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     inv.tracker.log_metrics(
         inv.run_id,
         {
-            "networks": len(result.stage1),
-            "networks_trained": len(result.retrained),
+            "networks": len(result.networks),  # replicates included
+            "networks_trained": len(result.networks_trained),
             # as many as the readout runs under `transfer` (self's included), as its `readouts`
             "readouts": sum(result.stage2.counts.values()),
             "readouts_trained": result.stage2.ran,
@@ -187,13 +207,14 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     for task in cfg.study_tasks():
         if stage1.hparams_if_known(task, search=True) is None:
             plan.append((f"tune/{task.name}", "run" if Stage.TRAIN in stages else "missing"))
-        cached = stage1.finished(task)
-        plan.append(
-            (f"train/{task.name}", "reuse" if cached else "run" if Stage.TRAIN in stages else "missing")
-        )
-        complete &= cached is not None
-        if cached:
-            results[task.name] = cached
+        networks = stage1.finished_networks(task)  # each network replicate (`train.replicates`)
+        for n, cached in enumerate(networks):
+            status = "reuse" if cached else "run" if Stage.TRAIN in stages else "missing"
+            plan.append((f"train/{network_name(task.name, n)}", status))
+        complete &= None not in networks
+        if networks[0] is not None:  # with the replicates trained so far, for the readouts' preview
+            trained = tuple(itertools.takewhile(lambda r: r is not None, networks[1:]))
+            results[task.name] = replace(networks[0], replicas=trained)
     downstream = [Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY]
     stage2 = Stage2Plan(cfg, store)
     if Stage.TRANSFER in stages:

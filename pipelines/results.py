@@ -3,7 +3,7 @@ cache, the fan-out, nightly and the CLI can read a stage's result without loadin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
@@ -14,7 +14,9 @@ READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, in Stage II
 
 @dataclass(frozen=True)
 class TaskResult:
-    """A trained task network (Stage I): its step key, weights and registered version."""
+    """A trained task network (Stage I): its step key, weights and registered version. With
+    `train.replicates` N > 1, a task's result is its replicate 0 (the registered one), carrying
+    replicates 1..N-1 as `replicas` (not registered: `model_version` and `registered` empty)."""
 
     task: str
     key: str
@@ -27,6 +29,20 @@ class TaskResult:
     # are steps keyed by content, so another study on the same root may reuse this one ('': a
     # network recorded before the field, of the study's own `<study>-<task>`).
     registered: str = ""
+    replicate: int = 0  # which of the task's networks (`train.replicates`)
+    replicas: tuple[TaskResult, ...] = ()  # replicate 0's: the task's networks 1..N-1, in order
+
+    def network(self, replicate: int) -> TaskResult:
+        """The task's network replicate `replicate` (0: this one)."""
+        return self if replicate == 0 else self.replicas[replicate - 1]
+
+    def marker(self) -> dict:
+        """What the network's step marker records: one network, not its replicas, and its
+        replicate only where it is not 0 (replicate 0's marker is what it was before replicates)."""
+        out = {k: v for k, v in asdict(self).items() if k != "replicas"}
+        if not self.replicate:
+            del out["replicate"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ around `components.training`. A task's outputs live under `<storage_root>/stage1
 a complete task is skipped on rerun, and an interrupted one resumes from its latest Ray Train
 checkpoint, kept under `<storage_root>/ray/`. One Ray Train run trains a share of the networks
 one after another (`network_runs`), so its start-up is paid once a share; each network keeps its
-own MLflow run, step and key.
+own MLflow run, step and key. With `train.replicates` N > 1, each task's network is trained N
+times from the one search, replicate n with its own seed (`stage1_plan.network_seed`): each
+replicate is one more network to train, dealt to the runs like any other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import ray.train
@@ -75,8 +77,9 @@ class Stage1:
 
     def run(self, tasks: list[Task], search: bool) -> dict[str, TaskResult]:
         """Search (if asked and enabled: every pending task's search in one Tuner) then train
-        every task: the pending networks are dealt to as many concurrent Ray Train runs as the
-        cluster has room for (`network_runs`), each training its share one after another."""
+        every task's networks (`train.replicates` each): the pending networks are dealt to as
+        many concurrent Ray Train runs as the cluster has room for (`network_runs`), each
+        training its share one after another. Task -> its replicate 0, the others as `replicas`."""
         t, plan = self.config.train, self.plan
         plan.check_worker_rows(self.num_workers)
         searching = search and self.config.tune.enabled
@@ -86,47 +89,62 @@ class Stage1:
         streaming = t.loader is Loader.RAY_DATA and not t.materialize_data  # its read tasks need a CPU
         spare = cluster_gpus() if self.use_gpu else cluster_cpus() - int(streaming)
         concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
-        jobs = [(task, hparams.get(task.name) or plan.hparams_if_known(task, search)) for task in tasks]
-        done = {
-            task.name: self.record.adopt(task, r) for task, h in jobs if (r := plan.cached_result(task, h))
-        }
-        pending = [job for job in jobs if job[0].name not in done]
+        jobs = [
+            (task, hparams.get(task.name) or plan.hparams_if_known(task, search), n)
+            for task in tasks
+            for n in range(t.replicates)
+        ]
+        done = self._finished(jobs)
+        pending = [job for job in jobs if (job[0].name, job[2]) not in done]
         groups = network_runs(pending, concurrent, t.networks_per_run)
         with (
             progress_bar(len(pending), "networks", unit="network") as update,
             ThreadPoolExecutor(max_workers=max(1, min(concurrent, len(groups)))) as pool,
         ):
             for results in pool.map(lambda group: self._train_pending(group, update), groups):
-                done.update((r.task, r) for r in results)
-        return {task.name: done[task.name] for task in tasks}
+                done.update(((r.task, r.replicate), r) for r in results)
+        return {
+            task.name: replace(
+                done[task.name, 0], replicas=tuple(done[task.name, n] for n in range(1, t.replicates))
+            )
+            for task in tasks
+        }
+
+    def _finished(self, jobs: Sequence[tuple[Task, dict, int]]) -> dict[tuple[str, int], TaskResult]:
+        """(task, replicate) -> its network, of the jobs a run already finished (replicate 0
+        adopted as a version of this study's registered model)."""
+        done = {}
+        for task, hparams, n in jobs:
+            if (r := self.plan.cached_result(task, hparams, n)) is not None:
+                done[task.name, n] = self.record.adopt(task, r) if n == 0 else r
+        return done
 
     def search(self, tasks: list[Task]) -> dict[str, dict]:
         """Each task's best hyperparameters (`pipelines.stage1_search`)."""
         return search_tasks(self.plan, self.record, tasks, self.use_gpu)
 
-    def train(self, task: Task, hparams: dict) -> TaskResult:
-        """One network in a Ray Train run of its own."""
-        return self.train_networks([(task, hparams)])[0]
+    def train(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult:
+        """One network (replicate `replicate` of the task's) in a Ray Train run of its own."""
+        return self.train_networks([(task, hparams, replicate)])[0]
 
-    def train_networks(self, jobs: list[tuple[Task, dict]]) -> list[TaskResult]:
-        """Train these networks one after another in one Ray Train run (one start-up for all),
-        then score, register and finish each. Finished networks are read back."""
-        plan = self.plan
-        results = {
-            task.name: self.record.adopt(task, r) for task, h in jobs if (r := plan.cached_result(task, h))
-        }
-        trained = self._train_pending([job for job in jobs if job[0].name not in results])
-        results.update((r.task, r) for r in trained)
-        return [results[task.name] for task, _ in jobs]
+    def train_networks(self, jobs: Sequence[tuple[Task, dict] | tuple[Task, dict, int]]) -> list[TaskResult]:
+        """Train these networks, (task, hyperparameters[, replicate, 0 if left out]), one after
+        another in one Ray Train run (one start-up for all), then score, register (replicate 0)
+        and finish each. Finished networks are read back."""
+        full = [(job[0], job[1], job[2] if len(job) > 2 else 0) for job in jobs]
+        results = self._finished(full)
+        trained = self._train_pending([job for job in full if (job[0].name, job[2]) not in results])
+        results.update(((r.task, r.replicate), r) for r in trained)
+        return [results[task.name, n] for task, _, n in full]
 
     def _train_pending(
-        self, jobs: list[tuple[Task, dict]], progress: Callable[[int], None] = lambda n: None
+        self, jobs: list[tuple[Task, dict, int]], progress: Callable[[int], None] = lambda n: None
     ) -> list[TaskResult]:
         """`train_networks` for networks not finished yet (their markers already read): a network
         whose final weights a killed run already wrote is not trained again. `progress(1)` as
         each is finished."""
         plan, record = self.plan, self.record
-        pending = [record.open(task, hparams, plan.train_step(task, hparams)) for task, hparams in jobs]
+        pending = [record.open(task, h, plan.train_step(task, h, n), n) for task, h, n in jobs]
         results = []
         try:
             if untrained := [n for n in pending if not n.weights.exists()]:
@@ -141,7 +159,9 @@ class Stage1:
             raise
         return results
 
-    def worker_config(self, task: Task, hparams: dict, run_id: str, weights: str = "") -> WorkerConfig:
+    def worker_config(
+        self, task: Task, hparams: dict, run_id: str, weights: str = "", replicate: int = 0
+    ) -> WorkerConfig:
         """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
@@ -156,7 +176,7 @@ class Stage1:
             weight_decay=hparams["weight_decay"],
             batch_size=worker_batch_size(hparams["batch_size"], self.num_workers),
             epochs=cfg.train.epochs,
-            seed=cfg.train.seed,
+            seed=self.plan.seed(replicate),  # train.seed for replicate 0
             tracking_uri=self.tracker.tracking_uri,
             tracking_retry_s=cfg.tracking.retry_s,
             run_id=run_id,
@@ -168,9 +188,11 @@ class Stage1:
 
     def _fit(self, networks: list[Network]) -> None:
         cfg = self.config
-        workers = [self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri) for n in networks]
+        workers = [
+            self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri, n.replicate) for n in networks
+        ]
         columns = sorted({c for n in networks for c in n.task.columns})
-        names = "+".join(n.task.name for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
+        names = "+".join(n.file_id for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"
         # The same networks, the same run: a rerun after a kill resumes its checkpoint ...
         run_name = f"train-{names}-{config_hash([n.step.key for n in networks])}"
         repair_train_state(cfg.root / "ray" / run_name, names)  # ... unless a full disk damaged it

@@ -1,12 +1,19 @@
-"""Stage I's plan: where each task's search and network live, and which are already done.
+"""Stage I's plan: where each task's search and networks live, and which are already done.
 
 Pure reads of the config, the data version and the step markers: no tracker and no Ray. `run`,
 `--dry-run`, `nightly` and `position` all ask these same questions (design.md section 1).
+
+A task has one search and `train.replicates` N networks: replicate 0 is the network a study had
+before replicates (its key and seed unchanged, the one registered), replicate n > 0 the same
+network trained again with a seed of its own (`network_seed`), a step of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from components.config import config_hash
 from components.data.shards import ShardStore
@@ -39,10 +46,19 @@ class Stage1Plan:
         """The hyperparameters training would use, or None while the search has not run."""
         return self.cached_hparams(task) if search and self.config.tune.enabled else self.default_hparams()
 
-    def train_step(self, task: Task, hparams: dict) -> Step:
+    @property
+    def replicates(self) -> int:
+        return self.config.train.replicates
+
+    def seed(self, replicate: int = 0) -> int:
+        """The seed network replicate `replicate` trains with (`network_seed`)."""
+        return network_seed(self.config.train.seed, replicate)
+
+    def train_step(self, task: Task, hparams: dict, replicate: int = 0) -> Step:
         """Keyed by everything that changes the trained model: the task's definition, model,
         hyperparameters, epochs, seed, data, and how it is trained (workers as configured, 0 for
-        "one per GPU"; GPU or not; batches cached in memory or streamed)."""
+        "one per GPU"; GPU or not; batches cached in memory or streamed). Replicate n > 0: its
+        own seed, and its number (so it never shares a step with another study's replicate 0)."""
         cfg, t = self.config, self.config.train
         how = {
             "num_workers": t.num_workers,
@@ -50,17 +66,30 @@ class Stage1Plan:
             "loader": t.loader.value,
             "cache_in_memory": t.cache_in_memory and t.loader is Loader.RAY_DATA,
         }
-        key = config_hash(task, cfg.model, hparams, t.epochs, t.seed, self.store.data_version, how)
-        return Step(cfg.root, f"stage1/{task.name}", key)
+        parts = [task, cfg.model, hparams, t.epochs, self.seed(replicate), self.store.data_version, how]
+        if replicate:  # replicate 0: the key every network had before replicates
+            parts.append({"replicate": replicate})
+        return Step(cfg.root, f"stage1/{task.name}", config_hash(*parts))
 
-    def cached_result(self, task: Task, hparams: dict) -> TaskResult | None:
-        step = self.train_step(task, hparams)
+    def cached_result(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult | None:
+        step = self.train_step(task, hparams, replicate)
         return TaskResult(**step.info()) if step.complete else None
 
-    def finished(self, task: Task, search: bool = True) -> TaskResult | None:
-        """The task's trained network for the current settings, if a run already made it."""
+    def finished_networks(self, task: Task, search: bool = True) -> tuple[TaskResult | None, ...]:
+        """Each of the task's N network replicates for the current settings, None where no run
+        has made it yet (every one, while its search has not run)."""
         hparams = self.hparams_if_known(task, search)
-        return self.cached_result(task, hparams) if hparams is not None else None
+        if hparams is None:
+            return (None,) * self.replicates
+        return tuple(self.cached_result(task, hparams, n) for n in range(self.replicates))
+
+    def finished(self, task: Task, search: bool = True) -> TaskResult | None:
+        """The task's trained network for the current settings (replicate 0, its replicates
+        1..N-1 as `replicas`), if runs already made all N."""
+        first, *rest = self.finished_networks(task, search)
+        if first is None or None in rest:
+            return None
+        return replace(first, replicas=tuple(rest))
 
     def check_worker_rows(self, num_workers: int) -> None:
         """Before any work: every DDP worker trains on an equal share of the train split
@@ -71,6 +100,26 @@ class Stage1Plan:
                 f"train.num_workers: {num_workers} workers, but the train split has only {rows} "
                 "images; every worker needs at least one"
             )
+
+
+def network_seed(seed: int, replicate: int) -> int:
+    """The seed of a task network's initialisation and batch order: `train.seed` for replicate 0
+    (every network before replicates), one drawn from (seed, replicate) for the others, in a
+    stream of its own (not the readouts' `readout_seed`, nor another task's: every task's
+    replicate n shares it, as every task's replicate 0 shares `train.seed`)."""
+    if replicate == 0:
+        return seed
+    entropy = [seed, replicate, _NETWORK_STREAM]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+_NETWORK_STREAM = zlib.crc32(b"stage1-network")
+
+
+def network_name(task: str, replicate: int = 0) -> str:
+    """`normal` (replicate 0), `normal#1`: how logs, MLflow (`train/<name>`) and `--dry-run` call
+    a network, as `Readout.name` calls a readout replicate."""
+    return f"{task}#{replicate}" if replicate else task
 
 
 def worker_batch_size(batch_size: int, num_workers: int) -> int:

@@ -2,13 +2,15 @@
 
 One MLflow run (and logged model) per network, continued when an earlier attempt was killed;
 Ray Train's rank 0 logs the epochs into it (`pipelines.train_worker`), and `finish` adds the
-test loss of the final weights, registers them and writes the step's marker, last.
+test loss of the final weights, registers them and writes the step's marker, last. Network
+replicates n > 0 (`train.replicates`) are runs of their own, `train/<task>#<n>`, kept simple:
+no logged model and no registration; the registered model stays replicate 0's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
@@ -25,6 +27,7 @@ from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.registry import network_model, registered_definition, version_tags
 from pipelines.results import TaskResult
+from pipelines.stage1_plan import network_name, network_seed
 from pipelines.steps import Step
 from pipelines.tracking import (
     CHAMPION,
@@ -41,13 +44,20 @@ EPOCH_METRICS = ("train_loss", "test_loss")  # what rank 0 logs each epoch (`pip
 
 @dataclass(frozen=True)
 class Network:
-    """A network being trained: its step, its MLflow run and logged model."""
+    """A network being trained: its step, its MLflow run and logged model ("" for replicates
+    n > 0, which are not registered)."""
 
     task: Task
     hparams: dict
     step: Step
     run_id: str
     model_id: str
+    replicate: int = 0
+
+    @property
+    def file_id(self) -> str:
+        """`normal`, `normal.r1`: its name without `#`, safe in a Ray Train run's folder name."""
+        return f"{self.task.name}.r{self.replicate}" if self.replicate else self.task.name
 
     @property
     def weights(self) -> Location:
@@ -65,23 +75,29 @@ class NetworkRecord:
     tracker: Tracker
     parent_run_id: str
 
-    def open(self, task: Task, hparams: dict, step: Step) -> Network:
-        """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued."""
+    def open(self, task: Task, hparams: dict, step: Step, replicate: int = 0) -> Network:
+        """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued.
+        Replicate 0 gets a logged model (registered by `finish`); replicates n > 0 do not."""
         run_file = step.location / "mlflow_run.json"
-        trained_with = self.trained_with(hparams)
+        trained_with = self.trained_with(hparams, replicate)
+
+        def logged_model(run_id: str) -> str:
+            return "" if replicate else self.tracker.create_logged_model(run_id, task.name, trained_with)
+
         if run_file.exists():
             ids = run_file.read_json()
             run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
-            model_id = ids.get("model_id") or self.tracker.create_logged_model(
-                run_id, task.name, trained_with
-            )
-            return Network(task, hparams, step, run_id, model_id)
+            model_id = ids.get("model_id") or logged_model(run_id)
+            return Network(task, hparams, step, run_id, model_id, replicate)
+        tags = {"task": task.name, "stage": "train"} | ({"replicate": str(replicate)} if replicate else {})
         run_id = self.tracker.start_run(
-            f"train/{task.name}", self.parent_run_id, {"task": task.name, "stage": "train"}
+            f"train/{network_name(task.name, replicate)}", self.parent_run_id, tags
         )
-        model_id = self.tracker.create_logged_model(run_id, task.name, trained_with)
+        model_id = logged_model(run_id)
         run_file.write_json({"run_id": run_id, "model_id": model_id})
         searched = self.config.tune.enabled
+        # Replicate n > 0: the seed it trained with, and which replicate it is, in place of train.seed
+        mine = {"seed": trained_with["seed"], "replicate": replicate} if replicate else {}
         self.tracker.log_params(
             run_id,
             {
@@ -91,25 +107,27 @@ class NetworkRecord:
                 # search), and train.hparams_from says which.
                 "train": to_dict(self.config.train)
                 | hparams
-                | {"hparams_from": "tune" if searched else "config"},
+                | {"hparams_from": "tune" if searched else "config"}
+                | mine,
                 "model": to_dict(self.config.model),
                 "data_version": self.store.data_version,
             },
         )
         self.tracker.log_dataset(run_id, dataset_ref(self.config, self.store), context="train")
-        return Network(task, hparams, step, run_id, model_id)
+        return Network(task, hparams, step, run_id, model_id, replicate)
 
-    def trained_with(self, hparams: dict) -> dict:
+    def trained_with(self, hparams: dict, replicate: int = 0) -> dict:
         """The logged model's parameters: what its network was trained with."""
-        return hparams | {"epochs": self.config.train.epochs, "seed": self.config.train.seed}
+        seed = network_seed(self.config.train.seed, replicate)
+        return hparams | {"epochs": self.config.train.epochs, "seed": seed}
 
     def fail(self, network: Network) -> None:
         self.tracker.end_run(network.run_id, failed=True)
 
     def finish(self, network: Network) -> TaskResult:
-        """Score the final weights on the test split, register them, and mark the network done.
-        Each network reads only its own task's test columns: a run's networks together may need
-        more of the test split than a driver should hold at once."""
+        """Score the final weights on the test split, register them (replicate 0), and mark the
+        network done. Each network reads only its own task's test columns: a run's networks
+        together may need more of the test split than a driver should hold at once."""
         cfg, task, step = self.config, network.task, network.step
         channels = channels_for(task, self.store)
         model = build_network(task, cfg.model, cfg.data.size, channels)
@@ -120,6 +138,15 @@ class NetworkRecord:
             pa.table({"image_id": ids.astype(str), "loss": losses})
         )
         test_loss = nanmean(losses)
+        if network.replicate:  # another training of the network: scored, not registered
+            n = network
+            self.tracker.log_metrics(n.run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs - 1)
+            self.tracker.end_run(n.run_id)
+            done = TaskResult(
+                task.name, step.key, n.weights.uri, test_loss, n.hparams, n.run_id, "", "", n.replicate
+            )
+            step.finish(done.marker())
+            return done
         # The logged model's metrics: the last epoch's (as rank 0 logged them to the run) and the
         # test loss of the saved weights at that step, one value per key.
         last = cfg.train.epochs - 1
@@ -156,7 +183,7 @@ class NetworkRecord:
             version,
             registered,
         )
-        step.finish(asdict(done))
+        step.finish(done.marker())
         return done
 
     def registration(self, task: Task, test_loss: float, key: str) -> Registration:

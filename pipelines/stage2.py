@@ -46,7 +46,7 @@ from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 from pipelines.readout_runs import ReadoutRunLog
 from pipelines.results import Stage2Result, TaskResult
-from pipelines.stage2_plan import ReadoutKeys, Stage2Plan, feature_sources
+from pipelines.stage2_plan import ReadoutKeys, Stage2Plan, feature_sources, network_results
 from pipelines.stage2_pruning import estimates, pruned
 from pipelines.stage2_record import LOSSES, STAGE_NOTE, record_pruning, record_stage
 from pipelines.steps import Step
@@ -130,16 +130,18 @@ class Stage2:
         step: Step,
         run_id: str,
     ) -> tuple[TransferPlan, FanOut]:
-        """Features, pruning if asked, the fan-out, the per-target loss tables: the plan as run
-        (pruned, if asked) and the finished fan-out."""
+        """Features (of every network replicate), pruning if asked, the fan-out, the per-target
+        loss tables: the plan as run (pruned, if asked) and the finished fan-out. Pruning
+        estimates read network replicate 0."""
         out = step.location
-        dirs = self.features.ensure(feature_sources(self.config, results), plan)
+        replicates = [network_results(results, n) for n in range(keys.network_replicates)]
+        dirs = self.features.ensure_replicates([feature_sources(self.config, rs) for rs in replicates], plan)
         prune = self.config.transfer.prune
         if prune.enabled:
-            found = estimates(self.jobs, out, plan, dirs)
+            found = estimates(self.jobs, out, plan, dirs[0])
             plan = pruned(self.jobs, plan, found, lambda: self.estimate(plan)[0])
         log = ReadoutRunLog(self.tracker, run_id, step.key, dataset=dataset_ref(self.config, self.store))
-        networks = {name: r.model_path for name, r in results.items()}
+        networks = [{name: r.model_path for name, r in rs.items()} for rs in replicates]
         fan = FanOut(self.jobs, plan, keys, dirs, networks, log)
         fan.run()
         if prune.enabled:

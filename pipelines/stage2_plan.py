@@ -1,6 +1,11 @@
 """Stage II's plan: which readouts a study trains, each one's key and file, which are stored,
 and the job each runs. Pure reads of the config, the data version and the stored files: no
 tracker and no Ray, so `run`, `--dry-run`, `nightly` and `position` all plan alike.
+
+Network replicates (`train.replicates` N): readout replicate r reads network replicate r mod N
+of each source (`network_replicate`), so its key hashes that network's features; `self`
+replicate r scores the target's network r mod N. Replicate 0 reads network 0: every key of a
+study with N = 1 is the key it had before network replicates.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
+from components.errors import TaskatlasError
 from components.settings import read_settings
 from components.storage import Location, location
 from components.tasks import TaskKind, channels_for
@@ -24,6 +30,7 @@ from components.transfer import (
     ReadoutSettings,
     TransferPlan,
     build_readout,
+    network_replicate,
     plan_transfers,
     readout_seed,
 )
@@ -44,25 +51,42 @@ class ReadoutKeys:
     """Each readout's own key and file. The key hashes what determines the readout and nothing
     else: the readout settings, model and data (`common`), the target's definition, and its
     sources' feature keys (for `self`, the target's Stage I network). So any study that needs
-    the same readout finds it stored, whatever other tasks it has."""
+    the same readout finds it stored, whatever other tasks it has. Readout replicate r reads
+    network replicate r mod N (`network_replicate`): its sources' features, or for `self` the
+    target's network, are that replicate's."""
 
     root: Location  # the storage root
     common: str
-    features: Mapping[str, str]  # source (task, `random`, `pixels`) -> feature key
-    networks: Mapping[str, str]  # task -> its Stage I key
+    features: Mapping[str, str]  # source (task, `random`, `pixels`) -> feature key (network replicate 0)
+    networks: Mapping[str, str]  # task -> its Stage I key (replicate 0)
     targets: Mapping[str, str]  # task -> hash of its definition and output channels
     seed: int = 0  # transfer.seed (also in `common`)
     pairing: Pairing = Pairing.PAIRED
     scratch_epochs: int = 0  # transfer.scratch_epochs: in the keys of `scratch` baselines only
+    # Network replicates 1..N-1 (`train.replicates` N): one mapping each, as `features` and
+    # `networks` are replicate 0's; a network not trained yet is missing from its mapping
+    replica_features: tuple[Mapping[str, str], ...] = ()
+    replica_networks: tuple[Mapping[str, str], ...] = ()
+
+    @property
+    def network_replicates(self) -> int:
+        return 1 + len(self.replica_features)
+
+    def network_of(self, r: Readout) -> int:
+        """The network replicate `r` reads (`network_replicate`)."""
+        return network_replicate(r, self.network_replicates)
 
     def key(self, r: Readout) -> str:
+        n = self.network_of(r)
         if r.kind is ReadoutKind.SELF:  # the target's network, scored: no readout setting applies
-            return config_hash("self-v2", r.name, self.targets[r.target], self.networks[r.target])
+            networks = self.replica_networks[n - 1] if n else self.networks
+            return config_hash("self-v2", r.name, self.targets[r.target], networks[r.target])
         if r.kind is ReadoutKind.SCRATCH:  # no features: the raw images, and its own epochs
             parts = [self.common, r.name, self.targets[r.target], {"scratch_epochs": self.scratch_epochs}]
         else:
             names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-            parts = [self.common, r.name, self.targets[r.target], [self.features[n] for n in names]]
+            features = self.replica_features[n - 1] if n else self.features
+            parts = [self.common, r.name, self.targets[r.target], [features[name] for name in names]]
         if (seed := self.seed_of(r)) != self.seed:  # replicate 0, paired: the key it always had
             parts.append({"seed": seed})
         return config_hash(*parts)
@@ -103,18 +127,37 @@ class Stage2Plan:
         """Every configured task is a source; targets are `transfer.targets` or the non-source-only."""
         t = self.transfer  # targets among `sources`: checked at load and by `preflight`
         targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
-        return plan_transfers(targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
+        networks = self.config.train.replicates
+        return plan_transfers(
+            targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams, networks
+        )
 
     def key(self, results: Mapping[str, TaskResult]) -> str:
+        """Keyed by the transfer settings and every network read: with `train.replicates` N > 1,
+        each task's replicates 1..N-1 too (N = 1: the key studies had before network replicates)."""
         science = key_fields(self.transfer, RUNTIME)
         if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
             science.pop("prune")
         if ReadoutKind.SCRATCH not in self.transfer.baselines:  # likewise, without a scratch baseline
             science.pop("scratch_epochs")
         encoders = {name: r.key for name, r in results.items()}
-        return config_hash(
-            "stage2", science, self.config.model, self.config.data.size, encoders, self.store.data_version
-        )
+        cfg = self.config
+        parts = ["stage2", science, cfg.model, cfg.data.size, encoders, self.store.data_version]
+        if (n := cfg.train.replicates) > 1:
+            self.check_networks(results)
+            replicas = {t: [r.network(i).key for i in range(1, n)] for t, r in results.items()}
+            parts.append({"network_replicates": replicas})
+        return config_hash(*parts)
+
+    def check_networks(self, results: Mapping[str, TaskResult]) -> None:
+        """Every task's `train.replicates` networks are among `results` (before Stage II reads them)."""
+        n = self.config.train.replicates
+        if short := [(t, 1 + len(r.replicas)) for t, r in results.items() if len(r.replicas) < n - 1]:
+            task, have = short[0]
+            raise TaskatlasError(
+                f"train.replicates is {n}, but task {task!r} has {have} trained network(s); train them "
+                "first (taskatlas train, or the train stage)"
+            )
 
     def step(self, key: str) -> Step:
         return Step(self.config.root, "stage2", key)
@@ -128,12 +171,24 @@ class Stage2Plan:
         t, cfg = self.transfer, self.config
         science = key_fields(t, RUNTIME, PLAN, SCRATCH_KEY)
         common = config_hash("readout-v1", science, cfg.model, cfg.data.size, self.store.data_version)
-        features = {name: s.key for name, s in feature_sources(cfg, results).items()}
-        networks = {name: r.key for name, r in results.items()}
+        per_replicate = [network_results(results, n) for n in range(cfg.train.replicates)]
+        features = [{name: s.key for name, s in feature_sources(cfg, rs).items()} for rs in per_replicate]
+        networks = [{name: r.key for name, r in rs.items()} for rs in per_replicate]
         targets = {  # a task's definition and output channels shape every readout into it
             name: config_hash(task, channels_for(task, self.store)) for name, task in cfg.catalog.items()
         }
-        return ReadoutKeys(cfg.root, common, features, networks, targets, t.seed, t.pairing, t.scratch_epochs)
+        return ReadoutKeys(
+            cfg.root,
+            common,
+            features[0],
+            networks[0],
+            targets,
+            t.seed,
+            t.pairing,
+            t.scratch_epochs,
+            tuple(features[1:]),
+            tuple(networks[1:]),
+        )
 
     def preview(self, results: Mapping[str, TaskResult]) -> list[tuple[str, str]]:
         """(readout, "run" | "reuse") for `--dry-run`, from the networks trained so far: exact for
@@ -212,6 +267,11 @@ def auto_stack(kind: TaskKind, use_gpu: bool, fit_images: int, batch_size: int) 
     if kind is not TaskKind.PIXEL or use_gpu:
         return AUTO_STACK
     return SMALL_BATCH_STACK if fit_images <= batch_size else 1
+
+
+def network_results(results: Mapping[str, TaskResult], replicate: int) -> dict[str, TaskResult]:
+    """Task -> its network replicate `replicate`, of the tasks that have it (`TaskResult.replicas`)."""
+    return {name: r.network(replicate) for name, r in results.items() if replicate <= len(r.replicas)}
 
 
 def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:

@@ -57,7 +57,7 @@ class WorkerConfig:
     weight_decay: float
     batch_size: int
     epochs: int
-    seed: int
+    seed: int  # train.seed, or network replicate n's own (`stage1_plan.network_seed`)
     tracking_uri: str
     run_id: str  # also names the network in the run's checkpoints
     fail_at_epoch: int | None = None  # counted over the run's networks, one after another

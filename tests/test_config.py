@@ -90,3 +90,17 @@ def test_data_size_defaults_to_the_datasets_own(tiny_dataset):
     assert load_pipeline_config(None, ["tasks=[normal]"]).data.size == 64  # generated scenes' default
     with pytest.raises(ConfigError, match=r"^data\.size: 64, but the images at data\.path .* are 32x32"):
         load_pipeline_config(None, [f"data.path={tiny_dataset}", "data.size=64", "tasks=[normal]"])
+
+
+def test_network_replicates_are_at_least_one_and_never_more_than_the_readouts_read():
+    assert load_pipeline_config(None, []).train.replicates == 1
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match=rf"^train\.replicates must be >= 1, got {bad}$") as err:
+            load_pipeline_config(None, [f"train.replicates={bad}"])
+        assert "\n" not in str(err.value)
+    assert load_pipeline_config(None, ["train.replicates=3", "transfer.replicates=3"]).train.replicates == 3
+    # network replicate r mod N is read by readout replicate r: with N > R some would never be read
+    with pytest.raises(
+        ConfigError, match=r"^train\.replicates: 3 networks per task, but transfer\.replicates is 2"
+    ):
+        load_pipeline_config(None, ["train.replicates=3", "transfer.replicates=2"])

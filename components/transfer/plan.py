@@ -6,6 +6,10 @@ is never among its own sources beyond first order). Baselines per target: `self`
 network, nothing to train), `pixels` and `random`. The higher-order source sets are only known
 once a target's first-order losses are in, but their number is known up front, so the plan can
 be counted and timed before anything runs.
+
+With N network replicates per task (Stage I's `train.replicates`), readout replicate r reads
+network replicate r mod N of its sources, and `self` has a replicate per readout replicate, r
+scoring the target's network r mod N (`network_replicate`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class Pairing(str, Enum):
 @dataclass(frozen=True, order=True)
 class Readout:
     """One unit of Stage II work: train a readout from `sources` to `target` (or read `self`).
-    `replicate` r > 0 is the same readout trained again with another seed (`readout_seed`)."""
+    `replicate` r > 0 is the same readout trained again with another seed (`readout_seed`), on
+    network replicate r mod N of its sources (`network_replicate`); `self` replicate r is the
+    target's network replicate r mod N, scored."""
 
     target: str
     sources: tuple[str, ...]  # sorted; (kind,) for a baseline, as in the loss table
@@ -46,8 +52,8 @@ class Readout:
             raise ValueError(f"sources must be a non-empty sorted set, got {self.sources}")
         if self.kind is not ReadoutKind.TRANSFER and self.sources != (self.kind.value,):
             raise ValueError(f"a {self.kind.value} baseline has sources ({self.kind.value!r},)")
-        if self.replicate < 0 or (self.replicate and self.kind is ReadoutKind.SELF):
-            raise ValueError(f"replicate must be >= 0 (and 0 for self), got {self.replicate}")
+        if self.replicate < 0:
+            raise ValueError(f"replicate must be >= 0, got {self.replicate}")
 
     @property
     def order(self) -> int:
@@ -86,6 +92,15 @@ def readout_seed(seed: int, r: Readout, pairing: Pairing = Pairing.PAIRED) -> in
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def network_replicate(r: Readout, networks: int) -> int:
+    """Which of its sources' (or, for `self`, its target's) N = `networks` Stage I network
+    replicates readout replicate r reads: r mod N. Replicate 0 reads network 0, the only one a
+    study had before network replicates, so its keys are the ones it always had; replicate r of
+    every candidate of a target reads the same network replicate, as `self` replicate r does (the
+    pairing `readout_seed` gives seeds). `pixels`, `random` and `scratch` read no network."""
+    return r.replicate % networks
+
+
 def baseline(target: str, kind: ReadoutKind) -> Readout:
     return Readout(target, (kind.value,), kind)
 
@@ -106,12 +121,16 @@ class TransferPlan:
     shared: tuple[str, ...] = ()  # sources kept for every target (`shared_sources`)
     replicates: int = 1  # each trained readout, trained this many times with its own seed
     widen: float = 0.0  # beams take in sources within this many standard errors of the edge
+    networks: int = 1  # Stage I network replicates per task (`network_replicate`)
 
     def replicas(self, r: Readout) -> tuple[Readout, ...]:
-        """Every replicate of `r` (`self` is scored, not trained: one)."""
-        if r.kind is ReadoutKind.SELF:
-            return (r,)
-        return tuple(replace(r, replicate=i) for i in range(self.replicates))
+        """Every replicate of `r`. `self` is scored, not trained: one with one network per task
+        (its keys as before network replicates), else one per readout replicate, replicate r
+        scoring network r mod N, so replicate r of every candidate has its `self` to pair with."""
+        return tuple(replace(r, replicate=i) for i in range(self._replicates(r.kind)))
+
+    def _replicates(self, kind: ReadoutKind) -> int:
+        return 1 if kind is ReadoutKind.SELF and self.networks == 1 else self.replicates
 
     def first_order_of(self, target: str) -> tuple[Readout, ...]:
         return tuple(r for r in self.first_order if r.target == target)
@@ -148,7 +167,7 @@ class TransferPlan:
         for kind in ALL_BASELINES:
             n = sum(r.kind is kind for r in self.baselines)
             if n:
-                out[kind.value] = n * (1 if kind is ReadoutKind.SELF else self.replicates)
+                out[kind.value] = n * self._replicates(kind)
         return out
 
     @property
@@ -276,8 +295,10 @@ def plan_transfers(
     baselines: Sequence[ReadoutKind] = BASELINES,
     replicates: int = 1,
     widen: float = 0.0,
+    networks: int = 1,
 ) -> TransferPlan:
-    """The plan for `targets` (tasks that are not source-only) from `sources` (every trained task)."""
+    """The plan for `targets` (tasks that are not source-only) from `sources` (every trained task),
+    each task with `networks` Stage I network replicates (`network_replicate`)."""
     if len(orders) != len(beams):
         raise ValueError(f"one beam size per higher order: orders {tuple(orders)}, beams {tuple(beams)}")
     if any(k < 2 for k in orders) or len(set(orders)) != len(orders):
@@ -288,8 +309,10 @@ def plan_transfers(
         )
     if ReadoutKind.TRANSFER in baselines:
         raise ValueError("transfer is not a baseline")
-    if replicates < 1 or widen < 0:
-        raise ValueError(f"need replicates >= 1 and widen >= 0, got {replicates}, {widen}")
+    if replicates < 1 or widen < 0 or networks < 1:
+        raise ValueError(
+            f"need replicates >= 1, widen >= 0 and networks >= 1, got {replicates}, {widen}, {networks}"
+        )
     pairs = sorted(zip(orders, beams, strict=True))
     first = tuple(Readout(t, (s,)) for t in targets for s in sources)
     extra = tuple(baseline(t, kind) for t in targets for kind in ALL_BASELINES if kind in baselines)
@@ -302,6 +325,7 @@ def plan_transfers(
         baselines=extra,
         replicates=replicates,
         widen=widen,
+        networks=networks,
     )
 
 

@@ -84,8 +84,9 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
     print(
         f"\nsteps: {len(ran)} ran, {len(result.steps) - len(ran)} reused (data version {result.data_version})"
     )
-    reused = [t for t in result.stage1 if t not in result.retrained]
-    print(f"task networks: {len(result.retrained)} trained, {len(reused)} reused")
+    trained = result.networks_trained  # network replicates (`train.replicates`) included
+    reused = [n for n in result.networks if n not in trained]
+    print(f"task networks: {len(trained)} trained, {len(reused)} reused")
     if result.stage2:
         n = result.summary(str(cfg.root), "")
         print(readouts_line(n["readouts_ran"], n["readouts_reused"], result.stage2.counts))

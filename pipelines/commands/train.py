@@ -43,6 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import ensure_ray
     from pipelines.registry import network_model
     from pipelines.stage1 import Stage1
+    from pipelines.stage1_plan import network_name
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "train", args.wait_for_lock):
@@ -50,11 +51,15 @@ def _train(args: argparse.Namespace) -> int:
         with invocation(cfg, "train") as inv:
             results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
     print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
-    for name, r in results.items():
-        h, registered = r.hparams, r.registered or network_model(cfg.name, name)
-        print(
-            f"{name:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  {registered} v{r.model_version}"
-        )
+    for name, first in results.items():
+        for r in (first, *first.replicas):  # network replicates (train.replicates): not registered
+            h, network = r.hparams, network_name(name, r.replicate)
+            registered = (
+                "-" if r.replicate else f"{r.registered or network_model(cfg.name, name)} v{r.model_version}"
+            )
+            print(
+                f"{network:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  {registered}"
+            )
     print(f"\nMLflow UI: {mlflow_ui_command(inv.tracker.tracking_uri)}")
     return 0
 

@@ -1,0 +1,156 @@
+"""Stage I network replicates (`train.replicates`): which network each readout replicate reads,
+the keys that stay what they were, and a tiny study that raises N from 1 to 2 (real Ray, real
+MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from components.data.shards import ShardStore
+from components.transfer import Readout, ReadoutKind, baseline
+from pipelines.cli import main
+from pipelines.config import load_pipeline_config
+from pipelines.results import TaskResult
+from pipelines.stage1_plan import Stage1Plan, network_name, network_seed
+from pipelines.stage2_plan import Stage2Plan
+from tests.study import write_study
+
+TASKS = ["normal", "reshading", "edge_texture"]
+
+
+def _config(root, networks: int, readouts: int = 3):
+    return load_pipeline_config(
+        None,
+        [
+            f"storage_root={root}",
+            f"tasks=[{','.join(TASKS)}]",
+            "data.size=32",
+            "model.downsample=4",
+            f"train.replicates={networks}",
+            f"transfer.replicates={readouts}",
+        ],
+    )
+
+
+def _networks(tmp_path, stage1: Stage1Plan, networks: int) -> dict[str, TaskResult]:
+    """Made-up trained networks (weights files of their own bytes: their hashes key the features)."""
+    hparams = stage1.default_hparams()
+    out = {}
+    for task in stage1.config.study_tasks():
+        made = []
+        for n in range(networks):
+            weights = tmp_path / f"{network_name(task.name, n).replace('#', '.r')}.pt"
+            weights.write_bytes(f"{task.name} network {n}".encode())
+            key = stage1.train_step(task, hparams, n).key
+            made.append(TaskResult(task.name, key, str(weights), 0.0, hparams, "", "", replicate=n))
+        out[task.name] = TaskResult(**{**made[0].marker(), "replicas": tuple(made[1:])})
+    return out
+
+
+def test_readout_replicate_r_reads_network_replicate_r_mod_n_and_replicate_0_keeps_its_keys(
+    tiny_dataset, tmp_path
+):
+    store = ShardStore(tiny_dataset)
+    one, two = _config(tmp_path, 1), _config(tmp_path, 2)
+    s1, s2 = Stage1Plan(one, store), Stage1Plan(two, store)
+    hparams = s1.default_hparams()
+    # Stage I: replicate 0 is the network a study always had (key and seed); replicate 1 has its own.
+    for task in one.study_tasks():
+        assert s2.train_step(task, hparams, 0) == s1.train_step(task, hparams)
+        assert s2.train_step(task, hparams, 1).key != s1.train_step(task, hparams).key
+    assert s2.seed(0) == one.train.seed == 0 and network_seed(0, 1) == s2.seed(1) != 0
+    assert network_seed(0, 1) != network_seed(0, 2) and network_seed(5, 1) != network_seed(0, 1)
+
+    networks = _networks(tmp_path, s2, 2)
+    replicate_0 = {t: TaskResult(**r.marker()) for t, r in networks.items()}  # a study with N = 1
+    replicate_1 = {t: r.network(1) for t, r in networks.items()}
+    plan1, plan2 = Stage2Plan(one, store), Stage2Plan(two, store)
+    keys1, keys2 = plan1.readout_keys(replicate_0), plan2.readout_keys(networks)
+    # ... and a study whose only networks are the replicates 1: the keys of readouts that read them
+    only_1 = plan1.readout_keys(replicate_1)
+
+    readout, own = Readout("normal", ("reshading",)), baseline("normal", ReadoutKind.SELF)
+    plan = plan2.plan(TASKS)
+    for x in (*plan.replicas(readout), *plan.replicas(own)):
+        assert keys2.network_of(x) == x.replicate % 2
+        reads = keys1 if x.replicate % 2 == 0 else only_1  # network r mod 2 of the source (or target)
+        assert keys2.key(x) == reads.key(x), x.name
+    assert len(plan.replicas(own)) == 3 and len(plan1.plan(TASKS).replicas(own)) == 1
+    # Replicate 0 of every readout and baseline: the key it had with one network per task.
+    for r in (*plan.first_order, *plan.baselines):
+        assert keys2.key(r) == keys1.key(r), r.name
+    # `pixels` and `random` read no network: every replicate keeps its key.
+    for kind in (ReadoutKind.PIXELS, ReadoutKind.RANDOM):
+        for x in plan.replicas(baseline("normal", kind)):
+            assert keys2.key(x) == keys1.key(x)
+    # The stage's key changes only where there are network replicates to read.
+    assert plan1.key(replicate_0) != plan2.key(networks)
+
+
+def _run(config, capsys) -> dict:
+    assert main(["run", "-c", str(config), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _dry_run(config, capsys) -> dict[str, str]:
+    assert main(["run", "-c", str(config), "--dry-run"]) == 0
+    return {
+        step: status
+        for status, step in (line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    }
+
+
+# Slow (make test-all): two tiny studies on one root, 75-130 s on 2 shared cores.
+@pytest.mark.slow
+def test_raising_train_replicates_trains_only_the_new_networks_and_their_readouts(
+    tmp_path, capsys, ray_session
+):
+    root = tmp_path / "runs"
+
+    def config(networks: int):
+        sections = {"train": {"replicates": networks}, "transfer": {"replicates": 2}}
+        return write_study(tmp_path / f"study-{networks}.yaml", root, **sections)
+
+    first = _run(config(1), capsys)
+    assert sorted(first["networks_trained"]) == sorted(TASKS) and first["readouts_ran"] == 36
+    said = first["taxonomy"]["verdict"]
+    assert said["networks"] == 1 and not said["network_noise_measured"]  # the report says so
+    features = {p.name for p in (root / "features").iterdir()}
+    assert len(features) == 3 + 2  # each task's network, `random`, `pixels`
+
+    plan = _dry_run(config(2), capsys)
+    assert all(plan[f"train/{t}"] == "reuse" and plan[f"train/{t}#1"] == "run" for t in TASKS)
+    second = _run(config(2), capsys)
+    assert sorted(second["networks_trained"]) == sorted(f"{t}#1" for t in TASKS)
+    assert sorted(second["networks_reused"]) == sorted(TASKS)
+    # Readout replicate 1 reads network 1: 9 first order and 3 pairs again; replicate 0 is stored,
+    # as are `pixels` and `random` (no network read); `self` replicate 1 is scored, not trained.
+    assert second["readouts_ran"] == 9 + 3 and second["readouts_reused"] == 36 - 12
+    assert (
+        second["taxonomy"]["verdict"]["networks"] == 2
+        and second["taxonomy"]["verdict"]["network_noise_measured"]
+    )
+    assert len({p.name for p in (root / "features").iterdir()} - features) == 3  # network 1 of each task
+
+    for task in TASKS:  # two networks per task, trained with different seeds; replicate 0 registered
+        markers = [json.loads(p.read_text()) for p in (root / "stage1" / task).glob("*/done.json")]
+        assert sorted(m.get("replicate", 0) for m in markers) == [0, 1]
+        weights = [torch.load(m["model_path"], weights_only=True) for m in markers]
+        assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        assert {m["model_version"] for m in markers if m.get("replicate")} == {""}
+        assert all(m["model_version"] for m in markers if not m.get("replicate"))
+        # `self` has a replicate per readout replicate, each its own network's losses
+        losses = pq.read_table(root / "stage2" / _newest(root / "stage2") / "losses" / f"{task}.parquet")
+        own = [r for r in losses.to_pylist() if r["sources"] == ["self"]]
+        by_replicate = {rep: [r["loss"] for r in own if r["replicate"] == rep] for rep in (0, 1)}
+        assert len(own) == 2 * 16 and not np.allclose(by_replicate[0], by_replicate[1])
+    assert (root / "affinity").exists() and second["taxonomy"]["roots"]
+
+
+def _newest(folder) -> str:
+    return max(folder.glob("*/done.json"), key=lambda p: p.stat().st_mtime).parent.name
