@@ -8,13 +8,18 @@ turn is positioned as if it were new, from a few labelled images (design.md sect
 
 For target t and label budget L (a fraction of the study's transfer split), L of the study's
 transfer images with t's labels, and the study's test images, become a dataset of their own; t is
-positioned against the study with `pipelines.position` exactly as `taskatlas position` does: t's own
-network is never a source (it is only the `self` reference for Quality), nor are the study's readouts
-into t used. Per (t, L) it reports:
-- `gain`: the chosen transfer's win rate against `scratch`, a network trained from scratch on the same L labels;
-- `quality`: its win rate against t's fully supervised network (the study's);
-- `spearman`: the rank correlation of the position's first-order source affinities with the full study's for t;
-- `beats_random`: whether the chosen transfer beats `random` on most test images.
+positioned against the study with `pipelines.position` exactly as `taskatlas position` does (no
+`self`: a user's new task has no fully supervised network), and t's own network is never a source.
+The study's test images are split in two halves (`split_test_images`, the split `position` itself
+chooses its model on and reports on): every figure compares on images disjoint from those it was
+chosen on, so shared test-image noise cannot make a ranking look better than it is. Per (t, L):
+- `gain`: the chosen transfer's win rate against `scratch` (a network trained from scratch on the
+  same L labels), on the half the model was not chosen on, as `taskatlas position` reports it;
+- `quality`: on that half, the share of images on which the chosen transfer (mean over its
+  replicates) beats t's fully supervised network from the study;
+- `spearman`: the rank correlation of the position's first-order source affinities on the first
+  half with the full study's for t on the second half;
+- `beats_random`: whether the chosen transfer beats `random` on most of the second half's images.
 The last line: `median_gain` (smallest budget), `median_quality`, `median_spearman` (over all),
 and `beats_random`: the share of targets, among those where some trained source beats `random`,
 whose chosen transfer does. Goals: median gain >= 0.7, median Spearman >= 0.6, beats_random 1.0.
@@ -39,16 +44,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from components.affinity import SCRATCH, affinity_by_target  # noqa: E402
 from components.config import config_hash  # noqa: E402
 from components.data.shards import SPLITS, ShardStore, write_dataset  # noqa: E402
 from components.errors import TaskatlasError  # noqa: E402
-from components.position import BASELINE_SETS, first_order_columns  # noqa: E402
+from components.position import BASELINE_SETS, first_order_columns, split_test_images  # noqa: E402
 from components.storage import Location  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
@@ -117,6 +124,39 @@ def replicate_agreement(losses: Location, target: str) -> float:
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
+def on_images(table, images: frozenset[str]):
+    """The rows of a loss table whose image is among `images`."""
+    ids = pc.cast(table["image_id"], pa.string())
+    return table.filter(pc.is_in(ids, value_set=pa.array(sorted(images), pa.string())))
+
+
+def first_order(table, target: str, position: bool) -> dict[str, float]:
+    """A loss table's first-order affinities into `target` (a position's: no `self`, gain against
+    `scratch`), by source."""
+    result = affinity_by_target(
+        [target],
+        lambda _: table,
+        gain_reference=SCRATCH if position else ("pixels",),
+        require_self=not position,
+    )
+    return first_order_columns(result.table).get(target, {})
+
+
+def quality_on(position_losses, study_losses, sources: tuple[str, ...]) -> float:
+    """Share of images on which the chosen transfer (its replicates' mean loss) beats `self`."""
+
+    def per_image(table, wanted: tuple[str, ...]) -> dict[str, float]:
+        rows = table.filter(pc.equal(pc.array_join(table["sources"], "+"), "+".join(wanted))).to_pylist()
+        by: dict[str, list[float]] = {}
+        for r in rows:
+            by.setdefault(str(r["image_id"]), []).append(r["loss"])
+        return {i: float(np.mean(v)) for i, v in by.items()}
+
+    chosen, full = per_image(position_losses, sources), per_image(study_losses, ("self",))
+    common = [i for i in chosen if i in full and np.isfinite(chosen[i]) and np.isfinite(full[i])]
+    return float(np.mean([(chosen[i] < full[i]) + 0.5 * (chosen[i] == full[i]) for i in common]))
+
+
 def finished(cfg, args) -> tuple[Study, float]:
     """The study, run first (`taskatlas run`) if it is not finished; the seconds that took."""
     start = time.perf_counter()
@@ -148,7 +188,6 @@ def main() -> None:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] or [
         t for t in cfg.tasks if not cfg.task(t).source_only
     ]
-    full = first_order_columns((study.affinity.location / "affinity.parquet").read_parquet())
     losses = study_losses(study)
     n_transfer = study.store.manifest.counts["transfer"]
     budgets = sorted(float(b) for b in args.budgets.split(","))
@@ -163,21 +202,31 @@ def main() -> None:
             store = labelled_subset(study.store, task.column, n, args.seed, folder)
             run_id = tracker.start_run(f"novel task {target} ({n} labels)", tags={"benchmark": "novel_task"})
             t0 = time.perf_counter()
-            answer = position_task(study, task, store, tracker, run_id, use_self=True).answer
+            result = position_task(study, task, store, tracker, run_id, use_self=False)
+            answer = result.answer
             tracker.end_run(run_id)
+            mine = result.losses.read_parquet()
+            theirs = (losses / f"{target}.parquet").read_parquet()
+            pick_on, report_on = split_test_images(
+                pc.unique(pc.cast(mine["image_id"], pa.string())).to_pylist()
+            )
+            chosen = answer["chosen"]  # gain and vs_random: on report_on, the half it was not chosen on
+            first = first_order(on_images(mine, pick_on), target, position=True)
+            full = first_order(on_images(theirs, report_on), target, position=False)
+            common = sorted(set(first) & set(full))
+            rho = float(spearmanr([first[s] for s in common], [full[s] for s in common]).statistic)
             cands = {tuple(c["sources"]): c for c in answer["candidates"]}
-            chosen = cands[tuple(answer["chosen"]["sources"])]
-            first = {c[0]: cands[c]["affinity"] for c in cands if len(c) == 1 and c not in BASELINE_SETS}
-            common = sorted(set(first) & set(full[target]))
-            rho = float(spearmanr([first[s] for s in common], [full[target][s] for s in common]).statistic)
             any_beats = any(cands[c]["vs_random"] > 0.5 for c in cands if c not in BASELINE_SETS)
+            quality = quality_on(
+                on_images(mine, report_on), on_images(theirs, report_on), tuple(chosen["sources"])
+            )
             rows.append(
                 {
                     "target": target,
                     "labels": n,
                     "chosen": "+".join(chosen["sources"]),
                     "gain": chosen["gain"],
-                    "quality": chosen["quality"],
+                    "quality": round(quality, 4),
                     "spearman": round(rho, 3),
                     "beats_random": chosen["vs_random"] > 0.5,
                     "any_source_beats_random": any_beats,

@@ -7,26 +7,34 @@ self and random): it is only the reference for `gain`, as `self` is for `quality
 `vs_random`.
 
 Replicates: a readout may be trained R times with different seeds (a `replicate` column, 0..R-1;
-a table without one is replicate 0 everywhere). The point estimate averages, per image, each
-candidate's replicates' losses (with one replicate: its losses, as before replicates existed).
+a table without one is replicate 0 everywhere). The statistic is what ONE training run of each
+candidate achieves, as Taskonomy measured it, so more replicates narrow its interval and do not
+move it: the win rate of i over j is the mean over replicate pairs of the share of images on which
+that replicate of i beats that replicate of j. Paired seeds (`transfer.pairing: paired`, replicate r
+of every candidate of a target shares its seed) pair replicate r with replicate r: a target has
+R = max_c R_c replicate slots and slot s reads replicate s mod R_c of candidate c (a candidate with
+one replicate, such as `self` when the networks are not replicated, is the same in every slot).
+Independent seeds average over every pair (a, b) of replicates of i and of j.
 
 One target at a time: `affinity_by_target` reads a target's losses, computes its rows (and its
 bootstrap resamples) and drops the losses before reading the next, so no process holds the whole
-study's losses (issue 11). The whole-table functions (`compute_affinity`, `cube_affinity`) run the
-same per-target code over a cube of several targets, so both give the same numbers.
+study's losses. The whole-table functions (`compute_affinity`, `cube_affinity`) run the same
+per-target code over a cube of several targets, so both give the same numbers.
 
 The bootstrap is the multi-bootstrap of Sellam et al. (ICLR 2022; design.md section 10). Resample b
 draws (1) one multinomial count vector w_b over the study's test images (`image_weights`), shared by
 every candidate and every target, since the images are the same images; an image a target has no
-label for counts nowhere for it; and (2) per candidate, R_c of its R_c replicates with replacement
-(`replicate_draws`, from a stream of the seed, the target and the source set only, so the pipeline
-can redo the same draw elsewhere). Per image it averages the drawn replicates' losses, then
+label for counts nowhere for it; and (2) replicates with replacement (`replicate_draws`): paired,
+one vector of R slots per target, shared by all its candidates (so the resample keeps the pairing
+the point estimate relies on); independent, R_c replicates per candidate. Its win rates are the
+same statistic on the drawn replicates under the weights w_b,
 
-    W_b[i, j] = sum_I w_bI (1[l_i(I) < l_j(I)] + 0.5 1[tie]) / sum_I w_bI,
+    W_b[i, j] = mean over drawn pairs (a, b) of sum_I w_bI (1[l_i^a(I) < l_j^b(I)] + 0.5 1[tie]) / sum_I w_bI,
 
-and the same AHP. When every candidate of a target has one replicate, its losses are the same in
-every resample: the point estimate and all resamples are one matrix product (`win_rates`). With
-replicates, each resample has its own losses and its own comparisons (`_replicate_win_rates`).
+so E[W_b] = W (the resamples are centred on the point estimate, whatever R), and the same AHP.
+Every (candidate, replicate) row of a target is compared with every other once, for the point
+estimate and all resamples in one product (`win_rates`); the resamples then only select and
+average those comparisons (`_paired_wins`, `_independent_wins`).
 
 The loss table is arranged per target in a `LossCube` padded with NaN, which compares false, so
 padding never counts. An image whose label has no valid pixel for a target has a NaN loss for
@@ -57,11 +65,11 @@ WIN_CLIP = (0.001, 0.999)  # keeps W / W^T finite when a source always (or never
 INTERVAL = (2.5, 97.5)  # percentiles of the reported 95% interval
 INTERVAL_COLUMNS = ("affinity_lo", "affinity_hi")
 P_BEST = "p_best"  # share of resamples in which a candidate has its target's highest affinity
+P_NO_GAIN = "p_no_gain"  # share of resamples in which its win rate against pixels (gain) is below 0.5
+P_BELOW_RANDOM = "p_below_random"  # share of resamples in which it loses to random (vs_random < 0.5)
 BEST_TIE = 1e-9  # affinities within this relative distance of the highest tie for the best
 _CHUNK_ELEMENTS = 1 << 22  # per-image comparison outcomes summed at once
 _INTEGER_COLUMNS = 8  # up to this many weight vectors, outcomes are summed in integers, not by BLAS
-_RANK_ELEMENTS = 1 << 24  # ranks of replicate averages held at once (a target's images, in chunks)
-_SORT_ELEMENTS = 1 << 19  # replicate averages sorted at once (small: the sort stays in cache)
 _EXACT_FLOAT32 = 1 << 24  # integer sums up to this are exact in float32
 
 AFFINITY_SCHEMA = pa.schema(
@@ -79,7 +87,9 @@ INTERVAL_SCHEMA = pa.schema(
     [
         *AFFINITY_SCHEMA,
         *(pa.field(c, pa.float64()) for c in INTERVAL_COLUMNS),
-        pa.field(P_BEST, pa.float64()),  # NaN for self, which does not compete
+        pa.field(P_BEST, pa.float64()),  # NaN for self and t <- t, which do not compete
+        pa.field(P_NO_GAIN, pa.float64()),  # NaN where the gain reference was not measured
+        pa.field(P_BELOW_RANDOM, pa.float64()),  # NaN where random was not measured
     ]
 )
 
@@ -252,19 +262,22 @@ def image_weights(seed: int, image_ids: Sequence[str] | np.ndarray, n: int) -> n
 
 
 def replicate_draws(
-    seed: int, target: str, sources: tuple[str, ...], n_replicates: int, n: int
+    seed: int, target: str, n_replicates: int, n: int, sources: tuple[str, ...] | None = None
 ) -> np.ndarray:
-    """(n, n_replicates) int: the replicates that resample b draws of candidate `sources` of
-    `target` (R of its R replicates, with replacement). The stream depends only on the seed, the
-    target and the source set (sorted, `+`-joined), so the same draw can be made anywhere; the first
-    k rows do not depend on n. A candidate with one replicate always draws replicate 0."""
+    """(n, n_replicates) int: the replicates resample b draws (n_replicates of 0..n_replicates-1, with
+    replacement). Paired seeds (`sources` None): one draw of the target's replicate slots, shared by
+    all its candidates; independent seeds: a draw per candidate (`sources`). The stream depends
+    only on the seed, the target (and the source set, sorted and `+`-joined), so the same draw can
+    be made anywhere; the first k rows do not depend on n. One replicate always draws replicate 0."""
     _check_seed(seed)
     if n_replicates == 1:
         return np.zeros((n, 1), dtype=np.int64)
-    stream = np.random.SeedSequence(
-        [int(seed), zlib.crc32(target.encode()), zlib.crc32("+".join(sources).encode())]
+    entropy = [int(seed), zlib.crc32(target.encode())]
+    if sources is not None:
+        entropy.append(zlib.crc32("+".join(sources).encode()))
+    return np.random.default_rng(np.random.SeedSequence(entropy)).integers(
+        0, n_replicates, size=(n, n_replicates)
     )
-    return np.random.default_rng(stream).integers(0, n_replicates, size=(n, n_replicates))
 
 
 def affinity_by_target(
@@ -274,7 +287,7 @@ def affinity_by_target(
     seed: int = 0,
     image_ids: Sequence[str] | None = None,
     *,
-    replicate_groups: int | None = None,
+    paired: bool = True,
     gain_reference: tuple[str, ...] = PIXELS,
     require_self: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -288,7 +301,8 @@ def affinity_by_target(
     `image_ids`: the study's test image ids (the bootstrap's image axis, shared by every target);
     without them a first pass reads every target's table for its ids (read_target is then called
     twice per target). With the same ids, the whole table (`cube_affinity`) gives the same numbers.
-    `replicate_groups`: see `cube_affinity`. `gain_reference`: what `gain` is the win rate against
+    `paired`: replicate r of every candidate shares its seed (`transfer.pairing`), so replicates
+    are compared r with r; otherwise every pair of replicates. `gain_reference`: what `gain` is the win rate against
     (`SCRATCH` for a positioned task, Taskonomy's Gain). `require_self`: a target without `self`
     is an error (a study's); a positioned task has no full network, and NaN quality. `progress(1)`
     is called as each target's table is read.
@@ -315,26 +329,17 @@ def affinity_by_target(
         _check_seed(seed)  # before reading anything
         image_ids = study_image_ids(read_target(name) for name in names)
     cubes = ((read_cube(name), 0) for name in names)
-    return _affinity(names, cubes, bootstrap, seed, image_ids, replicate_groups, gain_reference, require_self)
+    return _affinity(names, cubes, bootstrap, seed, image_ids, paired, gain_reference, require_self)
 
 
 def cube_affinity(
-    cube: LossCube, bootstrap: int = 0, seed: int = 0, *, replicate_groups: int | None = None
+    cube: LossCube, bootstrap: int = 0, seed: int = 0, *, paired: bool = True
 ) -> AffinityResult:
     """`affinity_by_target` on a cube already built (every target of a whole loss table); the
-    image weights are over the cube's image ids.
-
-    `replicate_groups` G (default: `bootstrap`, exact): only G distinct replicate draws, resample b
-    using draw b mod G (row b mod G of `replicate_draws`), each shared by about B/G image-weight
-    vectors, a nested multi-bootstrap that computes a target's comparisons G times instead of B.
-    What it costs: the resamples see only G draws of the training noise, so the training-noise part
-    of the intervals and of p_best is estimated from G draws, not B (its Monte Carlo error grows
-    like 1/sqrt(G)); the resamples are no longer independent, and with small G the intervals are
-    lumpier. G = B is the plain multi-bootstrap. Without replicates it changes nothing.
-    """
+    image weights are over the cube's image ids."""
     _check_resamples(bootstrap)
     cubes = ((cube, t) for t in range(len(cube.targets)))
-    return _affinity(cube.targets, cubes, bootstrap, seed, cube.image_ids, replicate_groups)
+    return _affinity(cube.targets, cubes, bootstrap, seed, cube.image_ids, paired)
 
 
 def compute_affinity(losses: pa.Table) -> pa.Table:
@@ -390,11 +395,14 @@ def best_shares(
 ) -> np.ndarray:
     """(rows,) `p_best` of each row of an affinity table (row i: targets[i] <- sources[i]) from its
     resamples' affinities `samples` (resamples, rows): the share of resamples in which the row has
-    the highest affinity among its target's candidates other than `self` (`random` among them: if
-    it is the best, no source helps); candidates tied for the best (within BEST_TIE, relative)
-    share that resample equally. NaN for `self`, which does not compete."""
+    the highest affinity among its target's candidates other than `self` and `t <- t` (the
+    target's own encoder, which the taxonomy never chooses; `random` competes: if it is the best,
+    no source helps); candidates tied for the best (within BEST_TIE, relative) share that resample
+    equally. NaN for those that do not compete."""
     targets = np.asarray(targets, dtype=object)
-    competing = np.array([tuple(s) != SELF for s in sources], dtype=bool)
+    competing = np.array(
+        [tuple(s) != SELF and tuple(s) != (t,) for t, s in zip(targets, sources, strict=True)], dtype=bool
+    )
     shares = np.full(len(targets), np.nan)
     for target in dict.fromkeys(targets.tolist()):
         rows = np.flatnonzero((targets == target) & competing)
@@ -419,6 +427,8 @@ class _TargetRows:
     vs_random: np.ndarray  # (rows,) NaN without random
     samples: np.ndarray  # (resamples, rows); (0, rows) without a bootstrap
     replicates: int  # the most replicates of any candidate
+    p_no_gain: np.ndarray  # (rows,) share of resamples with gain below 0.5 (NaN without a bootstrap)
+    p_below_random: np.ndarray  # (rows,) share of resamples losing to random (NaN without a bootstrap)
 
 
 def _affinity(
@@ -427,7 +437,7 @@ def _affinity(
     bootstrap: int,
     seed: int,
     image_ids: Sequence[str] | None,
-    groups: int | None,
+    paired: bool,
     gain_reference: tuple[str, ...] = PIXELS,
     require_self: bool = True,
 ) -> AffinityResult:
@@ -440,11 +450,6 @@ def _affinity(
     _check_resamples(bootstrap)
     weights = study = None
     if bootstrap:
-        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int | np.integer)):
-            raise TaskatlasError(f"bootstrap: replicate_groups must be an integer, got {groups!r}")
-        groups = bootstrap if groups is None else groups
-        if not 1 <= groups <= bootstrap:
-            raise TaskatlasError(f"bootstrap: replicate_groups must be in 1..{bootstrap}, got {groups}")
         study = np.asarray(image_ids, dtype=str)
         weights = image_weights(seed, study, bootstrap)  # (B, study images)
     rows: list[_TargetRows] = []
@@ -467,7 +472,7 @@ def _affinity(
                     positions = _study_positions(study, cube, name)
                 slots = cube.images[t]
                 slot_weights = np.where(slots >= 0, weights[:, positions[slots]], 0)  # (B, m)
-            rows.append(_target_rows(cube, t, slot_weights, seed, groups, gain_reference))
+            rows.append(_target_rows(cube, t, slot_weights, seed, paired, gain_reference))
         del cube  # before the next target is read
     if too_few:
         raise TaskatlasError(
@@ -496,6 +501,8 @@ def _affinity(
     lo, hi = np.percentile(samples, INTERVAL, axis=0)
     columns |= dict(zip(INTERVAL_COLUMNS, map(pa.array, (lo, hi)), strict=True))
     columns[P_BEST] = pa.array(best_shares(targets, sources, samples))
+    columns[P_NO_GAIN] = pa.array(np.concatenate([r.p_no_gain for r in rows]))
+    columns[P_BELOW_RANDOM] = pa.array(np.concatenate([r.p_below_random for r in rows]))
     return AffinityResult(pa.table(columns, schema=INTERVAL_SCHEMA), samples, unlabelled, replicates)
 
 
@@ -516,7 +523,7 @@ def _target_rows(
     t: int,
     weights: np.ndarray | None,
     seed: int,
-    groups: int | None,
+    paired: bool,
     gain_reference: tuple[str, ...] = PIXELS,
 ) -> _TargetRows:
     """Target t of the cube: the point estimate, and with `weights` (B, m) over the target's image
@@ -527,103 +534,81 @@ def _target_rows(
     losses = cube.losses[t][present][:, : reps.max()]  # (n, R, m)
     labelled = ~np.isnan(losses[0, 0])  # NaN: every candidate and replicate, or padding
     losses = losses[:, :, labelled]
-    candidates = np.flatnonzero([s not in REFERENCES for s in sets])
-    n_cand, among = len(candidates), np.ix_(candidates, candidates)
     ones = np.ones((1, losses.shape[2]), dtype=np.int64)
     resamples = weights[:, labelled] if weights is not None else ones[:0]
-    if (reps == 1).all():  # the same losses in every resample: all of them in one product
-        wins = win_rates(losses[:, 0], np.concatenate([ones, resamples]))  # (1 + B, n, n)
-        point, stack = wins[0], wins[:, candidates[:, None], candidates]
-    else:  # each resample has its own losses: its own comparisons
-        point = win_rates(_replicate_mean(losses, reps), ones)[0]
-        stack = point[among][None]
-        if len(resamples):
-            name = cube.targets[t]
-            draws = [replicate_draws(seed, name, sets[c], int(reps[c]), groups) for c in candidates]
-            resampled = _replicate_win_rates(losses[candidates], reps[candidates], draws, resamples)
-            stack = np.concatenate([stack, resampled])
-    affinity = ahp_affinity(stack, np.ones(n_cand, bool))  # (1 + B, n_cand)
+    first = np.concatenate([[0], np.cumsum(reps)[:-1]])  # row of each candidate's replicate 0
+    rows = np.concatenate([losses[c, : reps[c]] for c in range(len(reps))])  # (V, m)
+    cross = win_rates(rows, np.concatenate([ones, resamples]))  # (1 + B, V, V)
+    n_resamples = len(resamples)
+    if paired:
+        slots = int(reps.max())
+        draws = np.concatenate(
+            [np.arange(slots)[None], replicate_draws(seed, cube.targets[t], slots, n_resamples)]
+        )
+        wins = _paired_wins(cross, first, reps, draws)
+    else:
+        name = cube.targets[t]
+        draws = [
+            np.concatenate([np.arange(r)[None], replicate_draws(seed, name, int(r), n_resamples, s)])
+            for s, r in zip(sets, reps, strict=True)
+        ]
+        wins = _independent_wins(cross, first, reps, draws)  # (1 + B, n, n)
+    candidates = np.flatnonzero([s not in REFERENCES for s in sets])
+    affinity = ahp_affinity(wins[:, candidates[:, None], candidates], np.ones(len(candidates), bool))
 
-    def against(reference: tuple[str, ...]) -> np.ndarray:  # win rates against a reference; NaN without it
+    def against(reference: tuple[str, ...]) -> np.ndarray:  # (1 + B, n_cand); NaN without the reference
         if reference not in sets:
-            return np.full(n_cand, np.nan)
-        return point[candidates, sets.index(reference)]
+            return np.full((len(wins), len(candidates)), np.nan)
+        return wins[:, candidates, sets.index(reference)]
 
+    quality, gain, vs_random = against(SELF), against(gain_reference), against(RANDOM)
     return _TargetRows(
         target=cube.targets[t],
         sources=[sets[c] for c in candidates],
         affinity=affinity[0],
-        quality=against(SELF),
-        gain=against(gain_reference),
-        vs_random=against(RANDOM),
+        quality=quality[0],
+        gain=gain[0],
+        vs_random=vs_random[0],
         samples=affinity[1:],
         replicates=int(reps.max()),
+        p_no_gain=_share_below_half(gain[1:]),
+        p_below_random=_share_below_half(vs_random[1:]),
     )
 
 
-def _replicate_mean(losses: np.ndarray, reps: np.ndarray) -> np.ndarray:
-    """(n, R, m) losses (NaN beyond a candidate's replicates), (n,) replicates -> (n, m): per
-    image, the sum of each candidate's replicates in replicate order, over their number."""
-    total = losses[:, 0].copy()
-    for r in range(1, losses.shape[1]):
-        more = np.flatnonzero(reps > r)
-        total[more] += losses[more, r]
-    return total / reps[:, None]
+def _share_below_half(wins: np.ndarray) -> np.ndarray:
+    """(B, rows) win rates -> (rows,) share of resamples below 0.5 (NaN without resamples or reference)."""
+    if not len(wins) or np.isnan(wins).all():
+        return np.full(wins.shape[1], np.nan)
+    return (wins < 0.5).mean(axis=0)
 
 
-def _replicate_win_rates(
-    losses: np.ndarray, reps: np.ndarray, draws: list[np.ndarray], weights: np.ndarray
+def _paired_wins(cross: np.ndarray, first: np.ndarray, reps: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """(k, V, V) win rates between (candidate, replicate) rows, candidate c's replicates at rows
+    first[c]..first[c]+reps[c]-1, and (k, S) slots per weight vector -> (k, n, n): the mean over
+    the drawn slots s of the win rates between replicate s mod R_c of each candidate."""
+    k, n = len(cross), len(reps)
+    out = np.zeros((k, n, n))
+    for column in draws.T:  # (k,) the s-th drawn slot of each weight vector
+        rows = first[None, :] + column[:, None] % reps[None, :]  # (k, n)
+        out += cross[np.arange(k)[:, None, None], rows[:, :, None], rows[:, None, :]]
+    return out / draws.shape[1]
+
+
+def _independent_wins(
+    cross: np.ndarray, first: np.ndarray, reps: np.ndarray, draws: list[np.ndarray]
 ) -> np.ndarray:
-    """(B, n, n) win rates of the multi-bootstrap's resamples of one target.
-
-    losses (n, R, m) (NaN beyond a candidate's replicates), reps (n,), draws[c] (G, R_c) the
-    replicates each of G draws takes of candidate c, weights (B, m); resample b uses draw b mod G.
-    A candidate's drawn losses are averaged per image (in replicate order, so a draw's average
-    depends only on which replicates it took, as a multiset). Every distinct average of every
-    candidate is ranked once per image among all of them (`_ranks`); a resample then gathers its
-    candidates' ranks and counts sign(rank_j - rank_i) over the images it weights, one candidate
-    against the later ones at a time (`_signed_sums`).
-    """
-    n, _, m = losses.shape
-    n_resamples, n_groups = len(weights), len(draws[0])
-    owner, multisets, draw_rows = [], [], np.empty((n, n_groups), dtype=np.int64)
-    for c, drawn in enumerate(draws):  # the distinct multisets each candidate's draws take
-        unique, inverse = np.unique(np.sort(drawn, axis=1), axis=0, return_inverse=True)
-        draw_rows[c] = len(owner) + inverse.ravel()
-        owner += [c] * len(unique)
-        multisets += [np.pad(u, (0, losses.shape[1] - len(u)), constant_values=-1) for u in unique]
-    owner, multisets = np.array(owner), np.array(multisets)  # (V,), (V, R) with -1 past R_c
-
-    total = weights.sum(axis=1, dtype=np.float64)[:, None]  # (B, 1)
-    signed = np.zeros((n_resamples, n * (n - 1) // 2))  # (B, pairs) in triu order
-    groups = [np.arange(g, n_resamples, n_groups) for g in range(n_groups)]  # resamples of each draw
-    chunk = max(1, _RANK_ELEMENTS // len(owner))
-    for start in range(0, m, chunk):  # the images in chunks: memory stays bounded
-        ranks = _average_ranks(losses[:, :, start : start + chunk], reps, owner, multisets)  # (V, chunk)
-        for g, members in enumerate(groups):
-            w = weights[members, start : start + chunk]  # (k, chunk)
-            used = w.any(axis=0)  # images no resample of the group draws count nothing
-            ranked = ranks.take(draw_rows[:, g], axis=0).compress(used, axis=1)  # (n, used)
-            signed[members] += _signed_sums(ranked, w[:, used].T).T
-    return _wins(n, total, signed)
-
-
-def _average_ranks(
-    losses: np.ndarray, reps: np.ndarray, owner: np.ndarray, multisets: np.ndarray
-) -> np.ndarray:
-    """(V, m): per image, the rank among all V averages of the average v, candidate owner[v]'s
-    losses (n, R, m) over the replicates multisets[v] (-1: none), summed in replicate order and
-    divided by the candidate's number of replicates, as `_replicate_mean` does. int16 (half the
-    bytes to compare) while the ranks fit, float32 (exact below 2**24) beyond."""
-    ranks = np.empty((len(owner), losses.shape[2]), np.int16 if len(owner) < 2**15 else np.float32)
-    chunk = max(1, _SORT_ELEMENTS // len(owner))
-    for start in range(0, losses.shape[2], chunk):
-        values = losses[owner, multisets[:, 0], start : start + chunk]  # (V, chunk)
-        for k in range(1, multisets.shape[1]):
-            more = np.flatnonzero(multisets[:, k] >= 0)
-            values[more] += losses[owner[more], multisets[more, k], start : start + chunk]
-        ranks[:, start : start + chunk] = _ranks(values / reps[owner][:, None], np.float32)
-    return ranks
+    """As `_paired_wins` for independent seeds: draws[c] (k, R_c) is each weight vector's draw of
+    candidate c's replicates; the win rate of i over j is the mean over every pair of drawn
+    replicates, sum_ab u_i(a) u_j(b) cross[a, b] with u_c the share of c's draw that is each row."""
+    k, n = len(cross), len(reps)
+    share = np.zeros((k, n, cross.shape[1]))  # (k, n, V)
+    for c, drawn in enumerate(draws):
+        for column in drawn.T:
+            np.add.at(share, (np.arange(k), c, first[c] + column), 1.0 / drawn.shape[1])
+    out = np.einsum("kiv,kvw,kjw->kij", share, cross, share)
+    out[:, np.arange(n), np.arange(n)] = 0.5  # a candidate against itself: a tie, as win_rates has it
+    return out
 
 
 def _signed_sums(ranks: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -1,20 +1,20 @@
-"""How sure the answer is: the multi-bootstrap over test images and readout replicates (design.md
+"""How sure the answer is: the multi-bootstrap over test images and replicates (design.md
 section 10).
 
 A resample draws one multinomial count vector w over the study's test images, the same for every
-candidate and every target (`image_weights`), and per candidate R of its R replicates with
-replacement (`replicate_draws`); per image it averages the drawn replicates' losses. Its win rates
-are a weighted count,
+candidate and every target (`image_weights`), and the replicates it reads (`replicate_draws`: with
+paired seeds one draw of a target's replicate slots, shared by all its candidates). Its win rates
+are the point estimate's statistic, the mean over the drawn replicate pairs of a weighted count,
 
-    W_b[i, j] = sum_I w_I * (1[loss_i(I) < loss_j(I)] + 0.5 * 1[tie]) / sum_I w_I,
+    W_b[i, j] = mean_(a,b) sum_I w_I * (1[loss_i^a(I) < loss_j^b(I)] + 0.5 * 1[tie]) / sum_I w_I,
 
 computed with the point estimate, per target, by `components.affinity` (`affinity_by_target`,
 `cube_affinity`); each resample goes through the same AHP and, for stability, the same taxonomy
 BIP. Reading targets one at a time changes nothing: the weights are over the study's image ids
-and the replicate draws depend on the seed, the target and the source set only. This module lays
-the resamples out over a cube, gives their intervals and each candidate's probability of being
-the best, and solves the BIP on each. Unlabelled images (NaN loss for every candidate) get weight
-0 for their target, as they count nowhere in Stage III.
+and the replicate draws depend on the seed and the target (and the source set, for independent
+seeds) only. This module lays the resamples out over a cube, gives their intervals and each
+candidate's probability of being the best, and solves the BIP on each. Unlabelled images (NaN
+loss for every candidate) get weight 0 for their target, as they count nowhere in Stage III.
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ import pyarrow as pa
 
 from components.affinity import (
     INTERVAL,
-    INTERVAL_COLUMNS,
     P_BEST,
     PIXELS,
     LossCube,
-    affinity_from_cube,
-    best_shares,
     cube_affinity,
     image_weights,
     loss_cube,
@@ -63,15 +60,13 @@ def _weights(cube: LossCube, weights: np.ndarray) -> Iterator[np.ndarray]:
         yield np.where(_labelled(cube, t) & (slots >= 0), weights[:, slots], 0)
 
 
-def bootstrap_affinities(
-    cube: LossCube, n: int, seed: int, *, replicate_groups: int | None = None
-) -> np.ndarray:
+def bootstrap_affinities(cube: LossCube, n: int, seed: int, *, paired: bool = True) -> np.ndarray:
     """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding).
-    `replicate_groups`: see `cube_affinity`."""
+    `paired`: see `affinity_by_target`."""
     _check_bootstrappable(cube, n)
     samples = np.zeros((n, *cube.candidates.shape))
     t, c = np.nonzero(candidate_mask(cube))  # the rows of the cube's affinity table, in order
-    samples[:, t, c] = cube_affinity(cube, n, seed, replicate_groups=replicate_groups).samples
+    samples[:, t, c] = cube_affinity(cube, n, seed, paired=paired).samples
     return samples
 
 
@@ -91,26 +86,12 @@ def affinity_intervals(cube: LossCube, samples: np.ndarray) -> tuple[np.ndarray,
     return lo, hi
 
 
-def compute_affinity_with_intervals(
-    losses: pa.Table, n: int, seed: int, *, replicate_groups: int | None = None
-) -> pa.Table:
-    """`compute_affinity` plus `affinity_lo`, `affinity_hi` and `p_best` over n resamples
+def compute_affinity_with_intervals(losses: pa.Table, n: int, seed: int, *, paired: bool = True) -> pa.Table:
+    """`compute_affinity` plus the intervals, `p_best` and the baseline shares over n resamples
     (INTERVAL_SCHEMA)."""
     cube = loss_cube(losses)
     _check_bootstrappable(cube, n)
-    return cube_affinity(cube, n, seed, replicate_groups=replicate_groups).table
-
-
-def affinity_with_intervals(cube: LossCube, samples: np.ndarray) -> pa.Table:
-    """The cube's affinity table with the intervals and `p_best` of `samples` (from
-    `bootstrap_affinities`)."""
-    table = affinity_from_cube(cube)
-    for name, values in zip(INTERVAL_COLUMNS, affinity_intervals(cube, samples), strict=True):
-        table = table.append_column(pa.field(name, pa.float64()), pa.array(values))
-    t, c = np.nonzero(candidate_mask(cube))
-    sources = [tuple(s) for s in table["sources"].to_pylist()]
-    shares = best_shares(table["target"].to_pylist(), sources, samples[:, t, c])
-    return table.append_column(pa.field(P_BEST, pa.float64()), pa.array(shares))
+    return cube_affinity(cube, n, seed, paired=paired).table
 
 
 def best_candidates(

@@ -7,10 +7,13 @@ the new task's affinity rows and the study's affinity table and taxonomy.
 - `root_service`: the best source set the study's roots offer the new task (what it gets for free
   from the taxonomy already chosen), and what each further root would add to that.
 - `choose_model`: the transfer a positioned task's model is built on.
+- `split_test_images`: the two halves of the test images a model is chosen on and reported on,
+  so that the figures a user reads were not used to pick the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,3 +135,13 @@ def choose_model(candidates: Sequence[Candidate]) -> Candidate:
         return top
     close = [c for c in transfers if c.p_best >= top.p_best - 0.05]
     return min(close, key=lambda c: (len(c.sources), -c.affinity, c.name))
+
+
+def split_test_images(image_ids: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """(chosen on, reported on): the test images in two halves of equal size (the first one more
+    when odd), by a hash of each id, so the split needs no seed and is the same in every process.
+    A model chosen for its score on the first half is reported on the second, which it was not
+    chosen on: a winner's figures on its own selection images are biased upward."""
+    ids = sorted(set(map(str, image_ids)), key=lambda i: (hashlib.sha256(i.encode()).digest(), i))
+    half = (len(ids) + 1) // 2
+    return frozenset(ids[:half]), frozenset(ids[half:])

@@ -7,16 +7,18 @@ MLflow description and the picture all read the one dict `verdict` returns.
 - An edge chosen in fewer than `STABLE` of the resamples is stated with its alternatives,
   `reshading <- normal (0.55) or depth_euclidean + normal (0.40)`, not as one answer.
 - A chosen transfer that loses to `random` (what architecture alone gives) or to `pixels` (no
-  encoder) on most test images is flagged: that target gains nothing from transfer.
+  encoder) in at least `STABLE` of the resamples is flagged, naming the baseline and that share.
 - With one replicate, the resamples saw only the test images, not how each readout happened to
-  train: every report says training noise was not measured.
+  train: every report says training noise was not measured. With readout replicates but one
+  network per task (`train.replicates: 1`), every readout read the same network, so how the
+  networks happened to train is not in the intervals either: every report says that too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from components.vocabulary import SELF
+from components.vocabulary import PIXELS, RANDOM, SELF
 
 STABLE = 0.9  # an edge or root chosen in at least this share of resamples is stated as the choice
 TIE = 0.1  # candidates at least this likely to be the best are not distinguishable from it
@@ -24,16 +26,21 @@ ALTERNATIVE = 0.05  # alternatives of a shaky edge shown down to this share
 
 
 def verdict(
-    taxonomy: Mapping, stability: Mapping | None, affinity_rows: Iterable[Mapping], replicates: int
+    taxonomy: Mapping,
+    stability: Mapping | None,
+    affinity_rows: Iterable[Mapping],
+    replicates: int,
+    networks: int = 1,
 ) -> dict:
     """`taxonomy`: the JSON form (`roots`, `transfers`); `stability`: `stability_of_rows`'s dict or
     None; `affinity_rows`: the affinity table as dicts (`target`, `sources`, and where measured
-    `p_best`, `vs_random`, `gain`); `replicates`: readout replicates per candidate."""
+    `p_best`, `vs_random`, `gain`); `replicates`: readout replicates per candidate; `networks`:
+    Stage I network replicates per task (`train.replicates`), read by the readout replicates."""
     rows = {(r["target"], tuple(r["sources"])): r for r in affinity_rows}
     ties: dict[str, list] = {}
     for (target, sources), row in sorted(rows.items()):
         p = row.get("p_best")
-        if sources != (SELF,) and p is not None and p == p and p >= TIE:
+        if sources not in ((SELF,), (target,)) and p is not None and p == p and p >= TIE:
             ties.setdefault(target, []).append(["+".join(sources), round(float(p), 4)])
     for target in ties:
         ties[target].sort(key=lambda item: (-item[1], item[0]))
@@ -43,17 +50,36 @@ def verdict(
         shares = (stability or {}).get("transfers", {}).get(target, {})
         if stability and shares.get(key, 0.0) < STABLE:
             alternatives[target] = [[s, round(v, 4)] for s, v in shares.items() if v >= ALTERNATIVE]
-        row = rows.get((target, tuple(sources)), {})
-        losing = {k: row[k] for k in ("vs_random", "gain") if row.get(k) is not None and row[k] == row[k]}
-        if any(v < 0.5 for v in losing.values()):
-            no_gain[target] = {"sources": key, **{k: round(float(v), 4) for k, v in losing.items()}}
+        if loses := losing_baselines(rows.get((target, tuple(sources)), {})):
+            no_gain[target] = {"sources": key, "loses_to": loses}
     return {
         "replicates": replicates,
         "training_noise_measured": replicates > 1,
+        "networks": networks,
+        "network_noise_measured": replicates > 1 and networks > 1,
         "ties": ties,
         "alternatives": alternatives,
         "no_gain": no_gain,
     }
+
+
+def losing_baselines(row: Mapping) -> dict[str, float]:
+    """The baselines a transfer loses to, with the share of resamples that say so: `random`
+    (`p_below_random`) and `pixels` (`p_no_gain`) where at least STABLE of the resamples have it
+    win on fewer than half the images. Without resamples (no bootstrap), the point estimate's win
+    rate below one half, with share None: nothing measured how sure that is."""
+    loses: dict[str, float] = {}
+    for baseline, share, win_rate in (
+        (RANDOM, "p_below_random", "vs_random"),
+        (PIXELS, "p_no_gain", "gain"),
+    ):
+        p, w = row.get(share), row.get(win_rate)
+        if p is not None and p == p:
+            if p >= STABLE:
+                loses[baseline] = round(float(p), 4)
+        elif w is not None and w == w and w < 0.5:
+            loses[baseline] = None
+    return loses
 
 
 def edge_text(target: str, sources: Iterable[str], verdict_: Mapping, stability: Mapping | None) -> str:
@@ -70,8 +96,15 @@ def edge_text(target: str, sources: Iterable[str], verdict_: Mapping, stability:
     else:
         share = stability["transfers"].get(target, {}).get(key) if stability else None
         body = _plus(key) + (f" ({share:.2f})" if share is not None else "")
-    flag = "  [no gain over random/pixels: this target gains nothing from transfer]"
-    return f"{target} <- {body}" + (flag if target in verdict_.get("no_gain", {}) else "")
+    flag = ""
+    if loses := verdict_.get("no_gain", {}).get(target, {}).get("loses_to"):
+        said = " and ".join(
+            name + ("" if p is None else f" ({p:.2f} of resamples)") for name, p in loses.items()
+        )
+        flag = f"  [loses to {said}: " + (
+            "no better than a random encoder]" if RANDOM in loses else "no better than training from pixels]"
+        )
+    return f"{target} <- {body}" + flag
 
 
 def ties_text(target: str, verdict_: Mapping) -> str:
@@ -80,14 +113,21 @@ def ties_text(target: str, verdict_: Mapping) -> str:
 
 
 def noise_note(verdict_: Mapping) -> str:
-    if verdict_.get("training_noise_measured"):
+    """What the intervals and shares cover, in one sentence. A verdict from before network
+    replicates has no `networks`: its study had one network per task."""
+    if not verdict_.get("training_noise_measured"):
         return (
-            f"uncertainty: a multi-bootstrap over {verdict_['replicates']} readout replicates (training "
-            "seeds) and the test images"
+            "uncertainty: training noise was NOT measured (transfer.replicates: 1); the shares cover only "
+            "which test images were drawn, and overstate how sure the answer is"
         )
+    readouts = (
+        f"uncertainty: a multi-bootstrap over {verdict_['replicates']} readout replicates (training seeds)"
+    )
+    if verdict_.get("networks", 1) > 1:
+        return f"{readouts}, reading {verdict_['networks']} network replicates per task, and the test images"
     return (
-        "uncertainty: training noise was NOT measured (transfer.replicates: 1); the shares cover only "
-        "which test images were drawn, and overstate how sure the answer is"
+        f"{readouts} and the test images; networks: 1 training run each (train.replicates: 1): how "
+        "the networks trained is not in the intervals"
     )
 
 

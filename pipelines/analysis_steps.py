@@ -6,18 +6,23 @@ outputs live (step folders keyed by their inputs), skips finished steps, and log
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from components.affinity import affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
 from components.bootstrap import stability_of_rows
 from components.config import config_hash, to_dict
+from components.errors import TaskatlasError
 from components.storage import Location
 from components.taxonomy import (
     Taxonomy,
@@ -26,8 +31,9 @@ from components.taxonomy import (
     solve_taxonomy,
     sweep_budgets,
 )
+from components.transfer.plan import Pairing
 from components.verdict import verdict
-from pipelines.config import PipelineConfig
+from pipelines.config import AnalysisConfig, PipelineConfig
 from pipelines.progress import progress_bar
 from pipelines.steps import Step
 
@@ -41,8 +47,52 @@ PRUNED = "pruned.json"  # beside affinity.parquet when Stage II was pruned: what
 
 
 def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
-    # v3: the multi-bootstrap over replicates and images, `vs_random` and `p_best`
-    return Step(cfg.root, "affinity", config_hash("affinity-v3", transfer_key, cfg.analysis))
+    # v4: win rates are the mean over paired replicates (one run's), the resamples centred on them;
+    # p_no_gain and p_below_random; t <- t never competes for p_best
+    return Step(cfg.root, "affinity", config_hash("affinity-v4", transfer_key, analysis_key(cfg.analysis)))
+
+
+def analysis_key(analysis: AnalysisConfig) -> dict:
+    """What of `analysis` keys Stage III: `test_subset` only when set (below 1), so a study that
+    scores every test image keeps the key it had before the field existed."""
+    fields = to_dict(analysis)
+    if analysis.test_subset == 1.0:
+        del fields["test_subset"]
+    return fields
+
+
+def in_test_subset(image_ids: Sequence[str], seed: int, fraction: float) -> np.ndarray:
+    """(len(image_ids),) bool: the test images `analysis.test_subset` keeps. Image I is kept when
+    the first 8 bytes of sha256("<seed>:<I>"), read as a fraction of 2**64, are below `fraction`:
+    the image's own draw, the same whichever target's table it is read from and in any process, a
+    share `fraction` of the images on average, and an independent draw for another seed. 1.0 keeps
+    every image."""
+    if fraction >= 1.0:
+        return np.ones(len(image_ids), dtype=bool)
+    limit = fraction * 2.0**64
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") < limit
+            for i in image_ids
+        ],
+        dtype=bool,
+    )
+
+
+def keep_test_subset(table: pa.Table, seed: int, fraction: float, what: str) -> pa.Table:
+    """The rows of a loss table (`what`: which, for the error) whose `image_id` is in the test
+    subset (`in_test_subset`); the table itself at 1.0."""
+    if fraction >= 1.0:
+        return table
+    ids = pc.cast(table["image_id"], pa.string())  # dictionary-encoded as read
+    unique = pc.unique(ids).to_pylist()
+    kept = [i for i, keep in zip(unique, in_test_subset(unique, seed, fraction), strict=True) if keep]
+    if not kept:
+        raise TaskatlasError(
+            f"analysis.test_subset={fraction} with analysis.seed={seed} keeps none of the "
+            f"{len(unique)} test images of {what}; raise analysis.test_subset"
+        )
+    return table.filter(pc.is_in(ids, value_set=pa.array(kept, pa.string())))
 
 
 def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
@@ -74,19 +124,24 @@ def _affinity(
     started = time.time()  # the run spans the work, not just its logging
     # One target's losses in memory at a time (Stage II wrote them per target).
     files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
+    seed, fraction = cfg.analysis.seed, cfg.analysis.test_subset
+
+    def read(target: str, columns: list[str] | None = None) -> pa.Table:  # the test subset's rows
+        dictionary = [c for c in DICTIONARY_COLUMNS if columns is None or c in columns]
+        table = files[target].read_parquet(columns, read_dictionary=dictionary)
+        return keep_test_subset(table, seed, fraction, f"target {target}'s loss table")
+
     with progress_bar(len(files), "affinity (bootstrap)", unit="target") as update:
         result = affinity_by_target(
             sorted(files),
-            lambda t: files[t].read_parquet(read_dictionary=list(DICTIONARY_COLUMNS)),
+            read,
             cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
             cfg.analysis.seed,
             # the test split's image ids, the resamples' image axis shared by every target (every
-            # target's table has a row per test image), read from the image_id columns alone
-            study_image_ids(
-                files[t].read_parquet(["image_id"], read_dictionary=["image_id"]) for t in sorted(files)
-            )
-            if cfg.analysis.bootstrap
-            else None,
+            # target's table has a row per test image), read from the image_id columns alone; with
+            # `analysis.test_subset`, the subset's ids: the resamples draw from the images scored
+            study_image_ids(read(t, ["image_id"]) for t in sorted(files)) if cfg.analysis.bootstrap else None,
+            paired=cfg.transfer.pairing is Pairing.PAIRED,
             progress=update,
         )
     table, unlabelled = result.table, result.unlabelled
@@ -130,8 +185,14 @@ def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) 
                 "val_loss"
             ]
     val_losses = {k: np.array([v[r] for r in sorted(v)]) for k, v in by_readout.items()}
-    draws = {
-        (target, source): replicate_draws(cfg.analysis.seed, target, (source,), len(v), n)
+    paired = t.pairing is Pairing.PAIRED
+    slots = {
+        target: max(len(v) for (u, _), v in val_losses.items() if u == target) for target, _ in val_losses
+    }
+    draws = {  # the replicates each resample reads of the readout, as Stage III draws them
+        (target, source): replicate_draws(cfg.analysis.seed, target, slots[target], n) % len(v)
+        if paired
+        else replicate_draws(cfg.analysis.seed, target, len(v), n, (source,))
         for (target, source), v in val_losses.items()
     }
     rows = list(zip(table["target"].to_pylist(), map(tuple, table["sources"].to_pylist()), strict=True))
@@ -178,7 +239,7 @@ def _taxonomy(
     stability = _stability(affinity, options, taxonomy)
     answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
     rows = (affinity.location / "affinity.parquet").read_parquet().to_pylist()
-    answer["verdict"] = verdict(answer, stability, rows, cfg.transfer.replicates)
+    answer["verdict"] = verdict(answer, stability, rows, cfg.transfer.replicates, cfg.train.replicates)
     if pruned.exists():  # transfers the BIP never saw
         answer["pruned"] = pruned.read_json()
     (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import yaml
 from mlflow.entities import Metric
@@ -55,14 +57,16 @@ from components.position import (
     first_order_columns,
     nearest_tasks,
     root_service,
+    split_test_images,
 )
+from components.storage import Location
 from components.tasks import Loss, Task, TaskKind, task_from_definition
-from components.transfer import Readout, ReadoutKind, plan_transfers
+from components.transfer import Pairing, Readout, ReadoutKind, plan_transfers
 from components.transfer.jobs import train_model
 from components.transfer.model import EncoderRef, TransferSpec
 from components.transfer.readout import validation_split
 from components.verdict import TIE
-from pipelines.analysis_steps import affinity_step, taxonomy_step
+from pipelines.analysis_steps import affinity_step, analysis_key, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_folder
 from pipelines.registry import network_model, positioned_model, version_tags
@@ -230,6 +234,7 @@ class PositionResult:
     folder: str  # the step folder: affinity.parquet, position.json, position.png
     readouts_ran: int
     run_id: str
+    losses: Location  # the new target's per-image loss table (Stage II's)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -265,7 +270,10 @@ def position_task(
         ),
     )
     t = derived.transfer
-    plan = plan_transfers([task.name], sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams)
+    n = derived.train.replicates  # readout replicate r reads the study's network replicate r mod n
+    plan = plan_transfers(
+        [task.name], sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams, n
+    )
     networks = {s: study.networks[s] for s in sources} | (
         {task.name: study.networks[task.name]} if use_self else {}
     )
@@ -277,23 +285,46 @@ def position_task(
     # The answer places the task among the study's affinities and roots: a study rerun with other
     # settings (a new affinity table or taxonomy) makes a new answer, its readouts reused.
     where = config_hash(
-        "position-v1", transfer.key, cfg.analysis, study.affinity.key, study.taxonomy["roots"]
+        "position-v2", transfer.key, analysis_key(cfg.analysis), study.affinity.key, study.taxonomy["roots"]
     )
     step = Step(cfg.root, f"position/{task.name}", where)
     if not step.complete:
-        table = affinity_by_target(
-            [task.name],
-            lambda name: (transfer.losses / f"{name}.parquet").read_parquet(),
-            cfg.analysis.bootstrap,
-            cfg.analysis.seed,
-            gain_reference=SCRATCH,
-            require_self=False,
-        ).table
+        losses = (transfer.losses / f"{task.name}.parquet").read_parquet()
+
+        def stage3(images: frozenset[str] | None, bootstrap: int) -> pa.Table:
+            """The new target's affinity rows, on `images` only (None: every test image)."""
+            rows = losses if images is None else losses.filter(_among(losses, images))
+            return affinity_by_target(
+                [task.name],
+                lambda _: rows,
+                bootstrap,
+                cfg.analysis.seed,
+                paired=t.pairing is Pairing.PAIRED,
+                gain_reference=SCRATCH,
+                require_self=False,
+            ).table
+
+        # Where it sits: every test image. Which model: chosen on one half of them and reported
+        # on the other, so its gain and "beats scratch" are not scored on what picked it.
+        table = stage3(None, cfg.analysis.bootstrap)
         (step.location / "affinity.parquet").write_parquet(table)
         candidates = candidates_of(table, task.name)
-        chosen = choose_model(candidates)
+        image_ids = pc.unique(pc.cast(losses["image_id"], pa.string())).to_pylist()
+        pick_on, report_on = split_test_images(image_ids)
+        chosen = choose_model(candidates_of(stage3(pick_on, cfg.analysis.bootstrap), task.name))
+        held_out = next(
+            c for c in candidates_of(stage3(report_on, 0), task.name) if c.sources == chosen.sources
+        )
         model = _model(derived, stage2, networks, plan, task, chosen, tracker, run_id)
         answer = _answer(study, task, store, candidates, chosen, model, t.replicates)
+        answer["chosen"] |= {
+            "affinity": _num(next(c.affinity for c in candidates if c.sources == chosen.sources)),
+            "gain": _num(held_out.gain),
+            "quality": _num(held_out.quality),
+            "vs_random": _num(held_out.vs_random),
+            "chosen_on_images": len(pick_on),
+            "reported_on_images": len(report_on),
+        }
         with step.scratch() as scratch:
             plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
             (scratch / POSITION).write_text(json.dumps(answer, indent=1))
@@ -302,7 +333,9 @@ def position_task(
     for name in ("position.png", POSITION):
         log_stored_artifact(tracker, run_id, step.location / name)
     tracker.describe(run_id, answer_markdown(answer))
-    return PositionResult(answer, step.location.uri, transfer.ran, run_id)
+    return PositionResult(
+        answer, step.location.uri, transfer.ran, run_id, transfer.losses / f"{task.name}.parquet"
+    )
 
 
 def _model(
@@ -416,6 +449,11 @@ def _answer(
             "gain": _num(chosen.gain),
         },
     }
+
+
+def _among(table: pa.Table, images: frozenset[str]) -> pa.Array:
+    """The rows of a loss table whose image is one of `images`."""
+    return pc.is_in(pc.cast(table["image_id"], pa.string()), value_set=pa.array(sorted(images), pa.string()))
 
 
 def _num(x: float) -> float | None:

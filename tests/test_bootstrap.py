@@ -12,6 +12,7 @@ import pytest
 import components.affinity as affinity
 from components.affinity import (
     AFFINITY_SCHEMA,
+    INTERVAL_COLUMNS,
     INTERVAL_SCHEMA,
     affinity_from_cube,
     compute_affinity,
@@ -19,7 +20,6 @@ from components.affinity import (
 )
 from components.affinity_io import transfer_table
 from components.bootstrap import (
-    INTERVAL_COLUMNS,
     affinity_intervals,
     bootstrap_affinities,
     candidate_mask,
@@ -31,6 +31,8 @@ from components.errors import TaskatlasError
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from pipelines.cli import main
 from tests.conftest import assert_same_table
+
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
 N_IMAGES = 200
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -92,6 +93,7 @@ def check_the_answer_is_browsable(root, parent, taxonomy):
             assert len(steps) == 1 or len({m.value for m in history}) > 1, (r.info.run_name, key)
 
 
+@pytest.mark.numerics  # its affinity intervals: CI runs it again under another CPU kernel path
 def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stages_2_to_4(
     tiny_config, tmp_path, capsys, ray_session
 ):
@@ -119,16 +121,14 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
 
     table = pq.read_table(affinity)
     assert set(table["target"].to_pylist()) == {"normal", "reshading", "edge_texture"}
-    for row in table.to_pylist():  # the 95% interval brackets the point estimate (up to 1%: the point
-        # estimate averages every replicate, a resample a draw of them, so it may sit just outside
-        # a percentile interval where affinities crowd against the clip floor, 1e-5 here)
-        assert row["affinity_lo"] <= row["affinity_hi"]
-        assert row["affinity_lo"] * 0.99 - 1e-9 <= row["affinity"] <= row["affinity_hi"] * 1.01 + 1e-9
+    for row in table.to_pylist():  # the 95% interval brackets the point estimate: the resamples
+        # are centred on it (each draws replicate pairs as the estimate weighs them), no slack
+        assert row["affinity_lo"] <= row["affinity"] <= row["affinity_hi"], row
     for target in ("normal", "reshading", "edge_texture"):  # each target's chances of being best sum to 1
-        p_best = [
-            r["p_best"] for r in table.to_pylist() if r["target"] == target and r["sources"] != ["self"]
-        ]
-        assert sum(p_best) == pytest.approx(1.0)
+        rows = [r for r in table.to_pylist() if r["target"] == target]
+        p_best = [r["p_best"] for r in rows if r["sources"] not in (["self"], [target])]
+        assert sum(p_best) == pytest.approx(1.0)  # self and t <- t (the target's own encoder) never compete
+        assert all(np.isnan(r["p_best"]) for r in rows if r["sources"] in (["self"], [target]))
     parent = runs_named(root, "run ")
     assert len(parent) == 1
     check_the_answer_is_browsable(root, parent[0], taxonomy)

@@ -110,6 +110,11 @@ def test_a_planted_task_sits_next_to_its_source_and_a_rerun_reuses_everything(st
     assert all(0 <= c["gain"] <= 1 for c in answer["candidates"])  # against `scratch`, trained beside them
     assert not any(c["sources"] in (["scratch"], ["pixels"]) for c in answer["candidates"])  # references only
     assert "where edges sits" in out and "taskatlas predict" in out
+    # the model is chosen on half the test images and its figures are from the other half
+    chosen, n_test = answer["chosen"], answer["images"]["test"]
+    assert chosen["chosen_on_images"] + chosen["reported_on_images"] == n_test
+    assert abs(chosen["chosen_on_images"] - chosen["reported_on_images"]) <= 1
+    assert f"of the {chosen['reported_on_images']} test images it was not chosen on" in out
     assert (tmp / "runs" / "position" / "edges").is_dir()
 
     code, again, out = position(config, tmp / "edges.yaml", images, capsys)

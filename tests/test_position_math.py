@@ -12,7 +12,10 @@ from components.position import (
     first_order_columns,
     nearest_tasks,
     root_service,
+    split_test_images,
 )
+
+pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
 NAN = float("nan")
 
@@ -95,3 +98,14 @@ def test_candidates_and_columns_from_an_affinity_table():
     assert [c.sources for c in got] == [("a",), ("a", "b"), ("random",)]
     assert got[2].is_baseline and not got[0].is_baseline and math.isnan(got[0].p_best)
     assert first_order_columns(table) == {"x": {"a": 0.5}, "y": {"a": 0.7}}
+
+
+def test_a_model_is_chosen_on_one_half_of_the_test_images_and_reported_on_the_other():
+    ids = [f"img{i:03d}" for i in range(11)]
+    pick, report = split_test_images(ids)
+    assert len(pick) == 6 and len(report) == 5 and not pick & report and pick | report == set(ids)
+    assert split_test_images(reversed(ids)) == (pick, report)  # by id, not by order: any process
+    assert pick != frozenset(sorted(ids)[:6])  # not the first ids: a hash, so no ordering bias
+    # the halves are stable as images are added: most of a half stays in it
+    more_pick, _ = split_test_images([*ids, *(f"new{i}" for i in range(3))])
+    assert len(pick & more_pick) >= 4

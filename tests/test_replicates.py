@@ -13,6 +13,7 @@ from components.transfer.plan import (
     baseline,
     beam,
     beam_availability,
+    network_replicate,
     plan_transfers,
     readout_seed,
 )
@@ -41,8 +42,21 @@ def test_replicas_and_counts():
     counts = plan.counts()
     assert counts == {"order 1": 18, "order 2": 6, "self": 2, "pixels": 6, "random": 6}
     with pytest.raises(ValueError, match="replicate"):
-        Readout("a", ("self",), ReadoutKind.SELF, replicate=1)
+        Readout("a", ("b",), replicate=-1)
     assert Readout("a", ("b",), replicate=2).file_id == "b--a.r2"
+
+
+def test_with_network_replicates_self_has_a_replicate_per_readout_replicate():
+    # One network per task: `self` is scored once, as before network replicates.
+    one = plan_transfers(["a"], ["a", "b"], orders=(), beams=(), replicates=3)
+    assert one.replicas(baseline("a", ReadoutKind.SELF)) == (baseline("a", ReadoutKind.SELF),)
+    # Two: replicate r of every candidate, self included, reads network r mod 2.
+    two = plan_transfers(["a"], ["a", "b"], orders=(), beams=(), replicates=3, networks=2)
+    selves = two.replicas(baseline("a", ReadoutKind.SELF))
+    assert [x.name for x in selves] == ["self->a", "self->a#1", "self->a#2"]
+    assert [network_replicate(x, 2) for x in selves] == [0, 1, 0]
+    assert two.counts() == {"order 1": 6, "self": 3, "pixels": 3, "random": 3}
+    assert two.trained == one.trained  # `self` is scored, never trained
 
 
 def test_beam_ranks_by_the_replicates_mean_not_by_one_seed():
@@ -117,11 +131,13 @@ def test_verdict_says_ties_as_ties_shaky_edges_as_alternatives_and_flags_useless
         "curvature": [["random", 0.98]],
     }
     assert said["alternatives"] == {"reshading": [["normal", 0.55], ["depth+normal", 0.4], ["edge", 0.05]]}
-    assert said["no_gain"] == {"curvature": {"sources": "edge", "vs_random": 0.3, "gain": 0.7}}
+    assert said["no_gain"] == {"curvature": {"sources": "edge", "loses_to": {"random": None}}}  # no resamples
     assert edge_text("reshading", ["normal"], said, STABILITY) == (
         "reshading <- normal (0.55) or depth + normal (0.40) or edge (0.05)"
     )
-    assert edge_text("curvature", ["edge"], said, STABILITY).startswith("curvature <- edge (1.00)  [no gain")
+    assert edge_text("curvature", ["edge"], said, STABILITY) == (
+        "curvature <- edge (1.00)  [loses to random: no better than a random encoder]"
+    )
     assert ties_text("reshading", said) == "normal (0.55) ~ depth + normal (0.40)"
     assert "training seeds" in noise_note(said)
 
@@ -134,4 +150,64 @@ def test_one_replicate_says_training_noise_was_not_measured():
     assert (
         plain["alternatives"] == {}
         and edge_text("reshading", ["normal"], plain, None) == "reshading <- normal"
+    )
+
+
+def test_one_network_per_task_says_how_the_networks_trained_is_not_in_the_intervals():
+    said = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=3)
+    assert said["networks"] == 1 and not said["network_noise_measured"]
+    assert "networks: 1 training run each" in noise_note(said) and "not in the intervals" in noise_note(said)
+    both = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=3, networks=2)
+    assert both["network_noise_measured"] and "2 network replicates" in noise_note(both)
+    assert "not in the intervals" not in noise_note(both)
+    before = {k: v for k, v in said.items() if k not in ("networks", "network_noise_measured")}
+    assert noise_note(before) == noise_note(said)  # a study from before network replicates had one
+
+
+def test_a_transfer_is_flagged_only_where_the_resamples_say_it_loses_naming_the_baseline():
+    """Regression: `edge_texture <- normal` beat random on 0.85 of images and lost to pixels at a
+    point win rate of 0.375, and was flagged as gaining nothing from transfer. Now a flag needs
+    at least STABLE of the resamples losing to a baseline, and says which one, with that share."""
+    rows = [
+        {
+            "target": "edge",
+            "sources": ["normal"],
+            "vs_random": 0.85,
+            "gain": 0.375,
+            "p_best": 0.9,
+            "p_below_random": 0.0,
+            "p_no_gain": 0.7,
+        },
+        {
+            "target": "curv",
+            "sources": ["edge"],
+            "vs_random": 0.7,
+            "gain": 0.2,
+            "p_best": 0.6,
+            "p_below_random": 0.05,
+            "p_no_gain": 0.96,
+        },
+        {
+            "target": "depth",
+            "sources": ["edge"],
+            "vs_random": 0.2,
+            "gain": 0.1,
+            "p_best": 0.5,
+            "p_below_random": 0.93,
+            "p_no_gain": 1.0,
+        },
+    ]
+    taxonomy = {"roots": ["normal"], "transfers": {"edge": ["normal"], "curv": ["edge"], "depth": ["edge"]}}
+    said = verdict(taxonomy, None, rows, replicates=3)
+    assert said["no_gain"] == {
+        "curv": {"sources": "edge", "loses_to": {"pixels": 0.96}},
+        "depth": {"sources": "edge", "loses_to": {"random": 0.93, "pixels": 1.0}},
+    }
+    assert edge_text("edge", ["normal"], said, None) == "edge <- normal"
+    assert edge_text("curv", ["edge"], said, None) == (
+        "curv <- edge  [loses to pixels (0.96 of resamples): no better than training from pixels]"
+    )
+    assert edge_text("depth", ["edge"], said, None) == (
+        "depth <- edge  [loses to random (0.93 of resamples) and pixels (1.00 of resamples): "
+        "no better than a random encoder]"
     )

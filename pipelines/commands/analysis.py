@@ -68,6 +68,12 @@ def _bootstrap_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         help=f"N multi-bootstrap resamples (the test images, and each readout's replicates); {what}",
     )
     parser.add_argument("--seed", type=int, help="seed of the resamples (default 0; needs --bootstrap)")
+    parser.add_argument(
+        "--independent-seeds",
+        action="store_true",
+        help="replicate r of each readout had a seed of its own (transfer.pairing: independent): "
+        "compare every pair of replicates, not replicate r with replicate r",
+    )
 
 
 def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -89,7 +95,7 @@ def _affinity(args: argparse.Namespace) -> int:
     from components.plots import plot_affinity_heatmap
 
     bootstrap = _bootstrap_request(args)
-    result = _affinity_of(args.losses, bootstrap)
+    result = _affinity_of(args.losses, bootstrap, not args.independent_seeds)
     table = result.table
     write_affinity(table, args.out)
     heatmap = plot_affinity_heatmap(table, args.heatmap or args.out.with_suffix(".png"))
@@ -109,16 +115,17 @@ _NOT_MEASURED = (
 )
 
 
-def _affinity_of(path: Path, bootstrap: tuple[int, int] | None) -> AffinityResult:
+def _affinity_of(path: Path, bootstrap: tuple[int, int] | None, paired: bool) -> AffinityResult:
     """Stage III on a loss file, one target's rows in memory at a time (a Parquet file is read by
-    the row groups holding each target); with a bootstrap, over the file's image ids."""
+    the row groups holding each target); with a bootstrap, over the file's image ids. `paired`:
+    replicate r of every candidate shares its seed."""
     from components.affinity import affinity_by_target
     from components.affinity_io import LossFile
 
     losses = LossFile(path)
     resamples, seed = bootstrap or (0, 0)
     image_ids = losses.image_ids() if resamples else None
-    return affinity_by_target(losses.targets, losses.read_target, resamples, seed, image_ids)
+    return affinity_by_target(losses.targets, losses.read_target, resamples, seed, image_ids, paired=paired)
 
 
 def _solve(args: argparse.Namespace) -> int:
@@ -148,7 +155,9 @@ def _solve(args: argparse.Namespace) -> int:
         cost=_weights("--cost", args.cost),
         transform=Transform(args.transform),
     )
-    measured = None if args.losses is None else _affinity_of(args.losses, bootstrap)
+    measured = (
+        None if args.losses is None else _affinity_of(args.losses, bootstrap, not args.independent_seeds)
+    )
     table = read_affinities(args.affinities) if measured is None else transfer_table(measured.table)
     taxonomy = solve_taxonomy(table, options) if args.budget is not None else None
     stability = None

@@ -103,7 +103,12 @@ def print_position(answer: dict, folder: str, config: str) -> None:
     gain = chosen["gain"]
     print(
         f"model: {answer['model']} v{answer['model_version']} (champion), from {' + '.join(answer['model_sources'])}"
-        + (f"; beats scratch on {gain:.0%} of test images" if gain is not None else "")
+        + (
+            f"; beats scratch on {gain:.0%} of the {chosen['reported_on_images']} test images it was not "
+            "chosen on"
+            if gain is not None
+            else ""
+        )
     )
     print(f"  predict: taskatlas predict -c {config} --model {answer['model']} --images DIR --out DIR")
     print(f"picture: {folder}/position.png")
