@@ -48,8 +48,20 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(data, key.strip(), _override_value(key.strip(), raw))
     return from_dict(cls, data)
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """An override's value, parsed as YAML ("" when empty); malformed YAML is one line naming the
+    key (not the value: it may be a secret)."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--set {key}: its value is not valid YAML ({problem})") from None
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:

@@ -180,6 +180,11 @@ def task_from_definition(name: str, definition: Any, base: Task | None = None, w
                 raise ConfigError(f"{at}.{key}: {fields[key]!r} is not one of {choices}") from None
     if not isinstance(fields["column"], str) or not fields["column"]:
         raise ConfigError(f"{at}.column: expected a dataset column name, got {fields['column']!r}")
+    if not _is_column_name(fields["column"]):  # a column is a folder of imports and predictions
+        raise ConfigError(
+            f"{at}.column: {fields['column']!r} is not a column name (one folder name: no / or \\, "
+            "not . or ..)"
+        )
     channels = fields["channels"]
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ConfigError(f"{at}.channels: expected a positive integer, got {channels!r}")
@@ -188,6 +193,11 @@ def task_from_definition(name: str, definition: Any, base: Task | None = None, w
     if not isinstance(fields.get("source_only", False), bool):
         raise ConfigError(f"{at}.source_only: expected true or false, got {fields['source_only']!r}")
     return Task(name=name, **fields)
+
+
+def _is_column_name(column: str) -> bool:
+    """One folder name, so `DIR/<column>` stays inside DIR: no separator, not `.` or `..`."""
+    return not any(sep in column for sep in "/\\") and column not in (".", "..") and "\0" not in column
 
 
 def define_tasks(

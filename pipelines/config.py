@@ -298,6 +298,9 @@ class TaxonomyConfig:
             raise ConfigError("taxonomy.budget and taxonomy.max_order must be >= 1")
 
 
+MIN_BOOTSTRAP = 10  # `analysis.bootstrap`: fewer resamples state no share (0: no bootstrap)
+
+
 @dataclass(frozen=True)
 class AnalysisConfig:
     """Stage III/IV uncertainty (design.md section 10): resamples of each target's test images."""
@@ -312,6 +315,11 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         if self.bootstrap < 0 or self.seed < 0:
             raise ConfigError("analysis.bootstrap and analysis.seed must be >= 0")
+        if 0 < self.bootstrap < MIN_BOOTSTRAP:  # a share (p_best, stability) needs resamples
+            raise ConfigError(
+                f"analysis.bootstrap: {self.bootstrap} resamples are too few for a share; "
+                f"give at least {MIN_BOOTSTRAP}, or 0 for no bootstrap"
+            )
         if not 0 < self.test_subset <= 1:  # NaN fails too
             raise ConfigError(f"analysis.test_subset must be in (0, 1], got {self.test_subset}")
 

@@ -15,6 +15,7 @@ has folders of its own; `ensure_replicates` encodes what every replicate misses 
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +33,24 @@ from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 
 SPLITS = ("transfer", "test")
 _ENCODE = ray.remote(encode_shards)
+
+
+def complete(folder: Location) -> bool:
+    """The folder's marker exists and names its attempt. One that is empty or invalid is named in
+    one line and removed, so the folder is encoded again (a readout would fail on it)."""
+    marker = folder / FEATURES_DONE
+    if not marker.exists():
+        return False
+    try:
+        info = marker.read_json()
+        if not (isinstance(info, dict) and isinstance(info.get("attempt"), str) and info["attempt"]):
+            raise ValueError("names no attempt")
+    except (OSError, ValueError) as err:
+        why = f"taskatlas: {marker} cannot be read ({err}); its features are encoded again"
+        print(why, file=sys.stderr, flush=True)
+        marker.unlink(missing_ok=True)
+        return False
+    return True
 
 
 @dataclass
@@ -64,7 +83,7 @@ class FeatureCache:
             names = [n for n in sources if (ReadoutKind(n) in kinds if n in baselines else n in plan.sources)]
             folders = {(n, v.value): self.folder(sources[n], v) for n in names for v in views}
             for (n, v), f in folders.items():
-                if f.uri not in missing and not (f / FEATURES_DONE).exists():
+                if f.uri not in missing and not complete(f):
                     missing[f.uri] = (sources[n], InputTransform(v))
             out.append({k: f.uri for k, f in folders.items()})
         if missing:
@@ -105,7 +124,7 @@ class FeatureCache:
         if missed := {s: counts[s] - rows[s] for s in SPLITS if rows[s] < counts[s]}:
             raise RuntimeError(f"the feature pass missed images: {missed}")
         for (source, view), folder in zip(pairs, folders, strict=True):
-            if (folder / FEATURES_DONE).exists():  # another run finished it first: keep its blocks
+            if complete(folder):  # another run finished it first: keep its blocks
                 continue
             info = {**asdict(source), "view": view.value, "attempt": attempt, "rows": rows}
             (folder / FEATURES_DONE).write_json(info)

@@ -46,7 +46,7 @@ from mlflow.entities import Metric
 from components.affinity import SCRATCH, affinity_by_target
 from components.config import config_hash
 from components.data.folder import RGB, FolderColumn, import_folder, load_spec, recorded_spec, scan_folder
-from components.data.importing import ImportConfig, read_raw, split_of
+from components.data.importing import ARRAY_SUFFIX, NPY_LAYOUTS, ImportConfig, read_raw, split_of
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import ConfigError, TaskatlasError
 from components.plots import plot_position
@@ -98,7 +98,13 @@ def load_task(path: str | Path) -> Task:
     name, definition = next(iter(data.items()))
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"--task {path}: {name!r} is not a task name (letters, digits and underscores)")
-    return task_from_definition(name, definition, where=f"{path.name}: ")
+    task = task_from_definition(name, definition, where=f"{path.name}: ")
+    if task.column == RGB:  # its labels would be the images, and its predictions go to OUT/rgb
+        raise ConfigError(
+            f"{path.name}: {name}.column: {RGB!r} is the images' own folder; "
+            "a new task's labels are a column (folder) of their own"
+        )
+    return task
 
 
 @dataclass(frozen=True)
@@ -172,8 +178,10 @@ def check_images(
     if task.kind is TaskKind.PIXEL and not column.labels:
         sample = folder / task.column / found.files[task.column][found.ids[0]].name
         if (channels := read_raw(sample).shape[-1]) != task.channels:
+            npy = sample.suffix.lower() == ARRAY_SUFFIX
+            layouts = f" (an .npy file is read as {NPY_LAYOUTS})" if npy else ""
             raise ConfigError(
-                f"{sample}: {channels} channel(s), but task {task.name} has channels: {task.channels}"
+                f"{sample}: {channels} channel(s), but task {task.name} has channels: {task.channels}{layouts}"
             )
     return {task.column: column}
 

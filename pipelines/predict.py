@@ -88,7 +88,21 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
+def check_out(images: Path, out: Path) -> None:
+    """Predictions never go into their inputs nor over a file: an `out` that is, contains or is
+    inside `images` (resolved, links followed), or is a file, is refused naming both."""
+    source, target = images.resolve(), out.resolve()
+    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        raise ConfigError(
+            f"--out {out} and --images {images} overlap: predictions (OUT/<column>/<stem>) could "
+            "overwrite the images; give an --out outside --images"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder (--images {images})")
+
+
 def predict(tracking_uri: str, model: str, images: Path, out: Path) -> Predicted:
+    check_out(images, out)
     files = image_files(images)  # before loading anything
     name, version, task, size, module, _ = load_model(tracking_uri, model)
     rule = ColumnRule(RGB, "uint8", 3)

@@ -4,7 +4,7 @@ and the files it lists are those it recorded.
 The one convention every stage uses to say "finished" (design.md section 1). Object stores have
 no rename, so the rule is the same on both kinds of storage: write the outputs, then the marker,
 last. A killed step leaves outputs without a marker, which a rerun overwrites; a step whose
-marker exists is skipped. The marker holds the step's summary (what a rerun returns) and the
+marker reads is skipped (an empty or invalid marker is named, removed and its step done again). The marker holds the step's summary (what a rerun returns) and the
 size and SHA-256 of every file of the step, checked before a rerun reuses it (once per file
 version and process): a step whose files were damaged or removed is done again, and the run
 says which file, in one line.
@@ -59,6 +59,11 @@ def _file_problem(file: Location, size: int, digest: str) -> str:
     return ""
 
 
+def _is_record(entry: Any) -> bool:
+    """A marker's record of one file: [size, sha256]."""
+    return isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int and isinstance(entry[1], str)
+
+
 @dataclass(frozen=True)
 class Step:
     root: Location  # the storage root
@@ -81,9 +86,11 @@ class Step:
             return False
         try:
             info = self.marker.read_json()
-            recorded = info.get(FILES, {}) if isinstance(info, dict) else None
-            if recorded is None:
+            if not isinstance(info, dict):
                 raise ValueError("not a JSON object")
+            recorded = info.get(FILES, {})
+            if not (isinstance(recorded, dict) and all(map(_is_record, recorded.values()))):
+                raise ValueError(f"its {FILES!r} is not path -> [size, sha256]")
         except (OSError, ValueError) as err:
             return self._damaged(self.marker, f"cannot be read ({err})")
         for name, (size, digest) in recorded.items():

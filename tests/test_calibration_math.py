@@ -227,7 +227,7 @@ def _plain(table: pa.Table) -> list[dict]:
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_path, fraction):
     tables = _losses(tmp_path / "losses")
-    analysis = AnalysisConfig(bootstrap=8, seed=11, test_subset=fraction)
+    analysis = AnalysisConfig(bootstrap=10, seed=11, test_subset=fraction)
     cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
     step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent")
     ids = sorted(set(tables["t"]["image_id"].to_pylist()))
@@ -237,7 +237,7 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_pat
     expected = affinity_by_target(
         ["t", "u"],
         lambda t: tables[t].filter(pa.compute.is_in(tables[t]["image_id"], pa.array(kept))),
-        8,
+        10,
         11,
         kept,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from components.errors import ConfigError
+from pipelines.cli import main
 from pipelines.config import RUNTIME, Loader, TransferConfig, key_fields, load_pipeline_config
 
 
@@ -82,6 +83,27 @@ def test_an_empty_config_file_or_bad_yaml_is_one_line_not_the_defaults(tmp_path)
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML \(line \d+, column \d+\): ") as err:
         load_pipeline_config(broken)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["{", "[1, 2", "'open", "a: b: c", "@x"])
+def test_a_malformed_set_value_is_one_line_naming_it(value, tmp_path, capsys):
+    """Was a YAML ParserError traceback, rc 1, from `run` and `submit` alike."""
+    with pytest.raises(ConfigError, match=r"^--set train\.epochs: its value is not valid YAML \(") as err:
+        load_pipeline_config(None, [f"train.epochs={value}"])
+    assert "\n" not in str(err.value)
+    for command in (["run", "--dry-run"], ["submit", "--address", "http://127.0.0.1:9", "--dry-run"]):
+        assert main([*command, "--set", f"storage_root={tmp_path}", "--set", f"train.epochs={value}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--set train.epochs: its value" in err, err
+
+
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_a_bootstrap_too_small_for_a_share_is_refused_at_load(n):
+    """A share (p_best, a taxonomy's stability) of 1 to 9 resamples is not one; 0: no bootstrap."""
+    with pytest.raises(ConfigError, match=r"^analysis\.bootstrap: "):
+        load_pipeline_config(None, [f"analysis.bootstrap={n}"])
+    assert load_pipeline_config(None, ["analysis.bootstrap=0"]).analysis.bootstrap == 0
+    assert load_pipeline_config(None, ["analysis.bootstrap=10"]).analysis.bootstrap == 10
 
 
 def test_data_size_defaults_to_the_datasets_own(tiny_dataset):

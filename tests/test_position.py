@@ -11,6 +11,7 @@ from PIL import Image
 
 from components.data.scenes import SceneConfig
 from components.data.synthetic import DatasetConfig, render_images
+from components.errors import ConfigError
 from pipelines.cli import main
 from pipelines.tracking import (
     UnsafeModelError,
@@ -208,4 +209,74 @@ def test_bad_input_is_refused_in_one_line_before_any_work(capsys, tmp_path):
     bad.write_text("normal: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
     assert "the study has a task of that name with another column" in refused(bad, ok)
     assert "is not finished" in refused(task, ok)  # nothing was run for this config
+    # a new task learns a column of its own: not the images (`rgb`), not a path out of --images
+    for column in ("rgb", "../x", "/etc", "x/../../y"):
+        bad.write_text(f"mine: {{column: {column}, kind: pixel, loss: l1, channels: 3}}\n")
+        assert f"bad.yaml: mine.column: '{column}'" in refused(bad, ok)
     assert not (tmp_path / "runs" / "position").exists()  # nothing imported
+
+
+def test_channel_first_npy_labels_are_read_as_their_task_channels(tmp_path):
+    """An (1, H, W) `.npy` label was read as (H=1, W, 32 channels): "32 channel(s), but task edges
+    has channels: 1". (C, H, W) is accepted where C is less than H and W; any other layout is
+    refused naming the layouts accepted."""
+    from components.data.importing import read_raw
+    from pipelines.config import load_pipeline_config
+    from pipelines.position import check_images, load_task
+
+    config = tmp_path / "study.yaml"
+    config.write_text(STUDY.format(root=tmp_path / "runs"))
+    cfg = load_pipeline_config(config)
+    (tmp_path / "edges.yaml").write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 1}\n")
+    task = load_task(tmp_path / "edges.yaml")
+    folder = labelled_folder(tmp_path / "ok", 60)
+    for f in sorted((folder / "edges").iterdir()):
+        np.save(f, np.load(f).transpose(2, 0, 1))  # (H, W, 1) -> (1, H, W)
+    assert set(check_images(folder, task, cfg, None)) == {"edges"}
+    hwc = np.arange(32 * 32 * 2, dtype=np.float32).reshape(32, 32, 2)
+    np.save(tmp_path / "chw.npy", hwc.transpose(2, 0, 1))
+    np.testing.assert_array_equal(read_raw(tmp_path / "chw.npy"), hwc)
+    np.save(tmp_path / "hwc.npy", hwc)
+    np.testing.assert_array_equal(read_raw(tmp_path / "hwc.npy"), hwc)
+    (tmp_path / "edges3.yaml").write_text("edges: {column: edges, kind: pixel, loss: l1, channels: 3}\n")
+    with pytest.raises(ConfigError, match=r"1 channel\(s\), but task edges has channels: 3.*\(C, H, W\)"):
+        check_images(folder, load_task(tmp_path / "edges3.yaml"), cfg, None)
+
+
+def test_predict_never_writes_into_its_images_nor_over_a_file(capsys, tmp_path):
+    """`--out` that is, contains or is inside `--images` (resolved: a link counts), or an existing
+    file, is refused in one line naming both, before any model is loaded; the photos are untouched
+    (an RGB-output task's predictions, `OUT/rgb/<stem>.png`, once went over them)."""
+    config = tmp_path / "study.yaml"
+    config.write_text(STUDY.format(root=tmp_path / "runs"))
+    photos = tmp_path / "photos"
+    (photos / "rgb").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "rgb" / "a.png")
+    before = (photos / "rgb" / "a.png").read_bytes()
+    (tmp_path / "link").symlink_to(photos)
+
+    def refused(images, out):
+        code = main(
+            ["predict", "-c", str(config), "--model", "m", "--images", str(images), "--out", str(out)]
+        )
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        return err
+
+    for images, out in [
+        (photos, photos),
+        (photos, photos / "preds"),
+        (photos / "rgb", photos),
+        (photos, tmp_path / "link"),
+        (tmp_path / "link" / "rgb", photos / "rgb" / "."),
+    ]:
+        err = refused(images, out)
+        assert f"--out {out}" in err and f"--images {images}" in err, err
+    assert "overlap" in refused(photos, photos / "rgb" / "a.png")  # a photo itself
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("mine")
+    err = refused(photos, elsewhere)
+    assert f"--out {elsewhere}" in err and "is a file" in err
+    assert (photos / "rgb" / "a.png").read_bytes() == before and elsewhere.read_text() == "mine"
+    assert sorted(p.name for p in photos.rglob("*")) == ["a.png", "rgb"]
+    assert not (tmp_path / "runs").exists()  # no tracking store opened, no model loaded

@@ -208,6 +208,24 @@ def test_the_folder_importer_round_trips_and_a_grown_folder_keeps_ids_and_splits
             assert first.get(stem, split) == split  # old images keep their ids and splits
 
 
+def test_channel_first_npy_files_import_as_their_channel_last_twins(tmp_path):
+    """`.npy` arrays (C, H, W), as numpy and torch code saves them, were read as (H=C, W=H, C=W)."""
+    stores = {}
+    for layout in ("hwc", "chw"):
+        src = tmp_path / layout
+        folder_tree(src, ["a", "b", "c"])
+        if layout == "chw":
+            for f in (src / "flow").iterdir():
+                np.save(f, np.load(f).transpose(2, 0, 1))  # (H, W, 2) -> (2, H, W)
+        import_folder(src, tmp_path / f"o-{layout}", ImportConfig(size=8, test_fraction=0.0))
+        stores[layout] = ShardStore(tmp_path / f"o-{layout}")
+    [flow] = [c for c in stores["chw"].manifest.columns if c.name == "flow"]
+    assert flow.shape == (2, 8, 8)
+    for split in ("train", "transfer"):
+        chw, hwc = stores["chw"].read(split, ["flow"]), stores["hwc"].read(split, ["flow"])
+        np.testing.assert_array_equal(chw["flow"], hwc["flow"])
+
+
 def test_folder_spec_and_layout_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"spec.depth.scal: unknown field"):
         parse_spec({"depth": {"scal": 2}})

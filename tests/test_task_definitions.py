@@ -39,6 +39,10 @@ def test_the_builtin_catalog_is_the_yaml_form():
         ({**EDGES, "source_only": "yes"}, r"^task_definitions.mine.source_only: expected true or false"),
         ({**EDGES, "column": "nope"}, r"^task_definitions.mine.column: the dataset has no column 'nope'"),
         ("l1", r"^task_definitions.mine: a task definition is a mapping"),
+        ({**EDGES, "column": "/tmp/x"}, r"^task_definitions.mine.column: '/tmp/x' is not a column name"),
+        ({**EDGES, "column": "../x"}, r"^task_definitions.mine.column: '../x' is not a column name"),
+        ({**EDGES, "column": ".."}, r"^task_definitions.mine.column: '..' is not a column name"),
+        ({**EDGES, "column": "a/b"}, r"^task_definitions.mine.column: 'a/b' is not a column name"),
     ],
 )
 def test_a_bad_definition_fails_at_load_naming_task_and_field(definition, message):

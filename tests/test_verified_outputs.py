@@ -3,12 +3,15 @@ checks them; a readout file carries a digest of its losses; a damaged feature bl
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from components.storage import location
-from components.transfer import Readout
+from components.transfer import FeatureKind, FeatureSource, Readout, TransferPlan
 from components.transfer.jobs import (
     _META,
     FEATURES_DONE,
@@ -17,6 +20,8 @@ from components.transfer.jobs import (
     stored_outcome,
     write_readout,
 )
+from pipelines.config import load_pipeline_config
+from pipelines.feature_cache import FeatureCache
 from pipelines.steps import FILES, Step
 
 
@@ -55,6 +60,51 @@ def test_a_truncated_marker_is_an_unfinished_step_not_a_traceback(tmp_path, caps
     step.marker.write_text('{"task": "nor')
     assert not step.complete
     assert "done.json cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "null", "[]", '"done"', '{"files": 3}', '{"files": {"model.pt": 7}}', "\x00" * 16]
+)
+def test_an_empty_or_invalid_marker_is_named_removed_and_its_step_done_again(tmp_path, capsys, text):
+    """Read, not just found: a marker that is empty or not a step's record was taken as done, and
+    the first reader failed on every rerun."""
+    step = finished_step(tmp_path)
+    step.marker.write_text(text)
+    assert not step.complete
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"{step.marker} cannot be read" in line and "stage1/normal is done again" in line
+    assert not step.marker.exists()
+
+
+def test_an_empty_or_invalid_feature_marker_is_named_removed_and_encoded_again(tmp_path, capsys):
+    """A feature folder's `done.json` was only found: an empty one was taken as complete, and
+    every readout on it failed with a JSONDecodeError, on every rerun."""
+    cfg = load_pipeline_config(overrides=[f"storage_root={tmp_path}", "tasks=[autoencoding,normal]"])
+    sources = {t: FeatureSource(t, FeatureKind.ENCODER, f"key-{t}") for t in ("autoencoding", "normal")}
+    plan = TransferPlan(("normal",), ("autoencoding",), (), (), (), ())
+    cache = _RecordingCache(cfg, SimpleNamespace(data_version="v1"), use_gpu=False)
+    [folder] = [cache.folder(sources["autoencoding"], v) for v in {cfg.task("normal").input}]
+    for text in ["", "{", "[]", '{"rows": 3}', '{"attempt": 3}']:
+        (folder / FEATURES_DONE).write_text(text)
+        assert cache.ensure(sources, plan) == {("autoencoding", folder.name): folder.uri}
+        assert cache.encoded == [[(sources["autoencoding"], cfg.task("normal").input)]], text
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert f"{folder / FEATURES_DONE} cannot be read" in line and "encoded again" in line
+        assert not (folder / FEATURES_DONE).exists()
+        cache.encoded.clear()
+    (folder / FEATURES_DONE).write_json({"attempt": "a1"})  # a good one is reused, quietly
+    cache.ensure(sources, plan)
+    assert cache.encoded == [] and capsys.readouterr().err == ""
+
+
+@dataclass
+class _RecordingCache(FeatureCache):
+    """The feature cache with its Ray pass replaced by a record of what it would encode."""
+
+    encoded: list = field(default_factory=list)
+
+    def encode(self, pairs):
+        self.encoded.append(pairs)
 
 
 def test_a_marker_from_before_checksums_is_taken_as_it_is(tmp_path):

@@ -32,6 +32,7 @@ ARRAY_SUFFIX = ".npy"
 RESERVED_COLUMNS = frozenset({"image_id"})  # the shards' own id column
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no '.', '..', separators, hidden names
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_LAYOUTS = "(H, W), (H, W, C) or (C, H, W) with C below H and W"  # what an .npy file may hold
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,12 @@ def complete_images(
 
 
 def read_raw(path: Path) -> np.ndarray:
-    """A PNG/JPEG (8- or 16-bit) or .npy file -> (H, W, C) array of its raw values."""
+    """A PNG/JPEG (8- or 16-bit) or .npy file (`NPY_LAYOUTS`) -> (H, W, C) array of its raw values."""
     try:
         if path.suffix.lower() == ARRAY_SUFFIX:
             raw = np.load(path, allow_pickle=False)
+            if _channel_first(raw.shape):
+                raw = raw.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
         else:
             with Image.open(path) as img:
                 raw = np.asarray(img)
@@ -117,15 +120,23 @@ def read_raw(path: Path) -> np.ndarray:
     if raw.ndim == 2:
         raw = raw[..., None]
     if raw.ndim != 3 or not raw.size:
-        raise ShardError(f"{path}: expected an (H, W) or (H, W, C) image, got shape {raw.shape}")
+        want = NPY_LAYOUTS if path.suffix.lower() == ARRAY_SUFFIX else "(H, W) or (H, W, C)"
+        raise ShardError(f"{path}: expected an image of shape {want}, got shape {raw.shape}")
     return raw
+
+
+def _channel_first(shape: tuple[int, ...]) -> bool:
+    """An array (C, H, W) with fewer channels than rows and columns: no (H, W, C) image has more
+    channels than rows, so the layout is not ambiguous."""
+    return len(shape) == 3 and shape[0] < min(shape[1], shape[2])
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file's header, without decoding its pixels."""
     try:
         if path.suffix.lower() == ARRAY_SUFFIX:
-            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return tuple(shape[1:] if _channel_first(shape) else shape[:2])
         with Image.open(path) as img:
             return img.size[1], img.size[0]
     except Image.DecompressionBombError as err:

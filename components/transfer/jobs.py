@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from components.data.shards import ShardStore
-from components.local_cache import cached_file
+from components.local_cache import cached_array
 from components.models import ModelConfig, build_network, representation_shape
 from components.storage import Location, location
 from components.tasks import InputTransform, Loss, Task
@@ -116,7 +116,8 @@ def note_attempt(readout_file: str, event: str) -> None:
     log = attempts_path(readout_file)
     if log.is_local:
         log.local_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log.local_path, "a") as f:
+        fd = os.open(log.local_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a log: owner only
+        with os.fdopen(fd, "a") as f:
             f.write(f"{event} {os.getpid()} {time.time():.3f}\n")
     else:
         (log / f"{time.time():.6f}-{os.getpid()}-{event}").write_bytes(b"")
@@ -405,8 +406,9 @@ def feature_array(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
         return make
 
-    ids_file, x_file = cached_file(f"{name}.ids.npy", save(0)), cached_file(f"{name}.npy", save(1))
-    return np.load(ids_file), np.load(x_file, mmap_mode="r")
+    # the ids loaded before the features are made: the cache's bound may evict their entry then
+    ids = cached_array(f"{name}.ids.npy", save(0))
+    return ids, cached_array(f"{name}.npy", save(1), mmap=True)
 
 
 def _joined(blocks: Location) -> tuple[np.ndarray, np.ndarray]:
