@@ -9,9 +9,10 @@ The job needs the project and the config on the cluster, and Ray ships exactly o
 a config from anywhere reaches the job at a path relative to the working_dir, and the checkout is
 never written to. Ray names the package by its content hash, so an unchanged project is uploaded
 once. What is copied is planned here (`plan_upload`), not left to Ray, so that `--dry-run` shows
-exactly what goes: every `.gitignore` (the gitwildmatch rules Ray applies to `.gitignore` and to
-runtime_env `excludes`), then patterns no `.gitignore` can bring back (secrets, venvs, data, the
-storage root when it is inside the project), and no symlinks (they can point anywhere).
+exactly what goes: every `.gitignore` (git's rules, through the `pathspec` package; Ray matches the
+staged copy's `.gitignore` files again with its own vendored copy, which can only leave more out),
+then patterns no `.gitignore` can bring back (secrets, venvs, data, the storage root when it is
+inside the project), and no symlinks (they can point anywhere).
 
 Ray's client sends its token only when RAY_AUTH_MODE=token is set in the client's environment; we
 read the token from the same places (settings.read_ray_auth) and send the header ourselves, only
@@ -39,7 +40,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import requests
-from ray._private.thirdparty.pathspec import PathSpec  # Ray's own gitignore matcher, pinned with Ray
+from pathspec import GitIgnoreSpec  # git's own .gitignore semantics, git's edge cases included
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
@@ -262,13 +263,13 @@ class UploadPlan:
 def plan_upload(root: Path, excludes: Sequence[str]) -> UploadPlan:
     """Walk `root` as git would: a .gitignore applies below its folder, an ignored folder is not
     entered. `excludes` win over any `!pattern` of a .gitignore."""
-    always = PathSpec.from_lines("gitwildmatch", excludes)
+    always = GitIgnoreSpec.from_lines(excludes)
     files: list[str] = []
     links: list[str] = []
 
-    def walk(folder: Path, ignores: list[tuple[Path, PathSpec]]) -> None:
+    def walk(folder: Path, ignores: list[tuple[Path, GitIgnoreSpec]]) -> None:
         if (folder / ".gitignore").is_file():
-            ignores = [*ignores, (folder, PathSpec.from_lines("gitwildmatch", _lines(folder / ".gitignore")))]
+            ignores = [*ignores, (folder, GitIgnoreSpec.from_lines(_lines(folder / ".gitignore")))]
         for entry in sorted(folder.iterdir()):
             is_dir = entry.is_dir() and not entry.is_symlink()
             if always.match_file(_key(entry, root, is_dir)) or any(
@@ -287,7 +288,7 @@ def plan_upload(root: Path, excludes: Sequence[str]) -> UploadPlan:
 
 
 def _key(path: Path, base: Path, is_dir: bool) -> str:
-    """The path as gitwildmatch wants it: relative, posix, a trailing / for a folder."""
+    """The path as a gitignore matcher wants it: relative, posix, a trailing / for a folder."""
     return path.relative_to(base).as_posix() + ("/" if is_dir else "")
 
 

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
-from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _setup_torch_process_group
-from ray.train.torch.config import _TorchBackend as _RayTorchBackend
+from ray.train.torch.config import TorchConfig
+
+from pipelines.compat import RayTorchBackend as _RayTorchBackend
+from pipelines.compat import set_torch_distributed_env_vars as _set_torch_distributed_env_vars
+from pipelines.compat import setup_torch_process_group as _setup_torch_process_group
 
 _STORE = None  # rank 0's TCPStore server: lives as long as the worker process
 
