@@ -28,7 +28,8 @@ from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
-from pipelines.ray_runtime import cluster_nodes
+from pipelines.ray_runtime import cluster_gpus, cluster_nodes
+from pipelines.stage1_plan import HPARAMS
 from pipelines.tracking import (
     STORAGE_ROOT_TAG,
     DatasetRef,
@@ -39,6 +40,7 @@ from pipelines.tracking import (
 )
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
+TUNED = "tuned per task (tune/<task>)"  # a parent run's param where each network has its own value
 # Under the storage root, what holds no temp files of ours (Ray's own storage, MLflow's artifacts).
 _NO_TEMP_FILES = ("ray", "mlartifacts")
 
@@ -228,6 +230,24 @@ def dataset_ref(cfg: PipelineConfig, store: ShardStore) -> DatasetRef:
     return DatasetRef(dataset_name(cfg, store), store.data_version, str(store.root))
 
 
+def used_config(cfg: PipelineConfig, cluster_gpus: int) -> dict:
+    """The config as the parent run's params: no value that no network or readout used. A setting
+    the search tunes says so (`TUNED`; each `train/<task>` run logs the value it trained with);
+    `use_gpu` as resolved on a cluster with `cluster_gpus` GPUs, and GPUs per trial and per readout
+    as granted: 0 where none is used."""
+    params = to_dict(cfg)
+    if cfg.tune.enabled:
+        params["train"] |= dict.fromkeys(HPARAMS, TUNED)
+    train_gpu = cluster_gpus > 0 if cfg.train.use_gpu is None else cfg.train.use_gpu  # trials' too
+    transfer_gpu = cluster_gpus > 0 if cfg.transfer.use_gpu is None else cfg.transfer.use_gpu
+    params["train"]["use_gpu"], params["transfer"]["use_gpu"] = train_gpu, transfer_gpu
+    if not train_gpu:
+        params["tune"]["gpus_per_trial"] = 0
+    if not transfer_gpu:
+        params["transfer"]["gpus_per_readout"] = 0
+    return params
+
+
 def code_version() -> str:
     """The full commit hash of the code (MLflow links `mlflow.source.git.commit`)."""
     try:
@@ -292,7 +312,8 @@ def invocation(cfg: PipelineConfig, command: str):
     }
     started = datetime.now(timezone.utc)
     run_id = tracker.start_run(f"{command} {cfg.name} {started:%Y-%m-%d %H:%M}", tags=tags)
-    tracker.log_params(run_id, to_dict(cfg))  # the resolved config, flattened: filterable
+    # The config as used, flattened (filterable); config.json: as given, to run it again
+    tracker.log_params(run_id, used_config(cfg, cluster_gpus()))
     tracker.log_dict(run_id, to_dict(cfg), "config.json")
     tracker.log_dataset(run_id, dataset_ref(cfg, store))
     try:

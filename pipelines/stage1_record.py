@@ -1,8 +1,10 @@
 """Stage I's record: each network's MLflow run, its score on the test split, its registration.
 
-One MLflow run (and logged model) per network, continued when an earlier attempt was killed;
-Ray Train's rank 0 logs the epochs into it (`pipelines.train_worker`), and `finish` adds the
-test loss of the final weights, registers them and writes the step's marker, last. Network
+One MLflow run (and logged model) per network, continued when an earlier attempt was killed.
+`open` describes it and Ray Train's rank 0 makes it at its first batch, then logs the epochs
+into it (`pipelines.train_worker`): so the run spans the network's work, not its wait for a
+worker (logged as `queue_seconds`). `finish` adds the test loss of the final weights, registers
+them, ends the run at its last report and writes the step's marker, last. Network
 replicates n > 0 (`train.replicates`) are runs of their own, `train/<task>#<n>`, kept simple:
 no logged model and no registration; the registered model stays replicate 0's.
 """
@@ -35,6 +37,7 @@ from pipelines.tracking import (
     FinishedRun,
     NetworkSpec,
     Registration,
+    RunToStart,
     Tracker,
     tensor_signature,
 )
@@ -45,7 +48,8 @@ EPOCH_METRICS = ("train_loss", "test_loss")  # what rank 0 logs each epoch (`pip
 @dataclass(frozen=True)
 class Network:
     """A network being trained: its step, its MLflow run and logged model ("" for replicates
-    n > 0, which are not registered)."""
+    n > 0, which are not registered). A network not begun yet has no run: `new_run` says what
+    its rank-0 worker makes (`started` reads it back); its logged model is made with it."""
 
     task: Task
     hparams: dict
@@ -53,11 +57,17 @@ class Network:
     run_id: str
     model_id: str
     replicate: int = 0
+    new_run: RunToStart | None = None
 
     @property
     def file_id(self) -> str:
         """`normal`, `normal.r1`: its name without `#`, safe in a Ray Train run's folder name."""
         return f"{self.task.name}.r{self.replicate}" if self.replicate else self.task.name
+
+    @property
+    def run_file(self) -> Location:
+        """Its run's id and logged model's: written when each is made, read when it is continued."""
+        return self.step.location / "mlflow_run.json"
 
     @property
     def weights(self) -> Location:
@@ -76,45 +86,61 @@ class NetworkRecord:
     parent_run_id: str
 
     def open(self, task: Task, hparams: dict, step: Step, replicate: int = 0) -> Network:
-        """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued.
-        Replicate 0 gets a logged model (registered by `finish`); replicates n > 0 do not."""
-        run_file = step.location / "mlflow_run.json"
-        trained_with = self.trained_with(hparams, replicate)
-
-        def logged_model(run_id: str) -> str:
-            return "" if replicate else self.tracker.create_logged_model(run_id, task.name, trained_with)
-
-        if run_file.exists():
-            ids = run_file.read_json()
+        """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued,
+        else one for its rank-0 worker to make when its training begins (`Network.new_run`)."""
+        network = Network(task, hparams, step, "", "", replicate)
+        if network.run_file.exists():
+            ids = network.run_file.read_json()
             run_id = self.tracker.reopen_run(ids["run_id"], self.parent_run_id)
-            model_id = ids.get("model_id") or logged_model(run_id)
-            return Network(task, hparams, step, run_id, model_id, replicate)
+            return self._with_logged_model(replace(network, run_id=run_id, model_id=ids.get("model_id", "")))
         tags = {"task": task.name, "stage": "train"} | ({"replicate": str(replicate)} if replicate else {})
-        run_id = self.tracker.start_run(
-            f"train/{network_name(task.name, replicate)}", self.parent_run_id, tags
-        )
-        model_id = logged_model(run_id)
-        run_file.write_json({"run_id": run_id, "model_id": model_id})
         searched = self.config.tune.enabled
         # Replicate n > 0: the seed it trained with, and which replicate it is, in place of train.seed
+        trained_with = self.trained_with(hparams, replicate)
         mine = {"seed": trained_with["seed"], "replicate": replicate} if replicate else {}
-        self.tracker.log_params(
-            run_id,
-            {
-                "task": task.name,
-                # One name per setting: train.lr, train.weight_decay and train.batch_size are the
-                # ones it trained with, the search's best where it searched (tune/<task> has the
-                # search), and train.hparams_from says which.
-                "train": to_dict(self.config.train)
-                | hparams
-                | {"hparams_from": "tune" if searched else "config"}
-                | mine,
-                "model": to_dict(self.config.model),
-                "data_version": self.store.data_version,
-            },
+        params = {
+            "task": task.name,
+            # One name per setting: train.lr, train.weight_decay and train.batch_size are the
+            # ones it trained with, the search's best where it searched (tune/<task> has the
+            # search), and train.hparams_from says which.
+            "train": to_dict(self.config.train)
+            | hparams
+            | {"hparams_from": "tune" if searched else "config"}
+            | mine,
+            "model": to_dict(self.config.model),
+            "data_version": self.store.data_version,
+        }
+        new_run = self.tracker.run_to_start(
+            f"train/{network_name(task.name, replicate)}",
+            self.parent_run_id,
+            tags,
+            params,
+            id_file=network.run_file.uri,
+            dataset=dataset_ref(self.config, self.store),
+            dataset_context="train",
         )
-        self.tracker.log_dataset(run_id, dataset_ref(self.config, self.store), context="train")
-        return Network(task, hparams, step, run_id, model_id, replicate)
+        return replace(network, new_run=new_run)
+
+    def started(self, network: Network) -> Network:
+        """The network with its run, once its training began: the run its rank-0 worker made, or
+        (that worker could not reach the tracking store) one made now; and its logged model."""
+        if network.run_id:
+            return network
+        if network.run_file.exists():
+            run_id = network.run_file.read_json()["run_id"]
+        else:
+            run_id = self.tracker.start_planned(network.new_run)
+        return self._with_logged_model(replace(network, run_id=run_id))
+
+    def _with_logged_model(self, network: Network) -> Network:
+        """Replicate 0's logged model (registered by `finish`), made if its run has none yet;
+        replicates n > 0 have none."""
+        if network.model_id or network.replicate:
+            return network
+        trained_with = self.trained_with(network.hparams, network.replicate)
+        model_id = self.tracker.create_logged_model(network.run_id, network.task.name, trained_with)
+        network.run_file.write_json({"run_id": network.run_id, "model_id": model_id})
+        return replace(network, model_id=model_id)
 
     def trained_with(self, hparams: dict, replicate: int = 0) -> dict:
         """The logged model's parameters: what its network was trained with."""
@@ -122,12 +148,17 @@ class NetworkRecord:
         return hparams | {"epochs": self.config.train.epochs, "seed": seed}
 
     def fail(self, network: Network) -> None:
-        self.tracker.end_run(network.run_id, failed=True)
+        """Its run FAILED, if its training made one."""
+        made = network.run_file.read_json()["run_id"] if network.run_file.exists() else ""
+        if run_id := network.run_id or made:
+            self.tracker.end_run(run_id, failed=True)
 
     def finish(self, network: Network) -> TaskResult:
-        """Score the final weights on the test split, register them (replicate 0), and mark the
-        network done. Each network reads only its own task's test columns: a run's networks
+        """Score the final weights on the test split, register them (replicate 0), end the run at
+        the network's last report (its work; scoring and registering are the driver's), and mark
+        the network done. Each network reads only its own task's test columns: a run's networks
         together may need more of the test split than a driver should hold at once."""
+        network = self.started(network)
         cfg, task, step = self.config, network.task, network.step
         channels = channels_for(task, self.store)
         model = build_network(task, cfg.model, cfg.data.size, channels)
@@ -138,10 +169,12 @@ class NetworkRecord:
             pa.table({"image_id": ids.astype(str), "loss": losses})
         )
         test_loss = nanmean(losses)
+        last_epoch = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)  # as rank 0 logged it
+        reported = max((m.timestamp / 1000 for m in last_epoch), default=None)  # None: no epoch logged
         if network.replicate:  # another training of the network: scored, not registered
             n = network
             self.tracker.log_metrics(n.run_id, {"final_test_loss": test_loss}, step=cfg.train.epochs - 1)
-            self.tracker.end_run(n.run_id)
+            self.tracker.end_run(n.run_id, end_time=reported)
             done = TaskResult(
                 task.name, step.key, n.weights.uri, test_loss, n.hparams, n.run_id, "", "", n.replicate
             )
@@ -153,7 +186,7 @@ class NetworkRecord:
         data = dataset_ref(cfg, self.store)  # the Models tab shows each metric under its dataset
         metrics = [
             Metric(m.key, m.value, m.timestamp, m.step, dataset_name=data.name, dataset_digest=data.digest)
-            for m in self.tracker.last_metrics(network.run_id, EPOCH_METRICS)
+            for m in last_epoch
         ]
         now = int(time.time() * 1000)
         metrics.append(Metric("final_test_loss", test_loss, now, last, None, data.name, data.digest))
@@ -172,7 +205,7 @@ class NetworkRecord:
         )
         if self._first_of_its_definition(registered, task):
             self.tracker.set_alias(registered, CHAMPION, version)
-        self.tracker.end_run(network.run_id)
+        self.tracker.end_run(network.run_id, end_time=reported)
         done = TaskResult(
             task.name,
             step.key,
@@ -284,5 +317,5 @@ class NetworkRecord:
                 )
             )
         tracker.log_finished_runs(run, trials)
-        tracker.log_metrics(run, {"best_val_loss": best_loss})
+        tracker.log_metrics(run, {"best_val_loss": best_loss})  # the best trial's last val_loss
         tracker.end_run(run, end_time=span[1])

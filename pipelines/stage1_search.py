@@ -3,8 +3,10 @@ one), each task's best hyperparameters then a step of its own (`tune/<task>/<key
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
@@ -15,10 +17,9 @@ from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.progress import progress_bar
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
-from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage1_plan import HPARAMS, Stage1Plan
 from pipelines.stage1_record import NetworkRecord
-
-HPARAMS = ("lr", "weight_decay", "batch_size")  # what the search chooses
+from pipelines.steps import Step
 
 
 class TrialProgress(tune.Callback):
@@ -56,12 +57,24 @@ class TrialProgress(tune.Callback):
         return start, max(end, start)
 
 
-def best_val_loss(result) -> float | None:
-    """A trial's lowest validation loss at any epoch (Tune's scope "all"); None if it reported none."""
-    df = result.metrics_dataframe
-    if df is None or "val_loss" not in df or df["val_loss"].isna().all():
+def final_val_loss(result) -> float | None:
+    """A trial's validation loss at its last report, what its run shows; None if it reported
+    none, or a NaN or infinite one."""
+    loss = result.metrics.get("val_loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else None
+
+
+def best_trial(results: list) -> tuple[Any, float] | None:
+    """The trial that ended with the lowest validation loss, and that loss; None if none
+    reported one. Tune's `ResultGrid.get_best_result("val_loss", "min", scope="last")`, per task
+    (one grid holds every task's trials). Not scope "all" (the lowest at any epoch): a trial best
+    at epoch 1 that ended worse was taken over one that ended lower, though networks are trained
+    to their last epoch and the run table shows each trial's last value."""
+    scored = [(loss, r) for r in results if (loss := final_val_loss(r)) is not None]
+    if not scored:
         return None
-    return float(df["val_loss"].min())
+    loss, best = min(scored, key=lambda pair: pair[0])
+    return best, loss
 
 
 def search_tasks(
@@ -91,26 +104,38 @@ def search_tasks(
         ended = time.time()
     for task in pending:
         results = [r for r in grid if r.config[TASK_KEY] == task.name]
-        scored = [(loss, r) for r in results if (loss := best_val_loss(r)) is not None]
-        if not scored:
-            raise TaskatlasError(
-                f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}"
-            )
-        best_loss, best = min(scored, key=lambda pair: pair[0])
-        hparams = {k: best.config[k] for k in HPARAMS}
         spans = [progress.span(r) for r in results]
         search_span = (min([started, *(s for s, _ in spans)]), ended)
-        record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS)
-        trials = [
-            {
-                k: r.metrics.get(m)
-                for k, m in (("trial_id", "trial_id"), ("epochs", "epoch"), ("val_loss", "val_loss"))
-            }
-            for r in results
-        ]
-        steps[task.name].finish({"hparams": hparams, "trials": trials})
-        found[task.name] = hparams
+        found[task.name] = finish_search(steps[task.name], record, task, results, spans, search_span)
     return found
+
+
+def finish_search(
+    step: Step,
+    record: NetworkRecord,
+    task: Task,
+    results: list,
+    spans: list[tuple[float, float]],
+    search_span: tuple[float, float],
+) -> dict:
+    """A task's search done: its trials (Tune's `results`, with their `spans`) and its best trial
+    (`best_trial`) in its tune run, then in its step's marker (`done.json`, which a later run
+    reuses as it is); its best hyperparameters, which its networks train with."""
+    if (chosen := best_trial(results)) is None:
+        raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}")
+    best, best_loss = chosen
+    hparams = {k: best.config[k] for k in HPARAMS}
+    record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS)
+    trials = [
+        {
+            k: r.metrics.get(m)
+            for k, m in (("trial_id", "trial_id"), ("epochs", "epoch"), ("val_loss", "val_loss"))
+        }
+        for r in results
+    ]
+    best_id = str(best.metrics.get("trial_id"))
+    step.finish({"hparams": hparams, "best_trial": best_id, "best_val_loss": best_loss, "trials": trials})
+    return hparams
 
 
 def _tuner(

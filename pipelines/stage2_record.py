@@ -24,6 +24,8 @@ from pipelines.tracking import Tracker
 
 LOSSES = "losses"  # the step's folder of per-target loss tables, `<target>.parquet`
 PRUNING = "pruning.json"  # in the step folder when transfer.prune is on
+# Readouts this run trained (`self` is scored, not trained): on the transfer run and the parent
+READOUTS_TRAINED = "readouts_trained"
 
 STAGE_NOTE = """Every readout into a target, as a nested run named `target <- sources`: a small
 network trained on the frozen features of its sources (the `transfer` split less a validation
@@ -75,7 +77,7 @@ def record_stage(
     failed = tuple(sorted(r.name for r in fan.failed))
     metrics = {
         "readouts": len(fan.outcomes),
-        "readouts_run": fan.ran,
+        READOUTS_TRAINED: fan.ran,
         "failed": len(failed),
         "wall_seconds": seconds,
     }

@@ -2,9 +2,12 @@
 
 Why explicit ids everywhere: `mlflow.set_experiment()` leaks `MLFLOW_EXPERIMENT_ID` into the
 environment and fluent runs are process-global, which breaks as soon as Ray workers or threads
-log. The driver creates the store, the experiment and every run; workers get a `RunLogger`
-(tracking URI + run id) and only append metrics to that run, so a restarted worker keeps
-logging to the same run instead of making a second one.
+log. The driver creates the store, the experiment and every run but a network's; workers get a
+`RunLogger` (tracking URI + run id) and only append metrics to that run, so a restarted worker
+keeps logging to the same run instead of making a second one. A network's run is described by
+the driver (`Tracker.run_to_start`) and made by its rank-0 worker at its first batch
+(`RunLogger.start`), because MLflow sets a run's start time only when it is made: made when
+queued, a network's run would show its wait as work.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import pickle
 import tempfile
 import threading
@@ -59,7 +63,9 @@ from mlflow.utils.mlflow_tags import (
 from components.config import from_dict, to_dict
 from components.errors import TaskatlasError
 from components.models import ModelConfig, TaskNetwork, build_network
+from components.storage import location
 from components.tasks import Task
+from pipelines.compat import process_tracking_uri as _process_tracking_uri
 
 _MAX_BATCH = 900  # MLflow caps log_batch at 1000 metrics
 STORAGE_ROOT_TAG = "taskatlas.storage_root"  # on every run: which study a run belongs to
@@ -68,16 +74,20 @@ WEIGHTS_FILE = "weights.pt"  # the state dict, read back with torch.load(weights
 ARCHITECTURE_FILE = "architecture.json"  # what rebuilds the network with the project's own code
 _WEIGHTS_FORMAT = "taskatlas-weights-v1"
 CHAMPION = "champion"  # the registry alias of a task's best model (nightly moves it for networks)
+QUEUE_SECONDS = "queue_seconds"  # on a network's run: from queued by the driver to its first batch
 NOTE = "mlflow.note.content"  # the markdown description MLflow's UI shows for a run or experiment
 # What a newcomer needs to read the experiment, shown on its page. The kind tag is what MLflow's
 # UI read before 3.x's workflow switcher; 3.17's UI ignores it (`run_url` says why and what works).
 EXPERIMENT_DESCRIPTION = """A Taskonomy-style transfer study (taskatlas). **Lower loss is better**
-everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`; steps are 0-based epochs).
+everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`). Steps are epochs, counted
+from 0 on `train/<task>` and readout runs, from 1 on search trials (as Ray Tune counts them).
 
 - The parent run of each invocation holds the answer: its description states the chosen taxonomy
   (the roots to label, and where every other task gets its representation), with the bootstrap
   stability of each choice and every target's three best sources.
-- `train <task>` runs are the task networks; `tune <task>` runs their hyperparameter search.
+- `train/<task>` runs are the task networks (`train/<task>#<n>`: replicate n); `tune/<task>` runs
+  their hyperparameter search, a nested run per trial (`tune/<task>/<trial>`), the best the one
+  that ended with the lowest `val_loss`.
 - Readout runs are named `target <- sources`: a small network trained on frozen source features.
   Their `affinity` (AHP share of the target's win rates, higher = better source; a target's
   candidates sum to 1), `quality` (win rate against `self`, the target's own fully supervised
@@ -133,23 +143,6 @@ def tensor_signature(model: torch.nn.Module, example: torch.Tensor) -> ModelSign
     return ModelSignature(inputs=batch_of(example), outputs=batch_of(out))
 
 
-_PROCESS_URI_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _process_tracking_uri(uri: str):
-    """MLflow's process-wide tracking URI set to `uri` for the block (see `Tracker.register_weights`)."""
-    from mlflow.tracking._tracking_service import utils
-
-    with _PROCESS_URI_LOCK:
-        before = utils._tracking_uri
-        utils._tracking_uri = uri
-        try:
-            yield
-        finally:
-            utils._tracking_uri = before
-
-
 class FinalStatus(str, Enum):
     """How a run whose work is over ended (MLflow's run status names)."""
 
@@ -170,6 +163,40 @@ class DatasetRef:
         """The input of a run that read the dataset's `context` split (train, transfer, test)."""
         dataset = Dataset(self.name, self.digest, "local", json.dumps({"uri": self.source}))
         return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+@dataclass(frozen=True)
+class RunToStart:
+    """A run made where and when its work begins (`RunLogger.start`): what `Tracker.start_run`
+    would make, with its params and dataset. `id_file` (a `components.storage` URI, JSON) keeps
+    the made run's id: a restarted worker logs to the run its first attempt made, and the driver
+    finds it there."""
+
+    experiment_id: str
+    name: str
+    tags: dict[str, str]  # its name, parent, source and study tags included
+    params: dict[str, str]  # flattened
+    id_file: str
+    dataset: DatasetRef | None = None
+    dataset_context: str = "training"
+    queued_at: float = 0.0  # epoch seconds: when its work was queued (`QUEUE_SECONDS`); 0: not said
+
+    def create(self, client: Any, start_time: float) -> str:
+        """Make the run, starting at `start_time` (epoch seconds), and keep its id in `id_file`
+        at once; then its params, its time in the queue and its dataset. Its id."""
+        start_ms = int(start_time * 1000)
+        run_id = client.create_run(
+            self.experiment_id, start_time=start_ms, tags=self.tags, run_name=self.name
+        ).info.run_id
+        location(self.id_file).write_json({"run_id": run_id})
+        params = [Param(k, v) for k, v in self.params.items()]
+        waited = max(start_time - self.queued_at, 0.0)
+        metrics = [Metric(QUEUE_SECONDS, waited, start_ms, 0)] if self.queued_at else []
+        for i in range(0, max(len(params), 1), 100):
+            client.log_batch(run_id, metrics=metrics if i == 0 else [], params=params[i : i + 100])
+        if self.dataset is not None:
+            client.log_inputs(run_id, [self.dataset.input(self.dataset_context)])
+        return run_id
 
 
 @dataclass(frozen=True)
@@ -367,6 +394,16 @@ def check_sqlite_store(tracking_uri: str) -> None:
             raise TaskatlasError(sqlite_store_refusal(path, why))
 
 
+def create_private_sqlite_store(tracking_uri: str) -> None:
+    """A new SQLite store is created empty and readable by its owner only (0600; SQLite gives its
+    journal the same mode): it holds every run's params and tags, whatever the umask. An existing
+    store keeps the mode it has."""
+    if _scheme(tracking_uri) == "sqlite":
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        with contextlib.suppress(FileExistsError, FileNotFoundError):  # no folder: MLflow says so
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _damaged_sqlite_error(err: BaseException) -> bool:
     """Whether an error is SQLite finding its file damaged (rather than locked, or missing)."""
     text = str(err).lower()
@@ -437,6 +474,19 @@ class RunLogger:
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_client"}
+
+    @classmethod
+    def start(cls, tracking_uri: str, run: RunToStart, retry_s: float = DEFAULT_RETRY_S) -> RunLogger:
+        """The logger of the run `run` describes, made now, as its work begins, unless an earlier
+        attempt made it (its `id_file`). A server silent for `retry_s`: a logger that logs nothing
+        (`server_down`), and the driver makes the run when the work is over (`Tracker.start_planned`)."""
+        ids = location(run.id_file)
+        if ids.exists():
+            return cls(tracking_uri, ids.read_json()["run_id"], retry_s)
+        logger = cls(tracking_uri, "", retry_s)
+        with contextlib.suppress(TrackingUnavailable):
+            return cls(tracking_uri, run.create(logger._client, time.time()), retry_s)
+        return logger
 
     @property
     def server_down(self) -> bool:
@@ -519,6 +569,7 @@ class Tracker:
     ):
         self.tracking_uri = tracking_uri
         check_sqlite_store(tracking_uri)
+        create_private_sqlite_store(tracking_uri)
         if _is_server(tracking_uri):
             use_retry_budget(retry_s)
         self.budget = RetryBudget(tracking_uri, retry_s)
@@ -553,12 +604,39 @@ class Tracker:
         start_time: float | None = None,
     ) -> str:
         """A new run; `start_time` (epoch seconds) when the work it records began earlier."""
-        all_tags = {MLFLOW_RUN_NAME: name, **self.source_tags, **self.run_tags, **(tags or {})}
-        if parent_run_id:
-            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        all_tags = self._tags(name, parent_run_id, tags)
         start = None if start_time is None else int(start_time * 1000)
         run = self.client.create_run(self.experiment_id, start_time=start, run_name=name, tags=all_tags)
         return run.info.run_id
+
+    def run_to_start(
+        self,
+        name: str,
+        parent_run_id: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        id_file: str,
+        dataset: DatasetRef | None = None,
+        dataset_context: str = "training",
+    ) -> RunToStart:
+        """A run for the worker that does its work to make when the work begins (`RunLogger.start`),
+        as `start_run` and `log_params` would; queued now. `id_file`: where its id is kept."""
+        flat = {k: v[:6000] for k, v in flatten(params).items()}
+        tags = self._tags(name, parent_run_id, tags)
+        return RunToStart(
+            self.experiment_id, name, tags, flat, id_file, dataset, dataset_context, queued_at=time.time()
+        )
+
+    def start_planned(self, run: RunToStart) -> str:
+        """`run` made here, now: the worker that was to make it could not reach the store."""
+        return run.create(self.client, time.time())
+
+    def _tags(self, name: str, parent_run_id: str | None, tags: Mapping[str, str] | None) -> dict[str, str]:
+        """A new run's tags: its name, who made it from which code, the study's, its own, its parent."""
+        all_tags = {MLFLOW_RUN_NAME: name, **self.source_tags, **self.run_tags, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        return all_tags
 
     def find_run(self, name: str, parent_run_id: str | None = None) -> str | None:
         """The newest run of that name (under that parent): reused instead of duplicated on rerun."""
@@ -654,7 +732,7 @@ class Tracker:
         if failed and self.budget.spent:
             return
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-        self.client.set_terminated(run_id, status, None if end_time is None else int(end_time * 1000))
+        self.client.set_terminated(run_id, status, None if end_time is None else round(end_time * 1000))
 
     def log_finished_runs(
         self, parent_run_id: str | None, runs: Sequence[FinishedRun], threads: int = LOG_THREADS

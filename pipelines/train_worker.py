@@ -38,7 +38,7 @@ from components.training import (
     train_one_epoch,
     unwrap,
 )
-from pipelines.tracking import DEFAULT_RETRY_S, RunLogger
+from pipelines.tracking import DEFAULT_RETRY_S, RunLogger, RunToStart
 
 CHECKPOINT_FILE = "state.pt"
 # TASKATLAS_TEST_FAIL_AT_EPOCH waits this long before killing rank 0: a few of Ray Train's report polls.
@@ -59,13 +59,19 @@ class WorkerConfig:
     epochs: int
     seed: int  # train.seed, or network replicate n's own (`stage1_plan.network_seed`)
     tracking_uri: str
-    run_id: str  # also names the network in the run's checkpoints
+    run_id: str  # its MLflow run; "": the run `new_run` describes, which rank 0 makes at the first batch
     fail_at_epoch: int | None = None  # counted over the run's networks, one after another
     cache_in_memory: bool = True
     data_root: str = ""  # train.loader "shards": the dataset each worker reads its slice of; "": Ray Data
     # `tracking.retry_s`: how long rank 0's logging waits for a silent server, then goes without
     tracking_retry_s: float = DEFAULT_RETRY_S
     weights: str = ""  # where rank 0 writes the final weights (the driver scores and registers them)
+    new_run: dict | None = None  # `RunToStart`, as `components.config.to_dict` writes it
+
+    @property
+    def network(self) -> str:
+        """What names the network in the run's checkpoints: the same on every attempt and rerun."""
+        return self.weights or self.run_id
 
 
 def loop_config(networks: list[WorkerConfig]) -> dict:
@@ -83,7 +89,8 @@ def train_worker(raw: dict) -> None:
     if (restored := ray.train.get_checkpoint()) is not None:
         with restored.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
-        done = [n.run_id for n in networks].index(state["network"])
+        # by its weights; by its run id in checkpoints made before networks made their own runs
+        done = next(i for i, n in enumerate(networks) if state["network"] in (n.network, n.run_id))
     data = _WorkerData(networks[done:])
     for i in range(done, len(networks)):
         resume = state if i == done else None
@@ -160,7 +167,7 @@ def _train_network(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
-    logger = RunLogger(cfg.tracking_uri, cfg.run_id, cfg.tracking_retry_s) if rank == 0 else None
+    logger = _run_logger(cfg) if rank == 0 else None  # the run starts here, where the work does
     # Epochs an earlier attempt logged but did not checkpoint (killed in between) run again from
     # the last checkpoint; the run keeps the first record of each epoch, never two.
     logged = logger.logged_steps("train_loss") if logger is not None else set()
@@ -188,7 +195,7 @@ def _train_network(
                     if epoch not in logged:
                         logger.log_metrics(metrics, step=epoch)
                     state = {
-                        "network": cfg.run_id,
+                        "network": cfg.network,
                         "model": unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "epoch": epoch,
@@ -200,6 +207,14 @@ def _train_network(
             weights = io.BytesIO()
             torch.save(unwrap(model).state_dict(), weights)
             location(cfg.weights).write_bytes(weights.getvalue())
+
+
+def _run_logger(cfg: WorkerConfig) -> RunLogger:
+    """Rank 0's logger, of the network's run: the driver's, or the one its first attempt made,
+    or made now, as its work begins (MLflow sets a run's start time only when it is made)."""
+    if cfg.run_id:
+        return RunLogger(cfg.tracking_uri, cfg.run_id, cfg.tracking_retry_s)
+    return RunLogger.start(cfg.tracking_uri, from_dict(RunToStart, cfg.new_run or {}), cfg.tracking_retry_s)
 
 
 def _distinct_ray_nodes() -> int:

@@ -36,18 +36,19 @@ from components.transfer.jobs import ReadoutOutcome
 from pipelines.cli import main
 from pipelines.commands.run import print_run
 from pipelines.config import load_pipeline_config
-from pipelines.invocation import dataset_ref, open_tracker
+from pipelines.invocation import dataset_ref, invocation, open_tracker
 from pipelines.readout_runs import ReadoutRunLog
 from pipelines.report import answer_markdown
 from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage1_record import NetworkRecord
 from pipelines.stage1_search import HPARAMS, TrialProgress
-from pipelines.tracking import RunLogger, run_url
+from pipelines.tracking import NOTE, RunLogger, run_url
 from tests.services import start_mlflow_server
 from tests.study import write_study
 
 EPOCHS = 3
 LOSSES = {"train_loss": (0.9, 0.7, 0.5), "test_loss": (0.8, 0.6, 0.4)}  # per epoch: the last is the model's
+QUEUED_S = 1.0  # how long the recorded network waits for a worker before its first batch
 
 
 # ---------------------------------------------------------------- what the UI reads
@@ -97,6 +98,11 @@ def kv(entries: list[dict] | None) -> dict[str, str]:
 
 def name_of(run: dict) -> str:
     return run["info"]["run_name"]
+
+
+def metric(run: dict, key: str) -> float:
+    """The run's value of `key` (its latest, as the run table shows it)."""
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}[key]
 
 
 def seconds(run: dict) -> float:
@@ -175,13 +181,16 @@ def recorded(server, tiny_dataset, tmp_path_factory):
     task = cfg.task("normal")
     hparams = Stage1Plan(cfg, store).default_hparams()
     network = record.open(task, hparams, Stage1Plan(cfg, store).train_step(task, hparams))
-    logger = RunLogger(tracker.tracking_uri, network.run_id)
+    time.sleep(QUEUED_S)  # waiting for a worker
+    first_batch = time.time()
+    logger = RunLogger.start(tracker.tracking_uri, network.new_run)  # as rank 0 does, at its first batch
     with logger.system_metrics():
         for epoch in range(EPOCHS):
             logger.log_metrics({k: v[epoch] for k, v in LOSSES.items()}, step=epoch)
     weights = io.BytesIO()
     torch.save(build_network(task, cfg.model, cfg.data.size, channels_for(task, store)).state_dict(), weights)
     network.weights.write_bytes(weights.getvalue())
+    time.sleep(0.5)  # the driver's turn to score and register it: not the network's work
     trained = record.finish(network)
 
     now = time.time()
@@ -212,6 +221,7 @@ def recorded(server, tiny_dataset, tmp_path_factory):
         tracker=tracker,
         parent=parent,
         trained=trained,
+        first_batch=first_batch,
         spans=spans,
         search_span=search_span,
         digest=store.data_version,
@@ -270,6 +280,21 @@ def test_a_train_run_names_each_setting_once_and_shows_its_dataset_and_a_signatu
 
 
 @pytest.mark.timeout(240)
+def test_a_train_run_spans_its_epochs_not_its_wait_for_a_worker_or_its_registration(recorded, ui):
+    # Regression (issue 40): every train/* run started when the driver queued its network and
+    # ended once the driver had scored and registered it: 1.2-1.4 min for 6-9 s of epochs.
+    train = {name_of(r): r for r in ui.runs(recorded.tracker.experiment_id)}["train/normal"]
+    client = MlflowClient(recorded.tracker.tracking_uri)
+    run_id = recorded.trained.run_id
+    reports = [m.timestamp / 1000 for k in LOSSES for m in client.get_metric_history(run_id, k)]
+    start, end = int(train["info"]["start_time"]) / 1000, int(train["info"]["end_time"]) / 1000
+    assert recorded.first_batch - 0.001 <= start <= min(reports)  # from its first batch ...
+    assert end == max(reports)  # ... to its last report
+    queued = {m["key"]: m["value"] for m in train["data"]["metrics"]}["queue_seconds"]  # the wait apart
+    assert queued == pytest.approx(QUEUED_S, abs=0.5)
+
+
+@pytest.mark.timeout(240)
 def test_tune_runs_span_the_work_and_hold_the_space_and_the_best_trial(recorded, ui):
     # Regression: the search's runs were created after it ended, each lasting ~40 ms.
     runs = {name_of(r): r for r in ui.runs(recorded.tracker.experiment_id)}
@@ -296,6 +321,46 @@ def test_readout_runs_are_tagged_in_their_names_order_and_show_their_dataset(rec
         [dataset] = run["inputs"]["dataset_inputs"]
         assert kv(dataset["tags"])["mlflow.data.context"] == "transfer"
         assert tags["mlflow.parentRunId"] == recorded.parent
+
+
+def test_the_parent_run_claims_no_setting_that_no_network_used(tiny_dataset, tmp_path):
+    # Regression (issue 40): the parent logged train.lr=0.001, batch_size=32, weight_decay=1e-4
+    # though every network trained with its search's values (on its train/<task> run), and
+    # tune.gpus_per_trial=1.0 and transfer.gpus_per_readout=0.25 on a CPU-only run.
+    def parent_params(root: str, **sections) -> dict[str, str]:
+        data = {"path": str(tiny_dataset)}
+        study = write_study(tmp_path / f"{root}.yaml", tmp_path / root, data=data, **sections)
+        with invocation(load_pipeline_config(str(study), []), "train") as inv:
+            pass
+        return MlflowClient(inv.tracker.tracking_uri).get_run(inv.run_id).data.params
+
+    searched = parent_params("searched", tune={"enabled": True}, train={"lr": 0.003})
+    for key in HPARAMS:
+        assert searched[f"train.{key}"] == "tuned per task (tune/<task>)"
+    assert searched["train.use_gpu"] == searched["transfer.use_gpu"] == "False"  # no GPU here
+    assert searched["tune.gpus_per_trial"] == searched["transfer.gpus_per_readout"] == "0"
+    assert json.loads(searched["tune.batch_sizes"]) == [16, 32, 64]  # the space searched stays
+    configured = parent_params("configured", tune={"enabled": False}, train={"lr": 0.003})
+    assert configured["train.lr"] == "0.003"  # what every network trained with
+
+
+@pytest.mark.timeout(240)
+def test_the_experiment_description_names_runs_and_steps_as_they_are(recorded, ui):
+    # Regression (issue 40): it named runs `train <task>` (they are train/<task>) and said steps
+    # are 0-based epochs, while search trials log epochs 1 and 2.
+    client = MlflowClient(recorded.tracker.tracking_uri)
+    note = " ".join(client.get_experiment(recorded.tracker.experiment_id).tags[NOTE].split())
+    runs = {name_of(r): r["info"]["run_id"] for r in ui.runs(recorded.tracker.experiment_id)}
+    for named, run in (("train/<task>", "train/normal"), ("tune/<task>", "tune/normal")):
+        assert f"`{named}`" in note and run in runs
+    assert "`tune/<task>/<trial>`" in note and "tune/normal/t0" in runs
+    assert "train <task>" not in note and "tune <task>" not in note
+
+    def first_step(run: str, key: str) -> int:
+        return min(m.step for m in client.get_metric_history(runs[run], key))
+
+    assert first_step("train/normal", "train_loss") == 0 and first_step("tune/normal/t0", "val_loss") == 1
+    assert "counted from 0 on `train/<task>` and readout runs, from 1 on search trials" in note
 
 
 def test_trial_progress_times_each_trial_from_its_start_to_its_end():
@@ -363,6 +428,27 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
         assert by_name[f"train/{task}"]["inputs"]["dataset_inputs"]
     check_models_are_final_and_linked(ui, experiment_id, last, 1)
 
+    # The best trial is the one that ended lowest, in the tune run, done.json and the train run;
+    # each train run spans its own epochs (issue 40), its wait apart.
+    for task in ("normal", "reshading", "edge_texture"):
+        trials = {n.rsplit("/", 1)[1]: r for n, r in by_name.items() if n.startswith(f"tune/{task}/")}
+        finals = {t: metric(r, "val_loss") for t, r in trials.items()}
+        best = min(finals, key=finals.get)
+        search = by_name[f"tune/{task}"]
+        assert kv(search["data"]["tags"])["best_trial"] == best
+        assert metric(search, "best_val_loss") == finals[best]
+        [done] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "tune" / task).glob("*/done.json")]
+        assert done["best_trial"] == best
+        train = by_name[f"train/{task}"]
+        lr = kv(train["data"]["params"])["train.lr"]
+        assert lr == kv(trials[best]["data"]["params"])["lr"] == str(done["hparams"]["lr"])
+        history = client.get_metric_history(train["info"]["run_id"], "train_loss")
+        reports = [m.timestamp / 1000 for m in history]
+        start, end = int(train["info"]["start_time"]) / 1000, int(train["info"]["end_time"]) / 1000
+        print(f"train/{task}: {seconds(train):.1f} s, first report after {min(reports) - start:.1f} s")
+        assert start <= min(reports) <= start + 5 and end == max(reports)  # one short epoch here
+        assert metric(train, "queue_seconds") >= 0
+
     # Durations: each tune trial's run at least its own measured time; the analysis runs span
     # the work that wrote their files.
     trials = {}
@@ -384,6 +470,10 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
         r for r in runs if kv(r["data"]["tags"]).get("mlflow.parentRunId") == transfer["info"]["run_id"]
     ]
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["readouts_trained"] == metric(transfer, "readouts_trained") > 0  # one name
+    params = kv(parent["data"]["params"])  # no value that no network or readout used
+    assert {params[f"train.{k}"] for k in HPARAMS} == {"tuned per task (tune/<task>)"}
+    assert params["tune.gpus_per_trial"] == params["transfer.gpus_per_readout"] == "0"  # CPU only
     assert parent_metrics["readouts"] == len(readouts) == 57
     for run in readouts:
         assert kv(run["data"]["tags"])["readout"] == name_of(run)
