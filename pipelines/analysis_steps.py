@@ -35,7 +35,7 @@ from components.transfer.plan import Pairing
 from components.verdict import verdict
 from pipelines.config import AnalysisConfig, PipelineConfig
 from pipelines.progress import progress_bar
-from pipelines.steps import Step
+from pipelines.steps import DONE, FILES, Step, sha256_of
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
     from pipelines.tracking import Tracker
@@ -46,10 +46,33 @@ AVAILABLE = "beam_available.npy"  # (resamples, rows) bool: the row's sources we
 PRUNED = "pruned.json"  # beside affinity.parquet when Stage II was pruned: what was never a candidate
 
 
-def affinity_step(cfg: PipelineConfig, transfer_key: str) -> Step:
+def affinity_step(cfg: PipelineConfig, transfer_key: str, losses: Location) -> Step:
+    """Keyed by Stage II's key, the analysis settings, and what it reads: the SHA-256 of each
+    per-target loss table in `losses` (`loss_digests`). A readout done again with other losses
+    (its features were damaged, a GPU's nondeterminism) keeps every key of the plan but changes
+    its target's table: the affinity, and the taxonomy keyed by it, are done again."""
     # v4: win rates are the mean over paired replicates (one run's), the resamples centred on them;
     # p_no_gain and p_below_random; t <- t never competes for p_best
-    return Step(cfg.root, "affinity", config_hash("affinity-v4", transfer_key, analysis_key(cfg.analysis)))
+    parts = ("affinity-v4", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
+    return Step(cfg.root, "affinity", config_hash(*parts))
+
+
+def loss_digests(losses: Location) -> dict[str, str]:
+    """Target -> SHA-256 of its loss table `<target>.parquet` in `losses`, Stage II's folder of
+    them: as Stage II's marker recorded them (a rerun checks them against the files before it
+    reuses the step), so no table is read here. A folder outside a finished Stage II step (tables
+    given on the command line, a test's) is hashed, once per file version and process."""
+    marker, prefix = losses.parent / DONE, f"{losses.name}/"
+    recorded = marker.read_json().get(FILES, {}) if marker.exists() else {}
+    found = {
+        name.removeprefix(prefix).removesuffix(".parquet"): digest
+        for name, (_, digest) in recorded.items()
+        if name.startswith(prefix) and name.endswith(".parquet")
+    }
+    if found or not losses.exists():
+        return dict(sorted(found.items()))
+    tables = (f for f in losses.files() if f.name.endswith(".parquet"))
+    return {f.name.removesuffix(".parquet"): sha256_of(f) for f in sorted(tables, key=lambda f: f.name)}
 
 
 def analysis_key(analysis: AnalysisConfig) -> dict:
@@ -104,7 +127,7 @@ def run_affinity(
 ) -> Step:
     """Stage III: win rates and AHP on Stage II's per-image losses (`losses`: Stage II's folder of
     per-target loss tables)."""
-    step = affinity_step(cfg, transfer_key)
+    step = affinity_step(cfg, transfer_key, losses)
     if step.complete:
         return step
     with step.scratch() as scratch:
@@ -164,6 +187,7 @@ def _affinity(
     tracker.log_metrics(run, metrics | {"wall_seconds": time.time() - started})
     tracker.end_run(run)
     info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
+    info["inputs"] = loss_digests(losses)  # what it read: each target's loss table, by SHA-256
     step.finish(info | {"mlflow_run": run}, scratch)
 
 

@@ -32,6 +32,7 @@ from pipelines.stage1 import Stage1
 from pipelines.stage1_plan import Stage1Plan, network_name
 from pipelines.stage2 import Stage2
 from pipelines.stage2_plan import Stage2Plan
+from pipelines.stage2_record import LOSSES, READOUTS_TRAINED
 from pipelines.steps import log_stored_artifact
 from pipelines.tracking import Tracker
 
@@ -139,7 +140,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     if not {Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
         return result
 
-    affinity = affinity_step(cfg, result.stage2.key)
+    affinity = affinity_step(cfg, result.stage2.key, result.stage2.losses)
     result.steps.append(("affinity", "reused" if affinity.complete else "ran"))
     fresh = not affinity.complete
     affinity = run_affinity(cfg, result.stage2.losses, result.stage2.key, inv.tracker, inv.run_id)
@@ -170,7 +171,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
             "networks_trained": len(result.networks_trained),
             # as many as the readout runs under `transfer` (self's included), as its `readouts`
             "readouts": sum(result.stage2.counts.values()),
-            "readouts_trained": result.stage2.ran,
+            READOUTS_TRAINED: result.stage2.ran,  # as on the transfer run
         },
     )
     # The roots as a tag: studies compared in the run table, and filtered (tags.`taxonomy.roots`)
@@ -226,8 +227,10 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
         return plan + [(s.value, "run" if s in stages else "skip") for s in downstream]
     transfer_key = stage2.key(results)
     steps = {Stage.TRANSFER: stage2.is_complete(transfer_key)}
-    affinity = affinity_step(cfg, transfer_key)
-    steps[Stage.AFFINITY] = steps[Stage.TRANSFER] and affinity.complete
+    # keyed by Stage II's loss tables as its marker recorded them: only once Stage II is done
+    losses = stage2.step(transfer_key).location / LOSSES
+    affinity = affinity_step(cfg, transfer_key, losses) if steps[Stage.TRANSFER] else None
+    steps[Stage.AFFINITY] = affinity is not None and affinity.complete
     steps[Stage.TAXONOMY] = steps[Stage.AFFINITY] and taxonomy_step(cfg, affinity.key).complete
     for s in downstream:
         plan.append((s.value, "reuse" if steps[s] else "run" if s in stages else "skip"))

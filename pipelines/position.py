@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
 import yaml
 from mlflow.entities import Metric
 
@@ -60,25 +62,29 @@ from components.position import (
     split_test_images,
 )
 from components.storage import Location
-from components.tasks import Loss, Task, TaskKind, task_from_definition
+from components.tasks import Loss, Task, TaskKind, channels_for, task_from_definition
 from components.transfer import Pairing, Readout, ReadoutKind, plan_transfers
+from components.transfer.features import load_state_dict
 from components.transfer.jobs import train_model
 from components.transfer.model import EncoderRef, TransferSpec
 from components.transfer.readout import validation_split
 from components.verdict import TIE
-from pipelines.analysis_steps import affinity_step, analysis_key, taxonomy_step
+from pipelines.analysis_steps import affinity_step, analysis_key, loss_digests, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_folder
-from pipelines.registry import network_model, positioned_model, version_tags
+from pipelines.registry import KEY_TAG, is_registered, network_model, positioned_model, version_tags
 from pipelines.results import TaskResult
 from pipelines.stage1_plan import Stage1Plan
 from pipelines.stage2 import Stage2
 from pipelines.stage2_plan import Stage2Plan, feature_sources
+from pipelines.stage2_record import LOSSES
 from pipelines.steps import Step, log_stored_artifact
 from pipelines.tracking import CHAMPION, Registration, Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
+READOUT_WEIGHTS = "readout.pt"  # the model's readout, a state dict, in its step folder
+READOUT_ABOUT = "readout.json"  # beside it: its input channels and mean test loss
 
 
 # ---------------------------------------------------------------- up-front checks
@@ -131,9 +137,11 @@ def finished_study(cfg: PipelineConfig) -> Study:
         if (done := stage1.finished(task)) is None:
             raise TaskatlasError(f"the study {cfg.name!r} is not finished: no {task.name} network; {hint}")
         networks[task.name] = done
-    affinity = affinity_step(cfg, Stage2Plan(cfg, store).key(networks))
+    stage2 = Stage2Plan(cfg, store)
+    transfer = stage2.step(stage2.key(networks))
+    affinity = affinity_step(cfg, transfer.key, transfer.location / LOSSES)
     taxonomy = taxonomy_step(cfg, affinity.key)
-    if not (affinity.complete and taxonomy.complete):
+    if not (transfer.complete and affinity.complete and taxonomy.complete):
         raise TaskatlasError(f"the study {cfg.name!r} is not finished: no taxonomy yet; {hint}")
     return Study(cfg, store, networks, affinity, (taxonomy.location / "taxonomy.json").read_json())
 
@@ -285,15 +293,23 @@ def position_task(
     networks = {s: study.networks[s] for s in sources} | (
         {task.name: study.networks[task.name]} if use_self else {}
     )
+    encoders = registered_encoders(tracker, cfg.name, networks)  # before any work
     stage2 = Stage2(derived, store, tracker, run_id)
     transfer = stage2.run(networks, plan)
     if transfer.failed:
         raise TaskatlasError(f"{len(transfer.failed)} readout(s) failed: {', '.join(transfer.failed)}")
 
     # The answer places the task among the study's affinities and roots: a study rerun with other
-    # settings (a new affinity table or taxonomy) makes a new answer, its readouts reused.
+    # settings (a new affinity table or taxonomy) makes a new answer, its readouts reused. It reads
+    # the new target's loss table: keyed by its SHA-256 too (Stage II's marker has it), so a readout
+    # done again with other losses makes a new answer, as the study's own are in its affinity key.
     where = config_hash(
-        "position-v2", transfer.key, analysis_key(cfg.analysis), study.affinity.key, study.taxonomy["roots"]
+        "position-v2",
+        transfer.key,
+        analysis_key(cfg.analysis),
+        study.affinity.key,
+        study.taxonomy["roots"],
+        {"inputs": loss_digests(transfer.losses)},
     )
     step = Step(cfg.root, f"position/{task.name}", where)
     if not step.complete:
@@ -323,7 +339,7 @@ def position_task(
         held_out = next(
             c for c in candidates_of(stage3(report_on, 0), task.name) if c.sources == chosen.sources
         )
-        model = _model(derived, stage2, networks, plan, task, chosen, tracker, run_id)
+        model = _model(derived, stage2, networks, plan, task, chosen.sources, encoders, tracker, run_id)
         answer = _answer(study, task, store, candidates, chosen, model, t.replicates)
         answer["chosen"] |= {
             "affinity": _num(next(c.affinity for c in candidates if c.sources == chosen.sources)),
@@ -338,6 +354,14 @@ def position_task(
             (scratch / POSITION).write_text(json.dumps(answer, indent=1))
             step.finish(answer, scratch)
     answer = step.info()
+    # The model as the current tracking store has it: registered again if the store lost it
+    sources = tuple(answer["model_sources"])
+    model = _model(derived, stage2, networks, plan, task, sources, encoders, tracker, run_id)
+    if any(answer[k] != v for k, v in model.items()):
+        answer |= model
+        with step.scratch() as scratch:
+            (scratch / POSITION).write_text(json.dumps(answer, indent=1))
+            step.finish(answer, scratch)
     for name in ("position.png", POSITION):
         log_stored_artifact(tracker, run_id, step.location / name)
     tracker.describe(run_id, answer_markdown(answer))
@@ -346,37 +370,76 @@ def position_task(
     )
 
 
+def registered_encoders(
+    tracker: Tracker, study: str, networks: dict[str, TaskResult]
+) -> dict[str, EncoderRef]:
+    """Each study network's registered version in the current tracking store, found by its step
+    key under the study's name (or the name its marker records: another study's). A positioned
+    model names its encoders by version and `predict` loads them from the registry, so a network
+    that is not there (the store was replaced, as a damaged `mlflow.db` moved aside) is refused,
+    in one line, before any work: `taskatlas run` registers the study's networks again."""
+    refs, missing = {}, []
+    for name, network in networks.items():
+        names = dict.fromkeys([network_model(study, name), network.registered or network_model(study, name)])
+        found = [(n, v) for n in names if (v := tracker.find_version(n, {KEY_TAG: network.key})) is not None]
+        if found:
+            refs[name] = EncoderRef(name, *found[0])
+        else:
+            missing.append(name)
+    if missing:
+        raise TaskatlasError(
+            f"position: the study's network(s) {', '.join(missing)} are not registered at "
+            f"{tracker.tracking_uri}, so a model on them could not be loaded; run `taskatlas run` with "
+            "the study's config first (it registers its networks again from their stored weights)"
+        )
+    return refs
+
+
 def _model(
     cfg: PipelineConfig,
     stage2: Stage2,
     networks: dict[str, TaskResult],
     plan,
     task: Task,
-    chosen: Candidate,
+    sources: tuple[str, ...],
+    encoders: dict[str, EncoderRef],
     tracker: Tracker,
     run_id: str,
 ) -> dict[str, str]:
-    """Retrain the chosen transfer's replicate 0 with its weights kept and register it, once."""
-    readout = Readout(task.name, chosen.sources)
+    """Retrain the chosen transfer's (`sources`) replicate 0 with its weights kept and register
+    it, once. Its weights stay in the step (`READOUT_WEIGHTS`): a registered version the current
+    tracking store does not have is registered again from them."""
+    readout = Readout(task.name, sources)
     keys = stage2.jobs.readout_keys(networks)
     step = Step(cfg.root, f"position/{task.name}/model", keys.key(readout))
-    if step.complete:
-        return step.info()
-    dirs = stage2.features.ensure(feature_sources(cfg, networks), plan)
-    view = task.input.value
-    job = stage2.jobs.job(readout, tuple(dirs[(s, view)] for s in chosen.sources), "")
-    weights, in_channels, test_loss = ray.get(_TRAIN_MODEL.options(**stage2.jobs.resources).remote(job))
+    stored, about = step.location / READOUT_WEIGHTS, step.location / READOUT_ABOUT
+    done = step.info() if step.complete else None
+    if done is not None and is_registered(tracker, done["model"], done["model_version"], step.key):
+        return done
+    if done is not None and stored.exists() and about.exists():  # registered again, not trained again
+        weights, trained = load_state_dict(stored.uri), about.read_json()
+        in_channels, test_loss = trained["in_channels"], trained["mean_test_loss"]
+        lost = f"{done['model']} v{done['model_version']}"
+        print(
+            f"taskatlas: {lost} is not in the registry at {tracker.tracking_uri}; registered again "
+            f"from {stored}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        dirs = stage2.features.ensure(feature_sources(cfg, networks), plan)
+        view = task.input.value
+        job = stage2.jobs.job(readout, tuple(dirs[(s, view)] for s in sources), "")
+        remote = _TRAIN_MODEL.options(**stage2.jobs.resources)
+        weights, in_channels, test_loss = ray.get(remote.remote(job))
     spec = TransferSpec(
         task=task,
         model=cfg.model,
         image_size=cfg.data.size,
-        channels=job.channels,
+        channels=channels_for(task, stage2.store),
         width=cfg.transfer.width,
         in_channels=in_channels,
-        encoders=tuple(
-            EncoderRef(s, networks[s].registered or network_model(cfg.name, s), networks[s].model_version)
-            for s in chosen.sources
-        ),
+        encoders=tuple(encoders[s] for s in sources),
     )
     name = positioned_model(cfg.name, task.name)
     model_id = tracker.create_logged_model(run_id, name)
@@ -390,13 +453,14 @@ def _model(
         tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "positioned": "true"},
         version_tags={
             **version_tags(cfg.name, task),
-            "sources": "+".join(chosen.sources),
+            KEY_TAG: step.key,
+            "sources": "+".join(sources),
             "encoders": ",".join(f"{e.registered}/{e.version}" for e in spec.encoders),
             "data_version": stage2.store.data_version,
             "mean_test_loss": f"{test_loss:.6g}",
         },
         version_description=(
-            f"{task.name} from the frozen encoders of {' + '.join(chosen.sources)} (registered versions "
+            f"{task.name} from the frozen encoders of {' + '.join(sources)} (registered versions "
             f"{', '.join(f'{e.registered} v{e.version}' for e in spec.encoders)}) and a readout trained on "
             f"{stage2.store.manifest.counts['transfer']} labelled images; mean test loss {test_loss:.4g}. "
             "Weights only: `taskatlas predict --model NAME` runs it."
@@ -412,7 +476,13 @@ def _model(
         [Metric("mean_test_loss", test_loss, now, 0)],
     )
     tracker.set_alias(name, CHAMPION, version)
-    return step.finish({"model": name, "model_version": version, "model_sources": list(chosen.sources)})
+    with step.scratch() as scratch:
+        if not stored.exists():
+            torch.save(dict(weights), scratch / READOUT_WEIGHTS)
+            (scratch / READOUT_ABOUT).write_text(
+                json.dumps({"in_channels": in_channels, "mean_test_loss": test_loss})
+            )
+        return step.finish({"model": name, "model_version": version, "model_sources": list(sources)}, scratch)
 
 
 def _answer(

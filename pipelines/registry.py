@@ -14,12 +14,15 @@ safe to share. Everything named rather than keyed belongs to one study, its conf
 
 from __future__ import annotations
 
+from mlflow.exceptions import MlflowException
+
 from components.storage import Location
 from components.tasks import Task
 from pipelines.tracking import Tracker
 
 STUDY_TAG = "study"
 DEFINITION_TAG = "definition"  # Task.definition_hash of the task the version was trained for
+KEY_TAG = "config_hash"  # the key of the step that made the version (a network's, a positioned model's)
 
 
 def network_model(study: str, task: str) -> str:
@@ -45,3 +48,17 @@ def registered_definition(tracker: Tracker, registered: str, version: str) -> st
 def nightly_state(root: Location, study: str) -> Location:
     """Where `taskatlas nightly` keeps what it remembers between nights, for one study."""
     return root / "nightly" / study
+
+
+def is_registered(tracker: Tracker, registered: str, version: str, key: str) -> bool:
+    """Whether version `version` of `registered` is in the current tracking store and is what the
+    step `key` made (tagged with it, or untagged: registered before the tag). A step's marker says
+    its model was registered, but the store can be replaced under the study (a damaged `mlflow.db`
+    moved aside): the marker's version is then missing, or another model's."""
+    try:
+        tags = tracker.version_tags(registered, version)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+    return tags.get(KEY_TAG, key) == key

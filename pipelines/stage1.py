@@ -37,13 +37,14 @@ from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
 from pipelines.progress import progress_bar
 from pipelines.ray_data import ray_dataset
-from pipelines.ray_runtime import cluster_cpus, cluster_gpus, set_train_report_poll
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits, set_train_report_poll
 from pipelines.results import TaskResult
 from pipelines.stage1_plan import Stage1Plan, network_runs, worker_batch_size
 from pipelines.stage1_record import Network, NetworkRecord
+from pipelines.stage1_restore import registered_network
 from pipelines.stage1_search import search_tasks
 from pipelines.torch_loopback import LoopbackTorchConfig
-from pipelines.tracking import Tracker
+from pipelines.tracking import RunToStart, Tracker
 from pipelines.train_state import repair_train_state
 from pipelines.train_worker import WorkerConfig, loop_config, train_worker
 
@@ -84,6 +85,12 @@ class Stage1:
         plan.check_worker_rows(self.num_workers)
         searching = search and self.config.tune.enabled
         unfinished = [task for task in tasks if plan.finished(task) is None] if searching else []
+        if unfinished:
+            gpus = self.config.tune.gpus_per_trial if self.use_gpu else 0.0
+            require_fits(
+                {"CPU": self.config.tune.cpus_per_trial, "GPU": gpus},
+                "a search trial (tune.cpus_per_trial, tune.gpus_per_trial)",
+            )
         hparams = self.search(unfinished) if unfinished else {}
         per_task = self.num_workers * (1 if self.use_gpu else t.cpus_per_worker)
         streaming = t.loader is Loader.RAY_DATA and not t.materialize_data  # its read tasks need a CPU
@@ -96,6 +103,9 @@ class Stage1:
         ]
         done = self._finished(jobs)
         pending = [job for job in jobs if (job[0].name, job[2]) not in done]
+        if pending:
+            worker = {"GPU": 1.0} if self.use_gpu else {"CPU": t.cpus_per_worker}
+            require_fits(worker, "a training worker (train.cpus_per_worker, train.use_gpu)")
         groups = network_runs(pending, concurrent, t.networks_per_run)
         with (
             progress_bar(len(pending), "networks", unit="network") as update,
@@ -112,11 +122,15 @@ class Stage1:
 
     def _finished(self, jobs: Sequence[tuple[Task, dict, int]]) -> dict[tuple[str, int], TaskResult]:
         """(task, replicate) -> its network, of the jobs a run already finished (replicate 0
-        adopted as a version of this study's registered model)."""
+        found in the current tracking store, or registered again from its weights when the store
+        lost it, and adopted as a version of this study's registered model)."""
         done = {}
         for task, hparams, n in jobs:
-            if (r := self.plan.cached_result(task, hparams, n)) is not None:
-                done[task.name, n] = self.record.adopt(task, r) if n == 0 else r
+            if (r := self.plan.cached_result(task, hparams, n)) is not None and n == 0:
+                r = registered_network(self.record, task, r, self.plan.train_step(task, hparams))
+                r = self.record.adopt(task, r)
+            if r is not None:
+                done[task.name, n] = r
         return done
 
     def search(self, tasks: list[Task]) -> dict[str, dict]:
@@ -160,9 +174,16 @@ class Stage1:
         return results
 
     def worker_config(
-        self, task: Task, hparams: dict, run_id: str, weights: str = "", replicate: int = 0
+        self,
+        task: Task,
+        hparams: dict,
+        run_id: str,
+        weights: str = "",
+        replicate: int = 0,
+        new_run: RunToStart | None = None,
     ) -> WorkerConfig:
-        """What each DDP worker runs. `hparams["batch_size"]` is the effective batch, as in the
+        """What each DDP worker runs: `run_id` its MLflow run, or "" and `new_run` the run rank 0
+        makes at its first batch. `hparams["batch_size"]` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
         not change with the worker count (no linear scaling rule: nothing to rescale)."""
@@ -184,12 +205,14 @@ class Stage1:
             fail_at_epoch=read_settings().fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
             data_root=self.store.root.uri if cfg.train.loader is Loader.SHARDS else "",
+            new_run=to_dict(new_run) if new_run is not None else None,
         )
 
     def _fit(self, networks: list[Network]) -> None:
         cfg = self.config
         workers = [
-            self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri, n.replicate) for n in networks
+            self.worker_config(n.task, n.hparams, n.run_id, n.weights.uri, n.replicate, n.new_run)
+            for n in networks
         ]
         columns = sorted({c for n in networks for c in n.task.columns})
         names = "+".join(n.file_id for n in networks) if len(networks) <= 3 else f"{len(networks)}-networks"

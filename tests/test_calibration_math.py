@@ -177,7 +177,8 @@ def test_at_one_the_tables_and_keys_are_those_before_the_field_existed(tmp_path)
     assert analysis_key(AnalysisConfig(test_subset=0.5)) == {"bootstrap": 200, "seed": 0, "test_subset": 0.5}
     half = PipelineConfig(storage_root=str(tmp_path), analysis=AnalysisConfig(test_subset=0.5))
     other = PipelineConfig(storage_root=str(tmp_path), analysis=AnalysisConfig(test_subset=0.5, seed=1))
-    assert len({affinity_step(c, "k").key for c in (cfg, half, other)}) == 3
+    _losses(tmp_path / "losses")
+    assert len({affinity_step(c, "k", location(tmp_path / "losses")).key for c in (cfg, half, other)}) == 3
 
 
 class _NoTracker:
