@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ray
 import ray.data
 
+from components.errors import TaskatlasError
 from components.settings import read_settings
 
 
@@ -51,6 +53,9 @@ def set_train_report_poll(seconds: float) -> None:
 
 
 def cluster_gpus() -> int:
+    """GPUs of the cluster this process is connected to (0 when it is not connected)."""
+    if not ray.is_initialized():
+        return 0
     return int(ray.cluster_resources().get("GPU", 0))
 
 
@@ -63,3 +68,31 @@ def cluster_nodes() -> int:
     if not ray.is_initialized():
         return 1
     return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def fit_refusal(request: Mapping[str, float], nodes: Sequence[Mapping[str, float]], what: str) -> str | None:
+    """Why no node could ever run one `request` (resource -> amount; 0 asks for none), or None.
+    Ray would wait for such a node for ever, logging a warning a minute; we say so instead."""
+    wanted = {k: v for k, v in request.items() if v > 0}
+    if any(all(node.get(k, 0.0) >= v for k, v in wanted.items()) for node in nodes):
+        return None
+    asked = ", ".join(f"{v:g} {k}" for k, v in sorted(wanted.items()))
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+    has = f"{largest.get('CPU', 0.0):g} CPU, {largest.get('GPU', 0.0):g} GPU"
+    return (
+        f"{what} asks for {asked} on one node, and no node of this Ray cluster has that (the largest: {has})"
+    )
+
+
+def require_fits(request: Mapping[str, float], what: str) -> None:
+    """`fit_refusal` on the cluster this process is connected to: an error on a local cluster,
+    which cannot grow; a warning on one joined through RAY_ADDRESS, whose autoscaler may add a
+    node that fits."""
+    if not ray.is_initialized():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if (why := fit_refusal(request, nodes, what)) is None:
+        return
+    if read_settings().ray_address is None:
+        raise TaskatlasError(f"{why}: lower it (--set) or run on a cluster that has one")
+    print(f"warning: {why}; waiting for the autoscaler to add one", file=sys.stderr, flush=True)

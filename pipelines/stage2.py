@@ -43,7 +43,7 @@ from pipelines.config import PipelineConfig
 from pipelines.fanout import FanOut
 from pipelines.feature_cache import FeatureCache
 from pipelines.invocation import dataset_ref
-from pipelines.ray_runtime import cluster_cpus, cluster_gpus
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits
 from pipelines.readout_runs import ReadoutRunLog
 from pipelines.results import Stage2Result, TaskResult
 from pipelines.stage2_plan import ReadoutKeys, Stage2Plan, feature_sources, network_results
@@ -134,6 +134,11 @@ class Stage2:
         loss tables: the plan as run (pruned, if asked) and the finished fan-out. Pruning
         estimates read network replicate 0."""
         out = step.location
+        asked = self.jobs.resources
+        require_fits(
+            {"CPU": asked["num_cpus"], "GPU": asked["num_gpus"]},
+            "a readout (transfer.cpus_per_readout, transfer.gpus_per_readout)",
+        )
         replicates = [network_results(results, n) for n in range(keys.network_replicates)]
         dirs = self.features.ensure_replicates([feature_sources(self.config, rs) for rs in replicates], plan)
         prune = self.config.transfer.prune

@@ -110,3 +110,26 @@ def test_each_bad_input_exits_2_with_one_line_naming_it_and_no_traceback(tmp_pat
     assert not problems, "\n".join(problems)
     # Before any work: no dataset rendered, no MLflow store, no Ray session left a folder.
     assert not (root / "data").exists() and not (root / "mlflow.db").exists() and not (root / "ray").exists()
+
+
+def test_a_resource_request_no_node_can_meet_is_one_line_not_a_wait_for_ever(tmp_path, capsys, ray_session):
+    """Regression: taskonomy-gpu.yaml's `tune.cpus_per_trial: 4` on a 2-CPU machine made Ray wait
+    for a 4-CPU node for ever, logging a warning a minute. A local cluster cannot grow: say so."""
+    config = write_study(tmp_path / "big.yaml", tmp_path / "runs", train={"epochs": 1, "cpus_per_worker": 4})
+    assert main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.cpus_per_worker" in err and "4 CPU" in err and "the largest: 2 CPU" in err, err
+
+
+def test_fit_refusal_asks_one_node_for_all_of_a_request():
+    from pipelines.ray_runtime import fit_refusal
+
+    nodes = [{"CPU": 8.0}, {"CPU": 2.0, "GPU": 1.0}]
+    assert fit_refusal({"CPU": 4, "GPU": 0}, nodes, "x") is None  # the first node
+    assert fit_refusal({"CPU": 2, "GPU": 0.25}, nodes, "x") is None  # the second
+    refused = fit_refusal({"CPU": 4, "GPU": 1}, nodes, "a trial")  # no single node has both
+    assert (
+        refused
+        == "a trial asks for 4 CPU, 1 GPU on one node, and no node of this Ray cluster has that (the largest: 2 CPU, 1 GPU)"
+    )
+    assert fit_refusal({"CPU": 1}, [], "x") is not None
