@@ -23,6 +23,8 @@ from pipelines.config import Loader, PipelineConfig
 from pipelines.results import TaskResult
 from pipelines.steps import Step
 
+HPARAMS = ("lr", "weight_decay", "batch_size")  # the train.* settings the search chooses per task
+
 
 @dataclass(frozen=True)
 class Stage1Plan:
