@@ -6,9 +6,9 @@ the new task's affinity rows and the study's affinity table and taxonomy.
   sources serve, in the same order, need the same things from a representation.
 - `root_service`: the best source set the study's roots offer the new task (what it gets for free
   from the taxonomy already chosen), and what each further root would add to that.
-- `choose_model`: the transfer a positioned task's model is built on.
-- `split_test_images`: the two halves of the test images a model is chosen on and reported on,
-  so that the figures a user reads were not used to pick the model.
+- `choose_model`: the transfer a positioned task's model is built on, chosen on validation images.
+- `split_test_images`: two disjoint halves of the test images, for comparisons that must not
+  share test-image noise (the novel-task benchmark's rankings).
 """
 
 from __future__ import annotations
@@ -123,25 +123,27 @@ def root_service(
     return base, sorted(more, key=lambda x: (-x[2], x[0]))
 
 
-def choose_model(candidates: Sequence[Candidate]) -> Candidate:
-    """The transfer to build the new task's model on: the highest affinity among transfers; where
-    several are equally likely to be best (p_best), the one with fewer sources is as good and
-    cheaper to run, so among those within 0.05 of the top p_best the smallest order wins."""
-    transfers = [c for c in candidates if not c.is_baseline]
-    if not transfers:
-        raise ValueError("no transfer was measured into the new task")
-    top = max(transfers, key=lambda c: (c.affinity, c.name))
-    if math.isnan(top.p_best):
-        return top
-    close = [c for c in transfers if c.p_best >= top.p_best - 0.05]
-    return min(close, key=lambda c: (len(c.sources), -c.affinity, c.name))
+VAL_TIE = 0.01  # validation losses within this share of the lowest are as good: the fewest sources win
+
+
+def choose_model(candidates: Sequence[Candidate], val_loss: Mapping[tuple[str, ...], float]) -> Candidate:
+    """The transfer to build the new task's model on, chosen on validation images (the part of
+    the labelled transfer images each readout held out), never on the test images whose figures
+    the user then reads: a winner's score on the images that picked it is biased upward.
+    `val_loss`: each transfer's validation loss, the mean over its replicates. The lowest wins;
+    among those within VAL_TIE of it, the one with fewer sources (as good, cheaper to run)."""
+    scored = [c for c in candidates if not c.is_baseline and math.isfinite(val_loss.get(c.sources, math.nan))]
+    if not scored:
+        raise ValueError("no transfer into the new task has a validation loss")
+    best = min(val_loss[c.sources] for c in scored)
+    close = [c for c in scored if val_loss[c.sources] <= best + VAL_TIE * abs(best)]
+    return min(close, key=lambda c: (len(c.sources), val_loss[c.sources], c.name))
 
 
 def split_test_images(image_ids: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
-    """(chosen on, reported on): the test images in two halves of equal size (the first one more
-    when odd), by a hash of each id, so the split needs no seed and is the same in every process.
-    A model chosen for its score on the first half is reported on the second, which it was not
-    chosen on: a winner's figures on its own selection images are biased upward."""
+    """Two disjoint halves of the test images, of equal size (the first one more when odd), by a
+    hash of each id: no seed, the same in every process. Two rankings compared on the same images
+    share those images' noise, which makes them look more alike than they are."""
     ids = sorted(set(map(str, image_ids)), key=lambda i: (hashlib.sha256(i.encode()).digest(), i))
     half = (len(ids) + 1) // 2
     return frozenset(ids[:half]), frozenset(ids[half:])

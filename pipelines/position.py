@@ -38,8 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 import ray
 import torch
 import yaml
@@ -59,9 +58,8 @@ from components.position import (
     first_order_columns,
     nearest_tasks,
     root_service,
-    split_test_images,
 )
-from components.storage import Location
+from components.storage import Location, location
 from components.tasks import Loss, Task, TaskKind, channels_for, task_from_definition
 from components.transfer import Pairing, Readout, ReadoutKind, plan_transfers
 from components.transfer.features import load_state_dict
@@ -304,7 +302,7 @@ def position_task(
     # the new target's loss table: keyed by its SHA-256 too (Stage II's marker has it), so a readout
     # done again with other losses makes a new answer, as the study's own are in its affinity key.
     where = config_hash(
-        "position-v2",
+        "position-v3",
         transfer.key,
         analysis_key(cfg.analysis),
         study.affinity.key,
@@ -313,42 +311,21 @@ def position_task(
     )
     step = Step(cfg.root, f"position/{task.name}", where)
     if not step.complete:
-        losses = (transfer.losses / f"{task.name}.parquet").read_parquet()
-
-        def stage3(images: frozenset[str] | None, bootstrap: int) -> pa.Table:
-            """The new target's affinity rows, on `images` only (None: every test image)."""
-            rows = losses if images is None else losses.filter(_among(losses, images))
-            return affinity_by_target(
-                [task.name],
-                lambda _: rows,
-                bootstrap,
-                cfg.analysis.seed,
-                paired=t.pairing is Pairing.PAIRED,
-                gain_reference=SCRATCH,
-                require_self=False,
-            ).table
-
-        # Where it sits: every test image. Which model: chosen on one half of them and reported
-        # on the other, so its gain and "beats scratch" are not scored on what picked it.
-        table = stage3(None, cfg.analysis.bootstrap)
+        table = affinity_by_target(
+            [task.name],
+            lambda name: (transfer.losses / f"{name}.parquet").read_parquet(),
+            cfg.analysis.bootstrap,
+            cfg.analysis.seed,
+            paired=t.pairing is Pairing.PAIRED,
+            gain_reference=SCRATCH,
+            require_self=False,
+        ).table
         (step.location / "affinity.parquet").write_parquet(table)
         candidates = candidates_of(table, task.name)
-        image_ids = pc.unique(pc.cast(losses["image_id"], pa.string())).to_pylist()
-        pick_on, report_on = split_test_images(image_ids)
-        chosen = choose_model(candidates_of(stage3(pick_on, cfg.analysis.bootstrap), task.name))
-        held_out = next(
-            c for c in candidates_of(stage3(report_on, 0), task.name) if c.sources == chosen.sources
-        )
+        # chosen on validation images, so its figures on the test images are not what picked it
+        chosen = choose_model(candidates, validation_losses(location(transfer.summary_path), task.name))
         model = _model(derived, stage2, networks, plan, task, chosen.sources, encoders, tracker, run_id)
         answer = _answer(study, task, store, candidates, chosen, model, t.replicates)
-        answer["chosen"] |= {
-            "affinity": _num(next(c.affinity for c in candidates if c.sources == chosen.sources)),
-            "gain": _num(held_out.gain),
-            "quality": _num(held_out.quality),
-            "vs_random": _num(held_out.vs_random),
-            "chosen_on_images": len(pick_on),
-            "reported_on_images": len(report_on),
-        }
         with step.scratch() as scratch:
             plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
             (scratch / POSITION).write_text(json.dumps(answer, indent=1))
@@ -521,17 +498,24 @@ def _answer(
             {"task": t, "sources": list(c.sources) if c else None, "adds": _num(gain)} for t, c, gain in more
         ],
         **model,
-        "chosen": {
+        "chosen": {  # chosen on validation images; these figures are the test images'
             "sources": list(chosen.sources),
             "affinity": _num(chosen.affinity),
             "gain": _num(chosen.gain),
+            "quality": _num(chosen.quality),
+            "vs_random": _num(chosen.vs_random),
         },
     }
 
 
-def _among(table: pa.Table, images: frozenset[str]) -> pa.Array:
-    """The rows of a loss table whose image is one of `images`."""
-    return pc.is_in(pc.cast(table["image_id"], pa.string()), value_set=pa.array(sorted(images), pa.string()))
+def validation_losses(summary: Location, target: str) -> dict[tuple[str, ...], float]:
+    """Each transfer into `target`: its validation loss, the mean over its replicates (Stage II's
+    summary: one row per readout replicate)."""
+    by: dict[tuple[str, ...], list[float]] = {}
+    for row in summary.read_parquet().to_pylist():
+        if row["kind"] == ReadoutKind.TRANSFER.value and row["target"] == target:
+            by.setdefault(tuple(row["sources"]), []).append(row["val_loss"])
+    return {sources: float(np.mean(v)) for sources, v in by.items()}
 
 
 def _num(x: float) -> float | None:

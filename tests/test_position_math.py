@@ -67,19 +67,18 @@ def test_root_service_without_a_usable_candidate():
     assert base is None and more[0][0] == "c" and more[0][2] == pytest.approx(0.2)
 
 
-def test_choose_model_prefers_the_smaller_of_equally_likely_bests():
-    cands = [
-        cand(["a", "b"], 0.40, p_best=0.48),
-        cand(["a"], 0.38, p_best=0.45),
-        cand(["c"], 0.1, p_best=0.07),
-    ]
-    assert choose_model(cands).sources == ("a",)
-    clear = [cand(["a", "b"], 0.40, p_best=0.9), cand(["a"], 0.38, p_best=0.1)]
-    assert choose_model(clear).sources == ("a", "b")
-    no_bootstrap = [cand(["a", "b"], 0.40), cand(["a"], 0.38)]
-    assert choose_model(no_bootstrap).sources == ("a", "b")
+def test_the_model_is_chosen_on_validation_losses_the_fewest_sources_among_equals():
+    cands = [cand(["a", "b"], 0.40), cand(["a"], 0.38), cand(["c"], 0.1), cand(["scratch"], 0.5)]
+    # the highest affinity (test images) does not choose: the validation loss does
+    assert choose_model(cands, {("a", "b"): 0.30, ("a",): 0.50, ("c",): 0.20}).sources == ("c",)
+    # within 1% of the lowest, the fewer sources
+    assert choose_model(cands, {("a", "b"): 0.300, ("a",): 0.302, ("c",): 0.9}).sources == ("a",)
+    assert choose_model(cands, {("a", "b"): 0.300, ("a",): 0.31, ("c",): 0.9}).sources == ("a", "b")
+    assert choose_model(cands, {("a", "b"): float("nan"), ("a",): 0.4}).sources == (
+        "a",
+    )  # no score, no choice
     with pytest.raises(ValueError):
-        choose_model([cand(["scratch"], 0.5)])
+        choose_model([cand(["scratch"], 0.5)], {("scratch",): 0.1})
 
 
 def test_candidates_and_columns_from_an_affinity_table():

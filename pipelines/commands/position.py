@@ -104,8 +104,7 @@ def print_position(answer: dict, folder: str, config: str) -> None:
     print(
         f"model: {answer['model']} v{answer['model_version']} (champion), from {' + '.join(answer['model_sources'])}"
         + (
-            f"; beats scratch on {gain:.0%} of the {chosen['reported_on_images']} test images it was not "
-            "chosen on"
+            f"; beats scratch on {gain:.0%} of test images (chosen on validation images)"
             if gain is not None
             else ""
         )
