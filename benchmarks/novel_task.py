@@ -10,16 +10,16 @@ For target t and label budget L (a fraction of the study's transfer split), L of
 transfer images with t's labels, and the study's test images, become a dataset of their own; t is
 positioned against the study with `pipelines.position` exactly as `taskatlas position` does (no
 `self`: a user's new task has no fully supervised network), and t's own network is never a source.
-The study's test images are split in two halves (`split_test_images`, the split `position` itself
-chooses its model on and reports on): every figure compares on images disjoint from those it was
-chosen on, so shared test-image noise cannot make a ranking look better than it is. Per (t, L):
+The model is chosen on validation images, as `taskatlas position` chooses it, so its figures on
+the test images are not what picked it. Rankings are compared on two disjoint halves of the test
+images (`split_test_images`), so shared test-image noise cannot make them look more alike. Per (t, L):
 - `gain`: the chosen transfer's win rate against `scratch` (a network trained from scratch on the
-  same L labels), on the half the model was not chosen on, as `taskatlas position` reports it;
-- `quality`: on that half, the share of images on which the chosen transfer (mean over its
-  replicates) beats t's fully supervised network from the study;
+  same L labels), as `taskatlas position` reports it;
+- `quality`: the share of test images on which the chosen transfer (mean over its replicates)
+  beats t's fully supervised network from the study;
 - `spearman`: the rank correlation of the position's first-order source affinities on the first
   half with the full study's for t on the second half;
-- `beats_random`: whether the chosen transfer beats `random` on most of the second half's images.
+- `beats_random`: whether the chosen transfer beats `random` on most test images.
 The last line: `median_gain` (smallest budget), `median_quality`, `median_spearman` (over all),
 and `beats_random`: the share of targets, among those where some trained source beats `random`,
 whose chosen transfer does. Goals: median gain >= 0.7, median Spearman >= 0.6, beats_random 1.0.
@@ -210,16 +210,14 @@ def main() -> None:
             pick_on, report_on = split_test_images(
                 pc.unique(pc.cast(mine["image_id"], pa.string())).to_pylist()
             )
-            chosen = answer["chosen"]  # gain and vs_random: on report_on, the half it was not chosen on
+            chosen = answer["chosen"]  # chosen on validation images; gain and vs_random on the test images
             first = first_order(on_images(mine, pick_on), target, position=True)
             full = first_order(on_images(theirs, report_on), target, position=False)
             common = sorted(set(first) & set(full))
             rho = float(spearmanr([first[s] for s in common], [full[s] for s in common]).statistic)
             cands = {tuple(c["sources"]): c for c in answer["candidates"]}
             any_beats = any(cands[c]["vs_random"] > 0.5 for c in cands if c not in BASELINE_SETS)
-            quality = quality_on(
-                on_images(mine, report_on), on_images(theirs, report_on), tuple(chosen["sources"])
-            )
+            quality = quality_on(mine, theirs, tuple(chosen["sources"]))
             rows.append(
                 {
                     "target": target,
