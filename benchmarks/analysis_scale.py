@@ -163,7 +163,8 @@ def analyse(
     sweep = sweep_budgets(table, options)
     parts["sweep_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    samples = result.samples.astype(np.float32).astype(np.float64)  # as the pipeline stores and reloads them
+    # the draws the stability reads, as the pipeline stores and reloads them
+    samples = result.predictive.astype(np.float32).astype(np.float64)
     rows = result.table.select(["target", "sources"]).to_pydict()
     stability = stability_of_rows(
         rows["target"], [tuple(s) for s in rows["sources"]], samples, options, chosen

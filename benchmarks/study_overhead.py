@@ -305,7 +305,7 @@ def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
     answer = taxonomy.to_dict()
     if result.samples is not None:
         rows = result.table.select(["target", "sources"]).to_pydict()
-        samples = result.samples.astype(np.float32).astype(np.float64)  # as the pipeline stores them
+        samples = result.predictive.astype(np.float32).astype(np.float64)  # as the pipeline stores them
         sources = [tuple(s) for s in rows["sources"]]
         answer["stability"] = stability_of_rows(rows["target"], sources, samples, options, taxonomy)
     return answer

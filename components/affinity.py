@@ -103,6 +103,9 @@ class AffinityResult:
     unlabelled: dict[str, int]  # targets with test images without a valid label -> how many
     # target -> the most replicates of any of its candidates (1 everywhere: training noise not measured)
     replicates: dict[str, int] = field(default_factory=dict)
+    # (resamples, rows): draws of what a rerun of the study would measure (`predictive_wins`); the
+    # shares (p_best, the baseline shares, the taxonomy's stability) are read from these
+    predictive: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -426,6 +429,7 @@ class _TargetRows:
     gain: np.ndarray  # (rows,) NaN without pixels
     vs_random: np.ndarray  # (rows,) NaN without random
     samples: np.ndarray  # (resamples, rows); (0, rows) without a bootstrap
+    predictive: np.ndarray  # (resamples, rows): a rerun's affinities (`predictive_wins`)
     replicates: int  # the most replicates of any candidate
     p_no_gain: np.ndarray  # (rows,) share of resamples with gain below 0.5 (NaN without a bootstrap)
     p_below_random: np.ndarray  # (rows,) share of resamples losing to random (NaN without a bootstrap)
@@ -498,12 +502,14 @@ def _affinity(
     if not bootstrap:
         return AffinityResult(pa.table(columns, schema=AFFINITY_SCHEMA), None, unlabelled, replicates)
     samples = np.concatenate([r.samples for r in rows], axis=1)
+    predictive = np.concatenate([r.predictive for r in rows], axis=1)
     lo, hi = np.percentile(samples, INTERVAL, axis=0)
     columns |= dict(zip(INTERVAL_COLUMNS, map(pa.array, (lo, hi)), strict=True))
-    columns[P_BEST] = pa.array(best_shares(targets, sources, samples))
+    columns[P_BEST] = pa.array(best_shares(targets, sources, predictive))
     columns[P_NO_GAIN] = pa.array(np.concatenate([r.p_no_gain for r in rows]))
     columns[P_BELOW_RANDOM] = pa.array(np.concatenate([r.p_below_random for r in rows]))
-    return AffinityResult(pa.table(columns, schema=INTERVAL_SCHEMA), samples, unlabelled, replicates)
+    table = pa.table(columns, schema=INTERVAL_SCHEMA)
+    return AffinityResult(table, samples, unlabelled, replicates, predictive)
 
 
 def _study_positions(study: np.ndarray, cube: LossCube, name: str) -> np.ndarray:
@@ -554,26 +560,47 @@ def _target_rows(
         ]
         wins = _independent_wins(cross, first, reps, draws)  # (1 + B, n, n)
     candidates = np.flatnonzero([s not in REFERENCES for s in sets])
-    affinity = ahp_affinity(wins[:, candidates[:, None], candidates], np.ones(len(candidates), bool))
+    among, everyone = (slice(None), candidates[:, None], candidates), np.ones(len(candidates), bool)
+    affinity = ahp_affinity(wins[among], everyone)
+    ahead = predictive_wins(wins[0], wins[1:])  # (B, n, n): a rerun's win rates
+    predictive = ahp_affinity(ahead[among], everyone)
 
-    def against(reference: tuple[str, ...]) -> np.ndarray:  # (1 + B, n_cand); NaN without the reference
+    def against(reference: tuple[str, ...], stack: np.ndarray) -> np.ndarray:  # (k, n_cand); NaN without it
         if reference not in sets:
-            return np.full((len(wins), len(candidates)), np.nan)
-        return wins[:, candidates, sets.index(reference)]
+            return np.full((len(stack), len(candidates)), np.nan)
+        return stack[:, candidates, sets.index(reference)]
 
-    quality, gain, vs_random = against(SELF), against(gain_reference), against(RANDOM)
+    quality, gain, vs_random = (against(r, wins[:1])[0] for r in (SELF, gain_reference, RANDOM))
     return _TargetRows(
         target=cube.targets[t],
         sources=[sets[c] for c in candidates],
         affinity=affinity[0],
-        quality=quality[0],
-        gain=gain[0],
-        vs_random=vs_random[0],
+        quality=quality,
+        gain=gain,
+        vs_random=vs_random,
         samples=affinity[1:],
+        predictive=predictive,
         replicates=int(reps.max()),
-        p_no_gain=_share_below_half(gain[1:]),
-        p_below_random=_share_below_half(vs_random[1:]),
+        p_no_gain=_share_below_half(against(gain_reference, ahead)),
+        p_below_random=_share_below_half(against(RANDOM, ahead)),
     )
+
+
+def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """(n, n) win rates W and their (B, n, n) bootstrap resamples W_b -> (B, n, n) draws of what a
+    rerun of the whole study (other seeds, other test images of the same kind) would measure.
+
+    The study's shares claim how often a rerun makes a choice. A rerun's estimate differs from
+    this one by both studies' errors, twice the variance the bootstrap gives this one alone; a
+    resample only has the second. So draw b adds two independent bootstrap deviations (of b and
+    of b + 1, cyclically) to the estimate, W_b + W_(b+1) - W, clipped to [0, 1], with W_ji = 1 -
+    W_ij kept. Its mean is W; with one resample there is nothing to pair: the resample itself."""
+    if len(resamples) < 2:
+        return resamples.copy()
+    ahead = np.clip(resamples + np.roll(resamples, -1, axis=0) - point, 0.0, 1.0)
+    n = point.shape[0]
+    ahead[:, np.arange(n), np.arange(n)] = 0.5
+    return ahead
 
 
 def _share_below_half(wins: np.ndarray) -> np.ndarray:

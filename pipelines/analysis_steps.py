@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without 
     from pipelines.tracking import Tracker
 
 
-SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): the bootstrap's affinities
+SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): a rerun's affinities, drawn
 AVAILABLE = "beam_available.npy"  # (resamples, rows) bool: the row's sources were in that resample's beam
 PRUNED = "pruned.json"  # beside affinity.parquet when Stage II was pruned: what was never a candidate
 
@@ -52,8 +52,8 @@ def affinity_step(cfg: PipelineConfig, transfer_key: str, losses: Location) -> S
     (its features were damaged, a GPU's nondeterminism) keeps every key of the plan but changes
     its target's table: the affinity, and the taxonomy keyed by it, are done again."""
     # v4: win rates are the mean over paired replicates (one run's), the resamples centred on them;
-    # p_no_gain and p_below_random; t <- t never competes for p_best
-    parts = ("affinity-v4", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
+    # p_no_gain and p_below_random; t <- t never competes for p_best; v5: shares from predictive draws
+    parts = ("affinity-v5", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
     return Step(cfg.root, "affinity", config_hash(*parts))
 
 
@@ -169,7 +169,7 @@ def _affinity(
         )
     table, unlabelled = result.table, result.unlabelled
     if result.samples is not None:  # one column per table row, in order
-        np.save(scratch / SAMPLES, result.samples.astype(np.float32))
+        np.save(scratch / SAMPLES, result.predictive.astype(np.float32))  # the stability's draws
         if (available := _beam_availability(cfg, losses.parent, table, len(result.samples))) is not None:
             np.save(scratch / AVAILABLE, available)
     from components.plots import plot_affinity_heatmap  # matplotlib: only where a picture is made

@@ -244,7 +244,7 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_pat
     )
     got = pq.read_table(step.location.local_path / "affinity.parquet")
     assert _plain(got.select(expected.table.column_names)) == _plain(expected.table)
-    assert np.array_equal(np.load(step.location.local_path / SAMPLES), expected.samples.astype(np.float32))
+    assert np.array_equal(np.load(step.location.local_path / SAMPLES), expected.predictive.astype(np.float32))
 
 
 def test_a_subset_that_keeps_no_image_is_one_line(tmp_path):

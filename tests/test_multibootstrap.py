@@ -499,3 +499,22 @@ def test_the_baseline_shares_count_resamples_that_lose_to_random_or_pixels():
     no_pixels = _table({"t": {"self": [base - 0.5], "a": [base]}})
     row = compute_affinity_with_intervals(no_pixels, 10, seed=1).to_pylist()[0]
     assert np.isnan(row["p_no_gain"]) and np.isnan(row["p_below_random"])
+
+
+def test_predictive_draws_have_the_estimate_as_mean_and_twice_the_bootstrap_variance():
+    """A rerun's estimate differs from this one by both studies' errors: the draws the shares are
+    read from spread twice as far (in variance) as the bootstrap's, around the same estimate."""
+    from components.affinity import predictive_wins
+
+    rng = np.random.default_rng(0)
+    point = np.array([[0.5, 0.6], [0.4, 0.5]])
+    deviation = rng.normal(0, 0.03, 4000)  # the bootstrap's, well inside [0, 1]
+    resamples = np.tile(point, (4000, 1, 1))
+    resamples[:, 0, 1] += deviation
+    resamples[:, 1, 0] -= deviation
+    ahead = predictive_wins(point, resamples)
+    assert ahead[:, 0, 1].mean() == pytest.approx(0.6, abs=0.003)
+    assert ahead[:, 0, 1].var() / resamples[:, 0, 1].var() == pytest.approx(2.0, rel=0.1)
+    np.testing.assert_allclose(ahead[:, 1, 0], 1 - ahead[:, 0, 1])  # W_ji = 1 - W_ij kept
+    assert (ahead[:, 0, 0] == 0.5).all()
+    assert ahead.min() >= 0 and ahead.max() <= 1

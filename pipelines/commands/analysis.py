@@ -167,7 +167,7 @@ def _solve(args: argparse.Namespace) -> int:
         rows = measured.table.select(["target", "sources"]).to_pydict()
         sources = [tuple(s) for s in rows["sources"]]
         stability = {"resamples": bootstrap[0], "seed": bootstrap[1]}
-        stability |= stability_of_rows(rows["target"], sources, measured.samples, options, taxonomy)
+        stability |= stability_of_rows(rows["target"], sources, measured.predictive, options, taxonomy)
     points = sweep_budgets(table, options) if sweep else None
     if args.json:
         result = taxonomy.to_dict() if taxonomy else {"max_order": options.max_order}
