@@ -697,10 +697,11 @@ def _wins(n: int, total: np.ndarray, signed: np.ndarray) -> np.ndarray:
 
 
 def top_sources(table: pa.Table, k: int) -> dict[str, list[tuple[tuple[str, ...], float]]]:
-    """Per target, its `k` highest-affinity candidates other than `self`: (sources, affinity)."""
+    """Per target, its `k` highest-affinity candidates other than `self` and `t <- t` (the target's
+    own encoder, never a transfer the taxonomy may choose): (sources, affinity)."""
     by_target: dict[str, list] = {}
     for row in table.select(["target", "sources", "affinity"]).to_pylist():
-        if tuple(row["sources"]) != SELF:
+        if tuple(row["sources"]) not in (SELF, (row["target"],)):
             by_target.setdefault(row["target"], []).append((tuple(row["sources"]), row["affinity"]))
     return {t: sorted(rows, key=lambda r: (-r[1], r[0]))[:k] for t, rows in sorted(by_target.items())}
 

@@ -200,11 +200,11 @@ def test_affinity_parquet_feeds_the_solver(tmp_path):
     assert set(taxonomy.transfers) | set(taxonomy.roots) >= {"a", "b", "c"} - {"random"}
 
 
-def test_top_sources_rank_candidates_other_than_self():
+def test_top_sources_rank_candidates_other_than_self_and_the_targets_own_encoder():
     table = compute_affinity(
-        _losses({"t": {"self": [1, 1, 1], "a": [2, 2, 2], "b": [3, 0, 0], "a+b": [4, 4, 4]}})
+        _losses({"t": {"self": [1, 1, 1], "a": [2, 2, 2], "b": [3, 0, 0], "a+b": [4, 4, 4], "t": [0, 0, 0]}})
     )
-    best = top_sources(table, 2)["t"]
+    best = top_sources(table, 2)["t"]  # t <- t would lead: it is no transfer the taxonomy may choose
     assert [s for s, _ in best] == [("b",), ("a",)] and best[0][1] > best[1][1]
 
 
