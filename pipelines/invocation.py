@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -171,7 +172,7 @@ def study_lock(
         print(f"waiting for {holder.describe()} to finish with {cfg.root}", file=sys.stderr, flush=True)
 
     try:
-        with lock.held(wait, waiting, never_wait_for):
+        with lock.held(wait, waiting, never_wait_for), redelivered_interrupts():
             if cfg.root.is_local:  # object stores get whole objects or nothing: no temp files
                 remove_dead_temp_files(cfg.root.local_path)
                 reserve_space(cfg.root.local_path)
@@ -193,6 +194,28 @@ def study_lock(
             f" {cfg.root}); free some space and rerun: finished steps are kept, the rest resumes",
             writing,
         ) from None
+
+
+@contextmanager
+def redelivered_interrupts() -> Iterator[None]:
+    """A lost lock stops this process by interrupting its main thread. An interrupt that lands in
+    a finalizer (a garbage-collected SQLAlchemy or Ray object) cannot propagate: Python prints it
+    as "Exception ignored", a traceback where one line belongs, and drops it. While held, such an
+    interrupt is delivered again to the main thread instead."""
+    before = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # from another thread, once this hook has returned: raised in the hook, it would be lost again
+            threading.Timer(0.01, _thread.interrupt_main).start()
+            return
+        before(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = before
 
 
 def remove_dead_temp_files(root: Path) -> list[Path]:

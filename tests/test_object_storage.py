@@ -119,7 +119,9 @@ def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reru
     assert {"data", "stage1", "stage2", "features", "readouts", "affinity", "taxonomy", "ray"} <= steps
     assert any(k.startswith("mlartifacts/") for k in keys)  # MLflow's artifacts, proxied
     assert list(workdir.iterdir()) == []  # nothing written locally but the cache
-    assert all(p.suffix == ".npy" for p in cache.rglob("*") if p.is_file())
+    cached = [p for p in cache.rglob("*") if p.is_file()]  # features, each with its record
+    entries = {p for p in cached if p.suffix == ".npy"}
+    assert entries and set(cached) == entries | {p.with_name(p.name + ".json") for p in entries}
 
     from mlflow.tracking import MlflowClient
 

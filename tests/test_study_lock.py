@@ -231,3 +231,20 @@ def test_a_driver_whose_lock_is_taken_over_stops_in_one_line_before_its_next_wri
         if driver.poll() is None:
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait()
+
+
+def test_an_interrupt_that_lands_in_a_finalizer_is_delivered_again_not_printed(capsys):
+    """Regression: a lost lock interrupts the main thread; landing in a garbage-collected object's
+    finalizer, the interrupt was printed as "Exception ignored ... Traceback" and dropped."""
+    from pipelines.invocation import redelivered_interrupts
+
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), redelivered_interrupts():
+        Finalized()  # its finalizer runs here, and swallows the interrupt
+        deadline = time.monotonic() + 5  # delivered again within milliseconds
+        while time.monotonic() < deadline:
+            pass
+    assert "Traceback" not in capsys.readouterr().err
