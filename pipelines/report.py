@@ -13,7 +13,9 @@ import pyarrow as pa
 
 from components.affinity import top_sources
 from components.verdict import STABLE, edge_text, noise_note, ties_text
-from components.vocabulary import SELF
+from components.vocabulary import ALL_BASELINES, SELF
+
+BASELINE_NAMES = frozenset(k.value for k in ALL_BASELINES)
 
 
 def answer_markdown(
@@ -44,8 +46,8 @@ def answer_markdown(
     if stability:
         lines.append(
             f"This exact taxonomy comes back in {stability['taxonomy']:.0%} of {stability['resamples']} "
-            "bootstrap resamples (numbers in brackets: the share of resamples choosing that root or "
-            f"edge; an edge below {STABLE} is given with its alternatives)."
+            "draws of what a rerun would measure (numbers in brackets: the share of draws choosing that "
+            f"root or edge; an edge below {STABLE} is given with its alternatives)."
         )
     if said:
         lines.append(f"*{noise_note(said)}.*")
@@ -58,6 +60,10 @@ def answer_markdown(
             label = edge_text(target, sources.split("+"), said, stability).split(" <- ", 1)[1]
         aff = value.get((target, sources), float("nan"))
         lines.append(f"| {target} | {label} | {aff:.3f} | {share(target, sources)} |")
+    lines += ["", "For a root, the affinity is that of its own fully supervised network (`self`)."]
+    measured_sources = {s for row in affinity.select(["sources"]).to_pylist() for s in row["sources"]}
+    if only_sources := sorted(measured_sources - set(targets) - {SELF, *BASELINE_NAMES}):
+        lines.append(f"Sources only, never targets, so not in the tables: {', '.join(only_sources)}.")
     if said.get("ties"):
         lines += ["", "Not distinguishable from the best (each one's probability of being the best):", ""]
         lines += [f"- {target}: {ties_text(target, said)}" for target in said["ties"]]

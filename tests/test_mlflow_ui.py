@@ -496,3 +496,23 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
     assert tags["mlflow.user"] and all(
         kv(r["data"]["tags"]).get("mlflow.source.name") for r in runs
     )  # "Created by" and "Source" on every run
+
+
+def test_the_description_says_what_a_roots_affinity_is_and_names_source_only_tasks():
+    """Regression: roots showed their `self` affinity without saying so, and a source-only task
+    (colorization) was silently missing from the tables."""
+    import pyarrow as pa
+
+    taxonomy = {"roots": ["normal"], "transfers": {"depth": ["normal"]}, "budget": 1, "max_order": 1}
+    taxonomy |= {"objective": 1.0}
+    table = pa.table(
+        {
+            "target": ["depth", "depth", "normal", "normal"],
+            "sources": [["normal"], ["colorization"], ["self"], ["colorization"]],
+            "affinity": [0.6, 0.1, 0.8, 0.2],
+        }
+    )
+    note = answer_markdown(taxonomy, table, "r1")
+    assert "For a root, the affinity is that of its own fully supervised network (`self`)." in note
+    assert "Sources only, never targets, so not in the tables: colorization." in note
+    assert "draws of what a rerun would measure" not in note  # no bootstrap: no shares said
