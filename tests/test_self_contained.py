@@ -28,9 +28,9 @@ _UP = r"""(?:\bparents?\b(?:\[\s*-?\d+\s*\])?|["']\.\.["']\s*\)?|\bpardir\b)"""
 SIBLING_SHARED = re.compile(
     "|".join(
         [
-            r"(?<![\w.])\.\.[/\\]+shared\b",  # ../shared, ..\shared, in prose, commands or strings
-            _UP + r"\s*[/,]\s*" + _SHARED,  # ROOT.parent / "shared", parents[2] / "shared", "..", "shared"
-            _UP + r"\s*\.\s*joinpath\(\s*" + _SHARED,  # ROOT.parent.joinpath("shared", ...)
+            r"(?<![\w.])\.\.[/\\]+shared\b",  # `..` then the part, in prose, commands or strings
+            _UP + r"\s*[/,]\s*" + _SHARED,  # ROOT.parent / then the part, parents[2] / it, "..", it
+            _UP + r"\s*\.\s*joinpath\(\s*" + _SHARED,  # ROOT.parent.joinpath(then the part, ...)
         ]
     )
 )
@@ -70,7 +70,7 @@ def references_outside(root: Path) -> list[str]:
 
 def test_nothing_reaches_a_shared_folder_beside_the_checkout():
     problems = references_outside(ROOT)
-    assert not problems, "outside the repository (a clone has no ../shared):\n" + "\n".join(problems)
+    assert not problems, "outside the repository (a clone has no sibling folder):\n" + "\n".join(problems)
 
 
 def test_the_scan_covers_the_project():
@@ -79,27 +79,32 @@ def test_the_scan_covers_the_project():
     assert "tests/data/taskonomy/README.md" in names
 
 
+def sibling(text: str) -> str:
+    """The examples name the sibling folder `<S>`, so that this file holds no such path itself."""
+    return text.replace("<S>", "sha" + "red")
+
+
 @pytest.mark.parametrize(
     "line",
     [  # lines the repository used to have
-        'TASKONOMY_16K = ROOT.parent / "shared" / "data" / "taskonomy" / "affinities_16k.csv"',
-        'TASKONOMY_16K = Path(__file__).resolve().parents[2] / "shared" / "data" / "taskonomy" / "affinities_16k.csv"',
-        'DEFAULT_AFFINITIES = ROOT.parent / "shared" / "data" / "taskonomy" / "affinities_16k.csv"',
-        "taskatlas solve --affinities ../shared/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json",
-        "algorithms are in `../shared/design.md`. Given a finished study, it also tells where a new task",
+        'TASKONOMY_16K = ROOT.parent / "<S>" / "data" / "taskonomy" / "affinities_16k.csv"',
+        'TASKONOMY_16K = Path(__file__).resolve().parents[2] / "<S>" / "data" / "taskonomy" / "affinities_16k.csv"',
+        'DEFAULT_AFFINITIES = ROOT.parent / "<S>" / "data" / "taskonomy" / "affinities_16k.csv"',
+        "taskatlas solve --affinities ../<S>/data/taskonomy/affinities_16k.csv --budget 8 --max-order 4 --json",
+        "algorithms are in `../<S>/design.md`. Given a finished study, it also tells where a new task",
         # and other ways to write them
-        "data = here.parent.parent / 'shared/data'",
-        'Path(__file__).parents[ 1 ]/"shared"',
-        'os.path.join(ROOT, "..", "shared", "data")',
-        'Path("..") / "shared" / "design.md"',
-        'os.path.join(os.pardir, "shared")',
-        'ROOT.parent.joinpath("shared", "data")',
-        "see ..\\shared\\design.md",
-        'cp ../shared/data/taskonomy/*.csv tests/data/taskonomy/  # "../shared" in a shell line',
+        "data = here.parent.parent / '<S>/data'",
+        'Path(__file__).parents[ 1 ]/"<S>"',
+        'os.path.join(ROOT, "..", "<S>", "data")',
+        'Path("..") / "<S>" / "design.md"',
+        'os.path.join(os.pardir, "<S>")',
+        'ROOT.parent.joinpath("<S>", "data")',
+        "see ..\\<S>\\design.md",
+        'cp ../<S>/data/taskonomy/*.csv tests/data/taskonomy/  # "../<S>" in a shell line',
     ],
 )
 def test_a_sibling_shared_path_is_caught(line):
-    assert offending_lines(f"first line\n{line}\n") == [2]
+    assert offending_lines(f"first line\n{sibling(line)}\n") == [2]
 
 
 @pytest.mark.parametrize(
@@ -114,11 +119,11 @@ def test_a_sibling_shared_path_is_caught(line):
         "return prune_plan(plan, scores, p.top_k, p.audit_fraction, seed, p.shared)",
         'TASKONOMY_16K = ROOT / "tests" / "data" / "taskonomy" / "affinities_16k.csv"',
         "docs/shared-notes.md and ./shared/x stay inside the repository",
-        'cache = ROOT / "shared"  # a folder of the repository itself',
+        'cache = ROOT / "<S>"  # a folder of the repository itself',
     ],
 )
 def test_ordinary_uses_of_the_word_pass(line):
-    assert offending_lines(line) == []
+    assert offending_lines(sibling(line)) == []
 
 
 def test_a_failure_names_file_and_line(tmp_path):
@@ -126,9 +131,11 @@ def test_a_failure_names_file_and_line(tmp_path):
     (tmp_path / "docs" / "notes.md").write_text("# Notes\n\nshared by all\n")
     (tmp_path / "benchmarks").mkdir()
     bench = tmp_path / "benchmarks" / "bench.py"
-    bench.write_text('from pathlib import Path\n\nDATA = Path(__file__).parents[2] / "shared" / "x.csv"\n')
-    (tmp_path / "README.md").write_text("Design: `../shared/design.md`.\n")
+    bench.write_text(
+        sibling('from pathlib import Path\n\nDATA = Path(__file__).parents[2] / "<S>" / "x.csv"\n')
+    )
+    (tmp_path / "README.md").write_text(sibling("Design: `../<S>/design.md`.\n"))
     assert references_outside(tmp_path) == [
-        "README.md:1: Design: `../shared/design.md`.",
-        'benchmarks/bench.py:3: DATA = Path(__file__).parents[2] / "shared" / "x.csv"',
+        sibling("README.md:1: Design: `../<S>/design.md`."),
+        sibling('benchmarks/bench.py:3: DATA = Path(__file__).parents[2] / "<S>" / "x.csv"'),
     ]
