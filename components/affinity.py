@@ -65,8 +65,8 @@ WIN_CLIP = (0.001, 0.999)  # keeps W / W^T finite when a source always (or never
 INTERVAL = (2.5, 97.5)  # percentiles of the reported 95% interval
 INTERVAL_COLUMNS = ("affinity_lo", "affinity_hi")
 P_BEST = "p_best"  # share of resamples in which a candidate has its target's highest affinity
-P_NO_GAIN = "p_no_gain"  # share of resamples in which its win rate against pixels (gain) is below 0.5
-P_BELOW_RANDOM = "p_below_random"  # share of resamples in which it loses to random (vs_random < 0.5)
+P_NO_GAIN = "p_no_gain"  # share of a rerun's draws in which its gain (win rate vs pixels) is below 0.5
+P_BELOW_RANDOM = "p_below_random"  # share of a rerun's draws in which it loses to random (vs_random < 0.5)
 BEST_TIE = 1e-9  # affinities within this relative distance of the highest tie for the best
 _CHUNK_ELEMENTS = 1 << 22  # per-image comparison outcomes summed at once
 _INTEGER_COLUMNS = 8  # up to this many weight vectors, outcomes are summed in integers, not by BLAS
@@ -431,8 +431,8 @@ class _TargetRows:
     samples: np.ndarray  # (resamples, rows); (0, rows) without a bootstrap
     predictive: np.ndarray  # (resamples, rows): a rerun's affinities (`predictive_wins`)
     replicates: int  # the most replicates of any candidate
-    p_no_gain: np.ndarray  # (rows,) share of resamples with gain below 0.5 (NaN without a bootstrap)
-    p_below_random: np.ndarray  # (rows,) share of resamples losing to random (NaN without a bootstrap)
+    p_no_gain: np.ndarray  # (rows,) share of `predictive` draws with gain below 0.5 (NaN without a bootstrap)
+    p_below_random: np.ndarray  # (rows,) share of `predictive` draws losing to random (NaN without one)
 
 
 def _affinity(
@@ -592,7 +592,7 @@ def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
 
     The study's shares claim how often a rerun makes a choice. A rerun's estimate differs from
     this one by both studies' errors, twice the variance the bootstrap gives this one alone; a
-    resample only has the second. So draw b adds two independent bootstrap deviations (of b and
+    resample carries only this study's. So draw b adds two independent bootstrap deviations (of b and
     of b + 1, cyclically) to the estimate, W_b + W_(b+1) - W, clipped to [0, 1], with W_ji = 1 -
     W_ij kept. Its mean is W; with one resample there is nothing to pair: the resample itself."""
     if len(resamples) < 2:

@@ -210,9 +210,9 @@ def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) 
             ]
     val_losses = {k: np.array([v[r] for r in sorted(v)]) for k, v in by_readout.items()}
     paired = t.pairing is Pairing.PAIRED
-    slots = {
-        target: max(len(v) for (u, _), v in val_losses.items() if u == target) for target, _ in val_losses
-    }
+    slots: dict[str, int] = {}  # per target, its readouts' most replicates: Stage III's slots
+    for (target, _), v in val_losses.items():
+        slots[target] = max(slots.get(target, 0), len(v))
     draws = {  # the replicates each resample reads of the readout, as Stage III draws them
         (target, source): replicate_draws(cfg.analysis.seed, target, slots[target], n) % len(v)
         if paired
