@@ -203,7 +203,7 @@ class NetworkRecord:
             metrics,
             signature=tensor_signature(model, example),
         )
-        if self._first_of_its_definition(registered, task):
+        if self.first_of_its_definition(registered, task):
             self.tracker.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(network.run_id, end_time=reported)
         done = TaskResult(
@@ -260,11 +260,11 @@ class NetworkRecord:
             version = self.tracker.register_version(
                 self.registration(task, result.test_loss, result.key), model_id, result.run_id
             )
-        if self._first_of_its_definition(ours, task):
+        if self.first_of_its_definition(ours, task):
             self.tracker.set_alias(ours, CHAMPION, version)
         return replace(result, model_version=version, registered=ours)
 
-    def _first_of_its_definition(self, registered: str, task: Task) -> bool:
+    def first_of_its_definition(self, registered: str, task: Task) -> bool:
         """No champion yet, or one of another definition of the task (the study redefined it):
         this version is the first of its definition, so it becomes the champion. A champion
         without the tag (registered before it) is left to nightly, which reads its definition."""

@@ -23,7 +23,7 @@ from mlflow.entities import Metric
 from components.models import build_network
 from components.tasks import Task, channels_for
 from components.transfer.features import load_state_dict
-from pipelines.registry import KEY_TAG, network_model, registered_definition
+from pipelines.registry import KEY_TAG, network_model
 from pipelines.results import TaskResult
 from pipelines.stage1_record import NetworkRecord
 from pipelines.steps import Step
@@ -83,11 +83,7 @@ def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> Ta
         [Metric("final_test_loss", result.test_loss, now, last)],
         signature=tensor_signature(model, example),
     )
-    champion = tracker.alias_version(registration.name, CHAMPION)
-    if champion is None or registered_definition(tracker, registration.name, champion) not in (
-        None,
-        task.definition_hash,
-    ):
+    if record.first_of_its_definition(registration.name, task):
         tracker.set_alias(registration.name, CHAMPION, version)
     tracker.end_run(run_id)
     return replace(result, run_id=run_id, model_version=version, registered=registration.name)
