@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -50,6 +53,38 @@ def set_train_report_poll(seconds: float) -> None:
     Ray Train reads this only from the driver's environment, when `fit()` starts the controller.
     """
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(seconds)
+
+
+_TUNE_NO_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # Ray Tune's documented switch, read per `fit()`
+
+
+@contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Around a Ray Tune or Ray Train `fit()`: an interrupt (Ctrl+C, or a lost study lock, which
+    interrupts the main thread) stays an interrupt, during the fit and after it.
+
+    Both install SIGINT handlers and never restore them. Tune's ends a search "gracefully",
+    returning its trials so far as if the search were done; Train's aborts the run and calls
+    `sys.exit(0)` (surfacing as SystemExit 0 or 1), and left installed after the fit it swallows
+    the next two interrupts and exits on the third. Here Tune's handler is switched off, a
+    SystemExit out of a fit (only Train's handler raises one) becomes the KeyboardInterrupt it
+    stands for, and both handlers are put back as they were."""
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)} if main else {}
+    before = os.environ.get(_TUNE_NO_SIGINT)
+    os.environ[_TUNE_NO_SIGINT] = "1"
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if before is None:
+            os.environ.pop(_TUNE_NO_SIGINT, None)
+        else:
+            os.environ[_TUNE_NO_SIGINT] = before
+        for number, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(number, handler)
 
 
 def cluster_gpus() -> int:

@@ -37,7 +37,13 @@ from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
 from pipelines.progress import progress_bar
 from pipelines.ray_data import ray_dataset
-from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits, set_train_report_poll
+from pipelines.ray_runtime import (
+    cluster_cpus,
+    cluster_gpus,
+    interrupts_kept,
+    require_fits,
+    set_train_report_poll,
+)
 from pipelines.results import TaskResult
 from pipelines.stage1_plan import Stage1Plan, network_runs, worker_batch_size
 from pipelines.stage1_record import Network, NetworkRecord
@@ -238,7 +244,8 @@ class Stage1:
         )
         set_train_report_poll(cfg.train.report_poll_s)
         try:
-            trainer.fit()
+            with interrupts_kept():
+                trainer.fit()
         except Exception as err:  # a full disk: name the training, not a worker's traceback
             if (writing := no_space(err)) is None:
                 raise

@@ -16,6 +16,7 @@ from components.errors import TaskatlasError
 from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.progress import progress_bar
+from pipelines.ray_runtime import interrupts_kept
 from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.stage1_plan import HPARAMS, Stage1Plan
 from pipelines.stage1_record import NetworkRecord
@@ -100,7 +101,8 @@ def search_tasks(
             tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
         else:
             tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, progress)
-        grid = tuner.fit()
+        with interrupts_kept():
+            grid = tuner.fit()
         ended = time.time()
     for task in pending:
         results = [r for r in grid if r.config[TASK_KEY] == task.name]
