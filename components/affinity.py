@@ -24,9 +24,10 @@ per-target code over a cube of several targets, so both give the same numbers.
 The bootstrap is the multi-bootstrap of Sellam et al. (ICLR 2022; design.md section 10). Resample b
 draws (1) one multinomial count vector w_b over the study's test images (`image_weights`), shared by
 every candidate and every target, since the images are the same images; an image a target has no
-label for counts nowhere for it; and (2) replicates with replacement (`replicate_draws`): paired,
-one vector of R slots per target, shared by all its candidates (so the resample keeps the pairing
-the point estimate relies on); independent, R_c replicates per candidate. Its win rates are the
+label for counts nowhere for it; and (2) replicates with replacement (`replicate_draws`), R - 1 of
+R so that their variance is the rerun's, not (R - 1)/R of it: paired, one vector of slots per
+target, shared by all its candidates (so the resample keeps the pairing the point estimate relies
+on); independent, a draw per candidate. Its win rates are the
 same statistic on the drawn replicates under the weights w_b,
 
     W_b[i, j] = mean over drawn pairs (a, b) of sum_I w_bI (1[l_i^a(I) < l_j^b(I)] + 0.5 1[tie]) / sum_I w_bI,
@@ -267,11 +268,19 @@ def image_weights(seed: int, image_ids: Sequence[str] | np.ndarray, n: int) -> n
 def replicate_draws(
     seed: int, target: str, n_replicates: int, n: int, sources: tuple[str, ...] | None = None
 ) -> np.ndarray:
-    """(n, n_replicates) int: the replicates resample b draws (n_replicates of 0..n_replicates-1, with
-    replacement). Paired seeds (`sources` None): one draw of the target's replicate slots, shared by
-    all its candidates; independent seeds: a draw per candidate (`sources`). The stream depends
-    only on the seed, the target (and the source set, sorted and `+`-joined), so the same draw can
-    be made anywhere; the first k rows do not depend on n. One replicate always draws replicate 0."""
+    """(n, max(R - 1, 1)) int: the replicates resample b draws, R - 1 of 0..R-1 with replacement
+    (R = `n_replicates`). Paired seeds (`sources` None): one draw of the target's replicate slots,
+    shared by all its candidates; independent seeds: a draw per candidate (`sources`). The stream
+    depends only on the seed, the target (and the source set, sorted and `+`-joined), so the same
+    draw can be made anywhere; the first k rows do not depend on n. One replicate always draws
+    replicate 0.
+
+    Why R - 1 and not R (the m-out-of-n bootstrap, m = R - 1): the estimate is a mean over R
+    replicates, whose variance across reruns is s^2 / R (s^2 the replicates' variance, ddof 1).
+    The mean of R draws from the R values has the plug-in variance (R - 1)/R s^2 / R: at R = 3
+    two thirds of the training noise a rerun sees, so stated shares were too sure. The mean of
+    R - 1 draws has ((R - 1)/R) s^2 / (R - 1) = s^2 / R: unbiased, and still centred (each draw's
+    mean is the estimate)."""
     _check_seed(seed)
     if n_replicates == 1:
         return np.zeros((n, 1), dtype=np.int64)
@@ -279,7 +288,7 @@ def replicate_draws(
     if sources is not None:
         entropy.append(zlib.crc32("+".join(sources).encode()))
     return np.random.default_rng(np.random.SeedSequence(entropy)).integers(
-        0, n_replicates, size=(n, n_replicates)
+        0, n_replicates, size=(n, n_replicates - 1)
     )
 
 
@@ -546,19 +555,19 @@ def _target_rows(
     rows = np.concatenate([losses[c, : reps[c]] for c in range(len(reps))])  # (V, m)
     cross = win_rates(rows, np.concatenate([ones, resamples]))  # (1 + B, V, V)
     n_resamples = len(resamples)
+    # The point estimate reads every replicate once; a resample R - 1 drawn (`replicate_draws`).
     if paired:
         slots = int(reps.max())
-        draws = np.concatenate(
-            [np.arange(slots)[None], replicate_draws(seed, cube.targets[t], slots, n_resamples)]
-        )
-        wins = _paired_wins(cross, first, reps, draws)
+        drawn = replicate_draws(seed, cube.targets[t], slots, n_resamples)
+        point = _paired_wins(cross[:1], first, reps, np.arange(slots)[None])
+        wins = np.concatenate([point, _paired_wins(cross[1:], first, reps, drawn)])
     else:
         name = cube.targets[t]
-        draws = [
-            np.concatenate([np.arange(r)[None], replicate_draws(seed, name, int(r), n_resamples, s)])
-            for s, r in zip(sets, reps, strict=True)
+        drawn_each = [
+            replicate_draws(seed, name, int(r), n_resamples, s) for s, r in zip(sets, reps, strict=True)
         ]
-        wins = _independent_wins(cross, first, reps, draws)  # (1 + B, n, n)
+        point = _independent_wins(cross[:1], first, reps, [np.arange(r)[None] for r in reps])
+        wins = np.concatenate([point, _independent_wins(cross[1:], first, reps, drawn_each)])  # (1 + B, n, n)
     candidates = np.flatnonzero([s not in REFERENCES for s in sets])
     among, everyone = (slice(None), candidates[:, None], candidates), np.ones(len(candidates), bool)
     affinity = ahp_affinity(wins[among], everyone)

@@ -108,7 +108,7 @@ class TrainConfig:
     # checkpoint is registered, and a finished run noticed, up to this much later.
     report_poll_s: float = 0.5
     seed: int = 0
-    # Each task's network trained this many times, the search run once: replicate 0 with `seed`
+    # Each task's network trained this many times (and searched, `tune.each_replicate`): replicate 0 with `seed`
     # (the network every study had before replicates, the one registered), replicate n > 0 with a
     # seed of its own (`stage1_plan.network_seed`). Readout replicate r reads network replicate
     # r mod N, so Stage III's multi-bootstrap covers how the networks trained too (at most
@@ -153,6 +153,11 @@ class TuneConfig:
     max_train_images: int = 0  # subsample `train` during the search; 0: all
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 1.0  # on GPU clusters
+    # With train.replicates N > 1: true, network replicate n searches again with its own seed (as a
+    # rerun of the study would: reruns chose learning rates 5x apart and batches 16 to 64, and the
+    # networks' replicates must span that); false, one search per task, replicates differ in seed
+    # only (cheaper when the search costs more than the training).
+    each_replicate: bool = field(default=True, metadata=PLAN)  # which searches run: in no search's key
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_epochs < 1 or not 1 <= self.grace_period <= self.max_epochs:

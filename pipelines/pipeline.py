@@ -206,8 +206,12 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     stage1 = Stage1Plan(cfg, store)
     results, complete = {}, True
     for task in cfg.study_tasks():
-        if stage1.hparams_if_known(task, search=True) is None:
-            plan.append((f"tune/{task.name}", "run" if Stage.TRAIN in stages else "missing"))
+        if cfg.tune.enabled:  # each search a network replicate trains with (`tune.each_replicate`)
+            for n in stage1.searches():
+                if stage1.searched_hparams(task, n) is None:
+                    plan.append(
+                        (f"tune/{network_name(task.name, n)}", "run" if Stage.TRAIN in stages else "missing")
+                    )
         networks = stage1.finished_networks(task)  # each network replicate (`train.replicates`)
         for n, cached in enumerate(networks):
             status = "reuse" if cached else "run" if Stage.TRAIN in stages else "missing"

@@ -97,13 +97,14 @@ class Stage1:
                 {"CPU": self.config.tune.cpus_per_trial, "GPU": gpus},
                 "a search trial (tune.cpus_per_trial, tune.gpus_per_trial)",
             )
-        hparams = self.search(unfinished) if unfinished else {}
+        # (task, search) -> hyperparameters: every pending search of the unfinished tasks
+        hparams = {(name, n): h for n in plan.searches() for name, h in self.search(unfinished, n).items()}
         per_task = self.num_workers * (1 if self.use_gpu else t.cpus_per_worker)
         streaming = t.loader is Loader.RAY_DATA and not t.materialize_data  # its read tasks need a CPU
         spare = cluster_gpus() if self.use_gpu else cluster_cpus() - int(streaming)
         concurrent = t.concurrent_tasks or max(1, int(spare // max(per_task, 1e-9)))
         jobs = [
-            (task, hparams.get(task.name) or plan.hparams_if_known(task, search), n)
+            (task, hparams.get((task.name, plan.search_of(n))) or plan.hparams_if_known(task, search, n), n)
             for task in tasks
             for n in range(t.replicates)
         ]
@@ -139,9 +140,11 @@ class Stage1:
                 done[task.name, n] = r
         return done
 
-    def search(self, tasks: list[Task]) -> dict[str, dict]:
-        """Each task's best hyperparameters (`pipelines.stage1_search`)."""
-        return search_tasks(self.plan, self.record, tasks, self.use_gpu)
+    def search(self, tasks: list[Task], search: int = 0) -> dict[str, dict]:
+        """Each task's best hyperparameters of its search `search` (`pipelines.stage1_search`)."""
+        if not tasks:
+            return {}
+        return search_tasks(self.plan, self.record, tasks, self.use_gpu, search)
 
     def train(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult:
         """One network (replicate `replicate` of the task's) in a Ray Train run of its own."""

@@ -3,9 +3,11 @@
 Pure reads of the config, the data version and the step markers: no tracker and no Ray. `run`,
 `--dry-run`, `nightly` and `position` all ask these same questions (design.md section 1).
 
-A task has one search and `train.replicates` N networks: replicate 0 is the network a study had
-before replicates (its key and seed unchanged, the one registered), replicate n > 0 the same
-network trained again with a seed of its own (`network_seed`), a step of its own.
+A task has `train.replicates` N networks: replicate 0 is the network a study had before
+replicates (its key and seed unchanged, the one registered), replicate n > 0 the same network
+trained again with a seed of its own (`network_seed`), a step of its own. Each replicate n has
+a search of its own with that seed too (`tune.each_replicate`, the default), so the replicates
+vary as whole reruns of Stage I do; otherwise all read replicate 0's search.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from components.config import config_hash
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.tasks import Task
-from pipelines.config import Loader, PipelineConfig
+from pipelines.config import PLAN, Loader, PipelineConfig, key_fields
 from pipelines.results import TaskResult
 from pipelines.steps import Step
 
@@ -31,22 +33,42 @@ class Stage1Plan:
     config: PipelineConfig
     store: ShardStore
 
-    def search_step(self, task: Task) -> Step:
-        cfg = self.config
-        key = config_hash(task, cfg.model, cfg.tune, cfg.train.seed, self.store.data_version)
-        return Step(cfg.root, f"tune/{task.name}", key)
+    def searches(self) -> range:
+        """The searches each task has: one per network replicate (`tune.each_replicate`), or one."""
+        return range(self.replicates if self.config.tune.each_replicate else 1)
 
-    def cached_hparams(self, task: Task) -> dict | None:
-        step = self.search_step(task)
+    def search_of(self, replicate: int) -> int:
+        """Which search network replicate `replicate` trains with."""
+        return replicate if self.config.tune.each_replicate else 0
+
+    def search_step(self, task: Task, search: int = 0) -> Step:
+        """Search 0 keeps the key searches had before replicates; search n > 0 samples with
+        replicate n's seed, and its number is in its key."""
+        cfg = self.config
+        parts = [task, cfg.model, key_fields(cfg.tune, PLAN), cfg.train.seed, self.store.data_version]
+        if search:
+            parts.append({"replicate": search, "seed": self.seed(search)})
+        return Step(cfg.root, f"tune/{task.name}", config_hash(*parts))
+
+    def searched_hparams(self, task: Task, search: int = 0) -> dict | None:
+        """What the task's search `search` chose, None while it has not run."""
+        step = self.search_step(task, search)
         return step.info()["hparams"] if step.complete else None
+
+    def cached_hparams(self, task: Task, replicate: int = 0) -> dict | None:
+        """What network replicate `replicate` trains with, None while its search has not run."""
+        return self.searched_hparams(task, self.search_of(replicate))
 
     def default_hparams(self) -> dict:
         t = self.config.train
         return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
 
-    def hparams_if_known(self, task: Task, search: bool) -> dict | None:
-        """The hyperparameters training would use, or None while the search has not run."""
-        return self.cached_hparams(task) if search and self.config.tune.enabled else self.default_hparams()
+    def hparams_if_known(self, task: Task, search: bool, replicate: int = 0) -> dict | None:
+        """The hyperparameters network replicate `replicate` would train with, or None while its
+        search has not run."""
+        if search and self.config.tune.enabled:
+            return self.cached_hparams(task, replicate)
+        return self.default_hparams()
 
     @property
     def replicates(self) -> int:
@@ -79,11 +101,13 @@ class Stage1Plan:
 
     def finished_networks(self, task: Task, search: bool = True) -> tuple[TaskResult | None, ...]:
         """Each of the task's N network replicates for the current settings, None where no run
-        has made it yet (every one, while its search has not run)."""
-        hparams = self.hparams_if_known(task, search)
-        if hparams is None:
-            return (None,) * self.replicates
-        return tuple(self.cached_result(task, hparams, n) for n in range(self.replicates))
+        has made it yet (as while its search has not run)."""
+        return tuple(
+            None
+            if (hparams := self.hparams_if_known(task, search, n)) is None
+            else self.cached_result(task, hparams, n)
+            for n in range(self.replicates)
+        )
 
     def finished(self, task: Task, search: bool = True) -> TaskResult | None:
         """The task's trained network for the current settings (replicate 0, its replicates

@@ -282,16 +282,19 @@ class NetworkRecord:
         best_loss: float,
         span: tuple[float, float],
         hparams: tuple[str, ...],
+        search: int = 0,
     ) -> None:
         """A task's search as a run spanning the search (`span`, epoch seconds) with its space
         (`tune.*`) and best trial (`best.*`, tag `best_trial`), and a nested run per trial (Tune's
-        `results`) spanning its own work (`spans`), with its epochs' losses."""
+        `results`) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
+        replicate n's) is `tune/<task>#n`, as its network is `train/<task>#n`."""
         tracker = self.tracker
         best_id = str(best.metrics.get("trial_id"))
+        name = network_name(task.name, search)
         run = tracker.start_run(
-            f"tune/{task.name}",
+            f"tune/{name}",
             self.parent_run_id,
-            {"task": task.name, "stage": "tune", "best_trial": best_id},
+            {"task": task.name, "stage": "tune", "best_trial": best_id, "replicate": str(search)},
             start_time=span[0],
         )
         best_hparams = {k: best.config[k] for k in hparams}
@@ -307,7 +310,7 @@ class NetworkRecord:
             trial_id = str(result.metrics.get("trial_id"))
             trials.append(
                 FinishedRun(
-                    f"tune/{task.name}/{trial_id}",
+                    f"tune/{name}/{trial_id}",
                     tags={"task": task.name, "stopped_early": str(stopped).lower(), "trial_id": trial_id},
                     params={k: str(result.config[k]) for k in hparams},
                     metrics=tuple(rows),

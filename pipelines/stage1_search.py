@@ -79,16 +79,17 @@ def best_trial(results: list) -> tuple[Any, float] | None:
 
 
 def search_tasks(
-    plan: Stage1Plan, record: NetworkRecord, tasks: list[Task], use_gpu: bool
+    plan: Stage1Plan, record: NetworkRecord, tasks: list[Task], use_gpu: bool, search: int = 0
 ) -> dict[str, dict]:
-    """Each task's best hyperparameters: from its finished search, or from one Tuner that
-    searches all the others at once; each task's search is then its own step."""
+    """Each task's best hyperparameters of its search `search` (`Stage1Plan.searches`): from the
+    finished search, or from one Tuner that searches all the others at once, sampling with network
+    replicate `search`'s seed; each task's search is then its own step."""
     cfg = plan.config
-    found = {t.name: h for t in tasks if (h := plan.cached_hparams(t)) is not None}
+    found = {t.name: h for t in tasks if (h := plan.searched_hparams(t, search)) is not None}
     pending = [t for t in tasks if t.name not in found]
     if not pending:
         return found
-    steps = {t.name: plan.search_step(t) for t in pending}
+    steps = {t.name: plan.search_step(t, search) for t in pending}
     storage = (cfg.root / "ray").uri
     name = f"tune-{config_hash(sorted((n, step.key) for n, step in steps.items()))}"
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial if use_gpu else 0}
@@ -100,7 +101,7 @@ def search_tasks(
         if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
             tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
         else:
-            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, progress)
+            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, progress, plan.seed(search))
         with interrupts_kept():
             grid = tuner.fit()
         ended = time.time()
@@ -108,7 +109,7 @@ def search_tasks(
         results = [r for r in grid if r.config[TASK_KEY] == task.name]
         spans = [progress.span(r) for r in results]
         search_span = (min([started, *(s for s, _ in spans)]), ended)
-        found[task.name] = finish_search(steps[task.name], record, task, results, spans, search_span)
+        found[task.name] = finish_search(steps[task.name], record, task, results, spans, search_span, search)
     return found
 
 
@@ -119,6 +120,7 @@ def finish_search(
     results: list,
     spans: list[tuple[float, float]],
     search_span: tuple[float, float],
+    search: int = 0,
 ) -> dict:
     """A task's search done: its trials (Tune's `results`, with their `spans`) and its best trial
     (`best_trial`) in its tune run, then in its step's marker (`done.json`, which a later run
@@ -127,7 +129,7 @@ def finish_search(
         raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}")
     best, best_loss = chosen
     hparams = {k: best.config[k] for k in HPARAMS}
-    record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS)
+    record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS, search)
     trials = [
         {
             k: r.metrics.get(m)
@@ -148,6 +150,7 @@ def _tuner(
     storage: str,
     use_gpu: bool,
     progress: tune.Callback,
+    seed: int,
 ) -> tune.Tuner:
     cfg = plan.config
     space = {
@@ -161,7 +164,7 @@ def _tuner(
         "holdout_fraction": cfg.tune.holdout_fraction,
         "max_train_images": cfg.tune.max_train_images,
         "max_epochs": cfg.tune.max_epochs,
-        "seed": cfg.train.seed,
+        "seed": seed,
         "use_gpu": use_gpu,
     }
     scheduler = PerTaskASHA(
@@ -179,7 +182,7 @@ def _tuner(
             scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
             # Seeded sampling: the same config searches the same points on a rerun.
-            search_alg=BasicVariantGenerator(random_state=cfg.train.seed),
+            search_alg=BasicVariantGenerator(random_state=seed),
             reuse_actors=True,
         ),
         # Tune's trial tables only with -v: the console shows the answer, not the search

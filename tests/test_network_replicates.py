@@ -154,3 +154,36 @@ def test_raising_train_replicates_trains_only_the_new_networks_and_their_readout
 
 def _newest(folder) -> str:
     return max(folder.glob("*/done.json"), key=lambda p: p.stat().st_mtime).parent.name
+
+
+def test_each_network_replicate_trains_with_a_search_of_its_own_unless_told_otherwise(tiny_dataset, tmp_path):
+    """A rerun of the study searches again (the search samples with train.seed), and reruns chose
+    learning rates 5x apart: network replicate n searches with its own seed, so the replicates vary
+    as reruns do. Search 0 keeps its key; `tune.each_replicate: false` searches once per task."""
+    store = ShardStore(tiny_dataset)
+    one, two = _config(tmp_path, 1), _config(tmp_path, 2)
+    once = load_pipeline_config(
+        None, [f"storage_root={tmp_path}", "train.replicates=2", "tune.each_replicate=false"]
+    )
+    s1, s2, s_once = Stage1Plan(one, store), Stage1Plan(two, store), Stage1Plan(once, store)
+    task = one.task("normal")
+    assert list(s1.searches()) == [0] and list(s2.searches()) == [0, 1] and list(s_once.searches()) == [0]
+    assert s2.search_step(task, 0) == s1.search_step(task) != s2.search_step(task, 1)
+    assert s_once.search_of(1) == 0 and s2.search_of(1) == 1
+
+    assert s2.finished_networks(task) == (None, None)  # no search has run
+    chosen = [
+        {"lr": 0.001, "weight_decay": 1e-5, "batch_size": 16},
+        {"lr": 0.002, "weight_decay": 1e-4, "batch_size": 32},
+    ]
+    for n, hparams in enumerate(chosen):
+        s2.search_step(task, n).finish({"hparams": hparams})
+        assert s2.cached_hparams(task, n) == hparams
+    # network replicate 1 is keyed by (and trains with) search 1's choice, not search 0's
+    assert s2.train_step(task, chosen[1], 1) != s2.train_step(task, chosen[0], 1)
+    s2.train_step(task, chosen[1], 1).finish(
+        TaskResult(
+            "normal", s2.train_step(task, chosen[1], 1).key, "w.pt", 0.5, chosen[1], "", "", replicate=1
+        ).marker()
+    )
+    assert s2.finished_networks(task)[1] is not None and s2.finished_networks(task)[0] is None

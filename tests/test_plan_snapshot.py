@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from components.config import to_dict
 from components.data.shards import ShardStore
 from pipelines.config import load_pipeline_config
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan
+from pipelines.stage1_plan import Stage1Plan, network_name
 from pipelines.stage2_plan import Stage2Plan
 
 GOLDEN = Path(__file__).parent / "data" / "quickstart_plan.json"
@@ -31,11 +31,15 @@ def plan_snapshot(tiny_dataset: Path, weights: Path) -> dict:
     tasks = cfg.study_tasks()
     results = {}
     for task in tasks:
-        (weights / f"{task.name}.pt").write_bytes(f"{task.name}-weights".encode())
-        key = stage1.train_step(task, hparams).key
-        results[task.name] = TaskResult(
-            task.name, key, str(weights / f"{task.name}.pt"), 0.0, hparams, "", "1"
-        )
+        networks = []
+        for n in range(stage1.replicates):  # network replicate 0 keeps the weights' name it had
+            name = network_name(task.name, n).replace("#", ".r")
+            (weights / f"{name}.pt").write_bytes(f"{name}-weights".encode())
+            key = stage1.train_step(task, hparams, n).key
+            networks.append(
+                TaskResult(task.name, key, str(weights / f"{name}.pt"), 0.0, hparams, "", "1", replicate=n)
+            )
+        results[task.name] = replace(networks[0], replicas=tuple(networks[1:]))
     stage2 = Stage2Plan(cfg, store, use_gpu=False)
     plan = stage2.plan(list(cfg.tasks))
     keys = stage2.readout_keys(results)
@@ -60,8 +64,14 @@ def plan_snapshot(tiny_dataset: Path, weights: Path) -> dict:
         readouts += [row(x) for r in plan.higher_order(target, losses) for x in plan.replicas(r)]
     return {
         "data_version": store.data_version,
-        "search": {t.name: stage1.search_step(t).key for t in tasks},
-        "train": {name: r.key for name, r in results.items()},
+        "search": {
+            network_name(t.name, n): stage1.search_step(t, n).key for t in tasks for n in stage1.searches()
+        },
+        "train": {
+            network_name(name, n): r.network(n).key
+            for name, r in results.items()
+            for n in range(stage1.replicates)
+        },
         "stage2": stage2.key(results),
         "counts": plan.counts(),
         "stack": {t: stage2.stack_size(t) for t in plan.targets},

@@ -40,6 +40,7 @@ SCALED = [
     "tune.cpus_per_trial=1",
     "tune.gpus_per_trial=0",
     "transfer.epochs=1",
+    "train.replicates=1",  # 3 in the quickstart: test_network_replicates covers them
     "transfer.replicates=1",  # 3 by default: test_pipeline covers the replicates
     "transfer.use_gpu=false",
 ]

@@ -175,3 +175,28 @@ def test_search_works_for_a_task_whose_label_is_the_rgb_image(tmp_path, tiny_dat
     stage, _ = make_stage1(tmp_path, tiny_dataset, "tune.num_samples=1", "tune.max_epochs=1")
     best = stage.search([get_task("autoencoding")])
     assert set(best["autoencoding"]) == {"lr", "weight_decay", "batch_size"}
+
+
+def test_each_network_replicate_searches_with_its_own_seed_and_trains_with_its_choice(
+    tmp_path, tiny_dataset, ray_session
+):
+    stage, tracker = make_stage1(
+        tmp_path,
+        tiny_dataset,
+        "train.epochs=1",
+        "train.num_workers=1",
+        "train.replicates=2",
+        "tune.num_samples=2",
+        "tune.max_epochs=1",
+        "tune.cpus_per_trial=2",
+    )
+    task = get_task("normal")
+    [result] = stage.run([task], search=True).values()
+    searched = [stage.plan.searched_hparams(task, n) for n in (0, 1)]
+    assert searched[0]["lr"] != searched[1]["lr"]  # sampled with each replicate's seed
+    assert result.hparams == searched[0] and result.replicas[0].hparams == searched[1]
+    names = {
+        r.info.run_name for r in tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'tune'")
+    }
+    assert names == {"tune/normal", "tune/normal#1"}
+    assert stage.run([task], search=True)[task.name] == result  # all read back

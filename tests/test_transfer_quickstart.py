@@ -65,6 +65,7 @@ def test_geometric_sources_have_more_affinity_than_texture_edges_for_geometric_t
             "transfer.orders=[]",
             "transfer.beams=[]",
             "transfer.epochs=8",
+            "train.replicates=1",  # one network per task: the science check reads replicate 0
         ],
     )
     store = prepare_dataset(cfg)

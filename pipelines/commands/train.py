@@ -68,12 +68,18 @@ def _tune(args: argparse.Namespace) -> int:
     from pipelines.invocation import invocation, study_lock
     from pipelines.ray_runtime import ensure_ray
     from pipelines.stage1 import Stage1
+    from pipelines.stage1_plan import network_name
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "tune", args.wait_for_lock):
         ensure_ray()
         with invocation(cfg, "tune") as inv:
-            best = Stage1(cfg, inv.store, inv.tracker, inv.run_id).search(tasks)
+            stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
+            best = {  # one search per network replicate (tune.each_replicate), or one
+                network_name(name, n): h
+                for n in stage1.plan.searches()
+                for name, h in stage1.search(tasks, n).items()
+            }
     for name, h in best.items():
         print(
             f"{name:<18} lr={h['lr']:.2e} weight_decay={h['weight_decay']:.2e} batch_size={h['batch_size']}"
