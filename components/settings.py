@@ -21,11 +21,6 @@ class Settings:
     # default they go to Ray's log folder (its path is printed) and the console shows progress
     # bars and the answer.
     verbose: bool = False
-    # Fault injection for the tests, never in a user's config. TASKATLAS_TEST_FAIL_AT_EPOCH=N:
-    # kill rank 0 once, at the start of epoch N of a Ray Train run (its networks' epochs counted
-    # one after another). TASKATLAS_TEST_FAIL_READOUTS=a->t,b+c->t: those readouts always raise.
-    fail_at_epoch: int | None = None
-    fail_readouts: tuple[str, ...] = ()
     # The local cache of remote files (TASKATLAS_CACHE, default ~/.cache/taskatlas) and its size
     # bound in GB (TASKATLAS_CACHE_GB, default 20)
     cache_dir: Path = Path.home() / ".cache" / "taskatlas"
@@ -44,15 +39,11 @@ def read_settings() -> Settings:
     verbose = os.environ.get("TASKATLAS_VERBOSE", "0").strip().lower()
     if verbose not in ("0", "1", "true", "false"):
         raise ConfigError(f"TASKATLAS_VERBOSE must be 0 or 1, got {verbose!r}")
-    epoch = os.environ.get("TASKATLAS_TEST_FAIL_AT_EPOCH", "").strip()
-    readouts = os.environ.get("TASKATLAS_TEST_FAIL_READOUTS", "")
     return Settings(
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         ray_num_cpus=_positive_int("TASKATLAS_RAY_NUM_CPUS", cpus) if cpus else None,
         ray_dashboard=dashboard in ("1", "true"),
         verbose=verbose in ("1", "true"),
-        fail_at_epoch=_positive_int("TASKATLAS_TEST_FAIL_AT_EPOCH", epoch, minimum=0) if epoch else None,
-        fail_readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()),
         cache_dir=Path(os.environ.get("TASKATLAS_CACHE") or Path.home() / ".cache" / "taskatlas"),
         cache_gb=_positive_float("TASKATLAS_CACHE_GB", os.environ.get("TASKATLAS_CACHE_GB") or "20"),
         aws_region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",

@@ -71,7 +71,7 @@ def interrupts_kept() -> Iterator[None]:
     stands for, and both handlers are put back as they were."""
     main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)} if main else {}
-    before = os.environ.get(_TUNE_NO_SIGINT)
+    before = os.environ.pop(_TUNE_NO_SIGINT, None)  # put back after: not a setting of ours
     os.environ[_TUNE_NO_SIGINT] = "1"
     try:
         yield

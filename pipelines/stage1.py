@@ -32,7 +32,6 @@ from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
 from components.disk_space import no_space
 from components.errors import OutOfSpace
-from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
 from pipelines.progress import progress_bar
@@ -63,6 +62,9 @@ class Stage1:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
+    # A test's fault seam: kill rank 0 once, at the start of epoch N of a Ray Train run (its
+    # networks' epochs counted one after another).
+    fail_at_epoch: int | None = None
 
     @property
     def plan(self) -> Stage1Plan:
@@ -211,7 +213,7 @@ class Stage1:
             tracking_retry_s=cfg.tracking.retry_s,
             run_id=run_id,
             weights=weights,
-            fail_at_epoch=read_settings().fail_at_epoch,
+            fail_at_epoch=self.fail_at_epoch,
             cache_in_memory=cfg.train.cache_in_memory,
             data_root=self.store.root.uri if cfg.train.loader is Loader.SHARDS else "",
             new_run=to_dict(new_run) if new_run is not None else None,

@@ -58,17 +58,21 @@ _REMOTE_TARGET_LOSSES = ray.remote(write_target_losses)
 
 @dataclass
 class Stage2:
-    """Stage II for one pipeline invocation. `encode_log` is a test seam counting encoder calls."""
+    """Stage II for one pipeline invocation. Test seams: `encode_log` counts encoder calls,
+    `fail_readouts` names readouts (`a->t`) whose every attempt raises."""
 
     config: PipelineConfig
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
     encode_log: Path | None = None
+    fail_readouts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         use_gpu = self.config.transfer.use_gpu
-        self.jobs = Stage2Plan(self.config, self.store, cluster_gpus() > 0 if use_gpu is None else use_gpu)
+        self.jobs = Stage2Plan(
+            self.config, self.store, cluster_gpus() > 0 if use_gpu is None else use_gpu, self.fail_readouts
+        )
 
     @property
     def slots(self) -> int:

@@ -41,7 +41,7 @@ from components.training import (
 from pipelines.tracking import DEFAULT_RETRY_S, RunLogger, RunToStart
 
 CHECKPOINT_FILE = "state.pt"
-# TASKATLAS_TEST_FAIL_AT_EPOCH waits this long before killing rank 0: a few of Ray Train's report polls.
+# The `fail_at_epoch` seam waits this long before killing rank 0: a few of Ray Train's report polls.
 FAILURE_DRAIN_S = 6.0
 
 

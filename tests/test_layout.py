@@ -1,6 +1,6 @@
 """The house rules, checked on the code itself: components never import pipelines, the baselines
-are named in one module, the environment is read in one module, and a stage's result can be
-read without loading torch or Ray."""
+are named in one module, the environment is read in one module and no test switch in any, and a
+stage's result can be read without loading torch or Ray."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ def test_the_environment_is_read_in_settings_alone():
                 and isinstance(node.ctx, ast.Load)
             )
             assert not reads, f"{path.relative_to(ROOT)}:{node.lineno} reads the environment: use settings"
+
+
+def test_faults_are_injected_through_constructors_not_the_environment():
+    """Tests hand a stage its faults (`Stage1.fail_at_epoch`, `Stage2.fail_readouts`); production
+    code reads no test switch."""
+    for path in [*sources("components"), *sources("pipelines")]:
+        assert "TASKATLAS_TEST" not in path.read_text(), f"{path.relative_to(ROOT)} reads a test switch"
 
 
 def test_results_and_the_vocabulary_load_neither_torch_nor_ray():

@@ -1,5 +1,6 @@
 """Stage I on a real local Ray: DDP training, checkpoints, failure recovery, ASHA, the registry."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -70,11 +71,11 @@ def test_two_worker_ddp_trains_and_its_checkpoint_reloads(tmp_path, tiny_dataset
 
 @pytest.mark.slow  # a worker killed mid-run and the run resumed: about 40 s (CI runs it)
 def test_a_run_of_two_networks_killed_in_the_second_resumes_it_and_keeps_the_first(
-    tmp_path, tiny_dataset, ray_session, monkeypatch
+    tmp_path, tiny_dataset, ray_session
 ):
     # Epochs are counted over the run: 0-2 are the first network's, 3-5 the second's.
-    monkeypatch.setenv("TASKATLAS_TEST_FAIL_AT_EPOCH", "5")
     stage, tracker = make_stage1(tmp_path, tiny_dataset, "train.epochs=3", "train.num_workers=1")
+    stage = dataclasses.replace(stage, fail_at_epoch=5)
     hparams = stage.plan.default_hparams()
     first, second = stage.train_networks([(get_task("edge_texture"), hparams), (get_task("normal"), hparams)])
     assert (first.task, second.task) == ("edge_texture", "normal")

@@ -347,13 +347,11 @@ def test_replicates_add_only_the_new_readouts_and_carry_a_replicate_column(env):
     assert a != b  # another seed, another readout
 
 
-def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env, monkeypatch):
+def test_a_failing_readout_is_retried_then_reported_by_name_without_stopping_the_others(env):
     root, store, results = env
     failing = "reshading->normal"
     overrides = ("transfer.epochs=1", "transfer.max_retries=1")
-    monkeypatch.setenv("TASKATLAS_TEST_FAIL_READOUTS", failing)
-    result = make_stage2(root, store, *overrides).run(results)
-    monkeypatch.delenv("TASKATLAS_TEST_FAIL_READOUTS")
+    result = make_stage2(root, store, *overrides, fail_readouts=(failing,)).run(results)
     assert result.failed == (failing,)
     bad = Readout("normal", ("reshading",))
     bad_path = make_stage2(root, store, *overrides).jobs.readout_keys(results).path(bad)

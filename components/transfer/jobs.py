@@ -128,7 +128,7 @@ def run_readout(job: ReadoutJob) -> ReadoutOutcome:
     r, task, started = job.readout, job.task, time.time()
     note_attempt(job.path, "start")
     if job.fail:
-        raise RuntimeError(f"injected failure of readout {r.name} (TASKATLAS_TEST_FAIL_READOUTS)")
+        raise RuntimeError(f"injected failure of readout {r.name} (a test's fault seam)")
     torch.set_num_threads(job.threads)
     if r.kind is ReadoutKind.SELF:
         return _score_self(job, started)
@@ -247,7 +247,7 @@ def run_stack(job: StackJob) -> StackOutcome:
                 continue
             done.append(_store(m.path, m.readout, result, started))
     if seams := [m.readout.name for m in todo if m.fail]:
-        raise RuntimeError(f"injected failure of readout {', '.join(seams)} (TASKATLAS_TEST_FAIL_READOUTS)")
+        raise RuntimeError(f"injected failure of readout {', '.join(seams)} (a test's fault seam)")
     return StackOutcome(tuple(done), tuple(failed))
 
 
