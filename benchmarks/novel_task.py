@@ -8,7 +8,7 @@ turn is positioned as if it were new, from a few labelled images (design.md sect
 
 For target t and label budget L (a fraction of the study's transfer split), L of the study's
 transfer images with t's labels, and the study's test images, become a dataset of their own; t is
-positioned against the study with `pipelines.position` exactly as `taskatlas position` does (no
+positioned against the study with `pipelines.position.run` exactly as `taskatlas position` does (no
 `self`: a user's new task has no fully supervised network), and t's own network is never a source.
 The model is chosen on validation images, as `taskatlas position` chooses it, so its figures on
 the test images are not what picked it. Rankings are compared on two disjoint halves of the test
@@ -59,10 +59,10 @@ from components.position import BASELINE_SETS, first_order_columns, split_test_i
 from components.storage import Location  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
-from pipelines.position import Study, finished_study, position_task  # noqa: E402
+from pipelines.position.run import Study, finished_study, position_task  # noqa: E402
 from pipelines.ray_runtime import ensure_ray  # noqa: E402
-from pipelines.stage2_plan import Stage2Plan  # noqa: E402
-from pipelines.stage2_record import LOSSES  # noqa: E402
+from pipelines.stage2.plan import Stage2Plan  # noqa: E402
+from pipelines.stage2.record import LOSSES  # noqa: E402
 
 
 def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> ShardStore:

@@ -63,13 +63,13 @@ from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer import BASELINES, TransferPlan, prune_plan  # noqa: E402
 from components.transfer.estimate import EstimatorKind, run_estimates, spearman  # noqa: E402
-from pipelines.analysis_steps import taxonomy_options, within_table  # noqa: E402
+from pipelines.analysis.steps import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.results import TaskResult  # noqa: E402
-from pipelines.stage2 import Stage2  # noqa: E402
-from pipelines.stage2_plan import feature_sources  # noqa: E402
-from pipelines.stage2_pruning import estimate_job  # noqa: E402
+from pipelines.stage2.plan import feature_sources  # noqa: E402
+from pipelines.stage2.pruning import estimate_job  # noqa: E402
+from pipelines.stage2.run import Stage2  # noqa: E402
 
 TASKS = (  # 12 tasks, 10 targets (colorization and inpainting are source-only)
     "autoencoding,denoising,colorization,inpainting,depth_zbuffer,depth_euclidean,normal,"

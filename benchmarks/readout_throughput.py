@@ -16,7 +16,7 @@ of the quickstart) and `class_object` (a vector head). Figures on the last line,
 - `per_hour`: {target: {"1": readouts/hour one at a time, "N": stacked in stacks of N}};
 - `stacked_speedup`: per target, stacked at the default stack size for this device and target
   (`transfer.stack: 0`: 16, but for pixel targets on CPUs 1, or 4 where the training images fit
-  in one batch; `pipelines.stage2_plan.auto_stack`) over one at a time, and
+  in one batch; `pipelines.stage2.plan.auto_stack`) over one at a time, and
   `best_speedup` at the best size measured;
 - `stage2_speedup` (with `--stage2`): the quickstart's Stage II wall time with `transfer.stack: 1`
   over `transfer.stack: 16`, both on the same trained networks (`taskatlas run --stages transfer`
@@ -54,7 +54,7 @@ from components.tasks import TaskKind, get_task  # noqa: E402
 from components.transfer import ReadoutSettings, StackMember, train_readout, train_stacked  # noqa: E402
 from components.transfer.readout import build_readout, label_tensor, validation_split  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
-from pipelines.stage2_plan import auto_stack  # noqa: E402
+from pipelines.stage2.plan import auto_stack  # noqa: E402
 
 TARGETS = ("normal", "class_object")
 

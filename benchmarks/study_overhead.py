@@ -23,7 +23,7 @@ budget 2; its fixed costs weigh more than in --full, where the goal (<= 1.25) is
    `analysis_s` (to the parent run's end), `exit_s` (report, Ray shut down, process gone).
 2. The plain script: this file in a subprocess (`--plain`), one process, `torch.set_num_threads`
    = the machine's cores (`plain_threads`), its split timed in-process (`setup_s`, `exit_s` the
-   rest of its wall time). Per task: the search as `pipelines/search.py::tune_trial` runs each
+   rest of its wall time). Per task: the search as `pipelines/stage1/trial.py::tune_trial` runs each
    trial, replaying the hyperparameters Tune sampled (read from the pipeline's MLflow trial runs,
    so both sides train the same batch sizes), with ASHA's early stopping as synchronous successive
    halving over the same grace period, reduction factor and max epochs; the best trial by
@@ -100,7 +100,7 @@ from components.transfer import (  # noqa: E402
 )
 from components.transfer.jobs import FeatureEncoder  # noqa: E402
 from components.transfer.readout import score_network  # noqa: E402
-from pipelines.analysis_steps import taxonomy_options  # noqa: E402  (imports no MLflow)
+from pipelines.analysis.steps import taxonomy_options  # noqa: E402  (imports no MLflow)
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -296,7 +296,7 @@ def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) 
 
 
 def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
-    """Stages III + IV as `pipelines/analysis_steps.py` computes them (no files, plots or runs)."""
+    """Stages III + IV as `pipelines/analysis/steps.py` computes them (no files, plots or runs)."""
     a = cfg.analysis
     result = affinity_by_target(sorted(tables), tables.__getitem__, a.bootstrap, a.seed)
     table, options = transfer_table(result.table), taxonomy_options(cfg)
@@ -373,7 +373,7 @@ def pipeline_record(root: Path, experiment: str) -> dict:
     """From the pipeline's MLflow store: stage times, the trials Tune ran, the readouts."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import default_tracking_uri
+    from pipelines.tracking.store import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(root))
     exp = client.get_experiment_by_name(experiment)

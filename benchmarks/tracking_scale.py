@@ -10,7 +10,7 @@ tests), served as cluster/kubernetes/mlflow.yaml serves it: gunicorn, 2 workers 
 (MLflow's default uvicorn costs the server about 40% more CPU a request here), warms it up, then
 logs synthetic readout outcomes (`ReadoutOutcome`s of Taskonomy-like readouts, every epoch's
 train loss) to two fresh experiments:
-- `seconds_per_1000_readouts`: --readouts outcomes through `pipelines.readout_runs.ReadoutRunLog`
+- `seconds_per_1000_readouts`: --readouts outcomes through `pipelines.stage2.readout_runs.ReadoutRunLog`
   (buffered, flushed every --batch runs with `Tracker.log_finished_runs`), reading the known runs
   first, as Stage II does; goal under 30 s on this 2-core machine.
 - `serial_seconds_per_1000`: --serial outcomes the old way, the same runs one after another:
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout, installe
 from components.tasks import TASKS  # noqa: E402
 from components.transfer import Readout  # noqa: E402
 from components.transfer.jobs import ReadoutOutcome  # noqa: E402
-from pipelines.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
-from pipelines.tracking import LOG_THREADS, Tracker  # noqa: E402
+from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
+from pipelines.tracking.runs import LOG_THREADS, Tracker  # noqa: E402
 from tests.services import start_mlflow_server, start_postgres  # noqa: E402
 
 STAGE_KEY = "bench0000stage"

@@ -38,10 +38,10 @@ from components.models import build_network
 from components.tasks import get_task
 from components.training import OptimConfig, evaluate, iter_batches, make_optimizer, train_one_epoch
 from pipelines.config import load_pipeline_config
-from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import set_train_report_poll
-from pipelines.tracking import Tracker
-from pipelines.train_worker import WorkerConfig, loop_config, train_worker
+from pipelines.stage1.ray_data import ray_dataset
+from pipelines.stage1.worker import WorkerConfig, loop_config, train_worker
+from pipelines.tracking.runs import Tracker
 
 TASK = "normal"
 

@@ -3,8 +3,8 @@ a private import here and nowhere else). Each use says what it needs and why no 
 the pinned ranges in pyproject.toml keep them stable, and a version bump re-checks them here.
 Importing this module imports nothing heavy: each private module is imported when first used.
 
-    from pipelines.compat import process_tracking_uri                      # pipelines/tracking.py
-    from pipelines.compat import RayTorchBackend, setup_torch_process_group  # torch_loopback.py
+    from pipelines.compat import process_tracking_uri                      # pipelines/tracking/runs.py
+    from pipelines.compat import RayTorchBackend, setup_torch_process_group  # stage1/loopback.py
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def __getattr__(name: str) -> Any:
-    """Ray Train's torch.distributed set-up, for pipelines/torch_loopback.py: its backend (which
+    """Ray Train's torch.distributed set-up, for pipelines/stage1/loopback.py: its backend (which
     that module subclasses to keep the rendezvous on loopback) and the two steps the backend runs
     on each worker. Ray makes only `TorchConfig` public; these are private to
     ray.train.torch.config (Ray is pinned to one minor release)."""

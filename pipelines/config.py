@@ -110,7 +110,7 @@ class TrainConfig:
     seed: int = 0
     # Each task's network trained this many times (and searched, `tune.each_replicate`): replicate 0 with `seed`
     # (the network every study had before replicates, the one registered), replicate n > 0 with a
-    # seed of its own (`stage1_plan.network_seed`). Readout replicate r reads network replicate
+    # seed of its own (`stage1.plan.network_seed`). Readout replicate r reads network replicate
     # r mod N, so Stage III's multi-bootstrap covers how the networks trained too (at most
     # transfer.replicates: more would never be read). Raising it trains only the new replicates.
     replicates: int = 1
@@ -313,7 +313,7 @@ class AnalysisConfig:
     bootstrap: int = 200  # 0: no intervals, no stability
     seed: int = 0
     # The share of the study's test images Stage III/IV score, each image kept or not by a hash of
-    # (seed, image id) (`analysis_steps.in_test_subset`): reruns with other seeds score other
+    # (seed, image id) (`analysis.steps.in_test_subset`): reruns with other seeds score other
     # halves (benchmarks/calibration.py). 1.0: every image, and the step keys studies always had.
     test_subset: float = 1.0
 

@@ -30,15 +30,10 @@ from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_gpus, cluster_nodes
-from pipelines.stage1_plan import HPARAMS
-from pipelines.tracking import (
-    STORAGE_ROOT_TAG,
-    DatasetRef,
-    Tracker,
-    check_sqlite_store,
-    default_tracking_uri,
-    remote_storage_refusal,
-)
+from pipelines.stage1.plan import HPARAMS
+from pipelines.tracking.entities import STORAGE_ROOT_TAG, DatasetRef
+from pipelines.tracking.runs import Tracker
+from pipelines.tracking.store import check_sqlite_store, default_tracking_uri, remote_storage_refusal
 
 TRACKING_TIMEOUT_S = 10.0  # how long a tracking server has to answer before a run starts
 TUNED = "tuned per task (tune/<task>)"  # a parent run's param where each network has its own value

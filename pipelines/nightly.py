@@ -8,7 +8,7 @@ data version and a rerun on the same day reuses everything (and promotes nothing
 dataset (`data.path`) whose source folder has grown (or changed) since is imported again, as a
 new data version under `<storage_root>/data/`, its old images keeping their ids and splits;
 while the source is unchanged, the dataset is used as it is.
-A task's new model becomes the registry's `champion` (of `<study>-<task>`, `pipelines/registry.py`)
+A task's new model becomes the registry's `champion` (of `<study>-<task>`, `pipelines/tracking/registry.py`)
 only if its test loss is not worse than the current champion's on the same (new) test split. A
 champion of another definition of the task (another loss, column, ...) is not scored with this
 one's loss: the study redefined the task, and the new model takes its place. What a night
@@ -31,9 +31,10 @@ from pipelines.config import PipelineConfig
 from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
-from pipelines.registry import network_model, nightly_state, registered_definition
 from pipelines.results import TaskResult
-from pipelines.tracking import CHAMPION, Tracker, UnsafeModelError, load_registered_weights, network_spec
+from pipelines.tracking.models import CHAMPION, UnsafeModelError, load_registered_weights, network_spec
+from pipelines.tracking.registry import network_model, nightly_state, registered_definition
+from pipelines.tracking.runs import Tracker
 
 
 def nightly_config(cfg: PipelineConfig, day: date) -> PipelineConfig:
@@ -72,7 +73,7 @@ def promote(
     for name in retrained:
         r, task = results[name], catalog[name]
         registered = network_model(study, name)
-        champion = tracker.alias_version(registered, CHAMPION)
+        champion = tracker.models.alias_version(registered, CHAMPION)
         champion_loss, refused, other = None, "", ""
         if champion is not None and champion != r.model_version:
             tagged = registered_definition(tracker, registered, champion)
@@ -86,7 +87,7 @@ def promote(
         # A task's first version is made champion when it is registered (Stage I): new this night.
         better = champion in (None, r.model_version) or bool(refused or other) or r.test_loss <= champion_loss
         if better:
-            tracker.set_alias(registered, CHAMPION, r.model_version)
+            tracker.models.set_alias(registered, CHAMPION, r.model_version)
         out.append(
             Promotion(name, r.model_version, r.test_loss, champion, champion_loss, better, refused, other)
         )

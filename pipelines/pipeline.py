@@ -23,18 +23,18 @@ from components.errors import TaskatlasError
 from components.storage import Location
 from components.tasks import Task
 from components.vocabulary import SELF
-from pipelines.analysis_steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
+from pipelines.analysis.report import answer_markdown
+from pipelines.analysis.steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
-from pipelines.report import answer_markdown
 from pipelines.results import Stage2Result, TaskResult
-from pipelines.stage1 import Stage1
-from pipelines.stage1_plan import Stage1Plan, network_name
-from pipelines.stage2 import Stage2
-from pipelines.stage2_plan import Stage2Plan
-from pipelines.stage2_record import LOSSES, READOUTS_TRAINED
+from pipelines.stage1.plan import Stage1Plan, network_name
+from pipelines.stage1.run import Stage1
+from pipelines.stage2.plan import Stage2Plan
+from pipelines.stage2.record import LOSSES, READOUTS_TRAINED
+from pipelines.stage2.run import Stage2
 from pipelines.steps import log_stored_artifact
-from pipelines.tracking import Tracker
+from pipelines.tracking.runs import Tracker
 
 
 class Stage(str, Enum):

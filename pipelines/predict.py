@@ -3,7 +3,7 @@
     taskatlas predict -c configs/quickstart.yaml --model taskatlas-quickstart-near-transfer --images photos/ --out preds/
 
 The model is a positioned task's transfer model (`taskatlas position`), or any study network
-(`<study>-<task>`, `pipelines/registry.py`); `NAME` is its champion, `NAME@alias` or
+(`<study>-<task>`, `pipelines/tracking/registry.py`); `NAME` is its champion, `NAME@alias` or
 `NAME/version` another. Both are rebuilt with this project's code from weights-only files; a
 transfer model's encoders are the registered versions it records. Images (`DIR/rgb/*` or `DIR/*`:
 PNG, JPEG or .npy) are centre-cropped and resized as the importers do; predictions go to
@@ -27,7 +27,12 @@ from components.tasks import Task, view_input
 from components.transfer.features import trained_encoder
 from components.transfer.model import TRANSFER_FORMAT, TransferModel, TransferSpec, write_prediction
 from pipelines.progress import progress_bar
-from pipelines.tracking import load_registered_model, load_registered_weights, network_spec, resolve_version
+from pipelines.tracking.models import (
+    load_registered_model,
+    load_registered_weights,
+    network_spec,
+    resolve_version,
+)
 
 _NETWORK_FORMAT = "taskatlas-weights-v1"
 BATCH = 64

@@ -29,7 +29,7 @@ from components.storage import Location, location
 from components.study_lock import check_held
 
 if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
-    from pipelines.tracking import Tracker
+    from pipelines.tracking.runs import Tracker
 
 DONE = "done.json"
 FILES = "files"  # the marker's record of the step's files: relative path -> [size, sha256]

@@ -16,7 +16,7 @@ import pytest
 from components.affinity import affinity_by_target
 from components.errors import ConfigError, TaskatlasError
 from components.storage import location
-from pipelines.analysis_steps import (
+from pipelines.analysis.steps import (
     SAMPLES,
     affinity_step,
     analysis_key,

@@ -44,7 +44,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_ray_data_reads_verified_shards(tiny_dataset, ray_session):
-    from pipelines.ray_data import ray_dataset
+    from pipelines.stage1.ray_data import ray_dataset
 
     store = ShardStore(tiny_dataset)
     ds = ray_dataset(store, "train", ["rgb", "depth_zbuffer"])

@@ -19,7 +19,7 @@ from components.disk_space import RESERVE, no_space
 from components.errors import OutOfSpace
 from components.storage import location
 from pipelines.config import load_pipeline_config
-from pipelines.train_state import SNAPSHOT, repair_train_state, train_state_damage
+from pipelines.stage1.train_state import SNAPSHOT, repair_train_state, train_state_damage
 from tests.disk import fill, resize, small_disk
 from tests.study import write_study
 

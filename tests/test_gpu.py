@@ -33,7 +33,7 @@ def test_ddp_over_all_gpus(tmp_path, tiny_dataset, ray_session):
     from components.data.shards import ShardStore
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import open_tracker
-    from pipelines.stage1 import Stage1
+    from pipelines.stage1.run import Stage1
 
     cfg = load_pipeline_config(
         "configs/quickstart.yaml",

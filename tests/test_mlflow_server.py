@@ -18,7 +18,8 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import Tracker, remote_storage_refusal
+from pipelines.tracking.runs import Tracker
+from pipelines.tracking.store import remote_storage_refusal
 from tests.services import s3_env, start_mlflow_server
 
 

@@ -33,16 +33,18 @@ from components.models import build_network
 from components.tasks import channels_for
 from components.transfer import Readout
 from components.transfer.jobs import ReadoutOutcome
+from pipelines.analysis.report import answer_markdown
 from pipelines.cli import main
 from pipelines.commands.run import print_run
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import dataset_ref, invocation, open_tracker
-from pipelines.readout_runs import ReadoutRunLog
-from pipelines.report import answer_markdown
-from pipelines.stage1_plan import Stage1Plan
-from pipelines.stage1_record import NetworkRecord
-from pipelines.stage1_search import HPARAMS, TrialProgress
-from pipelines.tracking import NOTE, RunLogger, run_url
+from pipelines.stage1.plan import Stage1Plan
+from pipelines.stage1.record import NetworkRecord
+from pipelines.stage1.search import HPARAMS, TrialProgress
+from pipelines.stage2.readout_runs import ReadoutRunLog
+from pipelines.tracking.entities import NOTE
+from pipelines.tracking.logger import RunLogger
+from pipelines.tracking.store import run_url
 from tests.services import start_mlflow_server
 from tests.study import write_study
 

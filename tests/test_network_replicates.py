@@ -16,8 +16,8 @@ from components.transfer import Readout, ReadoutKind, baseline
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan, network_name, network_seed
-from pipelines.stage2_plan import Stage2Plan
+from pipelines.stage1.plan import Stage1Plan, network_name, network_seed
+from pipelines.stage2.plan import Stage2Plan
 from tests.study import write_study
 
 TASKS = ["normal", "reshading", "edge_texture"]

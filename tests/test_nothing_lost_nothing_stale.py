@@ -28,8 +28,8 @@ from components.storage import location
 from components.transfer import Readout
 from components.transfer.jobs import stored_outcome, write_readout
 from pipelines.cli import main
-from pipelines.position import POSITION
-from pipelines.tracking import load_registered_model, load_registered_weights, resolve_version
+from pipelines.position.run import POSITION
+from pipelines.tracking.models import load_registered_model, load_registered_weights, resolve_version
 from tests.services import cli_process
 from tests.study import write_study
 

@@ -14,8 +14,8 @@ from components.config import to_dict
 from components.data.shards import ShardStore
 from pipelines.config import load_pipeline_config
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan, network_name
-from pipelines.stage2_plan import Stage2Plan
+from pipelines.stage1.plan import Stage1Plan, network_name
+from pipelines.stage2.plan import Stage2Plan
 
 GOLDEN = Path(__file__).parent / "data" / "quickstart_plan.json"
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"

@@ -14,7 +14,7 @@ from components.data.scenes import SceneConfig
 from components.data.synthetic import DatasetConfig, render_images
 from components.errors import ConfigError
 from pipelines.cli import main
-from pipelines.tracking import (
+from pipelines.tracking.models import (
     UnsafeModelError,
     load_registered_model,
     load_registered_weights,
@@ -228,7 +228,7 @@ def test_channel_first_npy_labels_are_read_as_their_task_channels(tmp_path):
     refused naming the layouts accepted."""
     from components.data.importing import read_raw
     from pipelines.config import load_pipeline_config
-    from pipelines.position import check_images, load_task
+    from pipelines.position.run import check_images, load_task
 
     config = tmp_path / "study.yaml"
     config.write_text(STUDY.format(root=tmp_path / "runs"))

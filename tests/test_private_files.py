@@ -11,7 +11,8 @@ import pytest
 from components.storage import location
 from components.transfer.jobs import attempts_path, note_attempt
 from pipelines.steps import Step
-from pipelines.tracking import Tracker, default_tracking_uri
+from pipelines.tracking.runs import Tracker
+from pipelines.tracking.store import default_tracking_uri
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Readout runs logged in batches (pipelines/readout_runs.py) and the tracker's batched API.
+"""Readout runs logged in batches (pipelines/stage2/readout_runs.py) and the tracker's batched API.
 
 Against a real local SQLite store; the `slow` tests against a real `mlflow server` on PostgreSQL
 (the `mlflow_pg_server` fixture), where runs go several at a time.
@@ -14,8 +14,9 @@ import pytest
 
 from components.transfer import Readout, ReadoutKind
 from components.transfer.jobs import ReadoutOutcome
-from pipelines.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
-from pipelines.tracking import FinalStatus, FinishedRun, Tracker
+from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
+from pipelines.tracking.entities import FinalStatus, FinishedRun
+from pipelines.tracking.runs import Tracker
 
 STARTED, FINISHED = 1_700_000_000.25, 1_700_000_042.5  # epoch seconds
 

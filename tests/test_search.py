@@ -11,10 +11,10 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from components.data.shards import ShardStore
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
-from pipelines.search import TASK_KEY, PerTaskASHA
-from pipelines.stage1_plan import Stage1Plan
-from pipelines.stage1_record import NetworkRecord
-from pipelines.stage1_search import finish_search
+from pipelines.stage1.plan import Stage1Plan
+from pipelines.stage1.record import NetworkRecord
+from pipelines.stage1.search import finish_search
+from pipelines.stage1.trial import TASK_KEY, PerTaskASHA
 from tests.study import write_study
 
 

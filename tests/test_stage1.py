@@ -14,9 +14,9 @@ from components.tasks import get_task
 from components.training import iter_batches, per_image_losses
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
-from pipelines.stage1 import Stage1
-from pipelines.tracking import load_registered_model
-from pipelines.train_worker import CHECKPOINT_FILE
+from pipelines.stage1.run import Stage1
+from pipelines.stage1.worker import CHECKPOINT_FILE
+from pipelines.tracking.models import load_registered_model
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 

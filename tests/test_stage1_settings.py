@@ -7,8 +7,8 @@ import pytest
 from components.data.shards import ShardStore
 from components.errors import ConfigError, TaskatlasError
 from pipelines.config import load_pipeline_config
-from pipelines.stage1 import Stage1
-from pipelines.stage1_plan import network_runs, worker_batch_size
+from pipelines.stage1.plan import network_runs, worker_batch_size
+from pipelines.stage1.run import Stage1
 
 
 def stage(tmp_path, dataset, *overrides) -> Stage1:

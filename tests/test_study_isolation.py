@@ -18,9 +18,10 @@ from components.tasks import get_task, task_from_definition
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
 from pipelines.nightly import lock_command, promote, run_nightly
-from pipelines.registry import DEFINITION_TAG, STUDY_TAG, network_model, version_tags
 from pipelines.results import TaskResult
-from pipelines.tracking import CHAMPION, NetworkSpec, Registration, Tracker
+from pipelines.tracking.models import CHAMPION, NetworkSpec, Registration
+from pipelines.tracking.registry import DEFINITION_TAG, STUDY_TAG, network_model, version_tags
+from pipelines.tracking.runs import Tracker
 from tests.study import write_study
 
 L1 = get_task("normal")
@@ -47,11 +48,11 @@ def _register(tracker, study: str, task, test_loss: float, tags: dict | None = N
     registration = Registration(
         name, "m", "d", version_tags=version_tags(study, task) if tags is None else tags
     )
-    version = tracker.log_task_network(
+    version = tracker.models.log_task_network(
         run, model_id, spec.build().state_dict(), spec, registration, [Metric("final_test_loss", 0.5, 0, 0)]
     )
-    if tracker.alias_version(name, CHAMPION) is None:
-        tracker.set_alias(name, CHAMPION, version)
+    if tracker.models.alias_version(name, CHAMPION) is None:
+        tracker.models.set_alias(name, CHAMPION, version)
     return TaskResult(task.name, "k", "unused", test_loss, {}, run, version, name)
 
 
@@ -59,8 +60,8 @@ def test_two_studies_register_apart_and_a_nightly_moves_only_its_own_champion(tr
     a = _register(tracker, "a", L1, 0.5)
     b = _register(tracker, "b", L2, 0.5)
     assert (a.registered, b.registered) == ("a-normal", "b-normal") and a.model_version == b.model_version
-    tags_a = tracker.version_tags("a-normal", "1")
-    tags_b = tracker.version_tags("b-normal", "1")
+    tags_a = tracker.models.version_tags("a-normal", "1")
+    tags_b = tracker.models.version_tags("b-normal", "1")
     assert tags_a[STUDY_TAG] == "a" and tags_b[STUDY_TAG] == "b"
     assert tags_a[DEFINITION_TAG] == L1.definition_hash != tags_b[DEFINITION_TAG] == L2.definition_hash
 
@@ -69,18 +70,18 @@ def test_two_studies_register_apart_and_a_nightly_moves_only_its_own_champion(tr
     [p] = promote(tracker, "b", {"normal": challenger}, ["normal"], TEST, {"normal": L2})
     assert not p.promoted and p.champion_version == "1" and p.champion_loss is not None
     assert p.champion_definition == ""  # same definition: scored with its loss
-    assert tracker.alias_version("b-normal", CHAMPION) == "1"
-    assert tracker.alias_version("a-normal", CHAMPION) == "1"
+    assert tracker.models.alias_version("b-normal", CHAMPION) == "1"
+    assert tracker.models.alias_version("a-normal", CHAMPION) == "1"
     assert sorted(m.name for m in tracker.client.search_registered_models()) == ["a-normal", "b-normal"]
 
 
 def test_a_champion_of_another_definition_is_not_scored_with_our_loss_and_is_replaced(tracker):
     _register(tracker, "a", L1, 0.5)  # the study's champion, when `normal` was l1
     redefined = _register(tracker, "a", L2, 1e9)  # far worse, but of another definition
-    assert tracker.alias_version("a-normal", CHAMPION) == "1"
+    assert tracker.models.alias_version("a-normal", CHAMPION) == "1"
     [p] = promote(tracker, "a", {"normal": redefined}, ["normal"], TEST, {"normal": L2})
     assert p.promoted and p.champion_loss is None and p.champion_definition == L1.definition_hash
-    assert tracker.alias_version("a-normal", CHAMPION) == redefined.model_version
+    assert tracker.models.alias_version("a-normal", CHAMPION) == redefined.model_version
 
     # A champion registered before the tag: its stored task says what it is.
     _register(tracker, "old", L1, 0.5, tags={"task": "normal"})
@@ -164,19 +165,21 @@ def test_a_network_another_study_trained_is_registered_under_ours_once(tmp_path,
     version of its own `b-normal` from the same logged model (regression: `b-normal` was never
     registered, so `predict --model b-normal` failed), once, and `a`'s registry is untouched."""
     from components.data.shards import ShardStore
-    from pipelines.stage1_record import NetworkRecord
+    from pipelines.stage1.record import NetworkRecord
 
     a = _register(tracker, "a", L1, 0.5)
     cfg = load_pipeline_config(str(write_study(tmp_path / "b.yaml", tmp_path / "runs", name="b")), [])
     record = NetworkRecord(cfg, ShardStore(tiny_dataset), tracker, "")
     adopted = record.adopt(L1, a)
     assert (adopted.registered, adopted.model_version) == ("b-normal", "1")
-    assert tracker.alias_version("b-normal", CHAMPION) == "1"
-    tags = tracker.version_tags("b-normal", "1")
+    assert tracker.models.alias_version("b-normal", CHAMPION) == "1"
+    tags = tracker.models.version_tags("b-normal", "1")
     assert (
         tags[STUDY_TAG] == "b" and tags[DEFINITION_TAG] == L1.definition_hash and tags["config_hash"] == "k"
     )
-    assert tracker.version_model_id("b-normal", "1") == tracker.version_model_id("a-normal", "1")
+    assert tracker.models.version_model_id("b-normal", "1") == tracker.models.version_model_id(
+        "a-normal", "1"
+    )
     assert record.adopt(L1, a) == adopted  # a rerun finds it: no second version
     assert len(tracker.client.search_model_versions("name = 'b-normal'")) == 1
     assert len(tracker.client.search_model_versions("name = 'a-normal'")) == 1

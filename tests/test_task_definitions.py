@@ -8,8 +8,8 @@ from components.transfer import Readout, ReadoutKind, baseline
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan
-from pipelines.stage2_plan import Stage2Plan
+from pipelines.stage1.plan import Stage1Plan
+from pipelines.stage2.plan import Stage2Plan
 
 EDGES = {"column": "edge_occlusion", "kind": "pixel", "loss": "l1", "channels": 1}
 

@@ -20,8 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.study_lock import STUDY_LOCK, LocalLockStore
-from pipelines.readout_runs import READOUT_KEY_TAG
-from pipelines.tracking import RunLogger, Tracker, TrackingUnavailable, request_timeout_s
+from pipelines.stage2.readout_runs import READOUT_KEY_TAG
+from pipelines.tracking.logger import RunLogger
+from pipelines.tracking.retry import TrackingUnavailable, request_timeout_s
+from pipelines.tracking.runs import Tracker
 from tests.services import cli_process, free_port, start_mlflow_server
 from tests.study import write_study
 

@@ -53,11 +53,11 @@ from components.transfer.jobs import (
 )
 from components.transfer.readout import score_network
 from pipelines.config import load_pipeline_config
-from pipelines.fanout import validation_losses
 from pipelines.invocation import open_tracker
-from pipelines.readout_runs import readout_run_name
 from pipelines.results import TaskResult
-from pipelines.stage2 import Stage2
+from pipelines.stage2.fanout import validation_losses
+from pipelines.stage2.readout_runs import readout_run_name
+from pipelines.stage2.run import Stage2
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 

@@ -23,7 +23,7 @@ from components.training import OptimConfig, iter_batches, make_optimizer, per_i
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.invocation import open_tracker, prepare_dataset
 from pipelines.results import TaskResult
-from pipelines.stage2 import Stage2
+from pipelines.stage2.run import Stage2
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIC = ("depth_zbuffer", "depth_euclidean", "normal", "reshading", "curvature")

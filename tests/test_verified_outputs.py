@@ -21,7 +21,7 @@ from components.transfer.jobs import (
     write_readout,
 )
 from pipelines.config import load_pipeline_config
-from pipelines.feature_cache import FeatureCache
+from pipelines.stage2.features import FeatureCache
 from pipelines.steps import FILES, Step
 
 

@@ -15,15 +15,15 @@ from components.models import ModelConfig
 from components.tasks import get_task
 from pipelines.nightly import promote
 from pipelines.results import TaskResult
-from pipelines.tracking import (
+from pipelines.tracking.models import (
     ARCHITECTURE_FILE,
     WEIGHTS_FILE,
     NetworkSpec,
     Registration,
-    Tracker,
     UnsafeModelError,
     load_registered_model,
 )
+from pipelines.tracking.runs import Tracker
 
 SPEC = NetworkSpec(get_task("normal"), ModelConfig(width=8, downsample=4), 16, 3)
 
@@ -47,7 +47,7 @@ def _register(tracker, run: str, state_dict) -> str:
     """What Stage I does: the run's logged model, then the weights stored and registered."""
     model_id = tracker.create_logged_model(run, "normal")
     registration = Registration("taskatlas-normal", "m", "d", version_tags={"task": "normal"})
-    return tracker.log_task_network(
+    return tracker.models.log_task_network(
         run, model_id, state_dict, SPEC, registration, [Metric("final_test_loss", 0.5, 0, 0)]
     )
 
@@ -102,7 +102,7 @@ def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp
     assert not marker.exists()
 
     # Nightly's promotion: the planted champion is refused (not unpickled) and replaced.
-    tracker.set_alias("taskatlas-normal", "champion", evil_weights)
+    tracker.models.set_alias("taskatlas-normal", "champion", evil_weights)
     run = tracker.start_run("train/normal")
     new = _register(tracker, run, SPEC.build().state_dict())
     result = TaskResult("normal", "k", "unused", 0.5, {}, run, new)
@@ -114,5 +114,5 @@ def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp
     [promotion] = promote(tracker, "taskatlas", {"normal": result}, ["normal"], test, {"normal": SPEC.task})
     assert promotion.promoted and promotion.champion_version == evil_weights
     assert "not a plain state dict" in promotion.refused
-    assert tracker.alias_version("taskatlas-normal", "champion") == new
+    assert tracker.models.alias_version("taskatlas-normal", "champion") == new
     assert not marker.exists()

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _position(args: argparse.Namespace) -> int:
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import invocation, preflight, study_lock
-    from pipelines.position import (
+    from pipelines.position.run import (
         check_images,
         check_task,
         finished_study,
@@ -46,7 +46,7 @@ def _position(args: argparse.Namespace) -> int:
         position_task,
     )
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.tracking import DatasetRef
+    from pipelines.tracking.entities import DatasetRef
 
     cfg = load_pipeline_config(args.config, args.overrides)
     task = load_task(args.task)

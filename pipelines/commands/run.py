@@ -126,7 +126,7 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
 def print_run(tracking_uri: str, experiment_id: str, run_id: str) -> None:
     """The report's last line: the parent run's page on a tracking server, else its id (after
     the command that opens the UI on the local store, and the page it then shows the run at)."""
-    from pipelines.tracking import run_url
+    from pipelines.tracking.store import run_url
 
     if url := run_url(tracking_uri, experiment_id, run_id):
         print(f"MLflow run:   {url}")

@@ -41,9 +41,9 @@ def _setup(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from pipelines.invocation import invocation, study_lock
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.registry import network_model
-    from pipelines.stage1 import Stage1
-    from pipelines.stage1_plan import network_name
+    from pipelines.stage1.plan import network_name
+    from pipelines.stage1.run import Stage1
+    from pipelines.tracking.registry import network_model
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "train", args.wait_for_lock):
@@ -67,8 +67,8 @@ def _train(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.invocation import invocation, study_lock
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.stage1 import Stage1
-    from pipelines.stage1_plan import network_name
+    from pipelines.stage1.plan import network_name
+    from pipelines.stage1.run import Stage1
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "tune", args.wait_for_lock):

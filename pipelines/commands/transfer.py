@@ -33,8 +33,8 @@ def _transfer(args: argparse.Namespace) -> int:
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import invocation, preflight, study_lock
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.stage1 import Stage1
-    from pipelines.stage2 import Stage2
+    from pipelines.stage1.run import Stage1
+    from pipelines.stage2.run import Stage2
 
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from components.storage import Location
 from components.tasks import Task
-from pipelines.tracking import Tracker
+from pipelines.tracking.runs import Tracker
 
 STUDY_TAG = "study"
 DEFINITION_TAG = "definition"  # Task.definition_hash of the task the version was trained for
@@ -42,7 +42,7 @@ def version_tags(study: str, task: Task) -> dict[str, str]:
 
 def registered_definition(tracker: Tracker, registered: str, version: str) -> str | None:
     """The definition hash a registered version was tagged with (None: registered before the tag)."""
-    return tracker.version_tags(registered, version).get(DEFINITION_TAG)
+    return tracker.models.version_tags(registered, version).get(DEFINITION_TAG)
 
 
 def nightly_state(root: Location, study: str) -> Location:
@@ -56,7 +56,7 @@ def is_registered(tracker: Tracker, registered: str, version: str, key: str) -> 
     its model was registered, but the store can be replaced under the study (a damaged `mlflow.db`
     moved aside): the marker's version is then missing, or another model's."""
     try:
-        tags = tracker.version_tags(registered, version)
+        tags = tracker.models.version_tags(registered, version)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise

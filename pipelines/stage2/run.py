@@ -6,16 +6,16 @@
         --set transfer.orders=[] --set transfer.beams=[] --set transfer.epochs=2    # smoke
 
 Plan, run, record, each in its module:
-1. Plan (`pipelines.stage2_plan`): the readouts, each one's key and file, its job. The readout
+1. Plan (`pipelines.stage2.plan`): the readouts, each one's key and file, its job. The readout
    key hashes only what determines that readout, so another study (a task added or removed)
    reuses it.
-2. Run, from here: the feature cache (`pipelines.feature_cache`: every encoder's features of the
+2. Run, from here: the feature cache (`pipelines.stage2.features`: every encoder's features of the
    transfer and test images, written by the encoding workers themselves, reused by every run),
-   pruning if asked (`pipelines.stage2_pruning`), the fan-out (`pipelines.fanout`: stacks of
+   pruning if asked (`pipelines.stage2.pruning`), the fan-out (`pipelines.stage2.fanout`: stacks of
    readouts as Ray tasks, each member writing `<root>/readouts/<target>/<sources>.<key>.parquet`,
    so a killed driver loses only what was in flight), then one Ray task per target joining its
    readouts into `losses/<target>.parquet` (what Stage III reads, a target at a time).
-3. Record (`pipelines.stage2_record`): the summary, MLflow, and the step's marker, only if no
+3. Record (`pipelines.stage2.record`): the summary, MLflow, and the step's marker, only if no
    readout failed. The step is `<root>/stage2/<key>/` (`pipelines.steps`).
 
 Why Ray tasks rather than a Tune grid: higher-order readouts exist only once their target's
@@ -40,17 +40,17 @@ from components.tasks import TaskKind
 from components.transfer import Readout, TransferPlan
 from components.transfer.jobs import calibrate_readout, write_target_losses
 from pipelines.config import PipelineConfig
-from pipelines.fanout import FanOut
-from pipelines.feature_cache import FeatureCache
 from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits
-from pipelines.readout_runs import ReadoutRunLog
 from pipelines.results import Stage2Result, TaskResult
-from pipelines.stage2_plan import ReadoutKeys, Stage2Plan, feature_sources, network_results
-from pipelines.stage2_pruning import estimates, pruned
-from pipelines.stage2_record import LOSSES, STAGE_NOTE, record_pruning, record_stage
+from pipelines.stage2.fanout import FanOut
+from pipelines.stage2.features import FeatureCache
+from pipelines.stage2.plan import ReadoutKeys, Stage2Plan, feature_sources, network_results
+from pipelines.stage2.pruning import estimates, pruned
+from pipelines.stage2.readout_runs import ReadoutRunLog
+from pipelines.stage2.record import LOSSES, STAGE_NOTE, record_pruning, record_stage
 from pipelines.steps import Step
-from pipelines.tracking import Tracker
+from pipelines.tracking.runs import Tracker
 
 _REMOTE_CALIBRATE = ray.remote(calibrate_readout)
 _REMOTE_TARGET_LOSSES = ray.remote(write_target_losses)

@@ -11,7 +11,7 @@ the members in flight, and a retried or resumed stack skips the members already 
 that still fails after its retries is reported by name; the others go on. `self` (scored, not
 trained) is a task of its own. Each readout replicate reads its network replicate's features,
 and `self` replicate r its target's network replicate (`ReadoutKeys.network_of`). The driver
-logs each finished readout as a nested MLflow run, in batches (`pipelines.readout_runs`).
+logs each finished readout as a nested MLflow run, in batches (`pipelines.stage2.readout_runs`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from components.transfer.jobs import (
     stored_outcome,
 )
 from pipelines.progress import progress_bar
-from pipelines.readout_runs import ReadoutRunLog
-from pipelines.stage2_plan import ReadoutKeys, Stage2Plan
+from pipelines.stage2.plan import ReadoutKeys, Stage2Plan
+from pipelines.stage2.readout_runs import ReadoutRunLog
 
 _REMOTE_READOUT = ray.remote(run_readout)
 _REMOTE_STACK = ray.remote(run_stack)

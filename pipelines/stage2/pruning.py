@@ -13,7 +13,7 @@ from components.storage import Location
 from components.tasks import channels_for
 from components.transfer import TransferPlan, prune_for_budget, prune_plan
 from components.transfer.estimate import Estimate, EstimateJob, EstimatorKind, run_estimates
-from pipelines.stage2_plan import Stage2Plan
+from pipelines.stage2.plan import Stage2Plan
 
 _REMOTE_ESTIMATES = ray.remote(run_estimates)
 

@@ -65,7 +65,7 @@ class FeatureCache:
 
     def ensure(self, sources: Mapping[str, FeatureSource], plan: TransferPlan) -> dict[tuple[str, str], str]:
         """(source name, view) -> its complete cache folder's URI, encoding whatever is missing.
-        `sources`: every feature source by name (`stage2_plan.feature_sources`)."""
+        `sources`: every feature source by name (`stage2.plan.feature_sources`)."""
         return self.ensure_replicates([sources], plan)[0]
 
     def ensure_replicates(

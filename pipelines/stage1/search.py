@@ -1,4 +1,4 @@
-"""Stage I's search: one Ray Tune Tuner for every pending task (see `pipelines.search` for why
+"""Stage I's search: one Ray Tune Tuner for every pending task (see `pipelines.stage1.trial` for why
 one), each task's best hyperparameters then a step of its own (`tune/<task>/<key>/`)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
-from pipelines.search import TASK_KEY, PerTaskASHA, tune_trial
-from pipelines.stage1_plan import HPARAMS, Stage1Plan
-from pipelines.stage1_record import NetworkRecord
+from pipelines.stage1.plan import HPARAMS, Stage1Plan
+from pipelines.stage1.record import NetworkRecord
+from pipelines.stage1.trial import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 
 

@@ -5,16 +5,16 @@
     taskatlas train -c configs/taskonomy-gpu.yaml                   # cluster: one worker per GPU
     taskatlas train -c configs/quickstart.yaml --tasks normal --set tune.enabled=false   # smoke
 
-Plan, run, record: `pipelines.stage1_plan` says where each network lives and whether it is done,
-this module runs the search (`pipelines.stage1_search`) and the Ray Train runs, and
-`pipelines.stage1_record` keeps each network's MLflow run and registers it. Each Ray Train
-worker (`pipelines.train_worker`) and Tune trial (`pipelines.search.tune_trial`) is a thin shell
+Plan, run, record: `pipelines.stage1.plan` says where each network lives and whether it is done,
+this module runs the search (`pipelines.stage1.search`) and the Ray Train runs, and
+`pipelines.stage1.record` keeps each network's MLflow run and registers it. Each Ray Train
+worker (`pipelines.stage1.worker`) and Tune trial (`pipelines.stage1.trial.tune_trial`) is a thin shell
 around `components.training`. A task's outputs live under `<storage_root>/stage1/<task>/<key>/`;
 a complete task is skipped on rerun, and an interrupted one resumes from its latest Ray Train
 checkpoint, kept under `<storage_root>/ray/`. One Ray Train run trains a share of the networks
 one after another (`network_runs`), so its start-up is paid once a share; each network keeps its
 own MLflow run, step and key. With `train.replicates` N > 1, each task's network is trained N
-times from the one search, replicate n with its own seed (`stage1_plan.network_seed`): each
+times from the one search, replicate n with its own seed (`stage1.plan.network_seed`): each
 replicate is one more network to train, dealt to the runs like any other.
 """
 
@@ -35,7 +35,6 @@ from components.errors import OutOfSpace
 from components.tasks import Task, channels_for
 from pipelines.config import Loader, PipelineConfig
 from pipelines.progress import progress_bar
-from pipelines.ray_data import ray_dataset
 from pipelines.ray_runtime import (
     cluster_cpus,
     cluster_gpus,
@@ -44,14 +43,16 @@ from pipelines.ray_runtime import (
     set_train_report_poll,
 )
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan, network_runs, worker_batch_size
-from pipelines.stage1_record import Network, NetworkRecord
-from pipelines.stage1_restore import registered_network
-from pipelines.stage1_search import search_tasks
-from pipelines.torch_loopback import LoopbackTorchConfig
-from pipelines.tracking import RunToStart, Tracker
-from pipelines.train_state import repair_train_state
-from pipelines.train_worker import WorkerConfig, loop_config, train_worker
+from pipelines.stage1.loopback import LoopbackTorchConfig
+from pipelines.stage1.plan import Stage1Plan, network_runs, worker_batch_size
+from pipelines.stage1.ray_data import ray_dataset
+from pipelines.stage1.record import Network, NetworkRecord
+from pipelines.stage1.restore import registered_network
+from pipelines.stage1.search import search_tasks
+from pipelines.stage1.train_state import repair_train_state
+from pipelines.stage1.worker import WorkerConfig, loop_config, train_worker
+from pipelines.tracking.entities import RunToStart
+from pipelines.tracking.runs import Tracker
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Stage1:
         return done
 
     def search(self, tasks: list[Task], search: int = 0) -> dict[str, dict]:
-        """Each task's best hyperparameters of its search `search` (`pipelines.stage1_search`)."""
+        """Each task's best hyperparameters of its search `search` (`pipelines.stage1.search`)."""
         if not tasks:
             return {}
         return search_tasks(self.plan, self.record, tasks, self.use_gpu, search)

@@ -38,7 +38,7 @@ from pipelines.progress import progress_bar
 from pipelines.steps import DONE, FILES, Step, sha256_of
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
-    from pipelines.tracking import Tracker
+    from pipelines.tracking.runs import Tracker
 
 
 SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): a rerun's affinities, drawn

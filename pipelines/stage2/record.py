@@ -1,6 +1,6 @@
 """Stage II's record: the stage's summary table, its MLflow metrics and artifacts, its marker.
 
-The readouts' own runs are logged as they finish (`pipelines.readout_runs`); this writes what
+The readouts' own runs are logged as they finish (`pipelines.stage2.readout_runs`); this writes what
 the finished fan-out adds up to, and the step's marker only when no readout failed (otherwise
 `failed.json`, and a rerun retries just those).
 """
@@ -17,10 +17,10 @@ import pyarrow.csv as pacsv
 from components.storage import Location
 from components.transfer import ReadoutKind, TransferPlan
 from components.transfer.estimate import Estimate, pruning_report
-from pipelines.fanout import FanOut
 from pipelines.results import READOUT_RUNS, Stage2Result
+from pipelines.stage2.fanout import FanOut
 from pipelines.steps import Step, log_stored_artifact
-from pipelines.tracking import Tracker
+from pipelines.tracking.runs import Tracker
 
 LOSSES = "losses"  # the step's folder of per-target loss tables, `<target>.parquet`
 PRUNING = "pruning.json"  # in the step folder when transfer.prune is on

@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping
 
 from components.transfer import Readout
 from components.transfer.jobs import ReadoutOutcome
-from pipelines.tracking import DatasetRef, FinalStatus, FinishedRun, Tracker
+from pipelines.tracking.entities import DatasetRef, FinalStatus, FinishedRun
+from pipelines.tracking.runs import Tracker
 
 READOUT_KEY_TAG = "readout_key"  # the readout's key: what finds its run again
 

@@ -67,17 +67,18 @@ from components.transfer.jobs import train_model
 from components.transfer.model import EncoderRef, TransferSpec
 from components.transfer.readout import validation_split
 from components.verdict import TIE
-from pipelines.analysis_steps import affinity_step, analysis_key, loss_digests, taxonomy_step
+from pipelines.analysis.steps import affinity_step, analysis_key, loss_digests, taxonomy_step
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_folder
-from pipelines.registry import KEY_TAG, is_registered, network_model, positioned_model, version_tags
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import Stage1Plan
-from pipelines.stage2 import Stage2
-from pipelines.stage2_plan import Stage2Plan, feature_sources
-from pipelines.stage2_record import LOSSES
+from pipelines.stage1.plan import Stage1Plan
+from pipelines.stage2.plan import Stage2Plan, feature_sources
+from pipelines.stage2.record import LOSSES
+from pipelines.stage2.run import Stage2
 from pipelines.steps import Step, log_stored_artifact
-from pipelines.tracking import CHAMPION, Registration, Tracker
+from pipelines.tracking.models import CHAMPION, Registration
+from pipelines.tracking.registry import KEY_TAG, is_registered, network_model, positioned_model, version_tags
+from pipelines.tracking.runs import Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
@@ -358,7 +359,9 @@ def registered_encoders(
     refs, missing = {}, []
     for name, network in networks.items():
         names = dict.fromkeys([network_model(study, name), network.registered or network_model(study, name)])
-        found = [(n, v) for n in names if (v := tracker.find_version(n, {KEY_TAG: network.key})) is not None]
+        found = [
+            (n, v) for n in names if (v := tracker.models.find_version(n, {KEY_TAG: network.key})) is not None
+        ]
         if found:
             refs[name] = EncoderRef(name, *found[0])
         else:
@@ -444,7 +447,7 @@ def _model(
         ),
     )
     now = int(time.time() * 1000)
-    version = tracker.register_weights(
+    version = tracker.models.register_weights(
         run_id,
         model_id,
         weights,
@@ -452,7 +455,7 @@ def _model(
         registration,
         [Metric("mean_test_loss", test_loss, now, 0)],
     )
-    tracker.set_alias(name, CHAMPION, version)
+    tracker.models.set_alias(name, CHAMPION, version)
     with step.scratch() as scratch:
         if not stored.exists():
             torch.save(dict(weights), scratch / READOUT_WEIGHTS)

@@ -19,7 +19,7 @@ import zipfile
 import ray
 
 from components.storage import Location
-from pipelines.train_worker import CHECKPOINT_FILE
+from pipelines.stage1.worker import CHECKPOINT_FILE
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's name (StorageContext)
 

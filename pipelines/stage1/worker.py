@@ -1,6 +1,6 @@
 """The Ray Train worker of Stage I: a thin shell around `components.training`.
 
-It lives apart from `pipelines.stage1`, the driver's side, because every worker process imports
+It lives apart from `pipelines.stage1.run`, the driver's side, because every worker process imports
 the module its function comes from: this one holds only what a worker runs.
 
 One Ray Train run may train several networks, one after another (`train.networks_per_run`): a
@@ -38,7 +38,9 @@ from components.training import (
     train_one_epoch,
     unwrap,
 )
-from pipelines.tracking import DEFAULT_RETRY_S, RunLogger, RunToStart
+from pipelines.tracking.entities import RunToStart
+from pipelines.tracking.logger import RunLogger
+from pipelines.tracking.retry import DEFAULT_RETRY_S
 
 CHECKPOINT_FILE = "state.pt"
 # The `fail_at_epoch` seam waits this long before killing rank 0: a few of Ray Train's report polls.
@@ -57,7 +59,7 @@ class WorkerConfig:
     weight_decay: float
     batch_size: int
     epochs: int
-    seed: int  # train.seed, or network replicate n's own (`stage1_plan.network_seed`)
+    seed: int  # train.seed, or network replicate n's own (`stage1.plan.network_seed`)
     tracking_uri: str
     run_id: str  # its MLflow run; "": the run `new_run` describes, which rank 0 makes at the first batch
     fail_at_epoch: int | None = None  # counted over the run's networks, one after another

@@ -2,7 +2,7 @@
 
 A network's step marker says it was registered, but the registry lives in the tracking store,
 which can be replaced under the study: a damaged `mlflow.db` moved aside, as its refusal advises
-(`pipelines.tracking.sqlite_store_refusal`), or another `tracking_uri`. A rerun then reused every
+(`pipelines.tracking.store.sqlite_store_refusal`), or another `tracking_uri`. A rerun then reused every
 output and reported success with no registered model, so `predict --model <study>-<task>` failed
 and `position` registered models whose encoders were not in the registry. Here a reused network
 is looked up in the current store (a version of `<study>-<task>` tagged with its step key,
@@ -23,11 +23,11 @@ from mlflow.entities import Metric
 from components.models import build_network
 from components.tasks import Task, channels_for
 from components.transfer.features import load_state_dict
-from pipelines.registry import KEY_TAG, network_model
 from pipelines.results import TaskResult
-from pipelines.stage1_record import NetworkRecord
+from pipelines.stage1.record import NetworkRecord
 from pipelines.steps import Step
-from pipelines.tracking import CHAMPION, NetworkSpec, tensor_signature
+from pipelines.tracking.models import CHAMPION, NetworkSpec, tensor_signature
+from pipelines.tracking.registry import KEY_TAG, network_model
 
 RESTORED_TAG = "registered_again"  # on the run that registered a network again from its weights
 
@@ -40,11 +40,11 @@ def registered_network(record: NetworkRecord, task: Task, result: TaskResult, st
     tracker = record.tracker
     ours = network_model(record.config.name, task.name)
     mine = result.registered in ("", ours)
-    if (found := tracker.find_version(ours, {KEY_TAG: result.key})) is not None:
+    if (found := tracker.models.find_version(ours, {KEY_TAG: result.key})) is not None:
         if not mine or found == result.model_version:
             return result  # in the store (another study's: `adopt` links it to ours)
         return _recorded(step, replace(result, model_version=found, registered=ours))
-    if not mine and tracker.find_version(result.registered, {KEY_TAG: result.key}) is not None:
+    if not mine and tracker.models.find_version(result.registered, {KEY_TAG: result.key}) is not None:
         return result  # `adopt` registers it under ours from that study's logged model
     restored = _register_again(record, task, result)
     lost = f"{result.registered or ours} v{result.model_version}"
@@ -74,7 +74,7 @@ def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> Ta
     now, last = int(time.time() * 1000), cfg.train.epochs - 1
     registration = record.registration(task, result.test_loss, result.key)
     example = torch.rand(1, 3, cfg.data.size, cfg.data.size)  # RGB in [0, 1]
-    version = tracker.log_task_network(
+    version = tracker.models.log_task_network(
         run_id,
         model_id,
         model.state_dict(),
@@ -84,7 +84,7 @@ def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> Ta
         signature=tensor_signature(model, example),
     )
     if record.first_of_its_definition(registration.name, task):
-        tracker.set_alias(registration.name, CHAMPION, version)
+        tracker.models.set_alias(registration.name, CHAMPION, version)
     tracker.end_run(run_id)
     return replace(result, run_id=run_id, model_version=version, registered=registration.name)
 

@@ -2,7 +2,7 @@
 
 One MLflow run (and logged model) per network, continued when an earlier attempt was killed.
 `open` describes it and Ray Train's rank 0 makes it at its first batch, then logs the epochs
-into it (`pipelines.train_worker`): so the run spans the network's work, not its wait for a
+into it (`pipelines.stage1.worker`): so the run spans the network's work, not its wait for a
 worker (logged as `queue_seconds`). `finish` adds the test loss of the final weights, registers
 them, ends the run at its last report and writes the step's marker, last. Network
 replicates n > 0 (`train.replicates`) are runs of their own, `train/<task>#<n>`, kept simple:
@@ -27,22 +27,15 @@ from components.training import iter_batches, nanmean, per_image_losses
 from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
-from pipelines.registry import network_model, registered_definition, version_tags
 from pipelines.results import TaskResult
-from pipelines.stage1_plan import network_name, network_seed
+from pipelines.stage1.plan import network_name, network_seed
 from pipelines.steps import Step
-from pipelines.tracking import (
-    CHAMPION,
-    FinalStatus,
-    FinishedRun,
-    NetworkSpec,
-    Registration,
-    RunToStart,
-    Tracker,
-    tensor_signature,
-)
+from pipelines.tracking.entities import FinalStatus, FinishedRun, RunToStart
+from pipelines.tracking.models import CHAMPION, NetworkSpec, Registration, tensor_signature
+from pipelines.tracking.registry import network_model, registered_definition, version_tags
+from pipelines.tracking.runs import Tracker
 
-EPOCH_METRICS = ("train_loss", "test_loss")  # what rank 0 logs each epoch (`pipelines.train_worker`)
+EPOCH_METRICS = ("train_loss", "test_loss")  # what rank 0 logs each epoch (`pipelines.stage1.worker`)
 
 
 @dataclass(frozen=True)
@@ -194,7 +187,7 @@ class NetworkRecord:
         registration = self.registration(task, test_loss, step.key)
         registered = registration.name
         example = torch.rand(1, 3, cfg.data.size, cfg.data.size)  # RGB in [0, 1]
-        version = self.tracker.log_task_network(
+        version = self.tracker.models.log_task_network(
             network.run_id,
             network.model_id,
             model.state_dict(),
@@ -204,7 +197,7 @@ class NetworkRecord:
             signature=tensor_signature(model, example),
         )
         if self.first_of_its_definition(registered, task):
-            self.tracker.set_alias(registered, CHAMPION, version)
+            self.tracker.models.set_alias(registered, CHAMPION, version)
         self.tracker.end_run(network.run_id, end_time=reported)
         done = TaskResult(
             task.name,
@@ -252,23 +245,23 @@ class NetworkRecord:
         ours = network_model(self.config.name, task.name)
         if result.registered in ("", ours):
             return result
-        version = self.tracker.find_version(ours, {"config_hash": result.key})
+        version = self.tracker.models.find_version(ours, {"config_hash": result.key})
         if version is None:
-            model_id = self.tracker.version_model_id(result.registered, result.model_version)
+            model_id = self.tracker.models.version_model_id(result.registered, result.model_version)
             if model_id is None:  # registered from a path, before logged models: nothing to link
                 return result
-            version = self.tracker.register_version(
+            version = self.tracker.models.register_version(
                 self.registration(task, result.test_loss, result.key), model_id, result.run_id
             )
         if self.first_of_its_definition(ours, task):
-            self.tracker.set_alias(ours, CHAMPION, version)
+            self.tracker.models.set_alias(ours, CHAMPION, version)
         return replace(result, model_version=version, registered=ours)
 
     def first_of_its_definition(self, registered: str, task: Task) -> bool:
         """No champion yet, or one of another definition of the task (the study redefined it):
         this version is the first of its definition, so it becomes the champion. A champion
         without the tag (registered before it) is left to nightly, which reads its definition."""
-        champion = self.tracker.alias_version(registered, CHAMPION)
+        champion = self.tracker.models.alias_version(registered, CHAMPION)
         if champion is None:
             return True
         return registered_definition(self.tracker, registered, champion) not in (None, task.definition_hash)

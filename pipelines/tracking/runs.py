@@ -1,0 +1,383 @@
+"""The driver's side of MLflow: a tracker with explicit run and experiment ids; its registry is `models`.
+
+Why explicit ids everywhere: `mlflow.set_experiment()` leaks `MLFLOW_EXPERIMENT_ID` into the
+environment and fluent runs are process-global, which breaks as soon as Ray workers or threads
+log. The driver creates the store, the experiment and every run but a network's; workers get a
+`RunLogger` (tracking URI + run id) and only append metrics to that run, so a restarted worker
+keeps logging to the same run instead of making a second one. A network's run is described by
+the driver (`Tracker.run_to_start`) and made by its rank-0 worker at its first batch
+(`RunLogger.start`), because MLflow sets a run's start time only when it is made: made when
+queued, a network's run would show its wait as work.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import (
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+)
+
+from components.errors import TaskatlasError
+from pipelines.tracking.entities import NOTE, DatasetRef, FinalStatus, FinishedRun, RunToStart, flatten
+from pipelines.tracking.logger import RunLogger
+from pipelines.tracking.models import ModelRegistry
+from pipelines.tracking.retry import (
+    DEFAULT_RETRY_S,
+    BudgetedClient,
+    RetryBudget,
+    use_retry_budget,
+)
+from pipelines.tracking.store import (
+    check_sqlite_store,
+    create_private_sqlite_store,
+    damaged_sqlite_error,
+    is_server,
+    scheme,
+    sqlite_store_refusal,
+)
+
+_MAX_BATCH = 900  # MLflow caps log_batch at 1000 metrics
+
+
+# What a newcomer needs to read the experiment, shown on its page. The kind tag is what MLflow's
+# UI read before 3.x's workflow switcher; 3.17's UI ignores it (`run_url` says why and what works).
+EXPERIMENT_DESCRIPTION = """A Taskonomy-style transfer study (taskatlas). **Lower loss is better**
+everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`). Steps are epochs, counted
+from 0 on `train/<task>` and readout runs, from 1 on search trials (as Ray Tune counts them).
+
+- The parent run of each invocation holds the answer: its description states the chosen taxonomy
+  (the roots to label, and where every other task gets its representation), with the bootstrap
+  stability of each choice and every target's three best sources.
+- `train/<task>` runs are the task networks (`train/<task>#<n>`: replicate n); `tune/<task>` runs
+  their hyperparameter search, a nested run per trial (`tune/<task>/<trial>`), the best the one
+  that ended with the lowest `val_loss`.
+- Readout runs are named `target <- sources`: a small network trained on frozen source features.
+  Their `affinity` (AHP share of the target's win rates, higher = better source; a target's
+  candidates sum to 1), `quality` (win rate against `self`, the target's own fully supervised
+  network) and `gain` (win rate against `pixels`, a readout on raw pixels) compare sources.
+  `random` is a frozen random-init encoder: a source no better than it has nothing to offer.
+"""
+
+
+_EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
+
+
+# Runs logged at once by `log_finished_runs`: requests in flight to a tracking server. The measured
+# knee against a one-worker `mlflow server` on PostgreSQL (benchmarks/tracking_scale.py).
+LOG_THREADS = 8
+
+
+class Tracker:
+    """Driver-side access to one experiment of one tracking store.
+
+    Every call goes through one `RetryBudget` (`retry_s`, `tracking.retry_s`): a server silent
+    that long stops the run with `TrackingUnavailable`, and failure handlers then skip their
+    calls (`end_run(failed=True)`). A damaged SQLite store is refused in one line, before use."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        artifact_location: str | None = None,
+        run_tags: Mapping[str, str] | None = None,
+        retry_s: float = DEFAULT_RETRY_S,
+    ):
+        self.tracking_uri = tracking_uri
+        check_sqlite_store(tracking_uri)
+        create_private_sqlite_store(tracking_uri)
+        if is_server(tracking_uri):
+            use_retry_budget(retry_s)
+        self.budget = RetryBudget(tracking_uri, retry_s)
+        self.run_tags = dict(run_tags or {})  # set on every run this tracker creates (and matched)
+        # Also set on every run it creates, but never searched for: who ran it, from which code
+        # (MLflow's "Created by" and "Source"); `invocation` sets them once it knows them.
+        self.source_tags: dict[str, str] = {}
+        try:
+            raw = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            self.client = BudgetedClient(raw, self.budget)
+            self.models = ModelRegistry(self.client, tracking_uri)  # the registry, on the same budget
+            experiment = self.client.get_experiment_by_name(experiment_name)
+        except Exception as err:
+            if scheme(tracking_uri) == "sqlite" and damaged_sqlite_error(err):  # past its header
+                path = Path(tracking_uri.removeprefix("sqlite:///"))
+                raise TaskatlasError(sqlite_store_refusal(path, "malformed")) from None
+            raise
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+            for key, value in _EXPERIMENT_TAGS.items():
+                if experiment.tags.get(key) != value:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    def start_run(
+        self,
+        name: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        start_time: float | None = None,
+    ) -> str:
+        """A new run; `start_time` (epoch seconds) when the work it records began earlier."""
+        all_tags = self._tags(name, parent_run_id, tags)
+        start = None if start_time is None else int(start_time * 1000)
+        run = self.client.create_run(self.experiment_id, start_time=start, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def run_to_start(
+        self,
+        name: str,
+        parent_run_id: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        id_file: str,
+        dataset: DatasetRef | None = None,
+        dataset_context: str = "training",
+    ) -> RunToStart:
+        """A run for the worker that does its work to make when the work begins (`RunLogger.start`),
+        as `start_run` and `log_params` would; queued now. `id_file`: where its id is kept."""
+        flat = {k: v[:6000] for k, v in flatten(params).items()}
+        tags = self._tags(name, parent_run_id, tags)
+        return RunToStart(
+            self.experiment_id, name, tags, flat, id_file, dataset, dataset_context, queued_at=time.time()
+        )
+
+    def start_planned(self, run: RunToStart) -> str:
+        """`run` made here, now: the worker that was to make it could not reach the store."""
+        return run.create(self.client, time.time())
+
+    def _tags(self, name: str, parent_run_id: str | None, tags: Mapping[str, str] | None) -> dict[str, str]:
+        """A new run's tags: its name, who made it from which code, the study's, its own, its parent."""
+        all_tags = {MLFLOW_RUN_NAME: name, **self.source_tags, **self.run_tags, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        return all_tags
+
+    def find_run(self, name: str, parent_run_id: str | None = None) -> str | None:
+        """The newest run of that name (under that parent): reused instead of duplicated on rerun."""
+        query = f"tags.`{MLFLOW_RUN_NAME}` = '{name}'"
+        if parent_run_id:
+            query += f" and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def reopen_run(self, run_id: str, parent_run_id: str | None = None) -> str:
+        """Continue a run an earlier invocation left unfinished (KILLED, FAILED): RUNNING again,
+        under this invocation's parent run."""
+        if parent_run_id:
+            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+
+    def resume_or_start_run(
+        self,
+        name: str,
+        parent_run_id: str | None,
+        tags: Mapping[str, str],
+        match: str,
+        params: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The newest unfinished run of that name whose tag `match` has our value, reopened under
+        `parent_run_id`; else a new run, with `params`. How a rerun continues a dead driver's
+        stage in one run."""
+        query = f"tags.`{MLFLOW_RUN_NAME}` = '{name}' and tags.`{match}` = '{tags[match]}'"
+        for key, value in self.run_tags.items():
+            query += f" and tags.`{key}` = '{value}'"
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if runs and runs[0].info.status != "FINISHED":
+            return self.reopen_run(runs[0].info.run_id, parent_run_id)
+        run_id = self.start_run(name, parent_run_id, tags)
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def end_orphans(self, tag: str, value: str, failed: bool = False) -> list[str]:
+        """Mark KILLED every run still RUNNING whose `tag` is `value`: called by the one live
+        process of a study (it holds the study lock), so their driver is dead. `failed`: mark
+        them FAILED, the live process's own runs (a full disk ends them all at once)."""
+        query = f"attributes.status = 'RUNNING' and tags.`{tag}` = '{value}'"
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.KILLED)
+        killed, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, max_results=1000, page_token=token)
+            for run in page:
+                self.client.set_terminated(run.info.run_id, status)
+                killed.append(run.info.run_id)
+            if not (token := page.token):
+                return killed
+
+    def logger(self, run_id: str) -> RunLogger:
+        return RunLogger(self.tracking_uri, run_id, self.budget.retry_s)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_history(run_id, [(k, float(v), step) for k, v in metrics.items()])
+
+    def log_history(
+        self, run_id: str, rows: list[tuple[str, float, int]], params: Mapping[str, str] | None = None
+    ) -> None:
+        """Many (key, value, step) metrics, and a few params, in as few requests as MLflow allows."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, s) for k, v, s in rows]
+        first_params = [Param(k, str(v)) for k, v in (params or {}).items()]
+        for i in range(0, max(len(metrics), 1), _MAX_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH], params=first_params)
+            first_params = []
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dict(self, run_id: str, data: Any, filename: str) -> None:
+        self.client.log_dict(run_id, data, filename)
+
+    def end_run(self, run_id: str, failed: bool = False, end_time: float | None = None) -> None:
+        """FINISHED, or FAILED. Marking a run FAILED is skipped once the server is known down
+        (`RetryBudget.spent`): the next run marks it KILLED (`end_orphans`)."""
+        if failed and self.budget.spent:
+            return
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+        self.client.set_terminated(run_id, status, None if end_time is None else round(end_time * 1000))
+
+    def log_finished_runs(
+        self, parent_run_id: str | None, runs: Sequence[FinishedRun], threads: int = LOG_THREADS
+    ) -> list[str]:
+        """Log many runs whose work is over, each whole, and return their ids in order.
+
+        A run costs three requests: created with its name, tags (the tracker's run tags and the
+        parent too) and start time; its params and metrics in one batch; ended with its status and
+        end time (a fourth when it has dataset `inputs`). Against a tracking server `threads` runs go at once; a local store (SQLite) takes
+        them one at a time. If any run fails to log, the first error is raised once the others are
+        done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`)."""
+        if not is_server(self.tracking_uri):
+            threads = 1
+        if threads <= 1 or len(runs) <= 1:
+            return [self._log_finished(parent_run_id, run) for run in runs]
+        with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="mlflow-log") as pool:
+            futures = [pool.submit(self._log_finished, parent_run_id, run) for run in runs]
+        return [f.result() for f in futures]
+
+    def _log_finished(self, parent_run_id: str | None, run: FinishedRun) -> str:
+        now = time.time()
+        tags = {MLFLOW_RUN_NAME: run.name, **self.source_tags, **self.run_tags, **run.tags}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        tag_rows = [RunTag(k, str(v)) for k, v in tags.items()]
+        run_id = run.run_id
+        if run_id is None:
+            start = int((run.start_time or now) * 1000)
+            created = self.client.create_run(
+                self.experiment_id, start_time=start, tags=tags, run_name=run.name
+            )
+            run_id = created.info.run_id
+            tag_rows = []  # set with the run
+        end = int((run.end_time or now) * 1000)
+        metrics = [Metric(k, float(v), end, int(step)) for k, v, step in run.metrics]
+        params = [Param(k, str(v)[:6000]) for k, v in run.params.items()]
+        if metrics or params or tag_rows:
+            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tag_rows, synchronous=True)
+        if run.inputs:
+            self.client.log_inputs(run_id, list(run.inputs))
+        self._end(run_id, run.status, end)
+        return run_id
+
+    def end_runs(
+        self, run_ids: Sequence[str], status: FinalStatus, end_time: float = 0.0, threads: int = LOG_THREADS
+    ) -> None:
+        """End runs created earlier (one request each, `threads` at a time against a server);
+        `end_time` in epoch seconds, 0 for now."""
+        end = int((end_time or time.time()) * 1000)
+        if not is_server(self.tracking_uri) or threads <= 1 or len(run_ids) <= 1:
+            for run_id in run_ids:
+                self._end(run_id, status, end)
+            return
+        with ThreadPoolExecutor(min(threads, len(run_ids)), thread_name_prefix="mlflow-end") as pool:
+            futures = [pool.submit(self._end, run_id, status, end) for run_id in run_ids]
+        for f in futures:
+            f.result()
+
+    def log_metrics_many(
+        self, metrics: Mapping[str, Mapping[str, float]], threads: int = LOG_THREADS
+    ) -> None:
+        """One batch of metrics for each of many runs (run id -> metrics): `threads` requests at a
+        time against a server, one at a time on a local store."""
+        now = int(time.time() * 1000)
+
+        def log(run_id: str) -> None:
+            rows = [Metric(k, float(v), now, 0) for k, v in metrics[run_id].items()]
+            self.client.log_batch(run_id, metrics=rows, synchronous=True)
+
+        if not is_server(self.tracking_uri) or threads <= 1 or len(metrics) <= 1:
+            for run_id in metrics:
+                log(run_id)
+            return
+        with ThreadPoolExecutor(min(threads, len(metrics)), thread_name_prefix="mlflow-metrics") as pool:
+            futures = [pool.submit(log, run_id) for run_id in metrics]
+        for f in futures:
+            f.result()
+
+    def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
+        """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
+        print its URL (over HTTP), a second request per run; its store call is this one."""
+        store = self.client.raw._tracking_client.store
+        self.budget.call(store.update_run_info, run_id, RunStatus.from_string(status.value), end_ms, None)
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description in MLflow's UI."""
+        self.client.set_tag(run_id, NOTE, markdown)
+
+    def log_dataset(self, run_id: str, dataset: DatasetRef, context: str = "training") -> None:
+        """The run's dataset as an MLflow dataset input (name, version digest, where it lives)."""
+        self.client.log_inputs(run_id, [dataset.input(context)])
+
+    def create_logged_model(self, run_id: str, name: str, params: Mapping[str, Any] | None = None) -> str:
+        """The MLflow logged model a training run produces, made before training starts, with the
+        hyperparameters it is trained with. It gets its metrics (the final epoch's) and its files
+        when it is registered (`register_weights`)."""
+        flat = {k: v[:6000] for k, v in flatten(params or {}).items()}
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, params=flat or None
+        )
+        return model.model_id
+
+    def last_metrics(self, run_id: str, keys: Sequence[str]) -> list[Metric]:
+        """The newest record of each of `keys` at its highest step (what the run's page shows),
+        exactly as logged: logged again with a model id it adds no row to the run's history."""
+        out = []
+        for key in keys:
+            history = self.client.get_metric_history(run_id, key)
+            if history:
+                out.append(max(history, key=lambda m: (m.step, m.timestamp)))
+        return out
+
+    def write_json_artifact(self, run_id: str, data: Any, filename: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / filename
+            path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+            self.client.log_artifact(run_id, str(path))
