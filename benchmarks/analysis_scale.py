@@ -20,7 +20,7 @@ Then, in a fresh subprocess so that the figures exclude generation: `affinity_by
 bootstrap (the study's image ids from the tables' `image_id` columns, then reading each target's
 table, win rates, AHP, resamples), the taxonomy at one budget,
 the budget sweep, and the stability of the chosen taxonomy over the resamples, as
-`pipelines/analysis/steps.py` does. Goal (issue 11): under 60 s and 4 GB. The last line printed is
+`pipelines/analysis/run.py` does. Goal (issue 11): under 60 s and 4 GB. The last line printed is
 one JSON object: `wall_s` (the analysis, imports excluded), `cpu_s`, `peak_rss_gb` (the analysis
 process's peak resident memory) and the split per part. On a shared machine `cpu_s` is the steadier
 figure; `--blas-threads 1` keeps OpenBLAS from spinning on a busy one.

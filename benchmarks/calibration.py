@@ -10,7 +10,7 @@ Every run is `taskatlas run --json` on one storage root. Run k takes seed s_k (`
 100, 101, ...: the quickstart's settings were chosen looking at readout seeds 0-3, so those would
 make the figures in sample) as its `transfer.seed` (every readout's seed and the `random` encoder)
 and `analysis.seed`, and scores on its own random half of the test images
-(`analysis.test_subset=0.5`, drawn by `analysis.seed`: `pipelines/analysis/steps.in_test_subset`).
+(`analysis.test_subset=0.5`, drawn by `analysis.seed`: `pipelines/analysis/run.in_test_subset`).
 By default the task networks are trained once and shared (`train.seed` as configured): the runs
 differ in readouts, bootstrap and test images. `--full-rerun` also sets `train.seed=s_k`, so
 each run trains its own networks (the step keys hold every seed, so the runs share a root

@@ -59,7 +59,8 @@ from components.position import BASELINE_SETS, first_order_columns, split_test_i
 from components.storage import Location  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
-from pipelines.position.run import Study, finished_study, position_task  # noqa: E402
+from pipelines.position.inputs import Study, finished_study  # noqa: E402
+from pipelines.position.run import position_task  # noqa: E402
 from pipelines.ray_runtime import ensure_ray  # noqa: E402
 from pipelines.stage2.plan import Stage2Plan  # noqa: E402
 from pipelines.stage2.record import LOSSES  # noqa: E402

@@ -63,7 +63,7 @@ from components.taxonomy import sweep_budgets, transform_values  # noqa: E402
 from components.training import iter_batches, train_one_epoch  # noqa: E402
 from components.transfer import BASELINES, TransferPlan, prune_plan  # noqa: E402
 from components.transfer.estimate import EstimatorKind, run_estimates, spearman  # noqa: E402
-from pipelines.analysis.steps import taxonomy_options, within_table  # noqa: E402
+from pipelines.analysis.plan import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.results import TaskResult  # noqa: E402

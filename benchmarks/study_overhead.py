@@ -100,7 +100,7 @@ from components.transfer import (  # noqa: E402
 )
 from components.transfer.jobs import FeatureEncoder  # noqa: E402
 from components.transfer.readout import score_network  # noqa: E402
-from pipelines.analysis.steps import taxonomy_options  # noqa: E402  (imports no MLflow)
+from pipelines.analysis.plan import taxonomy_options  # noqa: E402
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -296,7 +296,7 @@ def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) 
 
 
 def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
-    """Stages III + IV as `pipelines/analysis/steps.py` computes them (no files, plots or runs)."""
+    """Stages III + IV as `pipelines/analysis/run.py` computes them (no files, plots or runs)."""
     a = cfg.analysis
     result = affinity_by_target(sorted(tables), tables.__getitem__, a.bootstrap, a.seed)
     table, options = transfer_table(result.table), taxonomy_options(cfg)

@@ -23,8 +23,9 @@ from components.errors import TaskatlasError
 from components.storage import Location
 from components.tasks import Task
 from components.vocabulary import SELF
+from pipelines.analysis.plan import affinity_step, taxonomy_step
 from pipelines.analysis.report import answer_markdown
-from pipelines.analysis.steps import affinity_step, run_affinity, run_taxonomy, taxonomy_step
+from pipelines.analysis.run import run_affinity, run_taxonomy
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
 from pipelines.results import Stage2Result, TaskResult

@@ -16,15 +16,10 @@ import pytest
 from components.affinity import affinity_by_target
 from components.errors import ConfigError, TaskatlasError
 from components.storage import location
-from pipelines.analysis.steps import (
-    SAMPLES,
-    affinity_step,
-    analysis_key,
-    in_test_subset,
-    keep_test_subset,
-    run_affinity,
-)
-from pipelines.config import AnalysisConfig, PipelineConfig, load_pipeline_config
+from pipelines.analysis.plan import SAMPLES, affinity_step, analysis_key, in_test_subset, keep_test_subset
+from pipelines.analysis.run import run_affinity
+from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.sections import AnalysisConfig
 
 _SPEC = importlib.util.spec_from_file_location(
     "calibration", Path(__file__).parents[1] / "benchmarks" / "calibration.py"

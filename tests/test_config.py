@@ -6,7 +6,8 @@ import pytest
 
 from components.errors import ConfigError
 from pipelines.cli import main
-from pipelines.config import RUNTIME, Loader, TransferConfig, key_fields, load_pipeline_config
+from pipelines.config import load_pipeline_config
+from pipelines.sections import RUNTIME, Loader, TransferConfig, key_fields
 
 
 def test_the_storage_root_is_opened_once_when_the_config_loads(tmp_path):

@@ -184,7 +184,7 @@ def test_the_position_import_key_is_the_one_it_was_before_bits_existed():
     from components.config import config_hash
     from components.data.folder import FolderColumn
     from pipelines.config import load_pipeline_config
-    from pipelines.position.run import _import_config, import_key
+    from pipelines.position.inputs import _import_config, import_key
 
     cfg = load_pipeline_config(None, ["data.size=32", "model.downsample=4"])
     listing = [("rgb/a.png", 10, 1), ("edges/a.png", 5, 1)]

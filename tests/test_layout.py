@@ -64,6 +64,49 @@ def test_the_environment_is_read_in_settings_alone():
             assert not reads, f"{path.relative_to(ROOT)}:{node.lineno} reads the environment: use settings"
 
 
+# Where Ray and MLflow may be imported in pipelines/ (the rooms of each stage package, design.md):
+# Ray in the run side of a stage (its `run`, and what its run puts on Ray: the search, the trial
+# and worker functions, the fan-out, the feature encoding) and the cluster's runtime and jobs;
+# MLflow in `tracking/` and each stage's `record`.
+RAY_ROOMS = {
+    "pipelines/ray_runtime.py",
+    "pipelines/compat.py",  # the private functions of both, pinned to their versions
+    "pipelines/submit.py",
+    "pipelines/stage1/run.py",
+    "pipelines/stage1/search.py",
+    "pipelines/stage1/trial.py",
+    "pipelines/stage1/worker.py",
+    "pipelines/stage1/loopback.py",
+    "pipelines/stage1/train_state.py",
+    "pipelines/stage1/ray_data.py",
+    "pipelines/stage2/run.py",
+    "pipelines/stage2/fanout.py",
+    "pipelines/stage2/features.py",
+    "pipelines/stage2/pruning.py",
+    "pipelines/position/run.py",
+}
+MLFLOW_ROOMS = {"pipelines/compat.py", "pipelines/stage1/record.py", "pipelines/stage1/restore.py", "pipelines/position/record.py"}
+
+
+def test_ray_and_mlflow_are_imported_only_in_their_rooms():
+    for path in sources("pipelines"):
+        name = str(path.relative_to(ROOT))
+        roots = {m.split(".")[0] for m in imported_modules(path)}
+        assert "ray" not in roots or name in RAY_ROOMS, f"{name} imports Ray: its stage's run side only"
+        mlflow_ok = name in MLFLOW_ROOMS or name.startswith("pipelines/tracking/")
+        assert "mlflow" not in roots or mlflow_ok, f"{name} imports MLflow: tracking/ and record modules only"
+
+
+def test_each_stage_package_has_its_plan_and_its_plan_is_pure():
+    """A stage's plan is reads of the config, the data version and the step markers: no Ray, no
+    MLflow, no torch (`--dry-run`, `nightly` and `position` ask it without starting anything)."""
+    for stage in ("stage1", "stage2", "analysis"):
+        plan = ROOT / "pipelines" / stage / "plan.py"
+        bad = {m for m in imported_modules(plan) if m.split(".")[0] in ("ray", "mlflow", "torch")}
+        bad |= {m for m in imported_modules(plan) if m.startswith("pipelines.tracking")}
+        assert not bad, f"pipelines/{stage}/plan.py imports {sorted(bad)}"
+
+
 def test_faults_are_injected_through_constructors_not_the_environment():
     """Tests hand a stage its faults (`Stage1.fail_at_epoch`, `Stage2.fail_readouts`); production
     code reads no test switch."""

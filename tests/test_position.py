@@ -228,7 +228,7 @@ def test_channel_first_npy_labels_are_read_as_their_task_channels(tmp_path):
     refused naming the layouts accepted."""
     from components.data.importing import read_raw
     from pipelines.config import load_pipeline_config
-    from pipelines.position.run import check_images, load_task
+    from pipelines.position.inputs import check_images, load_task
 
     config = tmp_path / "study.yaml"
     config.write_text(STUDY.format(root=tmp_path / "runs"))

@@ -269,7 +269,7 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
 ):
     from test_transfer import TASKS, fake_stage1, make_stage2
 
-    from pipelines.analysis.steps import run_affinity, run_taxonomy
+    from pipelines.analysis.run import run_affinity, run_taxonomy
 
     root, store = tmp_path, ShardStore(tiny_dataset)
     results = fake_stage1(root, store)
@@ -340,7 +340,7 @@ def test_a_budget_that_cannot_be_met_is_reported_and_the_smallest_plan_trains(
 
 def test_a_source_pruned_from_every_target_is_dropped_from_the_solvers_options():
     from components.taxonomy import TransferTable
-    from pipelines.analysis.steps import within_table
+    from pipelines.analysis.plan import within_table
 
     table = TransferTable.from_rows([("a", ("b",), 0.6), ("a", ("self",), 0.4), ("b", ("self",), 1.0)])
     options = TaxonomyOptions(budget=1, source_only=frozenset({"c"}), cost={"c": 2.0, "b": 1.0})

@@ -27,15 +27,8 @@ import requests
 from components.errors import TaskatlasError
 from components.settings import RayAuth
 from pipelines import cli
-from pipelines.submit import (
-    STAGED_CONFIG_DIR,
-    build_entrypoint,
-    find_token,
-    resolve_submission_id,
-    staged_project,
-    submit,
-    submit_job,
-)
+from pipelines.submit import build_entrypoint, find_token, resolve_submission_id, submit, submit_job
+from pipelines.upload import STAGED_CONFIG_DIR, staged_project
 from tests.conftest import pids_carrying
 
 VENV_BIN = Path(sys.executable).parent

@@ -13,16 +13,8 @@ import pytest
 
 from components.errors import TaskatlasError
 from pipelines import cli, submit
-from pipelines.submit import (
-    STAGED_CONFIG_DIR,
-    Token,
-    build_entrypoint,
-    plan_upload,
-    refuse_plain_http,
-    refuse_secrets,
-    staged_project,
-    upload_excludes,
-)
+from pipelines.submit import Token, build_entrypoint, refuse_plain_http, refuse_secrets
+from pipelines.upload import STAGED_CONFIG_DIR, plan_upload, staged_project, upload_excludes
 
 SECRETS = (
     ".env",

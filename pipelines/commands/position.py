@@ -37,14 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _position(args: argparse.Namespace) -> int:
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import invocation, preflight, study_lock
-    from pipelines.position.run import (
-        check_images,
-        check_task,
-        finished_study,
-        import_images,
-        load_task,
-        position_task,
-    )
+    from pipelines.position.inputs import check_images, check_task, finished_study, import_images, load_task
+    from pipelines.position.run import position_task
     from pipelines.ray_runtime import ensure_ray
     from pipelines.tracking.entities import DatasetRef
 

@@ -47,14 +47,8 @@ def _submit(args: argparse.Namespace) -> int:
     from components.settings import read_ray_auth
     from pipelines.config import load_pipeline_config
     from pipelines.pipeline import parse_stages
-    from pipelines.submit import (
-        build_entrypoint,
-        dry_run,
-        refuse_secrets,
-        resolve_submission_id,
-        submit,
-        upload_excludes,
-    )
+    from pipelines.submit import build_entrypoint, dry_run, refuse_secrets, resolve_submission_id, submit
+    from pipelines.upload import upload_excludes
 
     refuse_secrets(args.overrides)  # before the config echoes a value back in an error
     cfg = load_pipeline_config(args.config, args.overrides)  # typos fail here, not on the cluster

@@ -21,8 +21,9 @@ from components.config import config_hash
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
 from components.tasks import Task
-from pipelines.config import PLAN, Loader, PipelineConfig, key_fields
+from pipelines.config import PipelineConfig
 from pipelines.results import TaskResult
+from pipelines.sections import PLAN, Loader, key_fields
 from pipelines.steps import Step
 
 HPARAMS = ("lr", "weight_decay", "batch_size")  # the train.* settings the search chooses per task

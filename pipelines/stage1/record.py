@@ -14,17 +14,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-import pyarrow as pa
 import torch
 from mlflow.entities import Metric
 
 from components.config import to_dict
 from components.data.shards import ShardStore
-from components.models import build_network
+from components.models import TaskNetwork
 from components.storage import Location
 from components.tasks import Task, channels_for
-from components.training import iter_batches, nanmean, per_image_losses
-from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.results import TaskResult
@@ -146,22 +143,13 @@ class NetworkRecord:
         if run_id := network.run_id or made:
             self.tracker.end_run(run_id, failed=True)
 
-    def finish(self, network: Network) -> TaskResult:
-        """Score the final weights on the test split, register them (replicate 0), end the run at
-        the network's last report (its work; scoring and registering are the driver's), and mark
-        the network done. Each network reads only its own task's test columns: a run's networks
-        together may need more of the test split than a driver should hold at once."""
+    def finish(self, network: Network, model: TaskNetwork, test_loss: float) -> TaskResult:
+        """A trained and scored network (`model`, its final weights; `test_loss`, its mean over the
+        test split): registered (replicate 0), its run ended at the network's last report (its
+        work; scoring and registering are the driver's), and the network marked done."""
         network = self.started(network)
         cfg, task, step = self.config, network.task, network.step
         channels = channels_for(task, self.store)
-        model = build_network(task, cfg.model, cfg.data.size, channels)
-        model.load_state_dict(load_state_dict(network.weights.uri))  # onto the CPU, weights only
-        test = self.store.read("test", task.columns)
-        ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
-        (step.location / "test_losses.parquet").write_parquet(
-            pa.table({"image_id": ids.astype(str), "loss": losses})
-        )
-        test_loss = nanmean(losses)
         last_epoch = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)  # as rank 0 logged it
         reported = max((m.timestamp / 1000 for m in last_epoch), default=None)  # None: no epoch logged
         if network.replicate:  # another training of the network: scored, not registered

@@ -24,16 +24,21 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
+import torch
 
 from components.config import config_hash, to_dict
 from components.data.shards import ShardStore
 from components.disk_space import no_space
 from components.errors import OutOfSpace
+from components.models import TaskNetwork, build_network
 from components.tasks import Task, channels_for
-from pipelines.config import Loader, PipelineConfig
+from components.training import iter_batches, nanmean, per_image_losses
+from components.transfer.features import load_state_dict
+from pipelines.config import PipelineConfig
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import (
     cluster_cpus,
@@ -43,6 +48,7 @@ from pipelines.ray_runtime import (
     set_train_report_poll,
 )
 from pipelines.results import TaskResult
+from pipelines.sections import Loader
 from pipelines.stage1.loopback import LoopbackTorchConfig
 from pipelines.stage1.plan import Stage1Plan, network_runs, worker_batch_size
 from pipelines.stage1.ray_data import ray_dataset
@@ -176,7 +182,7 @@ class Stage1:
             if untrained := [n for n in pending if not n.weights.exists()]:
                 self._fit(untrained)
             while pending:
-                results.append(record.finish(pending[0]))
+                results.append(record.finish(pending[0], *self._score(pending[0])))
                 pending.pop(0)
                 progress(1)
         except BaseException:  # a failed or interrupted training never stays RUNNING
@@ -184,6 +190,20 @@ class Stage1:
                 record.fail(network)
             raise
         return results
+
+    def _score(self, network: Network) -> tuple[TaskNetwork, float]:
+        """The network's final weights and their mean loss over the test split, each image's in its
+        step (`test_losses.parquet`). Each network reads only its own task's test columns: a run's
+        networks together may need more of the test split than a driver should hold at once."""
+        cfg, task = self.config, network.task
+        model = build_network(task, cfg.model, cfg.data.size, channels_for(task, self.store))
+        model.load_state_dict(load_state_dict(network.weights.uri))  # onto the CPU, weights only
+        test = self.store.read("test", task.columns)
+        ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
+        (network.step.location / "test_losses.parquet").write_parquet(
+            pa.table({"image_id": ids.astype(str), "loss": losses})
+        )
+        return model, nanmean(losses)
 
     def worker_config(
         self,

@@ -35,8 +35,9 @@ from components.transfer import (
 )
 from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
 from components.transfer.readout import validation_split
-from pipelines.config import PLAN, RUNTIME, SCRATCH_KEY, PipelineConfig, TransferConfig, key_fields
+from pipelines.config import PipelineConfig
 from pipelines.results import TaskResult
+from pipelines.sections import PLAN, RUNTIME, SCRATCH_KEY, TransferConfig, key_fields
 from pipelines.steps import Step
 
 AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
