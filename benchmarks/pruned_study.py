@@ -51,11 +51,12 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from components.affinity import affinity_from_cube, loss_cube  # noqa: E402
+from components.affinity import affinity_from_cube  # noqa: E402
 from components.affinity_io import read_affinities, write_affinity  # noqa: E402
 from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
+from components.loss_cube import loss_cube  # noqa: E402
 from components.models import build_network  # noqa: E402
 from components.storage import location  # noqa: E402
 from components.tasks import channels_for  # noqa: E402

@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from components.errors import TaskatlasError
-from components.taxonomy import TransferTable
+from components.transfer_table import TransferTable
 from components.vocabulary import LOSS_COLUMNS, REPLICATE
 
 # The loss table's columns (REPLICATE is optional: which training of the readout; absent: replicate 0)

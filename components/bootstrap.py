@@ -25,17 +25,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from components.affinity import (
-    INTERVAL,
-    P_BEST,
-    PIXELS,
-    LossCube,
-    cube_affinity,
-    image_weights,
-    loss_cube,
-)
+from components.affinity import INTERVAL, P_BEST, PIXELS, cube_affinity
 from components.errors import TaskatlasError
-from components.taxonomy import Taxonomy, TaxonomyOptions, TransferTable, solve_taxonomy
+from components.loss_cube import LossCube, loss_cube
+from components.resampling import image_weights
+from components.taxonomy import Taxonomy, TaxonomyOptions, solve_taxonomy
+from components.transfer_table import TransferTable
 from components.vocabulary import SELF
 
 ROOT = SELF  # the source set of a target that is a root, in the stability of its transfers

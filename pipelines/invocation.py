@@ -30,7 +30,7 @@ from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_gpus, cluster_nodes
-from pipelines.stage1.plan import HPARAMS
+from pipelines.sections import HPARAMS
 from pipelines.tracking.entities import STORAGE_ROOT_TAG, DatasetRef
 from pipelines.tracking.runs import Tracker
 from pipelines.tracking.store import check_sqlite_store, default_tracking_uri, remote_storage_refusal

@@ -34,7 +34,7 @@ from pipelines.stage1.run import Stage1
 from pipelines.stage2.plan import Stage2Plan
 from pipelines.stage2.record import LOSSES, READOUTS_TRAINED
 from pipelines.stage2.run import Stage2
-from pipelines.steps import log_stored_artifact
+from pipelines.steps import StepStatus, log_stored_artifact
 from pipelines.tracking.runs import Tracker
 
 
@@ -76,7 +76,8 @@ class PipelineResult:
     affinity_path: Location | None = None  # the affinity table
     unlabelled_images: dict[str, int] = field(default_factory=dict)  # per target, left out
     taxonomy: dict | None = None
-    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, "ran" | "reused")
+    # each step of this run: StepStatus.RUN (it ran) or StepStatus.REUSE
+    steps: list[tuple[str, StepStatus]] = field(default_factory=list)
 
     def summary(self, storage_root: str, run_id: str) -> dict:
         """What `taskatlas run --json` prints: what was trained, what was reused, the answer."""
@@ -122,7 +123,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         network_name(t.name, n) for t in tasks for n, done in enumerate(before[t.name]) if n and not done
     ]
     result.steps += [
-        (f"train/{network_name(t.name, n)}", "reused" if done else "ran")
+        (f"train/{network_name(t.name, n)}", StepStatus.REUSE if done else StepStatus.RUN)
         for t in tasks
         for n, done in enumerate(before[t.name])
     ]
@@ -133,7 +134,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     if Stage.TRANSFER not in stages and not stage2.jobs.is_complete(stage2.jobs.key(result.stage1)):
         raise TaskatlasError("stage transfer has not run for these settings; add it to --stages")
     result.stage2 = stage2.run(result.stage1)
-    result.steps.append(("transfer", "reused" if result.stage2.ran == 0 else "ran"))
+    result.steps.append(("transfer", StepStatus.REUSE if result.stage2.ran == 0 else StepStatus.RUN))
     if result.stage2.failed:
         raise TaskatlasError(
             f"{len(result.stage2.failed)} readout(s) failed: {', '.join(result.stage2.failed)}"
@@ -142,7 +143,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         return result
 
     affinity = affinity_step(cfg, result.stage2.key, result.stage2.losses)
-    result.steps.append(("affinity", "reused" if affinity.complete else "ran"))
+    result.steps.append(("affinity", StepStatus.REUSE if affinity.complete else StepStatus.RUN))
     fresh = not affinity.complete
     affinity = run_affinity(cfg, result.stage2.losses, result.stage2.key, inv.tracker, inv.run_id)
     table = (affinity.location / "affinity.parquet").read_parquet()
@@ -155,7 +156,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     if Stage.TAXONOMY not in stages:
         return result
     taxonomy = taxonomy_step(cfg, affinity.key)
-    result.steps.append(("taxonomy", "reused" if taxonomy.complete else "ran"))
+    result.steps.append(("taxonomy", StepStatus.REUSE if taxonomy.complete else StepStatus.RUN))
     taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
     for name in TAXONOMY_ON_PARENT:
         log_stored_artifact(inv.tracker, inv.run_id, taxonomy.location / name)
@@ -197,13 +198,15 @@ def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table)
     tracker.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
 
 
-def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, str]]:
-    """What `run` would do, without running anything: (step, "reuse" | "run" | "skip")."""
+def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, StepStatus]]:
+    """What `run` would do, without running anything: each step's status."""
     folder = dataset_folder(cfg)
     if not (folder / MANIFEST).exists():
-        return [("data", "run")] + [(s.value, "run" if s in stages else "skip") for s in ALL_STAGES]
+        return [("data", StepStatus.RUN)] + [
+            (s.value, StepStatus.RUN if s in stages else StepStatus.SKIP) for s in ALL_STAGES
+        ]
     store = ShardStore(folder)
-    plan: list[tuple[str, str]] = [("data", "reuse")]
+    plan: list[tuple[str, StepStatus]] = [("data", StepStatus.REUSE)]
     stage1 = Stage1Plan(cfg, store)
     results, complete = {}, True
     for task in cfg.study_tasks():
@@ -211,11 +214,20 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
             for n in stage1.searches():
                 if stage1.searched_hparams(task, n) is None:
                     plan.append(
-                        (f"tune/{network_name(task.name, n)}", "run" if Stage.TRAIN in stages else "missing")
+                        (
+                            f"tune/{network_name(task.name, n)}",
+                            StepStatus.RUN if Stage.TRAIN in stages else StepStatus.MISSING,
+                        )
                     )
         networks = stage1.finished_networks(task)  # each network replicate (`train.replicates`)
         for n, cached in enumerate(networks):
-            status = "reuse" if cached else "run" if Stage.TRAIN in stages else "missing"
+            status = (
+                StepStatus.REUSE
+                if cached
+                else StepStatus.RUN
+                if Stage.TRAIN in stages
+                else StepStatus.MISSING
+            )
             plan.append((f"train/{network_name(task.name, n)}", status))
         complete &= None not in networks
         if networks[0] is not None:  # with the replicates trained so far, for the readouts' preview
@@ -225,11 +237,11 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     stage2 = Stage2Plan(cfg, store)
     if Stage.TRANSFER in stages:
         readouts = stage2.preview(results)
-        if reused := sum(status == "reuse" for _, status in readouts):
-            plan.append((f"readouts ({reused} stored)", "reuse"))
-        plan += [(f"readout {name}", "run") for name, status in readouts if status == "run"]
+        if reused := sum(status is StepStatus.REUSE for _, status in readouts):
+            plan.append((f"readouts ({reused} stored)", StepStatus.REUSE))
+        plan += [(f"readout {name}", status) for name, status in readouts if status is StepStatus.RUN]
     if not complete:
-        return plan + [(s.value, "run" if s in stages else "skip") for s in downstream]
+        return plan + [(s.value, StepStatus.RUN if s in stages else StepStatus.SKIP) for s in downstream]
     transfer_key = stage2.key(results)
     steps = {Stage.TRANSFER: stage2.is_complete(transfer_key)}
     # keyed by Stage II's loss tables as its marker recorded them: only once Stage II is done
@@ -238,7 +250,9 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     steps[Stage.AFFINITY] = affinity is not None and affinity.complete
     steps[Stage.TAXONOMY] = steps[Stage.AFFINITY] and taxonomy_step(cfg, affinity.key).complete
     for s in downstream:
-        plan.append((s.value, "reuse" if steps[s] else "run" if s in stages else "skip"))
+        plan.append(
+            (s.value, StepStatus.REUSE if steps[s] else StepStatus.RUN if s in stages else StepStatus.SKIP)
+        )
     return plan
 
 

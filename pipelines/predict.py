@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from components.data.folder import RGB
-from components.data.importing import ARRAY_SUFFIX, IMAGE_SUFFIXES, ColumnRule, read_raw, to_stored
+from components.data.importing import ColumnRule, to_stored
+from components.data.raw_files import ARRAY_SUFFIX, IMAGE_SUFFIXES, read_raw
 from components.errors import ConfigError
 from components.models import TaskNetwork
 from components.tasks import Task, view_input

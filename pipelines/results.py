@@ -38,7 +38,7 @@ class TaskResult:
 
     def marker(self) -> dict:
         """What the network's step marker records: one network, not its replicas, and its
-        replicate only where it is not 0 (replicate 0's marker is what it was before replicates)."""
+        replicate only where it is not 0 (replicate 0's marker is a study's without replicates)."""
         out = {k: v for k, v in asdict(self).items() if k != "replicas"}
         if not self.replicate:
             del out["replicate"]

@@ -105,7 +105,7 @@ class TrainConfig:
     report_poll_s: float = 0.5
     seed: int = 0
     # Each task's network trained this many times (and searched, `tune.each_replicate`): replicate 0 with `seed`
-    # (the network every study had before replicates, the one registered), replicate n > 0 with a
+    # (the network of a study without replicates, the one registered), replicate n > 0 with a
     # seed of its own (`stage1.plan.network_seed`). Readout replicate r reads network replicate
     # r mod N, so Stage III's multi-bootstrap covers how the networks trained too (at most
     # transfer.replicates: more would never be read). Raising it trains only the new replicates.
@@ -131,6 +131,9 @@ class TrainConfig:
         )
         at_least("train", self, 1, "checkpoints_to_keep", "replicates")
         at_least("train", self, 0, "cpus_per_worker", above=True)
+
+
+HPARAMS = ("lr", "weight_decay", "batch_size")  # the train.* settings the search chooses per task
 
 
 @dataclass(frozen=True)

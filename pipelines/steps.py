@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,16 @@ from components.study_lock import check_held
 
 if TYPE_CHECKING:  # annotations only: importing the steps loads no MLflow
     from pipelines.tracking.runs import Tracker
+
+
+class StepStatus(str, Enum):
+    """What a step does in a run, or would do (`--dry-run`): one spelling for every step."""
+
+    RUN = "run"  # it runs (in a report: it ran)
+    REUSE = "reuse"  # finished before: read back
+    SKIP = "skip"  # its stage was not asked for
+    MISSING = "missing"  # not asked for and not finished: the stages after it cannot run
+
 
 DONE = "done.json"
 FILES = "files"  # the marker's record of the step's files: relative path -> [size, sha256]

@@ -14,20 +14,14 @@ import pytest
 
 import components.affinity as affinity
 import components.affinity_io as affinity_io
-from components.affinity import (
-    affinity_by_target,
-    ahp_affinity,
-    compute_affinity,
-    loss_cube,
-    perron_vector,
-    top_sources,
-    unlabelled_counts,
-    win_rates,
-)
+from components.affinity import affinity_by_target, compute_affinity, top_sources
 from components.affinity_io import read_affinities, read_losses, write_affinity
+from components.ahp import ahp_affinity, perron_vector
 from components.bootstrap import bootstrap_affinities, candidate_mask, compute_affinity_with_intervals
 from components.errors import TaskatlasError
+from components.loss_cube import loss_cube, unlabelled_counts
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
+from components.win_rates import win_rates
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import components.affinity as affinity
+import components.win_rates as win_rates
 from components.affinity import (
     AFFINITY_SCHEMA,
     INTERVAL_COLUMNS,
     INTERVAL_SCHEMA,
     affinity_from_cube,
     compute_affinity,
-    loss_cube,
 )
 from components.affinity_io import transfer_table
 from components.bootstrap import (
@@ -28,6 +27,7 @@ from components.bootstrap import (
     taxonomy_stability,
 )
 from components.errors import TaskatlasError
+from components.loss_cube import loss_cube
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from pipelines.cli import main
 from tests.conftest import assert_same_table
@@ -171,7 +171,7 @@ def test_weighted_counts_equal_a_brute_force_resample(monkeypatch):
 
     np.testing.assert_array_equal(bootstrap_affinities(cube, n, seed), samples)  # same seed, same answer
     assert not np.array_equal(bootstrap_affinities(cube, n, seed + 1), samples)
-    monkeypatch.setattr(affinity, "_CHUNK_ELEMENTS", 5)  # one image per chunk: same answer
+    monkeypatch.setattr(win_rates, "_CHUNK_ELEMENTS", 5)  # one image per chunk: same answer
     np.testing.assert_allclose(bootstrap_affinities(cube, n, seed), samples, rtol=1e-12)
 
 

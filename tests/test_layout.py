@@ -85,7 +85,12 @@ RAY_ROOMS = {
     "pipelines/stage2/pruning.py",
     "pipelines/position/run.py",
 }
-MLFLOW_ROOMS = {"pipelines/compat.py", "pipelines/stage1/record.py", "pipelines/stage1/restore.py", "pipelines/position/record.py"}
+MLFLOW_ROOMS = {
+    "pipelines/compat.py",
+    "pipelines/stage1/record.py",
+    "pipelines/stage1/restore.py",
+    "pipelines/position/record.py",
+}
 
 
 def test_ray_and_mlflow_are_imported_only_in_their_rooms():

@@ -38,9 +38,10 @@ from pipelines.cli import main
 from pipelines.commands.run import print_run
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import dataset_ref, invocation, open_tracker
+from pipelines.sections import HPARAMS
 from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord
-from pipelines.stage1.search import HPARAMS, TrialProgress
+from pipelines.stage1.search import TrialProgress
 from pipelines.stage2.readout_runs import ReadoutRunLog
 from pipelines.tracking.entities import NOTE
 from pipelines.tracking.logger import RunLogger

@@ -11,16 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from components.affinity import (
-    INTERVAL_SCHEMA,
-    affinity_by_target,
-    compute_affinity,
-    cube_affinity,
-    image_weights,
-    loss_cube,
-    replicate_draws,
-    win_rates,
-)
+from components.affinity import INTERVAL_SCHEMA, affinity_by_target, compute_affinity, cube_affinity
 from components.bootstrap import (
     best_candidates,
     compute_affinity_with_intervals,
@@ -28,7 +19,11 @@ from components.bootstrap import (
     stability_of_rows,
 )
 from components.errors import TaskatlasError
-from components.taxonomy import TaxonomyOptions, TransferTable, solve_taxonomy
+from components.loss_cube import loss_cube
+from components.resampling import image_weights, replicate_draws
+from components.taxonomy import TaxonomyOptions, solve_taxonomy
+from components.transfer_table import TransferTable
+from components.win_rates import win_rates
 from pipelines.cli import main
 from tests.conftest import assert_same_table
 
@@ -518,7 +513,7 @@ def test_the_baseline_shares_count_resamples_that_lose_to_random_or_pixels():
 def test_predictive_draws_have_the_estimate_as_mean_and_twice_the_bootstrap_variance():
     """A rerun's estimate differs from this one by both studies' errors: the draws the shares are
     read from spread twice as far (in variance) as the bootstrap's, around the same estimate."""
-    from components.affinity import predictive_wins
+    from components.resampling import predictive_wins
 
     rng = np.random.default_rng(0)
     point = np.array([[0.5, 0.6], [0.4, 0.5]])

@@ -226,7 +226,7 @@ def test_channel_first_npy_labels_are_read_as_their_task_channels(tmp_path):
     """An (1, H, W) `.npy` label was read as (H=1, W, 32 channels): "32 channel(s), but task edges
     has channels: 1". (C, H, W) is accepted where C is less than H and W; any other layout is
     refused naming the layouts accepted."""
-    from components.data.importing import read_raw
+    from components.data.raw_files import read_raw
     from pipelines.config import load_pipeline_config
     from pipelines.position.inputs import check_images, load_task
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.affinity import affinity_from_cube, loss_cube
+from components.affinity import affinity_from_cube
 from components.affinity_io import read_affinities, write_affinity
 from components.data.shards import ShardStore
 from components.errors import ConfigError
+from components.loss_cube import loss_cube
 from components.tasks import get_task
 from components.taxonomy import TaxonomyOptions, solve_taxonomy, sweep_budgets
 from components.transfer import (
@@ -339,7 +340,7 @@ def test_a_budget_that_cannot_be_met_is_reported_and_the_smallest_plan_trains(
 
 
 def test_a_source_pruned_from_every_target_is_dropped_from_the_solvers_options():
-    from components.taxonomy import TransferTable
+    from components.transfer_table import TransferTable
     from pipelines.analysis.plan import within_table
 
     table = TransferTable.from_rows([("a", ("b",), 0.6), ("a", ("self",), 0.4), ("b", ("self",), 1.0)])

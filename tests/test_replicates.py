@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from components.transfer.beams import beam, beam_availability
 from components.transfer.plan import (
     Pairing,
     Readout,
     ReadoutKind,
     baseline,
-    beam,
-    beam_availability,
     network_replicate,
     plan_transfers,
     readout_seed,

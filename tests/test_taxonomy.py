@@ -13,15 +13,8 @@ import pytest
 
 from components.affinity_io import read_affinities
 from components.errors import TaskatlasError
-from components.taxonomy import (
-    Linking,
-    Taxonomy,
-    TaxonomyOptions,
-    TransferTable,
-    Transform,
-    solve_taxonomy,
-    sweep_budgets,
-)
+from components.taxonomy import Linking, Taxonomy, TaxonomyOptions, Transform, solve_taxonomy, sweep_budgets
+from components.transfer_table import TransferTable
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 

@@ -25,15 +25,8 @@ from typing import Any
 
 import yaml
 
-from components.data.importing import (
-    ARRAY_SUFFIX,
-    IMAGE_SUFFIXES,
-    ColumnRule,
-    Found,
-    ImportConfig,
-    complete_images,
-    write_import,
-)
+from components.data.importing import ColumnRule, Found, ImportConfig, complete_images, write_import
+from components.data.raw_files import ARRAY_SUFFIX, IMAGE_SUFFIXES
 from components.data.shards import Manifest, ShardError
 from components.errors import ConfigError
 

@@ -15,14 +15,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from components.data.importing import (
-    ColumnRule,
-    Found,
-    ImportConfig,
-    complete_images,
-    split_of,
-    write_import,
-)
+from components.data.importing import ColumnRule, Found, ImportConfig, complete_images, split_of, write_import
 from components.data.shards import Manifest, ShardError
 
 __all__ = ["DOMAINS", "ImportConfig", "import_taskonomy", "scan", "split_of"]

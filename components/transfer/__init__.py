@@ -1,6 +1,7 @@
 """Stage II as plain parts: the plan, the feature sources and the readout (no Ray, no MLflow)."""
 
 from components.tasks import view_input
+from components.transfer.beams import beam, beam_availability, rank_sources
 from components.transfer.features import (
     FeatureKind,
     FeatureSource,
@@ -18,8 +19,6 @@ from components.transfer.plan import (
     ReadoutKind,
     TransferPlan,
     baseline,
-    beam,
-    beam_availability,
     describe_plan,
     estimate_seconds,
     network_replicate,
@@ -27,7 +26,6 @@ from components.transfer.plan import (
     planned_fraction,
     prune_for_budget,
     prune_plan,
-    rank_sources,
     readout_seed,
     shared_sources,
 )

@@ -14,10 +14,8 @@ import pyarrow.compute as pc
 from components.config import config_hash, to_dict
 from components.errors import TaskatlasError
 from components.storage import Location
-from components.taxonomy import (
-    TaxonomyOptions,
-    TransferTable,
-)
+from components.taxonomy import TaxonomyOptions
+from components.transfer_table import TransferTable
 from pipelines.config import PipelineConfig
 from pipelines.sections import AnalysisConfig
 from pipelines.steps import DONE, FILES, Step, sha256_of

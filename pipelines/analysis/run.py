@@ -19,12 +19,7 @@ from components.affinity import affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
 from components.bootstrap import stability_of_rows
 from components.storage import Location
-from components.taxonomy import (
-    Taxonomy,
-    TaxonomyOptions,
-    solve_taxonomy,
-    sweep_budgets,
-)
+from components.taxonomy import Taxonomy, TaxonomyOptions, solve_taxonomy, sweep_budgets
 from components.transfer.plan import Pairing
 from components.verdict import verdict
 from pipelines.analysis.plan import (
@@ -117,8 +112,8 @@ def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) 
     """Per resample, which higher-order rows its own validation draw would have put in the beam
     (`beam_availability`), from Stage II's summary of first-order validation losses per replicate;
     None without higher orders (or a summary, as for a loss table given on the command line)."""
-    from components.affinity import replicate_draws
-    from components.transfer.plan import beam_availability
+    from components.resampling import replicate_draws
+    from components.transfer.beams import beam_availability
 
     t = cfg.transfer
     if not t.orders or not (stage_dir / "summary.parquet").exists():

@@ -90,8 +90,8 @@ def _bootstrap_request(args: argparse.Namespace) -> tuple[int, int] | None:
 
 
 def _affinity(args: argparse.Namespace) -> int:
-    from components.affinity import describe_unlabelled
     from components.affinity_io import write_affinity
+    from components.loss_cube import describe_unlabelled
     from components.plots import plot_affinity_heatmap
 
     bootstrap = _bootstrap_request(args)

@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     stages = parse_stages(args.stages)
     if args.dry_run:
         for step, status in dry_run(cfg, stages):
-            print(f"{status:<8} {step}")
+            print(f"{status.value:<8} {step}")
         return 0
     preflight(cfg)
     with study_lock(cfg, "run", args.wait_for_lock):
@@ -78,9 +78,11 @@ def readouts_line(ran: int, reused: int, counts: dict[str, int]) -> str:
 
 
 def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str) -> None:
-    from components.affinity import describe_unlabelled, top_sources
+    from components.affinity import top_sources
+    from components.loss_cube import describe_unlabelled
+    from pipelines.steps import StepStatus
 
-    ran = [s for s, status in result.steps if status == "ran"]
+    ran = [s for s, status in result.steps if status is StepStatus.RUN]
     print(
         f"\nsteps: {len(ran)} ran, {len(result.steps) - len(ran)} reused (data version {result.data_version})"
     )

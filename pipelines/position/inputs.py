@@ -16,7 +16,8 @@ import yaml
 
 from components.config import config_hash
 from components.data.folder import RGB, FolderColumn, import_folder, load_spec, recorded_spec, scan_folder
-from components.data.importing import ARRAY_SUFFIX, NPY_LAYOUTS, ImportConfig, read_raw, split_of
+from components.data.importing import ImportConfig, split_of
+from components.data.raw_files import ARRAY_SUFFIX, NPY_LAYOUTS, read_raw
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import ConfigError, TaskatlasError
 from components.tasks import Loss, Task, TaskKind, task_from_definition

@@ -3,8 +3,8 @@
 Pure reads of the config, the data version and the step markers: no tracker and no Ray. `run`,
 `--dry-run`, `nightly` and `position` all ask these same questions (design.md section 1).
 
-A task has `train.replicates` N networks: replicate 0 is the network a study had before
-replicates (its key and seed unchanged, the one registered), replicate n > 0 the same network
+A task has `train.replicates` N networks: replicate 0 is the network of a study without
+replicates (its key and seed, the one registered), replicate n > 0 the same network
 trained again with a seed of its own (`network_seed`), a step of its own. Each replicate n has
 a search of its own with that seed too (`tune.each_replicate`, the default), so the replicates
 vary as whole reruns of Stage I do; otherwise all read replicate 0's search.
@@ -26,8 +26,6 @@ from pipelines.results import TaskResult
 from pipelines.sections import PLAN, Loader, key_fields
 from pipelines.steps import Step
 
-HPARAMS = ("lr", "weight_decay", "batch_size")  # the train.* settings the search chooses per task
-
 
 @dataclass(frozen=True)
 class Stage1Plan:
@@ -43,7 +41,7 @@ class Stage1Plan:
         return replicate if self.config.tune.each_replicate else 0
 
     def search_step(self, task: Task, search: int = 0) -> Step:
-        """Search 0 keeps the key searches had before replicates; search n > 0 samples with
+        """Search 0 keeps the key of a study without replicates; search n > 0 samples with
         replicate n's seed, and its number is in its key."""
         cfg = self.config
         parts = [task, cfg.model, key_fields(cfg.tune, PLAN), cfg.train.seed, self.store.data_version]
@@ -92,7 +90,7 @@ class Stage1Plan:
             "cache_in_memory": t.cache_in_memory and t.loader is Loader.RAY_DATA,
         }
         parts = [task, cfg.model, hparams, t.epochs, self.seed(replicate), self.store.data_version, how]
-        if replicate:  # replicate 0: the key every network had before replicates
+        if replicate:  # replicate 0: the key of a study without replicates
             parts.append({"replicate": replicate})
         return Step(cfg.root, f"stage1/{task.name}", config_hash(*parts))
 
@@ -131,7 +129,7 @@ class Stage1Plan:
 
 def network_seed(seed: int, replicate: int) -> int:
     """The seed of a task network's initialisation and batch order: `train.seed` for replicate 0
-    (every network before replicates), one drawn from (seed, replicate) for the others, in a
+    (as in a study without replicates), one drawn from (seed, replicate) for the others, in a
     stream of its own (not the readouts' `readout_seed`, nor another task's: every task's
     replicate n shares it, as every task's replicate 0 shares `train.seed`)."""
     if replicate == 0:

@@ -17,7 +17,8 @@ from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
-from pipelines.stage1.plan import HPARAMS, Stage1Plan
+from pipelines.sections import HPARAMS
+from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord
 from pipelines.stage1.trial import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step

@@ -38,7 +38,7 @@ from components.transfer.readout import validation_split
 from pipelines.config import PipelineConfig
 from pipelines.results import TaskResult
 from pipelines.sections import PLAN, RUNTIME, SCRATCH_KEY, TransferConfig, key_fields
-from pipelines.steps import Step
+from pipelines.steps import Step, StepStatus
 
 AUTO_STACK = 16  # `transfer.stack: 0` where stacking pays (docs/benchmarks.md)
 # ... and for pixel targets on CPUs when every training step is one small batch (a new task
@@ -191,8 +191,8 @@ class Stage2Plan:
             tuple(networks[1:]),
         )
 
-    def preview(self, results: Mapping[str, TaskResult]) -> list[tuple[str, str]]:
-        """(readout, "run" | "reuse") for `--dry-run`, from the networks trained so far: exact for
+    def preview(self, results: Mapping[str, TaskResult]) -> list[tuple[str, StepStatus]]:
+        """(readout, RUN | REUSE) for `--dry-run`, from the networks trained so far: exact for
         first order and baselines, and for the higher orders of targets whose first-order readouts
         are all stored; other targets' higher orders are one line "up to N", as their beams come
         from first-order results still to be trained. A readout of an untrained network runs."""
@@ -205,8 +205,12 @@ class Stage2Plan:
             except KeyError:  # a source or the target has no trained network yet
                 return None
 
-        def status(readouts) -> list[tuple[str, str]]:
-            return [(x.name, "reuse" if stored(x) else "run") for r in readouts for x in plan.replicas(r)]
+        def status(readouts) -> list[tuple[str, StepStatus]]:
+            return [
+                (x.name, StepStatus.REUSE if stored(x) else StepStatus.RUN)
+                for r in readouts
+                for x in plan.replicas(r)
+            ]
 
         out = status((*plan.first_order, *plan.baselines))
         for target in plan.targets:
@@ -217,7 +221,7 @@ class Stage2Plan:
                     losses.setdefault(x.sources[0], []).append(o.val_loss)
                 out += status(plan.higher_order(target, losses))
             elif n := sum(plan.higher_order_count(target, k) for k in plan.orders):
-                out.append((f"{target}: up to {n} higher-order (beam after first order)", "run"))
+                out.append((f"{target}: up to {n} higher-order (beam after first order)", StepStatus.RUN))
         return out
 
     def job(self, r: Readout, dirs: tuple[str, ...], path: str, checkpoint: str = "") -> ReadoutJob:

@@ -1,0 +1,122 @@
+"""What a bootstrap resample draws (image weights, replicate slots), how its win rates average over
+the drawn replicates, and the checks on the bootstrap's arguments; `components.affinity` explains
+the multi-bootstrap."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from components.errors import TaskatlasError
+from components.loss_cube import LossCube
+
+
+def image_weights(seed: int, image_ids: Sequence[str] | np.ndarray, n: int) -> np.ndarray:
+    """(n, len(image_ids)) int: resample b's count of each test image, multinomial with
+    len(image_ids) draws; `image_ids` are the study's test image ids, sorted and distinct (the
+    weights of an image are found by its position). The same weights serve every candidate and
+    every target; a target's images without a label count nowhere for it."""
+    check_seed(seed)
+    ids = np.asarray(image_ids, dtype=str)
+    if ids.ndim != 1 or not len(ids):
+        raise TaskatlasError("bootstrap: expected a non-empty list of test image ids")
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        raise TaskatlasError("bootstrap: the test image ids must be sorted and distinct")
+    uniform = np.full(len(ids), 1.0 / len(ids))
+    return np.random.default_rng(np.random.SeedSequence(seed)).multinomial(len(ids), uniform, size=n)
+
+
+def study_positions(study: np.ndarray, cube: LossCube, name: str) -> np.ndarray:
+    """(len(cube.image_ids),) position of each of the cube's image ids among the study's."""
+    ids = np.asarray(cube.image_ids, dtype=str)
+    at = np.minimum(np.searchsorted(study, ids), len(study) - 1)
+    if (missing := np.flatnonzero(study[at] != ids)).size:
+        raise TaskatlasError(
+            f"target {name}: test image {ids[missing[0]]!r} is not among the study's "
+            f"{len(study)} test image ids given for the bootstrap"
+        )
+    return at
+
+
+def replicate_draws(
+    seed: int, target: str, n_replicates: int, n: int, sources: tuple[str, ...] | None = None
+) -> np.ndarray:
+    """(n, max(R - 1, 1)) int: the replicates resample b draws, R - 1 of 0..R-1 with replacement
+    (R = `n_replicates`). Paired seeds (`sources` None): one draw of the target's replicate slots,
+    shared by all its candidates; independent seeds: a draw per candidate (`sources`). The stream
+    depends only on the seed, the target (and the source set, sorted and `+`-joined), so the same
+    draw can be made anywhere; the first k rows do not depend on n. One replicate always draws
+    replicate 0.
+
+    Why R - 1 and not R (the m-out-of-n bootstrap, m = R - 1): the estimate is a mean over R
+    replicates, whose variance across reruns is s^2 / R (s^2 the replicates' variance, ddof 1).
+    The mean of R draws from the R values has the plug-in variance (R - 1)/R s^2 / R: at R = 3
+    two thirds of the training noise a rerun sees, so stated shares were too sure. The mean of
+    R - 1 draws has ((R - 1)/R) s^2 / (R - 1) = s^2 / R: unbiased, and still centred (each draw's
+    mean is the estimate)."""
+    check_seed(seed)
+    if n_replicates == 1:
+        return np.zeros((n, 1), dtype=np.int64)
+    entropy = [int(seed), zlib.crc32(target.encode())]
+    if sources is not None:
+        entropy.append(zlib.crc32("+".join(sources).encode()))
+    return np.random.default_rng(np.random.SeedSequence(entropy)).integers(
+        0, n_replicates, size=(n, n_replicates - 1)
+    )
+
+
+def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """(n, n) win rates W and their (B, n, n) bootstrap resamples W_b -> (B, n, n) draws of what a
+    rerun of the whole study (other seeds, other test images of the same kind) would measure.
+
+    The study's shares claim how often a rerun makes a choice. A rerun's estimate differs from
+    this one by both studies' errors, twice the variance the bootstrap gives this one alone; a
+    resample carries only this study's. So draw b adds two independent bootstrap deviations (of b and
+    of b + 1, cyclically) to the estimate, W_b + W_(b+1) - W, clipped to [0, 1], with W_ji = 1 -
+    W_ij kept. Its mean is W; with one resample there is nothing to pair: the resample itself."""
+    if len(resamples) < 2:
+        return resamples.copy()
+    ahead = np.clip(resamples + np.roll(resamples, -1, axis=0) - point, 0.0, 1.0)
+    n = point.shape[0]
+    ahead[:, np.arange(n), np.arange(n)] = 0.5
+    return ahead
+
+
+def paired_wins(cross: np.ndarray, first: np.ndarray, reps: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """(k, V, V) win rates between (candidate, replicate) rows, candidate c's replicates at rows
+    first[c]..first[c]+reps[c]-1, and (k, S) slots per weight vector -> (k, n, n): the mean over
+    the drawn slots s of the win rates between replicate s mod R_c of each candidate."""
+    k, n = len(cross), len(reps)
+    out = np.zeros((k, n, n))
+    for column in draws.T:  # (k,) the s-th drawn slot of each weight vector
+        rows = first[None, :] + column[:, None] % reps[None, :]  # (k, n)
+        out += cross[np.arange(k)[:, None, None], rows[:, :, None], rows[:, None, :]]
+    return out / draws.shape[1]
+
+
+def independent_wins(
+    cross: np.ndarray, first: np.ndarray, reps: np.ndarray, draws: list[np.ndarray]
+) -> np.ndarray:
+    """As `paired_wins` for independent seeds: draws[c] (k, R_c) is each weight vector's draw of
+    candidate c's replicates; the win rate of i over j is the mean over every pair of drawn
+    replicates, sum_ab u_i(a) u_j(b) cross[a, b] with u_c the share of c's draw that is each row."""
+    k, n = len(cross), len(reps)
+    share = np.zeros((k, n, cross.shape[1]))  # (k, n, V)
+    for c, drawn in enumerate(draws):
+        for column in drawn.T:
+            np.add.at(share, (np.arange(k), c, first[c] + column), 1.0 / drawn.shape[1])
+    out = np.einsum("kiv,kvw,kjw->kij", share, cross, share)
+    out[:, np.arange(n), np.arange(n)] = 0.5  # a candidate against itself: a tie, as win_rates has it
+    return out
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise TaskatlasError(f"bootstrap: the seed must be an integer >= 0, got {seed!r}")
+
+
+def check_resamples(bootstrap: int) -> None:
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int | np.integer) or bootstrap < 0:
+        raise TaskatlasError(f"bootstrap: the number of resamples must be an integer >= 0, got {bootstrap!r}")
