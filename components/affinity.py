@@ -24,10 +24,11 @@ per-target code over a cube of several targets, so both give the same numbers.
 The bootstrap is the multi-bootstrap of Sellam et al. (ICLR 2022; design.md section 10). Resample b
 draws (1) one multinomial count vector w_b over the study's test images (`image_weights`), shared by
 every candidate and every target, since the images are the same images; an image a target has no
-label for counts nowhere for it; and (2) replicates with replacement (`replicate_draws`), R - 1 of
-R so that their variance is the rerun's, not (R - 1)/R of it: paired, one vector of slots per
-target, shared by all its candidates (so the resample keeps the pairing the point estimate relies
-on); independent, a draw per candidate. Its win rates are the
+label for counts nowhere for it; and (2) replicates with replacement (`replicate_draws`): paired,
+one vector of R slots per target, shared by all its candidates (so the resample keeps the pairing
+the point estimate relies on); independent, R_c replicates per candidate. The replicates' part of
+each resample's deviation is widened by sqrt(R / (R - 1)) (`with_replicate_noise`): R draws from
+R replicates vary by (R - 1)/R of what a rerun's R fresh ones do. Its win rates are the
 same statistic on the drawn replicates under the weights w_b,
 
     W_b[i, j] = mean over drawn pairs (a, b) of sum_I w_bI (1[l_i^a(I) < l_j^b(I)] + 0.5 1[tie]) / sum_I w_bI,
@@ -60,10 +61,8 @@ from components.resampling import (
     check_resamples,
     check_seed,
     image_weights,
-    independent_wins,
-    paired_wins,
     predictive_wins,
-    replicate_draws,
+    resampled_wins,
     study_positions,
 )
 from components.win_rates import win_rates
@@ -339,20 +338,7 @@ def _target_rows(
     first = np.concatenate([[0], np.cumsum(reps)[:-1]])  # row of each candidate's replicate 0
     rows = np.concatenate([losses[c, : reps[c]] for c in range(len(reps))])  # (V, m)
     cross = win_rates(rows, np.concatenate([ones, resamples]))  # (1 + B, V, V)
-    n_resamples = len(resamples)
-    # The point estimate reads every replicate once; a resample R - 1 drawn (`replicate_draws`).
-    if paired:
-        slots = int(reps.max())
-        drawn = replicate_draws(seed, cube.targets[t], slots, n_resamples)
-        point = paired_wins(cross[:1], first, reps, np.arange(slots)[None])
-        wins = np.concatenate([point, paired_wins(cross[1:], first, reps, drawn)])
-    else:
-        name = cube.targets[t]
-        drawn_each = [
-            replicate_draws(seed, name, int(r), n_resamples, s) for s, r in zip(sets, reps, strict=True)
-        ]
-        point = independent_wins(cross[:1], first, reps, [np.arange(r)[None] for r in reps])
-        wins = np.concatenate([point, independent_wins(cross[1:], first, reps, drawn_each)])  # (1 + B, n, n)
+    wins = resampled_wins(cross, first, reps, sets, seed, cube.targets[t], paired)  # (1 + B, n, n)
     candidates = np.flatnonzero([s not in REFERENCES for s in sets])
     among, everyone = (slice(None), candidates[:, None], candidates), np.ones(len(candidates), bool)
     affinity = ahp_affinity(wins[among], everyone)

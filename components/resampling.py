@@ -43,19 +43,11 @@ def study_positions(study: np.ndarray, cube: LossCube, name: str) -> np.ndarray:
 def replicate_draws(
     seed: int, target: str, n_replicates: int, n: int, sources: tuple[str, ...] | None = None
 ) -> np.ndarray:
-    """(n, max(R - 1, 1)) int: the replicates resample b draws, R - 1 of 0..R-1 with replacement
-    (R = `n_replicates`). Paired seeds (`sources` None): one draw of the target's replicate slots,
-    shared by all its candidates; independent seeds: a draw per candidate (`sources`). The stream
-    depends only on the seed, the target (and the source set, sorted and `+`-joined), so the same
-    draw can be made anywhere; the first k rows do not depend on n. One replicate always draws
-    replicate 0.
-
-    Why R - 1 and not R (the m-out-of-n bootstrap, m = R - 1): the estimate is a mean over R
-    replicates, whose variance across reruns is s^2 / R (s^2 the replicates' variance, ddof 1).
-    The mean of R draws from the R values has the plug-in variance (R - 1)/R s^2 / R: at R = 3
-    two thirds of the training noise a rerun sees, so stated shares were too sure. The mean of
-    R - 1 draws has ((R - 1)/R) s^2 / (R - 1) = s^2 / R: unbiased, and still centred (each draw's
-    mean is the estimate)."""
+    """(n, n_replicates) int: the replicates resample b draws (n_replicates of 0..n_replicates-1, with
+    replacement). Paired seeds (`sources` None): one draw of the target's replicate slots, shared by
+    all its candidates; independent seeds: a draw per candidate (`sources`). The stream depends
+    only on the seed, the target (and the source set, sorted and `+`-joined), so the same draw can
+    be made anywhere; the first k rows do not depend on n. One replicate always draws replicate 0."""
     check_seed(seed)
     if n_replicates == 1:
         return np.zeros((n, 1), dtype=np.int64)
@@ -63,8 +55,31 @@ def replicate_draws(
     if sources is not None:
         entropy.append(zlib.crc32("+".join(sources).encode()))
     return np.random.default_rng(np.random.SeedSequence(entropy)).integers(
-        0, n_replicates, size=(n, n_replicates - 1)
+        0, n_replicates, size=(n, n_replicates)
     )
+
+
+def replicate_factor(replicates: np.ndarray | int) -> np.ndarray:
+    """sqrt(R / (R - 1)) (1 where R <= 1): how much wider a rerun's replicate noise is than the
+    bootstrap's. The estimate is a mean over R replicates, which varies across reruns by s^2 / R
+    (s^2: the replicates' variance, ddof 1); the mean of R replicates drawn from the R there are
+    varies by the plug-in (R - 1)/R s^2 / R: two thirds at R = 3."""
+    r = np.asarray(replicates, dtype=float)
+    return np.sqrt(np.where(r > 1, r / np.maximum(r - 1, 1), 1.0))
+
+
+def with_replicate_noise(images: np.ndarray, drawn: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
+    """(B, n, n) win rates of resamples of the images alone (every replicate, as the estimate reads
+    them) and of images and replicates drawn together -> the resamples with the replicates' part of
+    the deviation widened by `factor` (`replicate_factor`, scalar or per pair), clipped to [0, 1].
+    The image part is left as the bootstrap gives it (n images: (n - 1)/n of its variance, nearly
+    all). Not fewer replicates drawn (R - 1 of R has the right variance too): a resample of fewer
+    runs is one of more extreme win rates, which AHP's ratios turn into affinities outside the
+    interval of the estimate. W_ji = 1 - W_ij is kept: both parts keep it, and the clip is symmetric."""
+    out = np.clip(images + factor * (drawn - images), 0.0, 1.0)
+    n = images.shape[-1]
+    out[:, np.arange(n), np.arange(n)] = 0.5
+    return out
 
 
 def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
@@ -120,3 +135,41 @@ def check_seed(seed: int) -> None:
 def check_resamples(bootstrap: int) -> None:
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int | np.integer) or bootstrap < 0:
         raise TaskatlasError(f"bootstrap: the number of resamples must be an integer >= 0, got {bootstrap!r}")
+
+
+def resampled_wins(
+    cross: np.ndarray,
+    first: np.ndarray,
+    reps: np.ndarray,
+    sets: list[tuple[str, ...]],
+    seed: int,
+    target: str,
+    paired: bool,
+) -> np.ndarray:
+    """(1 + B, V, V) win rates between a target's (candidate, replicate) rows, row 0 over all
+    images and the others under each resample's image weights -> (1 + B, n, n) candidate win rates:
+    row 0 the estimate (every replicate once), then each resample's images with every replicate,
+    its drawn replicates' part of the deviation widened to a rerun's (`with_replicate_noise`).
+    `sets`: the candidates' source sets (independent seeds draw per candidate)."""
+    k, n_resamples = len(cross), len(cross) - 1
+    if paired:
+        slots = int(reps.max())
+        images = paired_wins(cross, first, reps, np.broadcast_to(np.arange(slots), (k, slots)))
+        drawn = paired_wins(cross[1:], first, reps, replicate_draws(seed, target, slots, n_resamples))
+        factor = replicate_factor(slots)
+    else:
+        every = [np.broadcast_to(np.arange(r), (k, r)) for r in reps]
+        images = independent_wins(cross, first, reps, every)
+        each = [
+            replicate_draws(seed, target, int(r), n_resamples, s) for s, r in zip(sets, reps, strict=True)
+        ]
+        drawn = independent_wins(cross[1:], first, reps, each)
+        # per pair: the fewer replicates of the two that have more than one (one adds no noise)
+        many = np.where(reps > 1, reps, 0)
+        pair = np.where(
+            (many[:, None] > 0) & (many[None, :] > 0),
+            np.minimum(many[:, None], many[None, :]),
+            np.maximum(many[:, None], many[None, :]),
+        )
+        factor = replicate_factor(pair)
+    return np.concatenate([images[:1], with_replicate_noise(images[1:], drawn, factor)])

@@ -20,7 +20,7 @@ from components.bootstrap import (
 )
 from components.errors import TaskatlasError
 from components.loss_cube import loss_cube
-from components.resampling import image_weights, replicate_draws
+from components.resampling import image_weights, replicate_draws, replicate_factor, with_replicate_noise
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from components.transfer_table import TransferTable
 from components.win_rates import win_rates
@@ -99,31 +99,50 @@ def _brute_force(per_target: dict, target: str, seed: int, b: int, n: int, paire
     by_source = {tuple(sorted(s.split("+"))): np.array(v, dtype=float) for s, v in per_target[target].items()}
     names = sorted(s for s in by_source if s != ("pixels",))
     slots = max(len(v) for v in by_source.values())  # pixels counts: the cube's replicate slots
-    if paired:
-        drawn = replicate_draws(seed, target, slots, n)[b]
-        pairs = {
-            (p, q): [(s % len(by_source[p]), s % len(by_source[q])) for s in drawn]
+
+    def slot_pairs(slots_drawn):
+        return {
+            (p, q): [(s % len(by_source[p]), s % len(by_source[q])) for s in slots_drawn]
             for p in names
             for q in names
         }
+
+    def every_pair(mine):
+        return {(p, q): [(x, y) for x in mine[p] for y in mine[q]] for p in names for q in names}
+
+    if paired:  # the replicates every slot reads, and those resample b draws
+        every = slot_pairs(range(slots))
+        pairs = slot_pairs(replicate_draws(seed, target, slots, n)[b])
     else:
-        mine = {s: replicate_draws(seed, target, len(by_source[s]), n, s)[b] for s in names}
-        pairs = {(p, q): [(x, y) for x in mine[p] for y in mine[q]] for p in names for q in names}
+        every = every_pair({s: range(len(by_source[s])) for s in names})
+        pairs = every_pair({s: replicate_draws(seed, target, len(by_source[s]), n, s)[b] for s in names})
     labelled = [i for i in range(len(ids)) if i < by_source[names[0]].shape[1]]
     labelled = [i for i in labelled if not np.isnan(by_source[names[0]][0, i])]  # measured, with a label
     total = sum(weights[f"img{i}"] for i in labelled)
+
+    def rate(p, q, chosen):  # the mean weighted win rate of p over q over the chosen replicate pairs
+        rates = []
+        for x, y in chosen[p, q]:
+            lp, lq = by_source[p][x], by_source[q][y]
+            won = sum(weights[f"img{i}"] * ((lp[i] < lq[i]) + 0.5 * (lp[i] == lq[i])) for i in labelled)
+            rates.append(won / total)
+        return np.mean(rates)
+
+    def widening(p, q):  # sqrt(R / (R - 1)), R the replicates whose noise the pair carries
+        if paired:
+            r = slots
+        else:
+            many = [len(by_source[s]) for s in (p, q) if len(by_source[s]) > 1]
+            r = min(many) if many else 1
+        return np.sqrt(r / (r - 1)) if r > 1 else 1.0
+
     k = len(names)
     wins = np.full((k, k), 0.5)
-    for p in range(k):
-        for q in range(k):
-            if p == q:
-                continue
-            rates = []
-            for x, y in pairs[names[p], names[q]]:
-                lp, lq = by_source[names[p]][x], by_source[names[q]][y]
-                won = sum(weights[f"img{i}"] * ((lp[i] < lq[i]) + 0.5 * (lp[i] == lq[i])) for i in labelled)
-                rates.append(won / total)
-            wins[p, q] = np.mean(rates)
+    for i, p in enumerate(names):
+        for j, q in enumerate(names):
+            if i != j:
+                images, drawn = rate(p, q, every), rate(p, q, pairs)
+                wins[i, j] = min(max(images + widening(p, q) * (drawn - images), 0.0), 1.0)
     clipped = np.clip(wins, 0.001, 0.999)
     values, vectors = np.linalg.eig(clipped / clipped.T)
     vector = np.abs(vectors[:, np.argmax(values.real)].real)
@@ -341,17 +360,30 @@ def test_missing_replicate_rows_are_one_line_errors_naming_target_sources_and_re
 
 
 @pytest.mark.parametrize("replicates", [2, 3, 5])
-def test_a_resamples_mean_over_its_drawn_replicates_varies_as_a_reruns_would(replicates):
+def test_a_resamples_replicate_noise_is_widened_to_a_reruns(replicates):
     """A rerun's mean over R replicates varies by s^2 / R (s^2: the replicates' variance, ddof 1).
-    Drawing R - 1 of the R replicates gives exactly that in expectation; drawing R gave (R - 1)/R of
-    it (2/3 at R = 3: stated shares too sure of how the networks and readouts trained). Tolerance:
-    the standard error of a variance from 20,000 draws of a bounded mean is under 2% of it; 6% is
-    three of those, and the old R-draw is 17% (R = 5) to 50% (R = 2) off."""
-    values = np.random.default_rng(replicates).normal(size=replicates)
-    drawn = replicate_draws(3, "normal", replicates, 20_000)
-    means = values[drawn].mean(axis=1)
+    The mean of R replicates drawn from the R there are varies by (R - 1)/R of that (2/3 at R = 3:
+    shares too sure of how the networks and readouts trained); widened by sqrt(R / (R - 1)) about
+    the image-only resample (here the estimate itself: one image), it varies by s^2 / R. Values in
+    (0.3, 0.7), so no clip. Tolerance: the standard error of a variance from 20,000 draws is under
+    2% of it; 6% is three of those, and without the widening it is 17% (R = 5) to 50% (R = 2) off."""
+    values = 0.5 + 0.05 * np.random.default_rng(replicates).normal(size=replicates)
+    drawn = values[replicate_draws(3, "normal", replicates, 20_000)].mean(axis=1)
+
+    def pair(w):  # (B,) win rates of one candidate over another -> (B, 2, 2) win-rate matrices
+        return np.stack(
+            [np.stack([np.full_like(w, 0.5), w], -1), np.stack([1 - w, np.full_like(w, 0.5)], -1)], 1
+        )
+
+    widened = with_replicate_noise(
+        pair(np.full_like(drawn, values.mean())), pair(drawn), replicate_factor(replicates)
+    )
+    np.testing.assert_allclose(widened[:, 1, 0], 1 - widened[:, 0, 1])  # W_ji = 1 - W_ij kept
+    means = widened[:, 0, 1]
+    assert values.min() > 0.3 and values.max() < 0.7
     assert means.mean() == pytest.approx(values.mean(), abs=0.05 * values.std())  # centred
     assert means.var() == pytest.approx(values.var(ddof=1) / replicates, rel=0.06)
+    assert drawn.var() == pytest.approx((replicates - 1) / replicates**2 * values.var(ddof=1), rel=0.06)
 
 
 def test_image_weights_and_replicate_draws():
@@ -362,7 +394,7 @@ def test_image_weights_and_replicate_draws():
     with pytest.raises(TaskatlasError, match="sorted and distinct"):
         image_weights(7, ids[::-1], 5)
     d = replicate_draws(7, "normal", 3, 40)  # paired: one draw of the target's slots
-    assert d.shape == (40, 2) and set(np.unique(d)) <= {0, 1, 2}  # R - 1 of R
+    assert d.shape == (40, 3) and set(np.unique(d)) <= {0, 1, 2}
     np.testing.assert_array_equal(replicate_draws(7, "normal", 3, 10), d[:10])  # a prefix
     assert not np.array_equal(replicate_draws(7, "depth", 3, 40), d)
     e = replicate_draws(7, "normal", 3, 40, ("depth", "edge"))  # independent: one per candidate

@@ -36,7 +36,7 @@ def affinity_step(cfg: PipelineConfig, transfer_key: str, losses: Location) -> S
     its target's table: the affinity, and the taxonomy keyed by it, are done again."""
     # v4: win rates are the mean over paired replicates (one run's), the resamples centred on them;
     # p_no_gain and p_below_random; t <- t never competes for p_best; v5: shares from predictive draws
-    parts = ("affinity-v6", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
+    parts = ("affinity-v7", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
     return Step(cfg.root, "affinity", config_hash(*parts))
 
 
