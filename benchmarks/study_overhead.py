@@ -98,7 +98,7 @@ from components.transfer import (  # noqa: E402
     plan_transfers,
     train_readout,
 )
-from components.transfer.jobs import FeatureEncoder  # noqa: E402
+from components.transfer.feature_files import FeatureEncoder  # noqa: E402
 from components.transfer.readout import score_network  # noqa: E402
 from pipelines.analysis.plan import taxonomy_options  # noqa: E402
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout, installe
 
 from components.tasks import TASKS  # noqa: E402
 from components.transfer import Readout  # noqa: E402
-from components.transfer.jobs import ReadoutOutcome  # noqa: E402
+from components.transfer.readout_files import ReadoutOutcome  # noqa: E402
 from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
 from pipelines.tracking.runs import LOG_THREADS, Tracker  # noqa: E402
 from tests.services import start_mlflow_server, start_postgres  # noqa: E402

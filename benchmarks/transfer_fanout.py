@@ -42,8 +42,9 @@ from components.storage import location  # noqa: E402
 from components.tasks import InputTransform, get_task  # noqa: E402
 from components.training import pick_device  # noqa: E402
 from components.transfer import FeatureKind, FeatureSource, Readout, ReadoutSettings, train_readout  # noqa: E402
+from components.transfer.feature_files import FEATURES_DONE, encode_shards  # noqa: E402
 from components.transfer.features import encode_batch, random_encoder  # noqa: E402
-from components.transfer.jobs import FEATURES_DONE, ReadoutJob, encode_shards, run_readout  # noqa: E402
+from components.transfer.jobs import ReadoutJob, run_readout  # noqa: E402
 
 SIZE = 32
 TARGET = "normal"
@@ -88,7 +89,7 @@ def cached_vs_reencode(model: ModelConfig, images: int, epochs: int, repeats: in
 
 def _feature_cache(store: ShardStore, model: ModelConfig, folder: Path) -> str:
     """Cached `random`-encoder features of both splits, written by Stage II's own feature pass
-    code (`jobs.encode_shards`) and marked complete as Stage II marks them."""
+    code (`feature_files.encode_shards`) and marked complete as Stage II marks them."""
     pairs = [(FeatureSource("random", FeatureKind.RANDOM, "random"), InputTransform.NONE)]
     shards = [(i.split, i.path) for i in store.manifest.shards if i.split in ("transfer", "test")]
     attempt = "bench"

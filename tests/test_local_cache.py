@@ -11,7 +11,7 @@ import pytest
 
 from components import local_cache
 from components.storage import location
-from components.transfer.jobs import FEATURES_DONE, feature_array
+from components.transfer.feature_files import FEATURES_DONE, feature_array
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from components.data.shards import ShardStore
 from components.models import build_network
 from components.tasks import channels_for
 from components.transfer import Readout
-from components.transfer.jobs import ReadoutOutcome
+from components.transfer.readout_files import ReadoutOutcome
 from pipelines.analysis.report import answer_markdown
 from pipelines.cli import main
 from pipelines.commands.run import print_run

@@ -26,7 +26,7 @@ from PIL import Image
 
 from components.storage import location
 from components.transfer import Readout
-from components.transfer.jobs import stored_outcome, write_readout
+from components.transfer.readout_files import stored_outcome, write_readout
 from pipelines.cli import main
 from pipelines.position.run import POSITION
 from pipelines.tracking.models import load_registered_model, load_registered_weights, resolve_version

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from components.storage import location
-from components.transfer.jobs import attempts_path, note_attempt
+from components.transfer.readout_files import attempts_path, note_attempt
 from pipelines.steps import Step
 from pipelines.tracking.runs import Tracker
 from pipelines.tracking.store import default_tracking_uri

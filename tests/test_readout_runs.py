@@ -13,7 +13,7 @@ import math
 import pytest
 
 from components.transfer import Readout, ReadoutKind
-from components.transfer.jobs import ReadoutOutcome
+from components.transfer.readout_files import ReadoutOutcome
 from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
 from pipelines.tracking.entities import FinalStatus, FinishedRun
 from pipelines.tracking.runs import Tracker

@@ -42,16 +42,11 @@ from components.transfer import (
     trained_encoder,
     view_input,
 )
+from components.transfer.feature_files import FeatureEncoder
 from components.transfer.features import PixelFeatures
-from components.transfer.jobs import (
-    FeatureEncoder,
-    ReadoutJob,
-    ReadoutOutcome,
-    attempt_events,
-    calibrate_readout,
-    read_readout,
-)
+from components.transfer.jobs import ReadoutJob, calibrate_readout
 from components.transfer.readout import score_network
+from components.transfer.readout_files import ReadoutOutcome, attempt_events, read_readout
 from pipelines.config import load_pipeline_config
 from pipelines.invocation import open_tracker
 from pipelines.results import TaskResult

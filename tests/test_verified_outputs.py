@@ -12,14 +12,8 @@ import pytest
 
 from components.storage import location
 from components.transfer import FeatureKind, FeatureSource, Readout, TransferPlan
-from components.transfer.jobs import (
-    _META,
-    FEATURES_DONE,
-    ReadoutOutcome,
-    _joined,
-    stored_outcome,
-    write_readout,
-)
+from components.transfer.feature_files import FEATURES_DONE, joined_blocks
+from components.transfer.readout_files import READOUT_META, ReadoutOutcome, stored_outcome, write_readout
 from pipelines.config import load_pipeline_config
 from pipelines.stage2.features import FeatureCache
 from pipelines.steps import FILES, Step
@@ -131,7 +125,7 @@ def test_a_readout_whose_losses_changed_or_that_was_cut_short_is_trained_again(t
     r, path = stored_readout(tmp_path)
     table = path.read_parquet()
     changed = table.set_column(3, "loss", pa.array([0.1, 0.5, 0.0], pa.float32()))
-    path.write_parquet(changed.replace_schema_metadata({_META: table.schema.metadata[_META]}))
+    path.write_parquet(changed.replace_schema_metadata({READOUT_META: table.schema.metadata[READOUT_META]}))
     assert stored_outcome(path, r) is None and not path.exists()
     assert "is damaged" in capsys.readouterr().err
 
@@ -153,5 +147,5 @@ def test_a_damaged_feature_block_is_named_and_its_folder_encoded_again(tmp_path)
     with pytest.raises(
         RuntimeError, match=r"feature block .*0\.npz is damaged .*encoded again on the next run"
     ):
-        _joined(blocks)
+        joined_blocks(blocks)
     assert not (view / FEATURES_DONE).exists()

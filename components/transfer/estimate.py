@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from components.models import ModelConfig
 from components.tasks import Loss, Task, TaskKind
 from components.training import nanmean, pick_device
-from components.transfer.jobs import labels_for, source_features
+from components.transfer.feature_files import source_features
+from components.transfer.jobs import labels_for
 from components.transfer.plan import Readout, TransferPlan
 from components.transfer.readout import ReadoutSettings, label_tensor, train_readout, validation_split
 

@@ -23,14 +23,8 @@ import ray
 from components.disk_space import no_space_text
 from components.errors import OutOfSpace
 from components.transfer import Readout, ReadoutKind, TransferPlan
-from components.transfer.jobs import (
-    ReadoutOutcome,
-    StackJob,
-    StackOutcome,
-    run_readout,
-    run_stack,
-    stored_outcome,
-)
+from components.transfer.jobs import StackJob, StackOutcome, run_readout, run_stack
+from components.transfer.readout_files import ReadoutOutcome, stored_outcome
 from pipelines.progress import progress_bar
 from pipelines.stage2.plan import ReadoutKeys, Stage2Plan
 from pipelines.stage2.readout_runs import ReadoutRunLog

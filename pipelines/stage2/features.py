@@ -6,8 +6,8 @@ computed once per (encoder, data version, input view) and reused by every readou
 
 One pass over both splits runs every encoder whose features are missing: a few Ray tasks, each
 with a share of the shards, load the encoders once, read each image once per view and write
-their blocks to storage themselves (`jobs.encode_shards`); the driver sees row counts only,
-then writes each folder's marker. Readouts join a folder's blocks once per node (`jobs.feature_array`).
+their blocks to storage themselves (`feature_files.encode_shards`); the driver sees row counts only,
+then writes each folder's marker. Readouts join a folder's blocks once per node (`feature_files.feature_array`).
 
 The encoder key is its checkpoint's hash, so each network replicate of a task (`train.replicates`)
 has folders of its own; `ensure_replicates` encodes what every replicate misses in the same pass.
@@ -27,7 +27,7 @@ from components.data.shards import ShardStore
 from components.storage import Location
 from components.tasks import InputTransform
 from components.transfer import FeatureSource, ReadoutKind, TransferPlan
-from components.transfer.jobs import FEATURES_DONE, encode_shards
+from components.transfer.feature_files import FEATURES_DONE, encode_shards
 from pipelines.config import PipelineConfig
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus
 

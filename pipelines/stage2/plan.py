@@ -33,8 +33,9 @@ from components.transfer import (
     plan_transfers,
     readout_seed,
 )
-from components.transfer.jobs import ReadoutJob, ReadoutOutcome, readout_path, stored_outcome
+from components.transfer.jobs import ReadoutJob
 from components.transfer.readout import validation_split
+from components.transfer.readout_files import ReadoutOutcome, readout_path, stored_outcome
 from pipelines.config import PipelineConfig
 from pipelines.results import TaskResult
 from pipelines.sections import PLAN, RUNTIME, SCRATCH_KEY, TransferConfig, key_fields

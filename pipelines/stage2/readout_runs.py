@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from components.transfer import Readout
-from components.transfer.jobs import ReadoutOutcome
+from components.transfer.readout_files import ReadoutOutcome
 from pipelines.tracking.entities import DatasetRef, FinalStatus, FinishedRun
 from pipelines.tracking.runs import Tracker
 

@@ -38,7 +38,8 @@ from components.data.shards import ShardStore
 from components.storage import Location
 from components.tasks import TaskKind
 from components.transfer import Readout, TransferPlan
-from components.transfer.jobs import calibrate_readout, write_target_losses
+from components.transfer.jobs import calibrate_readout
+from components.transfer.readout_files import write_target_losses
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits
