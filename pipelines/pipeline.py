@@ -31,7 +31,7 @@ from pipelines.invocation import Invocation, dataset_folder
 from pipelines.results import Stage2Result, TaskResult
 from pipelines.stage1.plan import Stage1Plan, network_name
 from pipelines.stage1.run import Stage1
-from pipelines.stage2.plan import Stage2Plan
+from pipelines.stage2.plan import Stage2Plan, transfer_plan
 from pipelines.stage2.record import LOSSES, READOUTS_TRAINED
 from pipelines.stage2.run import Stage2
 from pipelines.steps import StepStatus, log_stored_artifact
@@ -254,6 +254,22 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
             (s.value, StepStatus.REUSE if steps[s] else StepStatus.RUN if s in stages else StepStatus.SKIP)
         )
     return plan
+
+
+def plan_size(cfg: PipelineConfig) -> list[str]:
+    """What the study's plan holds, from the config alone (a fresh root included): its networks
+    and search trials, and its readouts by order and baseline, replicates included; higher
+    orders at most (their beams come from the first-order results)."""
+    tasks, n = cfg.study_tasks(), cfg.train.replicates
+    searches = len(Stage1Plan.searches_of(cfg)) if cfg.tune.enabled else 0
+    trials = len(tasks) * searches * cfg.tune.num_samples
+    counts = transfer_plan(cfg, list(cfg.tasks)).counts()
+    higher = {f"order {k}" for k in cfg.transfer.orders}
+    readouts = ", ".join(f"{kind} {'at most ' if kind in higher else ''}{c}" for kind, c in counts.items())
+    return [
+        f"networks: {len(tasks) * n} ({len(tasks)} tasks x {n} replicates), search trials: {trials}",
+        f"readouts: {readouts} (x {cfg.transfer.replicates} replicates, included)",
+    ]
 
 
 def _require_stage1(stage1: Stage1Plan, tasks: list[Task]) -> dict[str, TaskResult]:

@@ -187,3 +187,23 @@ def test_each_network_replicate_trains_with_a_search_of_its_own_unless_told_othe
         ).marker()
     )
     assert s2.finished_networks(task)[1] is not None and s2.finished_networks(task)[0] is None
+
+
+def test_the_dry_run_states_the_plans_size_from_the_config_alone(tmp_path, capsys):
+    """A fresh root has no data to plan readouts on, but the config says what the study holds: 9
+    tasks x 3 network replicates, a search per replicate of 2 trials; 8 targets (colorization is
+    source-only) x 9 sources x 3 replicates first order, at most C(3, 2) pairs per target."""
+    args = [
+        "run",
+        "-c",
+        "configs/quickstart.yaml",
+        "--set",
+        f"storage_root={tmp_path / 'fresh'}",
+        "--dry-run",
+    ]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert {line.split()[0] for line in out.splitlines()} == {"run"}  # stdout: (status, step) lines only
+    said = [line.removeprefix("plan size: ") for line in err.splitlines() if line.startswith("plan size: ")]
+    assert said[0] == "networks: 27 (9 tasks x 3 replicates), search trials: 54"
+    assert said[1].startswith("readouts: order 1 216, order 2 at most 72, self 24, pixels 24, random 24")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import invocation, preflight, study_lock
-    from pipelines.pipeline import dry_run, parse_stages, run_pipeline
+    from pipelines.pipeline import dry_run, parse_stages, plan_size, run_pipeline
     from pipelines.ray_runtime import ensure_ray
 
     cfg = load_pipeline_config(args.config, args.overrides)
@@ -53,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for step, status in dry_run(cfg, stages):
             print(f"{status.value:<8} {step}")
+        for line in plan_size(cfg):  # on stderr: stdout stays one (status, step) per line
+            print(f"plan size: {line}", file=sys.stderr)
         return 0
     preflight(cfg)
     with study_lock(cfg, "run", args.wait_for_lock):

@@ -34,7 +34,11 @@ class Stage1Plan:
 
     def searches(self) -> range:
         """The searches each task has: one per network replicate (`tune.each_replicate`), or one."""
-        return range(self.replicates if self.config.tune.each_replicate else 1)
+        return self.searches_of(self.config)
+
+    @staticmethod
+    def searches_of(config: PipelineConfig) -> range:
+        return range(config.train.replicates if config.tune.each_replicate else 1)
 
     def search_of(self, replicate: int) -> int:
         """Which search network replicate `replicate` trains with."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from components.config import config_hash
@@ -99,6 +99,18 @@ class ReadoutKeys:
         return readout_path(self.root, r, self.key(r))
 
 
+def transfer_plan(config: PipelineConfig, sources: Sequence[str]) -> TransferPlan:
+    """Stage II's readouts from the config alone (`sources`: the tasks with networks); targets are
+    `transfer.targets` or the non-source-only. Higher orders are known once their beams are:
+    before, `TransferPlan.counts` bounds them."""
+    t = config.transfer  # targets among `sources`: checked at load and by `preflight`
+    targets = list(t.targets) or [s for s in sources if not config.task(s).source_only]
+    networks = config.train.replicates
+    return plan_transfers(
+        targets, list(sources), t.orders, t.beams, t.baselines, t.replicates, t.widen_beams, networks
+    )
+
+
 @dataclass(frozen=True)
 class Stage2Plan:
     """Stage II's plan for a config and a dataset. `use_gpu`: the run's answer (the cluster's
@@ -127,12 +139,7 @@ class Stage2Plan:
 
     def plan(self, sources: list[str]) -> TransferPlan:
         """Every configured task is a source; targets are `transfer.targets` or the non-source-only."""
-        t = self.transfer  # targets among `sources`: checked at load and by `preflight`
-        targets = list(t.targets) or [s for s in sources if not self.config.task(s).source_only]
-        networks = self.config.train.replicates
-        return plan_transfers(
-            targets, sources, t.orders, t.beams, t.baselines, t.replicates, t.widen_beams, networks
-        )
+        return transfer_plan(self.config, sources)
 
     def key(self, results: Mapping[str, TaskResult]) -> str:
         """Keyed by the transfer settings and every network read: with `train.replicates` N > 1,
