@@ -3,7 +3,9 @@ a private import here and nowhere else). Each use says what it needs and why no 
 the pinned ranges in pyproject.toml keep them stable, and a version bump re-checks them here.
 Importing this module imports nothing heavy: each private module is imported when first used.
 
-    from pipelines.compat import process_tracking_uri                      # pipelines/tracking/runs.py
+    from pipelines.compat import process_tracking_uri                      # pipelines/tracking/models.py
+    from pipelines.compat import tracking_store                            # pipelines/tracking/runs.py
+    from pipelines.compat import logging_step                              # pipelines/tracking/logger.py
     from pipelines.compat import RayTorchBackend, setup_torch_process_group  # stage1/loopback.py
 """
 
@@ -32,6 +34,19 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
             yield
         finally:
             utils._tracking_uri = before
+
+
+def tracking_store(client: Any) -> Any:
+    """An `MlflowClient`'s tracking store: its `update_run_info` ends a run in one request, where
+    the public `set_terminated` also fetches the whole run and prints its URL (a second request per
+    run, thousands of readout runs at a time)."""
+    return client._tracking_client.store
+
+
+def logging_step(monitor: Any) -> int:
+    """How many samples a `SystemMetricsMonitor` has logged: none yet, when the block it watched
+    was shorter than one interval, and then one is taken by hand (MLflow has no public count)."""
+    return monitor._logging_step
 
 
 def __getattr__(name: str) -> Any:

@@ -20,3 +20,14 @@ def test_the_private_names_compat_uses_exist_in_the_pinned_versions():
 
         assert mlflow.get_tracking_uri() == "sqlite:////tmp/x.db"
     assert mlflow.get_tracking_uri() != "sqlite:////tmp/x.db"  # put back as it was
+
+
+def test_the_tracking_store_and_the_monitors_step_are_reachable(tmp_path):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    assert callable(compat.tracking_store(client).update_run_info)
+    run = client.create_run(client.create_experiment("x"))
+    monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert compat.logging_step(monitor) == 0

@@ -17,6 +17,7 @@ from mlflow.entities import (
 from mlflow.tracking import MlflowClient
 
 from components.storage import location
+from pipelines.compat import logging_step
 from pipelines.tracking.entities import RunToStart
 from pipelines.tracking.retry import (
     DEFAULT_RETRY_S,
@@ -104,13 +105,13 @@ class RunLogger:
         monitor = SystemMetricsMonitor(
             self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.tracking_uri
         )
-        first = monitor._logging_step
+        first = logging_step(monitor)
         monitor.start()
         try:
             yield
         finally:
             monitor.finish()  # its own thread's failures are warnings
-            if monitor._logging_step == first and not self.server_down:  # shorter than one interval
+            if logging_step(monitor) == first and not self.server_down:  # shorter than one interval
                 monitor.collect_metrics()
                 monitor.publish_metrics(monitor.aggregate_metrics())
                 try:

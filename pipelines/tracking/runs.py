@@ -33,6 +33,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from components.errors import TaskatlasError
+from pipelines.compat import tracking_store
 from pipelines.tracking.entities import NOTE, DatasetRef, FinalStatus, FinishedRun, RunToStart, flatten
 from pipelines.tracking.logger import RunLogger
 from pipelines.tracking.models import ModelRegistry
@@ -345,7 +346,7 @@ class Tracker:
     def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
         """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
         print its URL (over HTTP), a second request per run; its store call is this one."""
-        store = self.client.raw._tracking_client.store
+        store = tracking_store(self.client.raw)
         self.budget.call(store.update_run_info, run_id, RunStatus.from_string(status.value), end_ms, None)
 
     def describe(self, run_id: str, markdown: str) -> None:
