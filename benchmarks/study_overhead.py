@@ -14,31 +14,54 @@ compare with `--plain-threads 1`. `--keep DIR` keeps the data and the pipeline's
 One dataset is generated first (outside both timings) and passed to both sides as `data.path`;
 both read the same config (configs/quickstart.yaml, then the preset's and --set's overrides).
 --quick: 3 tasks (every one a target), 400/100/100 images, 2 training epochs, 3 readout epochs,
-budget 2; its fixed costs weigh more than in --full, where the goal (<= 1.25) is judged.
+budget 2, 2 network replicates and 2 readout replicates (the quickstart's 3 and 3 in --full); its
+fixed costs weigh more than in --full, where the goal (<= 1.25) is judged.
+
+Both sides run the same work: per task N = `train.replicates` networks, each searched
+(`tune.each_replicate`, else all from search 0) and trained with its own seed; R =
+`transfer.replicates` replicates of every readout, replicate r with its own seed on network
+replicate r mod N; a target's beams from its first-order validation losses averaged over the
+replicates; Stage III on the loss tables with their `replicate` column.
 
 1. The pipeline: `python -m pipelines.cli run -c CONFIG --json` in a subprocess, on a fresh
    storage root: a local Ray, the SQLite MLflow store under the root, everything as `make demo`.
    Its split comes from its MLflow runs' times: `setup_s` (launch to the parent run), `stage1_s`
-   (to the last `train/<task>` run's end), `stage2_s` (to the `transfer` run's end),
+   (to the last `train/<network>` run's end; `stage1_search_s` to the last `tune/<network>`
+   search's end, `stage1_train_s` the rest), `stage2_s` (to the `transfer` run's end),
    `analysis_s` (to the parent run's end), `exit_s` (report, Ray shut down, process gone).
 2. The plain script: this file in a subprocess (`--plain`), one process, `torch.set_num_threads`
    = the machine's cores (`plain_threads`), its split timed in-process (`setup_s`, `exit_s` the
-   rest of its wall time). Per task: the search as `pipelines/stage1/trial.py::tune_trial` runs each
-   trial, replaying the hyperparameters Tune sampled (read from the pipeline's MLflow trial runs,
-   so both sides train the same batch sizes), with ASHA's early stopping as synchronous successive
-   halving over the same grace period, reduction factor and max epochs; the best trial by
-   validation loss at any epoch (Tune's `scope="all"`) is trained as `train_worker` does (test
-   loss every epoch), then scored per image. Stage II: every source's features of the transfer
-   and test splits with `FeatureEncoder`; the plan of `plan_transfers` (first order, `self`,
-   `pixels`, `random`, then the higher orders from each target's top beam by validation loss) with
-   `train_readout` / `score_network`. Stages III + IV: `affinity_by_target` with the config's
-   `analysis.bootstrap`, `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` (no plots).
+   rest of its wall time). Stage I as `Stage1.run` orders it: search n (n < N with
+   `tune.each_replicate`, else only 0) of every task, then every network. Search n of a task runs
+   each trial as `pipelines/stage1/trial.py::tune_trial` does with replicate n's seed
+   (`stage1.plan.network_seed`: the holdout split, initialisation, batch order), replaying the
+   hyperparameters Tune sampled for it (read from the pipeline's MLflow trial runs,
+   `tune/<task>[#n]/<trial>`, so both sides train the same batch sizes), with ASHA's early
+   stopping as synchronous successive halving over the same grace period, reduction factor and
+   max epochs; the best trial by its last validation loss (`stage1.search.best_trial`, Tune's
+   `scope="last"`). Network replicate n is trained with its search's best hyperparameters and its
+   seed as `train_worker` does on one worker (test loss every epoch), then scored per image.
+   Stage II: the plan of `stage2.plan.transfer_plan` (`plan_transfers` with R readout and N
+   network replicates); every network replicate's features, and `random`'s and `pixels`' (the
+   same for every replicate), of the transfer and test splits with one `FeatureEncoder`; every
+   replicate of each readout (`TransferPlan.replicas`: first order, `self`, `pixels`, `random`,
+   then the higher orders from each target's beams on its first-order validation losses of every
+   replicate) with `train_readout` at `readout_seed` on network replicate r mod N's features, or,
+   for `self` replicate r, `score_network` on the target's network r mod N. Stages III + IV:
+   `affinity_by_target` (the config's `analysis.bootstrap`, `transfer.pairing`, test subset),
+   `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` with each resample's beam availability
+   (no plots).
 
-The networks, trials and readouts each side ran must match (asserted after the JSON is printed);
-trial epochs may differ (ASHA stops asynchronously). The final networks see the same batches
-(one worker reading its shards, as the plain loop) but may differ in float rounding between
-torch's thread counts, so the beams and the taxonomy may differ too (`same_hparams`, `same_beams`, `roots`, with each side's `taxonomy_stability`). Progress goes to
-stderr; the last line printed is one JSON object: `pipeline_s`, `plain_s`, `overhead_ratio`,
+Before anything is printed the two sides' work is checked: the same networks, the same searches
+with the same trials, the same readouts (replicates included) and as many of each kind (`ran`),
+and no Ray or MLflow in the plain process; a difference ends the run with one line naming it, and
+no figure. Trial epochs may differ (ASHA stops asynchronously). The plain side trains readouts
+one by one (`train_readout`), as the pipeline does on CPUs for the quickstart's targets (pixel
+tasks: `transfer.stack: 0` stacks them only on GPUs or in one-batch epochs). The final networks
+see the same batches (one worker reading its shards, as the plain loop) but may differ in float
+rounding between torch's thread counts, so the beams and the taxonomy may differ too
+(`same_hparams`, `same_beams`, `roots`, with each side's `taxonomy_stability`). Progress goes
+to stderr; the last line printed is one JSON object: `pipeline_s`, `plain_s`, `overhead_ratio`,
 `pipeline_split`, `plain_split`, `plain_threads` and what both sides ran (`ran`).
 """
 
@@ -46,15 +69,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,13 +90,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from components.affinity import affinity_by_target  # noqa: E402
+from components.affinity import affinity_by_target, study_image_ids  # noqa: E402
 from components.affinity_io import transfer_table  # noqa: E402
 from components.bootstrap import stability_of_rows  # noqa: E402
 from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import build_network  # noqa: E402
+from components.resampling import replicate_draws  # noqa: E402
 from components.tasks import Task, channels_for  # noqa: E402
 from components.taxonomy import solve_taxonomy, sweep_budgets  # noqa: E402
 from components.training import (  # noqa: E402
@@ -91,17 +115,23 @@ from components.transfer import (  # noqa: E402
     BASELINES,
     FeatureKind,
     FeatureSource,
+    Pairing,
     Readout,
     ReadoutKind,
     ReadoutSettings,
     TransferPlan,
-    plan_transfers,
+    network_replicate,
+    readout_seed,
     train_readout,
 )
+from components.transfer.beams import beam_availability  # noqa: E402
 from components.transfer.feature_files import FeatureEncoder  # noqa: E402
 from components.transfer.readout import score_network  # noqa: E402
-from pipelines.analysis.plan import taxonomy_options  # noqa: E402
+from components.transfer.readout_files import LOSS_SCHEMA  # noqa: E402
+from pipelines.analysis.plan import keep_test_subset, taxonomy_options  # noqa: E402
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402
+from pipelines.stage1.plan import Stage1Plan, network_name  # noqa: E402
+from pipelines.stage2.plan import transfer_plan  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 QUICK = [
@@ -110,19 +140,13 @@ QUICK = [
     "data.n_transfer=100",
     "data.n_test=100",
     "train.epochs=2",
+    "train.replicates=2",
     "transfer.epochs=3",
+    "transfer.replicates=2",
     "taxonomy.budget=2",
 ]
 SPLITS = ("transfer", "test")
 BASELINE_NAMES = tuple(k.value for k in BASELINES)
-LOSSES = pa.schema(  # a target's loss table, as Stage II writes it for Stage III
-    [
-        ("target", pa.string()),
-        ("sources", pa.list_(pa.string())),
-        ("image_id", pa.string()),
-        ("loss", pa.float32()),
-    ]
-)
 
 
 def log(message: str) -> None:
@@ -144,11 +168,13 @@ class Trial:
 
 
 def search(
-    cfg: PipelineConfig, store: ShardStore, task: Task, sampled: list[dict], device
+    cfg: PipelineConfig, store: ShardStore, task: Task, sampled: list[dict], seed: int, device
 ) -> tuple[dict, list]:
-    """`Stage1.search_all` for one task without Tune: `tune_trial`'s loop per trial, ASHA as synchronous successive
-    halving (at each rung keep the best 1/reduction_factor by validation loss, at least one)."""
-    t, seed = cfg.tune, cfg.train.seed
+    """One search of `search_tasks` for one task without Tune: `tune_trial`'s loop per trial with
+    the search's seed (network replicate n's), ASHA as synchronous successive halving (at each
+    rung keep the best 1/reduction_factor by validation loss, at least one); the best trial by its
+    last finite validation loss (`best_trial`)."""
+    t = cfg.tune
     fit, val = holdout_split(store.read("train", task.columns), t.holdout_fraction, seed)
     if t.max_train_images:
         fit = {k: v[: t.max_train_images] for k, v in fit.items()}
@@ -171,13 +197,16 @@ def search(
             break
         alive = sorted(alive, key=lambda x: x.val_losses[-1])[: max(1, len(alive) // t.reduction_factor)]
         rung *= t.reduction_factor
-    best = min(trials, key=lambda x: min(x.val_losses))  # Tune's get_best_result(scope="all")
+    scored = [x for x in trials if math.isfinite(x.val_losses[-1])]
+    if not scored:
+        raise SystemExit(f"plain: every search trial of {task.name} ended with a non-finite loss")
+    best = min(scored, key=lambda x: x.val_losses[-1])  # Tune's get_best_result(scope="last")
     return best.hparams, [len(x.val_losses) for x in trials]
 
 
-def train_network(cfg: PipelineConfig, store: ShardStore, task: Task, hparams: dict, device):
-    """The final training as `train_worker` runs it on one worker, then `Stage1._train`'s scoring."""
-    seed = cfg.train.seed
+def train_network(cfg: PipelineConfig, store: ShardStore, task: Task, hparams: dict, seed: int, device):
+    """The final training of one network replicate (`seed`: its `network_seed`) as `train_worker`
+    runs it on one worker (rank 0: its generator at seed + 0), then `Stage1._score`'s scoring."""
     torch.manual_seed(seed)
     model = build_network(task, cfg.model, cfg.data.size, channels_for(task, store)).to(device)
     optimizer = make_optimizer(model, OptimConfig(**hparams))
@@ -199,8 +228,15 @@ def sorted_split(store: ShardStore, split: str, columns: list[str]) -> dict[str,
 
 
 def encode(cfg: PipelineConfig, plan: TransferPlan, checkpoints: dict, data: dict, threads: int, device):
-    """(source, view) -> {split: (N, C, h, w) float16}: one `FeatureEncoder` over batches of both splits."""
-    sources = [FeatureSource(n, FeatureKind.ENCODER, n, str(p)) for n, p in checkpoints.items()]
+    """(source, view) -> {split: (N, C, h, w) float16}: one `FeatureEncoder` over batches of both
+    splits for every network replicate's encoder (source `network_name(task, n)`, as
+    `FeatureCache.ensure_replicates` encodes each replicate's), and `random` and `pixels` once."""
+    sources = [
+        FeatureSource(name, FeatureKind.ENCODER, name, str(path))
+        for (task, n), path in checkpoints.items()
+        if task in plan.sources
+        for name in [network_name(task, n)]
+    ]
     kinds = {r.kind for r in plan.baselines}
     sources += [
         FeatureSource(k.value, FeatureKind(k.value), k.value)
@@ -226,31 +262,33 @@ def encode(cfg: PipelineConfig, plan: TransferPlan, checkpoints: dict, data: dic
 
 
 def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints: dict, threads: int) -> dict:
-    """Stage II in one process: the plan, the features, every readout, a loss table per target."""
+    """Stage II in one process: the plan, the features, every replicate of every readout, a loss
+    table per target. `networks` and `checkpoints`: (task, network replicate) -> model, weights."""
     start, t = time.perf_counter(), cfg.transfer
-    sources = list(cfg.tasks)
-    targets = list(t.targets) or [s for s in sources if not cfg.task(s).source_only]
-    plan = plan_transfers(targets, sources, t.orders, t.beams, t.baselines)
+    plan = transfer_plan(cfg, [task.name for task in cfg.study_tasks()])  # as `Stage2Plan.plan`
     device = pick_device(t.use_gpu is not False)
-    columns = sorted({"rgb", *(cfg.task(x).column for x in targets)})
+    columns = sorted({"rgb", *(cfg.task(x).column for x in plan.targets)})
     data = {split: sorted_split(store, split, columns) for split in SPLITS}
     features = encode(cfg, plan, checkpoints, data, threads, device)
     to_first_readout_s = time.perf_counter() - start
-    settings = ReadoutSettings.from_config(t)
+    settings = ReadoutSettings.from_config(t)  # replicate 0's; each readout's seed: `readout_seed`
     outcomes: dict[Readout, tuple] = {}  # readout -> (val loss, per-image test losses, wall seconds)
     test = data["test"]
 
     def run(r: Readout) -> None:
-        task = cfg.task(r.target)
+        task, n = cfg.task(r.target), network_replicate(r, plan.networks)
         start = time.perf_counter()
-        if r.kind is ReadoutKind.SELF:  # as jobs._score_self
+        if r.kind is ReadoutKind.SELF:  # as jobs._score_self, on the target's network r mod N
             losses = score_network(
-                networks[r.target], test["rgb"], test["image_id"], test[task.column], task, device
+                networks[r.target, n], test["rgb"], test["image_id"], test[task.column], task, device
             )
             outcomes[r] = (float("nan"), losses, time.perf_counter() - start)
             return
-        names = r.sources if r.kind is ReadoutKind.TRANSFER else (r.kind.value,)
-        x = {s: np.concatenate([features[n, task.input][s] for n in names], axis=1) for s in SPLITS}
+        if r.kind is not ReadoutKind.TRANSFER and r.kind not in (ReadoutKind.PIXELS, ReadoutKind.RANDOM):
+            raise SystemExit(f"plain: no {r.kind.value} baseline here (transfer.baselines)")
+        # network replicate n's features of each source; `pixels` and `random`: the same in each
+        names = [network_name(s, n) for s in r.sources] if r.kind is ReadoutKind.TRANSFER else [r.kind.value]
+        x = {s: np.concatenate([features[name, task.input][s] for name in names], axis=1) for s in SPLITS}
         result = train_readout(
             task=task,
             model=cfg.model,
@@ -260,45 +298,60 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
             test_x=x["test"],
             test_y=test[task.column],
             test_ids=test["image_id"],
-            settings=settings,
+            settings=replace(settings, seed=readout_seed(t.seed, r, t.pairing)),  # as `Stage2Plan.job`
             device=device,
             channels=channels_for(task, store),
         )
         outcomes[r] = (result.val_loss, result.losses, time.perf_counter() - start)
 
-    for r in (*plan.first_order, *plan.baselines):
-        run(r)
-    for target in plan.targets:  # higher orders from the first-order validation losses, as the fan-out
-        first = {r.sources[0]: outcomes[r][0] for r in plan.first_order_of(target)}
-        for r in plan.higher_order(target, first):
+    for readout in (*plan.first_order, *plan.baselines):
+        for r in plan.replicas(readout):
             run(r)
+    val_losses: dict[tuple[str, str], list[float]] = {}  # (target, source) -> per replicate, in order
+    for target in plan.targets:  # higher orders from the replicates' first-order validation losses
+        first: dict[str, list[float]] = {}
+        for readout in plan.first_order_of(target):
+            for r in plan.replicas(readout):
+                first.setdefault(r.sources[0], []).append(outcomes[r][0])
+                val_losses.setdefault((target, r.sources[0]), []).append(outcomes[r][0])
+        for readout in plan.higher_order(target, first):
+            for r in plan.replicas(readout):
+                run(r)
     losses = {r: o[1] for r, o in outcomes.items()}
     return {
         "tables": {target: loss_table(target, losses, test["image_id"]) for target in plan.targets},
         "readouts": sorted(outcomes),
+        "val_losses": val_losses,
         "to_first_readout_s": to_first_readout_s,
         "readout_busy_s": sum(o[2] for o in outcomes.values()),
     }
 
 
 def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) -> pa.Table:
-    """Every readout into `target`, one row per (readout, test image): Stage III's input."""
-    mine = [r for r in losses if r.target == target]
+    """Every readout replicate into `target`, one row per (readout, replicate, test image): Stage
+    III's input, as `write_target_losses` joins the readout files (`LOSS_SCHEMA`)."""
+    mine = sorted(r for r in losses if r.target == target)
     return pa.table(
         {
             "target": [target] * (len(ids) * len(mine)),
             "sources": [list(r.sources) for r in mine for _ in ids],
             "image_id": np.tile(ids, len(mine)),
             "loss": np.concatenate([losses[r] for r in mine]).astype(np.float32),
+            "replicate": np.repeat(np.array([r.replicate for r in mine], np.int32), len(ids)),
         },
-        schema=LOSSES,
+        schema=LOSS_SCHEMA,
     )
 
 
-def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
+def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table], val_losses: dict) -> dict:
     """Stages III + IV as `pipelines/analysis/run.py` computes them (no files, plots or runs)."""
-    a = cfg.analysis
-    result = affinity_by_target(sorted(tables), tables.__getitem__, a.bootstrap, a.seed)
+    a, t = cfg.analysis, cfg.transfer
+    tables = {
+        k: keep_test_subset(v, a.seed, a.test_subset, f"target {k}'s loss table") for k, v in tables.items()
+    }
+    ids = study_image_ids(tables[k].select(["image_id"]) for k in sorted(tables)) if a.bootstrap else None
+    paired = t.pairing is Pairing.PAIRED
+    result = affinity_by_target(sorted(tables), tables.__getitem__, a.bootstrap, a.seed, ids, paired=paired)
     table, options = transfer_table(result.table), taxonomy_options(cfg)
     taxonomy = solve_taxonomy(table, options)
     sweep_budgets(table, options)
@@ -307,59 +360,87 @@ def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
         rows = result.table.select(["target", "sources"]).to_pydict()
         samples = result.predictive.astype(np.float32).astype(np.float64)  # as the pipeline stores them
         sources = [tuple(s) for s in rows["sources"]]
-        answer["stability"] = stability_of_rows(rows["target"], sources, samples, options, taxonomy)
+        available = beams_in_reach(cfg, rows["target"], sources, val_losses, len(result.samples))
+        answer["stability"] = stability_of_rows(
+            rows["target"], sources, samples, options, taxonomy, available=available
+        )
     return answer
 
 
+def beams_in_reach(cfg: PipelineConfig, targets: list, sources: list, val_losses: dict, n: int):
+    """`analysis.run._beam_availability` from the first-order validation losses in memory."""
+    t, seed = cfg.transfer, cfg.analysis.seed
+    if not t.orders:
+        return None
+    losses = {k: np.asarray(v) for k, v in val_losses.items()}
+    slots: dict[str, int] = {}
+    for (target, _), v in losses.items():
+        slots[target] = max(slots.get(target, 0), len(v))
+    draws = {
+        (target, source): replicate_draws(seed, target, slots[target], n) % len(v)
+        if t.pairing is Pairing.PAIRED
+        else replicate_draws(seed, target, len(v), n, (source,))
+        for (target, source), v in losses.items()
+    }
+    rows = list(zip(targets, sources, strict=True))
+    return beam_availability(rows, losses, draws, t.orders, t.beams, t.widen_beams, n)
+
+
 def plain_study(spec: dict) -> dict:
-    """The whole study in this process; `spec`: config, overrides, the trials to replay, a folder."""
+    """The whole study in this process; `spec`: config, overrides, the trials to replay (by search
+    name, `tune/<name>`), a folder."""
     threads = spec["threads"]
     torch.set_num_threads(threads)
     cfg = load_pipeline_config(spec["config"], spec["overrides"])
     store, out = ShardStore(cfg.data.path), Path(spec["out"])
+    stage1 = Stage1Plan(cfg, store)
     device = pick_device(cfg.train.use_gpu is not False)
     began, marks = time.time(), [time.perf_counter()]  # epoch seconds: the parent times the process
-    networks, checkpoints, hparams, trial_epochs = {}, {}, {}, {}
-    search_s = 0.0
-    for task in cfg.study_tasks():
-        t0 = time.perf_counter()
-        if cfg.tune.enabled:
-            log(f"plain: search {task.name} ({len(spec['trials'][task.name])} trials)")
-            hparams[task.name], trial_epochs[task.name] = search(
-                cfg, store, task, spec["trials"][task.name], device
+    tasks = cfg.study_tasks()
+    hparams, trial_epochs = {}, {}  # by search: `normal`, `normal#1`
+    for s in stage1.searches() if cfg.tune.enabled else ():  # as `Stage1.run`: search n of every task
+        for task in tasks:
+            name = network_name(task.name, s)
+            sampled = spec["trials"].get(name, [])
+            log(f"plain: search {name} ({len(sampled)} trials)")
+            hparams[name], trial_epochs[name] = search(cfg, store, task, sampled, stage1.seed(s), device)
+    marks.append(time.perf_counter())
+    networks, checkpoints = {}, {}  # (task, replicate) -> model, its weights' file
+    for task in tasks:
+        for n in range(stage1.replicates):
+            searched = cfg.tune.enabled  # else `Stage1Plan.default_hparams`, as the pipeline trains
+            h = (
+                hparams[network_name(task.name, stage1.search_of(n))]
+                if searched
+                else stage1.default_hparams()
             )
-        else:  # `Stage1.default_hparams`
-            t = cfg.train
-            hparams[task.name] = {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
-        search_s += time.perf_counter() - t0
-        log(f"plain: train {task.name} {hparams[task.name]}")
-        networks[task.name], _ = train_network(cfg, store, task, hparams[task.name], device)
-        checkpoints[task.name] = out / f"{task.name}.pt"
-        torch.save(networks[task.name].state_dict(), checkpoints[task.name])
+            log(f"plain: train {network_name(task.name, n)} {h}")
+            networks[task.name, n], _ = train_network(cfg, store, task, h, stage1.seed(n), device)
+            checkpoints[task.name, n] = out / f"{task.name}.r{n}.pt"
+            torch.save(networks[task.name, n].state_dict(), checkpoints[task.name, n])
     marks.append(time.perf_counter())
     log("plain: transfer")
     stage2 = transfer(cfg, store, networks, checkpoints, threads)
     marks.append(time.perf_counter())
     log("plain: affinity + taxonomy")
-    answer = analyse(cfg, stage2["tables"])
+    answer = analyse(cfg, stage2["tables"], stage2["val_losses"])
     marks.append(time.perf_counter())
-    readouts = stage2["readouts"]
     return {
         "began": began,
         "ended": time.time(),
         "split": {
-            "stage1_s": marks[1] - marks[0],
-            "stage1_search_s": search_s,
-            "stage1_train_s": marks[1] - marks[0] - search_s,
-            "stage2_s": marks[2] - marks[1],
+            "stage1_s": marks[2] - marks[0],
+            "stage1_search_s": marks[1] - marks[0],
+            "stage1_train_s": marks[2] - marks[1],
+            "stage2_s": marks[3] - marks[2],
             "stage2_to_first_readout_s": stage2["to_first_readout_s"],  # reading, encoding
             "readout_busy_s": stage2["readout_busy_s"],
-            "analysis_s": marks[3] - marks[2],
+            "analysis_s": marks[4] - marks[3],
         },
-        "networks": sorted(networks),
+        "networks": sorted(network_name(task, n) for task, n in networks),
         "hparams": hparams,
         "trial_epochs": trial_epochs,
-        "readouts": [r.name for r in readouts],
+        "readouts": [r.name for r in stage2["readouts"]],
         "taxonomy": answer,
         "threads": torch.get_num_threads(),
         "imported": sorted(m for m in ("ray", "mlflow") if m in sys.modules),
@@ -370,7 +451,8 @@ def plain_study(spec: dict) -> dict:
 
 
 def pipeline_record(root: Path, experiment: str) -> dict:
-    """From the pipeline's MLflow store: stage times, the trials Tune ran, the readouts."""
+    """From the pipeline's MLflow store: stage times, the trials each search ran (by search name,
+    `normal` or `normal#1`, in Tune's order), each search's best, the readouts (`Readout.name`)."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking.store import default_tracking_uri
@@ -388,13 +470,18 @@ def pipeline_record(root: Path, experiment: str) -> dict:
     trains = sorted(
         (r for r in runs if r.info.run_name.startswith("train/")), key=lambda r: r.info.start_time
     )
-    trials: dict[str, list[dict]] = {}
-    trial_epochs: dict[str, list[int]] = {}
+    searches = [r for r in runs if _is_search(r)]
+    trial_runs: dict[str, list] = {}
     for r in runs:
         parts = r.info.run_name.split("/")
-        if parts[0] == "tune" and len(parts) == 3:
+        if parts[0] == "tune" and len(parts) == 3:  # tune/<task>[#n]/<trial id>
+            trial_runs.setdefault(parts[1], []).append(r)
+    trials: dict[str, list[dict]] = {}
+    trial_epochs: dict[str, list[int]] = {}
+    for name, mine in sorted(trial_runs.items()):
+        for r in sorted(mine, key=lambda r: r.data.tags.get("trial_id", r.info.run_name)):  # Tune's order
             p = r.data.params
-            trials.setdefault(parts[1], []).append(
+            trials.setdefault(name, []).append(
                 {
                     "lr": float(p["lr"]),
                     "weight_decay": float(p["weight_decay"]),
@@ -402,21 +489,23 @@ def pipeline_record(root: Path, experiment: str) -> dict:
                 }
             )
             history = client.get_metric_history(r.info.run_id, "val_loss")
-            trial_epochs.setdefault(parts[1], []).append(len(history))
+            trial_epochs.setdefault(name, []).append(len(history))
     readouts = [r for r in runs if "readout_key" in r.data.tags]
     return {
         "parent": (parent.info.start_time / 1000, parent.info.end_time / 1000),
         "train": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in trains],
+        "search": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in searches],
         "transfer": (by_name["transfer"].info.start_time / 1000, by_name["transfer"].info.end_time / 1000),
         "readout_spans": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in readouts],
         "trials": trials,
         "trial_epochs": trial_epochs,
-        "hparams": {r.info.run_name.split("/")[1]: _best_params(r) for r in runs if _is_search(r)},
-        "readouts": [f"{r.data.tags['sources']}->{r.data.tags['target']}" for r in readouts],
+        "hparams": {r.info.run_name.split("/")[1]: _best_params(r) for r in searches},
+        "readouts": [_readout_name(r.data.tags) for r in readouts],
     }
 
 
 def _is_search(run) -> bool:
+    """A search's run, `tune/<task>` or `tune/<task>#n` (`log_search`), not one of its trials."""
     return run.info.run_name.startswith("tune/") and run.info.run_name.count("/") == 1
 
 
@@ -427,6 +516,12 @@ def _best_params(run) -> dict:
         "weight_decay": float(p["best.weight_decay"]),
         "batch_size": int(p["best.batch_size"]),
     }
+
+
+def _readout_name(tags: dict) -> str:
+    """A readout run's `Readout.name`: `a+b->t`, `a+b->t#r` for replicate r > 0."""
+    replicate = int(tags.get("replicate") or 0)
+    return f"{tags['sources']}->{tags['target']}" + (f"#{replicate}" if replicate else "")
 
 
 def pipeline_split(record: dict, launched: float, exited: float) -> dict:
@@ -441,10 +536,12 @@ def pipeline_split(record: dict, launched: float, exited: float) -> dict:
         "analysis_s": parent_end - record["transfer"][1],
         "exit_s": exited - parent_end,
     }
-    if all(a[1] <= b[0] for a, b in itertools.pairwise(trains)):  # tasks one at a time: search, train, ...
-        ends = [parent_start] + [end for _, end in trains[:-1]]
-        split["stage1_search_s"] = sum(s - e for (s, _), e in zip(trains, ends, strict=True))
-        split["stage1_train_s"] = sum(end - s for s, end in trains)
+    searches = record["search"]
+    if not searches:
+        split |= {"stage1_search_s": 0.0, "stage1_train_s": split["stage1_s"]}
+    elif max(end for _, end in searches) <= min(start for start, _ in trains):  # every search, then training
+        searched = max(end for _, end in searches)
+        split |= {"stage1_search_s": searched - parent_start, "stage1_train_s": stage1_end - searched}
     spans = record["readout_spans"]
     split["stage2_to_first_readout_s"] = min(s for s, _ in spans) - record["transfer"][0]  # mostly encoding
     split["readout_busy_s"] = sum(end - s for s, end in spans)
@@ -485,15 +582,17 @@ def run_plain(tmp: Path, overrides: list[str], trials: dict, threads: int) -> tu
     command = [sys.executable, str(Path(__file__).resolve()), "--plain", str(tmp / "plain.json")]
     log("plain: " + " ".join(command[1:]))
     launched, start = time.time(), time.perf_counter()
-    child = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+    child = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
     wall, exited = time.perf_counter() - start, time.time()
+    if child.returncode:
+        raise SystemExit(f"the plain side failed with exit code {child.returncode}")
     report = json.loads(child.stdout.strip().splitlines()[-1])
     report["split"] |= {"setup_s": report["began"] - launched, "exit_s": exited - report["ended"]}
     return wall, report
 
 
 def kind_of(name: str) -> str:
-    """`a+b->t` -> `order 2`; `self->t` -> `self` (and `pixels`, `random`)."""
+    """`a+b->t` (or `a+b->t#1`) -> `order 2`; `self->t` -> `self` (and `pixels`, `random`)."""
     sources = name.split("->")[0]
     return sources if sources in BASELINE_NAMES else f"order {sources.count('+') + 1}"
 
@@ -501,6 +600,7 @@ def kind_of(name: str) -> str:
 def counts(networks: list, trials: dict[str, list], readouts: list[str]) -> dict:
     return {
         "networks": len(networks),
+        "searches": len(trials),
         "trials": sum(len(v) for v in trials.values()),
         "readouts": dict(sorted(Counter(map(kind_of, readouts)).items())),
     }
@@ -510,10 +610,47 @@ def higher_order(readouts: list[str]) -> list[str]:
     return sorted(n for n in readouts if kind_of(n) not in ("order 1", *BASELINE_NAMES))
 
 
+def check_same_work(summary: dict, record: dict, plain: dict) -> dict:
+    """What each side ran (`counts`), after checking that it is the same work: the same networks,
+    searches and trials, the same readouts (replicates included), no Ray or MLflow in the plain
+    process. A difference ends the run (SystemExit) in one line naming it, before any figure."""
+    ran = {
+        "pipeline": counts(summary["networks_trained"], record["trial_epochs"], record["readouts"]),
+        "plain": counts(plain["networks"], plain["trial_epochs"], plain["readouts"]),
+    }
+
+    def differ(what: str, pipeline, plain_side) -> None:
+        if pipeline != plain_side:
+            raise SystemExit(f"the two sides ran different {what}: pipeline {pipeline}, plain {plain_side}")
+
+    differ("work", ran["pipeline"], ran["plain"])
+    differ("networks", sorted(summary["networks_trained"]), plain["networks"])
+    differ("searches", sorted(record["hparams"]), sorted(plain["hparams"]))
+    differ(
+        "trials",
+        {k: len(v) for k, v in sorted(record["trials"].items())},
+        {k: len(v) for k, v in sorted(plain["trial_epochs"].items())},
+    )
+    first = {
+        side: sorted(set(r["readouts"]) - set(higher_order(r["readouts"])))
+        for side, r in (("pipeline", record), ("plain", plain))
+    }
+    if first["pipeline"] != first["plain"]:
+        only = sorted(set(first["pipeline"]) ^ set(first["plain"]))
+        raise SystemExit(f"the two sides ran different first-order or baseline readouts: {only[:6]}")
+    if len(higher_order(plain["readouts"])) != len(set(higher_order(plain["readouts"]))):
+        raise SystemExit("the plain side ran a higher-order readout twice")
+    if plain["imported"]:
+        raise SystemExit(f"the plain side imported {plain['imported']}")
+    return ran["pipeline"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="the default: 3 tasks, fewer images and epochs")
+    preset.add_argument(
+        "--quick", action="store_true", help="the default: 3 tasks, fewer images, epochs and replicates"
+    )
     preset.add_argument("--full", action="store_true", help="configs/quickstart.yaml as is (~25 minutes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
@@ -537,7 +674,10 @@ def main() -> None:
         tmp = Path(tmp_dir)
         cfg = load_pipeline_config(CONFIG, overrides)
         d = cfg.data
-        log(f"generating {d.n_train}/{d.n_transfer}/{d.n_test} images at {d.size}x{d.size} (not timed)")
+        log(
+            f"generating {d.n_train}/{d.n_transfer}/{d.n_test} images at {d.size}x{d.size} (not timed); "
+            f"{cfg.train.replicates} network and {cfg.transfer.replicates} readout replicates"
+        )
         data = DatasetConfig(
             d.n_train, d.n_transfer, d.n_test, d.seed, d.rows_per_shard, SceneConfig(size=d.size)
         )
@@ -550,14 +690,7 @@ def main() -> None:
         log(f"plain: {plain_s:.1f} s")
         load_after = os.getloadavg()[0]
 
-    ran = {
-        "pipeline": counts(summary["networks_trained"], record["trial_epochs"], record["readouts"]),
-        "plain": counts(plain["networks"], plain["trial_epochs"], plain["readouts"]),
-    }
-    first = {
-        side: sorted(set(r["readouts"]) - set(higher_order(r["readouts"])))
-        for side, r in (("pipeline", record), ("plain", plain))
-    }
+    ran = check_same_work(summary, record, plain)  # before any figure: never one of unequal work
     result = {
         "preset": "full" if args.full else "quick",
         "overrides": [o for o in overrides if not o.startswith("data.path=")],
@@ -569,7 +702,8 @@ def main() -> None:
         "plain_threads": plain["threads"],
         "plain_imported": plain["imported"],  # must be []: no Ray, no MLflow
         "cores": os.cpu_count(),
-        "ran": ran["pipeline"],
+        "replicates": {"networks": cfg.train.replicates, "readouts": cfg.transfer.replicates},
+        "ran": ran,
         "trial_epochs": {
             "pipeline": sum(map(sum, record["trial_epochs"].values())),
             "plain": sum(map(sum, plain["trial_epochs"].values())),
@@ -584,9 +718,6 @@ def main() -> None:
         "load_avg_1m": [round(load, 2), round(load_after, 2)],
     }
     print(json.dumps(result))
-    assert ran["pipeline"] == ran["plain"], f"the two sides ran different work: {ran}"
-    assert first["pipeline"] == first["plain"], "the first-order and baseline readouts differ"
-    assert not plain["imported"], f"the plain side imported {plain['imported']}"
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from components.affinity import INTERVAL, P_BEST, PIXELS, cube_affinity
+from components.affinity import P_BEST, PIXELS
 from components.errors import TaskatlasError
-from components.loss_cube import LossCube, loss_cube
+from components.loss_cube import LossCube
 from components.resampling import image_weights
 from components.taxonomy import Taxonomy, TaxonomyOptions, solve_taxonomy
 from components.transfer_table import TransferTable
@@ -55,16 +55,6 @@ def _weights(cube: LossCube, weights: np.ndarray) -> Iterator[np.ndarray]:
         yield np.where(_labelled(cube, t) & (slots >= 0), weights[:, slots], 0)
 
 
-def bootstrap_affinities(cube: LossCube, n: int, seed: int, *, paired: bool = True) -> np.ndarray:
-    """(n, T, n_cand) affinities of n resamples; 0 outside `candidate_mask(cube)` (pixels, padding).
-    `paired`: see `affinity_by_target`."""
-    _check_bootstrappable(cube, n)
-    samples = np.zeros((n, *cube.candidates.shape))
-    t, c = np.nonzero(candidate_mask(cube))  # the rows of the cube's affinity table, in order
-    samples[:, t, c] = cube_affinity(cube, n, seed, paired=paired).samples
-    return samples
-
-
 def candidate_mask(cube: LossCube) -> np.ndarray:
     """(T, n_cand) bool: the candidates of `affinity_from_cube` (pixels is only a reference)."""
     mask = cube.candidates >= 0
@@ -72,21 +62,6 @@ def candidate_mask(cube: LossCube) -> np.ndarray:
     rows = np.flatnonzero(pixels_at >= 0)
     mask[rows, pixels_at[rows]] = False
     return mask
-
-
-def affinity_intervals(cube: LossCube, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi): the 95% percentile interval of each row of the cube's affinity table, in its order."""
-    t, c = np.nonzero(candidate_mask(cube))  # the row order of affinity_from_cube
-    lo, hi = np.percentile(samples[:, t, c], INTERVAL, axis=0)
-    return lo, hi
-
-
-def compute_affinity_with_intervals(losses: pa.Table, n: int, seed: int, *, paired: bool = True) -> pa.Table:
-    """`compute_affinity` plus the intervals, `p_best` and the baseline shares over n resamples
-    (INTERVAL_SCHEMA)."""
-    cube = loss_cube(losses)
-    _check_bootstrappable(cube, n)
-    return cube_affinity(cube, n, seed, paired=paired).table
 
 
 def best_candidates(
@@ -106,21 +81,6 @@ def best_candidates(
     return {t: sorted(rows, key=lambda r: (-r[1], r[0])) for t, rows in sorted(best.items())}
 
 
-def taxonomy_stability(
-    cube: LossCube, samples: np.ndarray, options: TaxonomyOptions, chosen: Taxonomy
-) -> dict:
-    """Solve the BIP on every resample; how often each answer comes back.
-
-    `chosen` is the point-estimate taxonomy. Returns fractions of resamples: `roots` (task -> root),
-    `transfers` (target -> `+`-joined source set that serves it, `self` when it is a root) and
-    `taxonomy` (exactly the chosen roots and transfers). Inner mappings list the most frequent first.
-    """
-    t, c = np.nonzero(candidate_mask(cube))
-    targets = [cube.targets[i] for i in t]
-    sources = [cube.source_sets[i] for i in cube.candidates[t, c]]
-    return stability_of_rows(targets, sources, samples[:, t, c], options, chosen)
-
-
 def stability_of_rows(
     targets: list[str],
     sources: list[tuple[str, ...]],
@@ -131,7 +91,7 @@ def stability_of_rows(
     available: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """`taxonomy_stability` on resampled affinities given per row of an affinity table:
+    """Solve the BIP on every resample; how often each answer comes back, from resampled affinities given per row of an affinity table:
     `samples` is (resamples, rows), row i being `targets[i] <- sources[i]`. `available`
     (resamples, rows) bool: rows a resample leaves out of its BIP (False: that resample's beam
     would not have trained the transfer); default every row in every resample. `progress(1)` is

@@ -160,3 +160,26 @@ def assert_same_table(got, want) -> None:
             np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
         else:
             assert got[name].to_pylist() == want[name].to_pylist(), name
+
+
+def affinity_with_intervals(losses, n: int, seed: int, *, paired: bool = True):
+    """The whole loss table's affinity table with its intervals, `p_best` and baseline shares over
+    n resamples (what Stage III computes one target at a time)."""
+    from components.affinity import cube_affinity
+    from components.loss_cube import loss_cube
+
+    return cube_affinity(loss_cube(losses), n, seed, paired=paired).table
+
+
+def bootstrap_affinities(cube, n: int, seed: int, *, paired: bool = True):
+    """(n, T, n_cand) affinities of n resamples, 0 outside `candidate_mask(cube)`: the resamples
+    of `cube_affinity` laid out over the cube's (target, candidate) grid."""
+    import numpy as np
+
+    from components.affinity import cube_affinity
+    from components.bootstrap import candidate_mask
+
+    samples = np.zeros((n, *cube.candidates.shape))
+    t, c = np.nonzero(candidate_mask(cube))  # the rows of the cube's affinity table, in order
+    samples[:, t, c] = cube_affinity(cube, n, seed, paired=paired).samples
+    return samples

@@ -17,11 +17,12 @@ import components.affinity_io as affinity_io
 from components.affinity import affinity_by_target, compute_affinity, top_sources
 from components.affinity_io import read_affinities, read_losses, write_affinity
 from components.ahp import ahp_affinity, perron_vector
-from components.bootstrap import bootstrap_affinities, candidate_mask, compute_affinity_with_intervals
+from components.bootstrap import candidate_mask
 from components.errors import TaskatlasError
 from components.loss_cube import loss_cube, unlabelled_counts
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from components.win_rates import win_rates
+from tests.conftest import affinity_with_intervals, bootstrap_affinities
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
@@ -250,7 +251,7 @@ def test_per_target_streaming_equals_the_whole_table(bootstrap):
         _assert_same_table(result.table, compute_affinity(table))
         assert result.samples is None
         return
-    _assert_same_table(result.table, compute_affinity_with_intervals(table, bootstrap, seed=4))
+    _assert_same_table(result.table, affinity_with_intervals(table, bootstrap, seed=4))
     t, c = np.nonzero(candidate_mask(cube))  # the table's rows, in order
     whole = bootstrap_affinities(cube, bootstrap, seed=4)
     assert result.samples.shape == (bootstrap, result.table.num_rows)
@@ -380,4 +381,4 @@ def test_a_loss_file_reads_one_target_by_its_row_groups(tmp_path):
     }
     assert losses.image_ids() == sorted(str(i) for i in range(30))
     result = affinity_by_target(losses.targets, losses.read_target, 5, 1, losses.image_ids())
-    _assert_same_table(result.table, compute_affinity_with_intervals(joined, 5, seed=1))
+    _assert_same_table(result.table, affinity_with_intervals(joined, 5, seed=1))

@@ -18,19 +18,12 @@ from components.affinity import (
     compute_affinity,
 )
 from components.affinity_io import transfer_table
-from components.bootstrap import (
-    affinity_intervals,
-    bootstrap_affinities,
-    candidate_mask,
-    compute_affinity_with_intervals,
-    resample_weights,
-    taxonomy_stability,
-)
+from components.bootstrap import candidate_mask, resample_weights, stability_of_rows
 from components.errors import TaskatlasError
 from components.loss_cube import loss_cube
 from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from pipelines.cli import main
-from tests.conftest import assert_same_table
+from tests.conftest import affinity_with_intervals, assert_same_table, bootstrap_affinities
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
@@ -86,7 +79,10 @@ def test_a_clear_edge_is_stable_and_a_coin_flip_splits():
     coin_winner = chosen.transfers["y"][0]
     assert chosen.roots == tuple(sorted(("a", coin_winner))) and chosen.transfers["x"] == ("a",)
 
-    stability = taxonomy_stability(cube, bootstrap_affinities(cube, 200, seed=0), options, chosen)
+    t, c = np.nonzero(candidate_mask(cube))  # the affinity table's rows
+    targets, sources = [cube.targets[i] for i in t], [cube.source_sets[i] for i in cube.candidates[t, c]]
+    samples = bootstrap_affinities(cube, 200, seed=0)[:, t, c]
+    stability = stability_of_rows(targets, sources, samples, options, chosen)
     assert set(stability) == {"roots", "transfers", "taxonomy"}
     assert stability["transfers"]["x"]["a"] >= 0.95 and stability["roots"]["a"] >= 0.95
     y = stability["transfers"]["y"]
@@ -100,7 +96,7 @@ def test_a_clear_edge_is_stable_and_a_coin_flip_splits():
 
 def test_intervals_bracket_the_point_estimate(mixed_losses):
     for losses in (mixed_losses, _edge_and_coin()):
-        table = compute_affinity_with_intervals(losses, 200, seed=0)
+        table = affinity_with_intervals(losses, 200, seed=0)
         assert table.column_names == INTERVAL_SCHEMA.names
         assert_same_table(table.select(AFFINITY_SCHEMA.names), compute_affinity(losses))
         point, lo, hi = (table[c].to_numpy() for c in ("affinity", *INTERVAL_COLUMNS))
@@ -111,7 +107,8 @@ def test_a_candidate_that_always_wins_has_a_zero_width_interval():
     # every image ranks self < a < random, so every resample has the same win rates
     losses = _losses({"t": {"self": np.arange(5.0), "a": np.arange(5.0) + 10, "random": np.full(5, 99.0)}})
     cube = loss_cube(losses)
-    lo, hi = affinity_intervals(cube, bootstrap_affinities(cube, 50, seed=0))
+    t, c = np.nonzero(candidate_mask(cube))
+    lo, hi = np.percentile(bootstrap_affinities(cube, 50, seed=0)[:, t, c], (2.5, 97.5), axis=0)
     point = compute_affinity(losses)["affinity"].to_numpy()
     np.testing.assert_allclose(lo, point, rtol=1e-12)
     np.testing.assert_allclose(hi, point, rtol=1e-12)
@@ -128,7 +125,7 @@ def test_a_candidate_that_always_wins_has_a_zero_width_interval():
 )
 def test_a_target_with_one_labelled_image_is_refused(per_target, named):
     with pytest.raises(TaskatlasError, match=f"cannot bootstrap target\\(s\\) {named}:") as err:
-        compute_affinity_with_intervals(_losses(per_target), 10, seed=0)
+        affinity_with_intervals(_losses(per_target), 10, seed=0)
     assert "\n" not in str(err.value)
 
 
@@ -216,7 +213,7 @@ def test_affinity_bootstrap_writes_the_interval_columns(mixed_losses, tmp_path, 
     assert "training noise not measured" in said  # no replicate column: one replicate per readout
     written = pq.read_table(out)
     assert written.column_names == INTERVAL_SCHEMA.names
-    assert_same_table(written, compute_affinity_with_intervals(mixed_losses, 30, seed=2))
+    assert_same_table(written, affinity_with_intervals(mixed_losses, 30, seed=2))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ import pytest
 from components.affinity import INTERVAL_SCHEMA, affinity_by_target, compute_affinity, cube_affinity
 from components.bootstrap import (
     best_candidates,
-    compute_affinity_with_intervals,
     resample_weights,
     stability_of_rows,
 )
@@ -25,7 +24,7 @@ from components.taxonomy import TaxonomyOptions, solve_taxonomy
 from components.transfer_table import TransferTable
 from components.win_rates import win_rates
 from pipelines.cli import main
-from tests.conftest import assert_same_table
+from tests.conftest import affinity_with_intervals, assert_same_table
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
@@ -208,8 +207,8 @@ def test_identical_replicates_change_nothing_the_fast_path_and_the_replicate_pat
     three = {
         t: {s: (v if s == "self" else np.repeat(v, 3, axis=0)) for s, v in d.items()} for t, d in one.items()
     }
-    a = compute_affinity_with_intervals(_table(one), 30, seed=2)
-    b = compute_affinity_with_intervals(_table(three), 30, seed=2)
+    a = affinity_with_intervals(_table(one), 30, seed=2)
+    b = affinity_with_intervals(_table(three), 30, seed=2)
     for name in INTERVAL_SCHEMA.names[3:]:
         np.testing.assert_allclose(b[name].to_numpy(), a[name].to_numpy(), rtol=1e-12, equal_nan=True)
 
@@ -229,7 +228,7 @@ def _planted(offsets: np.ndarray, images: int = 400) -> dict:
 
 def test_a_seed_effect_comes_out_as_a_tie_not_as_a_winner():
     offsets = np.array([0.1, -0.1, 0.1, -0.1])  # the sign of A - B flips between seeds
-    with_replicates = compute_affinity_with_intervals(_table(_planted(offsets)), 200, seed=0)
+    with_replicates = affinity_with_intervals(_table(_planted(offsets)), 200, seed=0)
     p_best = {tuple(r["sources"]): r["p_best"] for r in with_replicates.to_pylist()}
     assert (
         p_best[("A",)] < 0.9
@@ -239,7 +238,7 @@ def test_a_seed_effect_comes_out_as_a_tie_not_as_a_winner():
     assert np.isnan(p_best[("self",)]) and p_best[("random",)] == 0.0
     assert {s for s, _ in best_candidates(with_replicates)["t"]} == {("A",), ("B",)}
     # replicate 0 alone (a bootstrap over images only) is sure that B is best: false certainty
-    one_seed = compute_affinity_with_intervals(_table(_planted(offsets[:1])), 200, seed=0)
+    one_seed = affinity_with_intervals(_table(_planted(offsets[:1])), 200, seed=0)
     assert {tuple(r["sources"]): r["p_best"] for r in one_seed.to_pylist()}[("B",)] == 1.0
 
 
@@ -257,7 +256,7 @@ def test_a_clear_winner_stays_the_best():
             "random": base + 0.5 + noise,
         }
     }
-    table = compute_affinity_with_intervals(_table(losses), 200, seed=1)
+    table = affinity_with_intervals(_table(losses), 200, seed=1)
     p_best = {tuple(r["sources"]): r["p_best"] for r in table.to_pylist()}
     assert p_best[("A",)] >= 0.95
     assert best_candidates(table, threshold=0.01)["t"][0] == (("A",), p_best[("A",)])
@@ -455,7 +454,7 @@ def test_the_cli_reads_a_parquet_file_one_target_at_a_time(tmp_path, capsys):
     assert "training noise not measured" not in capsys.readouterr().out  # 3 replicates
     written = pq.read_table(out)
     assert written.column_names == INTERVAL_SCHEMA.names
-    assert_same_table(written, compute_affinity_with_intervals(table, 9, seed=4))
+    assert_same_table(written, affinity_with_intervals(table, 9, seed=4))
 
 
 def _noisy_study(replicates: int, images: int = 300, seed: int = 0) -> dict:
@@ -522,7 +521,7 @@ def test_t_from_t_never_competes_for_the_best():
             }
         }
     )
-    result = compute_affinity_with_intervals(table, 50, seed=0)
+    result = affinity_with_intervals(table, 50, seed=0)
     p_best = {tuple(r["sources"]): r["p_best"] for r in result.to_pylist()}
     assert np.isnan(p_best[("t",)]) and np.isnan(p_best[("self",)])
     assert p_best[("a",)] + p_best[("b",)] + p_best[("random",)] == pytest.approx(1.0)
@@ -535,10 +534,10 @@ def test_the_baseline_shares_count_resamples_that_lose_to_random_or_pixels():
     rng = np.random.default_rng(4)
     base = rng.random(120) + 1
     table = _table({"t": {"self": [base - 0.5], "a": [base], "random": [base + 0.5], "pixels": [base - 0.2]}})
-    rows = {tuple(r["sources"]): r for r in compute_affinity_with_intervals(table, 60, seed=1).to_pylist()}
+    rows = {tuple(r["sources"]): r for r in affinity_with_intervals(table, 60, seed=1).to_pylist()}
     assert rows[("a",)]["p_below_random"] == 0.0 and rows[("a",)]["p_no_gain"] == 1.0
     no_pixels = _table({"t": {"self": [base - 0.5], "a": [base]}})
-    row = compute_affinity_with_intervals(no_pixels, 10, seed=1).to_pylist()[0]
+    row = affinity_with_intervals(no_pixels, 10, seed=1).to_pylist()[0]
     assert np.isnan(row["p_no_gain"]) and np.isnan(row["p_below_random"])
 
 
