@@ -9,8 +9,9 @@ in where its representation comes from.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,22 +128,16 @@ def train_readout(
     net = build_readout(task, in_channels, model, image_size, settings.width, channels).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
-    history = []
-    for _ in range(settings.epochs):
-        net.train()
-        total, count = 0.0, 0
-        for idx in batches(len(transfer_x), settings.batch_size, rng):
-            with torch.no_grad():
-                x = featurize(_floats(transfer_x[idx], device))
-            with _autocast(device):
-                pred = net(x)
-            loss = task.per_image_loss(pred.float(), label_tensor(transfer_y[idx], task, device))
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss(loss).backward()
-            optimizer.step()
-            total += float(loss.detach().nansum())
-            count += int((~loss.detach().isnan()).sum())
-        history.append(total / max(count, 1))
+
+    def per_image(idx: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            x = featurize(_floats(transfer_x[idx], device))
+        with _autocast(device):
+            pred = net(x)
+        return task.per_image_loss(pred.float(), label_tensor(transfer_y[idx], task, device))[None]
+
+    order = lambda: batches(len(transfer_x), settings.batch_size, rng)  # noqa: E731
+    [history] = train_epochs(net, settings.epochs, order, per_image, one_step(optimizer)) or [[]]
     val_loss = nanmean(_test_losses(net, featurize, val_x, val_y, task, device))
     losses = _test_losses(net, featurize, test_x, test_y, task, device)
     weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if keep else None
@@ -154,6 +149,42 @@ def train_readout(
         val_loss,
         weights,
     )
+
+
+def train_epochs(
+    model: nn.Module,
+    epochs: int,
+    batch_order: Callable[[], Iterable[Any]],
+    per_image: Callable[[Any], torch.Tensor],
+    update: Callable[[torch.Tensor], None],
+) -> list[list[float]]:
+    """The one training loop of readouts, `scratch` and stacked readouts: per epoch, each batch of
+    `batch_order()` gives `per_image(batch)`, an (M, B) tensor of M members' per-image losses (1
+    for a readout alone), which `update` turns into one optimizer step. Returns each member's mean
+    training loss per epoch (NaN losses, unlabelled images, not counted)."""
+    history: list[list[float]] = []
+    for _ in range(epochs):
+        model.train()
+        total = count = None
+        for batch in batch_order():
+            loss = per_image(batch)
+            update(loss)
+            summed, labelled = loss.detach().nansum(1).double(), (~loss.detach().isnan()).sum(1).double()
+            total = summed if total is None else total + summed
+            count = labelled if count is None else count + labelled
+        history.append([t / max(c, 1) for t, c in zip(total.tolist(), count.tolist(), strict=True)])
+    return [list(member) for member in zip(*history, strict=True)] if history else []
+
+
+def one_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    """`train_epochs`' update for one model: its batch's objective (`batch_loss`), backward, step."""
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss(loss[0]).backward()
+        optimizer.step()
+
+    return update
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

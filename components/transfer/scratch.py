@@ -16,14 +16,16 @@ import numpy as np
 import torch
 
 from components.models import ModelConfig, build_network, channels_last
-from components.tasks import Task, batch_loss, view_input
+from components.tasks import Task, view_input
 from components.training import nanmean
 from components.transfer.readout import (
     ReadoutResult,
     ReadoutSettings,
     batches,
     label_tensor,
+    one_step,
     score_network,
+    train_epochs,
     validation_split,
 )
 
@@ -51,21 +53,15 @@ def train_scratch(
     net = channels_last(build_network(task, model, image_size, channels)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = np.random.default_rng(settings.seed)
-    history = []
-    for _ in range(settings.epochs):
-        net.train()
-        total, count = 0.0, 0
-        for idx in batches(len(fit), settings.batch_size, rng):
-            rows = fit[idx]
-            x = torch.from_numpy(np.array(transfer_rgb[rows], copy=True)).to(device).float() / 255.0
-            pred = net(view_input(x, task.input, transfer_ids[rows]))
-            loss = task.per_image_loss(pred.float(), label_tensor(transfer_y[rows], task, device))
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss(loss).backward()
-            optimizer.step()
-            total += float(loss.detach().nansum())
-            count += int((~loss.detach().isnan()).sum())
-        history.append(total / max(count, 1))
+
+    def per_image(idx: np.ndarray) -> torch.Tensor:
+        rows = fit[idx]
+        x = torch.from_numpy(np.array(transfer_rgb[rows], copy=True)).to(device).float() / 255.0
+        pred = net(view_input(x, task.input, transfer_ids[rows]))
+        return task.per_image_loss(pred.float(), label_tensor(transfer_y[rows], task, device))[None]
+
+    order = lambda: batches(len(fit), settings.batch_size, rng)  # noqa: E731
+    [history] = train_epochs(net, settings.epochs, order, per_image, one_step(optimizer)) or [[]]
     val_loss = nanmean(
         score_network(net, transfer_rgb[val], transfer_ids[val], transfer_y[val], task, device)
     )

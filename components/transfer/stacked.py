@@ -39,6 +39,7 @@ from components.transfer.readout import (
     batches,
     build_readout,
     label_tensor,
+    train_epochs,
     train_readout,
     validation_split,
 )
@@ -90,36 +91,35 @@ def train_stacked(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     rngs = [np.random.default_rng(m.seed) for m in members]
     alive = torch.ones(n, dtype=torch.bool, device=device)
-    history: list[list[float]] = [[] for _ in members]
-    for _ in range(settings.epochs):
-        stack.train()
-        total = torch.zeros(n, dtype=torch.float64, device=device)
-        count = torch.zeros(n, dtype=torch.float64, device=device)
-        orders = [batches(len(fit), settings.batch_size, rng) for rng in rngs]  # same sizes for all
-        for idxs in zip(*orders, strict=True):
-            rows = [fit[i] for i in idxs]
-            batch = np.stack([m.transfer_x[r] for m, r in zip(members, rows, strict=True)], axis=1)
-            x = torch.from_numpy(batch).to(device, non_blocking=True).float().flatten(1, 2)  # (B, N*C, h, w)
-            y = label_tensor(np.stack([transfer_y[r] for r in rows], axis=1), task, device)  # (B, N, ...)
-            with _autocast(device):
-                pred = stack(x)  # (B, N*C_out, ...)
-            pred = pred.float().unflatten(1, (n, -1)).flatten(0, 1)  # (B*N, C_out, ...)
-            per_image = task.per_image_loss(pred, y.flatten(0, 1)).view(-1, n).t()  # (N, B)
-            losses = torch.stack([batch_loss(loss) for loss in per_image])  # each member's objective
-            optimizer.zero_grad(set_to_none=True)
-            ok = alive & losses.isfinite()
-            torch.where(ok, losses, torch.zeros_like(losses)).sum().backward()
-            for p in params:  # a member with a non-finite gradient stops learning, for good
-                ok &= p.grad.reshape(n, -1).isfinite().all(1)
-            alive &= ok
-            for p in params:
-                mask = alive.repeat_interleave(len(p) // n).view(-1, *([1] * (p.dim() - 1)))
-                p.grad.copy_(torch.where(mask, p.grad, torch.zeros_like(p.grad)))
-            optimizer.step()
-            total += per_image.detach().nansum(1)
-            count += (~per_image.detach().isnan()).sum(1)
-        for h, t, c in zip(history, total.tolist(), count.tolist(), strict=True):
-            h.append(t / max(c, 1))
+
+    def order():  # each member's batch order, as it would draw it alone (the same sizes for all)
+        return zip(*[batches(len(fit), settings.batch_size, rng) for rng in rngs], strict=True)
+
+    def per_image(idxs) -> torch.Tensor:  # (N, B)
+        rows = [fit[i] for i in idxs]
+        batch = np.stack([m.transfer_x[r] for m, r in zip(members, rows, strict=True)], axis=1)
+        x = torch.from_numpy(batch).to(device, non_blocking=True).float().flatten(1, 2)  # (B, N*C, h, w)
+        y = label_tensor(np.stack([transfer_y[r] for r in rows], axis=1), task, device)  # (B, N, ...)
+        with _autocast(device):
+            pred = stack(x)  # (B, N*C_out, ...)
+        pred = pred.float().unflatten(1, (n, -1)).flatten(0, 1)  # (B*N, C_out, ...)
+        return task.per_image_loss(pred, y.flatten(0, 1)).view(-1, n).t()
+
+    def update(per_image: torch.Tensor) -> None:
+        nonlocal alive
+        losses = torch.stack([batch_loss(loss) for loss in per_image])  # each member's objective
+        optimizer.zero_grad(set_to_none=True)
+        ok = alive & losses.isfinite()
+        torch.where(ok, losses, torch.zeros_like(losses)).sum().backward()
+        for p in params:  # a member with a non-finite gradient stops learning, for good
+            ok &= p.grad.reshape(n, -1).isfinite().all(1)
+        alive &= ok
+        for p in params:
+            mask = alive.repeat_interleave(len(p) // n).view(-1, *([1] * (p.dim() - 1)))
+            p.grad.copy_(torch.where(mask, p.grad, torch.zeros_like(p.grad)))
+        optimizer.step()
+
+    history = train_epochs(stack, settings.epochs, order, per_image, update) or [[] for _ in members]
     share, alive_flags = (time.perf_counter() - start) / n, alive.tolist()
     common = {
         "task": task,
