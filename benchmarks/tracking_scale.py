@@ -41,7 +41,8 @@ from components.tasks import TASKS  # noqa: E402
 from components.transfer import Readout  # noqa: E402
 from components.transfer.readout_files import ReadoutOutcome  # noqa: E402
 from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
-from pipelines.tracking.runs import LOG_THREADS, Tracker  # noqa: E402
+from pipelines.tracking.batches import LOG_THREADS  # noqa: E402
+from pipelines.tracking.runs import Tracker  # noqa: E402
 from tests.services import start_mlflow_server, start_postgres  # noqa: E402
 
 STAGE_KEY = "bench0000stage"

@@ -195,7 +195,7 @@ def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table)
     for row in table.to_pylist():
         if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
             scores[run] = {k: row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
-    tracker.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
+    tracker.batches.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
 
 
 def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, StepStatus]]:

@@ -112,6 +112,17 @@ def test_each_stage_package_has_its_plan_and_its_plan_is_pure():
         assert not bad, f"pipelines/{stage}/plan.py imports {sorted(bad)}"
 
 
+def test_modules_and_classes_stay_small():
+    """A module does one job in under 400 lines, a class in under 200 (issue 37's measure)."""
+    for path in [*sources("components"), *sources("pipelines")]:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = node.end_lineno - node.lineno + 1
+                assert size <= 200, f"{path.relative_to(ROOT)}: class {node.name} is {size} lines"
+
+
 def test_faults_are_injected_through_constructors_not_the_environment():
     """Tests hand a stage its faults (`Stage1.fail_at_epoch`, `Stage2.fail_readouts`); production
     code reads no test switch."""

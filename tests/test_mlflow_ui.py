@@ -40,7 +40,7 @@ from pipelines.config import load_pipeline_config
 from pipelines.invocation import dataset_ref, invocation, open_tracker
 from pipelines.sections import HPARAMS
 from pipelines.stage1.plan import Stage1Plan
-from pipelines.stage1.record import NetworkRecord
+from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.search import TrialProgress
 from pipelines.stage2.readout_runs import ReadoutRunLog
 from pipelines.tracking.entities import NOTE
@@ -210,7 +210,7 @@ def recorded(server, tiny_dataset, tmp_path_factory):
         for i in range(3)
     ]
     search_span = (now - 3.2, now)
-    record.log_search(task, results, spans, results[0], 0.5, search_span, HPARAMS)
+    record_search(tracker, parent, cfg.tune, task, results, spans, results[0], 0.5, search_span, HPARAMS)
 
     with ReadoutRunLog(tracker, parent, "stage", dataset=dataset_ref(cfg, store)) as log:
         for i, sources in enumerate((("depth",), ("edge_texture",), ("depth", "edge_texture"))):

@@ -15,6 +15,7 @@ import pytest
 from components.transfer import Readout, ReadoutKind
 from components.transfer.readout_files import ReadoutOutcome
 from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
+from pipelines.tracking.batches import RunBatches
 from pipelines.tracking.entities import FinalStatus, FinishedRun
 from pipelines.tracking.runs import Tracker
 
@@ -29,8 +30,8 @@ def store(tmp_path_factory):
     return folder
 
 
-def _tracker(store, request, cls=Tracker) -> Tracker:
-    return cls(
+def _tracker(store, request) -> Tracker:
+    return Tracker(
         f"sqlite:///{store / 'mlflow.db'}",
         request.node.name,
         artifact_location=(store / "art").as_uri(),
@@ -121,7 +122,7 @@ def test_a_failed_readout_run_carries_the_error_and_no_metrics():
     assert not run.metrics and not run.params and run.tags["readout_key"] == "rk"
 
 
-# ---------------------------------------------------------------- Tracker.log_finished_runs
+# ---------------------------------------------------------------- RunBatches.log_finished_runs
 
 
 def test_log_finished_runs_logs_every_run_whole_under_its_parent(tracker):
@@ -141,7 +142,7 @@ def test_log_finished_runs_logs_every_run_whole_under_its_parent(tracker):
             "t <- bad", {"error": "x"}, start_time=STARTED, end_time=FINISHED, status=FinalStatus.FAILED
         )
     ]
-    ids = tracker.log_finished_runs(parent, runs)
+    ids = tracker.batches.log_finished_runs(parent, runs)
     assert len(set(ids)) == 6
     for i, run_id in enumerate(ids[:5]):
         run = tracker.client.get_run(run_id)
@@ -158,7 +159,7 @@ def test_log_finished_runs_logs_every_run_whole_under_its_parent(tracker):
 def test_log_finished_runs_completes_a_run_created_earlier_instead_of_making_another(tracker):
     parent = tracker.start_run("transfer")
     earlier = tracker.start_run("t <- s", parent, {"readout_key": "k"}, start_time=STARTED)
-    [run_id] = tracker.log_finished_runs(
+    [run_id] = tracker.batches.log_finished_runs(
         parent,
         [
             FinishedRun(
@@ -174,7 +175,7 @@ def test_log_finished_runs_completes_a_run_created_earlier_instead_of_making_ano
 
 def test_end_runs_ends_runs_created_earlier(tracker):
     ids = [tracker.start_run(f"r{i}") for i in range(3)]
-    tracker.end_runs(ids, FinalStatus.KILLED, end_time=FINISHED)
+    tracker.batches.end_runs(ids, FinalStatus.KILLED, end_time=FINISHED)
     for run_id in ids:
         info = tracker.client.get_run(run_id).info
         assert (info.status, info.end_time) == ("KILLED", int(FINISHED * 1000))
@@ -256,7 +257,7 @@ def test_a_rerun_logs_nothing_twice_and_finishes_what_a_killed_driver_left(track
         k: tracker.start_run(f"normal <- {s}", first, {"readout_key": k})
         for k, s in [("rk2", "s2"), ("rk3", "s3")]
     }
-    tracker.end_runs([left["rk3"]], FinalStatus.KILLED)
+    tracker.batches.end_runs([left["rk3"]], FinalStatus.KILLED)
     before = {r.data.tags["readout_key"]: r.info.run_id for r in _readout_runs(tracker)}
 
     second = tracker.start_run("transfer")
@@ -281,7 +282,7 @@ def test_a_rerun_logs_nothing_twice_and_finishes_what_a_killed_driver_left(track
     assert log.known == {k: (r.info.run_id, "FINISHED") for k, r in runs.items()}
 
 
-class _FailingOnce(Tracker):
+class _FailingOnce(RunBatches):
     """Logs the first run of its first batch, then the tracking server 'goes away'."""
 
     failed = False
@@ -295,7 +296,8 @@ class _FailingOnce(Tracker):
 
 
 def test_a_failed_flush_keeps_its_runs_and_the_retry_duplicates_none(store, request):
-    tracker = _tracker(store, request, _FailingOnce)
+    tracker = _tracker(store, request)
+    tracker.batches = _FailingOnce(tracker)
     log = ReadoutRunLog(tracker, tracker.start_run("transfer"), "s", batch=3)
     log.add(_outcome(sources=("a",)), "ka")
     log.add(_outcome(sources=("b",)), "kb")

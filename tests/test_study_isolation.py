@@ -43,7 +43,7 @@ def _register(tracker, study: str, task, test_loss: float, tags: dict | None = N
     """A network registered as Stage I registers it, under `study`'s name."""
     spec = NetworkSpec(task, MODEL, 16, 3)
     run = tracker.start_run(f"train/{task.name}")
-    model_id = tracker.create_logged_model(run, task.name)
+    model_id = tracker.models.create_logged_model(run, task.name)
     name = network_model(study, task.name)
     registration = Registration(
         name, "m", "d", version_tags=version_tags(study, task) if tags is None else tags

@@ -45,7 +45,7 @@ def tracker(tmp_path):
 
 def _register(tracker, run: str, state_dict) -> str:
     """What Stage I does: the run's logged model, then the weights stored and registered."""
-    model_id = tracker.create_logged_model(run, "normal")
+    model_id = tracker.models.create_logged_model(run, "normal")
     registration = Registration("taskatlas-normal", "m", "d", version_tags={"task": "normal"})
     return tracker.models.log_task_network(
         run, model_id, state_dict, SPEC, registration, [Metric("final_test_loss", 0.5, 0, 0)]

@@ -73,7 +73,7 @@ def register_model(
         encoders=tuple(encoders[s] for s in sources),
     )
     name = positioned_model(cfg.name, task.name)
-    model_id = tracker.create_logged_model(run_id, name)
+    model_id = tracker.models.create_logged_model(run_id, name)
     registration = Registration(
         name,
         description=(

@@ -25,6 +25,7 @@ from components.tasks import Task, channels_for
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.results import TaskResult
+from pipelines.sections import TuneConfig
 from pipelines.stage1.plan import network_name, network_seed
 from pipelines.steps import Step
 from pipelines.tracking.entities import FinalStatus, FinishedRun, RunToStart
@@ -128,7 +129,7 @@ class NetworkRecord:
         if network.model_id or network.replicate:
             return network
         trained_with = self.trained_with(network.hparams, network.replicate)
-        model_id = self.tracker.create_logged_model(network.run_id, network.task.name, trained_with)
+        model_id = self.tracker.models.create_logged_model(network.run_id, network.task.name, trained_with)
         network.run_file.write_json({"run_id": network.run_id, "model_id": model_id})
         return replace(network, model_id=model_id)
 
@@ -150,7 +151,7 @@ class NetworkRecord:
         network = self.started(network)
         cfg, task, step = self.config, network.task, network.step
         channels = channels_for(task, self.store)
-        last_epoch = self.tracker.last_metrics(network.run_id, EPOCH_METRICS)  # as rank 0 logged it
+        last_epoch = self.tracker.models.last_metrics(network.run_id, EPOCH_METRICS)  # as rank 0 logged it
         reported = max((m.timestamp / 1000 for m in last_epoch), default=None)  # None: no epoch logged
         if network.replicate:  # another training of the network: scored, not registered
             n = network
@@ -254,52 +255,54 @@ class NetworkRecord:
             return True
         return registered_definition(self.tracker, registered, champion) not in (None, task.definition_hash)
 
-    def log_search(
-        self,
-        task: Task,
-        results: list,
-        spans: list[tuple[float, float]],
-        best,
-        best_loss: float,
-        span: tuple[float, float],
-        hparams: tuple[str, ...],
-        search: int = 0,
-    ) -> None:
-        """A task's search as a run spanning the search (`span`, epoch seconds) with its space
-        (`tune.*`) and best trial (`best.*`, tag `best_trial`), and a nested run per trial (Tune's
-        `results`) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
-        replicate n's) is `tune/<task>#n`, as its network is `train/<task>#n`."""
-        tracker = self.tracker
-        best_id = str(best.metrics.get("trial_id"))
-        name = network_name(task.name, search)
-        run = tracker.start_run(
-            f"tune/{name}",
-            self.parent_run_id,
-            {"task": task.name, "stage": "tune", "best_trial": best_id, "replicate": str(search)},
-            start_time=span[0],
-        )
-        best_hparams = {k: best.config[k] for k in hparams}
-        tracker.log_params(run, {"best": best_hparams, "tune": to_dict(self.config.tune)})
-        trials = []
-        for result, (start, end) in zip(results, spans, strict=True):
-            df = result.metrics_dataframe
-            rows = []
-            if df is not None:
-                for _, row in df.iterrows():
-                    rows += [(m, float(row[m]), int(row["epoch"])) for m in ("val_loss", "train_loss")]
-            stopped = int(result.metrics.get("epoch", 0)) < self.config.tune.max_epochs
-            trial_id = str(result.metrics.get("trial_id"))
-            trials.append(
-                FinishedRun(
-                    f"tune/{name}/{trial_id}",
-                    tags={"task": task.name, "stopped_early": str(stopped).lower(), "trial_id": trial_id},
-                    params={k: str(result.config[k]) for k in hparams},
-                    metrics=tuple(rows),
-                    start_time=start,
-                    end_time=end,
-                    status=FinalStatus.FAILED if result.error is not None else FinalStatus.FINISHED,
-                )
+
+def record_search(
+    tracker: Tracker,
+    parent_run_id: str,
+    tune: TuneConfig,
+    task: Task,
+    results: list,
+    spans: list[tuple[float, float]],
+    best,
+    best_loss: float,
+    span: tuple[float, float],
+    hparams: tuple[str, ...],
+    search: int = 0,
+) -> None:
+    """A task's search as a run spanning the search (`span`, epoch seconds) with its space
+    (`tune.*`) and best trial (`best.*`, tag `best_trial`), and a nested run per trial (Tune's
+    `results`) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
+    replicate n's) is `tune/<task>#n`, as its network is `train/<task>#n`."""
+    best_id = str(best.metrics.get("trial_id"))
+    name = network_name(task.name, search)
+    run = tracker.start_run(
+        f"tune/{name}",
+        parent_run_id,
+        {"task": task.name, "stage": "tune", "best_trial": best_id, "replicate": str(search)},
+        start_time=span[0],
+    )
+    best_hparams = {k: best.config[k] for k in hparams}
+    tracker.log_params(run, {"best": best_hparams, "tune": to_dict(tune)})
+    trials = []
+    for result, (start, end) in zip(results, spans, strict=True):
+        df = result.metrics_dataframe
+        rows = []
+        if df is not None:
+            for _, row in df.iterrows():
+                rows += [(m, float(row[m]), int(row["epoch"])) for m in ("val_loss", "train_loss")]
+        stopped = int(result.metrics.get("epoch", 0)) < tune.max_epochs
+        trial_id = str(result.metrics.get("trial_id"))
+        trials.append(
+            FinishedRun(
+                f"tune/{name}/{trial_id}",
+                tags={"task": task.name, "stopped_early": str(stopped).lower(), "trial_id": trial_id},
+                params={k: str(result.config[k]) for k in hparams},
+                metrics=tuple(rows),
+                start_time=start,
+                end_time=end,
+                status=FinalStatus.FAILED if result.error is not None else FinalStatus.FINISHED,
             )
-        tracker.log_finished_runs(run, trials)
-        tracker.log_metrics(run, {"best_val_loss": best_loss})  # the best trial's last val_loss
-        tracker.end_run(run, end_time=span[1])
+        )
+    tracker.batches.log_finished_runs(run, trials)
+    tracker.log_metrics(run, {"best_val_loss": best_loss})  # the best trial's last val_loss
+    tracker.end_run(run, end_time=span[1])

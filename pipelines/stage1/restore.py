@@ -70,7 +70,7 @@ def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> Ta
         record.parent_run_id,
         {"task": task.name, "stage": "train", RESTORED_TAG: "true"},
     )
-    model_id = tracker.create_logged_model(run_id, task.name, record.trained_with(result.hparams))
+    model_id = tracker.models.create_logged_model(run_id, task.name, record.trained_with(result.hparams))
     now, last = int(time.time() * 1000), cfg.train.epochs - 1
     registration = record.registration(task, result.test_loss, result.key)
     example = torch.rand(1, 3, cfg.data.size, cfg.data.size)  # RGB in [0, 1]

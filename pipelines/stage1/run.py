@@ -92,10 +92,9 @@ class Stage1:
         return max(cluster_gpus(), 1) if self.use_gpu else 2
 
     def run(self, tasks: list[Task], search: bool) -> dict[str, TaskResult]:
-        """Search (if asked and enabled: every pending task's search in one Tuner) then train
-        every task's networks (`train.replicates` each): the pending networks are dealt to as
-        many concurrent Ray Train runs as the cluster has room for (`network_runs`), each
-        training its share one after another. Task -> its replicate 0, the others as `replicas`."""
+        """Search (if asked and enabled: one Tuner per search of every pending task) then train
+        every task's `train.replicates` networks, dealt to as many concurrent Ray Train runs as
+        the cluster has room for (`network_runs`). Task -> its replicate 0, the others `replicas`."""
         t, plan = self.config.train, self.plan
         plan.check_worker_rows(self.num_workers)
         searching = search and self.config.tune.enabled
@@ -182,7 +181,7 @@ class Stage1:
             if untrained := [n for n in pending if not n.weights.exists()]:
                 self._fit(untrained)
             while pending:
-                results.append(record.finish(pending[0], *self._score(pending[0])))
+                results.append(record.finish(pending[0], *score_weights(self.config, self.store, pending[0])))
                 pending.pop(0)
                 progress(1)
         except BaseException:  # a failed or interrupted training never stays RUNNING
@@ -190,20 +189,6 @@ class Stage1:
                 record.fail(network)
             raise
         return results
-
-    def _score(self, network: Network) -> tuple[TaskNetwork, float]:
-        """The network's final weights and their mean loss over the test split, each image's in its
-        step (`test_losses.parquet`). Each network reads only its own task's test columns: a run's
-        networks together may need more of the test split than a driver should hold at once."""
-        cfg, task = self.config, network.task
-        model = build_network(task, cfg.model, cfg.data.size, channels_for(task, self.store))
-        model.load_state_dict(load_state_dict(network.weights.uri))  # onto the CPU, weights only
-        test = self.store.read("test", task.columns)
-        ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
-        (network.step.location / "test_losses.parquet").write_parquet(
-            pa.table({"image_id": ids.astype(str), "loss": losses})
-        )
-        return model, nanmean(losses)
 
     def worker_config(
         self,
@@ -266,7 +251,7 @@ class Stage1:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             ),
-            **self._trainer_datasets(columns),
+            **trainer_datasets(self.config, self.store, columns),
         )
         set_train_report_poll(cfg.train.report_poll_s)
         try:
@@ -278,11 +263,27 @@ class Stage1:
             writing = writing or f"the checkpoints of {names} under {cfg.root / 'ray' / run_name}"
             raise OutOfSpace(f"no space left on device training {names}", writing) from err
 
-    def _trainer_datasets(self, columns: list[str]) -> dict:
-        """TorchTrainer's dataset arguments: none when each worker reads its shards itself."""
-        if self.config.train.loader is not Loader.RAY_DATA:
-            return {}
-        datasets = {split: ray_dataset(self.store, split, columns) for split in ("train", "test")}
-        if self.config.train.materialize_data:
-            datasets = {split: ds.materialize() for split, ds in datasets.items()}
-        return {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
+
+def score_weights(cfg: PipelineConfig, store: ShardStore, network: Network) -> tuple[TaskNetwork, float]:
+    """The network's final weights and their mean loss over the test split, each image's in its
+    step (`test_losses.parquet`). Each network reads only its own task's test columns: a run's
+    networks together may need more of the test split than a driver should hold at once."""
+    task = network.task
+    model = build_network(task, cfg.model, cfg.data.size, channels_for(task, store))
+    model.load_state_dict(load_state_dict(network.weights.uri))  # onto the CPU, weights only
+    test = store.read("test", task.columns)
+    ids, losses = per_image_losses(model, iter_batches(test, 256), task, torch.device("cpu"))
+    (network.step.location / "test_losses.parquet").write_parquet(
+        pa.table({"image_id": ids.astype(str), "loss": losses})
+    )
+    return model, nanmean(losses)
+
+
+def trainer_datasets(cfg: PipelineConfig, store: ShardStore, columns: list[str]) -> dict:
+    """TorchTrainer's dataset arguments: none when each worker reads its shards itself."""
+    if cfg.train.loader is not Loader.RAY_DATA:
+        return {}
+    datasets = {split: ray_dataset(store, split, columns) for split in ("train", "test")}
+    if cfg.train.materialize_data:
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    return {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}

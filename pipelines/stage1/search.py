@@ -19,7 +19,7 @@ from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
 from pipelines.sections import HPARAMS
 from pipelines.stage1.plan import Stage1Plan
-from pipelines.stage1.record import NetworkRecord
+from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.trial import TASK_KEY, PerTaskASHA, tune_trial
 from pipelines.steps import Step
 
@@ -130,7 +130,19 @@ def finish_search(
         raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}")
     best, best_loss = chosen
     hparams = {k: best.config[k] for k in HPARAMS}
-    record.log_search(task, results, spans, best, best_loss, search_span, HPARAMS, search)
+    record_search(
+        record.tracker,
+        record.parent_run_id,
+        record.config.tune,
+        task,
+        results,
+        spans,
+        best,
+        best_loss,
+        search_span,
+        HPARAMS,
+        search,
+    )
     trials = [
         {
             k: r.metrics.get(m)

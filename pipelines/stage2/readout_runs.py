@@ -179,7 +179,7 @@ class ReadoutRunLog:
         keys = list(self._pending)
         runs = [dataclasses.replace(self._pending[k], run_id=self.known.get(k, (None, ""))[0]) for k in keys]
         try:
-            run_ids = self.tracker.log_finished_runs(self.parent_run_id, runs)
+            run_ids = self.tracker.batches.log_finished_runs(self.parent_run_id, runs)
         except Exception:
             self._stale = True
             raise

@@ -31,6 +31,7 @@ from components.errors import TaskatlasError
 from components.models import ModelConfig, TaskNetwork, build_network
 from components.tasks import Task
 from pipelines.compat import process_tracking_uri as _process_tracking_uri
+from pipelines.tracking.entities import flatten
 from pipelines.tracking.store import is_server
 
 # A registered task network is these two files, never a pickled module (design.md section 8).
@@ -90,8 +91,28 @@ class ModelRegistry:
     """The tracking store's model registry: task networks and positioned models stored as weights
     only, their versions, tags and aliases. The tracker's `models`."""
 
-    def __init__(self, client: Any, tracking_uri: str):
-        self.client, self.tracking_uri = client, tracking_uri
+    def __init__(self, client: Any, tracking_uri: str, experiment_id: str):
+        self.client, self.tracking_uri, self.experiment_id = client, tracking_uri, experiment_id
+
+    def create_logged_model(self, run_id: str, name: str, params: Mapping[str, Any] | None = None) -> str:
+        """The MLflow logged model a training run produces, made before training starts, with the
+        hyperparameters it is trained with. It gets its metrics (the final epoch's) and its files
+        when it is registered (`register_weights`)."""
+        flat = {k: v[:6000] for k, v in flatten(params or {}).items()}
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, params=flat or None
+        )
+        return model.model_id
+
+    def last_metrics(self, run_id: str, keys: Sequence[str]) -> list[Metric]:
+        """The newest record of each of `keys` at its highest step (what the run's page shows),
+        exactly as logged: logged again with a model id it adds no row to the run's history."""
+        out = []
+        for key in keys:
+            history = self.client.get_metric_history(run_id, key)
+            if history:
+                out.append(max(history, key=lambda m: (m.step, m.timestamp)))
+        return out
 
     def log_task_network(
         self,

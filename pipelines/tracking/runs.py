@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,8 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from components.errors import TaskatlasError
-from pipelines.compat import tracking_store
-from pipelines.tracking.entities import NOTE, DatasetRef, FinalStatus, FinishedRun, RunToStart, flatten
+from pipelines.tracking.batches import RunBatches
+from pipelines.tracking.entities import NOTE, DatasetRef, RunToStart, flatten
 from pipelines.tracking.logger import RunLogger
 from pipelines.tracking.models import ModelRegistry
 from pipelines.tracking.retry import (
@@ -78,11 +77,6 @@ from 0 on `train/<task>` and readout runs, from 1 on search trials (as Ray Tune 
 _EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
 
 
-# Runs logged at once by `log_finished_runs`: requests in flight to a tracking server. The measured
-# knee against a one-worker `mlflow server` on PostgreSQL (benchmarks/tracking_scale.py).
-LOG_THREADS = 8
-
-
 class Tracker:
     """Driver-side access to one experiment of one tracking store.
 
@@ -111,7 +105,6 @@ class Tracker:
         try:
             raw = MlflowClient(tracking_uri, registry_uri=tracking_uri)
             self.client = BudgetedClient(raw, self.budget)
-            self.models = ModelRegistry(self.client, tracking_uri)  # the registry, on the same budget
             experiment = self.client.get_experiment_by_name(experiment_name)
         except Exception as err:
             if scheme(tracking_uri) == "sqlite" and damaged_sqlite_error(err):  # past its header
@@ -127,6 +120,8 @@ class Tracker:
             for key, value in _EXPERIMENT_TAGS.items():
                 if experiment.tags.get(key) != value:
                     self.client.set_experiment_tag(self.experiment_id, key, value)
+        self.models = ModelRegistry(self.client, tracking_uri, self.experiment_id)  # the same budget
+        self.batches = RunBatches(self)  # many runs at a time (thousands of readouts)
 
     def start_run(
         self,
@@ -266,89 +261,6 @@ class Tracker:
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status, None if end_time is None else round(end_time * 1000))
 
-    def log_finished_runs(
-        self, parent_run_id: str | None, runs: Sequence[FinishedRun], threads: int = LOG_THREADS
-    ) -> list[str]:
-        """Log many runs whose work is over, each whole, and return their ids in order.
-
-        A run costs three requests: created with its name, tags (the tracker's run tags and the
-        parent too) and start time; its params and metrics in one batch; ended with its status and
-        end time (a fourth when it has dataset `inputs`). Against a tracking server `threads` runs go at once; a local store (SQLite) takes
-        them one at a time. If any run fails to log, the first error is raised once the others are
-        done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`)."""
-        if not is_server(self.tracking_uri):
-            threads = 1
-        if threads <= 1 or len(runs) <= 1:
-            return [self._log_finished(parent_run_id, run) for run in runs]
-        with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="mlflow-log") as pool:
-            futures = [pool.submit(self._log_finished, parent_run_id, run) for run in runs]
-        return [f.result() for f in futures]
-
-    def _log_finished(self, parent_run_id: str | None, run: FinishedRun) -> str:
-        now = time.time()
-        tags = {MLFLOW_RUN_NAME: run.name, **self.source_tags, **self.run_tags, **run.tags}
-        if parent_run_id:
-            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        tag_rows = [RunTag(k, str(v)) for k, v in tags.items()]
-        run_id = run.run_id
-        if run_id is None:
-            start = int((run.start_time or now) * 1000)
-            created = self.client.create_run(
-                self.experiment_id, start_time=start, tags=tags, run_name=run.name
-            )
-            run_id = created.info.run_id
-            tag_rows = []  # set with the run
-        end = int((run.end_time or now) * 1000)
-        metrics = [Metric(k, float(v), end, int(step)) for k, v, step in run.metrics]
-        params = [Param(k, str(v)[:6000]) for k, v in run.params.items()]
-        if metrics or params or tag_rows:
-            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tag_rows, synchronous=True)
-        if run.inputs:
-            self.client.log_inputs(run_id, list(run.inputs))
-        self._end(run_id, run.status, end)
-        return run_id
-
-    def end_runs(
-        self, run_ids: Sequence[str], status: FinalStatus, end_time: float = 0.0, threads: int = LOG_THREADS
-    ) -> None:
-        """End runs created earlier (one request each, `threads` at a time against a server);
-        `end_time` in epoch seconds, 0 for now."""
-        end = int((end_time or time.time()) * 1000)
-        if not is_server(self.tracking_uri) or threads <= 1 or len(run_ids) <= 1:
-            for run_id in run_ids:
-                self._end(run_id, status, end)
-            return
-        with ThreadPoolExecutor(min(threads, len(run_ids)), thread_name_prefix="mlflow-end") as pool:
-            futures = [pool.submit(self._end, run_id, status, end) for run_id in run_ids]
-        for f in futures:
-            f.result()
-
-    def log_metrics_many(
-        self, metrics: Mapping[str, Mapping[str, float]], threads: int = LOG_THREADS
-    ) -> None:
-        """One batch of metrics for each of many runs (run id -> metrics): `threads` requests at a
-        time against a server, one at a time on a local store."""
-        now = int(time.time() * 1000)
-
-        def log(run_id: str) -> None:
-            rows = [Metric(k, float(v), now, 0) for k, v in metrics[run_id].items()]
-            self.client.log_batch(run_id, metrics=rows, synchronous=True)
-
-        if not is_server(self.tracking_uri) or threads <= 1 or len(metrics) <= 1:
-            for run_id in metrics:
-                log(run_id)
-            return
-        with ThreadPoolExecutor(min(threads, len(metrics)), thread_name_prefix="mlflow-metrics") as pool:
-            futures = [pool.submit(log, run_id) for run_id in metrics]
-        for f in futures:
-            f.result()
-
-    def _end(self, run_id: str, status: FinalStatus, end_ms: int) -> None:
-        """One UpdateRun request. `MlflowClient.set_terminated` would also fetch the whole run and
-        print its URL (over HTTP), a second request per run; its store call is this one."""
-        store = tracking_store(self.client.raw)
-        self.budget.call(store.update_run_info, run_id, RunStatus.from_string(status.value), end_ms, None)
-
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description in MLflow's UI."""
         self.client.set_tag(run_id, NOTE, markdown)
@@ -356,26 +268,6 @@ class Tracker:
     def log_dataset(self, run_id: str, dataset: DatasetRef, context: str = "training") -> None:
         """The run's dataset as an MLflow dataset input (name, version digest, where it lives)."""
         self.client.log_inputs(run_id, [dataset.input(context)])
-
-    def create_logged_model(self, run_id: str, name: str, params: Mapping[str, Any] | None = None) -> str:
-        """The MLflow logged model a training run produces, made before training starts, with the
-        hyperparameters it is trained with. It gets its metrics (the final epoch's) and its files
-        when it is registered (`register_weights`)."""
-        flat = {k: v[:6000] for k, v in flatten(params or {}).items()}
-        model = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=run_id, params=flat or None
-        )
-        return model.model_id
-
-    def last_metrics(self, run_id: str, keys: Sequence[str]) -> list[Metric]:
-        """The newest record of each of `keys` at its highest step (what the run's page shows),
-        exactly as logged: logged again with a model id it adds no row to the run's history."""
-        out = []
-        for key in keys:
-            history = self.client.get_metric_history(run_id, key)
-            if history:
-                out.append(max(history, key=lambda m: (m.step, m.timestamp)))
-        return out
 
     def write_json_artifact(self, run_id: str, data: Any, filename: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
