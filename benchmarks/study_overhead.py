@@ -505,7 +505,7 @@ def pipeline_record(root: Path, experiment: str) -> dict:
 
 
 def _is_search(run) -> bool:
-    """A search's run, `tune/<task>` or `tune/<task>#n` (`log_search`), not one of its trials."""
+    """A search's run, `tune/<task>` or `tune/<task>#n` (`record_search`), not one of its trials."""
     return run.info.run_name.startswith("tune/") and run.info.run_name.count("/") == 1
 
 
@@ -620,8 +620,12 @@ def check_same_work(summary: dict, record: dict, plain: dict) -> dict:
     }
 
     def differ(what: str, pipeline, plain_side) -> None:
-        if pipeline != plain_side:
-            raise SystemExit(f"the two sides ran different {what}: pipeline {pipeline}, plain {plain_side}")
+        if pipeline == plain_side:
+            return
+        if isinstance(pipeline, dict):  # name only the entries that differ
+            keys = sorted(k for k in {*pipeline, *plain_side} if pipeline.get(k) != plain_side.get(k))
+            pipeline, plain_side = ({k: side.get(k) for k in keys} for side in (pipeline, plain_side))
+        raise SystemExit(f"the two sides ran different {what}: pipeline {pipeline}, plain {plain_side}")
 
     differ("work", ran["pipeline"], ran["plain"])
     differ("networks", sorted(summary["networks_trained"]), plain["networks"])
