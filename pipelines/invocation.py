@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import ctypes
 import getpass
 import os
 import shutil
@@ -160,7 +160,7 @@ def study_lock(
         lock_store(cfg.root),
         command,
         where=f"storage root {cfg.root}",
-        on_lost=lambda lost: _thread.interrupt_main(),
+        on_lost=lambda lost: interrupt_main_thread(),
     )
 
     def waiting(holder) -> None:
@@ -202,7 +202,7 @@ def redelivered_interrupts() -> Iterator[None]:
     def hook(unraisable) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             # from another thread, once this hook has returned: raised in the hook, it would be lost again
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            threading.Timer(0.01, interrupt_main_thread).start()
             return
         before(unraisable)
 
@@ -211,6 +211,15 @@ def redelivered_interrupts() -> Iterator[None]:
         yield
     finally:
         sys.unraisablehook = before
+
+
+def interrupt_main_thread() -> None:
+    """A KeyboardInterrupt in the main thread, at its next bytecode, whatever SIGINT handler is
+    installed. `_thread.interrupt_main` goes through the handler, and a library's (Ray Tune's and
+    Train's take the signal for themselves; others may ignore it) would drop it: a lost lock would
+    not stop the run. (CPython's PyThreadState_SetAsyncExc, its documented way to do this.)"""
+    ident = threading.main_thread().ident
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
 
 
 def remove_dead_temp_files(root: Path) -> list[Path]:

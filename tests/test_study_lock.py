@@ -248,3 +248,33 @@ def test_an_interrupt_that_lands_in_a_finalizer_is_delivered_again_not_printed(c
         while time.monotonic() < deadline:
             pass
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_lost_locks_interrupt_reaches_the_main_thread_whatever_sigint_handler_is_installed(capsys):
+    """Regression: the interrupt went through the SIGINT handler, and a library's handler left
+    installed (Ray Tune's, Ray Train's, or one that ignores the signal) dropped it: the run went on."""
+    import signal
+    import threading
+
+    from pipelines.invocation import interrupt_main_thread, redelivered_interrupts
+
+    before = signal.signal(signal.SIGINT, lambda signum, frame: None)  # swallows every SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            threading.Timer(0.05, interrupt_main_thread).start()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass
+
+        class Finalized:
+            def __del__(self):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt), redelivered_interrupts():
+            Finalized()  # the interrupt lands in its finalizer, and is delivered again
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "Traceback" not in capsys.readouterr().err
