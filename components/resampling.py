@@ -76,10 +76,7 @@ def with_replicate_noise(images: np.ndarray, drawn: np.ndarray, factor: np.ndarr
     all). Not fewer replicates drawn (R - 1 of R has the right variance too): a resample of fewer
     runs is one of more extreme win rates, which AHP's ratios turn into affinities outside the
     interval of the estimate. W_ji = 1 - W_ij is kept: both parts keep it, and the clip is symmetric."""
-    out = np.clip(images + factor * (drawn - images), 0.0, 1.0)
-    n = images.shape[-1]
-    out[:, np.arange(n), np.arange(n)] = 0.5
-    return out
+    return _win_rates(images + factor * (drawn - images))
 
 
 def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
@@ -93,10 +90,16 @@ def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
     W_ij kept. Its mean is W; with one resample there is nothing to pair: the resample itself."""
     if len(resamples) < 2:
         return resamples.copy()
-    ahead = np.clip(resamples + np.roll(resamples, -1, axis=0) - point, 0.0, 1.0)
-    n = point.shape[0]
-    ahead[:, np.arange(n), np.arange(n)] = 0.5
-    return ahead
+    return _win_rates(resamples + np.roll(resamples, -1, axis=0) - point)
+
+
+def _win_rates(drawn: np.ndarray) -> np.ndarray:
+    """(B, n, n) shifted win rates back into [0, 1], each candidate against itself a tie (0.5).
+    A symmetric clip keeps W_ji = 1 - W_ij where the shift kept it."""
+    out = np.clip(drawn, 0.0, 1.0)
+    n = out.shape[-1]
+    out[:, np.arange(n), np.arange(n)] = 0.5
+    return out
 
 
 def paired_wins(cross: np.ndarray, first: np.ndarray, reps: np.ndarray, draws: np.ndarray) -> np.ndarray:
