@@ -239,15 +239,13 @@ def encode(cfg: PipelineConfig, plan: TransferPlan, checkpoints: dict, data: dic
     ]
     kinds = {r.kind for r in plan.baselines}
     sources += [
-        FeatureSource(k.value, FeatureKind(k.value), k.value)
+        FeatureSource(k.value, FeatureKind(k.value), k.value, seed=cfg.transfer.seed)
         for k in (ReadoutKind.RANDOM, ReadoutKind.PIXELS)
         if k in kinds
     ]
     views = sorted({cfg.task(t).input for t in plan.targets}, key=lambda v: v.value)
     pairs = [(s, v) for s in sources for v in views]
-    encoder = FeatureEncoder(
-        pairs, cfg.model, random_seed=cfg.transfer.seed, use_gpu=device.type == "cuda", threads=threads
-    )
+    encoder = FeatureEncoder(pairs, cfg.model, use_gpu=device.type == "cuda", threads=threads)
     out: dict = {(s.name, v): {} for s, v in pairs}
     size = cfg.transfer.encode_batch_size
     for split in SPLITS:

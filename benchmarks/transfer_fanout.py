@@ -100,7 +100,6 @@ def _feature_cache(store: ShardStore, model: ModelConfig, folder: Path) -> str:
         [str(folder / attempt)],
         pairs=pairs,
         model=model,
-        random_seed=0,
         use_gpu=False,
     )
     location(folder / FEATURES_DONE).write_json({"attempt": attempt})

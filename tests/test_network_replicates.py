@@ -13,11 +13,12 @@ import torch
 
 from components.data.shards import ShardStore
 from components.transfer import Readout, ReadoutKind, baseline
+from components.transfer.features import build_feature_module
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
 from pipelines.results import TaskResult
 from pipelines.stage1.plan import Stage1Plan, network_name, network_seed
-from pipelines.stage2.plan import Stage2Plan
+from pipelines.stage2.plan import Stage2Plan, feature_sources, random_seed
 from tests.study import write_study
 
 TASKS = ["normal", "reshading", "edge_texture"]
@@ -84,10 +85,18 @@ def test_readout_replicate_r_reads_network_replicate_r_mod_n_and_replicate_0_kee
     # Replicate 0 of every readout and baseline: the key it had with one network per task.
     for r in (*plan.first_order, *plan.baselines):
         assert keys2.key(r) == keys1.key(r), r.name
-    # `pixels` and `random` read no network: every replicate keeps its key.
-    for kind in (ReadoutKind.PIXELS, ReadoutKind.RANDOM):
-        for x in plan.replicas(baseline("normal", kind)):
-            assert keys2.key(x) == keys1.key(x)
+    # `pixels` reads no network: every replicate keeps its key. `random` replicate r reads network
+    # replicate r mod N's random encoder, of a seed of its own (replicate 0: transfer.seed).
+    for x in plan.replicas(baseline("normal", ReadoutKind.PIXELS)):
+        assert keys2.key(x) == keys1.key(x)
+    for x in plan.replicas(baseline("normal", ReadoutKind.RANDOM)):
+        assert (keys2.key(x) == keys1.key(x)) == (keys2.network_of(x) == 0), x.name
+    randoms = [feature_sources(two, networks, n)["random"] for n in range(2)]
+    assert [r.seed for r in randoms] == [two.transfer.seed, random_seed(two.transfer.seed, 1)]
+    assert randoms[0].seed != randoms[1].seed and randoms[0].key != randoms[1].key
+    assert random_seed(5, 1) != random_seed(0, 1) != network_seed(0, 1)
+    weights = [next(build_feature_module(r, two.model).parameters()) for r in randoms]
+    assert not torch.equal(*weights)  # another random encoder, not another name for the same one
     # The stage's key changes only where there are network replicates to read.
     assert plan1.key(replicate_0) != plan2.key(networks)
 

@@ -143,7 +143,7 @@ def test_feature_encoder_runs_every_source_and_view_on_one_batch(tmp_path):
         (FeatureSource("pixels", FeatureKind.PIXELS, "k-pixels"), InputTransform.NONE),
         (FeatureSource("random", FeatureKind.RANDOM, "k-random"), InputTransform.NONE),
     ]
-    encoder = FeatureEncoder(pairs, MODEL, random_seed=0, use_gpu=False, log=str(tmp_path / "log"))
+    encoder = FeatureEncoder(pairs, MODEL, use_gpu=False, log=str(tmp_path / "log"))
     assert len(encoder.modules) == 3  # normal's encoder is loaded once for both views
     rgb = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     out = encoder({"image_id": np.array([f"i{k}" for k in range(5)]), "rgb": rgb})
@@ -163,7 +163,7 @@ def test_self_and_the_t_to_t_readout_of_denoising_see_identical_inputs(tmp_path,
     source = FeatureSource("denoising", FeatureKind.ENCODER, "k", str(tmp_path / "denoising.pt"))
     test = store.read("test", ["rgb"])
     ids = test["image_id"].astype(str)
-    cached = FeatureEncoder([(source, InputTransform.NOISE)], MODEL, 0, use_gpu=False)(
+    cached = FeatureEncoder([(source, InputTransform.NOISE)], MODEL, use_gpu=False)(
         {"image_id": ids, "rgb": test["rgb"]}
     )["f0"]
     seen = []

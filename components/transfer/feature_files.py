@@ -35,7 +35,6 @@ class FeatureEncoder:
         self,
         pairs: Sequence[tuple[FeatureSource, InputTransform]],
         model: ModelConfig,
-        random_seed: int,
         use_gpu: bool,
         threads: int = 1,
         log: str | None = None,
@@ -44,9 +43,7 @@ class FeatureEncoder:
         self.device = pick_device(use_gpu)
         self.pairs, self.log = list(pairs), log
         sources = {s.key: s for s, _ in self.pairs}
-        self.modules = {
-            k: build_feature_module(s, model, random_seed).to(self.device) for k, s in sources.items()
-        }
+        self.modules = {k: build_feature_module(s, model).to(self.device) for k, s in sources.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """-> {'image_id', 'f0', 'f1', ...}: column f<i> holds the features of pair i."""

@@ -48,6 +48,7 @@ class FeatureSource:
     kind: FeatureKind
     key: str
     checkpoint: str = ""  # ENCODER: URI of the task network's state dict (local path or s3://...)
+    seed: int = 0  # RANDOM: the seed of its initialisation (a network replicate's own, `feature_sources`)
 
 
 class PixelFeatures(nn.Module):
@@ -66,7 +67,7 @@ def feature_channels(kind: FeatureKind, model: ModelConfig) -> int:
 
 
 def random_encoder(model: ModelConfig, seed: int) -> nn.Module:
-    """The `random` baseline: a fresh encoder from a fixed seed, so every run uses the same one."""
+    """The `random` baseline: a fresh encoder from a given seed, so a rerun builds the same one."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder, representation = build_encoder(model)
@@ -82,12 +83,12 @@ def trained_encoder(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) 
     return _frozen(net)
 
 
-def build_feature_module(source: FeatureSource, model: ModelConfig, random_seed: int = 0) -> nn.Module:
+def build_feature_module(source: FeatureSource, model: ModelConfig) -> nn.Module:
     """A frozen module: float RGB (B, 3, S, S) in [0, 1] -> features (B, C, S/d, S/d)."""
     if source.kind is FeatureKind.PIXELS:
         return _frozen(PixelFeatures(model.downsample))
     if source.kind is FeatureKind.RANDOM:
-        return random_encoder(model, random_seed)
+        return random_encoder(model, source.seed)
     return trained_encoder(load_state_dict(source.checkpoint), model)
 
 

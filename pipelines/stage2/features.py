@@ -110,7 +110,6 @@ class FeatureCache:
                 [(f / attempt).uri for f in folders],
                 pairs=pairs,
                 model=self.config.model,
-                random_seed=self.config.transfer.seed,
                 use_gpu=gpus > 0,
                 log=str(self.encode_log) if self.encode_log else None,
             )

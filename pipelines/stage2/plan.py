@@ -4,16 +4,20 @@ tracker and no Ray, so `run`, `--dry-run`, `nightly` and `position` all plan ali
 
 Network replicates (`train.replicates` N): readout replicate r reads network replicate r mod N
 of each source (`network_replicate`), so its key hashes that network's features; `self`
-replicate r scores the target's network r mod N. Replicate 0 reads network 0: every key of a
-study with N = 1 is the key it had before network replicates.
+replicate r scores the target's network r mod N, and `random` replicate r reads network
+replicate r's random encoder (`random_seed`). Replicate 0 reads network 0: every key of a study
+with N = 1 is the key it had before network replicates.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
@@ -181,7 +185,10 @@ class Stage2Plan:
         science = key_fields(t, RUNTIME, PLAN, SCRATCH_KEY)
         common = config_hash("readout-v1", science, cfg.model, cfg.data.size, self.store.data_version)
         per_replicate = [network_results(results, n) for n in range(cfg.train.replicates)]
-        features = [{name: s.key for name, s in feature_sources(cfg, rs).items()} for rs in per_replicate]
+        features = [
+            {name: s.key for name, s in feature_sources(cfg, rs, n).items()}
+            for n, rs in enumerate(per_replicate)
+        ]
         networks = [{name: r.key for name, r in rs.items()} for rs in per_replicate]
         targets = {  # a task's definition and output channels shape every readout into it
             name: config_hash(task, channels_for(task, self.store)) for name, task in cfg.catalog.items()
@@ -287,18 +294,34 @@ def network_results(results: Mapping[str, TaskResult], replicate: int) -> dict[s
     return {name: r.network(replicate) for name, r in results.items() if replicate <= len(r.replicas)}
 
 
-def feature_sources(config: PipelineConfig, results: Mapping[str, TaskResult]) -> dict[str, FeatureSource]:
-    """Source name -> feature source: each task's encoder (keyed by its checkpoint's hash),
-    `random` (keyed by architecture and seed) and `pixels` (keyed by the rearrangement)."""
-    model, seed = config.model, config.transfer.seed
+def feature_sources(
+    config: PipelineConfig, results: Mapping[str, TaskResult], replicate: int = 0
+) -> dict[str, FeatureSource]:
+    """Source name -> feature source of network replicate `replicate`: each task's encoder (keyed
+    by its checkpoint's hash), `random` (keyed by architecture and its seed, `random_seed`) and
+    `pixels` (keyed by the rearrangement)."""
+    model, seed = config.model, random_seed(config.transfer.seed, replicate)
     out = {
         name: FeatureSource(name, FeatureKind.ENCODER, checkpoint_key(r.model_path), r.model_path)
         for name, r in results.items()
     }
     random, pixels = ReadoutKind.RANDOM.value, ReadoutKind.PIXELS.value
-    out[random] = FeatureSource(random, FeatureKind.RANDOM, f"random-{config_hash(model, seed)}")
+    out[random] = FeatureSource(random, FeatureKind.RANDOM, f"random-{config_hash(model, seed)}", seed=seed)
     out[pixels] = FeatureSource(pixels, FeatureKind.PIXELS, f"pixels-{model.downsample}")
     return out
+
+
+def random_seed(seed: int, replicate: int) -> int:
+    """The `random` encoder's seed in network replicate `replicate`: `transfer.seed` for replicate
+    0 (its key as before replicates), one drawn from (seed, replicate) for the others. A rerun of
+    the study draws another random encoder, as it trains other task networks; one `random` shared
+    by every replicate would hide that part of a rerun's noise from the multi-bootstrap."""
+    if replicate == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, replicate, _RANDOM_STREAM]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+_RANDOM_STREAM = zlib.crc32(b"stage2-random-encoder")
 
 
 def checkpoint_key(uri: str) -> str:

@@ -145,7 +145,8 @@ class Stage2:
             "a readout (transfer.cpus_per_readout, transfer.gpus_per_readout)",
         )
         replicates = [network_results(results, n) for n in range(keys.network_replicates)]
-        dirs = self.features.ensure_replicates([feature_sources(self.config, rs) for rs in replicates], plan)
+        sources = [feature_sources(self.config, rs, n) for n, rs in enumerate(replicates)]
+        dirs = self.features.ensure_replicates(sources, plan)
         prune = self.config.transfer.prune
         if prune.enabled:
             found = estimates(self.jobs, out, plan, dirs[0])
