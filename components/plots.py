@@ -17,6 +17,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from components.answer import Stability, Verdict
 from components.taxonomy import SweepPoint, Taxonomy
 from components.vocabulary import BASELINE_NAMES, RANDOM, SELF
 
@@ -50,15 +51,14 @@ def plot_affinity_heatmap(affinity: pa.Table, path: str | Path) -> Path:
 
 
 def plot_taxonomy(
-    taxonomy: Taxonomy, path: str | Path, stability: dict | None = None, verdict: dict | None = None
+    taxonomy: Taxonomy, path: str | Path, stability: Stability | None = None, verdict: Verdict | None = None
 ) -> Path:
     """Roots on top, the other targets below; a transfer from k > 1 sources is a hyper-edge that
     joins its sources at a dot before the arrow into the target. Colour = transfer order. With a
     bootstrap `stability`, each edge and root is labelled with the fraction of resamples that
     choose it; with a `verdict` (`components.verdict`), an edge below its stable share is dashed
     and a transfer that gains nothing over `random`/`pixels` is marked with a cross."""
-    verdict = verdict or {}
-    shaky, useless = set(verdict.get("alternatives", {})), set(verdict.get("no_gain", {}))
+    shaky, useless = (set(verdict.alternatives), set(verdict.no_gain)) if verdict else (set(), set())
     roots = list(taxonomy.roots)
     root_x = {r: float(i) for i, r in enumerate(roots)}
     targets = sorted(
@@ -87,7 +87,7 @@ def plot_taxonomy(
         arrow = {"arrowstyle": "-|>", "color": colour, "lw": 1.2, "linestyle": style}
         ax.annotate("", xy=end, xytext=start, arrowprops=arrow)
         if stability:
-            share = stability["transfers"].get(target, {}).get("+".join(sources), 0.0)
+            share = stability.edge(target, "+".join(sources))
             mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
             ax.text(
                 *mid,
@@ -102,7 +102,7 @@ def plot_taxonomy(
     supervised = set(taxonomy.affinity)
     for r, x in root_x.items():
         ax.plot(x, _ROOT_Y, "s", ms=11, color="#2a9d8f" if r in supervised else "#9e9e9e", zorder=3)
-        share = f" ({stability['roots'].get(r, 0.0):.2f})" if stability else ""
+        share = f" ({stability.root(r):.2f})" if stability else ""
         ax.text(x, _ROOT_Y + 0.07, r + share, rotation=35, ha="left", va="bottom", fontsize=8)
     for t, x in target_x.items():
         ax.plot(x, _TARGET_Y, "o", ms=10, color="#f4a261", zorder=3)
@@ -132,11 +132,11 @@ def plot_taxonomy(
     ax.set_axis_off()
     title = f"taxonomy: budget {taxonomy.budget:g}, max order {taxonomy.max_order}, objective {taxonomy.objective:.4g}"
     if stability:
-        title += f"\nin {stability['taxonomy']:.0%} of {stability.get('resamples', '')} bootstrap resamples"
+        title += f"\nin {stability.taxonomy:.0%} of {stability.resamples} bootstrap resamples"
         title += "; labels: share per root and edge"
-    if verdict and not verdict.get("training_noise_measured", True):
+    if verdict and not verdict.training_noise_measured:
         title += "\ntraining noise NOT measured (transfer.replicates: 1)"
-    elif verdict and verdict.get("networks", 1) == 1:
+    elif verdict and verdict.networks == 1:
         title += "\nnetworks: 1 training run each (train.replicates: 1): not in the shares"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -1,6 +1,6 @@
 """How sure the answer is, in words: ties said as ties, shaky edges as alternatives, useless
 transfers flagged (design.md section 10). Pure and torch-free: the CLI, `taxonomy.json`, the
-MLflow description and the picture all read the one dict `verdict` returns.
+MLflow description and the picture all read the one `Verdict` that `verdict` returns.
 
 - A target's *ties*: its candidates (other than `self`) whose probability of being the best,
   over the multi-bootstrap's resamples, is at least `TIE`: the data cannot tell them apart.
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from components.answer import NoGain, Stability, Verdict
+from components.taxonomy import Taxonomy
 from components.vocabulary import PIXELS, RANDOM, SELF
 
 STABLE = 0.9  # an edge or root chosen in at least this share of resamples is stated as the choice
@@ -26,41 +28,32 @@ ALTERNATIVE = 0.05  # alternatives of a shaky edge shown down to this share
 
 
 def verdict(
-    taxonomy: Mapping,
-    stability: Mapping | None,
+    taxonomy: Taxonomy,
+    stability: Stability | None,
     affinity_rows: Iterable[Mapping],
     replicates: int,
     networks: int = 1,
-) -> dict:
-    """`taxonomy`: the JSON form (`roots`, `transfers`); `stability`: `stability_of_rows`'s dict or
-    None; `affinity_rows`: the affinity table as dicts (`target`, `sources`, and where measured
-    `p_best`, `vs_random`, `gain`); `replicates`: readout replicates per candidate; `networks`:
-    Stage I network replicates per task (`train.replicates`), read by the readout replicates."""
+) -> Verdict:
+    """`stability`: None without a bootstrap; `affinity_rows`: the affinity table's rows
+    (`target`, `sources`, and where measured `p_best`, `vs_random`, `gain`); `replicates`: readout
+    replicates per candidate; `networks`: Stage I network replicates per task (`train.replicates`),
+    read by the readout replicates."""
     rows = {(r["target"], tuple(r["sources"])): r for r in affinity_rows}
     ties: dict[str, list] = {}
     for (target, sources), row in sorted(rows.items()):
         p = row.get("p_best")
         if sources not in ((SELF,), (target,)) and p is not None and p == p and p >= TIE:
-            ties.setdefault(target, []).append(["+".join(sources), round(float(p), 4)])
-    for target in ties:
-        ties[target].sort(key=lambda item: (-item[1], item[0]))
+            ties.setdefault(target, []).append(("+".join(sources), round(float(p), 4)))
     alternatives, no_gain = {}, {}
-    for target, sources in sorted(taxonomy["transfers"].items()):
+    for target, sources in sorted(taxonomy.transfers.items()):
         key = "+".join(sources)
-        shares = (stability or {}).get("transfers", {}).get(target, {})
-        if stability and shares.get(key, 0.0) < STABLE:
-            alternatives[target] = [[s, round(v, 4)] for s, v in shares.items() if v >= ALTERNATIVE]
+        if stability is not None and stability.edge(target, key) < STABLE:
+            shares = stability.transfers.get(target, {})
+            alternatives[target] = tuple((s, round(v, 4)) for s, v in shares.items() if v >= ALTERNATIVE)
         if loses := losing_baselines(rows.get((target, tuple(sources)), {})):
-            no_gain[target] = {"sources": key, "loses_to": loses}
-    return {
-        "replicates": replicates,
-        "training_noise_measured": replicates > 1,
-        "networks": networks,
-        "network_noise_measured": replicates > 1 and networks > 1,
-        "ties": ties,
-        "alternatives": alternatives,
-        "no_gain": no_gain,
-    }
+            no_gain[target] = NoGain(key, loses)
+    ranked = {t: tuple(sorted(items, key=lambda item: (-item[1], item[0]))) for t, items in ties.items()}
+    return Verdict(replicates, networks, ranked, alternatives, no_gain)
 
 
 def losing_baselines(row: Mapping) -> dict[str, float]:
@@ -82,22 +75,22 @@ def losing_baselines(row: Mapping) -> dict[str, float]:
     return loses
 
 
-def edge_text(target: str, sources: Iterable[str], verdict_: Mapping, stability: Mapping | None) -> str:
+def edge_text(target: str, sources: Iterable[str], verdict_: Verdict, stability: Stability | None) -> str:
     """`target <- a + b (0.97)`, or below STABLE the chosen sources first, then the alternatives
     by share (`self`: the target a root): the answer is what is read first, even where
     the resamples more often choose something else."""
     key = "+".join(sources)
-    if target in verdict_.get("alternatives", {}):
-        options = verdict_["alternatives"][target] or [[key, 0.0]]
-        shares = dict((s, v) for s, v in options)
-        chosen = shares.get(key, (stability or {}).get("transfers", {}).get(target, {}).get(key, 0.0))
-        options = [[key, chosen], *([s, v] for s, v in options if s != key)]
+    if target in verdict_.alternatives:
+        options = verdict_.alternatives[target] or ((key, 0.0),)
+        shares = dict(options)
+        chosen = shares.get(key, stability.edge(target, key) if stability else 0.0)
+        options = ((key, chosen), *((s, v) for s, v in options if s != key))
         body = " or ".join(f"{_plus(s)} ({v:.2f})" for s, v in options)
     else:
-        share = stability["transfers"].get(target, {}).get(key) if stability else None
+        share = stability.transfers.get(target, {}).get(key) if stability else None
         body = _plus(key) + (f" ({share:.2f})" if share is not None else "")
     flag = ""
-    if loses := verdict_.get("no_gain", {}).get(target, {}).get("loses_to"):
+    if target in verdict_.no_gain and (loses := verdict_.no_gain[target].loses_to):
         said = " and ".join(
             name + ("" if p is None else f" ({p:.2f} of resamples)") for name, p in loses.items()
         )
@@ -107,24 +100,23 @@ def edge_text(target: str, sources: Iterable[str], verdict_: Mapping, stability:
     return f"{target} <- {body}" + flag
 
 
-def ties_text(target: str, verdict_: Mapping) -> str:
+def ties_text(target: str, verdict_: Verdict) -> str:
     """`normal (0.55) ~ depth_euclidean (0.40)`: the candidates not distinguishable from the best."""
-    return " ~ ".join(f"{_plus(s)} ({p:.2f})" for s, p in verdict_.get("ties", {}).get(target, []))
+    return " ~ ".join(f"{_plus(s)} ({p:.2f})" for s, p in verdict_.ties.get(target, ()))
 
 
-def noise_note(verdict_: Mapping) -> str:
-    """What the intervals and shares cover, in one sentence. A verdict from before network
-    replicates has no `networks`: its study had one network per task."""
-    if not verdict_.get("training_noise_measured"):
+def noise_note(verdict_: Verdict) -> str:
+    """What the intervals and shares cover, in one sentence."""
+    if not verdict_.training_noise_measured:
         return (
             "uncertainty: training noise was NOT measured (transfer.replicates: 1); the shares cover only "
             "which test images were drawn, and overstate how sure the answer is"
         )
     readouts = (
-        f"uncertainty: a multi-bootstrap over {verdict_['replicates']} readout replicates (training seeds)"
+        f"uncertainty: a multi-bootstrap over {verdict_.replicates} readout replicates (training seeds)"
     )
-    if verdict_.get("networks", 1) > 1:
-        return f"{readouts}, reading {verdict_['networks']} network replicates per task, and the test images"
+    if verdict_.networks > 1:
+        return f"{readouts}, reading {verdict_.networks} network replicates per task, and the test images"
     return (
         f"{readouts} and the test images; networks: 1 training run each (train.replicates: 1): how "
         "the networks trained is not in the intervals"

@@ -166,11 +166,14 @@ def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions:
         "promoted": [p.task for p in promotions if p.promoted],
         "promotions": [p.__dict__ for p in promotions],
         "steps": result.steps,
-        "taxonomy": result.taxonomy,
+        "taxonomy": result.taxonomy.to_json() | {"path": result.taxonomy.path} if result.taxonomy else None,
         "taxonomy_changed": None,
     }
     if result.taxonomy is not None:
-        now = {"roots": result.taxonomy["roots"], "transfers": result.taxonomy["transfers"]}
+        now = {
+            "roots": list(result.taxonomy.roots),
+            "transfers": {t: list(s) for t, s in sorted(result.taxonomy.transfers.items())},
+        }
         if previous is not None:
             summary["taxonomy_changed"] = previous != now
             summary["roots_before"] = previous["roots"]

@@ -18,6 +18,7 @@ from enum import Enum
 
 import pyarrow as pa
 
+from components.answer import StudyAnswer
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
 from components.storage import Location
@@ -75,7 +76,7 @@ class PipelineResult:
     stage2: Stage2Result | None = None
     affinity_path: Location | None = None  # the affinity table
     unlabelled_images: dict[str, int] = field(default_factory=dict)  # per target, left out
-    taxonomy: dict | None = None
+    taxonomy: StudyAnswer | None = None
     # each step of this run: StepStatus.RUN (it ran) or StepStatus.REUSE
     steps: list[tuple[str, StepStatus]] = field(default_factory=list)
 
@@ -83,14 +84,13 @@ class PipelineResult:
         """What `taskatlas run --json` prints: what was trained, what was reused, the answer."""
         trained = self.stage2.ran if self.stage2 else 0
         readouts = sum(self.stage2.counts.values()) - self.stage2.counts.get(SELF, 0) if self.stage2 else 0
-        taxonomy = {k: v for k, v in (self.taxonomy or {}).items() if k != "path"} or None
         networks = self.networks_trained
         return {
             "networks_trained": networks,  # by name: `normal`, and `normal#1` for replicate 1
             "networks_reused": [n for n in self.networks if n not in networks],
             "readouts_ran": trained,
             "readouts_reused": readouts - trained,
-            "taxonomy": taxonomy,
+            "taxonomy": self.taxonomy.to_json() if self.taxonomy else None,
             "storage_root": storage_root,
             "run_id": run_id,
             "data_version": self.data_version,
@@ -160,12 +160,11 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
     for name in TAXONOMY_ON_PARENT:
         log_stored_artifact(inv.tracker, inv.run_id, taxonomy.location / name)
-    result.taxonomy = {k: v for k, v in taxonomy.info().items() if k not in ("affinity_key", "mlflow_run")}
-    metrics = {"taxonomy_objective": result.taxonomy["objective"]}
-    if stability := result.taxonomy.get("stability"):
-        metrics["taxonomy_stability"] = stability["taxonomy"]
+    result.taxonomy = answer = StudyAnswer.from_json(taxonomy.info(), str(taxonomy.location))
+    metrics = {"taxonomy_objective": answer.taxonomy.objective}
+    if answer.stability:
+        metrics["taxonomy_stability"] = answer.stability.taxonomy
     inv.tracker.log_metrics(inv.run_id, metrics)
-    result.taxonomy["path"] = str(taxonomy.location)
     inv.tracker.log_metrics(
         inv.run_id,
         {
@@ -177,9 +176,9 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         },
     )
     # The roots as a tag: studies compared in the run table, and filtered (tags.`taxonomy.roots`)
-    inv.tracker.set_tags(inv.run_id, {ROOTS_TAG: ",".join(result.taxonomy["roots"])})
+    inv.tracker.set_tags(inv.run_id, {ROOTS_TAG: ",".join(answer.roots)})
     artifacts = (*TAXONOMY_ON_PARENT, *AFFINITY_ON_PARENT)
-    inv.tracker.describe(inv.run_id, answer_markdown(result.taxonomy, table, inv.run_id, artifacts))
+    inv.tracker.describe(inv.run_id, answer_markdown(answer, table, inv.run_id, artifacts))
     return result
 
 

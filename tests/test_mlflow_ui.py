@@ -28,6 +28,7 @@ import torch
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from components.answer import StudyAnswer
 from components.data.shards import ShardStore
 from components.models import build_network
 from components.tasks import channels_for
@@ -381,8 +382,15 @@ def test_trial_progress_times_each_trial_from_its_start_to_its_end():
 def test_the_description_names_only_the_files_on_its_run():
     import pyarrow as pa
 
-    taxonomy = {"roots": ["normal"], "transfers": {"depth": ["normal"]}, "budget": 1, "max_order": 1}
-    taxonomy |= {"objective": 1.0}
+    taxonomy = StudyAnswer.from_json(
+        {
+            "roots": ["normal"],
+            "transfers": {"depth": ["normal"]},
+            "budget": 1,
+            "max_order": 1,
+            "objective": 1.0,
+        }
+    )
     table = pa.table(
         {"target": ["depth"], "sources": [["normal"]], "affinity": [1.0], "order": [1], "kind": ["transfer"]}
     )
@@ -506,8 +514,15 @@ def test_the_description_says_what_a_roots_affinity_is_and_names_source_only_tas
     (colorization) was silently missing from the tables."""
     import pyarrow as pa
 
-    taxonomy = {"roots": ["normal"], "transfers": {"depth": ["normal"]}, "budget": 1, "max_order": 1}
-    taxonomy |= {"objective": 1.0}
+    taxonomy = StudyAnswer.from_json(
+        {
+            "roots": ["normal"],
+            "transfers": {"depth": ["normal"]},
+            "budget": 1,
+            "max_order": 1,
+            "objective": 1.0,
+        }
+    )
     table = pa.table(
         {
             "target": ["depth", "depth", "normal", "normal"],

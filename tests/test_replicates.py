@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from components.answer import Stability, Verdict
+from components.taxonomy import Taxonomy
 from components.transfer.beams import beam, beam_availability
 from components.transfer.plan import (
     Pairing,
@@ -112,25 +114,31 @@ AFFINITY = [
     {"target": "curvature", "sources": ["edge"], "p_best": 0.02, "vs_random": 0.30, "gain": 0.7},
     {"target": "curvature", "sources": ["random"], "p_best": 0.98, "vs_random": 0.5, "gain": 0.9},
 ]
-TAXONOMY = {"roots": ["edge", "normal"], "transfers": {"reshading": ["normal"], "curvature": ["edge"]}}
-STABILITY = {
-    "roots": {"edge": 1.0, "normal": 1.0},
-    "transfers": {
-        "reshading": {"normal": 0.55, "depth+normal": 0.40, "edge": 0.05},
-        "curvature": {"edge": 1.0},
-    },
-    "taxonomy": 0.5,
-}
+TAXONOMY = Taxonomy(2, 1, 0.0, ("edge", "normal"), {"reshading": ("normal",), "curvature": ("edge",)}, {})
+STABILITY = Stability.from_json(
+    {
+        "roots": {"edge": 1.0, "normal": 1.0},
+        "transfers": {
+            "reshading": {"normal": 0.55, "depth+normal": 0.40, "edge": 0.05},
+            "curvature": {"edge": 1.0},
+        },
+        "taxonomy": 0.5,
+    }
+)
 
 
 def test_verdict_says_ties_as_ties_shaky_edges_as_alternatives_and_flags_useless_transfers():
     said = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=3)
-    assert said["ties"] == {
+    assert said.to_json()["ties"] == {
         "reshading": [["normal", 0.55], ["depth+normal", 0.4]],
         "curvature": [["random", 0.98]],
     }
-    assert said["alternatives"] == {"reshading": [["normal", 0.55], ["depth+normal", 0.4], ["edge", 0.05]]}
-    assert said["no_gain"] == {"curvature": {"sources": "edge", "loses_to": {"random": None}}}  # no resamples
+    assert said.to_json()["alternatives"] == {
+        "reshading": [["normal", 0.55], ["depth+normal", 0.4], ["edge", 0.05]]
+    }
+    assert said.to_json()["no_gain"] == {
+        "curvature": {"sources": "edge", "loses_to": {"random": None}}
+    }  # no resamples
     assert edge_text("reshading", ["normal"], said, STABILITY) == (
         "reshading <- normal (0.55) or depth + normal (0.40) or edge (0.05)"
     )
@@ -143,24 +151,25 @@ def test_verdict_says_ties_as_ties_shaky_edges_as_alternatives_and_flags_useless
 
 def test_one_replicate_says_training_noise_was_not_measured():
     said = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=1)
-    assert not said["training_noise_measured"]
+    assert not said.training_noise_measured
     assert "NOT measured" in noise_note(said)
     plain = verdict(TAXONOMY, None, AFFINITY, replicates=1)  # no bootstrap: no alternatives to give
     assert (
-        plain["alternatives"] == {}
-        and edge_text("reshading", ["normal"], plain, None) == "reshading <- normal"
+        plain.alternatives == {} and edge_text("reshading", ["normal"], plain, None) == "reshading <- normal"
     )
 
 
 def test_one_network_per_task_says_how_the_networks_trained_is_not_in_the_intervals():
     said = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=3)
-    assert said["networks"] == 1 and not said["network_noise_measured"]
+    assert said.networks == 1 and not said.network_noise_measured
     assert "networks: 1 training run each" in noise_note(said) and "not in the intervals" in noise_note(said)
     both = verdict(TAXONOMY, STABILITY, AFFINITY, replicates=3, networks=2)
-    assert both["network_noise_measured"] and "2 network replicates" in noise_note(both)
+    assert both.network_noise_measured and "2 network replicates" in noise_note(both)
     assert "not in the intervals" not in noise_note(both)
-    before = {k: v for k, v in said.items() if k not in ("networks", "network_noise_measured")}
-    assert noise_note(before) == noise_note(said)  # a study from before network replicates had one
+    stored = {k: v for k, v in said.to_json().items() if k not in ("networks", "network_noise_measured")}
+    assert noise_note(Verdict.from_json(stored)) == noise_note(
+        said
+    )  # a study from before network replicates had one
 
 
 def test_a_transfer_is_flagged_only_where_the_resamples_say_it_loses_naming_the_baseline():
@@ -196,9 +205,11 @@ def test_a_transfer_is_flagged_only_where_the_resamples_say_it_loses_naming_the_
             "p_no_gain": 1.0,
         },
     ]
-    taxonomy = {"roots": ["normal"], "transfers": {"edge": ["normal"], "curv": ["edge"], "depth": ["edge"]}}
+    taxonomy = Taxonomy(
+        1, 1, 0.0, ("normal",), {"edge": ("normal",), "curv": ("edge",), "depth": ("edge",)}, {}
+    )
     said = verdict(taxonomy, None, rows, replicates=3)
-    assert said["no_gain"] == {
+    assert said.to_json()["no_gain"] == {
         "curv": {"sources": "edge", "loses_to": {"pixels": 0.96}},
         "depth": {"sources": "edge", "loses_to": {"random": 0.93, "pixels": 1.0}},
     }

@@ -1,15 +1,20 @@
 """The answer in words: a shaky edge leads with the chosen sources, then its alternatives."""
 
+from components.answer import Stability, Verdict
 from components.verdict import edge_text
 
-VERDICT = {
-    "alternatives": {
-        "autoencoding": [["self", 0.5], ["depth_euclidean", 0.22], ["normal", 0.105]],
-        "curvature": [["reshading", 0.6], ["normal", 0.3]],
-    },
-    "no_gain": {},
-}
-STABILITY = {"transfers": {"curvature": {"edge_texture": 0.04, "reshading": 0.6}}}
+VERDICT = Verdict.from_json(
+    {
+        "alternatives": {
+            "autoencoding": [["self", 0.5], ["depth_euclidean", 0.22], ["normal", 0.105]],
+            "curvature": [["reshading", 0.6], ["normal", 0.3]],
+        },
+        "no_gain": {},
+    }
+)
+STABILITY = Stability.from_json(
+    {"roots": {}, "transfers": {"curvature": {"edge_texture": 0.04, "reshading": 0.6}}, "taxonomy": 0.0}
+)
 
 
 def test_a_shaky_edge_is_read_chosen_first_even_where_resamples_prefer_another():
@@ -24,5 +29,5 @@ def test_a_shaky_edge_is_read_chosen_first_even_where_resamples_prefer_another()
 
 
 def test_a_stable_edge_is_one_source_and_its_share():
-    stable = {"transfers": {"reshading": {"normal": 0.97}}}
-    assert edge_text("reshading", ["normal"], {"alternatives": {}}, stable) == "reshading <- normal (0.97)"
+    stable = Stability.from_json({"roots": {}, "transfers": {"reshading": {"normal": 0.97}}, "taxonomy": 0.0})
+    assert edge_text("reshading", ["normal"], Verdict(3), stable) == "reshading <- normal (0.97)"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from components.answer import Stability
 from components.config import to_dict
 from components.taxonomy import SweepPoint, Taxonomy
 from pipelines.sections import TaxonomyConfig
@@ -41,7 +42,7 @@ def record_taxonomy(
     started: float,
     config: TaxonomyConfig,
     taxonomy: Taxonomy,
-    stability: Mapping | None,
+    stability: Stability | None,
     sweep: Sequence[SweepPoint],
     files: Sequence[Path],
 ) -> str:
@@ -50,7 +51,7 @@ def record_taxonomy(
     run = tracker.start_run("taxonomy", parent_run_id, {"stage": "taxonomy"}, start_time=started)
     tracker.log_params(run, to_dict(config))
     metrics = {"objective": taxonomy.objective, "roots": len(taxonomy.roots)}
-    metrics |= {"stability": stability["taxonomy"]} if stability else {}
+    metrics |= {"stability": stability.taxonomy} if stability else {}
     tracker.log_metrics(run, metrics | {"wall_seconds": time.time() - started})
     tracker.log_history(
         run, [("sweep_objective", p.objective, int(p.budget)) for p in sweep if p.objective is not None]

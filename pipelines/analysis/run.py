@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from components.affinity import affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
+from components.answer import Stability, StudyAnswer
 from components.bootstrap import stability_of_rows
 from components.storage import Location
 from components.taxonomy import Taxonomy, TaxonomyOptions, solve_taxonomy, sweep_budgets
@@ -164,12 +165,11 @@ def _taxonomy(
     taxonomy = solve_taxonomy(table, options)
     sweep = sweep_budgets(table, options)
     stability = _stability(affinity, options, taxonomy)
-    answer = taxonomy.to_dict() | ({"stability": stability} if stability else {})
     rows = (affinity.location / "affinity.parquet").read_parquet().to_pylist()
-    answer["verdict"] = verdict(answer, stability, rows, cfg.transfer.replicates, cfg.train.replicates)
-    if pruned.exists():  # transfers the BIP never saw
-        answer["pruned"] = pruned.read_json()
-    (scratch / "taxonomy.json").write_text(json.dumps(answer, indent=1))
+    said = verdict(taxonomy, stability, rows, cfg.transfer.replicates, cfg.train.replicates)
+    # pruned: the transfers the BIP never saw
+    answer = StudyAnswer(taxonomy, stability, said, pruned.read_json() if pruned.exists() else None)
+    (scratch / "taxonomy.json").write_text(json.dumps(answer.to_json(), indent=1))
     sweep_rows = [
         {
             "budget": p.budget,
@@ -179,13 +179,13 @@ def _taxonomy(
         for p in sweep
     ]
     (scratch / "budget_sweep.json").write_text(json.dumps(sweep_rows, indent=1))
-    plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability, answer["verdict"])
+    plot_taxonomy(taxonomy, scratch / "taxonomy.png", stability, said)
     plot_sweep(sweep, scratch / "budget_sweep.png", cfg.taxonomy.max_order)
     files = [
         scratch / name for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.json", "budget_sweep.png")
     ]
     run = record_taxonomy(tracker, parent_run_id, started, cfg.taxonomy, taxonomy, stability, sweep, files)
-    step.finish({"affinity_key": affinity.key, "mlflow_run": run, **answer}, scratch)
+    step.finish({"affinity_key": affinity.key, "mlflow_run": run, **answer.to_json()}, scratch)
 
 
 def _pruned_transfers(stage_dir: Location) -> dict | None:
@@ -204,7 +204,7 @@ def _pruned_transfers(stage_dir: Location) -> dict | None:
     }
 
 
-def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> dict | None:
+def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> Stability | None:
     """How often each root and transfer comes back when the BIP is solved on each bootstrap
     resample's affinities (none without `analysis.bootstrap`)."""
     if not (affinity.location / SAMPLES).exists():
@@ -219,4 +219,4 @@ def _stability(affinity: Step, options: TaxonomyOptions, chosen: Taxonomy) -> di
         stability = stability_of_rows(
             rows["target"], sources, samples, options, chosen, available=available, progress=update
         )
-    return stability | {"resamples": len(samples)}
+    return Stability.from_json(stability | {"resamples": len(samples)})

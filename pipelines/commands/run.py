@@ -106,25 +106,22 @@ def print_report(cfg: PipelineConfig, result: PipelineResult, tracking_uri: str)
         from components.verdict import edge_text, noise_note, ties_text
 
         t = result.taxonomy
-        stability, said = t.get("stability"), t.get("verdict", {})
-        roots = ", ".join(
-            r + (f" ({stability['roots'].get(r, 0.0):.2f})" if stability else "") for r in t["roots"]
-        )
-        print(f"taxonomy (budget {t['budget']}, max order {t['max_order']}): roots {roots}")
-        for target, sources in t["transfers"].items():
+        stability, said = t.stability, t.verdict
+        roots = ", ".join(r + (f" ({stability.root(r):.2f})" if stability else "") for r in t.roots)
+        print(f"taxonomy (budget {t.taxonomy.budget:g}, max order {t.taxonomy.max_order}): roots {roots}")
+        for target, sources in sorted(t.transfers.items()):
             print(f"  {edge_text(target, sources, said, stability)}")
         if stability:
             print(
-                f"  this exact taxonomy comes back in {stability['taxonomy']:.0%} of "
-                f"{stability['resamples']} bootstrap resamples"
+                f"  this exact taxonomy comes back in {stability.taxonomy:.0%} of "
+                f"{stability.resamples} bootstrap resamples"
             )
-        if said.get("ties"):
+        if said.ties:
             print("not distinguishable from the best (probability of being the best):")
-            for target in said["ties"]:
+            for target in said.ties:
                 print(f"  {target:<18} {ties_text(target, said)}")
-        if said:
-            print(noise_note(said))
-        print(f"outputs: {t['path']}")
+        print(noise_note(said))
+        print(f"outputs: {t.path}")
     print(f"storage root: {cfg.root}")
 
 

@@ -32,7 +32,7 @@ def answer_of(
     study_table = (study.affinity.location / "affinity.parquet").read_parquet()
     column = {c.sources[0]: c.affinity for c in candidates if len(c.sources) == 1 and not c.is_baseline}
     nearest = nearest_tasks(first_order_columns(study_table), column, exclude=[task.name])
-    roots = list(study.taxonomy["roots"])
+    roots = list(study.taxonomy.roots)
     from_roots, more = root_service(candidates, roots, [t for t in study.config.tasks if t != task.name])
     ties = [c for c in candidates if not c.is_baseline and (c.p_best >= TIE or math.isnan(c.p_best))]
     if any(math.isnan(c.p_best) for c in ties):  # no bootstrap: the point estimate's best only

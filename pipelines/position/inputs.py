@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from components.answer import StudyAnswer
 from components.config import config_hash
 from components.data.folder import RGB, FolderColumn, import_folder, load_spec, recorded_spec, scan_folder
 from components.data.importing import ImportConfig, split_of
@@ -62,7 +63,7 @@ class Study:
     store: ShardStore
     networks: dict[str, TaskResult]
     affinity: Step
-    taxonomy: dict
+    taxonomy: StudyAnswer
 
 
 def finished_study(cfg: PipelineConfig) -> Study:
@@ -84,7 +85,8 @@ def finished_study(cfg: PipelineConfig) -> Study:
     taxonomy = taxonomy_step(cfg, affinity.key)
     if not (transfer.complete and affinity.complete and taxonomy.complete):
         raise TaskatlasError(f"the study {cfg.name!r} is not finished: no taxonomy yet; {hint}")
-    return Study(cfg, store, networks, affinity, (taxonomy.location / "taxonomy.json").read_json())
+    answer = (taxonomy.location / "taxonomy.json").read_json()
+    return Study(cfg, store, networks, affinity, StudyAnswer.from_json(answer, str(taxonomy.location)))
 
 
 def check_task(cfg: PipelineConfig, task: Task) -> bool:

@@ -132,7 +132,7 @@ def position_task(
         transfer.key,
         analysis_key(cfg.analysis),
         study.affinity.key,
-        study.taxonomy["roots"],
+        study.taxonomy.roots,
         {"inputs": loss_digests(transfer.losses)},
     )
     step = Step(cfg.root, f"position/{task.name}", where)
