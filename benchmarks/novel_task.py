@@ -211,23 +211,22 @@ def main() -> None:
             pick_on, report_on = split_test_images(
                 pc.unique(pc.cast(mine["image_id"], pa.string())).to_pylist()
             )
-            chosen = answer["chosen"]  # chosen on validation images; gain and vs_random on the test images
+            chosen = answer.chosen  # chosen on validation images; gain and vs_random on the test images
             first = first_order(on_images(mine, pick_on), target, position=True)
             full = first_order(on_images(theirs, report_on), target, position=False)
             common = sorted(set(first) & set(full))
             rho = float(spearmanr([first[s] for s in common], [full[s] for s in common]).statistic)
-            cands = {tuple(c["sources"]): c for c in answer["candidates"]}
-            any_beats = any(cands[c]["vs_random"] > 0.5 for c in cands if c not in BASELINE_SETS)
-            quality = quality_on(mine, theirs, tuple(chosen["sources"]))
+            any_beats = any(c.vs_random > 0.5 for c in answer.candidates if not c.is_baseline)
+            quality = quality_on(mine, theirs, chosen.sources)
             rows.append(
                 {
                     "target": target,
                     "labels": n,
-                    "chosen": "+".join(chosen["sources"]),
-                    "gain": chosen["gain"],
+                    "chosen": chosen.name,
+                    "gain": round(chosen.gain, 4),
                     "quality": round(quality, 4),
                     "spearman": round(rho, 3),
-                    "beats_random": chosen["vs_random"] > 0.5,
+                    "beats_random": chosen.vs_random > 0.5,
                     "any_source_beats_random": any_beats,
                     "seconds": round(time.perf_counter() - t0, 1),
                 }

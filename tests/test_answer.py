@@ -48,3 +48,31 @@ def test_an_answer_without_a_bootstrap_or_pruning_has_neither():
     answer = StudyAnswer.from_json(plain)
     assert answer.stability is None and answer.pruned is None
     assert answer.to_json() == plain
+
+
+def test_a_position_answer_round_trips_through_its_json():
+    from components.position import Candidate
+    from pipelines.position.answer import PositionAnswer, RegisteredModel
+
+    nan = float("nan")
+    a = Candidate(("normal",), 0.61234567, 0.5, 0.7, 0.8, 0.9, 0.95, nan)
+    b = Candidate(("edge", "normal"), 0.3, 0.2, 0.4, 0.2, 0.7, 0.9, nan)
+    r = Candidate(("random",), 0.09, nan, nan, nan, 0.4, 0.5, nan)
+    answer = PositionAnswer(
+        "edges", "v1", 40, 20, 3, (a, b, r), (a, b), (("normal", 0.8), ("depth", -0.1)), ("normal",),
+        a, (("edge", b, 0.0),), RegisteredModel("m", "2", ("normal",)), a,
+    )  # fmt: skip
+    stored = answer.to_json()
+    again = PositionAnswer.from_json(stored)
+    assert again.to_json() == stored  # what a rerun reads back is what was written
+    assert stored["candidates"][0]["affinity"] == 0.6123 and stored["candidates"][0]["quality"] is None
+    assert stored["best"] == [
+        {"sources": ["normal"], "p_best": 0.8},
+        {"sources": ["edge", "normal"], "p_best": 0.2},
+    ]
+    assert stored["model"] == "m" and stored["model_version"] == "2" and stored["model_sources"] == ["normal"]
+    assert (
+        again.chosen.sources == ("normal",)
+        and again.model == answer.model
+        and again.from_roots.name == "normal"
+    )

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.commands.common import add_config_args, add_lock_arg
+
+if TYPE_CHECKING:
+    from pipelines.position.answer import PositionAnswer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,49 +66,43 @@ def _position(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_position(answer: dict, folder: str, config: str) -> None:
+def print_position(answer: PositionAnswer, folder: str, config: str) -> None:
     """The answer as text: ranked candidates, the best (ties said), where it sits, the model."""
 
-    def f(x) -> str:
-        return "   -" if x is None else f"{x:.2f}"
+    def f(x: float) -> str:
+        return "   -" if math.isnan(x) else f"{x:.2f}"
 
-    task, n = answer["task"], answer["images"]
     print(
-        f"\nwhere {task} sits ({n['transfer']} labelled transfer images, {n['test']} test images, "
-        f"{answer['replicates']} replicate(s) of every readout)"
+        f"\nwhere {answer.task} sits ({answer.transfer_images} labelled transfer images, "
+        f"{answer.test_images} test images, {answer.replicates} replicate(s) of every readout)"
     )
     print(f"  {'sources':<34} affinity  95% interval  gain vs scratch  p_best")
-    for c in answer["candidates"][:12]:
-        interval = f"{f(c['affinity_lo'])}-{f(c['affinity_hi'])}"
-        print(
-            f"  {'+'.join(c['sources']):<34} {f(c['affinity']):>8}  {interval:>12}  {f(c['gain']):>15}  {f(c['p_best']):>6}"
-        )
-    best = answer["best"]
+    for c in answer.candidates[:12]:
+        interval = f"{f(c.affinity_lo)}-{f(c.affinity_hi)}"
+        print(f"  {c.name:<34} {f(c.affinity):>8}  {interval:>12}  {f(c.gain):>15}  {f(c.p_best):>6}")
+    best = answer.best
     if len(best) > 1:
-        tied = ", ".join(f"{'+'.join(b['sources'])} ({f(b['p_best']).strip()})" for b in best)
+        tied = ", ".join(f"{b.name} ({f(b.p_best).strip()})" for b in best)
         print(f"best sources, not distinguishable from each other: {tied}")
     elif best:
-        print(f"best source: {'+'.join(best[0]['sources'])} (p_best {f(best[0]['p_best']).strip()})")
-    near = [f"{t} ({answer['nearest_rho'][t]:.2f})" for t in answer["nearest"][:3]]
+        print(f"best source: {best[0].name} (p_best {f(best[0].p_best).strip()})")
+    near = [f"{t} ({rho:.2f})" for t, rho in answer.nearest[:3]]
     print(f"nearest study tasks (rank correlation of source affinities): {', '.join(near) or 'none'}")
-    roots = ", ".join(answer["roots"])
-    if fr := answer["from_roots"]:
-        print(
-            f"the study's roots ({roots}) serve it with {'+'.join(fr['sources'])} (affinity {fr['affinity']:.2f})"
-        )
-    if (more := answer["one_more_root"]) and more[0]["adds"]:
-        print(f"one more root: {more[0]['task']} would add {more[0]['adds']:.2f} affinity")
-    chosen = answer["chosen"]
-    gain = chosen["gain"]
+    roots = ", ".join(answer.roots)
+    if fr := answer.from_roots:
+        print(f"the study's roots ({roots}) serve it with {fr.name} (affinity {fr.affinity:.2f})")
+    if (more := answer.one_more_root) and more[0][2]:
+        print(f"one more root: {more[0][0]} would add {more[0][2]:.2f} affinity")
+    m, gain = answer.model, answer.chosen.gain
     print(
-        f"model: {answer['model']} v{answer['model_version']} (champion), from {' + '.join(answer['model_sources'])}"
+        f"model: {m.name} v{m.version} (champion), from {' + '.join(m.sources)}"
         + (
-            f"; beats scratch on {gain:.0%} of test images (chosen on validation images)"
-            if gain is not None
-            else ""
+            ""
+            if math.isnan(gain)
+            else f"; beats scratch on {gain:.0%} of test images (chosen on validation images)"
         )
     )
-    print(f"  predict: taskatlas predict -c {config} --model {answer['model']} --images DIR --out DIR")
+    print(f"  predict: taskatlas predict -c {config} --model {m.name} --images DIR --out DIR")
     print(f"picture: {folder}/position.png")
 
 

@@ -52,7 +52,7 @@ from components.transfer.model import EncoderRef
 from components.transfer.readout import validation_split
 from pipelines.analysis.plan import analysis_key, loss_digests
 from pipelines.config import PipelineConfig
-from pipelines.position.answer import answer_markdown, answer_of
+from pipelines.position.answer import PositionAnswer, RegisteredModel, answer_markdown, answer_of
 from pipelines.position.inputs import Study
 from pipelines.position.record import register_model, registered_encoders
 from pipelines.results import TaskResult
@@ -70,7 +70,7 @@ READOUT_ABOUT = "readout.json"  # beside it: its input channels and mean test lo
 
 @dataclass(frozen=True)
 class PositionResult:
-    answer: dict[str, Any]  # POSITION's contents
+    answer: PositionAnswer  # POSITION's contents
     folder: str  # the step folder: affinity.parquet, position.json, position.png
     readouts_ran: int
     run_id: str
@@ -78,7 +78,7 @@ class PositionResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            **self.answer,
+            **self.answer.to_json(),
             "readouts_ran": self.readouts_ran,
             "run_id": self.run_id,
             "folder": self.folder,
@@ -154,17 +154,16 @@ def position_task(
         answer = answer_of(study, task, store, candidates, chosen, model, t.replicates)
         with step.scratch() as scratch:
             plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
-            (scratch / POSITION).write_text(json.dumps(answer, indent=1))
-            step.finish(answer, scratch)
-    answer = step.info()
+            (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
+            step.finish(answer.to_json(), scratch)
+    answer = PositionAnswer.from_json(step.info())
     # The model as the current tracking store has it: registered again if the store lost it
-    sources = tuple(answer["model_sources"])
-    model = _model(derived, stage2, networks, plan, task, sources, encoders, tracker, run_id)
-    if any(answer[k] != v for k, v in model.items()):
-        answer |= model
+    model = _model(derived, stage2, networks, plan, task, answer.model.sources, encoders, tracker, run_id)
+    if model != answer.model:
+        answer = replace(answer, model=model)
         with step.scratch() as scratch:
-            (scratch / POSITION).write_text(json.dumps(answer, indent=1))
-            step.finish(answer, scratch)
+            (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
+            step.finish(answer.to_json(), scratch)
     for name in ("position.png", POSITION):
         log_stored_artifact(tracker, run_id, step.location / name)
     tracker.describe(run_id, answer_markdown(answer))
@@ -183,7 +182,7 @@ def _model(
     encoders: dict[str, EncoderRef],
     tracker: Tracker,
     run_id: str,
-) -> dict[str, str]:
+) -> RegisteredModel:
     """Retrain the chosen transfer's (`sources`) replicate 0 with its weights kept and register
     it, once. Its weights stay in the step (`READOUT_WEIGHTS`): a registered version the current
     tracking store does not have is registered again from them."""
@@ -193,7 +192,7 @@ def _model(
     stored, about = step.location / READOUT_WEIGHTS, step.location / READOUT_ABOUT
     done = step.info() if step.complete else None
     if done is not None and is_registered(tracker, done["model"], done["model_version"], step.key):
-        return done
+        return RegisteredModel.from_json(done)
     if done is not None and stored.exists() and about.exists():  # registered again, not trained again
         weights, trained = load_state_dict(stored.uri), about.read_json()
         in_channels, test_loss = trained["in_channels"], trained["mean_test_loss"]
@@ -219,7 +218,9 @@ def _model(
             (scratch / READOUT_ABOUT).write_text(
                 json.dumps({"in_channels": in_channels, "mean_test_loss": test_loss})
             )
-        return step.finish({"model": name, "model_version": version, "model_sources": list(sources)}, scratch)
+        model = RegisteredModel(name, version, sources)
+        step.finish(model.to_json(), scratch)
+        return model
 
 
 def validation_losses(summary: Location, target: str) -> dict[tuple[str, ...], float]:
