@@ -26,6 +26,7 @@ far less to schedule than a trial actor.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,9 +70,12 @@ class Stage2:
     encode_log: Path | None = None
     fail_readouts: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
+    @functools.cached_property
+    def jobs(self) -> Stage2Plan:
+        """The plan on this cluster: `transfer.use_gpu` unset asks Ray for GPUs, once, on first use
+        (not when the stage is built: a study whose Stage II is complete never asks)."""
         use_gpu = self.config.transfer.use_gpu
-        self.jobs = Stage2Plan(
+        return Stage2Plan(
             self.config, self.store, cluster_gpus() > 0 if use_gpu is None else use_gpu, self.fail_readouts
         )
 
