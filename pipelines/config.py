@@ -87,6 +87,11 @@ class PipelineConfig:
                 f"{self.train.replicates}, so networks {self.transfer.replicates} and up would be trained "
                 "and never read; raise transfer.replicates to at least train.replicates"
             )
+        if self.transfer.race.enabled and not self.analysis.bootstrap:
+            raise ConfigError(
+                "transfer.race.enabled: racing decides each round from the multi-bootstrap's p_best, "
+                "but analysis.bootstrap is 0; set analysis.bootstrap > 0 or turn racing off"
+            )
         if (top := max(self.transfer.orders, default=1)) > self.taxonomy.max_order:
             raise ConfigError(
                 f"transfer.orders: order-{top} readouts would be trained but taxonomy.max_order is "

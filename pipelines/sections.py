@@ -200,6 +200,27 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class RaceConfig:
+    """Raced readout replicates (`components.racing`): round 0 trains replicate 0 of every
+    readout; each later round trains the next replicate only of the candidates still in their
+    target's race (`p_best` at least `p_best`, in a target whose best is below `settled` or not
+    yet replicated, and its `top` by affinity until they are), with that target's baselines, up
+    to `transfer.replicates`. Needs `analysis.bootstrap` > 0."""
+
+    enabled: bool = False
+    p_best: float = 0.02
+    settled: float = 0.98
+    top: int = 3  # each target's best candidates by affinity race until their noise is measured
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p_best <= self.settled <= 1:
+            raise ConfigError(
+                f"transfer.race: need 0 < p_best <= settled <= 1, got p_best {self.p_best}, settled {self.settled}"
+            )
+        at_least("transfer.race", self, 1, "top")
+
+
+@dataclass(frozen=True)
 class TransferConfig:
     """Stage II: which readouts (orders, beams, baselines), how each trains, what it may use.
 
@@ -258,6 +279,7 @@ class TransferConfig:
         default=2, metadata=RUNTIME
     )  # per readout, then it is reported as failed and the others go on
     prune: PruneConfig = field(default_factory=PruneConfig, metadata=PLAN)
+    race: RaceConfig = field(default_factory=RaceConfig, metadata=PLAN)
 
     def __post_init__(self) -> None:
         if len(self.orders) != len(self.beams):

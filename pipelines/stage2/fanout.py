@@ -71,54 +71,69 @@ class FanOut:
         return self.log.known
 
     def run(self) -> None:
+        """Every readout of the plan, each target's higher orders once its first order is in."""
         total = sum(self.plan.counts().values())  # stored readouts tick it at once
         with progress_bar(total, "readouts", unit="readout") as update, self.log:
             self.update: Callable[[int], None] = update
             for target in self.plan.targets:
                 mine = [r for r in self.plan.baselines if r.target == target]
                 self._submit([*self.plan.first_order_of(target), *mine])
-            while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.log.seconds)
-                if not ready:  # nothing finished for a while: log what waits in the buffer
-                    self.log.flush_if_due()
-                    continue
-                members = self.pending.pop(ready[0])
-                try:
-                    outcome: StackOutcome | ReadoutOutcome = ray.get(ready[0])
-                except ray.exceptions.RayError as err:
-                    _stop_if_disk_full(members, str(err))
-                    self._lost(members, str(err).strip().splitlines()[-1][:500])
-                    continue
-                if isinstance(outcome, ReadoutOutcome):
-                    outcome = StackOutcome((outcome,))
-                for o in outcome.outcomes:
-                    self._done(o, ran=True)
-                for r, error in outcome.failed:
-                    _stop_if_disk_full((r,), error)
-                    self._fail(r, error)
+            self._collect()
+
+    def run_replicas(self, replicas: Sequence[Readout], label: str) -> None:
+        """These readout replicates, as they are (a racing round: no higher orders released)."""
+        self.first_left = {}
+        with progress_bar(len(replicas), label, unit="readout") as update, self.log:
+            self.update = update
+            self._submit_replicas(replicas)
+            self._collect()
+
+    def _collect(self) -> None:
+        """Until nothing is pending: each finished stack's members done, or failed."""
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.log.seconds)
+            if not ready:  # nothing finished for a while: log what waits in the buffer
+                self.log.flush_if_due()
+                continue
+            members = self.pending.pop(ready[0])
+            try:
+                outcome: StackOutcome | ReadoutOutcome = ray.get(ready[0])
+            except ray.exceptions.RayError as err:
+                _stop_if_disk_full(members, str(err))
+                self._lost(members, str(err).strip().splitlines()[-1][:500])
+                continue
+            if isinstance(outcome, ReadoutOutcome):
+                outcome = StackOutcome((outcome,))
+            for o in outcome.outcomes:
+                self._done(o, ran=True)
+            for r, error in outcome.failed:
+                _stop_if_disk_full((r,), error)
+                self._fail(r, error)
 
     def _submit(self, readouts: Iterable[Readout]) -> None:
         """Every replicate of `readouts`, less those stored, as stacks (and `self` on its own)."""
+        self._submit_replicas([x for r in readouts for x in self.plan.replicas(r)])
+
+    def _submit_replicas(self, replicas: Iterable[Readout]) -> None:
         groups: dict[tuple, list[Readout]] = {}
-        for r in readouts:
-            for x in self.plan.replicas(r):
-                stored = stored_outcome(self.keys.path(x), x, self._stored_names(x.target))
-                if stored is not None:
-                    self._done(stored, ran=False)
-                elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
-                    weights = self.networks[self.keys.network_of(x)][x.target]
-                    job = self.jobs.job(x, (), self.keys.path(x).uri, weights)
-                    self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
-                elif x.kind is ReadoutKind.SCRATCH:  # a whole network on raw images: not stackable
-                    self._remote(
-                        _REMOTE_READOUT,
-                        f"readout {x.name}",
-                        self.jobs.job(x, (), self.keys.path(x).uri),
-                        (x,),
-                    )
-                else:  # one input width per stack: first order with `random`, `pixels`, each higher order
-                    width = (x.kind is ReadoutKind.PIXELS, x.order)
-                    groups.setdefault((x.target, width), []).append(x)
+        for x in replicas:
+            stored = stored_outcome(self.keys.path(x), x, self._stored_names(x.target))
+            if stored is not None:
+                self._done(stored, ran=False)
+            elif x.kind is ReadoutKind.SELF:  # the target's own network, scored like a readout
+                weights = self.networks[self.keys.network_of(x)][x.target]
+                job = self.jobs.job(x, (), self.keys.path(x).uri, weights)
+                self._remote(_REMOTE_READOUT, f"readout {x.name}", job, (x,))
+            elif x.kind is ReadoutKind.SCRATCH:  # a whole network on raw images: not stackable
+                self._remote(
+                    _REMOTE_READOUT,
+                    f"readout {x.name}",
+                    self.jobs.job(x, (), self.keys.path(x).uri),
+                    (x,),
+                )
+            else:  # one input width per stack: first order with `random`, `pixels`, each higher order
+                width = (x.kind is ReadoutKind.PIXELS, x.order)
+                groups.setdefault((x.target, width), []).append(x)
         for (target, _), members in groups.items():
             size = self.jobs.stack_size(target)
             for i in range(0, len(members), size):
@@ -169,7 +184,7 @@ class FanOut:
     def _settle(self, r: Readout) -> None:
         """A first-order readout replicate is in (or failed): release its target's higher orders
         (every replicate) when all are, the beams chosen on the replicates' mean validation loss."""
-        if r.kind is not ReadoutKind.TRANSFER or r.order != 1:
+        if r.kind is not ReadoutKind.TRANSFER or r.order != 1 or r.target not in self.first_left:
             return
         self.first_left[r.target] -= 1
         if self.first_left[r.target]:

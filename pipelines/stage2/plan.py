@@ -151,6 +151,8 @@ class Stage2Plan:
         science = key_fields(self.transfer, RUNTIME)
         if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
             science.pop("prune")
+        if not self.transfer.race.enabled:  # racing off: likewise
+            science.pop("race")
         if ReadoutKind.SCRATCH not in self.transfer.baselines:  # likewise, without a scratch baseline
             science.pop("scratch_epochs")
         encoders = {name: r.key for name, r in results.items()}

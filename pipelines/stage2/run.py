@@ -29,18 +29,23 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 
+from components.affinity import affinity_by_target, study_image_ids
+from components.affinity_io import DICTIONARY_COLUMNS
 from components.config import to_dict
 from components.data.shards import ShardStore
+from components.racing import contested
 from components.storage import Location
 from components.tasks import TaskKind
-from components.transfer import Readout, TransferPlan
+from components.transfer import Pairing, Readout, TransferPlan
 from components.transfer.jobs import calibrate_readout
 from components.transfer.readout_files import write_target_losses
+from pipelines.analysis.plan import keep_test_subset
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits
@@ -157,13 +162,47 @@ class Stage2:
             plan = pruned(self.jobs, plan, found, lambda: self.estimate(plan)[0])
         log = ReadoutRunLog(self.tracker, run_id, step.key, dataset=dataset_ref(self.config, self.store))
         networks = [{name: r.model_path for name, r in rs.items()} for rs in replicates]
-        fan = FanOut(self.jobs, plan, keys, dirs, networks, log)
+        race = self.config.transfer.race.enabled and plan.replicates > 1
+        fan = FanOut(self.jobs, replace(plan, replicates=1) if race else plan, keys, dirs, networks, log)
         fan.run()
+        for k in range(1, plan.replicates if race else 1):  # racing: replicate k where still open
+            self._write_target_losses(out / LOSSES, sorted(fan.outcomes), keys)
+            if not (more := self._race_round(plan, fan, out / LOSSES, k)):
+                break
+            fan.run_replicas(more, f"readouts (race round {k})")
         if prune.enabled:
             about = {"estimator": prune.estimator.value, "audit_fraction": prune.audit_fraction}
             record_pruning(self.tracker, out, run_id, plan, found, fan, about)
         self._write_target_losses(out / LOSSES, sorted(fan.outcomes), keys)
         return plan, fan
+
+    def _race_round(self, plan: TransferPlan, fan: FanOut, losses: Location, k: int) -> list[Readout]:
+        """Replicate k of each readout still in its target's race (`components.racing`), from the
+        multi-bootstrap of the losses so far (Stage III's settings: resamples, seed, test subset).
+        Only a readout that raced every earlier round goes on (successive elimination), so each
+        has replicates 0..R_c - 1, as the multi-bootstrap reads them."""
+        a, race = self.config.analysis, self.config.transfer.race
+        targets = sorted({r.target for r in fan.outcomes})
+
+        def read(target: str) -> pa.Table:
+            table = (losses / f"{target}.parquet").read_parquet(read_dictionary=list(DICTIONARY_COLUMNS))
+            return keep_test_subset(table, a.seed, a.test_subset, f"target {target}'s loss table")
+
+        ids = study_image_ids(read(t).select(["image_id"]) for t in targets)
+        paired = self.config.transfer.pairing is Pairing.PAIRED
+        rows = affinity_by_target(targets, read, a.bootstrap, a.seed, ids, paired=paired, require_self=False)
+        counts: dict[tuple[str, tuple[str, ...]], int] = {}
+        for r in fan.outcomes:
+            counts[r.target, r.sources] = counts.get((r.target, r.sources), 0) + 1
+        shares = rows.table.select(["target", "sources", "affinity", "p_best"]).to_pylist()
+        still = contested(shares, counts, race.p_best, race.settled, race.top)
+        return [
+            replace(r, replicate=k)
+            for r in sorted(fan.outcomes)
+            if r.replicate == k - 1
+            and r.sources in still.get(r.target, ())
+            and len(plan.replicas(replace(r, replicate=0))) > k
+        ]
 
     def _write_target_losses(self, folder: Location, readouts: list[Readout], keys: ReadoutKeys) -> None:
         """`<target>.parquet` per target, each joined by a Ray task from its readout files."""

@@ -1,0 +1,63 @@
+"""Racing readout replicates: another replicate only where it can change the answer.
+
+Replicates are what make the shares honest (the multi-bootstrap over how each readout trained),
+and most of them are spent on candidates no resample would ever choose. Racing (Maron & Moore's
+Hoeffding races; successive elimination, the idea behind Ray Tune's ASHA) samples more only
+where the decision is still open: round 0 trains one replicate of every readout; after each
+round, the multi-bootstrap's `p_best` (each candidate's share of resamples in which it is its
+target's best) says which candidates are still in the race. Pure: rows in, names out; Stage II
+(`pipelines.stage2.run`) trains what this asks for.
+
+A target is *settled* when one candidate is the best in at least `settled` of the resamples and
+that candidate's training noise was measured (two replicates or more): with one replicate the
+resamples see only the test images, and are surer than a rerun would be. Otherwise its
+candidates with `p_best` >= `p_best` race on, and, until they have two replicates, its `top`
+candidates by affinity too (the shares that left them out did not know how they train), each
+with the target's baselines (`self` and `random` are AHP candidates, `pixels` the reference of
+the no-gain flag), so the win rates a decision rests on see the same training runs. A candidate
+left behind keeps the replicates it has: the multi-bootstrap treats it as the same in every
+slot, its training noise unmeasured, which is why only candidates no resample chose are left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from components.vocabulary import PIXELS, RANDOM, SELF
+
+BASELINES = (SELF, RANDOM, PIXELS)
+
+
+def contested(
+    rows: Iterable[Mapping],
+    replicates: Mapping[tuple[str, tuple[str, ...]], int],
+    p_best: float = 0.02,
+    settled: float = 0.98,
+    top: int = 3,
+) -> dict[str, set[tuple[str, ...]]]:
+    """Affinity rows (`target`, `sources`, `affinity`, `p_best`: NaN for `self` and `t <- t`,
+    which do not compete) and each (target, sources)'s replicates so far -> target -> the source
+    sets (baselines as `(self,)`...) to train another replicate of. A target whose rows carry no
+    `p_best` (no bootstrap) cannot be raced: it is left out."""
+    if not 0 < p_best <= settled <= 1 or top < 1:
+        raise ValueError(
+            f"racing: need 0 < p_best <= settled <= 1 and top >= 1, got {p_best}, {settled}, {top}"
+        )
+    shares: dict[str, dict[tuple[str, ...], tuple[float, float]]] = {}
+    for row in rows:
+        p = row.get("p_best")
+        if p is None or math.isnan(p):
+            continue
+        shares.setdefault(row["target"], {})[tuple(row["sources"])] = (float(p), float(row["affinity"]))
+    out: dict[str, set[tuple[str, ...]]] = {}
+    for target, candidates in sorted(shares.items()):
+        measured = {s for s in candidates if replicates.get((target, s), 1) > 1}
+        best = max(candidates, key=lambda s: (candidates[s][0], candidates[s][1]))
+        if candidates[best][0] >= settled and best in measured:
+            continue
+        racing = {s for s, (p, _) in candidates.items() if p >= p_best}
+        ranked = sorted(candidates, key=lambda s: (-candidates[s][1], s))[:top]
+        racing |= {s for s in ranked if s not in measured}
+        out[target] = racing | {(b,) for b in BASELINES} | {(target,)}  # t <- t: beside self
+    return out

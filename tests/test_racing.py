@@ -1,0 +1,116 @@
+"""Raced readout replicates: the policy on hand-made rows, and a tiny raced study (real Ray, real
+MLflow) whose readouts are a subset of the full study's, under the same keys."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from components.racing import contested
+from pipelines.cli import main
+from tests.study import write_study
+
+NAN = math.nan
+
+
+def _rows(target: str, shares: dict[str, tuple[float, float]]) -> list[dict]:
+    return [
+        {"target": target, "sources": s.split("+"), "p_best": p, "affinity": a}
+        for s, (p, a) in shares.items()
+    ]
+
+
+NORMAL = {
+    "depth": (0.99, 0.5),
+    "edge": (0.01, 0.2),
+    "shade": (0.0, 0.1),
+    "self": (NAN, 0.1),
+    "normal": (NAN, 0.1),
+}
+CURV = {
+    "depth": (0.6, 0.4),
+    "edge": (0.3, 0.3),
+    "depth+edge": (0.08, 0.2),
+    "shade": (0.015, 0.05),
+    "random": (0.0, 0.05),
+}
+ROWS = (
+    _rows("normal", NORMAL) + _rows("curv", CURV) + _rows("flat", {"depth": (NAN, 1.0)})
+)  # flat: no bootstrap
+TWO = {
+    ("normal", ("depth",)): 2,
+    ("curv", ("depth",)): 2,
+    ("curv", ("edge",)): 2,
+    ("curv", ("depth", "edge")): 2,
+}
+
+
+def test_a_settled_target_races_nothing_and_an_open_one_races_its_contenders_with_its_baselines():
+    got = contested(ROWS, TWO, p_best=0.02, settled=0.98, top=3)
+    assert set(got) == {"curv"}  # normal's best, replicated, holds in 0.99 of resamples: settled
+    baselines = {("self",), ("random",), ("pixels",), ("curv",)}
+    assert got["curv"] == {("depth",), ("edge",), ("depth", "edge")} | baselines  # shade: 0.015
+    assert ("depth", "edge") not in contested(ROWS, TWO, p_best=0.1, settled=0.98, top=3)["curv"]
+    assert contested(ROWS, TWO, p_best=0.02, settled=0.5, top=3) == {}  # 0.6 >= 0.5: settled too
+
+
+def test_shares_from_one_replicate_settle_nothing_and_race_each_targets_top_candidates():
+    """One replicate: the resamples saw only the test images, so a 0.99 is not yet a 0.99. The
+    best by affinity race until they have two replicates, whatever their p_best."""
+    got = contested(ROWS, {}, p_best=0.02, settled=0.98, top=2)
+    assert got["normal"] == {("depth",), ("edge",)} | {("self",), ("random",), ("pixels",), ("normal",)}
+    assert got["curv"] >= {("depth",), ("edge",), ("depth", "edge")} and ("shade",) not in got["curv"]
+
+
+@pytest.mark.parametrize("p_best, settled, top", [(0.0, 0.9, 3), (0.5, 0.4, 3), (0.1, 1.5, 3), (0.1, 0.9, 0)])
+def test_racing_thresholds_are_checked(p_best, settled, top):
+    with pytest.raises(ValueError, match="racing"):
+        contested([], {}, p_best, settled, top)
+
+
+def _run(config, capsys) -> dict:
+    assert main(["run", "-c", str(config), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _newest(folder) -> str:
+    return max(folder.glob("*/done.json"), key=lambda p: p.stat().st_mtime).parent.name
+
+
+def _trained(root) -> set[str]:
+    """Every readout file stored under the root: target/sources.key.parquet."""
+    return {f"{p.parent.name}/{p.name}" for p in (root / "readouts").glob("*/*.parquet")}
+
+
+# Slow (make test-all): a raced study, its rerun, then the full one on the same root.
+@pytest.mark.slow
+def test_a_raced_study_trains_a_subset_of_the_full_ones_readouts_and_resumes_without_redoing(
+    tmp_path, capsys, ray_session
+):
+    root = tmp_path / "runs"
+    race = {"replicates": 3, "race": {"enabled": True, "p_best": 0.2, "settled": 0.9}}
+    raced_cfg = write_study(tmp_path / "raced.yaml", root, transfer=race)
+    full_cfg = write_study(tmp_path / "full.yaml", root, transfer={"replicates": 3})
+
+    raced = _run(raced_cfg, capsys)
+    stored = _trained(root)
+    full_count = 3 * (3 + 1 + 2) * 3  # 3 targets x (3 first order, t <- t among them, a pair, pixels, random) x 3
+    assert raced["taxonomy"]["roots"] and 0 < raced["readouts_ran"] < full_count
+    summary = pq.read_table(root / "stage2" / _newest(root / "stage2") / "summary.parquet").to_pylist()
+    replicates: dict[tuple, set[int]] = {}
+    for row in summary:
+        replicates.setdefault((row["target"], tuple(row["sources"])), set()).add(row["replicate"])
+    # round 0 trained replicate 0 of everything; a readout raced on kept 0..R_c-1, none skipped
+    assert all(reps == set(range(len(reps))) for reps in replicates.values())
+    assert any(len(reps) == 1 for reps in replicates.values())  # some left the race after round 0
+
+    again = _run(raced_cfg, capsys)  # resumes: every round's choice the same, nothing trained again
+    assert again["readouts_ran"] == 0 and again["taxonomy"]["roots"] == raced["taxonomy"]["roots"]
+    assert _trained(root) == stored
+
+    full = _run(full_cfg, capsys)  # the same keys raced or not: the full study trains only the rest
+    assert stored < _trained(root)
+    assert full["readouts_ran"] == len(_trained(root)) - len(stored)
