@@ -97,7 +97,8 @@ def test_a_raced_study_trains_a_subset_of_the_full_ones_readouts_and_resumes_wit
 
     raced = _run(raced_cfg, capsys)
     stored = _trained(root)
-    full_count = 3 * (3 + 1 + 2) * 3  # 3 targets x (3 first order, t <- t among them, a pair, pixels, random) x 3
+    # 3 targets x (3 first order, t <- t among them, a pair, pixels, random) x 3 replicates
+    full_count = 3 * (3 + 1 + 2) * 3
     assert raced["taxonomy"]["roots"] and 0 < raced["readouts_ran"] < full_count
     summary = pq.read_table(root / "stage2" / _newest(root / "stage2") / "summary.parquet").to_pylist()
     replicates: dict[tuple, set[int]] = {}
