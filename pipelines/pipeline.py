@@ -13,6 +13,7 @@ recomputes only what depends on it: a transfer setting never retrains task netwo
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -35,7 +36,7 @@ from pipelines.stage1.run import Stage1
 from pipelines.stage2.plan import Stage2Plan, transfer_plan
 from pipelines.stage2.record import LOSSES, READOUTS_TRAINED
 from pipelines.stage2.run import Stage2
-from pipelines.steps import StepStatus, log_stored_artifact
+from pipelines.steps import DONE, StepStatus, log_stored_artifact
 from pipelines.tracking.runs import Tracker
 
 
@@ -255,20 +256,53 @@ def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list
     return plan
 
 
-def plan_size(cfg: PipelineConfig) -> list[str]:
+def plan_size(cfg: PipelineConfig, readout_seconds: float | None = None) -> list[str]:
     """What the study's plan holds, from the config alone (a fresh root included): its networks
     and search trials, and its readouts by order and baseline, replicates included; higher
-    orders at most (their beams come from the first-order results)."""
+    orders at most (their beams come from the first-order results). With a per-readout time
+    (`readout_seconds`, else the median measured by the newest finished Stage II on the root),
+    the device-hours its readouts project to; with racing, what round 0 alone trains."""
     tasks, n = cfg.study_tasks(), cfg.train.replicates
     searches = len(Stage1Plan.searches_of(cfg)) if cfg.tune.enabled else 0
     trials = len(tasks) * searches * cfg.tune.num_samples
     counts = transfer_plan(cfg, list(cfg.tasks)).counts()
     higher = {f"order {k}" for k in cfg.transfer.orders}
     readouts = ", ".join(f"{kind} {'at most ' if kind in higher else ''}{c}" for kind, c in counts.items())
-    return [
+    lines = [
         f"networks: {len(tasks) * n} ({len(tasks)} tasks x {n} replicates), search trials: {trials}",
         f"readouts: {readouts} (x {cfg.transfer.replicates} replicates, included)",
     ]
+    trained = sum(c for kind, c in counts.items() if kind != SELF)  # `self` is scored, not trained
+    if cfg.transfer.race.enabled and (r := cfg.transfer.replicates) > 1:
+        lines.append(
+            f"racing: round 0 trains {trained // r} of the {trained}; later rounds only the candidates "
+            "still in their target's race"
+        )
+    where = "given"
+    if readout_seconds is None and (measured := measured_readout_seconds(cfg.root)) is not None:
+        readout_seconds, where = measured, "the median of this root's newest Stage II"
+    if readout_seconds is not None:
+        hours = trained * readout_seconds / 3600
+        lines.append(
+            f"projected: {hours:,.1f} device-hours of readouts (at most), at {readout_seconds:.3g} s per "
+            f"readout ({where}); networks and searches not included"
+        )
+    return lines
+
+
+def measured_readout_seconds(root: Location) -> float | None:
+    """The median seconds per trained readout of the newest finished Stage II on the root."""
+    finished = [
+        f
+        for f in (root / "stage2").files(recursive=True)
+        if f.name == "summary.parquet" and f.with_name(DONE).exists()
+    ]
+    if not finished:
+        return None
+    newest = max(finished, key=lambda f: f.fs.get_file_info(f.path).mtime_ns or 0)
+    rows = newest.read_parquet(["kind", "seconds"]).to_pylist()
+    seconds = [row["seconds"] for row in rows if row["kind"] != SELF]
+    return statistics.median(seconds) if seconds else None
 
 
 def _require_stage1(stage1: Stage1Plan, tasks: list[Task]) -> dict[str, TaskResult]:

@@ -216,3 +216,44 @@ def test_the_dry_run_states_the_plans_size_from_the_config_alone(tmp_path, capsy
     said = [line.removeprefix("plan size: ") for line in err.splitlines() if line.startswith("plan size: ")]
     assert said[0] == "networks: 27 (9 tasks x 3 replicates), search trials: 54"
     assert said[1].startswith("readouts: order 1 216, order 2 at most 72, self 24, pixels 24, random 24")
+    assert len(said) == 2  # a fresh root measured no readout: no projection without a given rate
+    # 216 + 72 + 24 + 24 trained (self is scored); at 30 s each, 336 x 30 / 3600 = 2.8 hours
+    assert main([*args, "--readout-seconds", "30", "--set", "transfer.race.enabled=true"]) == 0
+    said = [
+        line.removeprefix("plan size: ")
+        for line in capsys.readouterr().err.splitlines()
+        if "plan size" in line
+    ]
+    assert said[2].startswith("racing: round 0 trains 112 of the 336;")
+    assert said[3].startswith(
+        "projected: 2.8 device-hours of readouts (at most), at 30 s per readout (given)"
+    )
+    assert main([*args, "--readout-seconds", "0"]) == 2  # one line, before any work
+    assert capsys.readouterr().err.strip() == "taskatlas: error: --readout-seconds must be > 0, got 0.0"
+
+
+def test_the_projection_reads_the_newest_finished_stage_ii_on_the_root(tmp_path):
+    """The median of the trained readouts' seconds (`self` is scored, not trained) of the newest
+    Stage II with a marker; an unfinished one (no marker) is not a measurement."""
+    import os
+
+    import pyarrow as pa
+
+    from components.storage import location
+    from pipelines.pipeline import measured_readout_seconds
+
+    root = location(str(tmp_path))
+    assert measured_readout_seconds(root) is None
+    for n, (key, seconds, done) in enumerate([("old", [9.0, 9.0], True), ("new", [1.0, 3.0, 2.0], True)]):
+        folder = tmp_path / "stage2" / key
+        folder.mkdir(parents=True)
+        kinds = ["transfer"] * len(seconds) + ["self"]
+        pa.parquet.write_table(
+            pa.table({"kind": kinds, "seconds": [*seconds, 100.0]}), folder / "summary.parquet"
+        )
+        if done:
+            (folder / "done.json").write_text("{}")
+        os.utime(folder / "summary.parquet", (n, n))  # the newer one written last
+    assert measured_readout_seconds(root) == 2.0
+    (tmp_path / "stage2" / "new" / "done.json").unlink()  # unfinished: the old one is the measurement
+    assert measured_readout_seconds(root) == 9.0

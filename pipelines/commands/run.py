@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print which steps would run and which are reused"
     )
     run.add_argument(
+        "--readout-seconds",
+        type=float,
+        help="with --dry-run: device seconds per readout to project the plan's hours from (default: the "
+        "median of the root's newest finished Stage II, if any)",
+    )
+    run.add_argument(
         "--json",
         action="store_true",
         help="end with one JSON line: networks and readouts trained and reused, taxonomy, run id",
@@ -44,17 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.errors import TaskatlasError
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import invocation, preflight, study_lock
     from pipelines.pipeline import dry_run, parse_stages, plan_size, run_pipeline
     from pipelines.ray_runtime import ensure_ray
 
+    if args.readout_seconds is not None and not args.readout_seconds > 0:
+        raise TaskatlasError(f"--readout-seconds must be > 0, got {args.readout_seconds}")
     cfg = load_pipeline_config(args.config, args.overrides)
     stages = parse_stages(args.stages)
     if args.dry_run:
         for step, status in dry_run(cfg, stages):
             print(f"{status.value:<8} {step}")
-        for line in plan_size(cfg):  # on stderr: stdout stays one (status, step) per line
+        for line in plan_size(
+            cfg, args.readout_seconds
+        ):  # on stderr: stdout stays one (status, step) per line
             print(f"plan size: {line}", file=sys.stderr)
         return 0
     preflight(cfg)
