@@ -379,18 +379,16 @@ def test_trial_progress_times_each_trial_from_its_start_to_its_end():
     assert progress.span(restored) == (92.5, 100.0)  # a trial finished before a restore
 
 
+# normal a root, depth <- normal: the smallest answer a description is written for
+ONE_EDGE = StudyAnswer.from_json(
+    {"roots": ["normal"], "transfers": {"depth": ["normal"]}, "budget": 1, "max_order": 1, "objective": 1.0}
+)
+
+
 def test_the_description_names_only_the_files_on_its_run():
     import pyarrow as pa
 
-    taxonomy = StudyAnswer.from_json(
-        {
-            "roots": ["normal"],
-            "transfers": {"depth": ["normal"]},
-            "budget": 1,
-            "max_order": 1,
-            "objective": 1.0,
-        }
-    )
+    taxonomy = ONE_EDGE
     table = pa.table(
         {"target": ["depth"], "sources": [["normal"]], "affinity": [1.0], "order": [1], "kind": ["transfer"]}
     )
@@ -514,15 +512,7 @@ def test_the_description_says_what_a_roots_affinity_is_and_names_source_only_tas
     (colorization) was silently missing from the tables."""
     import pyarrow as pa
 
-    taxonomy = StudyAnswer.from_json(
-        {
-            "roots": ["normal"],
-            "transfers": {"depth": ["normal"]},
-            "budget": 1,
-            "max_order": 1,
-            "objective": 1.0,
-        }
-    )
+    taxonomy = ONE_EDGE
     table = pa.table(
         {
             "target": ["depth", "depth", "normal", "normal"],
