@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -16,8 +16,19 @@ from pipelines.compat import tracking_store
 from pipelines.tracking.entities import FinalStatus, FinishedRun
 from pipelines.tracking.store import is_server
 
-if TYPE_CHECKING:
-    from pipelines.tracking.runs import Tracker
+
+class RunHost(Protocol):
+    """What a batch needs of the tracker (`pipelines.tracking.runs.Tracker`): its client and retry
+    budget, its experiment, and the tags every run gets. Structural, so this module need not
+    import the tracker that holds it."""
+
+    tracking_uri: str
+    experiment_id: str
+    client: Any
+    budget: Any
+    source_tags: dict[str, str]
+    run_tags: dict[str, str]
+
 
 # Runs logged at once by `log_finished_runs`: requests in flight to a tracking server. The measured
 # knee against a one-worker `mlflow server` on PostgreSQL (benchmarks/tracking_scale.py).
@@ -25,7 +36,7 @@ LOG_THREADS = 8
 
 
 class RunBatches:
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: RunHost):
         self.tracker = tracker  # its client, budget, experiment and the tags every run gets
 
     def log_finished_runs(
