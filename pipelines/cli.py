@@ -51,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.verbose:  # what `settings` reads, inherited by the Ray workers and jobs this starts
-        os.environ["TASKATLAS_VERBOSE"] = "1"
-    else:  # MLflow's store migrations and the like: notices, not news (read when mlflow loads)
+    if not args.verbose:  # MLflow's store migrations and the like: notices, not news (read when mlflow loads)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         # MLflow logs each SQLite error (a full disk: dozens) before raising it: the error says it
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -313,10 +313,11 @@ class Invocation:
     store: ShardStore
     tracker: Tracker
     run_id: str
+    verbose: bool = False  # `taskatlas -v`: Tune's trial tables too
 
 
 @contextmanager
-def invocation(cfg: PipelineConfig, command: str):
+def invocation(cfg: PipelineConfig, command: str, verbose: bool = False):
     """Dataset + tracker + a parent run tagged with config hash, data version and code version;
     the run is marked FAILED if the body raises."""
     tracker = open_tracker(cfg, shared=cluster_nodes() > 1)  # Ray is up: SQLite on several nodes?
@@ -344,7 +345,7 @@ def invocation(cfg: PipelineConfig, command: str):
     tracker.log_dict(run_id, to_dict(cfg), "config.json")
     tracker.log_dataset(run_id, dataset_ref(cfg, store))
     try:
-        yield Invocation(cfg, store, tracker, run_id)
+        yield Invocation(cfg, store, tracker, run_id, verbose or read_settings().verbose)
     except BaseException as err:
         if no_space(err) is not None or not _ended_failed(tracker, run_id):
             _fail_runs_on_full_disk(cfg, tracker)

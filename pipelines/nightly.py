@@ -110,7 +110,11 @@ def _score_champion(
 
 
 def run_nightly(
-    cfg: PipelineConfig, day: date, stages: tuple[Stage, ...] = ALL_STAGES, wait_for_lock: bool = False
+    cfg: PipelineConfig,
+    day: date,
+    stages: tuple[Stage, ...] = ALL_STAGES,
+    wait_for_lock: bool = False,
+    verbose: bool = False,
 ) -> dict | None:
     """The nightly job; None if another nightly of this study holds the storage root's lock (the
     second of two leaves at once, even with `wait_for_lock`). Any other command working on the
@@ -119,7 +123,7 @@ def run_nightly(
     command = lock_command(cfg.name)
     try:
         with study_lock(cfg, command, wait_for_lock, never_wait_for=command):
-            return _nightly_under_lock(cfg, day, stages)
+            return _nightly_under_lock(cfg, day, stages, verbose)
     except StudyLocked as err:
         if err.holder.command != command:
             raise
@@ -132,10 +136,10 @@ def lock_command(study: str) -> str:
     return f"nightly ({study})"
 
 
-def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...]) -> dict:
-    ensure_ray()
+def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...], verbose: bool) -> dict:
+    ensure_ray(verbose)
     cfg = nightly_config(cfg, day)  # under the lock: a re-import happens once
-    with invocation(cfg, "nightly") as inv:
+    with invocation(cfg, "nightly", verbose) as inv:
         result: PipelineResult = run_pipeline(inv, stages)
         needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
         test = inv.store.read("test", needed)  # only the columns the champions are scored on

@@ -116,7 +116,9 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     planned = Stage1Plan(cfg, inv.store)
     before = {t.name: [r is not None for r in planned.finished_networks(t)] for t in tasks}
     if Stage.TRAIN in stages:
-        result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+        result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+            tasks, search=True
+        )
     else:
         result.stage1 = _require_stage1(planned, tasks)
     result.retrained = [t.name for t in tasks if not before[t.name][0]]

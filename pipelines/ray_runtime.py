@@ -19,30 +19,33 @@ from components.errors import TaskatlasError
 from components.settings import read_settings
 
 
-def ensure_ray() -> None:
+def ensure_ray(verbose: bool = False) -> None:
+    """A local Ray, or the cluster at RAY_ADDRESS; quiet unless `verbose` (`taskatlas -v`, or
+    TASKATLAS_VERBOSE=1 in the environment)."""
     # Per-operator Ray Data bars from every worker drown the Train/Tune progress output.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     settings = read_settings()
+    verbose = verbose or settings.verbose
     # Quiet unless -v: Ray's start-up notices (a local instance started, token auth on) and Tune's
     # experiment tables say nothing a user acts on. Tune's legacy reporter prints nothing at
     # verbose 0, where its new one still prints a table per search.
-    quiet = {} if settings.verbose else {"logging_level": logging.ERROR}
-    if not settings.verbose:
+    quiet = {} if verbose else {"logging_level": logging.ERROR}
+    if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if settings.ray_address:
-        context = ray.init(address=settings.ray_address, log_to_driver=settings.verbose, **quiet)
+        context = ray.init(address=settings.ray_address, log_to_driver=verbose, **quiet)
     else:
         context = ray.init(
             address="local",
             num_cpus=settings.ray_num_cpus,
             include_dashboard=settings.ray_dashboard,  # on loopback, behind Ray's token auth
-            log_to_driver=settings.verbose,
+            log_to_driver=verbose,
             _node_ip_address="127.0.0.1",
             **quiet,
         )
-    if not settings.verbose:  # workers' logs (Tune, Train, readouts) stay in Ray's log folder
+    if not verbose:  # workers' logs (Tune, Train, readouts) stay in Ray's log folder
         logs = Path(context.address_info["session_dir"]) / "logs"
         print(f"Ray, Tune and Train logs: {logs} (taskatlas -v shows them live)", file=sys.stderr, flush=True)
 

@@ -58,3 +58,15 @@ def test_the_readouts_line_adds_up_and_tells_self_apart():
         "self 4, scored with each target's own network"
     )
     assert readouts_line(3, 0, {"order 1": 3}) == "readouts: 3 trained, 0 reused (order 1 3)"
+
+
+def test_verbose_is_passed_along_not_written_to_the_environment(tmp_path, monkeypatch, capsys):
+    """Regression: `-v` set TASKATLAS_VERBOSE for the whole process (and everything it started) so
+    that the settings could read it back; it is now an argument of the calls that use it."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv("TASKATLAS_VERBOSE", raising=False)
+    config = write_study(tmp_path / "tiny.yaml", tmp_path / "runs")
+    assert main(["-v", "run", "-c", str(config), "--dry-run"]) == 0
+    assert "TASKATLAS_VERBOSE" not in os.environ
+    assert "run      data" in capsys.readouterr().out

@@ -55,8 +55,8 @@ def _position(args: argparse.Namespace) -> int:
     preflight(cfg)
     with study_lock(cfg, "position", args.wait_for_lock):
         store = import_images(cfg, task, args.images, spec)
-        ensure_ray()
-        with invocation(cfg, f"position {task.name}") as inv:
+        ensure_ray(args.verbose)
+        with invocation(cfg, f"position {task.name}", args.verbose) as inv:
             images = DatasetRef(f"{task.name}-images", store.data_version, str(store.root))
             inv.tracker.log_dataset(inv.run_id, images)
             result = position_task(study, task, store, inv.tracker, inv.run_id, use_self)

@@ -70,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     preflight(cfg)
     with study_lock(cfg, "run", args.wait_for_lock):
-        ensure_ray()
-        with invocation(cfg, "run") as inv:
+        ensure_ray(args.verbose)
+        with invocation(cfg, "run", args.verbose) as inv:
             result = run_pipeline(inv, stages)
     print_report(cfg, result, inv.tracker.tracking_uri)
     print_run(inv.tracker.tracking_uri, inv.tracker.experiment_id, inv.run_id)
@@ -159,7 +159,7 @@ def _nightly(args: argparse.Namespace) -> int:
     day = args.date or datetime.now(timezone.utc).date()
     stages = parse_stages(args.stages)
     preflight(cfg)
-    summary = run_nightly(cfg, day, stages, wait_for_lock=args.wait_for_lock)
+    summary = run_nightly(cfg, day, stages, wait_for_lock=args.wait_for_lock, verbose=args.verbose)
     if summary is None:
         print(f"another nightly run holds the lock of {cfg.root} for study {cfg.name}; nothing to do")
         return 0

@@ -47,9 +47,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "train", args.wait_for_lock):
-        ensure_ray()
-        with invocation(cfg, "train") as inv:
-            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+        ensure_ray(args.verbose)
+        with invocation(cfg, "train", args.verbose) as inv:
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+                tasks, search=True
+            )
     print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
     for name, first in results.items():
         for r in (first, *first.replicas):  # network replicates (train.replicates): not registered
@@ -72,9 +74,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     cfg, tasks = _setup(args)
     with study_lock(cfg, "tune", args.wait_for_lock):
-        ensure_ray()
-        with invocation(cfg, "tune") as inv:
-            stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id)
+        ensure_ray(args.verbose)
+        with invocation(cfg, "tune", args.verbose) as inv:
+            stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose)
             best = {  # one search per network replicate (tune.each_replicate), or one
                 network_name(name, n): h
                 for n in stage1.plan.searches()

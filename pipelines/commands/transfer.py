@@ -40,13 +40,15 @@ def _transfer(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     preflight(cfg, [t.name for t in tasks])
     with study_lock(cfg, "transfer", args.wait_for_lock):
-        ensure_ray()
-        with invocation(cfg, "transfer") as inv:
+        ensure_ray(args.verbose)
+        with invocation(cfg, "transfer", args.verbose) as inv:
             stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
             plan = stage2.jobs.plan([t.name for t in tasks])
             seconds, slots = stage2.estimate(plan)
             print(describe_plan(plan, seconds, slots), flush=True)
-            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id).run(tasks, search=True)
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+                tasks, search=True
+            )
             result = stage2.run(results, plan)
     print(format_summary(result.summary().to_pylist()))
     print(f"\nper-image losses: {result.losses_dir}  ({result.ran} readouts trained, the rest stored)")

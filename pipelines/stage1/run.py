@@ -72,6 +72,7 @@ class Stage1:
     # A test's fault seam: kill rank 0 once, at the start of epoch N of a Ray Train run (its
     # networks' epochs counted one after another).
     fail_at_epoch: int | None = None
+    verbose: bool = False  # Tune's trial tables on the console (`taskatlas -v`)
 
     @property
     def plan(self) -> Stage1Plan:
@@ -152,7 +153,7 @@ class Stage1:
         """Each task's best hyperparameters of its search `search` (`pipelines.stage1.search`)."""
         if not tasks:
             return {}
-        return search_tasks(self.plan, self.record, tasks, self.use_gpu, search)
+        return search_tasks(self.plan, self.record, tasks, self.use_gpu, search, self.verbose)
 
     def train(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult:
         """One network (replicate `replicate` of the task's) in a Ray Train run of its own."""

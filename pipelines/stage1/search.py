@@ -13,7 +13,6 @@ from ray.tune.search import BasicVariantGenerator
 
 from components.config import config_hash, to_dict
 from components.errors import TaskatlasError
-from components.settings import read_settings
 from components.tasks import Task, channels_for
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
@@ -80,7 +79,12 @@ def best_trial(results: list) -> tuple[Any, float] | None:
 
 
 def search_tasks(
-    plan: Stage1Plan, record: NetworkRecord, tasks: list[Task], use_gpu: bool, search: int = 0
+    plan: Stage1Plan,
+    record: NetworkRecord,
+    tasks: list[Task],
+    use_gpu: bool,
+    search: int = 0,
+    verbose: bool = False,
 ) -> dict[str, dict]:
     """Each task's best hyperparameters of its search `search` (`Stage1Plan.searches`): from the
     finished search, or from one Tuner that searches all the others at once, sampling with network
@@ -102,7 +106,9 @@ def search_tasks(
         if tune.Tuner.can_restore(f"{storage}/{name}"):  # an interrupted search resumes
             tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
         else:
-            tuner = _tuner(plan, pending, trainable, name, storage, use_gpu, progress, plan.seed(search))
+            tuner = _tuner(
+                plan, pending, trainable, name, storage, use_gpu, progress, plan.seed(search), verbose
+            )
         with interrupts_kept():
             grid = tuner.fit()
         ended = time.time()
@@ -164,6 +170,7 @@ def _tuner(
     use_gpu: bool,
     progress: tune.Callback,
     seed: int,
+    verbose: bool,
 ) -> tune.Tuner:
     cfg = plan.config
     space = {
@@ -200,6 +207,6 @@ def _tuner(
         ),
         # Tune's trial tables only with -v: the console shows the answer, not the search
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=int(read_settings().verbose), callbacks=[progress]
+            name=name, storage_path=storage, verbose=int(verbose), callbacks=[progress]
         ),
     )
