@@ -44,6 +44,7 @@ class StepStatus(str, Enum):
 
 DONE = "done.json"
 FILES = "files"  # the marker's record of the step's files: relative path -> [size, sha256]
+ROOT = "storage_root"  # the marker's record of the storage root it was written under
 
 
 def sha256_of(file: Location, info=None) -> str:
@@ -111,8 +112,12 @@ class Step:
         return True
 
     def info(self) -> dict:
-        """The summary the finished step wrote into its marker."""
-        return {k: v for k, v in self.marker.read_json().items() if k != FILES}
+        """The summary the finished step wrote into its marker, its paths under the storage root
+        where the root is now: a copied or moved root reads its own files, never the old root's."""
+        info = self.marker.read_json()
+        return rebased(
+            {k: v for k, v in info.items() if k not in (FILES, ROOT)}, info.get(ROOT), self.root.uri
+        )
 
     def _damaged(self, file: Location, problem: str) -> bool:
         """Marker and damaged file removed, so nothing reuses either (a network's damaged weights
@@ -142,8 +147,22 @@ class Step:
             for f in sorted(self.location.files(recursive=True), key=lambda f: f.path)
             if f.path[prefix:] != DONE
         }
-        self.marker.write_json({**info, FILES: files})
+        self.marker.write_json({**info, ROOT: self.root.uri, FILES: files})
         return info
+
+
+def rebased(value: Any, old: str | None, new: str) -> Any:
+    """`value` (a marker's JSON) with every string under the storage root `old` moved under `new`
+    (nothing without `old`: a marker from before the root was recorded)."""
+    if old is None or old == new:
+        return value
+    if isinstance(value, str):
+        return new + value[len(old) :] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, list):
+        return [rebased(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: rebased(v, old, new) for k, v in value.items()}
+    return value
 
 
 def log_stored_artifact(tracker: Tracker, run_id: str, stored: Location) -> None:

@@ -189,3 +189,38 @@ def test_a_store_moved_aside_gets_every_model_registered_again_from_its_stored_w
     out = tmp_path / "predicted-edges"
     assert _predict(config, name, images, out) == 0
     assert len(list((out / "edges").iterdir())) == 30
+
+
+@pytest.mark.slow  # a study of its own, copied and run again: about a minute
+def test_a_copied_storage_root_is_a_study_of_its_own_and_never_writes_into_the_original(
+    tmp_path, capsys, ray_session
+):
+    """Regression: `cp -a root backup`, the original deleted, and a run on the backup recreated the
+    original's `mlartifacts/` and logged there (markers held absolute paths, the MLflow experiment
+    its artifact location), and its registered versions' files were the deleted root's."""
+    import shutil
+
+    config = _config(tmp_path)
+    first = _run(config, capsys)
+    copy = tmp_path / "backup"
+    shutil.copytree(tmp_path / "runs", copy, symlinks=True)
+    shutil.rmtree(tmp_path / "runs")
+    moved = write_study(
+        tmp_path / "moved.yaml",
+        copy,
+        tasks=TASKS,
+        transfer={"orders": [], "beams": [], "epochs": 1, "width": 16, "replicates": 1},
+        taxonomy={"budget": 1, "max_order": 1},
+        analysis={"bootstrap": 20},
+    )
+    again = _run(moved, capsys)
+    assert again["networks_trained"] == [] and again["readouts_ran"] == 0  # every output reused, in place
+    assert again["taxonomy"]["roots"] == first["taxonomy"]["roots"]
+    assert not (tmp_path / "runs").exists()  # nothing written into, or recreated at, the old root
+    assert "its runs are now the experiment" in again["stderr"]
+    assert "registered again from" in again["stderr"] and str(copy) in again["stderr"]
+    markers = [json.loads(p.read_text()) for p in (copy / "stage1").glob("*/*/done.json")]
+    assert markers and all(m["model_path"].startswith(str(copy)) for m in markers)
+    out = tmp_path / "predicted"
+    assert _predict(moved, "tiny-normal", _rgb_folder(tmp_path / "photos"), out) == 0  # the copy's own files
+    assert len(list(out.rglob("*.npy")) + list(out.rglob("*.png"))) == 3

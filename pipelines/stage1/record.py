@@ -247,12 +247,13 @@ class NetworkRecord:
         return replace(result, model_version=version, registered=ours)
 
     def first_of_its_definition(self, registered: str, task: Task) -> bool:
-        """No champion yet, or one of another definition of the task (the study redefined it):
+        """No champion yet (or only one made under the root this one was copied from), or one of
+        another definition of the task (the study redefined it):
         this version is the first of its definition, so it becomes the champion. A champion
         without the tag (registered before it) is left to nightly, which reads its definition."""
         champion = self.tracker.models.alias_version(registered, CHAMPION)
-        if champion is None:
-            return True
+        if champion is None or not self.tracker.models.made_here(registered, champion):
+            return True  # none, or its files are under a storage root this one was copied from
         return registered_definition(self.tracker, registered, champion) not in (None, task.definition_hash)
 
 

@@ -181,10 +181,29 @@ class ModelRegistry:
         return str(version.version)
 
     def find_version(self, registered_name: str, tags: Mapping[str, str]) -> str | None:
-        """The newest version of `registered_name` carrying all of `tags`, or None."""
+        """The newest version of `registered_name` carrying all of `tags` whose files are this
+        experiment's, or None. A version made before the storage root was copied or moved holds
+        files under the old root (its logged model is the renamed old experiment's): not ours."""
         versions = self.client.search_model_versions(f"name = '{registered_name}'")
-        matching = [int(v.version) for v in versions if all(v.tags.get(k) == t for k, t in tags.items())]
+        matching = [
+            int(v.version)
+            for v in versions
+            if all(v.tags.get(k) == t for k, t in tags.items()) and self._in_this_experiment(v)
+        ]
         return str(max(matching)) if matching else None
+
+    def made_here(self, registered_name: str, version: str) -> bool:
+        """Whether a registered version's files are this experiment's (see `find_version`)."""
+        return self._in_this_experiment(self.client.get_model_version(registered_name, version))
+
+    def _in_this_experiment(self, version: Any) -> bool:
+        source = version.source or ""
+        model_id = version.model_id or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        )
+        if model_id is None:  # registered from a path: nothing says where its files are
+            return True
+        return self.client.get_logged_model(model_id).experiment_id == self.experiment_id
 
     def version_model_id(self, registered_name: str, version: str) -> str | None:
         """The logged model a registered version was made from (None: registered from a path).

@@ -54,11 +54,12 @@ def is_registered(tracker: Tracker, registered: str, version: str, key: str) -> 
     """Whether version `version` of `registered` is in the current tracking store and is what the
     step `key` made (tagged with it, or untagged: registered before the tag). A step's marker says
     its model was registered, but the store can be replaced under the study (a damaged `mlflow.db`
-    moved aside): the marker's version is then missing, or another model's."""
+    moved aside), or copied with a storage root that moved: the marker's version is then missing,
+    another model's, or one whose files are under the old root."""
     try:
         tags = tracker.models.version_tags(registered, version)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return False
-    return tags.get(KEY_TAG, key) == key
+    return tags.get(KEY_TAG, key) == key and tracker.models.made_here(registered, version)

@@ -13,6 +13,7 @@ queued, a network's run would show its wait as work.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -111,6 +112,19 @@ class Tracker:
                 path = Path(tracking_uri.removeprefix("sqlite:///"))
                 raise TaskatlasError(sqlite_store_refusal(path, "malformed")) from None
             raise
+        if experiment is not None and artifact_location and experiment.artifact_location != artifact_location:
+            # The storage root was copied or moved, its store with it: the experiment still logs
+            # to the old root's artifacts. Kept under another name (its runs' history), and the
+            # study's name starts afresh here, so nothing is written into the old root.
+            moved = f"{experiment_name} (artifacts at {experiment.artifact_location})"
+            self.client.rename_experiment(experiment.experiment_id, moved)
+            print(
+                f"taskatlas: the tracking store was made at another storage root ({experiment.artifact_location}); "
+                f"its runs are now the experiment {moved!r}, and this root logs to {artifact_location}",
+                file=sys.stderr,
+                flush=True,
+            )
+            experiment = None
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
                 experiment_name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS
