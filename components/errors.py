@@ -26,3 +26,23 @@ class LockLost(TaskatlasError):
     """Another process took this process's study lock over: it must write nothing more."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM (a scheduler, `kill`, a job stopped): it ends as an interrupt does,
+    keeping every finished step, and the CLI says so in one line (`terminate_as_interrupt`)."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM raises `Terminated` in the main thread, between two Python steps. The default
+    ends the process where it stands; Ray's driver handler calls `sys.exit` (a traceback, and a
+    crash at exit with HiGHS's or Ray's threads still running). Call again after `ray.init`,
+    which installs Ray's."""
+    import signal
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)

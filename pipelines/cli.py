@@ -15,7 +15,7 @@ import os
 import sys
 
 from components.disk_space import no_space
-from components.errors import OutOfSpace, TaskatlasError
+from components.errors import OutOfSpace, TaskatlasError, Terminated, terminate_as_interrupt
 from pipelines.commands import analysis as analysis_commands
 from pipelines.commands import data as data_commands
 from pipelines.commands import position as position_commands
@@ -55,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         # MLflow logs each SQLite error (a full disk: dozens) before raising it: the error says it
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    terminate_as_interrupt()
     try:
         return args.func(args) or 0
+    except Terminated:
+        print(
+            "taskatlas: terminated (SIGTERM); finished steps are kept: rerun the command to go on",
+            file=sys.stderr,
+        )
+        return Terminated.exit_code
     except TaskatlasError as err:
         print(f"taskatlas: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from components.errors import TaskatlasError
+from components.errors import TaskatlasError, terminate_as_interrupt
 from components.settings import read_settings
 
 
@@ -45,6 +45,8 @@ def ensure_ray(verbose: bool = False) -> None:
             _node_ip_address="127.0.0.1",
             **quiet,
         )
+    if threading.current_thread() is threading.main_thread():
+        terminate_as_interrupt()  # ray.init put Ray's SIGTERM handler (sys.exit) in place of ours
     if not verbose:  # workers' logs (Tune, Train, readouts) stay in Ray's log folder
         logs = Path(context.address_info["session_dir"]) / "logs"
         print(f"Ray, Tune and Train logs: {logs} (taskatlas -v shows them live)", file=sys.stderr, flush=True)
@@ -73,7 +75,9 @@ def interrupts_kept() -> Iterator[None]:
     SystemExit out of a fit (only Train's handler raises one) becomes the KeyboardInterrupt it
     stands for, and both handlers are put back as they were."""
     main = threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)} if main else {}
+    handlers = (
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)} if main else {}
+    )
     before = os.environ.pop(_TUNE_NO_SIGINT, None)  # put back after: not a setting of ours
     os.environ[_TUNE_NO_SIGINT] = "1"
     try:
