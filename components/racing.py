@@ -61,3 +61,19 @@ def contested(
         racing |= {s for s in ranked if s not in measured}
         out[target] = racing | {(b,) for b in BASELINES} | {(target,)}  # t <- t: beside self
     return out
+
+
+Candidate = tuple[str, tuple[str, ...]]  # (target, sources)
+
+
+def next_round(
+    counts: Mapping[Candidate, int],
+    still: Mapping[str, set[tuple[str, ...]]],
+    k: int,
+    most: Mapping[Candidate, int],
+) -> list[Candidate]:
+    """The candidates that train replicate k: those still in their target's race (`contested`)
+    that raced every earlier round (they have replicates 0..k-1: successive elimination, so the
+    multi-bootstrap reads each candidate's replicates 0..R_c - 1) and may have more than k
+    (`most`: `transfer.replicates`, or 1 for `self` without network replicates)."""
+    return sorted(c for c, n in counts.items() if n == k and c[1] in still.get(c[0], ()) and most[c] > k)

@@ -9,7 +9,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from components.racing import contested
+from components.racing import contested, next_round
 from pipelines.cli import main
 from tests.study import write_study
 
@@ -63,6 +63,16 @@ def test_shares_from_one_replicate_settle_nothing_and_race_each_targets_top_cand
     got = contested(ROWS, {}, p_best=0.02, settled=0.98, top=2)
     assert got["normal"] == {("depth",), ("edge",)} | {("self",), ("random",), ("pixels",), ("normal",)}
     assert got["curv"] >= {("depth",), ("edge",), ("depth", "edge")} and ("shade",) not in got["curv"]
+
+
+def test_the_next_round_trains_only_candidates_that_raced_every_round_and_may_have_more():
+    a, b, c, own = ("t", ("a",)), ("t", ("b",)), ("t", ("c",)), ("t", ("self",))
+    counts = {a: 2, b: 1, c: 2, own: 1}  # after round 1: b left the race after round 0
+    still = {"t": {("a",), ("b",), ("self",)}}  # b is back in the race, c is out
+    most = {a: 3, b: 3, c: 3, own: 1}  # self: one network, one replicate
+    assert next_round(counts, still, 2, most) == [a]  # not b (no replicate 1), not c, not self
+    assert next_round(counts, still, 1, most) == [b]
+    assert next_round(counts, {}, 2, most) == []
 
 
 @pytest.mark.parametrize("p_best, settled, top", [(0.0, 0.9, 3), (0.5, 0.4, 3), (0.1, 1.5, 3), (0.1, 0.9, 0)])

@@ -39,7 +39,7 @@ from components.affinity import affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS
 from components.config import to_dict
 from components.data.shards import ShardStore
-from components.racing import contested
+from components.racing import contested, next_round
 from components.storage import Location
 from components.tasks import TaskKind
 from components.transfer import Pairing, Readout, TransferPlan
@@ -196,13 +196,9 @@ class Stage2:
             counts[r.target, r.sources] = counts.get((r.target, r.sources), 0) + 1
         shares = rows.table.select(["target", "sources", "affinity", "p_best"]).to_pylist()
         still = contested(shares, counts, race.p_best, race.settled, race.top)
-        return [
-            replace(r, replicate=k)
-            for r in sorted(fan.outcomes)
-            if r.replicate == k - 1
-            and r.sources in still.get(r.target, ())
-            and len(plan.replicas(replace(r, replicate=0))) > k
-        ]
+        first = {(r.target, r.sources): replace(r, replicate=0) for r in fan.outcomes if r.replicate == 0}
+        most = {c: len(plan.replicas(r)) for c, r in first.items()}
+        return [replace(first[c], replicate=k) for c in next_round(counts, still, k, most)]
 
     def _write_target_losses(self, folder: Location, readouts: list[Readout], keys: ReadoutKeys) -> None:
         """`<target>.parquet` per target, each joined by a Ray task from its readout files."""
