@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/racing.py                          # the quickstart, readout seeds 500-503
     .venv/bin/python benchmarks/racing.py --seeds 600,601 --root /work/race
     .venv/bin/python benchmarks/racing.py -c tiny.yaml --seeds 1,2 # smoke
+    .venv/bin/python benchmarks/racing.py --simulate taskonomy     # the policy at Taskonomy's shape
 
 The task networks are trained once (`--stages train`, `train.seed` as configured) on a base root.
 Then, per readout seed s (`transfer.seed` and `analysis.seed`, scoring on its own random half of
@@ -20,6 +21,16 @@ Figures, on the last line as one JSON object:
 - `confident_claims_kept`: of the full studies' claims stated at >= 0.9, the share the raced
   study on the same seed also states at >= 0.9 (`claims_full_confident`: how many);
 - `roots_agree`: the share of seeds on which both chose the same roots; `seconds`.
+
+`--simulate taskonomy` runs the racing policy alone (`components.racing`, with the same
+multi-bootstrap) on a generated per-image loss table at Taskonomy's shape: 26 targets, 48
+candidates each plus `self`, `random` and `pixels`, 16,000 test images, 3 replicates. Loss of
+candidate c, replicate r, image i: d_i + mu_c + rho_cr + e_cri, with mu_c ~ N(0, 0.3) (`self`
+0.3 below the best, `random` and `pixels` 0.3 and 0.4 above the mean), a replicate's shift rho ~
+N(0, `--replicate-sd`) and per-image noise e ~ N(0, 1); the default replicate sd gives about the
+win-rate spread over replicates the quickstart measured (0.12, docs/benchmarks.md: printed as
+`win_rate_spread`). It prints `readout_fraction` (readouts trained raced / full) and per round
+how many train.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ import time
 from pathlib import Path
 
 import calibration  # benchmarks/calibration.py: the claims and their hold rates
+import numpy as np
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEEDS = (500, 501, 502, 503)  # no setting was chosen on these
@@ -79,6 +92,80 @@ def confident_kept(full: dict, raced: dict) -> tuple[int, int]:
     return len(sure), sum(theirs.get(c, 0.0) >= HIGH for c in sure)
 
 
+def simulated_losses(rng: np.random.Generator, candidates: int, images: int, replicates: int, sd: float):
+    """(names, (n, R, m) float32 losses) of one simulated target: `candidates` transfers, then
+    self, random and pixels (see the module's docstring)."""
+    mu = rng.normal(0.0, 0.3, candidates)
+    mu = np.concatenate([mu, [mu.min() - 0.3, 0.3, 0.4]])
+    names = [f"s{c:02d}" for c in range(candidates)] + ["self", "random", "pixels"]
+    shift = rng.normal(0.0, sd, (len(names), replicates, 1))
+    noise = rng.standard_normal((len(names), replicates, images), dtype=np.float32)
+    difficulty = rng.standard_normal(images).astype(np.float32)
+    return names, (difficulty + mu[:, None, None] + shift + noise).astype(np.float32)
+
+
+def simulated_table(target: str, names: list[str], losses: np.ndarray, counts: dict) -> pa.Table:
+    """The target's loss table as Stage II writes it, with replicates 0..counts[name] - 1 of each."""
+    ids = np.array([f"i{i:05d}" for i in range(losses.shape[2])])
+    parts = [(n, r) for n in names for r in range(counts[target, (n,)])]
+    values = np.concatenate([losses[names.index(n), r] for n, r in parts])
+    m = losses.shape[2]
+    sources = pa.ListArray.from_arrays(
+        pa.array(np.arange(len(parts) + 1, dtype=np.int32)), [n for n, _ in parts]
+    )
+    take = pa.array(np.repeat(np.arange(len(parts)), m))
+    return pa.table(
+        {
+            "target": pa.array([target] * (len(parts) * m)),
+            "sources": sources.take(take),
+            "image_id": pa.array(np.tile(ids, len(parts))),
+            "loss": values,
+            "replicate": pa.array(np.repeat([r for _, r in parts], m).astype(np.int32)),
+        }
+    )
+
+
+def simulate(args: argparse.Namespace) -> dict:
+    """The racing policy on a generated table at Taskonomy's shape (module docstring)."""
+    from components.affinity import affinity_by_target
+    from components.racing import contested, next_round
+
+    rng = np.random.default_rng(args.simulation_seed)
+    targets, R = [f"t{t:02d}" for t in range(26)], 3
+    made = {t: simulated_losses(rng, 48, 16_000, R, args.replicate_sd) for t in targets}
+    spread = statistics.fmean(
+        float(np.std([(x[0, r] < x[1, r]).mean() for r in range(R)], ddof=1)) for _, x in made.values()
+    )
+    counts = {(t, (n,)): 1 for t, (names, _) in made.items() for n in names}
+    most = dict.fromkeys(counts, R)
+    trained = [sum(1 for c in counts if c[1] != ("self",))]
+    for k in range(1, R):
+        result = affinity_by_target(
+            targets,
+            lambda t: simulated_table(t, *made[t], counts),
+            args.resamples,
+            args.simulation_seed,
+            [f"i{i:05d}" for i in range(16_000)],
+            require_self=True,
+        )
+        rows = result.table.select(["target", "sources", "affinity", "p_best"]).to_pylist()
+        chosen = next_round(counts, contested(rows, counts), k, most)
+        for c in chosen:
+            counts[c] += 1
+        trained.append(sum(1 for c in chosen if c[1] != ("self",)))
+        print(f"round {k}: {trained[-1]} readouts", flush=True)
+    full = sum(1 for c in counts if c[1] != ("self",)) * R
+    return {
+        "simulate": "taskonomy",
+        "readout_fraction": sum(trained) / full,
+        "readouts_per_round": trained,
+        "readouts_full": full,
+        "win_rate_spread": spread,
+        "replicate_sd": args.replicate_sd,
+        "resamples": args.resamples,
+    }
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="configs/quickstart.yaml")
@@ -88,10 +175,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-subset", type=float, default=0.5, help="analysis.test_subset (default 0.5)")
     parser.add_argument("--root", help="where the roots go (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
+    parser.add_argument("--simulate", choices=["taskonomy"], help="the policy alone on a generated table")
+    parser.add_argument("--replicate-sd", type=float, default=0.3, help="--simulate: replicate shift sd")
+    parser.add_argument("--resamples", type=int, default=100, help="--simulate: bootstrap resamples")
+    parser.add_argument("--simulation-seed", type=int, default=0)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.simulate:
+        started = time.perf_counter()
+        figures = simulate(args) | {"seconds": time.perf_counter() - started}
+        print(json.dumps(calibration.rounded(figures)))
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise SystemExit("--seeds: at least 2 distinct seeds (the calibration compares runs)")
