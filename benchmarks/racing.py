@@ -24,7 +24,8 @@ Figures, on the last line as one JSON object:
 
 `--simulate taskonomy` runs the racing policy alone (`components.racing`, with the same
 multi-bootstrap) on a generated per-image loss table at Taskonomy's shape: 26 targets, 48
-candidates each plus `self`, `random` and `pixels`, 16,000 test images, 3 replicates. Loss of
+candidates each plus `self`, `random` and `pixels`, 16,000 test images, R replicates
+(`--replicates`, default 3). Loss of
 candidate c, replicate r, image i: d_i + mu_c + rho_cr + e_cri, with mu_c ~ N(0, 0.3) (`self`
 0.3 below the best, `random` and `pixels` 0.3 and 0.4 above the mean), a replicate's shift rho ~
 N(0, `--replicate-sd`) and per-image noise e ~ N(0, 1); the default replicate sd gives about the
@@ -131,7 +132,7 @@ def simulate(args: argparse.Namespace) -> dict:
     from components.racing import contested, next_round
 
     rng = np.random.default_rng(args.simulation_seed)
-    targets, R = [f"t{t:02d}" for t in range(26)], 3
+    targets, R = [f"t{t:02d}" for t in range(26)], args.replicates
     made = {t: simulated_losses(rng, 48, 16_000, R, args.replicate_sd) for t in targets}
     spread = statistics.fmean(
         float(np.std([(x[0, r] < x[1, r]).mean() for r in range(R)], ddof=1)) for _, x in made.values()
@@ -162,6 +163,7 @@ def simulate(args: argparse.Namespace) -> dict:
         "readouts_full": full,
         "win_rate_spread": spread,
         "replicate_sd": args.replicate_sd,
+        "replicates": R,
         "resamples": args.resamples,
     }
 
@@ -176,8 +178,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="where the roots go (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
     parser.add_argument("--simulate", choices=["taskonomy"], help="the policy alone on a generated table")
-    parser.add_argument("--replicate-sd", type=float, default=0.3, help="--simulate: replicate shift sd")
+    parser.add_argument("--replicate-sd", type=float, default=0.35, help="--simulate: replicate shift sd")
     parser.add_argument("--resamples", type=int, default=100, help="--simulate: bootstrap resamples")
+    parser.add_argument(
+        "--replicates", type=int, default=3, help="--simulate: R, replicates of the full study"
+    )
     parser.add_argument("--simulation-seed", type=int, default=0)
     return parser
 
