@@ -137,14 +137,16 @@ def test_raising_train_replicates_trains_only_the_new_networks_and_their_readout
     second = _run(config(2), capsys)
     assert sorted(second["networks_trained"]) == sorted(f"{t}#1" for t in TASKS)
     assert sorted(second["networks_reused"]) == sorted(TASKS)
-    # Readout replicate 1 reads network 1: 9 first order and 3 pairs again; replicate 0 is stored,
-    # as are `pixels` and `random` (no network read); `self` replicate 1 is scored, not trained.
-    assert second["readouts_ran"] == 9 + 3 and second["readouts_reused"] == 36 - 12
+    # Readout replicate 1 reads network 1: 9 first order, 3 pairs and `random` (network 1's random
+    # encoder) into each of the 3 targets again; replicate 0 is stored, as is `pixels` (it reads no
+    # network); `self` replicate 1 is scored, not trained.
+    assert second["readouts_ran"] == 9 + 3 + 3 and second["readouts_reused"] == 36 - 15
     assert (
         second["taxonomy"]["verdict"]["networks"] == 2
         and second["taxonomy"]["verdict"]["network_noise_measured"]
     )
-    assert len({p.name for p in (root / "features").iterdir()} - features) == 3  # network 1 of each task
+    new = {p.name for p in (root / "features").iterdir()} - features
+    assert len(new) == 3 + 1  # network 1 of each task, and network 1's random encoder
 
     for task in TASKS:  # two networks per task, trained with different seeds; replicate 0 registered
         markers = [json.loads(p.read_text()) for p in (root / "stage1" / task).glob("*/done.json")]
