@@ -69,9 +69,7 @@ class Stage1:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
-    # A test's fault seam: kill rank 0 once, at the start of epoch N of a Ray Train run (its
-    # networks' epochs counted one after another).
-    fail_at_epoch: int | None = None
+    fail_at_epoch: int | None = None  # test seam: kill rank 0 once at epoch N of a run (networks' epochs in a row)
     verbose: bool = False  # Tune's trial tables on the console (`taskatlas -v`)
 
     @property
