@@ -69,7 +69,7 @@ class Stage1:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
-    fail_at_epoch: int | None = None  # test seam: kill rank 0 once at epoch N of a run (networks' epochs in a row)
+    fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at epoch N of a Ray Train run
     verbose: bool = False  # Tune's trial tables on the console (`taskatlas -v`)
 
     @property
