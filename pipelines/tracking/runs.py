@@ -112,28 +112,7 @@ class Tracker:
                 path = Path(tracking_uri.removeprefix("sqlite:///"))
                 raise TaskatlasError(sqlite_store_refusal(path, "malformed")) from None
             raise
-        if experiment is not None and artifact_location and experiment.artifact_location != artifact_location:
-            # The storage root was copied or moved, its store with it: the experiment still logs
-            # to the old root's artifacts. Kept under another name (its runs' history), and the
-            # study's name starts afresh here, so nothing is written into the old root.
-            moved = f"{experiment_name} (artifacts at {experiment.artifact_location})"
-            self.client.rename_experiment(experiment.experiment_id, moved)
-            print(
-                f"taskatlas: the tracking store was made at another storage root ({experiment.artifact_location}); "
-                f"its runs are now the experiment {moved!r}, and this root logs to {artifact_location}",
-                file=sys.stderr,
-                flush=True,
-            )
-            experiment = None
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS
-            )
-        else:
-            self.experiment_id = experiment.experiment_id
-            for key, value in _EXPERIMENT_TAGS.items():
-                if experiment.tags.get(key) != value:
-                    self.client.set_experiment_tag(self.experiment_id, key, value)
+        self.experiment_id = study_experiment(self.client, experiment_name, experiment, artifact_location)
         self.models = ModelRegistry(self.client, tracking_uri, self.experiment_id)  # the same budget
         self.batches = RunBatches(self)  # many runs at a time (thousands of readouts)
 
@@ -288,3 +267,26 @@ class Tracker:
             path = Path(tmp) / filename
             path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
             self.client.log_artifact(run_id, str(path))
+
+
+def study_experiment(client: Any, name: str, experiment: Any, artifact_location: str | None) -> str:
+    """The id of the study's experiment (`experiment`: the store's of that name, or None), made if
+    missing, with its tags. If it logs to another root's artifacts (the storage root was copied
+    or moved, its store with it), it is kept under another name (its runs' history) and the
+    study's name starts afresh here, so nothing is written into the old root."""
+    if experiment is not None and artifact_location and experiment.artifact_location != artifact_location:
+        moved = f"{name} (artifacts at {experiment.artifact_location})"
+        client.rename_experiment(experiment.experiment_id, moved)
+        print(
+            f"taskatlas: the tracking store was made at another storage root ({experiment.artifact_location}); "
+            f"its runs are now the experiment {moved!r}, and this root logs to {artifact_location}",
+            file=sys.stderr,
+            flush=True,
+        )
+        experiment = None
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS)
+    for key, value in _EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
