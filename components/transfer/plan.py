@@ -23,6 +23,7 @@ from itertools import combinations
 
 import numpy as np
 
+from components.seeds import derived_seed
 from components.transfer.beams import MAX_WIDEN, beam, rank_sources
 from components.vocabulary import ALL_BASELINES, BASELINES, ReadoutKind
 
@@ -90,7 +91,7 @@ def readout_seed(seed: int, r: Readout, pairing: Pairing = Pairing.PAIRED) -> in
         entropy = [seed, r.replicate]
     else:
         entropy = [seed, r.replicate, zlib.crc32(r.target.encode()), zlib.crc32("+".join(r.sources).encode())]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+    return derived_seed(entropy)
 
 
 def network_replicate(r: Readout, networks: int) -> int:

@@ -12,14 +12,12 @@ vary as whole reruns of Stage I do; otherwise all read replicate 0's search.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, replace
-
-import numpy as np
 
 from components.config import config_hash
 from components.data.shards import ShardStore
 from components.errors import TaskatlasError
+from components.seeds import replicate_seed
 from components.tasks import Task
 from pipelines.config import PipelineConfig
 from pipelines.results import TaskResult
@@ -136,13 +134,7 @@ def network_seed(seed: int, replicate: int) -> int:
     (as in a study without replicates), one drawn from (seed, replicate) for the others, in a
     stream of its own (not the readouts' `readout_seed`, nor another task's: every task's
     replicate n shares it, as every task's replicate 0 shares `train.seed`)."""
-    if replicate == 0:
-        return seed
-    entropy = [seed, replicate, _NETWORK_STREAM]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-_NETWORK_STREAM = zlib.crc32(b"stage1-network")
+    return replicate_seed(seed, replicate, "stage1-network")
 
 
 def network_name(task: str, replicate: int = 0) -> str:

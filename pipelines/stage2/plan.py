@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-
-import numpy as np
 
 from components.config import config_hash
 from components.data.shards import ShardStore, file_sha256
 from components.errors import TaskatlasError
+from components.seeds import replicate_seed
 from components.storage import Location, location
 from components.tasks import TaskKind, channels_for
 from components.transfer import (
@@ -318,12 +316,7 @@ def random_seed(seed: int, replicate: int) -> int:
     0 (its key as before replicates), one drawn from (seed, replicate) for the others. A rerun of
     the study draws another random encoder, as it trains other task networks; one `random` shared
     by every replicate would hide that part of a rerun's noise from the multi-bootstrap."""
-    if replicate == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, replicate, _RANDOM_STREAM]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-_RANDOM_STREAM = zlib.crc32(b"stage2-random-encoder")
+    return replicate_seed(seed, replicate, "stage2-random-encoder")
 
 
 def checkpoint_key(uri: str) -> str:
