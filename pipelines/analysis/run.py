@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from components.affinity import affinity_by_target, study_image_ids
+from components.affinity import AffinityResult, affinity_by_target, study_image_ids
 from components.affinity_io import DICTIONARY_COLUMNS, transfer_table, write_affinity
 from components.answer import Stability, StudyAnswer
 from components.bootstrap import stability_of_rows
@@ -56,6 +57,39 @@ def run_affinity(
     return step
 
 
+def study_affinity(
+    cfg: PipelineConfig,
+    losses: Location,
+    *,
+    require_self: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> AffinityResult:
+    """Win rates, AHP and the multi-bootstrap (`analysis` settings) on Stage II's folder of
+    per-target loss tables, each on the test subset (`keep_test_subset`), one target's losses in
+    memory at a time: Stage III's, and each racing round's in Stage II."""
+    files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
+    seed, fraction = cfg.analysis.seed, cfg.analysis.test_subset
+
+    def read(target: str, columns: list[str] | None = None) -> pa.Table:  # the test subset's rows
+        dictionary = [c for c in DICTIONARY_COLUMNS if columns is None or c in columns]
+        table = files[target].read_parquet(columns, read_dictionary=dictionary)
+        return keep_test_subset(table, seed, fraction, f"target {target}'s loss table")
+
+    return affinity_by_target(
+        sorted(files),
+        read,
+        cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
+        cfg.analysis.seed,
+        # the test split's image ids, the resamples' image axis shared by every target (every
+        # target's table has a row per test image), read from the image_id columns alone; with
+        # `analysis.test_subset`, the subset's ids: the resamples draw from the images scored
+        study_image_ids(read(t, ["image_id"]) for t in sorted(files)) if cfg.analysis.bootstrap else None,
+        paired=cfg.transfer.pairing is Pairing.PAIRED,
+        require_self=require_self,
+        progress=progress,
+    )
+
+
 def _affinity(
     cfg: PipelineConfig,
     step: Step,
@@ -66,28 +100,9 @@ def _affinity(
     scratch: Path,
 ) -> None:
     started = time.time()  # the run spans the work, not just its logging
-    # One target's losses in memory at a time (Stage II wrote them per target).
-    files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
-    seed, fraction = cfg.analysis.seed, cfg.analysis.test_subset
-
-    def read(target: str, columns: list[str] | None = None) -> pa.Table:  # the test subset's rows
-        dictionary = [c for c in DICTIONARY_COLUMNS if columns is None or c in columns]
-        table = files[target].read_parquet(columns, read_dictionary=dictionary)
-        return keep_test_subset(table, seed, fraction, f"target {target}'s loss table")
-
-    with progress_bar(len(files), "affinity (bootstrap)", unit="target") as update:
-        result = affinity_by_target(
-            sorted(files),
-            read,
-            cfg.analysis.bootstrap,  # > 0: intervals, and each resample's affinities for the stability
-            cfg.analysis.seed,
-            # the test split's image ids, the resamples' image axis shared by every target (every
-            # target's table has a row per test image), read from the image_id columns alone; with
-            # `analysis.test_subset`, the subset's ids: the resamples draw from the images scored
-            study_image_ids(read(t, ["image_id"]) for t in sorted(files)) if cfg.analysis.bootstrap else None,
-            paired=cfg.transfer.pairing is Pairing.PAIRED,
-            progress=update,
-        )
+    targets = [f for f in losses.files() if f.name.endswith(".parquet")]
+    with progress_bar(len(targets), "affinity (bootstrap)", unit="target") as update:
+        result = study_affinity(cfg, losses, progress=update)
     table, unlabelled = result.table, result.unlabelled
     if result.samples is not None:  # one column per table row, in order
         np.save(scratch / SAMPLES, result.predictive.astype(np.float32))  # the stability's draws

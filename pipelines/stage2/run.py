@@ -32,20 +32,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow as pa
 import ray
 
-from components.affinity import affinity_by_target, study_image_ids
-from components.affinity_io import DICTIONARY_COLUMNS
 from components.config import to_dict
 from components.data.shards import ShardStore
 from components.racing import contested, next_round
 from components.storage import Location
 from components.tasks import TaskKind
-from components.transfer import Pairing, Readout, TransferPlan
+from components.transfer import Readout, TransferPlan
 from components.transfer.jobs import calibrate_readout
 from components.transfer.readout_files import write_target_losses
-from pipelines.analysis.plan import keep_test_subset
+from pipelines.analysis.run import study_affinity
 from pipelines.config import PipelineConfig
 from pipelines.invocation import dataset_ref
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, require_fits
@@ -168,12 +165,13 @@ class Stage2:
         for k in range(1, plan.replicates if race else 1):  # racing: replicate k where still open
             self._write_target_losses(out / LOSSES, sorted(fan.outcomes), keys)
             if not (more := self._race_round(plan, fan, out / LOSSES, k)):
-                break
+                break  # the tables just written are the final ones
             fan.run_replicas(more, f"readouts (race round {k})")
+        else:  # no racing, or its last round trained: the tables of every readout
+            self._write_target_losses(out / LOSSES, sorted(fan.outcomes), keys)
         if prune.enabled:
             about = {"estimator": prune.estimator.value, "audit_fraction": prune.audit_fraction}
             record_pruning(self.tracker, out, run_id, plan, found, fan, about)
-        self._write_target_losses(out / LOSSES, sorted(fan.outcomes), keys)
         return plan, fan
 
     def _race_round(self, plan: TransferPlan, fan: FanOut, losses: Location, k: int) -> list[Readout]:
@@ -181,16 +179,8 @@ class Stage2:
         multi-bootstrap of the losses so far (Stage III's settings: resamples, seed, test subset).
         Only a readout that raced every earlier round goes on (successive elimination), so each
         has replicates 0..R_c - 1, as the multi-bootstrap reads them."""
-        a, race = self.config.analysis, self.config.transfer.race
-        targets = sorted({r.target for r in fan.outcomes})
-
-        def read(target: str) -> pa.Table:
-            table = (losses / f"{target}.parquet").read_parquet(read_dictionary=list(DICTIONARY_COLUMNS))
-            return keep_test_subset(table, a.seed, a.test_subset, f"target {target}'s loss table")
-
-        ids = study_image_ids(read(t).select(["image_id"]) for t in targets)
-        paired = self.config.transfer.pairing is Pairing.PAIRED
-        rows = affinity_by_target(targets, read, a.bootstrap, a.seed, ids, paired=paired, require_self=False)
+        race = self.config.transfer.race
+        rows = study_affinity(self.config, losses, require_self=False)  # a positioned task has no `self`
         counts: dict[tuple[str, tuple[str, ...]], int] = {}
         for r in fan.outcomes:
             counts[r.target, r.sources] = counts.get((r.target, r.sources), 0) + 1
