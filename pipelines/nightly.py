@@ -174,10 +174,7 @@ def _summary(cfg: PipelineConfig, day: date, result: PipelineResult, promotions:
         "taxonomy_changed": None,
     }
     if result.taxonomy is not None:
-        now = {
-            "roots": list(result.taxonomy.roots),
-            "transfers": {t: list(s) for t, s in sorted(result.taxonomy.transfers.items())},
-        }
+        now = {k: v for k, v in result.taxonomy.to_json().items() if k in ("roots", "transfers")}
         if previous is not None:
             summary["taxonomy_changed"] = previous != now
             summary["roots_before"] = previous["roots"]

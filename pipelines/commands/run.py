@@ -63,9 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for step, status in dry_run(cfg, stages):
             print(f"{status.value:<8} {step}")
-        for line in plan_size(
-            cfg, args.readout_seconds
-        ):  # on stderr: stdout stays one (status, step) per line
+        # on stderr: stdout stays one (status, step) per line
+        for line in plan_size(cfg, args.readout_seconds):
             print(f"plan size: {line}", file=sys.stderr)
         return 0
     preflight(cfg)

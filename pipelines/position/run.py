@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,22 +155,26 @@ def position_task(
         answer = answer_of(study, task, store, candidates, chosen, model, t.replicates)
         with step.scratch() as scratch:
             plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
-            (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
-            step.finish(answer.to_json(), scratch)
+            _store(step, answer, scratch)
     answer = PositionAnswer.from_json(step.info())
     # The model as the current tracking store has it: registered again if the store lost it
     model = _model(derived, stage2, networks, plan, task, answer.model.sources, encoders, tracker, run_id)
     if model != answer.model:
         answer = replace(answer, model=model)
         with step.scratch() as scratch:
-            (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
-            step.finish(answer.to_json(), scratch)
+            _store(step, answer, scratch)
     for name in ("position.png", POSITION):
         log_stored_artifact(tracker, run_id, step.location / name)
     tracker.describe(run_id, answer_markdown(answer))
     return PositionResult(
         answer, step.location.uri, transfer.ran, run_id, transfer.losses / f"{task.name}.parquet"
     )
+
+
+def _store(step: Step, answer: PositionAnswer, scratch: Path) -> None:
+    """The answer as `position.json` beside the step's files, and as its marker."""
+    (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
+    step.finish(answer.to_json(), scratch)
 
 
 def _model(
