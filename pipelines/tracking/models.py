@@ -196,23 +196,20 @@ class ModelRegistry:
         """Whether a registered version's files are this experiment's (see `find_version`)."""
         return self._in_this_experiment(self.client.get_model_version(registered_name, version))
 
+    def tags_if_made_here(self, registered_name: str, version: str) -> dict[str, str] | None:
+        """A registered version's tags, or None if its files are another experiment's: one request
+        for both (`is_registered`)."""
+        found = self.client.get_model_version(registered_name, version)
+        return dict(found.tags) if self._in_this_experiment(found) else None
+
     def _in_this_experiment(self, version: Any) -> bool:
-        source = version.source or ""
-        model_id = version.model_id or (
-            source.removeprefix("models:/") if source.startswith("models:/m-") else None
-        )
-        if model_id is None:  # registered from a path: nothing says where its files are
+        if (model_id := _model_id(version)) is None:  # registered from a path: nothing says where
             return True
         return self.client.get_logged_model(model_id).experiment_id == self.experiment_id
 
     def version_model_id(self, registered_name: str, version: str) -> str | None:
-        """The logged model a registered version was made from (None: registered from a path).
-        A local store keeps it only in the version's source, `models:/<model id>`."""
-        found = self.client.get_model_version(registered_name, version)
-        if found.model_id:
-            return found.model_id
-        source = found.source or ""
-        return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        """The logged model a registered version was made from (None: registered from a path)."""
+        return _model_id(self.client.get_model_version(registered_name, version))
 
     def _log_model_metrics(self, run_id: str, model_id: str, metrics: Sequence[Metric]) -> None:
         """`metrics` on the logged model, each key once (a key it has already is left as it is).
@@ -282,6 +279,15 @@ class ModelRegistry:
 
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name, alias, version)
+
+
+def _model_id(version: Any) -> str | None:
+    """A registered version's logged model (None: registered from a path). A local store keeps
+    it only in the version's source, `models:/<model id>`."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def resolve_version(tracking_uri: str, model: str) -> tuple[str, str]:

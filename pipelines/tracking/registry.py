@@ -57,9 +57,9 @@ def is_registered(tracker: Tracker, registered: str, version: str, key: str) -> 
     moved aside), or copied with a storage root that moved: the marker's version is then missing,
     another model's, or one whose files are under the old root."""
     try:
-        tags = tracker.models.version_tags(registered, version)
+        tags = tracker.models.tags_if_made_here(registered, version)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return False
-    return tags.get(KEY_TAG, key) == key and tracker.models.made_here(registered, version)
+    return tags is not None and tags.get(KEY_TAG, key) == key
