@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import gammaincinv
 
 from components.errors import TaskatlasError
 from components.loss_cube import LossCube
@@ -66,6 +67,27 @@ def replicate_factor(replicates: np.ndarray | int) -> np.ndarray:
     varies by the plug-in (R - 1)/R s^2 / R: two thirds at R = 3."""
     r = np.asarray(replicates, dtype=float)
     return np.sqrt(np.where(r > 1, r / np.maximum(r - 1, 1), 1.0))
+
+
+def replicate_scale(seed: int, target: str, n: int, dof: np.ndarray | int) -> np.ndarray:
+    """(n, *shape of dof) sqrt(nu / q_b): resample b's scale of its replicates' deviation, q_b the
+    chi-square quantile (nu = dof degrees of freedom) of one uniform per resample and target.
+
+    Why: R replicates estimate the spread of their pair's win rate with R - 1 degrees of freedom
+    (2 at R = 3), so a rerun's estimate is Student-t about this one, not normal: three runs that
+    happen to agree say little about how far a fourth lands. A normal deviation times this scale
+    is t-distributed with nu degrees of freedom (the scale mixture that defines t). One uniform per
+    resample serves every pair of the target (comonotone across pairs of different nu): a resample
+    is one guess at how noisy the target's training is, which keeps AHP's ratios of a resample
+    consistent with each other. nu <= 0 (no replicate noise): scale 1. The stream depends only on
+    the seed and the target, like `replicate_draws`."""
+    check_seed(seed)
+    nu = np.asarray(dof, dtype=float)
+    entropy = [int(seed), zlib.crc32(target.encode()), zlib.crc32(b"replicate scale")]
+    u = np.random.default_rng(np.random.SeedSequence(entropy)).random(n)
+    u = u.reshape((n,) + (1,) * nu.ndim)
+    quantile = 2 * gammaincinv(np.maximum(nu, 1) / 2, np.maximum(u, 1e-300))  # chi-square(nu) at u
+    return np.where(nu > 0, np.sqrt(np.maximum(nu, 1) / quantile), 1.0)
 
 
 def with_replicate_noise(images: np.ndarray, drawn: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
@@ -159,7 +181,9 @@ def resampled_wins(
         slots = int(reps.max())
         images = paired_wins(cross, first, reps, np.broadcast_to(np.arange(slots), (k, slots)))
         drawn = paired_wins(cross[1:], first, reps, replicate_draws(seed, target, slots, n_resamples))
-        factor = replicate_factor(slots)
+        factor = (
+            replicate_factor(slots) * replicate_scale(seed, target, n_resamples, slots - 1)[:, None, None]
+        )
     else:
         every = [np.broadcast_to(np.arange(r), (k, r)) for r in reps]
         images = independent_wins(cross, first, reps, every)
@@ -174,5 +198,5 @@ def resampled_wins(
             np.minimum(many[:, None], many[None, :]),
             np.maximum(many[:, None], many[None, :]),
         )
-        factor = replicate_factor(pair)
+        factor = replicate_factor(pair) * replicate_scale(seed, target, n_resamples, pair - 1)
     return np.concatenate([images[:1], with_replicate_noise(images[1:], drawn, factor)])
