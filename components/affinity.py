@@ -28,7 +28,9 @@ label for counts nowhere for it; and (2) replicates with replacement (`replicate
 one vector of R slots per target, shared by all its candidates (so the resample keeps the pairing
 the point estimate relies on); independent, R_c replicates per candidate. The replicates' part of
 each resample's deviation is widened by sqrt(R / (R - 1)) (`with_replicate_noise`): R draws from
-R replicates vary by (R - 1)/R of what a rerun's R fresh ones do. Its win rates are the
+R replicates vary by (R - 1)/R of what a rerun's R fresh ones do; and scaled by sqrt(nu / chi2_nu),
+nu = R - 1 (`replicate_scale`), since R replicates only estimate that spread, so a rerun lands
+Student-t about the estimate. Its win rates are the
 same statistic on the drawn replicates under the weights w_b,
 
     W_b[i, j] = mean over drawn pairs (a, b) of sum_I w_bI (1[l_i^a(I) < l_j^b(I)] + 0.5 1[tie]) / sum_I w_bI,
