@@ -181,7 +181,9 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     # The roots as a tag: studies compared in the run table, and filtered (tags.`taxonomy.roots`)
     inv.tracker.set_tags(inv.run_id, {ROOTS_TAG: ",".join(answer.roots)})
     artifacts = (*TAXONOMY_ON_PARENT, *AFFINITY_ON_PARENT)
-    inv.tracker.describe(inv.run_id, answer_markdown(answer, table, inv.run_id, artifacts))
+    inv.tracker.describe(
+        inv.run_id, answer_markdown(answer, table, (inv.tracker.experiment_id, inv.run_id), artifacts)
+    )
     return result
 
 

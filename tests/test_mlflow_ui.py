@@ -392,8 +392,10 @@ def test_the_description_names_only_the_files_on_its_run():
     table = pa.table(
         {"target": ["depth"], "sources": [["normal"]], "affinity": [1.0], "order": [1], "kind": ["transfer"]}
     )
-    note = answer_markdown(taxonomy, table, "r1", ("taxonomy.json", "taxonomy.png", "affinity.csv"))
-    assert "path=taxonomy.png&run_uuid=r1" in note and "affinity_heatmap" not in note
+    note = answer_markdown(taxonomy, table, ("7", "r1"), ("taxonomy.json", "taxonomy.png", "affinity.csv"))
+    # the UI's artifact viewer (getRunPageRoute with an artifact path), not get-artifact's download
+    assert "[taxonomy](#/experiments/7/runs/r1/artifacts/taxonomy.png)" in note
+    assert "get-artifact" not in note and "affinity_heatmap" not in note
     named = {w.strip("`.,") for w in note.split() if w.startswith("`") and "." in w}
     assert named == {"taxonomy.json", "taxonomy.png", "affinity.csv"}
 
@@ -520,7 +522,7 @@ def test_the_description_says_what_a_roots_affinity_is_and_names_source_only_tas
             "affinity": [0.6, 0.1, 0.8, 0.2],
         }
     )
-    note = answer_markdown(taxonomy, table, "r1")
+    note = answer_markdown(taxonomy, table, ("7", "r1"))
     assert "For a root, the affinity is that of its own fully supervised network (`self`)." in note
     assert "Sources only, never targets, so not in the tables: colorization." in note
     assert "draws of what a rerun would measure" not in note  # no bootstrap: no shares said

@@ -85,9 +85,14 @@ def check_the_answer_is_browsable(root, parent, taxonomy):
         for key, metric in last.items():
             assert by_model[key].value == pytest.approx(metric.value) and by_model[key].step == metric.step
 
+    (solved,) = runs_named(root, "taxonomy")  # the sweep by budget, each named, none as a curve
+    assert solved.data.metrics[f"objective_at_budget_{taxonomy['budget']}"] == pytest.approx(
+        taxonomy["objective"]
+    )
+    assert "sweep_objective" not in solved.data.metrics
     for r in client.search_runs([run.info.experiment_id]):  # no flat curves: constants are tags
-        # sweep_objective's steps are budgets (flat is a finding); system/ are MLflow's samples
-        for key in {k for k in r.data.metrics if not k.startswith("system/")} - {"sweep_objective"}:
+        # system/ are MLflow's samples
+        for key in {k for k in r.data.metrics if not k.startswith("system/")}:
             history = client.get_metric_history(r.info.run_id, key)
             steps = {m.step for m in history}
             assert len(steps) == 1 or len({m.value for m in history}) > 1, (r.info.run_name, key)

@@ -53,8 +53,10 @@ def record_taxonomy(
     metrics = {"objective": taxonomy.objective, "roots": len(taxonomy.roots)}
     metrics |= {"stability": stability.taxonomy} if stability else {}
     tracker.log_metrics(run, metrics | {"wall_seconds": time.time() - started})
-    tracker.log_history(
-        run, [("sweep_objective", p.objective, int(p.budget)) for p in sweep if p.objective is not None]
+    # the sweep one metric per budget, each named with it: a history's last point would show on
+    # the run's page as if it were the objective (budget_sweep.png draws the curve)
+    tracker.log_metrics(
+        run, {f"objective_at_budget_{p.budget}": p.objective for p in sweep if p.objective is not None}
     )
     for path in files:
         tracker.log_artifact(run, path)

@@ -20,10 +20,15 @@ BASELINE_NAMES = frozenset(k.value for k in ALL_BASELINES)
 
 
 def answer_markdown(
-    answer: StudyAnswer, affinity: pa.Table, run_id: str, artifacts: Sequence[str] = (), top: int = 3
+    answer: StudyAnswer,
+    affinity: pa.Table,
+    run: tuple[str, str],
+    artifacts: Sequence[str] = (),
+    top: int = 3,
 ) -> str:
-    """`answer` is Stage IV's; `affinity` the table; `artifacts` the files on the run `run_id`
-    (the pictures are linked if among them)."""
+    """`answer` is Stage IV's; `affinity` the table; `artifacts` the files on `run`, (experiment
+    id, run id): the pictures among them are linked to the UI's artifact viewer (the REST
+    `get-artifact` answers with a download, not a picture)."""
     stability, said, taxonomy = answer.stability, answer.verdict, answer.taxonomy
     value = {
         (row["target"], "+".join(row["sources"])): row["affinity"]
@@ -71,7 +76,8 @@ def answer_markdown(
         cells = [f"{'+'.join(s)} ({a:.3f})" for s, a in best] + [""] * (top - len(best))
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     pictures = {"taxonomy.png": "taxonomy", "affinity_heatmap.png": "affinity heatmap"}
-    links = [f"[{pictures[n]}](get-artifact?path={n}&run_uuid={run_id})" for n in artifacts if n in pictures]
+    viewer = "#/experiments/{}/runs/{}/artifacts/".format(*run)  # the UI's route to a run's artifact
+    links = [f"[{pictures[n]}]({viewer}{n})" for n in artifacts if n in pictures]
     if artifacts:  # only what is on this run: the `affinity` and `taxonomy` runs hold the rest
         shown = f"Pictures: {', '.join(links)}. " if links else ""
         lines += ["", shown + f"In this run's Artifacts tab: {', '.join(f'`{n}`' for n in artifacts)}."]
