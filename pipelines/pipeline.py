@@ -17,8 +17,6 @@ import statistics
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-import pyarrow as pa
-
 from components.answer import StudyAnswer
 from components.data.shards import MANIFEST, ShardStore
 from components.errors import TaskatlasError
@@ -26,8 +24,7 @@ from components.storage import Location
 from components.tasks import Task
 from components.vocabulary import SELF
 from pipelines.analysis.plan import affinity_step, taxonomy_step
-from pipelines.analysis.report import answer_markdown
-from pipelines.analysis.run import run_affinity, run_taxonomy
+from pipelines.analysis.run import analyse
 from pipelines.config import PipelineConfig
 from pipelines.invocation import Invocation, dataset_folder
 from pipelines.results import Stage2Result, TaskResult
@@ -36,8 +33,7 @@ from pipelines.stage1.run import Stage1
 from pipelines.stage2.plan import Stage2Plan, transfer_plan
 from pipelines.stage2.record import LOSSES, READOUTS_TRAINED
 from pipelines.stage2.run import Stage2
-from pipelines.steps import DONE, StepStatus, log_stored_artifact
-from pipelines.tracking.runs import Tracker
+from pipelines.steps import DONE, StepStatus
 
 
 class Stage(str, Enum):
@@ -48,11 +44,6 @@ class Stage(str, Enum):
 
 
 ALL_STAGES = tuple(Stage)
-# What the parent run holds of Stages III and IV (its description names exactly these); the
-# `affinity` and `taxonomy` runs hold the rest. CSV: the UI previews it, not Parquet.
-AFFINITY_ON_PARENT = ("affinity.csv", "affinity.parquet", "affinity_heatmap.png")
-TAXONOMY_ON_PARENT = ("taxonomy.json", "taxonomy.png", "budget_sweep.png")
-ROOTS_TAG = "taxonomy.roots"  # on the parent run: the chosen roots, comma-separated
 
 
 def parse_stages(text: str | None) -> tuple[Stage, ...]:
@@ -145,29 +136,19 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     if not {Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
         return result
 
-    affinity = affinity_step(cfg, result.stage2.key, result.stage2.losses)
-    result.steps.append(("affinity", StepStatus.REUSE if affinity.complete else StepStatus.RUN))
-    fresh = not affinity.complete
-    affinity = run_affinity(cfg, result.stage2.losses, result.stage2.key, inv.tracker, inv.run_id)
-    table = (affinity.location / "affinity.parquet").read_parquet()
-    if fresh:
-        _score_readout_runs(inv.tracker, result.stage2.readout_runs, table)
-    for name in AFFINITY_ON_PARENT:
-        log_stored_artifact(inv.tracker, inv.run_id, affinity.location / name)
-    result.affinity_path = affinity.location / "affinity.parquet"
-    result.unlabelled_images = affinity.info().get("unlabelled_images", {})
-    if Stage.TAXONOMY not in stages:
+    analysis = analyse(
+        cfg,
+        result.stage2,
+        inv.tracker,
+        (inv.tracker.experiment_id, inv.run_id),
+        taxonomy=Stage.TAXONOMY in stages,
+    )
+    result.steps += analysis.steps
+    result.affinity_path = analysis.affinity.location / "affinity.parquet"
+    result.unlabelled_images = analysis.unlabelled_images
+    if analysis.answer is None:
         return result
-    taxonomy = taxonomy_step(cfg, affinity.key)
-    result.steps.append(("taxonomy", StepStatus.REUSE if taxonomy.complete else StepStatus.RUN))
-    taxonomy = run_taxonomy(cfg, affinity, inv.tracker, inv.run_id)
-    for name in TAXONOMY_ON_PARENT:
-        log_stored_artifact(inv.tracker, inv.run_id, taxonomy.location / name)
-    result.taxonomy = answer = StudyAnswer.from_json(taxonomy.info(), str(taxonomy.location))
-    metrics = {"taxonomy_objective": answer.taxonomy.objective}
-    if answer.stability:
-        metrics["taxonomy_stability"] = answer.stability.taxonomy
-    inv.tracker.log_metrics(inv.run_id, metrics)
+    result.taxonomy = analysis.answer
     inv.tracker.log_metrics(
         inv.run_id,
         {
@@ -178,28 +159,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
             READOUTS_TRAINED: result.stage2.ran,  # as on the transfer run
         },
     )
-    # The roots as a tag: studies compared in the run table, and filtered (tags.`taxonomy.roots`)
-    inv.tracker.set_tags(inv.run_id, {ROOTS_TAG: ",".join(answer.roots)})
-    artifacts = (*TAXONOMY_ON_PARENT, *AFFINITY_ON_PARENT)
-    inv.tracker.describe(
-        inv.run_id, answer_markdown(answer, table, (inv.tracker.experiment_id, inv.run_id), artifacts)
-    )
     return result
-
-
-# Stage III's columns on each readout's run: the affinity with its bootstrap interval (95%),
-# quality (vs self), gain (vs pixels)
-SCORES = ("affinity", "affinity_lo", "affinity_hi", "quality", "gain")
-
-
-def _score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
-    """Stage III's verdict on each readout, on its own run (`SCORES`), so MLflow's run table
-    sorts and filters sources by them."""
-    scores = {}
-    for row in table.to_pylist():
-        if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
-            scores[run] = {k: row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
-    tracker.batches.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
 
 
 def dry_run(cfg: PipelineConfig, stages: tuple[Stage, ...] = ALL_STAGES) -> list[tuple[str, StepStatus]]:

@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from components.answer import Stability
+from components.answer import Stability, StudyAnswer
 from components.config import to_dict
 from components.taxonomy import SweepPoint, Taxonomy
+from pipelines.analysis.report import answer_markdown
 from pipelines.sections import TaxonomyConfig
 from pipelines.tracking.runs import Tracker
+
+# What the parent run holds of Stages III and IV (its description names exactly these); the
+# `affinity` and `taxonomy` runs hold the rest. CSV: the UI previews it, not Parquet.
+AFFINITY_ON_PARENT = ("affinity.csv", "affinity.parquet", "affinity_heatmap.png")
+TAXONOMY_ON_PARENT = ("taxonomy.json", "taxonomy.png", "budget_sweep.png")
+ROOTS_TAG = "taxonomy.roots"  # on the parent run: the chosen roots, comma-separated
+# Stage III's columns on each readout's run: the affinity with its bootstrap interval (95%),
+# quality (vs self), gain (vs pixels)
+SCORES = ("affinity", "affinity_lo", "affinity_hi", "quality", "gain")
 
 
 def record_affinity(
@@ -62,3 +72,27 @@ def record_taxonomy(
         tracker.log_artifact(run, path)
     tracker.end_run(run)
     return run
+
+
+def score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
+    """Stage III's verdict on each readout, on its own run (`SCORES`), so MLflow's run table
+    sorts and filters sources by them."""
+    scores = {}
+    for row in table.to_pylist():
+        if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
+            scores[run] = {k: row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
+    tracker.batches.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
+
+
+def record_answer(tracker: Tracker, run: tuple[str, str], answer: StudyAnswer, affinity: pa.Table) -> None:
+    """The answer on the study's run `run` (experiment id, run id): its objective and stability,
+    the roots as a tag (studies compared and filtered in the run table: tags.`taxonomy.roots`),
+    and the description a researcher reads first."""
+    metrics = {"taxonomy_objective": answer.taxonomy.objective}
+    if answer.stability:
+        metrics["taxonomy_stability"] = answer.stability.taxonomy
+    run_id = run[1]
+    tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {ROOTS_TAG: ",".join(answer.roots)})
+    artifacts = (*TAXONOMY_ON_PARENT, *AFFINITY_ON_PARENT)
+    tracker.describe(run_id, answer_markdown(answer, affinity, run, artifacts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,13 +36,63 @@ from pipelines.analysis.plan import (
     taxonomy_step,
     within_table,
 )
-from pipelines.analysis.record import record_affinity, record_taxonomy
+from pipelines.analysis.record import (
+    AFFINITY_ON_PARENT,
+    TAXONOMY_ON_PARENT,
+    record_affinity,
+    record_answer,
+    record_taxonomy,
+    score_readout_runs,
+)
 from pipelines.config import PipelineConfig
 from pipelines.progress import progress_bar
-from pipelines.steps import Step
+from pipelines.results import Stage2Result
+from pipelines.steps import Step, StepStatus, log_stored_artifact
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
     from pipelines.tracking.runs import Tracker
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What Stages III and IV gave the study's run: the affinity step, the answer (None where
+    Stage IV was not asked for) and each step's status."""
+
+    affinity: Step
+    answer: StudyAnswer | None
+    steps: tuple[tuple[str, StepStatus], ...]
+
+    @property
+    def unlabelled_images(self) -> dict[str, int]:
+        return self.affinity.info().get("unlabelled_images", {})
+
+
+def analyse(
+    cfg: PipelineConfig, stage2: Stage2Result, tracker: Tracker, run: tuple[str, str], *, taxonomy: bool
+) -> Analysis:
+    """Stages III and IV on Stage II's losses, for the study's run `run` (experiment id, run id):
+    each step run or reused, each readout's run scored once (when its affinity is new), the
+    tables and pictures on the study's run, and with `taxonomy` the answer in its description."""
+    run_id = run[1]
+    affinity = affinity_step(cfg, stage2.key, stage2.losses)
+    steps = [("affinity", StepStatus.REUSE if affinity.complete else StepStatus.RUN)]
+    fresh = not affinity.complete
+    affinity = run_affinity(cfg, stage2.losses, stage2.key, tracker, run_id)
+    table = (affinity.location / "affinity.parquet").read_parquet()
+    if fresh:
+        score_readout_runs(tracker, stage2.readout_runs, table)
+    for name in AFFINITY_ON_PARENT:
+        log_stored_artifact(tracker, run_id, affinity.location / name)
+    if not taxonomy:
+        return Analysis(affinity, None, tuple(steps))
+    solved = taxonomy_step(cfg, affinity.key)
+    steps.append(("taxonomy", StepStatus.REUSE if solved.complete else StepStatus.RUN))
+    solved = run_taxonomy(cfg, affinity, tracker, run_id)
+    for name in TAXONOMY_ON_PARENT:
+        log_stored_artifact(tracker, run_id, solved.location / name)
+    answer = StudyAnswer.from_json(solved.info(), str(solved.location))
+    record_answer(tracker, run, answer, table)
+    return Analysis(affinity, answer, tuple(steps))
 
 
 def run_affinity(
