@@ -13,7 +13,6 @@ stage runs' durations, end to end.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import time
@@ -45,7 +44,7 @@ from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.search import TrialProgress
 from pipelines.stage2.readout_runs import ReadoutRunLog
 from pipelines.tracking.entities import NOTE
-from pipelines.tracking.logger import RunLogger
+from pipelines.tracking.logger import SYSTEM_METRICS_INTERVAL_S, RunLogger
 from pipelines.tracking.store import run_url
 from tests.services import start_mlflow_server
 from tests.study import write_study
@@ -266,11 +265,16 @@ def test_a_train_run_names_each_setting_once_and_shows_its_dataset_and_a_signatu
     assert kv(inputs[0]["tags"])["mlflow.data.context"] == "train"
     tags = kv(train["data"].get("tags"))
     assert tags["mlflow.parentRunId"] == recorded.parent
-    if importlib.util.find_spec("psutil") is not None:  # MLflow's system metrics need psutil
-        system = {m["key"]: m["value"] for m in train["data"]["metrics"] if m["key"].startswith("system/")}
-        assert system, "no system metrics on the train run"
-        # regression: a run shorter than one interval read psutil's first (always 0.0) CPU sample
-        assert system["system/cpu_utilization_percentage"] > 0
+    system = {m["key"]: m["value"] for m in train["data"]["metrics"] if m["key"].startswith("system/")}
+    assert system, "no system metrics on the train run"  # psutil is a dependency: MLflow measures with it
+    # regression: a run shorter than one interval read psutil's first (always 0.0) CPU sample
+    assert system["system/cpu_utilization_percentage"] > 0
+    # regression (issue 40): one or two samples for a fit of 6 s; now one a second, less the ends
+    samples = recorded.tracker.client.get_metric_history(
+        train["info"]["run_id"], "system/cpu_utilization_percentage"
+    )
+    seconds = (int(train["info"]["end_time"]) - int(train["info"]["start_time"])) / 1000
+    assert len(samples) >= max(1, int(seconds / SYSTEM_METRICS_INTERVAL_S) - 2), (len(samples), seconds)
     model = recorded.tracker.client.get_logged_model(
         recorded.tracker.client.get_run(recorded.trained.run_id).outputs.model_outputs[0].model_id
     )
@@ -526,3 +530,17 @@ def test_the_description_says_what_a_roots_affinity_is_and_names_source_only_tas
     assert "For a root, the affinity is that of its own fully supervised network (`self`)." in note
     assert "Sources only, never targets, so not in the tables: colorization." in note
     assert "draws of what a rerun would measure" not in note  # no bootstrap: no shares said
+
+
+def test_a_fit_of_a_few_seconds_gets_several_system_metric_samples(tmp_path):
+    """Regression (issue 40): sampled every 5 s, a quickstart fit of 6-9 s showed one or two
+    system-metric points. A 4-second block at the default interval: at least 3 (one a second,
+    less a second for the monitor to start)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("metrics")).info.run_id
+    logger = RunLogger(uri, run)
+    with logger.system_metrics():
+        time.sleep(4)
+    samples = client.get_metric_history(run, "system/cpu_utilization_percentage")
+    assert len(samples) >= 3, len(samples)

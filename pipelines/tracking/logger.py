@@ -31,7 +31,8 @@ from pipelines.tracking.store import (
     is_server,
 )
 
-SYSTEM_METRICS_INTERVAL_S = 5.0  # how often a train run samples its machine's CPU, memory and GPU
+SYSTEM_METRICS_INTERVAL_S = 1.0  # how often a train run samples its machine's CPU, memory and GPU: a fit of
+# a few seconds (the quickstart's) gets several samples, not one
 
 
 @dataclass(frozen=True)
