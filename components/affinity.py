@@ -13,8 +13,9 @@ move it: the win rate of i over j is the mean over replicate pairs of the share 
 that replicate of i beats that replicate of j. Paired seeds (`transfer.pairing: paired`, replicate r
 of every candidate of a target shares its seed) pair replicate r with replicate r: a target has
 R = max_c R_c replicate slots and slot s reads replicate s mod R_c of candidate c (a candidate with
-one replicate, such as `self` when the networks are not replicated, is the same in every slot).
-Independent seeds average over every pair (a, b) of replicates of i and of j.
+one replicate, such as `self` when the networks are not replicated, is the same in every slot,
+and its resamples borrow the training noise its target's other candidates measured:
+`unmeasured_shifts`). Independent seeds average over every pair (a, b) of replicates of i and of j.
 
 One target at a time: `affinity_by_target` reads a target's losses, computes its rows (and its
 bootstrap resamples) and drops the losses before reading the next, so no process holds the whole

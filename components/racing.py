@@ -15,8 +15,9 @@ candidates with `p_best` >= `p_best` race on, and, until they have two replicate
 candidates by affinity too (the shares that left them out did not know how they train), each
 with the target's baselines (`self` and `random` are AHP candidates, `pixels` the reference of
 the no-gain flag), so the win rates a decision rests on see the same training runs. A candidate
-left behind keeps the replicates it has: the multi-bootstrap treats it as the same in every
-slot, its training noise unmeasured, which is why only candidates no resample chose are left.
+left behind keeps the replicates it has; with one, the multi-bootstrap lends it the training noise
+its target's raced candidates measured (`components.resampling.unmeasured_shifts`), so the shares
+that left it behind still allow for how it might have trained.
 """
 
 from __future__ import annotations

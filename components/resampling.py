@@ -90,15 +90,22 @@ def replicate_scale(seed: int, target: str, n: int, dof: np.ndarray | int) -> np
     return np.where(nu > 0, np.sqrt(np.maximum(nu, 1) / quantile), 1.0)
 
 
-def with_replicate_noise(images: np.ndarray, drawn: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
+def with_replicate_noise(
+    images: np.ndarray, drawn: np.ndarray, factor: np.ndarray | float, shift: np.ndarray | None = None
+) -> np.ndarray:
     """(B, n, n) win rates of resamples of the images alone (every replicate, as the estimate reads
     them) and of images and replicates drawn together -> the resamples with the replicates' part of
-    the deviation widened by `factor` (`replicate_factor`, scalar or per pair), clipped to [0, 1].
-    The image part is left as the bootstrap gives it (n images: (n - 1)/n of its variance, nearly
-    all). Not fewer replicates drawn (R - 1 of R has the right variance too): a resample of fewer
-    runs is one of more extreme win rates, which AHP's ratios turn into affinities outside the
-    interval of the estimate. W_ji = 1 - W_ij is kept: both parts keep it, and the clip is symmetric."""
-    return _win_rates(images + factor * (drawn - images))
+    the deviation widened by `factor` (`replicate_factor`, times `replicate_scale`; scalar or per
+    pair), each candidate's `shift` (B, n) added to its wins and taken from its losses
+    (`unmeasured_shifts`), clipped to [0, 1]. The image part is left as the bootstrap gives it (n
+    images: (n - 1)/n of its variance, nearly all). Not fewer replicates drawn (R - 1 of R has the
+    right variance too): a resample of fewer runs is one of more extreme win rates, which AHP's
+    ratios turn into affinities outside the interval of the estimate. W_ji = 1 - W_ij is kept: every
+    part keeps it, and the clip is symmetric."""
+    deviation = factor * (drawn - images)
+    if shift is not None:
+        deviation = deviation + shift[:, :, None] - shift[:, None, :]
+    return _win_rates(images + deviation)
 
 
 def predictive_wins(point: np.ndarray, resamples: np.ndarray) -> np.ndarray:
@@ -174,16 +181,16 @@ def resampled_wins(
     """(1 + B, V, V) win rates between a target's (candidate, replicate) rows, row 0 over all
     images and the others under each resample's image weights -> (1 + B, n, n) candidate win rates:
     row 0 the estimate (every replicate once), then each resample's images with every replicate,
-    its drawn replicates' part of the deviation widened to a rerun's (`with_replicate_noise`).
+    its drawn replicates' part of the deviation widened to a rerun's (`with_replicate_noise`), and
+    candidates trained once given the noise the others measured (`unmeasured_shifts`).
     `sets`: the candidates' source sets (independent seeds draw per candidate)."""
     k, n_resamples = len(cross), len(cross) - 1
     if paired:
         slots = int(reps.max())
         images = paired_wins(cross, first, reps, np.broadcast_to(np.arange(slots), (k, slots)))
         drawn = paired_wins(cross[1:], first, reps, replicate_draws(seed, target, slots, n_resamples))
-        factor = (
-            replicate_factor(slots) * replicate_scale(seed, target, n_resamples, slots - 1)[:, None, None]
-        )
+        factor, dof = replicate_factor(slots), slots - 1
+        scale = replicate_scale(seed, target, n_resamples, dof)[:, None, None]
     else:
         every = [np.broadcast_to(np.arange(r), (k, r)) for r in reps]
         images = independent_wins(cross, first, reps, every)
@@ -198,5 +205,34 @@ def resampled_wins(
             np.minimum(many[:, None], many[None, :]),
             np.maximum(many[:, None], many[None, :]),
         )
-        factor = replicate_factor(pair) * replicate_scale(seed, target, n_resamples, pair - 1)
-    return np.concatenate([images[:1], with_replicate_noise(images[1:], drawn, factor)])
+        factor, dof = replicate_factor(pair), int(reps.max()) - 1
+        scale = replicate_scale(seed, target, n_resamples, pair - 1)
+    shift = unmeasured_shifts(factor * (drawn - images[1:]), reps, seed, target)
+    shift = shift * replicate_scale(seed, target, n_resamples, dof)[:, None]  # t, as the measured
+    return np.concatenate([images[:1], with_replicate_noise(images[1:], drawn, factor * scale, shift)])
+
+
+def unmeasured_shifts(deviation: np.ndarray, reps: np.ndarray, seed: int, target: str) -> np.ndarray:
+    """(B, n, n) replicate deviations of a target's win rates (widened, not yet t-scaled) and each
+    candidate's replicates -> (B, n) a shift of each candidate trained once, 0 for the others.
+
+    Why: a candidate with one replicate is the same run in every resample, so its own training
+    noise was assumed away: its win rates varied only by its opponents' replicates, half what a
+    rerun's would (racing leaves candidates at one replicate; so do networks that are not
+    replicated, such as `self`). It borrows its target's: a pair of measured candidates (two
+    replicates or more) varies by about s_i^2 + s_j^2, so one candidate by the mean over those
+    pairs of their variance, halved (with no such pair, the mean variance of the pairs of one
+    measured and one unmeasured candidate: the measured one's alone). Resample b moves candidate c
+    by a normal draw of that variance: + on its wins over every other, - on theirs over it, as a
+    better or worse training run would. Nothing where no candidate is measured (no noise seen)."""
+    n_resamples, n = deviation.shape[:2]
+    measured = reps > 1
+    if measured.all() or not measured.any() or not n_resamples:
+        return np.zeros((n_resamples, n))
+    i, j = np.triu_indices(n, 1)
+    variance = deviation[:, i, j].var(axis=0)  # per pair, over the resamples
+    both, one = measured[i] & measured[j], measured[i] != measured[j]
+    own = variance[both].mean() / 2 if both.any() else variance[one].mean()
+    entropy = [int(seed), zlib.crc32(target.encode()), zlib.crc32(b"unmeasured candidates")]
+    draws = np.random.default_rng(np.random.SeedSequence(entropy)).normal(size=(n_resamples, n))
+    return np.where(measured, 0.0, draws * np.sqrt(own))

@@ -102,61 +102,94 @@ TINY = {
 def _brute_force(per_target: dict, target: str, seed: int, b: int, n: int, paired: bool = True) -> dict:
     """Resample b by hand, with explicit loops: the study's image weights, the drawn replicates
     (paired: one draw of the target's slots, slot s reading replicate s mod R_c; independent: a draw
-    per candidate, every drawn pair), the mean of their weighted win rates, the Perron vector."""
+    per candidate, every drawn pair), the mean of their weighted win rates, the replicates' part
+    widened and t-scaled, a candidate trained once moved by the noise the others measured, the
+    Perron vector."""
     ids = sorted({f"img{i}" for t in per_target.values() for v in t.values() for i in range(len(v[0]))})
-    weights = dict(zip(ids, image_weights(seed, ids, n)[b], strict=True))
     by_source = {tuple(sorted(s.split("+"))): np.array(v, dtype=float) for s, v in per_target[target].items()}
-    names = sorted(s for s in by_source if s != ("pixels",))
+    everyone = sorted(by_source)  # the cube's candidates, pixels too (its noise is pooled as well)
+    names = [s for s in everyone if s != ("pixels",)]
     slots = max(len(v) for v in by_source.values())  # pixels counts: the cube's replicate slots
+    labelled = [i for i in range(len(ids)) if i < by_source[names[0]].shape[1]]
+    labelled = [i for i in labelled if not np.isnan(by_source[names[0]][0, i])]  # measured, with a label
 
     def slot_pairs(slots_drawn):
         return {
             (p, q): [(s % len(by_source[p]), s % len(by_source[q])) for s in slots_drawn]
-            for p in names
-            for q in names
+            for p in everyone
+            for q in everyone
         }
 
     def every_pair(mine):
-        return {(p, q): [(x, y) for x in mine[p] for y in mine[q]] for p in names for q in names}
+        return {(p, q): [(x, y) for x in mine[p] for y in mine[q]] for p in everyone for q in everyone}
 
-    if paired:  # the replicates every slot reads, and those resample b draws
-        every = slot_pairs(range(slots))
-        pairs = slot_pairs(replicate_draws(seed, target, slots, n)[b])
-    else:
-        every = every_pair({s: range(len(by_source[s])) for s in names})
-        pairs = every_pair({s: replicate_draws(seed, target, len(by_source[s]), n, s)[b] for s in names})
-    labelled = [i for i in range(len(ids)) if i < by_source[names[0]].shape[1]]
-    labelled = [i for i in labelled if not np.isnan(by_source[names[0]][0, i])]  # measured, with a label
-    total = sum(weights[f"img{i}"] for i in labelled)
-
-    def rate(p, q, chosen):  # the mean weighted win rate of p over q over the chosen replicate pairs
-        rates = []
-        for x, y in chosen[p, q]:
-            lp, lq = by_source[p][x], by_source[q][y]
-            won = sum(weights[f"img{i}"] * ((lp[i] < lq[i]) + 0.5 * (lp[i] == lq[i])) for i in labelled)
-            rates.append(won / total)
-        return np.mean(rates)
-
-    def widening(p, q):  # sqrt(R / (R - 1)) t-scaled, R the replicates whose noise the pair carries
-        if paired:
-            r = slots
+    def rates(c):  # resample c: (win rate over every replicate, over the drawn ones) of each ordered pair
+        weights = dict(zip(ids, image_weights(seed, ids, n)[c], strict=True))
+        if paired:  # the replicates every slot reads, and those resample c draws
+            every = slot_pairs(range(slots))
+            pairs = slot_pairs(replicate_draws(seed, target, slots, n)[c])
         else:
-            many = [len(by_source[s]) for s in (p, q) if len(by_source[s]) > 1]
-            r = min(many) if many else 1
-        if r <= 1:
-            return 1.0
+            every = every_pair({s: range(len(by_source[s])) for s in everyone})
+            pairs = every_pair(
+                {s: replicate_draws(seed, target, len(by_source[s]), n, s)[c] for s in everyone}
+            )
+        total = sum(weights[f"img{i}"] for i in labelled)
+
+        def rate(p, q, chosen):  # the mean weighted win rate of p over q over the chosen replicate pairs
+            out = []
+            for x, y in chosen[p, q]:
+                lp, lq = by_source[p][x], by_source[q][y]
+                won = sum(weights[f"img{i}"] * ((lp[i] < lq[i]) + 0.5 * (lp[i] == lq[i])) for i in labelled)
+                out.append(won / total)
+            return np.mean(out)
+
+        return {(p, q): (rate(p, q, every), rate(p, q, pairs)) for p in everyone for q in everyone if p != q}
+
+    def t_scale(dof):  # sqrt(nu / chi2_nu) at resample b's uniform
         u = np.random.default_rng(
             np.random.SeedSequence([seed, zlib.crc32(target.encode()), zlib.crc32(b"replicate scale")])
         ).random(n)[b]
-        return np.sqrt(r / (r - 1)) * np.sqrt((r - 1) / stats.chi2.ppf(u, r - 1))
+        return np.sqrt(dof / stats.chi2.ppf(u, dof)) if dof > 0 else 1.0
 
+    def pair_replicates(p, q):  # R, the replicates whose noise the pair carries
+        if paired:
+            return slots
+        many = [len(by_source[s]) for s in (p, q) if len(by_source[s]) > 1]
+        return min(many) if many else 1
+
+    def widening(p, q):  # sqrt(R / (R - 1))
+        r = pair_replicates(p, q)
+        return np.sqrt(r / (r - 1)) if r > 1 else 1.0
+
+    measured = {s for s in everyone if len(by_source[s]) > 1}
+    shift = dict.fromkeys(everyone, 0.0)
+    if measured and len(measured) < len(everyone):  # a candidate trained once borrows the target's noise
+        every_b = [rates(c) for c in range(n)]
+        spread = {
+            (p, q): np.var([widening(p, q) * (r[p, q][1] - r[p, q][0]) for r in every_b])
+            for p in everyone
+            for q in everyone
+            if p < q
+        }
+        both = [v for (p, q), v in spread.items() if p in measured and q in measured]
+        one = [v for (p, q), v in spread.items() if (p in measured) != (q in measured)]
+        own = np.mean(both) / 2 if both else np.mean(one)
+        draws = np.random.default_rng(
+            np.random.SeedSequence([seed, zlib.crc32(target.encode()), zlib.crc32(b"unmeasured candidates")])
+        ).normal(size=(n, len(everyone)))[b]
+        dof = slots - 1 if paired else max(len(v) for v in by_source.values()) - 1
+        for c, s in enumerate(everyone):
+            if s not in measured:
+                shift[s] = draws[c] * np.sqrt(own) * t_scale(dof)
+    resample = rates(b)
     k = len(names)
     wins = np.full((k, k), 0.5)
     for i, p in enumerate(names):
         for j, q in enumerate(names):
             if i != j:
-                images, drawn = rate(p, q, every), rate(p, q, pairs)
-                wins[i, j] = min(max(images + widening(p, q) * (drawn - images), 0.0), 1.0)
+                images, drawn = resample[p, q]
+                scaled = widening(p, q) * t_scale(pair_replicates(p, q) - 1) * (drawn - images)
+                wins[i, j] = min(max(images + scaled + shift[p] - shift[q], 0.0), 1.0)
     clipped = np.clip(wins, 0.001, 0.999)
     values, vectors = np.linalg.eig(clipped / clipped.T)
     vector = np.abs(vectors[:, np.argmax(values.real)].real)
@@ -618,3 +651,32 @@ def test_predictive_draws_have_the_estimate_as_mean_and_twice_the_bootstrap_vari
     np.testing.assert_allclose(ahead[:, 1, 0], 1 - ahead[:, 0, 1])  # W_ji = 1 - W_ij kept
     assert (ahead[:, 0, 0] == 0.5).all()
     assert ahead.min() >= 0 and ahead.max() <= 1
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_a_candidate_trained_once_borrows_the_training_noise_the_others_measured(paired):
+    """Racing leaves candidates at one replicate (and `self` has one where networks are not
+    replicated). Its own training noise is unseen, so it must borrow its target's: candidate b of
+    a planted study cut to its replicate 0 should be about as uncertain as with all three. Without
+    borrowing its interquartile range was 0.34-0.36 of the three-replicate one (mean over 4
+    studies); with it, 1.0-1.1. Bounds 0.6 and 1.6: the four ratios range 0.64-1.74 (one study's
+    replicates are 3 draws of a spread), their mean is the test."""
+    from components.resampling import unmeasured_shifts
+
+    def spread(study, seed):
+        result = cube_affinity(loss_cube(_table(study)), 400, seed=seed, paired=paired)
+        row = [tuple(s) for s in result.table["sources"].to_pylist()].index(("b",))
+        lo, hi = np.percentile(result.samples[:, row], [25, 75])
+        return hi - lo
+
+    ratios = []
+    for seed in range(4):
+        study = _noisy_study(3, images=600, seed=seed)
+        once = {"t": {**study["t"], "b": study["t"]["b"][:1]}}
+        ratios.append(spread(once, seed) / spread(study, seed))
+    assert 0.6 <= np.mean(ratios) <= 1.6, ratios
+    deviation = np.random.default_rng(0).normal(size=(50, 4, 4))
+    assert not unmeasured_shifts(deviation, np.array([3, 3, 2, 3]), 0, "t").any()  # all measured
+    assert not unmeasured_shifts(deviation, np.array([1, 1, 1, 1]), 0, "t").any()  # none: nothing seen
+    moved = unmeasured_shifts(deviation, np.array([3, 1, 3, 3]), 0, "t")
+    assert moved[:, 1].std() > 0 and not np.delete(moved, 1, axis=1).any()
