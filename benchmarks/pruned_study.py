@@ -66,6 +66,7 @@ from components.transfer import BASELINES, TransferPlan, prune_plan  # noqa: E40
 from components.transfer.estimate import EstimatorKind, run_estimates, spearman  # noqa: E402
 from pipelines.analysis.plan import taxonomy_options, within_table  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
+from pipelines.hparams import HParams  # noqa: E402
 from pipelines.invocation import open_tracker  # noqa: E402
 from pipelines.results import TaskResult  # noqa: E402
 from pipelines.stage2.plan import feature_sources  # noqa: E402
@@ -120,7 +121,10 @@ def stage1(cfg, store: ShardStore, out: Path, epochs: int, seed: int) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     train = ray.remote(num_cpus=1)(_train)
     refs = {n: train.remote(n, cfg, str(store.root), str(out), epochs, seed) for n in cfg.tasks}
-    return {n: TaskResult(n, f"bench-{seed}-{n}", ray.get(r), 0.0, {}, "", "1") for n, r in refs.items()}
+    return {
+        n: TaskResult(n, f"bench-{seed}-{n}", ray.get(r), 0.0, HParams(1e-3, 1e-4, 32), "", "1")
+        for n, r in refs.items()
+    }
 
 
 def run_stage2(cfg, store: ShardStore, results: dict[str, TaskResult]) -> dict:

@@ -410,7 +410,7 @@ def plain_study(spec: dict) -> dict:
             h = (
                 hparams[network_name(task.name, stage1.search_of(n))]
                 if searched
-                else stage1.default_hparams()
+                else stage1.default_hparams().to_json()
             )
             log(f"plain: train {network_name(task.name, n)} {h}")
             networks[task.name, n], _ = train_network(cfg, store, task, h, stage1.seed(n), device)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from components.storage import Location, location
+from pipelines.hparams import HParams
 
 READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, in Stage II's step folder
 
@@ -22,7 +23,7 @@ class TaskResult:
     key: str
     model_path: str
     test_loss: float
-    hparams: dict
+    hparams: HParams
     run_id: str
     model_version: str
     # The registered model `model_version` is a version of: the study's that trained it. Networks
@@ -35,6 +36,11 @@ class TaskResult:
     def network(self, replicate: int) -> TaskResult:
         """The task's network replicate `replicate` (0: this one)."""
         return self if replicate == 0 else self.replicas[replicate - 1]
+
+    @classmethod
+    def from_marker(cls, info: dict) -> TaskResult:
+        """A network's result as its step marker (`marker`) recorded it."""
+        return cls(**{**info, "hparams": HParams.from_json(info["hparams"])})
 
     def marker(self) -> dict:
         """What the network's step marker records: one network, not its replicas, and its

@@ -14,6 +14,7 @@ from components.errors import ConfigError
 from components.taxonomy import Transform
 from components.transfer import BASELINES, Pairing, ReadoutKind
 from components.transfer.estimate import EstimatorKind
+from pipelines.hparams import HParams
 
 # What a config field's value changes (`field(metadata=...)`), read by `key_fields`.
 KEY_ROLE = "key_role"
@@ -133,7 +134,7 @@ class TrainConfig:
         at_least("train", self, 0, "cpus_per_worker", above=True)
 
 
-HPARAMS = ("lr", "weight_decay", "batch_size")  # the train.* settings the search chooses per task
+HPARAMS = HParams.names()  # the train.* settings the search chooses per task
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from components.transfer import Readout, ReadoutKind, baseline
 from components.transfer.features import build_feature_module
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.results import TaskResult
 from pipelines.stage1.plan import Stage1Plan, network_name, network_seed
 from pipelines.stage2.plan import Stage2Plan, feature_sources, random_seed
@@ -49,7 +50,7 @@ def _networks(tmp_path, stage1: Stage1Plan, networks: int) -> dict[str, TaskResu
             weights.write_bytes(f"{task.name} network {n}".encode())
             key = stage1.train_step(task, hparams, n).key
             made.append(TaskResult(task.name, key, str(weights), 0.0, hparams, "", "", replicate=n))
-        out[task.name] = TaskResult(**{**made[0].marker(), "replicas": tuple(made[1:])})
+        out[task.name] = TaskResult.from_marker({**made[0].marker(), "replicas": tuple(made[1:])})
     return out
 
 
@@ -68,7 +69,7 @@ def test_readout_replicate_r_reads_network_replicate_r_mod_n_and_replicate_0_kee
     assert network_seed(0, 1) != network_seed(0, 2) and network_seed(5, 1) != network_seed(0, 1)
 
     networks = _networks(tmp_path, s2, 2)
-    replicate_0 = {t: TaskResult(**r.marker()) for t, r in networks.items()}  # a study with N = 1
+    replicate_0 = {t: TaskResult.from_marker(r.marker()) for t, r in networks.items()}  # a study with N = 1
     replicate_1 = {t: r.network(1) for t, r in networks.items()}
     plan1, plan2 = Stage2Plan(one, store), Stage2Plan(two, store)
     keys1, keys2 = plan1.readout_keys(replicate_0), plan2.readout_keys(networks)
@@ -184,11 +185,11 @@ def test_each_network_replicate_trains_with_a_search_of_its_own_unless_told_othe
 
     assert s2.finished_networks(task) == (None, None)  # no search has run
     chosen = [
-        {"lr": 0.001, "weight_decay": 1e-5, "batch_size": 16},
-        {"lr": 0.002, "weight_decay": 1e-4, "batch_size": 32},
+        HParams(lr=0.001, weight_decay=1e-5, batch_size=16),
+        HParams(lr=0.002, weight_decay=1e-4, batch_size=32),
     ]
     for n, hparams in enumerate(chosen):
-        s2.search_step(task, n).finish({"hparams": hparams})
+        s2.search_step(task, n).finish({"hparams": hparams.to_json()})
         assert s2.cached_hparams(task, n) == hparams
     # network replicate 1 is keyed by (and trains with) search 1's choice, not search 0's
     assert s2.train_step(task, chosen[1], 1) != s2.train_step(task, chosen[0], 1)

@@ -10,6 +10,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from components.data.shards import ShardStore
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.invocation import open_tracker
 from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord
@@ -86,9 +87,11 @@ def test_the_best_trial_is_the_one_that_ended_lowest_in_done_json_and_the_tune_r
         plan.search_step(task), record, task, results, [(now - 2, now - 1)] * 4, (now - 3, now)
     )
 
-    assert hparams == {"lr": 2e-3, "weight_decay": 1e-5, "batch_size": 16}
+    assert hparams == HParams(lr=2e-3, weight_decay=1e-5, batch_size=16)
     done = plan.search_step(task).info()
-    assert done["hparams"] == hparams and plan.cached_hparams(task) == hparams  # what training reads
+    assert (
+        done["hparams"] == hparams.to_json() and plan.cached_hparams(task) == hparams
+    )  # what training reads
     client = MlflowClient(tracker.tracking_uri)
     runs = {r.info.run_name: r for r in client.search_runs([tracker.experiment_id])}
     search = runs["tune/normal"]

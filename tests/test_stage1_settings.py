@@ -7,6 +7,7 @@ import pytest
 from components.data.shards import ShardStore
 from components.errors import ConfigError, TaskatlasError
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.stage1.plan import network_runs, worker_batch_size
 from pipelines.stage1.run import Stage1
 
@@ -19,7 +20,7 @@ def stage(tmp_path, dataset, *overrides) -> Stage1:
 
 def test_the_effective_batch_does_not_grow_with_the_worker_count(tmp_path, tiny_dataset):
     assert [worker_batch_size(32, n) for n in (1, 2, 3, 64)] == [32, 16, 11, 1]
-    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+    hparams = HParams(lr=1e-3, weight_decay=0.0, batch_size=32)
     for workers, per_worker in ((1, 32), (2, 16), (4, 8)):
         s = stage(tmp_path, tiny_dataset, f"train.num_workers={workers}")
         config = s.worker_config(s.config.task("normal"), hparams, run_id="r")
@@ -37,7 +38,7 @@ def test_networks_are_dealt_to_as_few_train_runs_as_keep_every_slot_busy():
 
 
 def test_networks_per_run_is_not_in_a_networks_key(tmp_path, tiny_dataset):
-    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+    hparams = HParams(lr=1e-3, weight_decay=0.0, batch_size=32)
     keys = {
         stage(tmp_path, tiny_dataset, f"train.networks_per_run={n}")
         .plan.train_step(stage(tmp_path, tiny_dataset).config.task("normal"), hparams)
@@ -50,7 +51,7 @@ def test_networks_per_run_is_not_in_a_networks_key(tmp_path, tiny_dataset):
 
 
 def test_how_a_network_is_trained_is_in_its_key(tmp_path, tiny_dataset):
-    hparams = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 32}
+    hparams = HParams(lr=1e-3, weight_decay=0.0, batch_size=32)
 
     def key(*overrides):
         s = stage(tmp_path, tiny_dataset, *overrides)

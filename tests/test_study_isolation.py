@@ -17,6 +17,7 @@ from components.study_lock import StudyLock, StudyLocked, lock_store
 from components.tasks import get_task, task_from_definition
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.nightly import lock_command, promote, run_nightly
 from pipelines.results import TaskResult
 from pipelines.tracking.models import CHAMPION, NetworkSpec, Registration
@@ -53,7 +54,7 @@ def _register(tracker, study: str, task, test_loss: float, tags: dict | None = N
     )
     if tracker.models.alias_version(name, CHAMPION) is None:
         tracker.models.set_alias(name, CHAMPION, version)
-    return TaskResult(task.name, "k", "unused", test_loss, {}, run, version, name)
+    return TaskResult(task.name, "k", "unused", test_loss, HParams(1e-3, 1e-4, 32), run, version, name)
 
 
 def test_two_studies_register_apart_and_a_nightly_moves_only_its_own_champion(tracker):

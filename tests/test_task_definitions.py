@@ -7,6 +7,7 @@ from components.tasks import TASKS, InputTransform, Loss, define_tasks, task_fro
 from components.transfer import Readout, ReadoutKind, baseline
 from pipelines.cli import main
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.results import TaskResult
 from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage2.plan import Stage2Plan
@@ -86,7 +87,10 @@ def test_a_definition_changes_the_keys_of_what_depends_on_it_and_nothing_else(tm
     # Readouts: those into normal change; those out of it change only once its network does.
     model = tmp_path / "model.pt"
     model.write_bytes(b"weights")
-    results = {t: TaskResult(t, f"k-{t}", str(model), 0.0, {}, "", "1") for t in ("normal", "reshading")}
+    results = {
+        t: TaskResult(t, f"k-{t}", str(model), 0.0, HParams(1e-3, 1e-4, 32), "", "1")
+        for t in ("normal", "reshading")
+    }
     old, new = (Stage2Plan(cfg, store).readout_keys(results) for cfg in (before, after))
     readouts = [
         Readout("normal", ("reshading",)),

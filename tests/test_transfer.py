@@ -48,6 +48,7 @@ from components.transfer.jobs import ReadoutJob, calibrate_readout
 from components.transfer.readout import score_network
 from components.transfer.readout_files import ReadoutOutcome, attempt_events, read_readout
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.invocation import open_tracker
 from pipelines.results import TaskResult
 from pipelines.stage2.fanout import validation_losses
@@ -216,7 +217,9 @@ def fake_stage1(root: Path, store: ShardStore, tasks=TASKS) -> dict[str, TaskRes
         torch.save(net.state_dict(), out / "model.pt")
         ids, losses = per_image_losses(net, iter_batches(test, 64), task, torch.device("cpu"))
         pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
-        results[name] = TaskResult(name, f"fake{i}", str(out / "model.pt"), float(losses.mean()), {}, "", "1")
+        results[name] = TaskResult(
+            name, f"fake{i}", str(out / "model.pt"), float(losses.mean()), HParams(1e-3, 1e-4, 32), "", "1"
+        )
     return results
 
 
@@ -379,7 +382,7 @@ sys.path.insert(0, {tests!r})
 from test_transfer import make_stage2
 spec = json.load(open(sys.argv[1]))
 ray.init(address=spec["address"])
-results = {{k: TaskResult(**v) for k, v in spec["results"].items()}}
+results = {{k: TaskResult.from_marker(v) for k, v in spec["results"].items()}}
 make_stage2(__import__("pathlib").Path(spec["root"]), ShardStore(spec["data"]), *spec["overrides"]).run(results)
 """
 
@@ -397,7 +400,7 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
         "address": ray_session.get_runtime_context().gcs_address,
         "root": str(root),
         "data": str(store.root),
-        "results": {k: v.__dict__ for k, v in results.items()},
+        "results": {k: v.marker() for k, v in results.items()},
         "overrides": overrides,
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -21,6 +21,7 @@ from components.models import build_network
 from components.tasks import get_task
 from components.training import OptimConfig, iter_batches, make_optimizer, per_image_losses, train_one_epoch
 from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.invocation import open_tracker, prepare_dataset
 from pipelines.results import TaskResult
 from pipelines.stage2.run import Stage2
@@ -46,7 +47,9 @@ def _train(cfg: PipelineConfig, store: ShardStore, name: str) -> TaskResult:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out / "model.pt")
     pq.write_table(pa.table({"image_id": ids.astype(str), "loss": losses}), out / "test_losses.parquet")
-    return TaskResult(name, f"plain-{name}", str(out / "model.pt"), float(losses.mean()), {}, "", "0")
+    return TaskResult(
+        name, f"plain-{name}", str(out / "model.pt"), float(losses.mean()), HParams(1e-3, 1e-4, 32), "", "0"
+    )
 
 
 # Slow (make test-all): a science check on 6 trained networks; Stages II-III run in test_pipeline.

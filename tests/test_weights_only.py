@@ -13,6 +13,7 @@ from mlflow.entities import Metric
 from components.config import to_dict
 from components.models import ModelConfig
 from components.tasks import get_task
+from pipelines.hparams import HParams
 from pipelines.nightly import promote
 from pipelines.results import TaskResult
 from pipelines.tracking.models import (
@@ -105,7 +106,7 @@ def test_a_pickle_planted_in_the_registry_is_refused_and_never_runs(tracker, tmp
     tracker.models.set_alias("taskatlas-normal", "champion", evil_weights)
     run = tracker.start_run("train/normal")
     new = _register(tracker, run, SPEC.build().state_dict())
-    result = TaskResult("normal", "k", "unused", 0.5, {}, run, new)
+    result = TaskResult("normal", "k", "unused", 0.5, HParams(1e-3, 1e-4, 32), run, new)
     test = {
         "image_id": np.arange(2),
         "rgb": np.zeros((2, 16, 16, 3), np.uint8),

@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
                 "-" if r.replicate else f"{r.registered or network_model(cfg.name, name)} v{r.model_version}"
             )
             print(
-                f"{network:<18} {r.test_loss:>10.4f}  {h['lr']:.2e}  {h['weight_decay']:.2e}  {h['batch_size']:>5}  {registered}"
+                f"{network:<18} {r.test_loss:>10.4f}  {h.lr:.2e}  {h.weight_decay:.2e}  {h.batch_size:>5}  {registered}"
             )
     print(f"\nMLflow UI: {mlflow_ui_command(inv.tracker.tracking_uri)}")
     return 0

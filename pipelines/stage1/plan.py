@@ -20,6 +20,7 @@ from components.errors import TaskatlasError
 from components.seeds import replicate_seed
 from components.tasks import Task
 from pipelines.config import PipelineConfig
+from pipelines.hparams import HParams
 from pipelines.results import TaskResult
 from pipelines.sections import PLAN, Loader, key_fields
 from pipelines.steps import Step
@@ -51,20 +52,20 @@ class Stage1Plan:
             parts.append({"replicate": search, "seed": self.seed(search)})
         return Step(cfg.root, f"tune/{task.name}", config_hash(*parts))
 
-    def searched_hparams(self, task: Task, search: int = 0) -> dict | None:
+    def searched_hparams(self, task: Task, search: int = 0) -> HParams | None:
         """What the task's search `search` chose, None while it has not run."""
         step = self.search_step(task, search)
-        return step.info()["hparams"] if step.complete else None
+        return HParams.from_json(step.info()["hparams"]) if step.complete else None
 
-    def cached_hparams(self, task: Task, replicate: int = 0) -> dict | None:
+    def cached_hparams(self, task: Task, replicate: int = 0) -> HParams | None:
         """What network replicate `replicate` trains with, None while its search has not run."""
         return self.searched_hparams(task, self.search_of(replicate))
 
-    def default_hparams(self) -> dict:
+    def default_hparams(self) -> HParams:
         t = self.config.train
-        return {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size}
+        return HParams(t.lr, t.weight_decay, t.batch_size)
 
-    def hparams_if_known(self, task: Task, search: bool, replicate: int = 0) -> dict | None:
+    def hparams_if_known(self, task: Task, search: bool, replicate: int = 0) -> HParams | None:
         """The hyperparameters network replicate `replicate` would train with, or None while its
         search has not run."""
         if search and self.config.tune.enabled:
@@ -79,7 +80,7 @@ class Stage1Plan:
         """The seed network replicate `replicate` trains with (`network_seed`)."""
         return network_seed(self.config.train.seed, replicate)
 
-    def train_step(self, task: Task, hparams: dict, replicate: int = 0) -> Step:
+    def train_step(self, task: Task, hparams: HParams, replicate: int = 0) -> Step:
         """Keyed by everything that changes the trained model: the task's definition, model,
         hyperparameters, epochs, seed, data, and how it is trained (workers as configured, 0 for
         "one per GPU"; GPU or not; batches cached in memory or streamed). Replicate n > 0: its
@@ -96,9 +97,9 @@ class Stage1Plan:
             parts.append({"replicate": replicate})
         return Step(cfg.root, f"stage1/{task.name}", config_hash(*parts))
 
-    def cached_result(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult | None:
+    def cached_result(self, task: Task, hparams: HParams, replicate: int = 0) -> TaskResult | None:
         step = self.train_step(task, hparams, replicate)
-        return TaskResult(**step.info()) if step.complete else None
+        return TaskResult.from_marker(step.info()) if step.complete else None
 
     def finished_networks(self, task: Task, search: bool = True) -> tuple[TaskResult | None, ...]:
         """Each of the task's N network replicates for the current settings, None where no run

@@ -23,6 +23,7 @@ from components.models import TaskNetwork
 from components.storage import Location
 from components.tasks import Task, channels_for
 from pipelines.config import PipelineConfig
+from pipelines.hparams import HParams
 from pipelines.invocation import dataset_ref
 from pipelines.results import TaskResult
 from pipelines.sections import TuneConfig
@@ -43,7 +44,7 @@ class Network:
     its rank-0 worker makes (`started` reads it back); its logged model is made with it."""
 
     task: Task
-    hparams: dict
+    hparams: HParams
     step: Step
     run_id: str
     model_id: str
@@ -76,7 +77,7 @@ class NetworkRecord:
     tracker: Tracker
     parent_run_id: str
 
-    def open(self, task: Task, hparams: dict, step: Step, replicate: int = 0) -> Network:
+    def open(self, task: Task, hparams: HParams, step: Step, replicate: int = 0) -> Network:
         """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued,
         else one for its rank-0 worker to make when its training begins (`Network.new_run`)."""
         network = Network(task, hparams, step, "", "", replicate)
@@ -95,7 +96,7 @@ class NetworkRecord:
             # ones it trained with, the search's best where it searched (tune/<task> has the
             # search), and train.hparams_from says which.
             "train": to_dict(self.config.train)
-            | hparams
+            | hparams.to_json()
             | {"hparams_from": "tune" if searched else "config"}
             | mine,
             "model": to_dict(self.config.model),
@@ -133,10 +134,10 @@ class NetworkRecord:
         network.run_file.write_json({"run_id": network.run_id, "model_id": model_id})
         return replace(network, model_id=model_id)
 
-    def trained_with(self, hparams: dict, replicate: int = 0) -> dict:
+    def trained_with(self, hparams: HParams, replicate: int = 0) -> dict:
         """The logged model's parameters: what its network was trained with."""
         seed = network_seed(self.config.train.seed, replicate)
-        return hparams | {"epochs": self.config.train.epochs, "seed": seed}
+        return hparams.to_json() | {"epochs": self.config.train.epochs, "seed": seed}
 
     def fail(self, network: Network) -> None:
         """Its run FAILED, if its training made one."""

@@ -39,6 +39,7 @@ from components.tasks import Task, channels_for
 from components.training import iter_batches, nanmean, per_image_losses
 from components.transfer.features import load_state_dict
 from pipelines.config import PipelineConfig
+from pipelines.hparams import HParams
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import (
     cluster_cpus,
@@ -153,7 +154,7 @@ class Stage1:
             return {}
         return search_tasks(self.plan, self.record, tasks, self.use_gpu, search, self.verbose)
 
-    def train(self, task: Task, hparams: dict, replicate: int = 0) -> TaskResult:
+    def train(self, task: Task, hparams: HParams, replicate: int = 0) -> TaskResult:
         """One network (replicate `replicate` of the task's) in a Ray Train run of its own."""
         return self.train_networks([(task, hparams, replicate)])[0]
 
@@ -192,14 +193,14 @@ class Stage1:
     def worker_config(
         self,
         task: Task,
-        hparams: dict,
+        hparams: HParams,
         run_id: str,
         weights: str = "",
         replicate: int = 0,
         new_run: RunToStart | None = None,
     ) -> WorkerConfig:
         """What each DDP worker runs: `run_id` its MLflow run, or "" and `new_run` the run rank 0
-        makes at its first batch. `hparams["batch_size"]` is the effective batch, as in the
+        makes at its first batch. `hparams.batch_size` is the effective batch, as in the
         single-process search that chose it: each of N workers takes ceil(B / N) images a step
         and DDP averages their gradients, so the batch and the learning rate that go with it do
         not change with the worker count (no linear scaling rule: nothing to rescale)."""
@@ -209,9 +210,9 @@ class Stage1:
             model=to_dict(cfg.model),
             image_size=cfg.data.size,
             channels=channels_for(task, self.store),
-            lr=hparams["lr"],
-            weight_decay=hparams["weight_decay"],
-            batch_size=worker_batch_size(hparams["batch_size"], self.num_workers),
+            lr=hparams.lr,
+            weight_decay=hparams.weight_decay,
+            batch_size=worker_batch_size(hparams.batch_size, self.num_workers),
             epochs=cfg.train.epochs,
             seed=self.plan.seed(replicate),  # train.seed for replicate 0
             tracking_uri=self.tracker.tracking_uri,

@@ -14,6 +14,7 @@ from ray.tune.search import BasicVariantGenerator
 from components.config import config_hash, to_dict
 from components.errors import TaskatlasError
 from components.tasks import Task, channels_for
+from pipelines.hparams import HParams
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
 from pipelines.sections import HPARAMS
@@ -128,14 +129,14 @@ def finish_search(
     spans: list[tuple[float, float]],
     search_span: tuple[float, float],
     search: int = 0,
-) -> dict:
+) -> HParams:
     """A task's search done: its trials (Tune's `results`, with their `spans`) and its best trial
     (`best_trial`) in its tune run, then in its step's marker (`done.json`, which a later run
     reuses as it is); its best hyperparameters, which its networks train with."""
     if (chosen := best_trial(results)) is None:
         raise TaskatlasError(f"every Ray Tune trial for {task.name} failed; the first: {results[0].error}")
     best, best_loss = chosen
-    hparams = {k: best.config[k] for k in HPARAMS}
+    hparams = HParams.from_json(best.config)
     record_search(
         record.tracker,
         record.parent_run_id,
@@ -157,7 +158,9 @@ def finish_search(
         for r in results
     ]
     best_id = str(best.metrics.get("trial_id"))
-    step.finish({"hparams": hparams, "best_trial": best_id, "best_val_loss": best_loss, "trials": trials})
+    step.finish(
+        {"hparams": hparams.to_json(), "best_trial": best_id, "best_val_loss": best_loss, "trials": trials}
+    )
     return hparams
 
 
