@@ -64,6 +64,7 @@ from pipelines.position.run import position_task  # noqa: E402
 from pipelines.ray_runtime import ensure_ray  # noqa: E402
 from pipelines.stage2.plan import Stage2Plan  # noqa: E402
 from pipelines.stage2.record import LOSSES  # noqa: E402
+from pipelines.steps import unfenced  # noqa: E402
 
 
 def labelled_subset(study: ShardStore, column: str, n: int, seed: int, out) -> ShardStore:
@@ -203,7 +204,7 @@ def main() -> None:
             store = labelled_subset(study.store, task.column, n, args.seed, folder)
             run_id = tracker.start_run(f"novel task {target} ({n} labels)", tags={"benchmark": "novel_task"})
             t0 = time.perf_counter()
-            result = position_task(study, task, store, tracker, run_id, use_self=False)
+            result = position_task(study, task, store, tracker, run_id, unfenced, use_self=False)
             answer = result.answer
             tracker.end_run(run_id)
             mine = result.losses.read_parquet()

@@ -72,6 +72,7 @@ from pipelines.results import TaskResult  # noqa: E402
 from pipelines.stage2.plan import feature_sources  # noqa: E402
 from pipelines.stage2.pruning import estimate_job  # noqa: E402
 from pipelines.stage2.run import Stage2  # noqa: E402
+from pipelines.steps import unfenced  # noqa: E402
 
 TASKS = (  # 12 tasks, 10 targets (colorization and inpainting are source-only)
     "autoencoding,denoising,colorization,inpainting,depth_zbuffer,depth_euclidean,normal,"
@@ -129,7 +130,7 @@ def stage1(cfg, store: ShardStore, out: Path, epochs: int, seed: int) -> dict[st
 
 def run_stage2(cfg, store: ShardStore, results: dict[str, TaskResult]) -> dict:
     tracker = open_tracker(cfg)
-    stage = Stage2(cfg, store, tracker, tracker.start_run("bench"))
+    stage = Stage2(cfg, store, tracker, tracker.start_run("bench"), unfenced)
     start = time.perf_counter()
     result = stage.run(results)
     wall = time.perf_counter() - start

@@ -14,10 +14,11 @@ is younger than `stale_after_s`, and, when it runs on this host, while its proce
 the same start time (so a killed holder is taken over at once, not after the heartbeat goes
 stale, and a recycled pid is not mistaken for it). A lock whose holder is dead is taken over.
 
-A holder is fenced: when its heartbeat, or `check_held` (each step calls it before writing its
-marker), finds the record no longer its own (taken over after a partition or a pause longer than
-`stale_after_s`), or the heartbeat cannot refresh it for `stale_after_s`, the lock is lost:
-`check_held` raises `LockLost` from then on and `on_lost` is called (the CLI interrupts the run).
+A holder is fenced: when its heartbeat, or `check` (the fence each step is handed and calls
+before writing its marker), finds the record no longer its own (taken over after a partition or a
+pause longer than `stale_after_s`), or the heartbeat cannot refresh it for `stale_after_s`, the
+lock is lost: `check` raises `LockLost` from then on and `on_lost` is called (the CLI interrupts
+the run).
 """
 
 from __future__ import annotations
@@ -267,7 +268,6 @@ class StudyLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        _HELD.discard(self)
         if self.holder is not None:
             self.store.swap(self.holder, None)  # False, and nothing deleted, if it was taken over
             self.holder = None
@@ -283,7 +283,6 @@ class StudyLock:
     def _start(self, me: Holder) -> None:
         self.holder, self.lost = me, None
         self._stop.clear()
-        _HELD.add(self)
         self._thread = threading.Thread(target=self._beat, name="study-lock-heartbeat", daemon=True)
         self._thread.start()
 
@@ -328,17 +327,6 @@ class StudyLock:
             self.lost = lost
         if self.on_lost is not None:
             self.on_lost(lost)
-
-
-_HELD: set[StudyLock] = set()  # the study locks this process holds: what `check_held` asks
-
-
-def check_held() -> None:
-    """Raise `LockLost` if a study lock this process holds was lost (one read of its record):
-    called before a step's marker is written, so a fenced holder's work is never taken for
-    finished."""
-    for lock in list(_HELD):
-        lock.check()
 
 
 def lock_store(root: Location) -> LockStore:

@@ -31,6 +31,7 @@ from pipelines.config import PipelineConfig, check_image_size
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_gpus, cluster_nodes
 from pipelines.sections import HPARAMS
+from pipelines.steps import Fence
 from pipelines.tracking.entities import STORAGE_ROOT_TAG, DatasetRef
 from pipelines.tracking.runs import Tracker
 from pipelines.tracking.store import check_sqlite_store, default_tracking_uri, remote_storage_refusal
@@ -147,7 +148,7 @@ def check_tracking_server(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> No
 @contextmanager
 def study_lock(
     cfg: PipelineConfig, command: str, wait: bool = False, never_wait_for: str = ""
-) -> Iterator[None]:
+) -> Iterator[Fence]:
     """The storage root for this process alone (design.md section 1); then what dead attempts
     left behind, temp files of theirs, is removed. The one lock of a study: `run`, `nightly`,
     `position` and the stage commands all take it (`StudyLock.acquire` for `never_wait_for`).
@@ -155,7 +156,8 @@ def study_lock(
     Two ends in one line: a full disk (`OutOfSpace`, naming the root and what was being written),
     and the lock taken over by another process (`LockLost`: the heartbeat interrupts this one, and
     no step writes its marker after). A local root keeps `reserve_space` set aside meanwhile, which
-    `invocation` frees to mark its runs FAILED on a full disk."""
+    `invocation` frees to mark its runs FAILED on a full disk. Yields the lock's fence (`check`),
+    which each step of the work under it is handed."""
     lock = StudyLock(
         lock_store(cfg.root),
         command,
@@ -172,7 +174,7 @@ def study_lock(
                 remove_dead_temp_files(cfg.root.local_path)
                 reserve_space(cfg.root.local_path)
             try:
-                yield
+                yield lock.check
             finally:
                 if cfg.root.is_local:
                     free_reserve(cfg.root.local_path)
@@ -313,13 +315,14 @@ class Invocation:
     store: ShardStore
     tracker: Tracker
     run_id: str
+    fence: Fence  # the study lock's check, which every step makes before its marker (`study_lock`)
     verbose: bool = False  # `taskatlas -v`: Tune's trial tables too
 
 
 @contextmanager
-def invocation(cfg: PipelineConfig, command: str, verbose: bool = False):
+def invocation(cfg: PipelineConfig, command: str, fence: Fence, verbose: bool = False):
     """Dataset + tracker + a parent run tagged with config hash, data version and code version;
-    the run is marked FAILED if the body raises."""
+    the run is marked FAILED if the body raises. `fence`: what `study_lock` yielded."""
     tracker = open_tracker(cfg, shared=cluster_nodes() > 1)  # Ray is up: SQLite on several nodes?
     store = prepare_dataset(cfg)
     # The caller holds the study lock: a run of this root still RUNNING has a dead driver.
@@ -345,7 +348,7 @@ def invocation(cfg: PipelineConfig, command: str, verbose: bool = False):
     tracker.log_dict(run_id, to_dict(cfg), "config.json")
     tracker.log_dataset(run_id, dataset_ref(cfg, store))
     try:
-        yield Invocation(cfg, store, tracker, run_id, verbose or read_settings().verbose)
+        yield Invocation(cfg, store, tracker, run_id, fence, verbose or read_settings().verbose)
     except BaseException as err:
         if no_space(err) is not None or not _ended_failed(tracker, run_id):
             _fail_runs_on_full_disk(cfg, tracker)

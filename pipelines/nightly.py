@@ -32,6 +32,7 @@ from pipelines.invocation import invocation, study_lock
 from pipelines.pipeline import ALL_STAGES, PipelineResult, Stage, run_pipeline
 from pipelines.ray_runtime import ensure_ray
 from pipelines.results import TaskResult
+from pipelines.steps import Fence
 from pipelines.tracking.models import CHAMPION, UnsafeModelError, load_registered_weights, network_spec
 from pipelines.tracking.registry import network_model, nightly_state, registered_definition
 from pipelines.tracking.runs import Tracker
@@ -122,8 +123,8 @@ def run_nightly(
     `wait_for_lock`."""
     command = lock_command(cfg.name)
     try:
-        with study_lock(cfg, command, wait_for_lock, never_wait_for=command):
-            return _nightly_under_lock(cfg, day, stages, verbose)
+        with study_lock(cfg, command, wait_for_lock, never_wait_for=command) as fence:
+            return _nightly_under_lock(cfg, day, stages, verbose, fence)
     except StudyLocked as err:
         if err.holder.command != command:
             raise
@@ -136,10 +137,12 @@ def lock_command(study: str) -> str:
     return f"nightly ({study})"
 
 
-def _nightly_under_lock(cfg: PipelineConfig, day: date, stages: tuple[Stage, ...], verbose: bool) -> dict:
+def _nightly_under_lock(
+    cfg: PipelineConfig, day: date, stages: tuple[Stage, ...], verbose: bool, fence: Fence
+) -> dict:
     ensure_ray(verbose)
     cfg = nightly_config(cfg, day)  # under the lock: a re-import happens once
-    with invocation(cfg, "nightly", verbose) as inv:
+    with invocation(cfg, "nightly", fence, verbose) as inv:
         result: PipelineResult = run_pipeline(inv, stages)
         needed = sorted({c for name in result.retrained for c in cfg.task(name).columns})
         test = inv.store.read("test", needed)  # only the columns the champions are scored on

@@ -107,7 +107,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     planned = Stage1Plan(cfg, inv.store)
     before = {t.name: [r is not None for r in planned.finished_networks(t)] for t in tasks}
     if Stage.TRAIN in stages:
-        result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+        result.stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, inv.fence, verbose=inv.verbose).run(
             tasks, search=True
         )
     else:
@@ -124,7 +124,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
     if not {Stage.TRANSFER, Stage.AFFINITY, Stage.TAXONOMY} & set(stages):
         return result
 
-    stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
+    stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id, inv.fence)
     if Stage.TRANSFER not in stages and not stage2.jobs.is_complete(stage2.jobs.key(result.stage1)):
         raise TaskatlasError("stage transfer has not run for these settings; add it to --stages")
     result.stage2 = stage2.run(result.stage1)
@@ -141,6 +141,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         result.stage2,
         inv.tracker,
         (inv.tracker.experiment_id, inv.run_id),
+        inv.fence,
         taxonomy=Stage.TAXONOMY in stages,
     )
     result.steps += analysis.steps

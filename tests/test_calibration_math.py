@@ -20,6 +20,7 @@ from pipelines.analysis.plan import SAMPLES, affinity_step, analysis_key, in_tes
 from pipelines.analysis.run import run_affinity
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.sections import AnalysisConfig
+from pipelines.steps import unfenced
 
 _SPEC = importlib.util.spec_from_file_location(
     "calibration", Path(__file__).parents[1] / "benchmarks" / "calibration.py"
@@ -225,7 +226,7 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_pat
     tables = _losses(tmp_path / "losses")
     analysis = AnalysisConfig(bootstrap=10, seed=11, test_subset=fraction)
     cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
-    step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent")
+    step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)
     ids = sorted(set(tables["t"]["image_id"].to_pylist()))
     kept = [i for i, keep in zip(ids, in_test_subset(ids, 11, fraction), strict=True) if keep]
     assert len(kept) == len(ids) if fraction == 1.0 else 10 < len(kept) < 30
@@ -249,4 +250,4 @@ def test_a_subset_that_keeps_no_image_is_one_line(tmp_path):
     with pytest.raises(
         TaskatlasError, match=r"^analysis\.test_subset=1e-09 with analysis\.seed=0 keeps none"
     ):
-        run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent")
+        run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)

@@ -64,9 +64,9 @@ def test_runs_are_marked_failed_on_the_full_disk_holding_their_store(tmp_path):
     with small_disk(tmp_path / "disk", "4m") as root:
         cfg = load_pipeline_config(write_study(tmp_path / "tiny.yaml", root, tasks=["normal", "reshading"]))
         weights = root / "stage1" / "normal" / "model.pt"
-        with pytest.raises(OutOfSpace) as full, study_lock(cfg, "train"):
+        with pytest.raises(OutOfSpace) as full, study_lock(cfg, "train") as fence:
             assert (root / RESERVE).stat().st_size > 0
-            with invocation(cfg, "train") as inv:
+            with invocation(cfg, "train", fence) as inv:
                 inv.tracker.start_run("train/normal", inv.run_id)
                 fill(root)
                 weights.parent.mkdir(parents=True)

@@ -7,6 +7,7 @@ import torch
 from components.models import ModelConfig, build_network
 from components.tasks import get_task
 from components.training import OptimConfig, iter_batches, make_optimizer, per_image_losses, train_one_epoch
+from pipelines.steps import unfenced
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +47,7 @@ def test_ddp_over_all_gpus(tmp_path, tiny_dataset, ray_session):
         ],
     )
     tracker = open_tracker(cfg)
-    stage = Stage1(cfg, ShardStore(tiny_dataset), tracker, tracker.start_run("gpu"))
+    stage = Stage1(cfg, ShardStore(tiny_dataset), tracker, tracker.start_run("gpu"), unfenced)
     result = stage.train(get_task("reshading"), stage.plan.default_hparams())
     sizes = [float(tracker.client.get_run(result.run_id).data.tags["world_size"])]
     assert sizes[-1] == torch.cuda.device_count()

@@ -5,6 +5,7 @@ stage's result can be read without loading torch or Ray."""
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import subprocess
 import sys
@@ -137,3 +138,15 @@ def test_results_and_the_vocabulary_load_neither_torch_nor_ray():
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_every_step_a_command_writes_is_fenced_by_its_study_lock():
+    """The held lock is passed, not kept in a module: each stage is handed the lock's check
+    (`Invocation.fence`) and hands it to `Step.finish`, whose `fence` has no default. Only steps
+    written under no lock (tests, benchmarks) say `unfenced`; no pipeline module does."""
+    for path in sources("pipelines"):
+        if path.name != "steps.py":
+            assert "unfenced" not in path.read_text(), f"{path.relative_to(ROOT)} writes a step unfenced"
+    from pipelines.steps import Step
+
+    assert inspect.signature(Step.finish).parameters["fence"].default is inspect.Parameter.empty

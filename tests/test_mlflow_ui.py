@@ -43,6 +43,7 @@ from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.search import TrialProgress
 from pipelines.stage2.readout_runs import ReadoutRunLog
+from pipelines.steps import unfenced
 from pipelines.tracking.entities import NOTE
 from pipelines.tracking.logger import SYSTEM_METRICS_INTERVAL_S, RunLogger
 from pipelines.tracking.store import run_url
@@ -179,7 +180,7 @@ def recorded(server, tiny_dataset, tmp_path_factory):
     store = ShardStore(tiny_dataset)
     tracker = open_tracker(cfg)
     parent = tracker.start_run("run tiny")
-    record = NetworkRecord(cfg, store, tracker, parent)
+    record = NetworkRecord(cfg, store, tracker, parent, unfenced)
 
     task = cfg.task("normal")
     hparams = Stage1Plan(cfg, store).default_hparams()
@@ -338,7 +339,7 @@ def test_the_parent_run_claims_no_setting_that_no_network_used(tiny_dataset, tmp
     def parent_params(root: str, **sections) -> dict[str, str]:
         data = {"path": str(tiny_dataset)}
         study = write_study(tmp_path / f"{root}.yaml", tmp_path / root, data=data, **sections)
-        with invocation(load_pipeline_config(str(study), []), "train") as inv:
+        with invocation(load_pipeline_config(str(study), []), "train", unfenced) as inv:
             pass
         return MlflowClient(inv.tracker.tracking_uri).get_run(inv.run_id).data.params
 

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     cfg = load_pipeline_config("configs/quickstart.yaml", [f"storage_root={root}", f"data.path={dataset}",
                                "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1"])
     tracker = open_tracker(cfg)
-    stage = Stage1(cfg, ShardStore(dataset), tracker, tracker.start_run("multinode"))
+    stage = Stage1(cfg, ShardStore(dataset), tracker, tracker.start_run("multinode"), unfenced)
     result = stage.train(get_task("edge_occlusion"), stage.plan.default_hparams())
     nodes = [float(tracker.client.get_run(result.run_id).data.tags["nodes"])]
     print("RESULT", json.dumps({"nodes": nodes, "alive": len([n for n in ray.nodes() if n["Alive"]]),

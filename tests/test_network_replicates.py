@@ -20,6 +20,7 @@ from pipelines.hparams import HParams
 from pipelines.results import TaskResult
 from pipelines.stage1.plan import Stage1Plan, network_name, network_seed
 from pipelines.stage2.plan import Stage2Plan, feature_sources, random_seed
+from pipelines.steps import unfenced
 from tests.study import write_study
 
 TASKS = ["normal", "reshading", "edge_texture"]
@@ -189,14 +190,15 @@ def test_each_network_replicate_trains_with_a_search_of_its_own_unless_told_othe
         HParams(lr=0.002, weight_decay=1e-4, batch_size=32),
     ]
     for n, hparams in enumerate(chosen):
-        s2.search_step(task, n).finish({"hparams": hparams.to_json()})
+        s2.search_step(task, n).finish({"hparams": hparams.to_json()}, fence=unfenced)
         assert s2.cached_hparams(task, n) == hparams
     # network replicate 1 is keyed by (and trains with) search 1's choice, not search 0's
     assert s2.train_step(task, chosen[1], 1) != s2.train_step(task, chosen[0], 1)
     s2.train_step(task, chosen[1], 1).finish(
         TaskResult(
             "normal", s2.train_step(task, chosen[1], 1).key, "w.pt", 0.5, chosen[1], "", "", replicate=1
-        ).marker()
+        ).marker(),
+        fence=unfenced,
     )
     assert s2.finished_networks(task)[1] is not None and s2.finished_networks(task)[0] is None
 

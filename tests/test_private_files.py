@@ -10,7 +10,7 @@ import pytest
 
 from components.storage import location
 from components.transfer.readout_files import attempts_path, note_attempt
-from pipelines.steps import Step
+from pipelines.steps import Step, unfenced
 from pipelines.tracking.runs import Tracker
 from pipelines.tracking.store import default_tracking_uri
 
@@ -37,5 +37,5 @@ def test_an_attempt_log_is_its_owners_only_and_outputs_follow_the_umask(tmp_path
     assert mode(attempts_path(str(readout)).local_path) == 0o600
     step = Step(location(tmp_path), "stage1/normal", "k1")
     (step.location / "model.pt").write_bytes(b"weights")
-    step.finish({"task": "normal"})
+    step.finish({"task": "normal"}, fence=unfenced)
     assert mode(step.location.local_path / "model.pt") == 0o644 and mode(step.marker.local_path) == 0o644

@@ -31,6 +31,7 @@ from components.transfer import (
 )
 from components.transfer.estimate import Estimate, probe_loss, pruning_report, spearman
 from pipelines.config import load_pipeline_config
+from pipelines.steps import unfenced
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
@@ -299,14 +300,14 @@ def test_a_pruned_stage_ii_trains_top_k_and_audit_and_the_outputs_list_the_rest(
     assert not pruned & measured
 
     cfg = stage.config
-    affinity = run_affinity(cfg, result.losses, result.key, stage.tracker, stage.parent_run_id)
+    affinity = run_affinity(cfg, result.losses, result.key, stage.tracker, stage.parent_run_id, unfenced)
     side = (affinity.location / "pruned.json").read_json()
     assert sorted(side["transfers"]) == sorted(f"{s}->{t}" for t, s in pruned)
     table = (affinity.location / "affinity.parquet").read_parquet().to_pydict()
     rows = {(t, s[0]) for t, s in zip(table["target"], table["sources"], strict=True) if len(s) == 1}
     assert not pruned & rows
     taxonomy = (
-        run_taxonomy(cfg, affinity, stage.tracker, stage.parent_run_id).location / "taxonomy.json"
+        run_taxonomy(cfg, affinity, stage.tracker, stage.parent_run_id, unfenced).location / "taxonomy.json"
     ).read_json()
     assert taxonomy["pruned"]["transfers"] == side["transfers"]
     for target, sources in taxonomy["transfers"].items():

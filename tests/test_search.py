@@ -16,6 +16,7 @@ from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord
 from pipelines.stage1.search import finish_search
 from pipelines.stage1.trial import TASK_KEY, PerTaskASHA
+from pipelines.steps import unfenced
 from tests.study import write_study
 
 
@@ -74,7 +75,7 @@ def test_the_best_trial_is_the_one_that_ended_lowest_in_done_json_and_the_tune_r
     cfg = load_pipeline_config(str(write_study(tmp_path / "tiny.yaml", tmp_path / "runs")), [])
     store = ShardStore(tiny_dataset)
     tracker = open_tracker(cfg)
-    record = NetworkRecord(cfg, store, tracker, tracker.start_run("run tiny"))
+    record = NetworkRecord(cfg, store, tracker, tracker.start_run("run tiny"), unfenced)
     plan, task = Stage1Plan(cfg, store), cfg.task("normal")
     results = [
         tune_result("00015", 1e-3, [0.1816, 0.1916]),  # the lowest at any epoch, not at its end

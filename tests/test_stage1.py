@@ -17,6 +17,7 @@ from pipelines.hparams import HParams
 from pipelines.invocation import open_tracker
 from pipelines.stage1.run import Stage1
 from pipelines.stage1.worker import CHECKPOINT_FILE
+from pipelines.steps import unfenced
 from pipelines.tracking.models import load_registered_model
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
@@ -35,7 +36,7 @@ def make_stage1(tmp_path, dataset, *overrides):
     )
     tracker = open_tracker(cfg)
     parent = tracker.start_run("test")
-    return Stage1(cfg, ShardStore(dataset), tracker, parent), tracker
+    return Stage1(cfg, ShardStore(dataset), tracker, parent, unfenced), tracker
 
 
 def history(tracker, run_id, key):

@@ -10,12 +10,13 @@ from pipelines.config import load_pipeline_config
 from pipelines.hparams import HParams
 from pipelines.stage1.plan import network_runs, worker_batch_size
 from pipelines.stage1.run import Stage1
+from pipelines.steps import unfenced
 
 
 def stage(tmp_path, dataset, *overrides) -> Stage1:
     base = [f"storage_root={tmp_path}", f"data.path={dataset}", "data.size=32", "model.downsample=4"]
     cfg = load_pipeline_config(None, [*base, "train.use_gpu=false", *overrides])
-    return Stage1(cfg, ShardStore(dataset), SimpleNamespace(tracking_uri="sqlite:///x.db"), "")  # type: ignore[arg-type]
+    return Stage1(cfg, ShardStore(dataset), SimpleNamespace(tracking_uri="sqlite:///x.db"), "", unfenced)  # type: ignore[arg-type]
 
 
 def test_the_effective_batch_does_not_grow_with_the_worker_count(tmp_path, tiny_dataset):

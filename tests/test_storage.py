@@ -14,7 +14,7 @@ from components.errors import ConfigError
 from components.local_cache import cached_file, evict
 from components.storage import is_remote, location
 from components.study_lock import StudyLock, StudyLocked, lock_store
-from pipelines.steps import Step
+from pipelines.steps import Step, unfenced
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_step_is_complete_only_once_its_marker_is_written_after_its_outputs(ro
         (scratch / "sub" / "table.csv").write_text("a,b\n")
         (scratch / "plot.png").write_bytes(b"png")
         assert not step.complete
-        step.finish({"rows": 2}, scratch)
+        step.finish({"rows": 2}, scratch, fence=unfenced)
     assert step.complete and step.info() == {"rows": 2}
     assert (step.location / "sub" / "table.csv").read_text() == "a,b\n"
     assert (step.location / "plot.png").read_bytes() == b"png"

@@ -20,6 +20,7 @@ from pipelines.config import load_pipeline_config
 from pipelines.hparams import HParams
 from pipelines.nightly import lock_command, promote, run_nightly
 from pipelines.results import TaskResult
+from pipelines.steps import unfenced
 from pipelines.tracking.models import CHAMPION, NetworkSpec, Registration
 from pipelines.tracking.registry import DEFINITION_TAG, STUDY_TAG, network_model, version_tags
 from pipelines.tracking.runs import Tracker
@@ -170,7 +171,7 @@ def test_a_network_another_study_trained_is_registered_under_ours_once(tmp_path,
 
     a = _register(tracker, "a", L1, 0.5)
     cfg = load_pipeline_config(str(write_study(tmp_path / "b.yaml", tmp_path / "runs", name="b")), [])
-    record = NetworkRecord(cfg, ShardStore(tiny_dataset), tracker, "")
+    record = NetworkRecord(cfg, ShardStore(tiny_dataset), tracker, "", unfenced)
     adopted = record.adopt(L1, a)
     assert (adopted.registered, adopted.model_version) == ("b-normal", "1")
     assert tracker.models.alias_version("b-normal", CHAMPION) == "1"

@@ -150,7 +150,6 @@ def test_a_holder_whose_lock_is_taken_over_is_fenced_and_writes_no_marker(tmp_pa
     of it writes its marker, and its release leaves the new holder's record alone."""
     from components.errors import LockLost
     from components.storage import location
-    from components.study_lock import check_held
     from pipelines.steps import DONE, Step
 
     store = LocalLockStore(tmp_path / STUDY_LOCK)
@@ -158,24 +157,24 @@ def test_a_holder_whose_lock_is_taken_over_is_fenced_and_writes_no_marker(tmp_pa
     first = StudyLock(store, "run", heartbeat_s=0.6, on_lost=lambda lost: told.set())
     first.acquire()
     step = Step(location(tmp_path), "stage1/normal", "abc")
-    step.finish({"ok": 1})  # held: the marker is written
+    step.finish({"ok": 1}, fence=first.check)  # held: the marker is written
     time.sleep(0.3)  # silent longer than the second holder's patience
     second = StudyLock(store, "train", stale_after_s=0.2, heartbeat_s=30)
     second.acquire()  # takes the "dead" holder's lock over
     try:
         assert told.wait(5), "the first holder never noticed"
         with pytest.raises(LockLost) as lost:
-            check_held()
+            first.check()
         line = str(lost.value)
         assert "\n" not in line and "taken over by taskatlas train" in line and f"pid {os.getpid()}" in line
         assert "stopped before its next write" in line
         fenced = Step(location(tmp_path), "stage1/reshading", "def")
         with pytest.raises(LockLost):
-            fenced.finish({"ok": 1})
+            fenced.finish({"ok": 1}, fence=first.check)
         assert not fenced.marker.exists() and (tmp_path / "stage1/normal/abc" / DONE).exists()
         first.release()  # must not delete the second holder's record
         assert store.read().token == second.holder.token
-        check_held()  # the lost lock is no longer this process's: nothing to refuse
+        second.check()  # the new holder's fence lets it write
     finally:
         second.release()
 
@@ -185,7 +184,6 @@ def test_a_holder_that_cannot_refresh_its_lock_for_stale_after_s_gives_it_up(tmp
     alike), after which others may take the lock over, fences the holder too."""
     from components.disk_space import no_space
     from components.errors import LockLost
-    from components.study_lock import check_held
     from tests.disk import fill, small_disk
 
     with small_disk(tmp_path / "disk", "1m") as disk:
@@ -198,7 +196,7 @@ def test_a_holder_that_cannot_refresh_its_lock_for_stale_after_s_gives_it_up(tmp
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             with pytest.raises(LockLost, match=r"could not be refreshed for 0\.5 s") as lost:
-                check_held()
+                holder.check()
             assert no_space(lost.value) is not None  # the CLI reports the full disk instead
             assert [p.name for p in disk.iterdir() if p.name.endswith(".new")] == []  # no litter
         finally:

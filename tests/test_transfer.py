@@ -54,6 +54,7 @@ from pipelines.results import TaskResult
 from pipelines.stage2.fanout import validation_losses
 from pipelines.stage2.readout_runs import readout_run_name
 from pipelines.stage2.run import Stage2
+from pipelines.steps import unfenced
 
 pytestmark = pytest.mark.numerics  # CI runs these again under another CPU kernel path
 
@@ -228,7 +229,7 @@ def make_stage2(root: Path, store: ShardStore, *overrides: str, tasks=TASKS, **k
         None, [f"storage_root={root}", f"tasks=[{','.join(tasks)}]", *BASE, *overrides]
     )
     tracker = open_tracker(cfg)
-    return Stage2(cfg, store, tracker, tracker.start_run("test"), **kwargs)
+    return Stage2(cfg, store, tracker, tracker.start_run("test"), unfenced, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pipelines.hparams import HParams
 from pipelines.invocation import open_tracker, prepare_dataset
 from pipelines.results import TaskResult
 from pipelines.stage2.run import Stage2
+from pipelines.steps import unfenced
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIC = ("depth_zbuffer", "depth_euclidean", "normal", "reshading", "curvature")
@@ -74,7 +75,7 @@ def test_geometric_sources_have_more_affinity_than_texture_edges_for_geometric_t
     store = prepare_dataset(cfg)
     results = {name: _train(cfg, store, name) for name in tasks}
     tracker = open_tracker(cfg)
-    result = Stage2(cfg, store, tracker, tracker.start_run("quickstart-test")).run(results)
+    result = Stage2(cfg, store, tracker, tracker.start_run("quickstart-test"), unfenced).run(results)
     assert result.failed == ()
 
     affinity = compute_affinity(result.all_losses()).to_pylist()

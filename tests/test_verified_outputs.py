@@ -16,14 +16,14 @@ from components.transfer.feature_files import FEATURES_DONE, joined_blocks
 from components.transfer.readout_files import READOUT_META, ReadoutOutcome, stored_outcome, write_readout
 from pipelines.config import load_pipeline_config
 from pipelines.stage2.features import FeatureCache
-from pipelines.steps import FILES, Step
+from pipelines.steps import FILES, Step, unfenced
 
 
 def finished_step(tmp_path) -> Step:
     step = Step(location(tmp_path), "stage1/normal", "k1")
     (step.location / "model.pt").write_bytes(b"weights" * 100)
     (step.location / "losses" / "normal.parquet").write_bytes(b"table")
-    step.finish({"task": "normal"})
+    step.finish({"task": "normal"}, fence=unfenced)
     return step
 
 

@@ -47,7 +47,7 @@ from pipelines.analysis.record import (
 from pipelines.config import PipelineConfig
 from pipelines.progress import progress_bar
 from pipelines.results import Stage2Result
-from pipelines.steps import Step, StepStatus, log_stored_artifact
+from pipelines.steps import Fence, Step, StepStatus, log_stored_artifact
 
 if TYPE_CHECKING:  # annotations only: `taxonomy_options` is importable without MLflow
     from pipelines.tracking.runs import Tracker
@@ -68,7 +68,13 @@ class Analysis:
 
 
 def analyse(
-    cfg: PipelineConfig, stage2: Stage2Result, tracker: Tracker, run: tuple[str, str], *, taxonomy: bool
+    cfg: PipelineConfig,
+    stage2: Stage2Result,
+    tracker: Tracker,
+    run: tuple[str, str],
+    fence: Fence,
+    *,
+    taxonomy: bool,
 ) -> Analysis:
     """Stages III and IV on Stage II's losses, for the study's run `run` (experiment id, run id):
     each step run or reused, each readout's run scored once (when its affinity is new), the
@@ -77,7 +83,7 @@ def analyse(
     affinity = affinity_step(cfg, stage2.key, stage2.losses)
     steps = [("affinity", StepStatus.REUSE if affinity.complete else StepStatus.RUN)]
     fresh = not affinity.complete
-    affinity = run_affinity(cfg, stage2.losses, stage2.key, tracker, run_id)
+    affinity = run_affinity(cfg, stage2.losses, stage2.key, tracker, run_id, fence)
     table = (affinity.location / "affinity.parquet").read_parquet()
     if fresh:
         score_readout_runs(tracker, stage2.readout_runs, table)
@@ -87,7 +93,7 @@ def analyse(
         return Analysis(affinity, None, tuple(steps))
     solved = taxonomy_step(cfg, affinity.key)
     steps.append(("taxonomy", StepStatus.REUSE if solved.complete else StepStatus.RUN))
-    solved = run_taxonomy(cfg, affinity, tracker, run_id)
+    solved = run_taxonomy(cfg, affinity, tracker, run_id, fence)
     for name in TAXONOMY_ON_PARENT:
         log_stored_artifact(tracker, run_id, solved.location / name)
     answer = StudyAnswer.from_json(solved.info(), str(solved.location))
@@ -96,7 +102,12 @@ def analyse(
 
 
 def run_affinity(
-    cfg: PipelineConfig, losses: Location, transfer_key: str, tracker: Tracker, parent_run_id: str
+    cfg: PipelineConfig,
+    losses: Location,
+    transfer_key: str,
+    tracker: Tracker,
+    parent_run_id: str,
+    fence: Fence,
 ) -> Step:
     """Stage III: win rates and AHP on Stage II's per-image losses (`losses`: Stage II's folder of
     per-target loss tables)."""
@@ -104,7 +115,8 @@ def run_affinity(
     if step.complete:
         return step
     with step.scratch() as scratch:
-        _affinity(cfg, step, losses, transfer_key, tracker, parent_run_id, scratch)
+        info = _affinity(cfg, losses, transfer_key, tracker, parent_run_id, scratch)
+        step.finish(info, scratch, fence=fence)
     return step
 
 
@@ -143,13 +155,13 @@ def study_affinity(
 
 def _affinity(
     cfg: PipelineConfig,
-    step: Step,
     losses: Location,
     transfer_key: str,
     tracker: Tracker,
     parent_run_id: str,
     scratch: Path,
-) -> None:
+) -> dict:
+    """The affinity step's files in `scratch`, its run logged; its marker's summary."""
     started = time.time()  # the run spans the work, not just its logging
     targets = [f for f in losses.files() if f.name.endswith(".parquet")]
     with progress_bar(len(targets), "affinity (bootstrap)", unit="target") as update:
@@ -172,7 +184,7 @@ def _affinity(
     )
     info = {"transfer_key": transfer_key, "rows": table.num_rows, "unlabelled_images": unlabelled}
     info["inputs"] = loss_digests(losses)  # what it read: each target's loss table, by SHA-256
-    step.finish(info | {"mlflow_run": run}, scratch)
+    return info | {"mlflow_run": run}
 
 
 def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) -> np.ndarray | None:
@@ -207,19 +219,23 @@ def _beam_availability(cfg: PipelineConfig, stage_dir: Location, table, n: int) 
     return beam_availability(rows, val_losses, draws, t.orders, t.beams, t.widen_beams, n)
 
 
-def run_taxonomy(cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_run_id: str) -> Step:
+def run_taxonomy(
+    cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_run_id: str, fence: Fence
+) -> Step:
     """Stage IV: the BIP at the configured budget, and the whole budget sweep."""
     step = taxonomy_step(cfg, affinity.key)
     if step.complete:
         return step
     with step.scratch() as scratch:
-        _taxonomy(cfg, step, affinity, tracker, parent_run_id, scratch)
+        info = _taxonomy(cfg, affinity, tracker, parent_run_id, scratch)
+        step.finish(info, scratch, fence=fence)
     return step
 
 
 def _taxonomy(
-    cfg: PipelineConfig, step: Step, affinity: Step, tracker: Tracker, parent_run_id: str, scratch: Path
-) -> None:
+    cfg: PipelineConfig, affinity: Step, tracker: Tracker, parent_run_id: str, scratch: Path
+) -> dict:
+    """The taxonomy step's files in `scratch`, its run logged; its marker's summary."""
     from components.plots import plot_sweep, plot_taxonomy  # matplotlib: only where a picture is made
 
     started = time.time()  # the run spans the work (the bootstrap's solves), not just its logging
@@ -251,7 +267,7 @@ def _taxonomy(
         scratch / name for name in ("taxonomy.json", "taxonomy.png", "budget_sweep.json", "budget_sweep.png")
     ]
     run = record_taxonomy(tracker, parent_run_id, started, cfg.taxonomy, taxonomy, stability, sweep, files)
-    step.finish({"affinity_key": affinity.key, "mlflow_run": run, **answer.to_json()}, scratch)
+    return {"affinity_key": affinity.key, "mlflow_run": run, **answer.to_json()}
 
 
 def _pruned_transfers(stage_dir: Location) -> dict | None:

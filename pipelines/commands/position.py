@@ -53,13 +53,13 @@ def _position(args: argparse.Namespace) -> int:
     spec = check_images(args.images, task, cfg, args.spec)
     study = finished_study(cfg)
     preflight(cfg)
-    with study_lock(cfg, "position", args.wait_for_lock):
+    with study_lock(cfg, "position", args.wait_for_lock) as fence:
         store = import_images(cfg, task, args.images, spec)
         ensure_ray(args.verbose)
-        with invocation(cfg, f"position {task.name}", args.verbose) as inv:
+        with invocation(cfg, f"position {task.name}", fence, args.verbose) as inv:
             images = DatasetRef(f"{task.name}-images", store.data_version, str(store.root))
             inv.tracker.log_dataset(inv.run_id, images)
-            result = position_task(study, task, store, inv.tracker, inv.run_id, use_self)
+            result = position_task(study, task, store, inv.tracker, inv.run_id, inv.fence, use_self)
     print_position(result.answer, result.folder, args.config or "STUDY.yaml")
     if args.json:
         print(json.dumps(result.summary()))

@@ -68,9 +68,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"plan size: {line}", file=sys.stderr)
         return 0
     preflight(cfg)
-    with study_lock(cfg, "run", args.wait_for_lock):
+    with study_lock(cfg, "run", args.wait_for_lock) as fence:
         ensure_ray(args.verbose)
-        with invocation(cfg, "run", args.verbose) as inv:
+        with invocation(cfg, "run", fence, args.verbose) as inv:
             result = run_pipeline(inv, stages)
     print_report(cfg, result, inv.tracker.tracking_uri)
     print_run(inv.tracker.tracking_uri, inv.tracker.experiment_id, inv.run_id)

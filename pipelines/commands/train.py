@@ -46,10 +46,10 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.tracking.registry import network_model
 
     cfg, tasks = _setup(args)
-    with study_lock(cfg, "train", args.wait_for_lock):
+    with study_lock(cfg, "train", args.wait_for_lock) as fence:
         ensure_ray(args.verbose)
-        with invocation(cfg, "train", args.verbose) as inv:
-            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+        with invocation(cfg, "train", fence, args.verbose) as inv:
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, inv.fence, verbose=inv.verbose).run(
                 tasks, search=True
             )
     print(f"\n{'task':<18} {'test loss':>10}  lr        wd        batch  registered model")
@@ -73,10 +73,10 @@ def _tune(args: argparse.Namespace) -> int:
     from pipelines.stage1.run import Stage1
 
     cfg, tasks = _setup(args)
-    with study_lock(cfg, "tune", args.wait_for_lock):
+    with study_lock(cfg, "tune", args.wait_for_lock) as fence:
         ensure_ray(args.verbose)
-        with invocation(cfg, "tune", args.verbose) as inv:
-            stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose)
+        with invocation(cfg, "tune", fence, args.verbose) as inv:
+            stage1 = Stage1(cfg, inv.store, inv.tracker, inv.run_id, inv.fence, verbose=inv.verbose)
             best = {  # one search per network replicate (tune.each_replicate), or one
                 network_name(name, n): h
                 for n in stage1.plan.searches()

@@ -39,14 +39,14 @@ def _transfer(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
     tasks = parse_tasks(args.tasks or cfg.tasks, cfg.catalog)
     preflight(cfg, [t.name for t in tasks])
-    with study_lock(cfg, "transfer", args.wait_for_lock):
+    with study_lock(cfg, "transfer", args.wait_for_lock) as fence:
         ensure_ray(args.verbose)
-        with invocation(cfg, "transfer", args.verbose) as inv:
-            stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id)
+        with invocation(cfg, "transfer", fence, args.verbose) as inv:
+            stage2 = Stage2(cfg, inv.store, inv.tracker, inv.run_id, inv.fence)
             plan = stage2.jobs.plan([t.name for t in tasks])
             seconds, slots = stage2.estimate(plan)
             print(describe_plan(plan, seconds, slots), flush=True)
-            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, verbose=inv.verbose).run(
+            results = Stage1(cfg, inv.store, inv.tracker, inv.run_id, inv.fence, verbose=inv.verbose).run(
                 tasks, search=True
             )
             result = stage2.run(results, plan)

@@ -59,7 +59,7 @@ from pipelines.position.record import register_model, registered_encoders
 from pipelines.results import TaskResult
 from pipelines.stage2.plan import feature_sources
 from pipelines.stage2.run import Stage2
-from pipelines.steps import Step, log_stored_artifact
+from pipelines.steps import Fence, Step, log_stored_artifact
 from pipelines.tracking.registry import is_registered
 from pipelines.tracking.runs import Tracker
 
@@ -87,8 +87,10 @@ class PositionResult:
 
 
 def position_task(
-    study: Study, task: Task, store: ShardStore, tracker: Tracker, run_id: str, use_self: bool
+    study: Study, task: Task, store: ShardStore, tracker: Tracker, run_id: str, fence: Fence, use_self: bool
 ) -> PositionResult:
+    """`task` placed among `study`'s tasks and its model registered, under the study lock whose
+    check is `fence`."""
     cfg = study.config
     sources = [t for t in cfg.tasks if t != task.name]
     baselines = [ReadoutKind.SCRATCH, ReadoutKind.RANDOM, ReadoutKind.PIXELS] + (
@@ -119,7 +121,7 @@ def position_task(
         {task.name: study.networks[task.name]} if use_self else {}
     )
     encoders = registered_encoders(tracker, cfg.name, networks)  # before any work
-    stage2 = Stage2(derived, store, tracker, run_id)
+    stage2 = Stage2(derived, store, tracker, run_id, fence)
     transfer = stage2.run(networks, plan)
     if transfer.failed:
         raise TaskatlasError(f"{len(transfer.failed)} readout(s) failed: {', '.join(transfer.failed)}")
@@ -155,14 +157,14 @@ def position_task(
         answer = answer_of(study, task, store, candidates, chosen, model, t.replicates)
         with step.scratch() as scratch:
             plot_position(task.name, table.to_pylist(), scratch / "position.png", chosen.sources)
-            _store(step, answer, scratch)
+            _store(step, answer, scratch, fence)
     answer = PositionAnswer.from_json(step.info())
     # The model as the current tracking store has it: registered again if the store lost it
     model = _model(derived, stage2, networks, plan, task, answer.model.sources, encoders, tracker, run_id)
     if model != answer.model:
         answer = replace(answer, model=model)
         with step.scratch() as scratch:
-            _store(step, answer, scratch)
+            _store(step, answer, scratch, fence)
     for name in ("position.png", POSITION):
         log_stored_artifact(tracker, run_id, step.location / name)
     tracker.describe(run_id, answer_markdown(answer))
@@ -171,10 +173,10 @@ def position_task(
     )
 
 
-def _store(step: Step, answer: PositionAnswer, scratch: Path) -> None:
+def _store(step: Step, answer: PositionAnswer, scratch: Path, fence: Fence) -> None:
     """The answer as `position.json` beside the step's files, and as its marker."""
     (scratch / POSITION).write_text(json.dumps(answer.to_json(), indent=1))
-    step.finish(answer.to_json(), scratch)
+    step.finish(answer.to_json(), scratch, fence=fence)
 
 
 def _model(
@@ -224,7 +226,7 @@ def _model(
                 json.dumps({"in_channels": in_channels, "mean_test_loss": test_loss})
             )
         model = RegisteredModel(name, version, sources)
-        step.finish(model.to_json(), scratch)
+        step.finish(model.to_json(), scratch, fence=stage2.fence)
         return model
 
 

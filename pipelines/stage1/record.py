@@ -28,7 +28,7 @@ from pipelines.invocation import dataset_ref
 from pipelines.results import TaskResult
 from pipelines.sections import TuneConfig
 from pipelines.stage1.plan import network_name, network_seed
-from pipelines.steps import Step
+from pipelines.steps import Fence, Step
 from pipelines.tracking.entities import FinalStatus, FinishedRun, RunToStart
 from pipelines.tracking.models import CHAMPION, NetworkSpec, Registration, tensor_signature
 from pipelines.tracking.registry import network_model, registered_definition, version_tags
@@ -76,6 +76,7 @@ class NetworkRecord:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
+    fence: Fence  # the study lock's check, before each network's marker
 
     def open(self, task: Task, hparams: HParams, step: Step, replicate: int = 0) -> Network:
         """The network's MLflow run: an earlier attempt's (KILLED or FAILED by now) continued,
@@ -161,7 +162,7 @@ class NetworkRecord:
             done = TaskResult(
                 task.name, step.key, n.weights.uri, test_loss, n.hparams, n.run_id, "", "", n.replicate
             )
-            step.finish(done.marker())
+            step.finish(done.marker(), fence=self.fence)
             return done
         # The logged model's metrics: the last epoch's (as rank 0 logged them to the run) and the
         # test loss of the saved weights at that step, one value per key.
@@ -199,7 +200,7 @@ class NetworkRecord:
             version,
             registered,
         )
-        step.finish(done.marker())
+        step.finish(done.marker(), fence=self.fence)
         return done
 
     def registration(self, task: Task, test_loss: float, key: str) -> Registration:

@@ -25,7 +25,7 @@ from components.tasks import Task, channels_for
 from components.transfer.features import load_state_dict
 from pipelines.results import TaskResult
 from pipelines.stage1.record import NetworkRecord
-from pipelines.steps import Step
+from pipelines.steps import Fence, Step
 from pipelines.tracking.models import CHAMPION, NetworkSpec, tensor_signature
 from pipelines.tracking.registry import KEY_TAG, network_model
 
@@ -43,7 +43,7 @@ def registered_network(record: NetworkRecord, task: Task, result: TaskResult, st
     if (found := tracker.models.find_version(ours, {KEY_TAG: result.key})) is not None:
         if not mine or found == result.model_version:
             return result  # in the store (another study's: `adopt` links it to ours)
-        return _recorded(step, replace(result, model_version=found, registered=ours))
+        return _recorded(step, replace(result, model_version=found, registered=ours), record.fence)
     if not mine and tracker.models.find_version(result.registered, {KEY_TAG: result.key}) is not None:
         return result  # `adopt` registers it under ours from that study's logged model
     restored = _register_again(record, task, result)
@@ -54,7 +54,7 @@ def registered_network(record: NetworkRecord, task: Task, result: TaskResult, st
         file=sys.stderr,
         flush=True,
     )
-    return _recorded(step, restored)
+    return _recorded(step, restored, record.fence)
 
 
 def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> TaskResult:
@@ -89,8 +89,8 @@ def _register_again(record: NetworkRecord, task: Task, result: TaskResult) -> Ta
     return replace(result, run_id=run_id, model_version=version, registered=registration.name)
 
 
-def _recorded(step: Step, result: TaskResult) -> TaskResult:
+def _recorded(step: Step, result: TaskResult, fence: Fence) -> TaskResult:
     """The network's marker rewritten with its version in the current store (its files as they
     were: checked when the marker was read)."""
-    step.finish(result.marker())
+    step.finish(result.marker(), fence=fence)
     return result

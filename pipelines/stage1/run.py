@@ -58,6 +58,7 @@ from pipelines.stage1.restore import registered_network
 from pipelines.stage1.search import search_tasks
 from pipelines.stage1.train_state import repair_train_state
 from pipelines.stage1.worker import WorkerConfig, loop_config, train_worker
+from pipelines.steps import Fence
 from pipelines.tracking.entities import RunToStart
 from pipelines.tracking.runs import Tracker
 
@@ -70,6 +71,7 @@ class Stage1:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
+    fence: Fence  # the study lock's check, before each step's marker (`Invocation.fence`)
     fail_at_epoch: int | None = None  # test seam: kill rank 0 once, at epoch N of a Ray Train run
     verbose: bool = False  # Tune's trial tables on the console (`taskatlas -v`)
 
@@ -79,7 +81,7 @@ class Stage1:
 
     @property
     def record(self) -> NetworkRecord:
-        return NetworkRecord(self.config, self.store, self.tracker, self.parent_run_id)
+        return NetworkRecord(self.config, self.store, self.tracker, self.parent_run_id, self.fence)
 
     @property
     def use_gpu(self) -> bool:

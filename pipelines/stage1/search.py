@@ -159,7 +159,8 @@ def finish_search(
     ]
     best_id = str(best.metrics.get("trial_id"))
     step.finish(
-        {"hparams": hparams.to_json(), "best_trial": best_id, "best_val_loss": best_loss, "trials": trials}
+        {"hparams": hparams.to_json(), "best_trial": best_id, "best_val_loss": best_loss, "trials": trials},
+        fence=record.fence,
     )
     return hparams
 

@@ -19,7 +19,7 @@ from components.transfer import ReadoutKind, TransferPlan
 from components.transfer.estimate import Estimate, pruning_report
 from pipelines.results import READOUT_RUNS, Stage2Result
 from pipelines.stage2.fanout import FanOut
-from pipelines.steps import Step, log_stored_artifact
+from pipelines.steps import Fence, Step, log_stored_artifact
 from pipelines.tracking.runs import Tracker
 
 LOSSES = "losses"  # the step's folder of per-target loss tables, `<target>.parquet`
@@ -63,7 +63,7 @@ def counts_of(plan: TransferPlan, fan: FanOut) -> dict[str, int]:
 
 
 def record_stage(
-    tracker: Tracker, step: Step, run_id: str, plan: TransferPlan, fan: FanOut, seconds: float
+    tracker: Tracker, step: Step, run_id: str, plan: TransferPlan, fan: FanOut, seconds: float, fence: Fence
 ) -> Stage2Result:
     """The summary (Parquet, and CSV for the UI), metrics and failures; the marker if none failed."""
     out = step.location
@@ -101,7 +101,7 @@ def record_stage(
     (out / "failed.json").unlink(missing_ok=True)
     runs = {r.name: fan.runs[k][0] for r in sorted(fan.outcomes) if (k := fan.keys.key(r)) in fan.runs}
     (out / READOUT_RUNS).write_json(runs)
-    step.finish({k: v for k, v in asdict(result).items() if k not in ("ran", "failed")})
+    step.finish({k: v for k, v in asdict(result).items() if k not in ("ran", "failed")}, fence=fence)
     return result
 
 

@@ -53,7 +53,7 @@ from pipelines.stage2.plan import ReadoutKeys, Stage2Plan, feature_sources, netw
 from pipelines.stage2.pruning import estimates, pruned
 from pipelines.stage2.readout_runs import ReadoutRunLog
 from pipelines.stage2.record import LOSSES, STAGE_NOTE, record_pruning, record_stage
-from pipelines.steps import Step
+from pipelines.steps import Fence, Step
 from pipelines.tracking.runs import Tracker
 
 _REMOTE_CALIBRATE = ray.remote(calibrate_readout)
@@ -69,6 +69,7 @@ class Stage2:
     store: ShardStore
     tracker: Tracker
     parent_run_id: str
+    fence: Fence  # the study lock's check, before each step's marker (`Invocation.fence`)
     encode_log: Path | None = None
     fail_readouts: tuple[str, ...] = ()
 
@@ -126,7 +127,9 @@ class Stage2:
         start = time.perf_counter()
         try:
             plan, fan = self._run(results, plan, keys, step, run_id)
-            result = record_stage(self.tracker, step, run_id, plan, fan, time.perf_counter() - start)
+            result = record_stage(
+                self.tracker, step, run_id, plan, fan, time.perf_counter() - start, self.fence
+            )
         except BaseException:
             self.tracker.end_run(run_id, failed=True)
             raise
