@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent(
     from pipelines.config import load_pipeline_config
     from pipelines.invocation import open_tracker
     from pipelines.stage1.run import Stage1
+    from pipelines.steps import unfenced
 
     root, dataset = sys.argv[1], sys.argv[2]
     # One CPU per node and two one-CPU workers: the worker group must span both nodes.
