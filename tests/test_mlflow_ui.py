@@ -145,6 +145,8 @@ def check_models_are_final_and_linked(
         outputs = [o["model_id"] for o in run.get("outputs", {}).get("model_outputs", [])]
         assert outputs == [info["model_id"]], name  # the run lists its logged model
         versions = json.loads(kv(info.get("tags"))["mlflow.modelVersions"])  # the model: registered
+        # described on its own page, as its version is (the page showed no description)
+        assert "mean test loss" in kv(info.get("tags")).get("mlflow.note.content", ""), name
         [(registered_name, version)] = [(v["name"], str(v["version"])) for v in versions]
         mv = ui.model_version(registered_name, version)
         # The version points at the logged model by its source (a SQL registry keeps no model id)

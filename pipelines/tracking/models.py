@@ -31,7 +31,7 @@ from components.errors import TaskatlasError
 from components.models import ModelConfig, TaskNetwork, build_network
 from components.tasks import Task
 from pipelines.compat import process_tracking_uri as _process_tracking_uri
-from pipelines.tracking.entities import flatten
+from pipelines.tracking.entities import NOTE, flatten
 from pipelines.tracking.store import is_server
 
 # A registered task network is these two files, never a pickled module (design.md section 8).
@@ -155,7 +155,10 @@ class ModelRegistry:
             if signature is not None:
                 Model(run_id=run_id, model_id=model_id, signature=signature).save(folder / "MLmodel")
             self.client.log_model_artifacts(model_id, str(folder))
-        self.client.set_logged_model_tags(model_id, dict(registration.version_tags))
+        # The logged model's page shows its tags and, as its description, the version's text
+        self.client.set_logged_model_tags(
+            model_id, dict(registration.version_tags) | {NOTE: registration.version_description}
+        )
         self._log_model_metrics(run_id, model_id, metrics)
         step = max((m.step for m in metrics), default=0)
         run = self.client.get_run(run_id)
