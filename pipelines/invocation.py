@@ -28,9 +28,9 @@ from components.settings import read_settings
 from components.storage import Location, location
 from components.study_lock import StudyLock, lock_store
 from pipelines.config import PipelineConfig, check_image_size
+from pipelines.hparams import HParams
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import cluster_gpus, cluster_nodes
-from pipelines.sections import HPARAMS
 from pipelines.steps import Fence
 from pipelines.tracking.entities import STORAGE_ROOT_TAG, DatasetRef
 from pipelines.tracking.runs import Tracker
@@ -266,7 +266,7 @@ def used_config(cfg: PipelineConfig, cluster_gpus: int) -> dict:
     as granted: 0 where none is used."""
     params = to_dict(cfg)
     if cfg.tune.enabled:
-        params["train"] |= dict.fromkeys(HPARAMS, TUNED)
+        params["train"] |= dict.fromkeys(HParams.names(), TUNED)
     train_gpu = cluster_gpus > 0 if cfg.train.use_gpu is None else cfg.train.use_gpu  # trials' too
     transfer_gpu = cluster_gpus > 0 if cfg.transfer.use_gpu is None else cfg.transfer.use_gpu
     params["train"]["use_gpu"], params["transfer"]["use_gpu"] = train_gpu, transfer_gpu

@@ -14,7 +14,6 @@ from components.errors import ConfigError
 from components.taxonomy import Transform
 from components.transfer import BASELINES, Pairing, ReadoutKind
 from components.transfer.estimate import EstimatorKind
-from pipelines.hparams import HParams
 
 # What a config field's value changes (`field(metadata=...)`), read by `key_fields`.
 KEY_ROLE = "key_role"
@@ -132,9 +131,6 @@ class TrainConfig:
         )
         at_least("train", self, 1, "checkpoints_to_keep", "replicates")
         at_least("train", self, 0, "cpus_per_worker", above=True)
-
-
-HPARAMS = HParams.names()  # the train.* settings the search chooses per task
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from pipelines.analysis.report import answer_markdown
 from pipelines.cli import main
 from pipelines.commands.run import print_run
 from pipelines.config import load_pipeline_config
+from pipelines.hparams import HParams
 from pipelines.invocation import dataset_ref, invocation, open_tracker
-from pipelines.sections import HPARAMS
 from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.search import TrialProgress
@@ -213,7 +213,18 @@ def recorded(server, tiny_dataset, tmp_path_factory):
         for i in range(3)
     ]
     search_span = (now - 3.2, now)
-    record_search(tracker, parent, cfg.tune, task, results, spans, results[0], 0.5, search_span, HPARAMS)
+    record_search(
+        tracker,
+        parent,
+        cfg.tune,
+        task,
+        results,
+        spans,
+        results[0],
+        0.5,
+        search_span,
+        HParams.from_json(results[0].config),
+    )
 
     with ReadoutRunLog(tracker, parent, "stage", dataset=dataset_ref(cfg, store)) as log:
         for i, sources in enumerate((("depth",), ("edge_texture",), ("depth", "edge_texture"))):
@@ -346,7 +357,7 @@ def test_the_parent_run_claims_no_setting_that_no_network_used(tiny_dataset, tmp
         return MlflowClient(inv.tracker.tracking_uri).get_run(inv.run_id).data.params
 
     searched = parent_params("searched", tune={"enabled": True}, train={"lr": 0.003})
-    for key in HPARAMS:
+    for key in HParams.names():
         assert searched[f"train.{key}"] == "tuned per task (tune/<task>)"
     assert searched["train.use_gpu"] == searched["transfer.use_gpu"] == "False"  # no GPU here
     assert searched["tune.gpus_per_trial"] == searched["transfer.gpus_per_readout"] == "0"
@@ -490,7 +501,7 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert parent_metrics["readouts_trained"] == metric(transfer, "readouts_trained") > 0  # one name
     params = kv(parent["data"]["params"])  # no value that no network or readout used
-    assert {params[f"train.{k}"] for k in HPARAMS} == {"tuned per task (tune/<task>)"}
+    assert {params[f"train.{k}"] for k in HParams.names()} == {"tuned per task (tune/<task>)"}
     assert params["tune.gpus_per_trial"] == params["transfer.gpus_per_readout"] == "0"  # CPU only
     assert parent_metrics["readouts"] == len(readouts) == 57
     for run in readouts:

@@ -269,11 +269,12 @@ def record_search(
     best,
     best_loss: float,
     span: tuple[float, float],
-    hparams: tuple[str, ...],
+    chosen: HParams,
     search: int = 0,
 ) -> None:
     """A task's search as a run spanning the search (`span`, epoch seconds) with its space
-    (`tune.*`) and best trial (`best.*`, tag `best_trial`), and a nested run per trial (Tune's
+    (`tune.*`), its best trial (`best`, tag `best_trial`) and what it chose (`chosen`, params
+    `best.*`), and a nested run per trial (Tune's
     `results`) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
     replicate n's) is `tune/<task>#n`, as its network is `train/<task>#n`."""
     best_id = str(best.metrics.get("trial_id"))
@@ -284,8 +285,7 @@ def record_search(
         {"task": task.name, "stage": "tune", "best_trial": best_id, "replicate": str(search)},
         start_time=span[0],
     )
-    best_hparams = {k: best.config[k] for k in hparams}
-    tracker.log_params(run, {"best": best_hparams, "tune": to_dict(tune)})
+    tracker.log_params(run, {"best": chosen.to_json(), "tune": to_dict(tune)})
     trials = []
     for result, (start, end) in zip(results, spans, strict=True):
         df = result.metrics_dataframe
@@ -299,7 +299,7 @@ def record_search(
             FinishedRun(
                 f"tune/{name}/{trial_id}",
                 tags={"task": task.name, "stopped_early": str(stopped).lower(), "trial_id": trial_id},
-                params={k: str(result.config[k]) for k in hparams},
+                params={k: str(result.config[k]) for k in HParams.names()},
                 metrics=tuple(rows),
                 start_time=start,
                 end_time=end,

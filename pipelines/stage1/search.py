@@ -17,7 +17,6 @@ from components.tasks import Task, channels_for
 from pipelines.hparams import HParams
 from pipelines.progress import progress_bar
 from pipelines.ray_runtime import interrupts_kept
-from pipelines.sections import HPARAMS
 from pipelines.stage1.plan import Stage1Plan
 from pipelines.stage1.record import NetworkRecord, record_search
 from pipelines.stage1.trial import TASK_KEY, PerTaskASHA, tune_trial
@@ -147,7 +146,7 @@ def finish_search(
         best,
         best_loss,
         search_span,
-        HPARAMS,
+        hparams,
         search,
     )
     trials = [
