@@ -10,7 +10,10 @@ import pyarrow as pa
 from components.storage import Location, location
 from pipelines.hparams import HParams
 
-READOUT_RUNS = "readout_runs.json"  # readout name -> MLflow run id, in Stage II's step folder
+# In Stage II's step folder: candidate name (`a+b->t`) -> its MLflow run id; target -> its
+# `transfer/<target>` run id
+READOUT_RUNS = "readout_runs.json"
+TARGET_RUNS = "target_runs.json"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class Stage2Result:
 
     @property
     def readout_runs(self) -> dict[str, str]:
-        """Readout name (`a+b->t`) -> its MLflow run id (Stage III adds its affinity there)."""
+        """Candidate name (`a+b->t`) -> its MLflow run id (Stage III adds its pooled scores there)."""
         path = location(self.out_dir) / READOUT_RUNS
+        return path.read_json() if path.exists() else {}
+
+    @property
+    def target_runs(self) -> dict[str, str]:
+        """Target -> its `transfer/<target>` run id (Stage III lists its candidates there)."""
+        path = location(self.out_dir) / TARGET_RUNS
         return path.read_json() if path.exists() else {}

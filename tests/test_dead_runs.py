@@ -31,6 +31,13 @@ def _runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+def _readout_runs(root: Path) -> list:
+    """The candidate runs, in the study's readouts experiment."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny/readouts")
+    return client.search_runs([experiment.experiment_id], "tags.candidate_key LIKE '%'", max_results=1000)
+
+
 def _kill_when(driver: subprocess.Popen, ready, seconds: float = 300) -> None:
     deadline = time.monotonic() + seconds
     while not ready():
@@ -103,10 +110,12 @@ def test_a_killed_transfer_stage_is_continued_in_one_run_holding_all_its_readout
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     [stage] = [r for r in runs if r.data.tags.get("stage") == "transfer" and r.info.run_name == "transfer"]
     assert stage.info.status == "FINISHED"
-    readouts = [r for r in runs if "readout_key" in r.data.tags]
-    assert len(readouts) == len({r.data.tags["readout_key"] for r in readouts})  # none twice
-    assert {r.data.tags[MLFLOW_PARENT_RUN_ID] for r in readouts} == {stage.info.run_id}
-    assert all(r.info.status == "FINISHED" for r in readouts)
+    readouts = _readout_runs(root)
+    assert len(readouts) == len({r.data.tags["candidate_key"] for r in readouts})  # none twice
+    targets = [r for r in runs if r.data.tags.get("stage") == "transfer_target"]
+    assert {r.data.tags[MLFLOW_PARENT_RUN_ID] for r in targets} == {stage.info.run_id}
+    assert {r.data.tags[MLFLOW_PARENT_RUN_ID] for r in readouts} == {r.info.run_id for r in targets}
+    assert all(r.info.status == "FINISHED" for r in readouts + targets)
     invocations = sorted(
         (r for r in runs if r.data.tags.get("command") == "transfer"), key=lambda r: r.info.start_time
     )

@@ -229,9 +229,8 @@ def recorded(server, tiny_dataset, tmp_path_factory):
     with ReadoutRunLog(tracker, parent, "stage", dataset=dataset_ref(cfg, store)) as log:
         for i, sources in enumerate((("depth",), ("edge_texture",), ("depth", "edge_texture"))):
             readout = Readout("normal", sources)
-            log.add(
-                ReadoutOutcome(readout, 0.5, 1.0, (0.9,), 0.4, started=now - 2, finished=now - 1), f"k{i}"
-            )
+            outcome = ReadoutOutcome(readout, 0.5, 1.0, (0.9,), 0.4, started=now - 2, finished=now - 1)
+            log.add(outcome, f"k{i}", f"c{i}")
     tracker.end_run(parent)
     return SimpleNamespace(
         cfg=cfg,
@@ -335,14 +334,20 @@ def test_tune_runs_span_the_work_and_hold_the_space_and_the_best_trial(recorded,
 
 @pytest.mark.timeout(240)
 def test_readout_runs_are_tagged_in_their_names_order_and_show_their_dataset(recorded, ui):
-    readouts = [r for r in ui.runs(recorded.tracker.experiment_id) if "readout_key" in kv(r["data"]["tags"])]
+    """A run per candidate in the readouts experiment, under its target's run in the study's."""
+    assert not [
+        r for r in ui.runs(recorded.tracker.experiment_id) if "candidate_key" in kv(r["data"]["tags"])
+    ]
+    readouts = ui.runs(recorded.tracker.readouts_experiment_id)
     assert len(readouts) == 3
+    [target] = [r for r in ui.runs(recorded.tracker.experiment_id) if name_of(r) == "transfer/normal"]
+    assert kv(target["data"]["tags"])["mlflow.parentRunId"] == recorded.parent
     for run in readouts:
         tags = kv(run["data"]["tags"])
         assert tags["readout"] == name_of(run)  # regression: `depth--normal` beside `normal <- depth`
         [dataset] = run["inputs"]["dataset_inputs"]
         assert kv(dataset["tags"])["mlflow.data.context"] == "transfer"
-        assert tags["mlflow.parentRunId"] == recorded.parent
+        assert tags["mlflow.parentRunId"] == target["info"]["run_id"]
 
 
 def test_the_parent_run_claims_no_setting_that_no_network_used(tiny_dataset, tmp_path):
@@ -382,7 +387,11 @@ def test_the_experiment_description_names_runs_and_steps_as_they_are(recorded, u
         return min(m.step for m in client.get_metric_history(runs[run], key))
 
     assert first_step("train/normal", "train_loss") == 0 and first_step("tune/normal/t0", "val_loss") == 1
-    assert "counted from 0 on `train/<task>` and readout runs, from 1 on search trials" in note
+    said = " ".join(note.split())  # as the UI renders it: line breaks are spaces
+    assert (
+        "counted from 0 on `train/<task>` runs and readouts' `train_loss/r<k>`, from 1 on search trials"
+        in said
+    )
 
 
 def test_trial_progress_times_each_trial_from_its_start_to_its_end():
@@ -495,20 +504,28 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
 
     # Counts, tags and the description of the parent.
     transfer = by_name["transfer"]
-    readouts = [
-        r for r in runs if kv(r["data"]["tags"]).get("mlflow.parentRunId") == transfer["info"]["run_id"]
-    ]
+    targets = {
+        r["info"]["run_id"]
+        for r in runs
+        if kv(r["data"]["tags"]).get("mlflow.parentRunId") == transfer["info"]["run_id"]
+    }
+    assert {name_of(r) for r in runs if r["info"]["run_id"] in targets} == {
+        f"transfer/{t}" for t in ("normal", "reshading", "edge_texture")
+    }
+    readouts = ui.runs(ui.experiment_id("ui-study/readouts"))
+    assert {kv(r["data"]["tags"])["mlflow.parentRunId"] for r in readouts} == targets
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert parent_metrics["readouts_trained"] == metric(transfer, "readouts_trained") > 0  # one name
     params = kv(parent["data"]["params"])  # no value that no network or readout used
     assert {params[f"train.{k}"] for k in HParams.names()} == {"tuned per task (tune/<task>)"}
     assert params["tune.gpus_per_trial"] == params["transfer.gpus_per_readout"] == "0"  # CPU only
-    assert parent_metrics["readouts"] == len(readouts) == 57
-    for run in readouts:
+    assert parent_metrics["readouts"] == sum(metric(r, "replicates") for r in readouts) == 57
+    for run in readouts:  # every readout metric says whether it is pooled or one replicate's
         assert kv(run["data"]["tags"])["readout"] == name_of(run)
         metrics = {m["key"] for m in run["data"].get("metrics", [])}
-        if "affinity" in metrics:
-            assert {"affinity_lo", "affinity_hi"} <= metrics
+        assert all(m.startswith("pooled_") or "/r" in m or m == "replicates" for m in metrics), metrics
+        if "pooled_affinity" in metrics:
+            assert {"pooled_affinity_lo", "pooled_affinity_hi"} <= metrics
     taxonomy = json.loads(next((tmp_path / "runs" / "taxonomy").glob("*/taxonomy.json")).read_text())
     tags = kv(parent["data"]["tags"])
     assert tags["taxonomy.roots"] == ",".join(taxonomy["roots"])

@@ -129,8 +129,10 @@ def test_a_study_runs_on_s3_and_a_postgres_mlflow_server_over_two_nodes_and_reru
     experiment = client.get_experiment_by_name("on-object-storage")
     parents = client.search_runs([experiment.experiment_id], "tags.command = 'run'")
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
-    readouts = client.search_runs([experiment.experiment_id], "tags.readout_key LIKE '%'")
-    assert len(readouts) == first["readouts_ran"] + 3  # each logged once, `self` scored too
+    readouts_experiment = client.get_experiment_by_name("on-object-storage/readouts")
+    readouts = client.search_runs([readouts_experiment.experiment_id], "tags.candidate_key LIKE '%'")
+    # each replicate logged once, on its candidate's run; `self` scored too
+    assert sum(r.data.metrics["replicates"] for r in readouts) == first["readouts_ran"] + 3
 
 
 def _keys(server) -> list[str]:

@@ -39,6 +39,12 @@ def runs_named(root, prefix):
     return [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(prefix)]
 
 
+def readout_runs(client: MlflowClient, experiment: str) -> list:
+    """The candidate runs of the study's readouts experiment."""
+    found = client.get_experiment_by_name(f"{experiment}/readouts")
+    return client.search_runs([found.experiment_id], "tags.candidate_key LIKE '%'", max_results=1000)
+
+
 def check_the_answer_is_browsable(root, parent, taxonomy):
     """What a researcher sees in the MLflow UI (issue 13): the answer on the parent run, scored
     readouts with real durations, champion models with their last epoch's metrics."""
@@ -56,17 +62,36 @@ def check_the_answer_is_browsable(root, parent, taxonomy):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Lower loss is better" in experiment.tags["mlflow.note.content"]
 
-    readouts = [r for r in client.search_runs([run.info.experiment_id]) if "readout_key" in r.data.tags]
-    assert len(readouts) == 57  # (9 first order + 3 second + 3 pixels + 3 random) x 3 replicates + 3 self
+    # a run per candidate in the readouts experiment, under its target's run: 9 first order + 3
+    # second + 3 pixels + 3 random + 3 self; (all but self) x 3 replicates + 3 self replicates
+    readouts = readout_runs(client, experiment.name)
+    assert len(readouts) == 21 and sum(r.data.metrics["replicates"] for r in readouts) == 57
+    targets = {
+        t.data.tags["target"]: t
+        for t in client.search_runs([run.info.experiment_id], "tags.stage = 'transfer_target'")
+    }
+    (transfer,) = client.search_runs([run.info.experiment_id], "tags.stage = 'transfer'")
+    assert sorted(targets) == ["edge_texture", "normal", "reshading"]
+    for t in targets.values():
+        assert t.info.run_name == f"transfer/{t.data.tags['target']}" and t.info.status == "FINISHED"
+        assert t.data.tags["mlflow.parentRunId"] == transfer.info.run_id
+        mine = [r for r in readouts if r.data.tags["target"] == t.data.tags["target"]]
+        # every candidate but pixels (gain's reference, no share) listed on its target's run
+        assert (
+            t.data.metrics["candidates"] == len(mine) - 1
+            and "best first" in t.data.tags["mlflow.note.content"]
+        )
     for r in readouts:
-        target, sources = r.info.run_name.split(" <- ")  # target first; replicate r > 0 ends in " #r"
-        sources, _, replicate = sources.partition(" #")
+        target, sources = r.info.run_name.split(" <- ")  # target first
         assert (target, sources) == (r.data.tags["target"], r.data.tags["sources"])
-        assert r.data.tags["replicate"] == (replicate or "0")
-        if not replicate:  # Stage III scores each candidate once, on its replicate-0 run
-            assert "affinity" in r.data.metrics or sources == "pixels"  # pixels is gain's reference
+        assert r.data.tags["mlflow.parentRunId"] == targets[target].info.run_id
+        assert "pooled_affinity" in r.data.metrics or sources == "pixels"  # pixels is gain's reference
+        assert "affinity" not in r.data.metrics  # pooled figures are named pooled
+        n = int(r.data.metrics["replicates"])
+        assert n == (1 if r.data.tags["kind"] == "self" else 3)
         duration = (r.info.end_time - r.info.start_time) / 1000
-        assert duration >= r.data.metrics["seconds"] - 0.01  # the times of the Ray work itself
+        seconds = [r.data.metrics[f"seconds/r{k}"] for k in range(n)]
+        assert duration >= max(seconds) - 0.01  # the times of the Ray work itself
 
     for task in ("normal", "reshading", "edge_texture"):
         version = client.get_model_version_by_alias(f"tiny-{task}", "champion")
@@ -152,11 +177,13 @@ def test_run_then_rerun_reuses_everything_and_a_transfer_change_reruns_only_stag
     assert set(dry(tiny_config, capsys).values()) == {"reuse"}
     assert main(["run", "-c", str(tiny_config)]) == 0
     assert "steps: 0 ran, 6 reused" in capsys.readouterr().out
-    readouts = [r for r in runs_named(root, "") if "readout_key" in r.data.tags]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    readouts = readout_runs(client, "tiny")
     assert (
         len(runs_named(root, "train/")) == 3
-        and len(runs_named(root, "transfer")) == 1
-        and len(readouts) == 57
+        and len(runs_named(root, "transfer/")) == 3
+        and len(readouts) == 21
+        and sum(r.data.metrics["replicates"] for r in readouts) == 57
     )
 
     # A transfer setting changes Stages II-IV only: every trained readout again (self is reused).

@@ -1,4 +1,6 @@
-"""Readout runs logged in batches (pipelines/stage2/readout_runs.py) and the tracker's batched API.
+"""Readout runs logged in batches (pipelines/stage2/readout_runs.py) and the tracker's batched API:
+a run per candidate (its replicates as metrics) in the study's readouts experiment, under a run
+per target in the study's experiment.
 
 Against a real local SQLite store; the `slow` tests against a real `mlflow server` on PostgreSQL
 (the `mlflow_pg_server` fixture), where runs go several at a time.
@@ -14,7 +16,13 @@ import pytest
 
 from components.transfer import Readout, ReadoutKind
 from components.transfer.readout_files import ReadoutOutcome
-from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run, readout_run_name
+from pipelines.stage2.readout_runs import (
+    ReadoutRunLog,
+    Replicate,
+    candidate_run,
+    known_readout_runs,
+    readout_run_name,
+)
 from pipelines.tracking.batches import RunBatches
 from pipelines.tracking.entities import FinalStatus, FinishedRun
 from pipelines.tracking.runs import Tracker
@@ -44,82 +52,113 @@ def tracker(store, request):
     return _tracker(store, request)
 
 
-def _outcome(target: str = "normal", sources: tuple[str, ...] = ("depth",), epochs: int = 3, val=0.4):
-    r = Readout(target, sources)
+def _outcome(
+    target: str = "normal",
+    sources: tuple[str, ...] = ("depth",),
+    epochs: int = 3,
+    val=0.4,
+    replicate=0,
+    late=0.0,
+):
+    r = Readout(target, sources, replicate=replicate)
     train = tuple(1.0 / (e + 1) for e in range(epochs))
-    return ReadoutOutcome(r, 0.25, 3.5, train, val, STARTED, FINISHED)
+    return ReadoutOutcome(r, 0.25 + replicate, 3.5, train, val, STARTED + late, FINISHED + late)
 
 
 def _readout_runs(tracker: Tracker) -> list:
-    return tracker.client.search_runs([tracker.experiment_id], "tags.readout_key LIKE '%'", max_results=1000)
+    """The candidate runs, in the readouts experiment."""
+    return tracker.client.search_runs(
+        [tracker.readouts_experiment_id], "tags.candidate_key LIKE '%'", max_results=1000
+    )
+
+
+def _candidates(tracker: Tracker) -> dict:
+    return {r.data.tags["candidate_key"]: r for r in _readout_runs(tracker)}
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
 
 
-# ---------------------------------------------------------------- readout_run: what a readout's run holds
+# ---------------------------------------------------------------- candidate_run: what a candidate's run holds
 
 
-def test_a_readout_run_holds_the_tags_params_metrics_and_times_of_the_fan_out():
-    run = readout_run(_outcome("normal", ("depth", "edge_texture")), "rk1", "stage9")
-    assert (
-        run.name
-        == "normal <- depth+edge_texture"
-        == readout_run_name(Readout("normal", ("depth", "edge_texture")))
-    )
+def test_a_candidate_run_holds_each_replicates_figures_as_its_own_metrics():
+    reps = [
+        Replicate(_outcome("normal", ("depth", "edge_texture"), replicate=k, late=k), f"rk{k}", "ck")
+        for k in (0, 1)
+    ]
+    run = candidate_run(reps, "stage9", "target-run")
+    assert run.name == "normal <- depth+edge_texture" == readout_run_name(reps[1].outcome.readout)
     assert dict(run.tags) == {
         "stage": "transfer",
         "key": "stage9",
-        "readout_key": "rk1",
+        "candidate_key": "ck",
         "readout": "normal <- depth+edge_texture",  # as the run is named (regression: source first)
         "target": "normal",
         "sources": "depth+edge_texture",
         "kind": "transfer",
-        "replicate": "0",
+        "mlflow.parentRunId": "target-run",
+        "readout_key.r0": "rk0",
+        "readout_key.r1": "rk1",
     }
     assert dict(run.params) == {
         "target": "normal",
         "sources": "depth+edge_texture",
         "order": "2",
         "kind": "transfer",
-        "replicate": "0",
     }
     assert list(run.metrics) == [
-        ("test_loss", 0.25, 2),  # scores at the last epoch (0-based)
-        ("seconds", 3.5, 2),
-        ("val_loss", 0.4, 2),
-        ("train_loss", 1.0, 0),
-        ("train_loss", 0.5, 1),
-        ("train_loss", 1 / 3, 2),
+        ("test_loss/r0", 0.25, 2),  # scores at the last epoch (0-based)
+        ("seconds/r0", 3.5, 2),
+        ("val_loss/r0", 0.4, 2),
+        ("train_loss/r0", 1.0, 0),
+        ("train_loss/r0", 0.5, 1),
+        ("train_loss/r0", 1 / 3, 2),
+        ("test_loss/r1", 1.25, 2),
+        ("seconds/r1", 3.5, 2),
+        ("val_loss/r1", 0.4, 2),
+        ("train_loss/r1", 1.0, 0),
+        ("train_loss/r1", 0.5, 1),
+        ("train_loss/r1", 1 / 3, 2),
+        ("replicates", 2, 2),
     ]
+    # the run spans its replicates' work: the first's start to the last's end
     assert (run.start_time, run.end_time, run.status, run.run_id) == (
         STARTED,
-        FINISHED,
+        FINISHED + 1,
         FinalStatus.FINISHED,
         None,
     )
 
 
-def test_a_replicates_run_is_named_and_tagged_with_its_replicate():
-    r = Readout("normal", ("depth",), replicate=2)
-    run = readout_run(ReadoutOutcome(r, 0.5, 1.0, (0.9,), 0.4), "rk", "s")
-    assert run.name == "normal <- depth #2" == readout_run_name(r)
-    assert run.tags["replicate"] == run.params["replicate"] == "2" and run.tags["readout"] == run.name
+def test_a_later_replicate_adds_to_its_candidates_run_and_counts_what_it_held():
+    run = candidate_run(
+        [Replicate(_outcome(replicate=2), "rk2", "ck")], "s", "t", finished_before=2, run_id="r9"
+    )
+    assert run.run_id == "r9" and ("replicates", 3, 3) in run.metrics
+    assert run.tags["readout_key.r2"] == "rk2" and "test_loss/r2" in {m[0] for m in run.metrics}
 
 
-def test_a_readout_run_leaves_out_a_nan_val_loss_and_a_baseline_is_its_kind():
+def test_a_candidate_run_leaves_out_a_nan_val_loss_and_a_baseline_is_its_kind():
     r = Readout("normal", ("pixels",), ReadoutKind.PIXELS)
-    run = readout_run(ReadoutOutcome(r, 0.5, 1.0, (0.9,), float("nan")), "rk", "s")
-    assert [m[0] for m in run.metrics] == ["test_loss", "seconds", "train_loss"]
+    run = candidate_run([Replicate(ReadoutOutcome(r, 0.5, 1.0, (0.9,), float("nan")), "rk", "ck")], "s", "t")
+    assert [m[0] for m in run.metrics] == ["test_loss/r0", "seconds/r0", "train_loss/r0", "replicates"]
     assert run.tags["kind"] == run.params["kind"] == "pixels" and run.params["order"] == "1"
     assert run.start_time > 0 and run.end_time > 0  # no times in the outcome: now
 
 
-def test_a_failed_readout_run_carries_the_error_and_no_metrics():
-    run = readout_run(_outcome(), "rk", "s", error="ValueError: boom")
-    assert run.status is FinalStatus.FAILED and run.tags["error"] == "ValueError: boom"
-    assert not run.metrics and not run.params and run.tags["readout_key"] == "rk"
+def test_a_failed_replicate_carries_its_error_and_no_metrics_and_a_candidate_with_none_finished_fails():
+    failed = candidate_run([Replicate(_outcome(), "rk", "ck", error="ValueError: boom")], "s", "t")
+    assert failed.status is FinalStatus.FAILED and failed.tags["error.r0"] == "ValueError: boom"
+    assert list(failed.metrics) == [("replicates", 0, 0)] and failed.tags["readout_key.r0"] == "rk"
+    mixed = candidate_run(
+        [Replicate(_outcome(), "rk0", "ck"), Replicate(_outcome(replicate=1), "rk1", "ck", error="x")],
+        "s",
+        "t",
+    )
+    assert mixed.status is FinalStatus.FINISHED and mixed.tags["error.r1"] == "x"
+    assert ("replicates", 1, 1) in mixed.metrics and "test_loss/r1" not in {m[0] for m in mixed.metrics}
 
 
 # ---------------------------------------------------------------- RunBatches.log_finished_runs
@@ -167,7 +206,8 @@ def test_log_finished_runs_completes_a_run_created_earlier_instead_of_making_ano
             )
         ],
     )
-    assert run_id == earlier and len(_readout_runs(tracker)) == 1
+    found = tracker.client.search_runs([tracker.experiment_id], "tags.readout_key = 'k'")
+    assert run_id == earlier and len(found) == 1
     run = tracker.client.get_run(earlier)
     assert run.info.status == "FINISHED" and run.info.start_time == int(STARTED * 1000)  # its start stays
     assert run.info.end_time == int(FINISHED * 1000) and run.data.params == {"p": "1"}
@@ -179,6 +219,19 @@ def test_end_runs_ends_runs_created_earlier(tracker):
     for run_id in ids:
         info = tracker.client.get_run(run_id).info
         assert (info.status, info.end_time) == ("KILLED", int(FINISHED * 1000))
+
+
+def test_log_finished_runs_makes_new_runs_in_the_experiment_it_is_given(tracker):
+    [run_id] = tracker.batches.log_finished_runs(
+        None,
+        [FinishedRun("t <- s", start_time=STARTED, end_time=FINISHED)],
+        experiment_id=tracker.readouts_experiment_id,
+    )
+    run = tracker.client.get_run(run_id)
+    assert run.info.experiment_id == tracker.readouts_experiment_id
+    experiment = tracker.client.get_experiment(tracker.readouts_experiment_id)
+    assert experiment.name == f"{tracker.experiment_name}/readouts"
+    assert "one run per candidate" in experiment.tags["mlflow.note.content"]
 
 
 # ---------------------------------------------------------------- ReadoutRunLog
@@ -198,88 +251,128 @@ def test_the_log_buffers_readouts_and_logs_them_every_batch_and_at_close(tracker
     log = ReadoutRunLog(tracker, parent, "stage1", batch=3, seconds=60, clock=clock)
     outcomes = [_outcome("normal", (f"s{i}",)) for i in range(7)]
     for i, o in enumerate(outcomes[:5]):
-        log.add(o, f"rk{i}")
+        log.add(o, f"rk{i}", f"c{i}")
     assert log.pending == 2 and len(_readout_runs(tracker)) == 3  # one batch of 3 went out
-    log.add(outcomes[5], "rk5")
+    log.add(outcomes[5], "rk5", "c5")
     assert log.pending == 0 and len(_readout_runs(tracker)) == 6
     with log:
-        log.add(outcomes[6], "rk6")
+        log.add(outcomes[6], "rk6", "c6")
         assert log.pending == 1
     assert log.pending == 0  # closed: flushed
-    runs = {r.data.tags["readout_key"]: r for r in _readout_runs(tracker)}
-    assert sorted(runs) == [f"rk{i}" for i in range(7)] and all(log.logged(k) for k in runs)
-    one = runs["rk4"]
+    runs = _candidates(tracker)
+    assert sorted(runs) == [f"c{i}" for i in range(7)] and all(log.logged(f"rk{i}") for i in range(7))
+    one = runs["c4"]
     assert one.info.run_name == "normal <- s4" and one.info.status == "FINISHED"
-    assert one.data.tags["mlflow.parentRunId"] == parent and one.data.tags["key"] == "stage1"
-    assert one.data.metrics == {"test_loss": 0.25, "seconds": 3.5, "val_loss": 0.4, "train_loss": 1 / 3}
-    assert _history(tracker, one.info.run_id, "train_loss") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
-    assert one.data.params == {
-        "target": "normal",
-        "sources": "s4",
-        "order": "1",
-        "kind": "transfer",
-        "replicate": "0",
+    assert one.info.experiment_id == tracker.readouts_experiment_id != tracker.experiment_id
+    assert one.data.tags["key"] == "stage1" and one.data.tags["readout_key.r0"] == "rk4"
+    assert one.data.metrics == {
+        "test_loss/r0": 0.25,
+        "seconds/r0": 3.5,
+        "val_loss/r0": 0.4,
+        "train_loss/r0": 1 / 3,
+        "replicates": 1,
     }
+    assert _history(tracker, one.info.run_id, "train_loss/r0") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    assert one.data.params == {"target": "normal", "sources": "s4", "order": "1", "kind": "transfer"}
     assert (one.info.start_time, one.info.end_time) == (int(STARTED * 1000), int(FINISHED * 1000))
+    # its parent: the target's run, a child of the stage run in the study's experiment, ended at
+    # the last readout's end; one target run however many batches
+    target = tracker.client.get_run(one.data.tags["mlflow.parentRunId"])
+    assert target.info.run_name == "transfer/normal" and target.info.experiment_id == tracker.experiment_id
+    assert target.data.tags["mlflow.parentRunId"] == parent and target.data.tags["stage"] == "transfer_target"
+    assert target.info.status == "FINISHED" and target.info.end_time == int(FINISHED * 1000)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {target.info.run_id}
+    assert log.targets == {"normal": target.info.run_id}
+
+
+def test_every_replicate_of_a_candidate_lands_on_its_one_run_across_batches_and_logs(tracker):
+    """Replicate 0 in one batch, replicates 1 and 2 (a racing round) in a later log: one run,
+    three replicates' metrics, its end time the last replicate's."""
+    parent = tracker.start_run("transfer")
+    with ReadoutRunLog(tracker, parent, "s") as log:
+        log.add(_outcome(sources=("depth",)), "rk0", "c")
+        log.add(_outcome("depth", ("normal",)), "other", "d")
+    with ReadoutRunLog(tracker, parent, "s") as log:
+        log.add(_outcome(sources=("depth",), replicate=1, late=10), "rk1", "c")
+        log.add(_outcome(sources=("depth",), replicate=2, late=20), "rk2", "c")
+    runs = _candidates(tracker)
+    assert len(runs) == 2
+    run = runs["c"]
+    assert run.data.metrics["replicates"] == 3
+    assert [run.data.metrics[f"test_loss/r{k}"] for k in range(3)] == [0.25, 1.25, 2.25]
+    assert {run.data.tags[f"readout_key.r{k}"] for k in range(3)} == {"rk0", "rk1", "rk2"}
+    assert (run.info.start_time, run.info.end_time) == (int(STARTED * 1000), int((FINISHED + 20) * 1000))
+    targets = tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'transfer_target'")
+    assert sorted(t.info.run_name for t in targets) == ["transfer/depth", "transfer/normal"]
+    assert known_readout_runs(tracker).replicates == {
+        "rk0": (run.info.run_id, "FINISHED"),
+        "rk1": (run.info.run_id, "FINISHED"),
+        "rk2": (run.info.run_id, "FINISHED"),
+        "other": (runs["d"].info.run_id, "FINISHED"),
+    }
 
 
 def test_the_log_flushes_when_its_oldest_run_waited_long_enough(tracker):
     clock = _Clock()
     log = ReadoutRunLog(tracker, tracker.start_run("transfer"), "s", batch=100, seconds=5, clock=clock)
-    log.add(_outcome(sources=("a",)), "ka")
+    log.add(_outcome(sources=("a",)), "ka", "ca")
     clock.now = 4.9
     assert not log.flush_if_due() and log.pending == 1
     clock.now = 5.0
-    log.add(_outcome(sources=("b",)), "kb")  # the oldest waited 5 s: both go
+    log.add(_outcome(sources=("b",)), "kb", "cb")  # the oldest waited 5 s: both go
     assert log.pending == 0 and len(_readout_runs(tracker)) == 2
 
 
-def test_a_failed_readout_is_logged_failed_with_its_error(tracker):
+def test_a_failed_readout_is_logged_failed_with_its_error_and_a_rerun_completes_it(tracker):
     parent = tracker.start_run("transfer")
     with ReadoutRunLog(tracker, parent, "s") as log:
-        log.add_failure(Readout("normal", ("depth",)), "kf", "RuntimeError: injected")
+        log.add_failure(Readout("normal", ("depth",)), "kf", "cf", "RuntimeError: injected")
     [run] = _readout_runs(tracker)
-    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: injected"
-    assert run.info.run_name == "normal <- depth" and not run.data.metrics
-    assert known_readout_runs(tracker) == {"kf": (run.info.run_id, "FAILED")}
+    assert run.info.status == "FAILED" and run.data.tags["error.r0"] == "RuntimeError: injected"
+    assert run.info.run_name == "normal <- depth" and run.data.metrics == {"replicates": 0}
+    assert known_readout_runs(tracker).replicates == {"kf": (run.info.run_id, "FAILED")}
+    with ReadoutRunLog(tracker, parent, "s") as log:
+        assert not log.logged("kf")
+        log.add(_outcome(), "kf", "cf")
+    [again] = _readout_runs(tracker)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.metrics["replicates"] == 1 and again.data.metrics["test_loss/r0"] == 0.25
 
 
 def test_a_rerun_logs_nothing_twice_and_finishes_what_a_killed_driver_left(tracker):
-    """First driver: logs rk0 and rk1, creates rk2's run and dies before ending it (RUNNING), and
-    rk3's run was marked KILLED by the next driver's start; rk4 failed. The rerun logs all five
-    again: rk0 and rk1 are skipped, rk2, rk3 and rk4 are completed in their runs, rk5 is new."""
+    """First driver: logs c0 and c1, made c2's run and died before its metrics went (RUNNING), and
+    c3's run was marked KILLED by the next driver's start. The rerun logs all of them again: c0 and
+    c1 are skipped, c2 and c3 are completed in their runs, c4 is new; the target run is reused."""
     first = tracker.start_run("transfer")
     with ReadoutRunLog(tracker, first, "s") as log:
-        log.add(_outcome(sources=("s0",)), "rk0")
-        log.add(_outcome(sources=("s1",)), "rk1")
-        log.add_failure(Readout("normal", ("s4",)), "rk4", "boom")
+        log.add(_outcome(sources=("s0",)), "rk0", "c0")
+        log.add(_outcome(sources=("s1",)), "rk1", "c1")
+    target = log.targets["normal"]
     left = {
-        k: tracker.start_run(f"normal <- {s}", first, {"readout_key": k})
-        for k, s in [("rk2", "s2"), ("rk3", "s3")]
+        c: tracker.client.create_run(
+            tracker.readouts_experiment_id,
+            tags={"candidate_key": c, "readout_key.r0": k, "mlflow.parentRunId": target},
+        ).info.run_id
+        for c, k in [("c2", "rk2"), ("c3", "rk3")]
     }
-    tracker.batches.end_runs([left["rk3"]], FinalStatus.KILLED)
-    before = {r.data.tags["readout_key"]: r.info.run_id for r in _readout_runs(tracker)}
+    tracker.batches.end_runs([left["c3"]], FinalStatus.KILLED)
+    before = {c: r.info.run_id for c, r in _candidates(tracker).items()}
 
-    second = tracker.start_run("transfer")
-    log = ReadoutRunLog(tracker, second, "s")
-    assert log.logged("rk0") and log.logged("rk1") and not log.logged("rk2") and not log.logged("rk4")
-    for i in range(6):
-        log.add(_outcome(sources=(f"s{i}",)), f"rk{i}")
-    assert log.pending == 4  # rk0 and rk1 are FINISHED already
+    log = ReadoutRunLog(tracker, first, "s")
+    assert log.logged("rk0") and log.logged("rk1") and not log.logged("rk2") and not log.logged("rk3")
+    for i in range(5):
+        log.add(_outcome(sources=(f"s{i}",)), f"rk{i}", f"c{i}")
+    assert log.pending == 3  # rk0 and rk1 are on their runs already
     log.close()
 
-    runs = {r.data.tags["readout_key"]: r for r in _readout_runs(tracker)}
-    assert len(_readout_runs(tracker)) == 6  # one run per readout
-    assert all(r.info.status == "FINISHED" for r in runs.values())
-    for key in ("rk0", "rk1", "rk2", "rk3", "rk4"):
-        assert runs[key].info.run_id == before[key]
-    assert runs["rk0"].data.tags["mlflow.parentRunId"] == first  # not logged again
-    assert runs["rk2"].data.tags["mlflow.parentRunId"] == second  # completed by the rerun
-    assert (
-        runs["rk2"].data.metrics["test_loss"] == 0.25
-        and runs["rk5"].data.tags["mlflow.parentRunId"] == second
-    )
-    assert log.known == {k: (r.info.run_id, "FINISHED") for k, r in runs.items()}
+    runs = _candidates(tracker)
+    assert len(_readout_runs(tracker)) == 5  # one run per candidate
+    assert all(r.info.status == "FINISHED" and r.data.metrics["replicates"] == 1 for r in runs.values())
+    for c in ("c0", "c1", "c2", "c3"):
+        assert runs[c].info.run_id == before[c]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {target}
+    assert log.targets == {"normal": target}
+    assert log.known == {f"rk{i}": (runs[f"c{i}"].info.run_id, "FINISHED") for i in range(5)}
 
 
 class _FailingOnce(RunBatches):
@@ -287,26 +380,26 @@ class _FailingOnce(RunBatches):
 
     failed = False
 
-    def log_finished_runs(self, parent_run_id, runs, threads=8):
+    def log_finished_runs(self, parent_run_id, runs, threads=8, experiment_id=None):
         if not self.failed:
             self.failed = True
-            super().log_finished_runs(parent_run_id, runs[:1])
+            super().log_finished_runs(parent_run_id, runs[:1], experiment_id=experiment_id)
             raise ConnectionError("tracking server unreachable")
-        return super().log_finished_runs(parent_run_id, runs, threads)
+        return super().log_finished_runs(parent_run_id, runs, threads, experiment_id)
 
 
 def test_a_failed_flush_keeps_its_runs_and_the_retry_duplicates_none(store, request):
     tracker = _tracker(store, request)
     tracker.batches = _FailingOnce(tracker)
     log = ReadoutRunLog(tracker, tracker.start_run("transfer"), "s", batch=3)
-    log.add(_outcome(sources=("a",)), "ka")
-    log.add(_outcome(sources=("b",)), "kb")
+    log.add(_outcome(sources=("a",)), "ka", "ca")
+    log.add(_outcome(sources=("b",)), "kb", "cb")
     with pytest.raises(ConnectionError):
-        log.add(_outcome(sources=("c",)), "kc")
+        log.add(_outcome(sources=("c",)), "kc", "cc")
     assert log.pending == 3
     log.flush()
     runs = _readout_runs(tracker)
-    assert sorted(r.data.tags["readout_key"] for r in runs) == ["ka", "kb", "kc"]
+    assert sorted(r.data.tags["readout_key.r0"] for r in runs) == ["ka", "kb", "kc"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
@@ -318,35 +411,41 @@ def test_hundreds_of_readouts_reach_a_postgres_backed_server_whole(mlflow_pg_ser
     tracker = Tracker(mlflow_pg_server.url, "readouts-pg")
     parent = tracker.start_run("transfer")
     targets = ("normal", "depth", "reshading", "edge_texture")
-    outcomes = {f"{t}-{i}": _outcome(t, (f"src{i:03d}",), epochs=4) for t in targets for i in range(60)}
+    outcomes = {
+        (f"{t}-{i}-r{k}", f"{t}-{i}"): _outcome(t, (f"src{i:03d}",), epochs=4, replicate=k)
+        for t in targets
+        for i in range(40)
+        for k in range(2)
+    }
     with ReadoutRunLog(tracker, parent, "stage-pg", batch=100) as log:
-        for key, outcome in outcomes.items():
-            log.add(outcome, key)
-        log.add_failure(Readout("normal", ("broken",)), "failed-one", "RuntimeError: injected")
+        for (key, candidate), outcome in outcomes.items():
+            log.add(outcome, key, candidate)
+        log.add_failure(Readout("normal", ("broken",)), "failed-one", "broken", "RuntimeError: injected")
 
     known = known_readout_runs(tracker)
-    assert len(known) == len(outcomes) + 1 == len({run_id for run_id, _ in known.values()})
-    assert known["failed-one"][1] == "FAILED"
-    assert {status for key, (_, status) in known.items() if key != "failed-one"} == {"FINISHED"}
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
-    )
-    assert len(runs) == len(outcomes) + 1
-    for run in runs:
-        key = run.data.tags["readout_key"]
-        if key == "failed-one":
-            continue
-        o = outcomes[key]
+    assert len(known.replicates) == len(outcomes) + 1 and len(known.candidates) == len(outcomes) // 2 + 1
+    assert known.replicates["failed-one"][1] == "FAILED"
+    assert {status for key, (_, status) in known.replicates.items() if key != "failed-one"} == {"FINISHED"}
+    runs = {r.data.tags["candidate_key"]: r for r in _readout_runs(tracker)}
+    assert len(runs) == len(outcomes) // 2 + 1
+    for (_key, candidate), o in outcomes.items():
+        run = runs[candidate]
         assert run.info.run_name == readout_run_name(o.readout) and run.data.tags["key"] == "stage-pg"
-        assert run.data.params["sources"] == o.readout.sources[0]
-        assert run.data.metrics["test_loss"] == 0.25 and math.isclose(run.data.metrics["train_loss"], 0.25)
+        assert run.data.params["sources"] == o.readout.sources[0] and run.data.metrics["replicates"] == 2
+        k = o.readout.replicate
+        assert run.data.metrics[f"test_loss/r{k}"] == 0.25 + k
+        assert math.isclose(run.data.metrics[f"train_loss/r{k}"], 0.25)
         assert (run.info.start_time, run.info.end_time) == (int(STARTED * 1000), int(FINISHED * 1000))
+    assert len(log.targets) == len(targets)
 
-    # A rerun logs nothing: every run is FINISHED (the failed one is completed in its run).
+    # A rerun logs nothing: every replicate is on its run (the failed one is completed in its run).
     rerun = ReadoutRunLog(tracker, parent, "stage-pg")
-    for key, outcome in outcomes.items():
-        rerun.add(outcome, key)
+    for (key, candidate), outcome in outcomes.items():
+        rerun.add(outcome, key, candidate)
     assert rerun.pending == 0
-    rerun.add(_outcome("normal", ("broken",)), "failed-one")
+    rerun.add(_outcome("normal", ("broken",)), "failed-one", "broken")
     rerun.close()
-    assert known_readout_runs(tracker)["failed-one"] == (known["failed-one"][0], "FINISHED")
+    assert known_readout_runs(tracker).replicates["failed-one"] == (
+        known.replicates["failed-one"][0],
+        "FINISHED",
+    )

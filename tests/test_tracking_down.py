@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.study_lock import STUDY_LOCK, LocalLockStore
-from pipelines.stage2.readout_runs import READOUT_KEY_TAG
+from pipelines.stage2.readout_runs import CANDIDATE_KEY_TAG, READOUT_KEY_TAG
 from pipelines.tracking.logger import RunLogger
 from pipelines.tracking.retry import TrackingUnavailable, request_timeout_s
 from pipelines.tracking.runs import Tracker
@@ -109,11 +109,19 @@ def _readout_files(root: Path) -> list[Path]:
     return sorted((root / "readouts").glob("*/*.parquet")) if (root / "readouts").exists() else []
 
 
-def _logged_readouts(url: str) -> list:
+def _logged_readouts(url: str) -> list[str]:
+    """The readout keys of the replicates logged (FINISHED) on their candidates' runs."""
     client = MlflowClient(url)
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id], f"tags.{READOUT_KEY_TAG} LIKE '%'")
-    return [r for r in runs if r.info.status == "FINISHED"]
+    experiment = client.get_experiment_by_name("tiny/readouts")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], f"tags.{CANDIDATE_KEY_TAG} LIKE '%'")
+    return [
+        key
+        for r in runs
+        for tag, key in r.data.tags.items()
+        if tag.startswith(f"{READOUT_KEY_TAG}.r") and f"test_loss/r{tag.rsplit('.r', 1)[1]}" in r.data.metrics
+    ]
 
 
 @pytest.mark.slow
@@ -157,8 +165,7 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_the_rerun_logs_what_wa
         rerun = cli_process("transfer", "-c", str(config), "--set", f"tracking_uri={server.url}")
         _, stderr = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, stderr[-3000:]
-        logged = _logged_readouts(server.url)
-        keys = [r.data.tags[READOUT_KEY_TAG] for r in logged]
+        keys = _logged_readouts(server.url)
         assert len(keys) == len(set(keys)) == len(_readout_files(root))  # each once, none missing
         client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name("tiny")

@@ -74,14 +74,54 @@ def record_taxonomy(
     return run
 
 
-def score_readout_runs(tracker: Tracker, runs: dict[str, str], table: pa.Table) -> None:
-    """Stage III's verdict on each readout, on its own run (`SCORES`), so MLflow's run table
-    sorts and filters sources by them."""
-    scores = {}
+def score_readout_runs(
+    tracker: Tracker, runs: Mapping[str, str], targets: Mapping[str, str], table: pa.Table
+) -> None:
+    """Stage III's verdict on each candidate, pooled over its replicates: on its own run
+    (`pooled_` + each of `SCORES`), so MLflow's run table sorts and filters sources by them; and
+    on each target's run (`targets`), its candidates listed best first."""
+    scores: dict[str, dict[str, float]] = {}
+    by_target: dict[str, list[tuple[dict, str | None]]] = {}
     for row in table.to_pylist():
-        if run := runs.get(f"{'+'.join(row['sources'])}->{row['target']}"):
-            scores[run] = {k: row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
+        run = runs.get(f"{'+'.join(row['sources'])}->{row['target']}")
+        if run:
+            scores[run] = {f"pooled_{k}": row[k] for k in SCORES if k in row and row[k] == row[k]}  # not NaN
+        by_target.setdefault(row["target"], []).append((row, run))
     tracker.batches.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
+    for target, rows in sorted(by_target.items()):
+        if run := targets.get(target):
+            tracker.describe(run, candidates_markdown(target, rows, tracker.readouts_experiment_id))
+            shares = [r["affinity"] for r, _ in rows if list(r["sources"]) != [target]]
+            best = {"best_pooled_affinity": max(shares)} if shares else {}
+            tracker.log_metrics(run, {"candidates": len(rows)} | best)
+
+
+def candidates_markdown(target: str, rows: Sequence[tuple[dict, str | None]], experiment_id: str) -> str:
+    """A target's candidates, best pooled affinity first, each linked to its run."""
+    lines = [
+        f"Candidate sources for **{target}**, pooled over their replicates, best first: `affinity`",
+        "(AHP share of the win rates, with its 95% bootstrap interval; the candidates sum to 1),",
+        "`p_best` (how often the bootstrap ranks it first), `quality` (win rate against `self`) and",
+        f"`gain` (against `pixels`). The row `{target}` is `self`, the target's own network: its",
+        "share is what a root scores. Each name opens the candidate's run (per-replicate losses).",
+        "",
+        "| sources | affinity | 95% | p_best | quality | gain |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def num(x: float | None) -> str:
+        return "" if x is None or x != x else f"{x:.3f}"
+
+    for row, run in sorted(rows, key=lambda x: -x[0]["affinity"]):
+        name = "+".join(row["sources"])
+        name = f"{name} (self)" if list(row["sources"]) == [target] else name
+        cell = f"[{name}](#/experiments/{experiment_id}/runs/{run})" if run else name
+        interval = f"{num(row.get('affinity_lo'))}-{num(row.get('affinity_hi'))}"
+        lines.append(
+            f"| {cell} | {num(row['affinity'])} | {interval} | {num(row.get('p_best'))} "
+            f"| {num(row.get('quality'))} | {num(row.get('gain'))} |"
+        )
+    return "\n".join(lines)
 
 
 def record_answer(tracker: Tracker, run: tuple[str, str], answer: StudyAnswer, affinity: pa.Table) -> None:

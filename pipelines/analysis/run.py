@@ -86,7 +86,7 @@ def analyse(
     affinity = run_affinity(cfg, stage2.losses, stage2.key, tracker, run_id, fence)
     table = (affinity.location / "affinity.parquet").read_parquet()
     if fresh:
-        score_readout_runs(tracker, stage2.readout_runs, table)
+        score_readout_runs(tracker, stage2.readout_runs, stage2.target_runs, table)
     for name in AFFINITY_ON_PARENT:
         log_stored_artifact(tracker, run_id, affinity.location / name)
     if not taxonomy:

@@ -11,12 +11,13 @@ the members in flight, and a retried or resumed stack skips the members already 
 that still fails after its retries is reported by name; the others go on. `self` (scored, not
 trained) is a task of its own. Each readout replicate reads its network replicate's features,
 and `self` replicate r its target's network replicate (`ReadoutKeys.network_of`). The driver
-logs each finished readout as a nested MLflow run, in batches (`pipelines.stage2.readout_runs`).
+logs each finished readout on its candidate's MLflow run, in batches (`pipelines.stage2.readout_runs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import ray
 
@@ -169,7 +170,7 @@ class FanOut:
 
     def _fail(self, r: Readout, error: str) -> None:
         self.failed[r] = error
-        self.log.add_failure(r, self.keys.key(r), error)
+        self.log.add_failure(r, self.keys.key(r), self._candidate(r), error)
         self.update(1)
         self._settle(r)
 
@@ -177,9 +178,13 @@ class FanOut:
         r = outcome.readout
         self.outcomes[r] = outcome
         self.ran += ran and r.kind is not ReadoutKind.SELF  # `self` is scored, not trained
-        self.log.add(outcome, self.keys.key(r))  # buffered: logged in batches
+        self.log.add(outcome, self.keys.key(r), self._candidate(r))  # buffered: logged in batches
         self.update(1)
         self._settle(r)
+
+    def _candidate(self, r: Readout) -> str:
+        """What finds the run every replicate of `r` is logged on: replicate 0's key."""
+        return self.keys.key(replace(r, replicate=0))
 
     def _settle(self, r: Readout) -> None:
         """A first-order readout replicate is in (or failed): release its target's higher orders

@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 from components.storage import Location
 from components.transfer import ReadoutKind, TransferPlan
 from components.transfer.estimate import Estimate, pruning_report
-from pipelines.results import READOUT_RUNS, Stage2Result
+from pipelines.results import READOUT_RUNS, TARGET_RUNS, Stage2Result
 from pipelines.stage2.fanout import FanOut
 from pipelines.steps import Fence, Step, log_stored_artifact
 from pipelines.tracking.runs import Tracker
@@ -27,13 +27,15 @@ PRUNING = "pruning.json"  # in the step folder when transfer.prune is on
 # Readouts this run trained (`self` is scored, not trained): on the transfer run and the parent
 READOUTS_TRAINED = "readouts_trained"
 
-STAGE_NOTE = """Every readout into a target, as a nested run named `target <- sources`: a small
-network trained on the frozen features of its sources (the `transfer` split less a validation
-part), scored per test image; lower loss is better. Baselines: `self` is the target's own fully
-supervised network (the bar a transfer tries to reach), `pixels` a readout on the raw image (no
-encoder), `random` a readout on a frozen random-init encoder (what architecture alone gives).
-After Stage III each readout run also has `affinity`, `quality` (win rate against `self`) and
-`gain` (win rate against `pixels`)."""
+STAGE_NOTE = """A run per target (`transfer/<target>`) gathers its readouts: small networks trained
+on the frozen features of their sources (the `transfer` split less a validation part), scored per
+test image; lower loss is better. Each candidate (`target <- sources`) is one run in the experiment
+`<this experiment>/readouts`, its replicates' losses as `test_loss/r<k>`, `val_loss/r<k>` and
+`train_loss/r<k>`. Baselines: `self` is the target's own fully supervised network (the bar a
+transfer tries to reach), `pixels` a readout on the raw image (no encoder), `random` a readout on a
+frozen random-init encoder (what architecture alone gives). After Stage III each candidate run has
+`pooled_affinity`, `pooled_quality` (win rate against `self`) and `pooled_gain` (win rate against
+`pixels`), pooled over its replicates, and each target run lists its candidates by them."""
 
 
 def summary_table(fan: FanOut) -> pa.Table:
@@ -99,8 +101,10 @@ def record_stage(
         (out / "failed.json").write_json(errors)
         return result
     (out / "failed.json").unlink(missing_ok=True)
-    runs = {r.name: fan.runs[k][0] for r in sorted(fan.outcomes) if (k := fan.keys.key(r)) in fan.runs}
+    first = (r for r in sorted(fan.outcomes) if r.replicate == 0)  # every replicate shares its run
+    runs = {r.name: fan.runs[k][0] for r in first if (k := fan.keys.key(r)) in fan.runs}
     (out / READOUT_RUNS).write_json(runs)
+    (out / TARGET_RUNS).write_json(fan.log.targets)
     step.finish({k: v for k, v in asdict(result).items() if k not in ("ran", "failed")}, fence=fence)
     return result
 

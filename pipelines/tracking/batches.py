@@ -40,7 +40,11 @@ class RunBatches:
         self.tracker = tracker  # its client, budget, experiment and the tags every run gets
 
     def log_finished_runs(
-        self, parent_run_id: str | None, runs: Sequence[FinishedRun], threads: int = LOG_THREADS
+        self,
+        parent_run_id: str | None,
+        runs: Sequence[FinishedRun],
+        threads: int = LOG_THREADS,
+        experiment_id: str | None = None,
     ) -> list[str]:
         """Log many runs whose work is over, each whole, and return their ids in order.
 
@@ -48,16 +52,28 @@ class RunBatches:
         parent too) and start time; its params and metrics in one batch; ended with its status and
         end time (a fourth when it has dataset `inputs`). Against a tracking server `threads` runs go at once; a local store (SQLite) takes
         them one at a time. If any run fails to log, the first error is raised once the others are
-        done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`)."""
+        done; a run it leaves RUNNING is found and completed by the next attempt (`run_id`).
+        `experiment_id`: where new runs go, the tracker's experiment unless given."""
+        experiment = experiment_id or self.tracker.experiment_id
         if not is_server(self.tracker.tracking_uri):
             threads = 1
         if threads <= 1 or len(runs) <= 1:
-            return [self._log_finished(parent_run_id, run) for run in runs]
+            return [self._log_finished(parent_run_id, run, experiment) for run in runs]
+        ids: dict[int, str] = {}
+        # The first run with a dataset input goes alone: MLflow records a dataset once per
+        # experiment, and two first uses at once collide on its unique key.
+        if (first := next((i for i, run in enumerate(runs) if run.inputs), None)) is not None:
+            ids[first] = self._log_finished(parent_run_id, runs[first], experiment)
         with ThreadPoolExecutor(min(threads, len(runs)), thread_name_prefix="mlflow-log") as pool:
-            futures = [pool.submit(self._log_finished, parent_run_id, run) for run in runs]
-        return [f.result() for f in futures]
+            futures = {
+                i: pool.submit(self._log_finished, parent_run_id, run, experiment)
+                for i, run in enumerate(runs)
+                if i not in ids
+            }
+        ids |= {i: f.result() for i, f in futures.items()}
+        return [ids[i] for i in range(len(runs))]
 
-    def _log_finished(self, parent_run_id: str | None, run: FinishedRun) -> str:
+    def _log_finished(self, parent_run_id: str | None, run: FinishedRun, experiment_id: str) -> str:
         now = time.time()
         tags = {MLFLOW_RUN_NAME: run.name, **self.tracker.source_tags, **self.tracker.run_tags, **run.tags}
         if parent_run_id:
@@ -67,7 +83,7 @@ class RunBatches:
         if run_id is None:
             start = int((run.start_time or now) * 1000)
             created = self.tracker.client.create_run(
-                self.tracker.experiment_id, start_time=start, tags=tags, run_name=run.name
+                experiment_id, start_time=start, tags=tags, run_name=run.name
             )
             run_id = created.info.run_id
             tag_rows = []  # set with the run

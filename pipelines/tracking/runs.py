@@ -59,7 +59,8 @@ _MAX_BATCH = 900  # MLflow caps log_batch at 1000 metrics
 # UI read before 3.x's workflow switcher; 3.17's UI ignores it (`run_url` says why and what works).
 EXPERIMENT_DESCRIPTION = """A Taskonomy-style transfer study (taskatlas). **Lower loss is better**
 everywhere (`train_loss`, `test_loss`, `val_loss`, `final_test_loss`). Steps are epochs, counted
-from 0 on `train/<task>` and readout runs, from 1 on search trials (as Ray Tune counts them).
+from 0 on `train/<task>` runs and readouts' `train_loss/r<k>`, from 1 on search trials (as Ray Tune
+counts them).
 
 - The parent run of each invocation holds the answer: its description states the chosen taxonomy
   (the roots to label, and where every other task gets its representation), with the bootstrap
@@ -67,15 +68,29 @@ from 0 on `train/<task>` and readout runs, from 1 on search trials (as Ray Tune 
 - `train/<task>` runs are the task networks (`train/<task>#<n>`: replicate n); `tune/<task>` runs
   their hyperparameter search, a nested run per trial (`tune/<task>/<trial>`), the best the one
   that ended with the lowest `val_loss`.
-- Readout runs are named `target <- sources`: a small network trained on frozen source features.
-  Their `affinity` (AHP share of the target's win rates, higher = better source; a target's
-  candidates sum to 1), `quality` (win rate against `self`, the target's own fully supervised
-  network) and `gain` (win rate against `pixels`, a readout on raw pixels) compare sources.
-  `random` is a frozen random-init encoder: a source no better than it has nothing to offer.
+- `transfer/<target>` runs (under `transfer`) gather a target's readouts: small networks trained on
+  frozen source features, one run per candidate (`target <- sources`) in the experiment
+  `<this experiment>/readouts`, each replicate's losses as its own metrics. Every candidate's
+  pooled figures are in its target run's description: `affinity` (AHP share of the target's win
+  rates, higher = better source; a target's candidates sum to 1), `quality` (win rate against
+  `self`, the target's own fully supervised network) and `gain` (win rate against `pixels`, a
+  readout on raw pixels). `random` is a frozen random-init encoder: a source no better than it
+  has nothing to offer.
 """
 
 
 _EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
+
+READOUTS_SUFFIX = "/readouts"  # the study's readouts experiment: `<experiment>/readouts`
+READOUTS_DESCRIPTION = """The readouts of a taskatlas study: one run per candidate, named `target <-
+sources`, a small network trained on frozen source features (`self`, `pixels`, `random`:
+baselines). **Lower loss is better.** Each replicate's figures are its own metrics: `test_loss/r0`,
+`val_loss/r0`, `seconds/r0`, and `train_loss/r0` by epoch (from 0); `replicates` counts those
+that finished. `pooled_affinity` (AHP share of the target's win rates, higher = better source),
+`pooled_quality` (win rate against `self`) and `pooled_gain` (against `pixels`) pool every
+replicate. Each run's parent is its target's `transfer/<target>` run in the study's experiment
+(filter this table by `tags.target = 'normal'` for one target)."""
+_READOUTS_TAGS = {NOTE: READOUTS_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker:
@@ -113,8 +128,25 @@ class Tracker:
                 raise TaskatlasError(sqlite_store_refusal(path, "malformed")) from None
             raise
         self.experiment_id = study_experiment(self.client, experiment_name, experiment, artifact_location)
+        self.experiment_name, self.artifact_location = experiment_name, artifact_location
+        self._readouts_experiment_id: str | None = None
         self.models = ModelRegistry(self.client, tracking_uri, self.experiment_id)  # the same budget
         self.batches = RunBatches(self)  # many runs at a time (thousands of readouts)
+
+    @property
+    def readouts_experiment_id(self) -> str:
+        """The study's readouts experiment (`<experiment>/readouts`, made on first use): one run per
+        readout candidate, thousands at Taskonomy's size. Kept out of the study's experiment so
+        that its first page (MLflow's UI loads 100 runs at a time, newest first) shows the stage
+        runs under the parent, not a page of readouts."""
+        if self._readouts_experiment_id is None:
+            name = f"{self.experiment_name}{READOUTS_SUFFIX}"
+            location = self.artifact_location and f"{self.artifact_location.rstrip('/')}{READOUTS_SUFFIX}"
+            found = self.client.get_experiment_by_name(name)
+            self._readouts_experiment_id = study_experiment(
+                self.client, name, found, location, _READOUTS_TAGS
+            )
+        return self._readouts_experiment_id
 
     def start_run(
         self,
@@ -269,7 +301,13 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
 
-def study_experiment(client: Any, name: str, experiment: Any, artifact_location: str | None) -> str:
+def study_experiment(
+    client: Any,
+    name: str,
+    experiment: Any,
+    artifact_location: str | None,
+    tags: Mapping[str, str] = _EXPERIMENT_TAGS,
+) -> str:
     """The id of the study's experiment (`experiment`: the store's of that name, or None), made if
     missing, with its tags. If it logs to another root's artifacts (the storage root was copied
     or moved, its store with it), it is kept under another name (its runs' history) and the
@@ -285,8 +323,8 @@ def study_experiment(client: Any, name: str, experiment: Any, artifact_location:
         )
         experiment = None
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location, tags=_EXPERIMENT_TAGS)
-    for key, value in _EXPERIMENT_TAGS.items():
+        return client.create_experiment(name, artifact_location=artifact_location, tags=dict(tags))
+    for key, value in tags.items():
         if experiment.tags.get(key) != value:
             client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
