@@ -1,34 +1,38 @@
-"""Tracking at scale: 3,000 readout runs logged by the pipeline's own code to a PostgreSQL-backed
-`mlflow server`, against the serial way (one run after another, as the fan-out did).
+"""Tracking at Taskonomy's scale: a study of 9,000 readouts logged by the pipeline's own code to a
+PostgreSQL-backed `mlflow server`, then listed and opened in the MLflow UI as a researcher would.
 
-    .venv/bin/python benchmarks/tracking_scale.py                   # about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/tracking_scale.py --server uvicorn --server-workers 1
-    .venv/bin/python benchmarks/tracking_scale.py --readouts 10000 --server-workers 4
+    .venv/bin/python benchmarks/tracking_scale.py                   # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/tracking_scale.py --readouts 3000 --no-browser
 
 Starts PostgreSQL 15 and `mlflow server` on loopback (tests/services.py: the same helpers as the
-tests), served as cluster/kubernetes/mlflow.yaml serves it: gunicorn, 2 workers of 4 threads
-(MLflow's default uvicorn costs the server about 40% more CPU a request here), warms it up, then
-logs synthetic readout outcomes (`ReadoutOutcome`s of Taskonomy-like readouts, every epoch's
-train loss) to two fresh experiments:
-- `seconds_per_1000_readouts`: --readouts outcomes through `pipelines.stage2.readout_runs.ReadoutRunLog`
-  (buffered, flushed every --batch runs with `Tracker.log_finished_runs`), reading the known runs
-  first, as Stage II does; goal under 30 s on this 2-core machine.
-- `serial_seconds_per_1000`: --serial outcomes the old way, the same runs one after another:
-  `start_run`, `log_history`, `end_run` (MLflow's `set_terminated` also fetches the run to print
-  its URL: four requests a run).
-Both are checked afterwards: every readout has exactly one FINISHED run. `rerun_read_s` is how long
-the next invocation takes to learn that they are all logged (`known_readout_runs`). The server,
-PostgreSQL and this client share the machine's cores. Last line: one JSON object.
+tests), served as cluster/kubernetes/mlflow.yaml serves it: gunicorn, 2 workers of 4 threads. Then
+logs, in the order a study runs, runs shaped like a Taskonomy study's: a parent; per task a search
+(`tune/<task>`, --trials trial runs under it) and a network (`train/<task>`); the `transfer`
+stage; --readouts readout replicates (3 per candidate, first- then second- and third-order
+candidates into every task) through `pipelines.stage2.readout_runs.ReadoutRunLog`, each candidate
+one run in the readouts experiment under its `transfer/<target>` run; `affinity` and `taxonomy`.
+Figures:
+- `seconds_per_1000_readouts`: the readouts' logging (goal under 30 s on this 2-core machine).
+- `rerun_read_s`: how long the next invocation takes to learn what is logged (`known_readout_runs`).
+- `study_runs`, `candidate_runs`: runs in the study's experiment and in its readouts experiment.
+- `first_page_stage_runs` of `stage_runs`: the stage runs (`tune/*`, `train/*`, `transfer/*`,
+  `affinity`, `taxonomy`) among the runs the UI's first page loads, as its own request asks for
+  them (the 100 newest, plus the parents of those; MLflow 3.17's bundle, `searchRuns`).
+- `ui_study_first_page_s`, `ui_readouts_first_page_s`: headless Chromium (Debian `chromium`), from
+  navigating to the experiment's page until its run table shows the parent run (the study) or a
+  readout (the readouts experiment); skipped with --no-browser or without Chromium.
+Everything is checked afterwards: every replicate on one FINISHED candidate run. The server,
+PostgreSQL, Chromium and this client share the machine's cores. Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import asyncio
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,17 +44,19 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout, installe
 from components.tasks import TASKS  # noqa: E402
 from components.transfer import Readout  # noqa: E402
 from components.transfer.readout_files import ReadoutOutcome  # noqa: E402
-from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs, readout_run  # noqa: E402
+from pipelines.stage2.readout_runs import ReadoutRunLog, known_readout_runs  # noqa: E402
 from pipelines.tracking.batches import LOG_THREADS  # noqa: E402
+from pipelines.tracking.entities import FinishedRun  # noqa: E402
 from pipelines.tracking.runs import Tracker  # noqa: E402
 from tests.services import start_mlflow_server, start_postgres  # noqa: E402
 
 STAGE_KEY = "bench0000stage"
+REPLICATES = 3
+PAGE = 100  # runs MLflow's UI loads a page (its bundle's searchRuns default)
 
 
-def synthetic_outcomes(n: int, epochs: int) -> list[tuple[str, ReadoutOutcome]]:
-    """`n` (readout key, outcome) pairs: first-, then second- and third-order readouts into every
-    built-in task, each with a test, validation and per-epoch train loss, as a real readout has."""
+def candidates(n: int) -> list[Readout]:
+    """`n` candidates: first-, then second- and third-order readouts into every built-in task."""
     names = sorted(TASKS)
     readouts = (
         Readout(target, sources)
@@ -59,122 +65,190 @@ def synthetic_outcomes(n: int, epochs: int) -> list[tuple[str, ReadoutOutcome]]:
         for target in names
         if target not in sources or order == 1
     )
-    out = []
-    now = time.time()
-    for i, r in enumerate(itertools.islice(readouts, n)):
-        train = tuple(1.0 / (e + 1) + 0.001 * i for e in range(epochs))
-        outcome = ReadoutOutcome(r, 0.1 + i * 1e-5, 2.5, train, 0.12, now - 30, now - 1)
-        out.append((f"{i:06d}{r.file_id}", outcome))
+    out = list(itertools.islice(readouts, n))
     if len(out) < n:
-        raise SystemExit(f"only {len(out)} distinct readouts over {len(names)} tasks")
+        raise SystemExit(f"only {len(out)} distinct candidates over {len(names)} tasks")
     return out
 
 
-def log_batched(tracker: Tracker, outcomes, batch: int) -> float:
-    parent = tracker.start_run("transfer")
-    start = time.perf_counter()
-    with ReadoutRunLog(tracker, parent, STAGE_KEY, batch=batch) as log:  # reads the known runs first
-        for key, outcome in outcomes:
-            log.add(outcome, key)
-    return time.perf_counter() - start
+def replicates(readouts: list[Readout], epochs: int) -> list[tuple[str, str, ReadoutOutcome]]:
+    """(readout key, candidate key, outcome) of every replicate, as the fan-out hands them over
+    (a stack's replicates together), with times of now: they ran after the networks."""
+    now, out = time.time(), []
+    for i, r in enumerate(readouts):
+        for k in range(REPLICATES):
+            x = Readout(r.target, r.sources, replicate=k)
+            train = tuple(1.0 / (e + 1) + 0.001 * i for e in range(epochs))
+            outcome = ReadoutOutcome(x, 0.1 + i * 1e-5 + k * 1e-3, 2.5, train, 0.12, now, now + 30)
+            out.append((f"{i:06d}{x.file_id}", f"{i:06d}", outcome))
+    return out
 
 
-def log_serially(tracker: Tracker, outcomes) -> float:
-    """The fan-out's former `_run_for` + `_log`: create, one batched write, close, per readout."""
-    parent = tracker.start_run("transfer")
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # set_terminated prints each run's URL
-        for key, outcome in outcomes:
-            run = readout_run(outcome, key, STAGE_KEY)  # the same tags, params and metrics
-            run_id = tracker.start_run(run.name, parent, run.tags, start_time=run.start_time)
-            tracker.log_history(run_id, list(run.metrics), run.params)
-            tracker.end_run(run_id, end_time=run.end_time)
-    return time.perf_counter() - start
+def log_networks(tracker: Tracker, parent: str, trials: int, epochs: int) -> list[str]:
+    """Per task a search with `trials` trial runs under it, then its network: the runs Stage I
+    leaves, in its order. Returns the stage runs' names."""
+    names = []
+    for task in sorted(TASKS):
+        search = tracker.start_run(f"tune/{task}", parent, {"stage": "tune"})
+        now = time.time() + 0.01  # its trials start after it
+        rows = tuple(("val_loss", 1.0 / (e + 1), e + 1) for e in range(epochs))
+        runs = [
+            FinishedRun(f"tune/{task}/t{t}", {"stage": "trial"}, {"lr": "0.001"}, rows, now, now + 5)
+            for t in range(trials)
+        ]
+        tracker.batches.log_finished_runs(search, runs)
+        tracker.end_run(search)
+        names.append(f"tune/{task}")
+    for task in sorted(TASKS):
+        rows = tuple(("train_loss", 1.0 / (e + 1), e) for e in range(epochs))
+        tracker.batches.log_finished_runs(
+            parent, [FinishedRun(f"train/{task}", {"stage": "train"}, {}, rows)]
+        )
+        names.append(f"train/{task}")
+    return names
 
 
-def check(tracker: Tracker, outcomes) -> float:
-    """Every readout has one FINISHED run; returns how long reading them back took."""
-    start = time.perf_counter()
-    known = known_readout_runs(tracker)
-    seconds = time.perf_counter() - start
-    runs, token = 0, None
-    while True:  # every run, duplicates included (the known runs keep one per readout)
-        page = tracker.client.search_runs([tracker.experiment_id], "", max_results=1000, page_token=token)
-        runs += sum("readout_key" in run.data.tags for run in page)
-        if not (token := page.token):
-            break
-    assert runs == len(outcomes), (runs, len(outcomes))
-    assert set(known) == {k for k, _ in outcomes}
-    assert {status for _, status in known.values()} == {"FINISHED"}
-    return seconds
+def first_page(tracker: Tracker) -> list[str]:
+    """The names the UI's first page holds: the 100 newest runs and the parents they name."""
+    page = tracker.client.search_runs(
+        [tracker.experiment_id], "", max_results=PAGE, order_by=["attributes.start_time DESC"]
+    )
+    ids = {r.info.run_id for r in page}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in page} - ids - {None}
+    return [r.info.run_name for r in page] + [tracker.client.get_run(p).info.run_name for p in parents]
+
+
+async def page_load_seconds(chromium: str, url: str, expect: str, tmp: Path) -> float:
+    """Seconds from navigating a fresh headless Chromium tab to `url` until it shows `expect`."""
+    import aiohttp
+    import requests
+
+    from tools.mlflow_screenshots import Page, free_port, start, stop, wait_http
+
+    port = free_port()
+    browser = start(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+         f"--user-data-dir={tmp / 'chrome'}", "about:blank"],
+        tmp / "chromium.log",
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/json/version")
+        target = next(
+            t
+            for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+            if t["type"] == "page"
+        )
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws,
+        ):
+            page = Page(ws)
+            await page.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=1400,
+                height=1000,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
+            start_s = time.perf_counter()
+            await page.call("Page.navigate", url=url)
+            while not await page.js(
+                f"document.body && document.body.innerText.includes({json.dumps(expect)})"
+            ):
+                if time.perf_counter() - start_s > 120:
+                    raise TimeoutError(f"{url} never showed {expect!r}")
+                await asyncio.sleep(0.05)
+            return time.perf_counter() - start_s
+    finally:
+        stop(browser)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--readouts", type=int, default=3000)
-    parser.add_argument("--serial", type=int, default=300, help="readouts logged the old way")
-    parser.add_argument("--epochs", type=int, default=10, help="train_loss rows per readout run")
+    parser.add_argument("--readouts", type=int, default=9000, help="readout replicates (3 per candidate)")
+    parser.add_argument(
+        "--trials", type=int, default=16, help="search trials per task (configs/taskonomy-gpu.yaml)"
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="train_loss rows per replicate")
     parser.add_argument("--batch", type=int, default=100, help="ReadoutRunLog's batch size")
-    parser.add_argument("--server", choices=["gunicorn", "uvicorn"], default="gunicorn")
     parser.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
     parser.add_argument("--server-threads", type=int, default=4, help="threads per gunicorn worker")
+    parser.add_argument("--no-browser", action="store_true", help="skip the Chromium timings")
     args = parser.parse_args()
+    chromium = None if args.no_browser else shutil.which("chromium") or shutil.which("chromium-browser")
 
-    outcomes = synthetic_outcomes(args.readouts + args.serial, args.epochs)
-    batched_outcomes, serial_outcomes = outcomes[: args.readouts], outcomes[args.readouts :]
+    readouts = candidates(args.readouts // REPLICATES)
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp, start_postgres() as pg:
+    ui: dict[str, float | None] = {"ui_study_first_page_s": None, "ui_readouts_first_page_s": None}
+    with tempfile.TemporaryDirectory() as folder, start_postgres() as pg:
+        tmp = Path(folder)
         database = pg.create_database("mlflow")
-        started = time.perf_counter()
-        extra = [f"--gunicorn-opts=--threads {args.server_threads}"] if args.server == "gunicorn" else []
+        extra = [f"--gunicorn-opts=--threads {args.server_threads}"]
         with start_mlflow_server(
-            Path(tmp), database, Path(tmp) / "art", workers=args.server_workers, extra_args=extra
+            tmp, database, tmp / "art", workers=args.server_workers, extra_args=extra
         ) as server:
-            server_start_s = time.perf_counter() - started
-            log_batched(Tracker(server.url, "warm-up"), synthetic_outcomes(60, args.epochs), args.batch)
-            serial = Tracker(server.url, "serial")
-            batched = Tracker(server.url, "batched")
-            serial_s = log_serially(serial, serial_outcomes)
-            check(serial, serial_outcomes)
-            cpu = time.process_time()
-            batched_s = log_batched(batched, batched_outcomes, args.batch)
-            client_cpu_s = time.process_time() - cpu
-            rerun_read_s = check(batched, batched_outcomes)
+            tracker = Tracker(server.url, "scale")
+            parent = tracker.start_run("run scale study")
+            stage_names = log_networks(tracker, parent, args.trials, args.epochs)
+            transfer = tracker.start_run("transfer", parent, {"stage": "transfer", "key": STAGE_KEY})
+            outcomes = replicates(readouts, args.epochs)
+            cpu, start = time.process_time(), time.perf_counter()
+            with ReadoutRunLog(tracker, transfer, STAGE_KEY, batch=args.batch) as log:
+                for key, candidate, outcome in outcomes:
+                    log.add(outcome, key, candidate)
+            logged_s, client_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+            tracker.end_run(transfer)
+            stage_names += [f"transfer/{t}" for t in log.targets]
+            for stage in ("affinity", "taxonomy"):
+                tracker.end_run(tracker.start_run(stage, parent, {"stage": stage}))
+                stage_names.append(stage)
+            tracker.end_run(parent)
 
-    per_1000 = batched_s / args.readouts * 1000
-    serial_per_1000 = serial_s / args.serial * 1000
+            start = time.perf_counter()
+            known = known_readout_runs(tracker)
+            rerun_read_s = time.perf_counter() - start
+            assert set(known.replicates) == {k for k, _, _ in outcomes}
+            assert {s for _, s in known.replicates.values()} == {"FINISHED"}
+            assert len(known.candidates) == len(readouts) == len({r for r, _ in known.replicates.values()})
+            study_runs = len(tracker.client.search_runs([tracker.experiment_id], "", max_results=5000))
+            shown = set(first_page(tracker))
+            on_first_page = sum(name in shown for name in stage_names)
+            if chromium:
+                base = f"{server.url}/#/experiments"
+                ui["ui_study_first_page_s"] = asyncio.run(
+                    page_load_seconds(
+                        chromium, f"{base}/{tracker.experiment_id}/runs", "run scale study", tmp
+                    )
+                )
+                ui["ui_readouts_first_page_s"] = asyncio.run(
+                    page_load_seconds(chromium, f"{base}/{tracker.readouts_experiment_id}/runs", " <- ", tmp)
+                )
+
+    per_1000 = logged_s / len(outcomes) * 1000
     print(
-        f"{args.readouts} readout runs in {batched_s:.1f} s batched ({per_1000:.1f} s per 1000, "
-        f"{LOG_THREADS} at a time); {args.serial} serially in {serial_s:.1f} s ({serial_per_1000:.1f} s per "
-        f"1000): {serial_per_1000 / per_1000:.1f}x. Reading {args.readouts} known runs back: {rerun_read_s:.1f} s. "
+        f"{len(outcomes)} readouts ({len(readouts)} candidate runs) in {logged_s:.1f} s ({per_1000:.1f} s per 1000, "
+        f"{LOG_THREADS} at a time); reading them back {rerun_read_s:.1f} s. The study's experiment holds "
+        f"{study_runs} runs; {on_first_page} of its {len(stage_names)} stage runs are on the UI's first page. "
         f"Load average before: {load_before:.1f} on {os.cpu_count()} cores."
     )
-    print(
-        json.dumps(
-            {
-                "seconds_per_1000_readouts": round(per_1000, 2),
-                "serial_seconds_per_1000": round(serial_per_1000, 2),
-                "speedup": round(serial_per_1000 / per_1000, 2),
-                "readouts": args.readouts,
-                "serial_readouts": args.serial,
-                "batched_s": round(batched_s, 2),
-                "serial_s": round(serial_s, 2),
-                "rerun_read_s": round(rerun_read_s, 2),
-                "client_cpu_s": round(client_cpu_s, 2),
-                "server_start_s": round(server_start_s, 2),
-                "threads": LOG_THREADS,
-                "batch": args.batch,
-                "server": args.server,
-                "server_workers": args.server_workers,
-                "server_threads": args.server_threads if args.server == "gunicorn" else None,
-                "epochs": args.epochs,
-                "load_avg_1m_before": round(load_before, 2),
-                "cores": os.cpu_count(),
-            }
-        )
-    )
+    figures = {
+        "seconds_per_1000_readouts": round(per_1000, 2),
+        "readouts": len(outcomes),
+        "candidate_runs": len(readouts),
+        "logged_s": round(logged_s, 2),
+        "client_cpu_s": round(client_cpu_s, 2),
+        "rerun_read_s": round(rerun_read_s, 2),
+        "study_runs": study_runs,
+        "stage_runs": len(stage_names),
+        "first_page_stage_runs": on_first_page,
+        "trials_per_task": args.trials,
+    }
+    figures |= {k: (round(v, 2) if v is not None else None) for k, v in ui.items()}
+    figures |= {"threads": LOG_THREADS, "batch": args.batch, "server_workers": args.server_workers}
+    figures |= {"load_avg_1m_before": round(load_before, 2), "cores": os.cpu_count()}
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
