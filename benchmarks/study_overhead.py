@@ -456,10 +456,11 @@ def pipeline_record(root: Path, experiment: str) -> dict:
     from pipelines.tracking.store import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(root))
-    exp = client.get_experiment_by_name(experiment)
+    # the study's stage runs, its trials' and its readouts' (companion experiments)
+    ids = [client.get_experiment_by_name(f"{experiment}{kind}") for kind in ("", "/trials", "/readouts")]
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        page = client.search_runs([e.experiment_id for e in ids if e], max_results=1000, page_token=token)
         runs += page
         if not (token := page.token):
             break
@@ -488,13 +489,16 @@ def pipeline_record(root: Path, experiment: str) -> dict:
             )
             history = client.get_metric_history(r.info.run_id, "val_loss")
             trial_epochs.setdefault(name, []).append(len(history))
-    readouts = [r for r in runs if "readout_key" in r.data.tags]
+    readouts = [r for r in runs if "candidate_key" in r.data.tags]  # a run per candidate
     return {
         "parent": (parent.info.start_time / 1000, parent.info.end_time / 1000),
         "train": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in trains],
         "search": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in searches],
         "transfer": (by_name["transfer"].info.start_time / 1000, by_name["transfer"].info.end_time / 1000),
-        "readout_spans": [(r.info.start_time / 1000, r.info.end_time / 1000) for r in readouts],
+        "readout_starts": [r.info.start_time / 1000 for r in readouts],  # its first replicate's
+        "readout_seconds": [
+            v for r in readouts for k, v in r.data.metrics.items() if k.startswith("seconds/r")
+        ],
         "trials": trials,
         "trial_epochs": trial_epochs,
         "hparams": {r.info.run_name.split("/")[1]: _best_params(r) for r in searches},
@@ -540,9 +544,10 @@ def pipeline_split(record: dict, launched: float, exited: float) -> dict:
     elif max(end for _, end in searches) <= min(start for start, _ in trains):  # every search, then training
         searched = max(end for _, end in searches)
         split |= {"stage1_search_s": searched - parent_start, "stage1_train_s": stage1_end - searched}
-    spans = record["readout_spans"]
-    split["stage2_to_first_readout_s"] = min(s for s, _ in spans) - record["transfer"][0]  # mostly encoding
-    split["readout_busy_s"] = sum(end - s for s, end in spans)
+    split["stage2_to_first_readout_s"] = (
+        min(record["readout_starts"]) - record["transfer"][0]
+    )  # mostly encoding
+    split["readout_busy_s"] = sum(record["readout_seconds"])  # each replicate's own training time
     return split
 
 

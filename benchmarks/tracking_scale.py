@@ -7,7 +7,8 @@ PostgreSQL-backed `mlflow server`, then listed and opened in the MLflow UI as a 
 Starts PostgreSQL 15 and `mlflow server` on loopback (tests/services.py: the same helpers as the
 tests), served as cluster/kubernetes/mlflow.yaml serves it: gunicorn, 2 workers of 4 threads. Then
 logs, in the order a study runs, runs shaped like a Taskonomy study's: a parent; per task a search
-(`tune/<task>`, --trials trial runs under it) and a network (`train/<task>`); the `transfer`
+(`tune/<task>`, --trials trial runs under it in the trials experiment, as `record_search` logs
+them) and a network (`train/<task>`); the `transfer`
 stage; --readouts readout replicates (3 per candidate, first- then second- and third-order
 candidates into every task) through `pipelines.stage2.readout_runs.ReadoutRunLog`, each candidate
 one run in the readouts experiment under its `transfer/<target>` run; `affinity` and `taxonomy`.
@@ -96,7 +97,7 @@ def log_networks(tracker: Tracker, parent: str, trials: int, epochs: int) -> lis
             FinishedRun(f"tune/{task}/t{t}", {"stage": "trial"}, {"lr": "0.001"}, rows, now, now + 5)
             for t in range(trials)
         ]
-        tracker.batches.log_finished_runs(search, runs)
+        tracker.batches.log_finished_runs(search, runs, experiment_id=tracker.companion("trials"))
         tracker.end_run(search)
         names.append(f"tune/{task}")
     for task in sorted(TASKS):
@@ -223,7 +224,7 @@ def main() -> None:
                     )
                 )
                 ui["ui_readouts_first_page_s"] = asyncio.run(
-                    page_load_seconds(chromium, f"{base}/{tracker.readouts_experiment_id}/runs", " <- ", tmp)
+                    page_load_seconds(chromium, f"{base}/{tracker.companion('readouts')}/runs", " <- ", tmp)
                 )
 
     per_1000 = logged_s / len(outcomes) * 1000

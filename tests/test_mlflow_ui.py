@@ -326,8 +326,10 @@ def test_tune_runs_span_the_work_and_hold_the_space_and_the_best_trial(recorded,
     params = kv(search["data"]["params"])
     assert params["best.lr"] == "1.0" and "tune.num_samples" in params  # the best trial, the space
     assert kv(search["data"]["tags"])["best_trial"] == "t0"
+    trials = {name_of(r): r for r in ui.runs(recorded.tracker.companion("trials"))}
+    assert not {n for n in runs if n.startswith("tune/normal/")}  # trials are in the trials experiment
     for i, (s, e) in enumerate(recorded.spans):
-        trial = runs[f"tune/normal/t{i}"]
+        trial = trials[f"tune/normal/t{i}"]
         assert seconds(trial) == pytest.approx(e - s, abs=0.01)
         assert kv(trial["data"]["tags"])["mlflow.parentRunId"] == search["info"]["run_id"]
 
@@ -338,7 +340,7 @@ def test_readout_runs_are_tagged_in_their_names_order_and_show_their_dataset(rec
     assert not [
         r for r in ui.runs(recorded.tracker.experiment_id) if "candidate_key" in kv(r["data"]["tags"])
     ]
-    readouts = ui.runs(recorded.tracker.readouts_experiment_id)
+    readouts = ui.runs(recorded.tracker.companion("readouts"))
     assert len(readouts) == 3
     [target] = [r for r in ui.runs(recorded.tracker.experiment_id) if name_of(r) == "transfer/normal"]
     assert kv(target["data"]["tags"])["mlflow.parentRunId"] == recorded.parent
@@ -378,6 +380,7 @@ def test_the_experiment_description_names_runs_and_steps_as_they_are(recorded, u
     client = MlflowClient(recorded.tracker.tracking_uri)
     note = " ".join(client.get_experiment(recorded.tracker.experiment_id).tags[NOTE].split())
     runs = {name_of(r): r["info"]["run_id"] for r in ui.runs(recorded.tracker.experiment_id)}
+    runs |= {name_of(r): r["info"]["run_id"] for r in ui.runs(recorded.tracker.companion("trials"))}
     for named, run in (("train/<task>", "train/normal"), ("tune/<task>", "tune/normal")):
         assert f"`{named}`" in note and run in runs
     assert "`tune/<task>/<trial>`" in note and "tune/normal/t0" in runs
@@ -455,6 +458,16 @@ def test_a_studys_runs_models_and_registry_read_true_in_the_ui(server, ui, tmp_p
     [parent] = [r for r in runs if name_of(r).startswith("run ui-study")]
     assert out[-1] == f"MLflow run:   {run_url(server.url, experiment_id, parent['info']['run_id'])}"
     by_name = {name_of(r): r for r in runs}
+    # The study's own page lists its stage runs, newest first, with no trial or readout among
+    # them (issue 40: its first page of 100 showed readouts, `train/*` three pages on).
+    newest = {
+        "experiment_ids": [experiment_id],
+        "max_results": 100,
+        "order_by": ["attributes.start_time DESC"],
+    }
+    assert {name_of(r) for r in ui._post("runs/search", newest)["runs"]} == set(by_name)
+    assert not [n for n in by_name if n.count("/") > 1 or " <- " in n]  # no trial, no readout
+    by_name |= {name_of(r): r for r in ui.runs(ui.experiment_id("ui-study/trials"))}
 
     # Logged models: the last epoch's metrics (one epoch here), linked both ways.
     client = MlflowClient(server.url)

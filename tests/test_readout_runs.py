@@ -68,7 +68,7 @@ def _outcome(
 def _readout_runs(tracker: Tracker) -> list:
     """The candidate runs, in the readouts experiment."""
     return tracker.client.search_runs(
-        [tracker.readouts_experiment_id], "tags.candidate_key LIKE '%'", max_results=1000
+        [tracker.companion("readouts")], "tags.candidate_key LIKE '%'", max_results=1000
     )
 
 
@@ -98,7 +98,6 @@ def test_a_candidate_run_holds_each_replicates_figures_as_its_own_metrics():
         "target": "normal",
         "sources": "depth+edge_texture",
         "kind": "transfer",
-        "mlflow.parentRunId": "target-run",
         "readout_key.r0": "rk0",
         "readout_key.r1": "rk1",
     }
@@ -108,6 +107,7 @@ def test_a_candidate_run_holds_each_replicates_figures_as_its_own_metrics():
         "order": "2",
         "kind": "transfer",
     }
+    assert run.parent_run_id == "target-run"  # its target's run
     assert list(run.metrics) == [
         ("test_loss/r0", 0.25, 2),  # scores at the last epoch (0-based)
         ("seconds/r0", 3.5, 2),
@@ -225,11 +225,11 @@ def test_log_finished_runs_makes_new_runs_in_the_experiment_it_is_given(tracker)
     [run_id] = tracker.batches.log_finished_runs(
         None,
         [FinishedRun("t <- s", start_time=STARTED, end_time=FINISHED)],
-        experiment_id=tracker.readouts_experiment_id,
+        experiment_id=tracker.companion("readouts"),
     )
     run = tracker.client.get_run(run_id)
-    assert run.info.experiment_id == tracker.readouts_experiment_id
-    experiment = tracker.client.get_experiment(tracker.readouts_experiment_id)
+    assert run.info.experiment_id == tracker.companion("readouts")
+    experiment = tracker.client.get_experiment(tracker.companion("readouts"))
     assert experiment.name == f"{tracker.experiment_name}/readouts"
     assert "one run per candidate" in experiment.tags["mlflow.note.content"]
 
@@ -263,7 +263,7 @@ def test_the_log_buffers_readouts_and_logs_them_every_batch_and_at_close(tracker
     assert sorted(runs) == [f"c{i}" for i in range(7)] and all(log.logged(f"rk{i}") for i in range(7))
     one = runs["c4"]
     assert one.info.run_name == "normal <- s4" and one.info.status == "FINISHED"
-    assert one.info.experiment_id == tracker.readouts_experiment_id != tracker.experiment_id
+    assert one.info.experiment_id == tracker.companion("readouts") != tracker.experiment_id
     assert one.data.tags["key"] == "stage1" and one.data.tags["readout_key.r0"] == "rk4"
     assert one.data.metrics == {
         "test_loss/r0": 0.25,
@@ -350,7 +350,7 @@ def test_a_rerun_logs_nothing_twice_and_finishes_what_a_killed_driver_left(track
     target = log.targets["normal"]
     left = {
         c: tracker.client.create_run(
-            tracker.readouts_experiment_id,
+            tracker.companion("readouts"),
             tags={"candidate_key": c, "readout_key.r0": k, "mlflow.parentRunId": target},
         ).info.run_id
         for c, k in [("c2", "rk2"), ("c3", "rk3")]

@@ -94,7 +94,8 @@ def test_the_best_trial_is_the_one_that_ended_lowest_in_done_json_and_the_tune_r
         done["hparams"] == hparams.to_json() and plan.cached_hparams(task) == hparams
     )  # what training reads
     client = MlflowClient(tracker.tracking_uri)
-    runs = {r.info.run_name: r for r in client.search_runs([tracker.experiment_id])}
+    ids = [tracker.experiment_id, tracker.companion("trials")]  # a search, its trials
+    runs = {r.info.run_name: r for r in client.search_runs(ids)}
     search = runs["tune/normal"]
     finals = {  # what the run table shows of each trial: its last val_loss
         name.rsplit("/", 1)[1]: run.data.metrics["val_loss"]

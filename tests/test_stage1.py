@@ -135,7 +135,7 @@ def test_one_search_for_two_tasks_stops_poor_trials_of_each_and_returns_each_bes
         assert min(epochs) < 4  # ASHA cut at least one of this task's trials short
         assert best[task.name].to_json() == record["hparams"]
         trial_runs = tracker.client.search_runs(
-            [tracker.experiment_id], f"tags.`mlflow.runName` LIKE 'tune/{task.name}/%'"
+            [tracker.companion("trials")], f"tags.`mlflow.runName` LIKE 'tune/{task.name}/%'"
         )
         assert len(trial_runs) == 6
         stopped = sum(r.data.tags["stopped_early"] == "true" for r in trial_runs)
@@ -151,7 +151,7 @@ def test_a_rerun_of_the_same_search_samples_the_same_points(tmp_path, tiny_datas
         stage, tracker = make_stage1(tmp_path / root, tiny_dataset, *overrides)
         stage.search([get_task("normal")])
         runs = tracker.client.search_runs(
-            [tracker.experiment_id], "tags.`mlflow.runName` LIKE 'tune/normal/%'"
+            [tracker.companion("trials")], "tags.`mlflow.runName` LIKE 'tune/normal/%'"
         )
         tried.append(sorted(float(r.data.params["lr"]) for r in runs))
     assert len(tried[0]) == 3 and len(set(tried[0])) == 3

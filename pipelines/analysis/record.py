@@ -90,7 +90,7 @@ def score_readout_runs(
     tracker.batches.log_metrics_many(scores)  # concurrent requests against a server: thousands of readouts
     for target, rows in sorted(by_target.items()):
         if run := targets.get(target):
-            tracker.describe(run, candidates_markdown(target, rows, tracker.readouts_experiment_id))
+            tracker.describe(run, candidates_markdown(target, rows, tracker.companion("readouts")))
             shares = [r["affinity"] for r, _ in rows if list(r["sources"]) != [target]]
             best = {"best_pooled_affinity": max(shares)} if shares else {}
             tracker.log_metrics(run, {"candidates": len(rows)} | best)

@@ -306,6 +306,6 @@ def record_search(
                 status=FinalStatus.FAILED if result.error is not None else FinalStatus.FINISHED,
             )
         )
-    tracker.batches.log_finished_runs(run, trials)
+    tracker.batches.log_finished_runs(run, trials, experiment_id=tracker.companion("trials"))
     tracker.log_metrics(run, {"best_val_loss": best_loss})  # the best trial's last val_loss
     tracker.end_run(run, end_time=span[1])

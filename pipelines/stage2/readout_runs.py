@@ -4,7 +4,7 @@ A study of Taskonomy's size trains about 9,000 readouts (3,000 candidates x 3 re
 each buried the study: MLflow's UI lists 100 runs a page, newest first, so the stage runs sat
 behind pages of readouts. So a candidate (`target <- sources`, or a baseline) is one run, its
 replicates' figures its own metrics (`test_loss/r0`, `val_loss/r0`, `seconds/r0`, `train_loss/r0`
-by epoch), kept in the study's readouts experiment (`Tracker.readouts_experiment_id`); its parent
+by epoch), kept in the study's readouts experiment (`Tracker.companion("readouts")`); its parent
 is its target's run `transfer/<target>`, a child of the `transfer` stage run in the study's
 experiment. A later replicate (another racing round, a rerun) is added to its candidate's run.
 
@@ -32,8 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components.transfer import Readout
 from components.transfer.readout_files import ReadoutOutcome
@@ -86,7 +84,7 @@ def known_readout_runs(tracker: Tracker) -> KnownRuns:
     known, best, token = KnownRuns(), {}, None
     while True:
         page = tracker.client.search_runs(
-            [tracker.readouts_experiment_id],
+            [tracker.companion("readouts")],
             f"tags.{CANDIDATE_KEY_TAG} LIKE '%'",
             max_results=1000,
             order_by=["attributes.start_time DESC"],
@@ -147,7 +145,6 @@ def candidate_run(
         "target": r.target,
         "sources": "+".join(r.sources),
         "kind": r.kind.value,
-        MLFLOW_PARENT_RUN_ID: parent_run_id,
     }
     rows: list[tuple[str, float, int]] = []
     for rep in replicates:
@@ -175,6 +172,7 @@ def candidate_run(
         status=status,
         run_id=run_id,
         inputs=(dataset.input("transfer"),) if dataset is not None and run_id is None else (),
+        parent_run_id=parent_run_id,
     )
 
 
@@ -272,7 +270,7 @@ class ReadoutRunLog:
         runs = [self._run_of(candidate, reps, held) for candidate, reps in by_candidate.items()]
         try:
             run_ids = self.tracker.batches.log_finished_runs(
-                None, runs, experiment_id=self.tracker.readouts_experiment_id
+                None, runs, experiment_id=self.tracker.companion("readouts")
             )
         except Exception:
             self._stale = True

@@ -76,8 +76,8 @@ class RunBatches:
     def _log_finished(self, parent_run_id: str | None, run: FinishedRun, experiment_id: str) -> str:
         now = time.time()
         tags = {MLFLOW_RUN_NAME: run.name, **self.tracker.source_tags, **self.tracker.run_tags, **run.tags}
-        if parent_run_id:
-            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if parent := run.parent_run_id or parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent
         tag_rows = [RunTag(k, str(v)) for k, v in tags.items()]
         run_id = run.run_id
         if run_id is None:

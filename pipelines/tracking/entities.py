@@ -104,6 +104,7 @@ class FinishedRun:
     status: FinalStatus = FinalStatus.FINISHED
     run_id: str | None = None
     inputs: Sequence[DatasetInput] = ()  # the datasets it read (one more request)
+    parent_run_id: str | None = None  # its own parent, where runs of one batch have different ones
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -66,8 +66,8 @@ counts them).
   (the roots to label, and where every other task gets its representation), with the bootstrap
   stability of each choice and every target's three best sources.
 - `train/<task>` runs are the task networks (`train/<task>#<n>`: replicate n); `tune/<task>` runs
-  their hyperparameter search, a nested run per trial (`tune/<task>/<trial>`), the best the one
-  that ended with the lowest `val_loss`.
+  their hyperparameter search, with a run per trial (`tune/<task>/<trial>`) in the experiment
+  `<this experiment>/trials`, the best the one that ended with the lowest `val_loss`.
 - `transfer/<target>` runs (under `transfer`) gather a target's readouts: small networks trained on
   frozen source features, one run per candidate (`target <- sources`) in the experiment
   `<this experiment>/readouts`, each replicate's losses as its own metrics. Every candidate's
@@ -79,18 +79,24 @@ counts them).
 """
 
 
-_EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
-
-READOUTS_SUFFIX = "/readouts"  # the study's readouts experiment: `<experiment>/readouts`
-READOUTS_DESCRIPTION = """The readouts of a taskatlas study: one run per candidate, named `target <-
+_KIND = {"mlflow.experimentKind": "custom_model_development"}
+_EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, **_KIND}
+# The study's companion experiments (`Tracker._companion`): `<experiment>/<kind>`.
+COMPANION_DESCRIPTIONS = {
+    "readouts": """The readouts of a taskatlas study: one run per candidate, named `target <-
 sources`, a small network trained on frozen source features (`self`, `pixels`, `random`:
 baselines). **Lower loss is better.** Each replicate's figures are its own metrics: `test_loss/r0`,
 `val_loss/r0`, `seconds/r0`, and `train_loss/r0` by epoch (from 0); `replicates` counts those
 that finished. `pooled_affinity` (AHP share of the target's win rates, higher = better source),
 `pooled_quality` (win rate against `self`) and `pooled_gain` (against `pixels`) pool every
 replicate. Each run's parent is its target's `transfer/<target>` run in the study's experiment
-(filter this table by `tags.target = 'normal'` for one target)."""
-_READOUTS_TAGS = {NOTE: READOUTS_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
+(filter this table by `tags.target = 'normal'` for one target).""",
+    "trials": """The hyperparameter search trials of a taskatlas study: one run per trial, named
+`tune/<task>/<trial>`, its hyperparameters as params and its epochs' `val_loss` and `train_loss`
+(steps from 1, as Ray Tune counts them); **lower loss is better**. Each run's parent is its
+search's `tune/<task>` run in the study's experiment, which names the best trial (`best_trial`:
+the lowest last `val_loss`).""",
+}
 
 
 class Tracker:
@@ -129,24 +135,16 @@ class Tracker:
             raise
         self.experiment_id = study_experiment(self.client, experiment_name, experiment, artifact_location)
         self.experiment_name, self.artifact_location = experiment_name, artifact_location
-        self._readouts_experiment_id: str | None = None
+        self._companions: dict[str, str] = {}  # kind -> experiment id (`_companion`)
         self.models = ModelRegistry(self.client, tracking_uri, self.experiment_id)  # the same budget
         self.batches = RunBatches(self)  # many runs at a time (thousands of readouts)
 
-    @property
-    def readouts_experiment_id(self) -> str:
-        """The study's readouts experiment (`<experiment>/readouts`, made on first use): one run per
-        readout candidate, thousands at Taskonomy's size. Kept out of the study's experiment so
-        that its first page (MLflow's UI loads 100 runs at a time, newest first) shows the stage
-        runs under the parent, not a page of readouts."""
-        if self._readouts_experiment_id is None:
-            name = f"{self.experiment_name}{READOUTS_SUFFIX}"
-            location = self.artifact_location and f"{self.artifact_location.rstrip('/')}{READOUTS_SUFFIX}"
-            found = self.client.get_experiment_by_name(name)
-            self._readouts_experiment_id = study_experiment(
-                self.client, name, found, location, _READOUTS_TAGS
-            )
-        return self._readouts_experiment_id
+    def companion(self, kind: str) -> str:
+        """The id of `<experiment>/<kind>`, "readouts" or "trials" (`companion_experiment`)."""
+        if kind not in self._companions:
+            study, location = self.experiment_name, self.artifact_location
+            self._companions[kind] = companion_experiment(self.client, study, location, kind)
+        return self._companions[kind]
 
     def start_run(
         self,
@@ -299,6 +297,18 @@ class Tracker:
             path = Path(tmp) / filename
             path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
             self.client.log_artifact(run_id, str(path))
+
+
+def companion_experiment(client: Any, study: str, artifact_location: str | None, kind: str) -> str:
+    """The id of the study's companion experiment `<study>/<kind>` (`COMPANION_DESCRIPTIONS`), made
+    if missing. The many small runs (thousands of readouts, hundreds of trials) go there so that
+    the study's first page (MLflow's UI loads 100 runs at a time, newest first) shows the stage runs
+    under the parent; each names its parent, a stage run of the study's experiment, and the UI shows
+    that parent above them."""
+    name = f"{study}/{kind}"
+    location = artifact_location and f"{artifact_location.rstrip('/')}/{kind}"
+    tags = {NOTE: COMPANION_DESCRIPTIONS[kind], **_KIND}
+    return study_experiment(client, name, client.get_experiment_by_name(name), location, tags)
 
 
 def study_experiment(
