@@ -6,7 +6,8 @@ PostgreSQL-backed `mlflow server`, then listed and opened in the MLflow UI as a 
 
 Starts PostgreSQL 15 and `mlflow server` on loopback (tests/services.py: the same helpers as the
 tests), served as cluster/kubernetes/mlflow.yaml serves it: gunicorn, 2 workers of 4 threads. Then
-logs, in the order a study runs, runs shaped like a Taskonomy study's: a parent; per task a search
+logs, in the order a study runs, runs shaped like a Taskonomy study's (--tasks 26, one network a
+task as configs/taskonomy-gpu.yaml trains, --network-replicates for more): a parent; per network a search
 (`tune/<task>`, --trials trial runs under it in the trials experiment, as `record_search` logs
 them) and a network (`train/<task>`); the `transfer`
 stage; --readouts readout replicates (3 per candidate, first- then second- and third-order
@@ -56,9 +57,14 @@ REPLICATES = 3
 PAGE = 100  # runs MLflow's UI loads a page (its bundle's searchRuns default)
 
 
-def candidates(n: int) -> list[Readout]:
-    """`n` candidates: first-, then second- and third-order readouts into every built-in task."""
+def task_names(n: int) -> list[str]:
+    """`n` task names: the built-in tasks, then `extra_<i>` (Taskonomy studied 26)."""
     names = sorted(TASKS)
+    return (names + [f"extra_{i:02d}" for i in range(n - len(names))])[:n]
+
+
+def candidates(n: int, names: list[str]) -> list[Readout]:
+    """`n` candidates: first-, then second- and third-order readouts into every task."""
     readouts = (
         Readout(target, sources)
         for order in (1, 2, 3)
@@ -85,11 +91,15 @@ def replicates(readouts: list[Readout], epochs: int) -> list[tuple[str, str, Rea
     return out
 
 
-def log_networks(tracker: Tracker, parent: str, trials: int, epochs: int) -> list[str]:
-    """Per task a search with `trials` trial runs under it, then its network: the runs Stage I
-    leaves, in its order. Returns the stage runs' names."""
+def log_networks(
+    tracker: Tracker, parent: str, tasks: list[str], replicates: int, trials: int, epochs: int
+) -> list[str]:
+    """Per network (a task's replicate n: `<task>#n`, n > 0) a search with `trials` trial runs
+    under it, then the network: the runs Stage I leaves, in its order. Returns the stage runs'
+    names."""
+    networks = [f"{t}#{n}" if n else t for t in tasks for n in range(replicates)]
     names = []
-    for task in sorted(TASKS):
+    for task in networks:
         search = tracker.start_run(f"tune/{task}", parent, {"stage": "tune"})
         now = time.time() + 0.01  # its trials start after it
         rows = tuple(("val_loss", 1.0 / (e + 1), e + 1) for e in range(epochs))
@@ -100,7 +110,7 @@ def log_networks(tracker: Tracker, parent: str, trials: int, epochs: int) -> lis
         tracker.batches.log_finished_runs(search, runs, experiment_id=tracker.companion("trials"))
         tracker.end_run(search)
         names.append(f"tune/{task}")
-    for task in sorted(TASKS):
+    for task in networks:
         rows = tuple(("train_loss", 1.0 / (e + 1), e) for e in range(epochs))
         tracker.batches.log_finished_runs(
             parent, [FinishedRun(f"train/{task}", {"stage": "train"}, {}, rows)]
@@ -169,9 +179,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--readouts", type=int, default=9000, help="readout replicates (3 per candidate)")
-    parser.add_argument(
-        "--trials", type=int, default=16, help="search trials per task (configs/taskonomy-gpu.yaml)"
-    )
+    parser.add_argument("--tasks", type=int, default=26, help="tasks (Taskonomy: 26)")
+    parser.add_argument("--network-replicates", type=int, default=1, help="train.replicates")
+    parser.add_argument("--trials", type=int, default=16, help="trials a search (configs/taskonomy-gpu.yaml)")
     parser.add_argument("--epochs", type=int, default=10, help="train_loss rows per replicate")
     parser.add_argument("--batch", type=int, default=100, help="ReadoutRunLog's batch size")
     parser.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
@@ -180,7 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     chromium = None if args.no_browser else shutil.which("chromium") or shutil.which("chromium-browser")
 
-    readouts = candidates(args.readouts // REPLICATES)
+    tasks = task_names(args.tasks)
+    readouts = candidates(args.readouts // REPLICATES, tasks)
     load_before = os.getloadavg()[0]
     ui: dict[str, float | None] = {"ui_study_first_page_s": None, "ui_readouts_first_page_s": None}
     with tempfile.TemporaryDirectory() as folder, start_postgres() as pg:
@@ -192,7 +203,9 @@ def main() -> None:
         ) as server:
             tracker = Tracker(server.url, "scale")
             parent = tracker.start_run("run scale study")
-            stage_names = log_networks(tracker, parent, args.trials, args.epochs)
+            stage_names = log_networks(
+                tracker, parent, tasks, args.network_replicates, args.trials, args.epochs
+            )
             transfer = tracker.start_run("transfer", parent, {"stage": "transfer", "key": STAGE_KEY})
             outcomes = replicates(readouts, args.epochs)
             cpu, start = time.process_time(), time.perf_counter()
@@ -244,7 +257,9 @@ def main() -> None:
         "study_runs": study_runs,
         "stage_runs": len(stage_names),
         "first_page_stage_runs": on_first_page,
-        "trials_per_task": args.trials,
+        "tasks": args.tasks,
+        "network_replicates": args.network_replicates,
+        "trials_per_search": args.trials,
     }
     figures |= {k: (round(v, 2) if v is not None else None) for k, v in ui.items()}
     figures |= {"threads": LOG_THREADS, "batch": args.batch, "server_workers": args.server_workers}

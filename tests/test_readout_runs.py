@@ -16,6 +16,7 @@ import pytest
 
 from components.transfer import Readout, ReadoutKind
 from components.transfer.readout_files import ReadoutOutcome
+from pipelines.analysis.record import candidates_markdown
 from pipelines.stage2.readout_runs import (
     ReadoutRunLog,
     Replicate,
@@ -449,3 +450,25 @@ def test_hundreds_of_readouts_reach_a_postgres_backed_server_whole(mlflow_pg_ser
         known.replicates["failed-one"][0],
         "FINISHED",
     )
+
+
+# ---------------------------------------------------------------- the target run's list
+
+
+def test_a_target_runs_description_lists_its_candidates_best_first_linked_to_their_runs():
+    nan = float("nan")
+    rows = [
+        (
+            {"sources": ["normal"], "affinity": 0.2, "affinity_lo": 0.1, "affinity_hi": 0.3, "p_best": nan},
+            "r1",
+        ),
+        ({"sources": ["depth", "edge"], "affinity": 0.5, "p_best": 0.75, "quality": 0.25, "gain": 1.0}, "r2"),
+        ({"sources": ["self"], "affinity": 0.3, "quality": 0.5}, None),
+    ]
+    text = candidates_markdown("normal", rows, "7")
+    table = [line for line in text.splitlines() if line.startswith("| ") and "sources" not in line]
+    assert table == [
+        "| [depth+edge](#/experiments/7/runs/r2) | 0.500 |  | 0.750 | 0.250 | 1.000 |",
+        "| self | 0.300 |  |  | 0.500 |  |",  # no run named: no link; missing figures blank
+        "| [normal (own encoder)](#/experiments/7/runs/r1) | 0.200 | 0.100-0.300 |  |  |  |",
+    ]

@@ -1,12 +1,13 @@
-"""Refresh the README's MLflow screenshots: docs/mlflow_parent_run.png, mlflow_models.png and
-mlflow_logged_model.png.
+"""Refresh the README's MLflow screenshots: docs/mlflow_parent_run.png, mlflow_target_run.png,
+mlflow_models.png and mlflow_logged_model.png.
 
     .venv/bin/python tools/mlflow_screenshots.py [--out docs] [--tracking-uri URL --run-url URL]
 
 Starts `mlflow server` on 127.0.0.1 (SQLite and artifacts in a temporary folder), runs a tiny study
 tracked to it (2-4 min on 2 cores), then opens the parent run, the experiment's Models tab and one
 logged model in headless Chromium (Debian: `apt-get install chromium`) through the DevTools
-protocol, waiting for each page's content to render. Given `--tracking-uri` and `--run-url` (the
+protocol, waiting for each page's content to render; and one target's `transfer/<target>` run,
+its candidates listed best first. Given `--tracking-uri` and `--run-url` (the
 link `taskatlas run` ends with), it only takes the pictures.
 """
 
@@ -153,6 +154,14 @@ async def screenshots(tracking_uri: str, run_url: str, out: Path, tmp: Path) -> 
         timeout=30,
     ).json()["models"]
     model = next((m for m in models if m["info"]["name"] == "normal"), models[0])["info"]
+    [target_run] = requests.post(
+        f"{tracking_uri}/api/2.0/mlflow/runs/search",
+        json={
+            "experiment_ids": [experiment],
+            "filter": "tags.stage = 'transfer_target' and tags.target = 'normal'",
+        },
+        timeout=30,
+    ).json()["runs"]
     view = "?workflowType=machine_learning"
     port = free_port()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -177,6 +186,8 @@ async def screenshots(tracking_uri: str, run_url: str, out: Path, tmp: Path) -> 
             page = Page(ws)
             await page.shot(run_url, "Duration", out / "mlflow_parent_run.png", 1240)
             base = f"{tracking_uri}/#/experiments/{experiment}"
+            target_url = f"{base}/runs/{target_run['info']['run_id']}{view}"
+            await page.shot(target_url, "best first", out / "mlflow_target_run.png", 900)
             # Without the sidebar, the metric columns fit.
             sidebar = "document.querySelector('button[aria-label=\"Toggle sidebar\"]')?.click();"
             await page.shot(

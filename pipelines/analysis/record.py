@@ -91,7 +91,7 @@ def score_readout_runs(
     for target, rows in sorted(by_target.items()):
         if run := targets.get(target):
             tracker.describe(run, candidates_markdown(target, rows, tracker.companion("readouts")))
-            shares = [r["affinity"] for r, _ in rows if list(r["sources"]) != [target]]
+            shares = [r["affinity"] for r, _ in rows if list(r["sources"]) not in ([target], ["self"])]
             best = {"best_pooled_affinity": max(shares)} if shares else {}
             tracker.log_metrics(run, {"candidates": len(rows)} | best)
 
@@ -102,8 +102,9 @@ def candidates_markdown(target: str, rows: Sequence[tuple[dict, str | None]], ex
         f"Candidate sources for **{target}**, pooled over their replicates, best first: `affinity`",
         "(AHP share of the win rates, with its 95% bootstrap interval; the candidates sum to 1),",
         "`p_best` (how often the bootstrap ranks it first), `quality` (win rate against `self`) and",
-        f"`gain` (against `pixels`). The row `{target}` is `self`, the target's own network: its",
-        "share is what a root scores. Each name opens the candidate's run (per-replicate losses).",
+        "`gain` (against `pixels`). `self` is the target's own network (its share is what a root",
+        f"scores); `{target}`, a readout on its own frozen encoder, is no transfer the taxonomy may",
+        "choose. Each name opens the candidate's run (per-replicate losses).",
         "",
         "| sources | affinity | 95% | p_best | quality | gain |",
         "|---|---|---|---|---|---|",
@@ -114,9 +115,10 @@ def candidates_markdown(target: str, rows: Sequence[tuple[dict, str | None]], ex
 
     for row, run in sorted(rows, key=lambda x: -x[0]["affinity"]):
         name = "+".join(row["sources"])
-        name = f"{name} (self)" if list(row["sources"]) == [target] else name
+        name = f"{name} (own encoder)" if list(row["sources"]) == [target] else name
         cell = f"[{name}](#/experiments/{experiment_id}/runs/{run})" if run else name
-        interval = f"{num(row.get('affinity_lo'))}-{num(row.get('affinity_hi'))}"
+        lo, hi = num(row.get("affinity_lo")), num(row.get("affinity_hi"))
+        interval = f"{lo}-{hi}" if lo and hi else ""
         lines.append(
             f"| {cell} | {num(row['affinity'])} | {interval} | {num(row.get('p_best'))} "
             f"| {num(row.get('quality'))} | {num(row.get('gain'))} |"
