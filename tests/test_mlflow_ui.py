@@ -146,7 +146,10 @@ def check_models_are_final_and_linked(
         assert outputs == [info["model_id"]], name  # the run lists its logged model
         versions = json.loads(kv(info.get("tags"))["mlflow.modelVersions"])  # the model: registered
         # described on its own page, as its version is (the page showed no description)
-        assert "mean test loss" in kv(info.get("tags")).get("mlflow.note.content", ""), name
+        described = kv(info.get("tags")).get("mlflow.note.content", "")
+        assert "mean test loss" in described, name
+        tags = kv(info.get("tags"))  # what the UI's logged-model page does not show, said in words
+        assert f"`{tags['definition']}`" in described and f"`{tags['config_hash']}`" in described, name
         [(registered_name, version)] = [(v["name"], str(v["version"])) for v in versions]
         mv = ui.model_version(registered_name, version)
         # The version points at the logged model by its source (a SQL registry keeps no model id)

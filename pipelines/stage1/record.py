@@ -217,7 +217,9 @@ class NetworkRecord:
             version_description=(
                 f"The {task.name} network ({about}), trained {cfg.train.epochs} epochs on data version "
                 f"{self.store.data_version}; mean test loss {test_loss:.4g} (lower is better). "
-                "Weights only: load with taskatlas' load_registered_model."
+                "Weights only: load with taskatlas' load_registered_model. Task definition "
+                f"`{task.definition_hash}`, step `{key}` (tags `definition`, `config_hash`: the UI "
+                "shows a logged model's description, not its tags)."
             ),
             tags={"task": task.name, "study": cfg.name, "kind": task.kind.value, "loss": task.loss.value},
             version_tags={
