@@ -129,7 +129,7 @@ def simulated_table(target: str, names: list[str], losses: np.ndarray, counts: d
 def simulate(args: argparse.Namespace) -> dict:
     """The racing policy on a generated table at Taskonomy's shape (module docstring)."""
     from components.affinity import affinity_by_target
-    from components.racing import contested, next_round
+    from components.racing import FLAGS, contested, next_round
 
     rng = np.random.default_rng(args.simulation_seed)
     targets, R = [f"t{t:02d}" for t in range(26)], args.replicates
@@ -149,7 +149,7 @@ def simulate(args: argparse.Namespace) -> dict:
             [f"i{i:05d}" for i in range(16_000)],
             require_self=True,
         )
-        rows = result.table.select(["target", "sources", "affinity", "p_best"]).to_pylist()
+        rows = result.table.select(["target", "sources", "affinity", "p_best", *FLAGS]).to_pylist()
         chosen = next_round(counts, contested(rows, counts), k, most)
         for c in chosen:
             counts[c] += 1

@@ -12,9 +12,11 @@ A target is *settled* when one candidate is the best in at least `settled` of th
 that candidate's training noise was measured (two replicates or more): with one replicate the
 resamples see only the test images, and are surer than a rerun would be. Otherwise its
 candidates with `p_best` >= `p_best` race on, and, until they have two replicates, its `top`
-candidates by affinity too (the shares that left them out did not know how they train), each
-with the target's baselines (`self` and `random` are AHP candidates, `pixels` the reference of
-the no-gain flag), so the win rates a decision rests on see the same training runs. A candidate
+candidates by affinity too (the shares that left them out did not know how they train), with
+`self` (the bar a root is scored by; scored, not trained: cheap) and the baselines a flag of a
+racing candidate still depends on: `random` where its `p_below_random` is open, `pixels` (the
+no-gain flag's reference) where its `p_no_gain` is (open: at least `p_best`, below `settled`). A
+baseline, or the target's own encoder (`t <- t`), that decides nothing keeps its replicates. A candidate
 left behind keeps the replicates it has; with one, the multi-bootstrap lends it the training noise
 its target's raced candidates measured (`components.resampling.unmeasured_shifts`), so the shares
 that left it behind still allow for how it might have trained.
@@ -27,7 +29,8 @@ from collections.abc import Iterable, Mapping
 
 from components.vocabulary import PIXELS, RANDOM, SELF
 
-BASELINES = (SELF, RANDOM, PIXELS)
+FLAGS = ("p_below_random", "p_no_gain")  # the shares of the flags `random` and `pixels` decide
+Candidate = tuple[str, tuple[str, ...]]  # (target, sources)
 
 
 def contested(
@@ -38,19 +41,24 @@ def contested(
     top: int = 3,
 ) -> dict[str, set[tuple[str, ...]]]:
     """Affinity rows (`target`, `sources`, `affinity`, `p_best`: NaN for `self` and `t <- t`,
-    which do not compete) and each (target, sources)'s replicates so far -> target -> the source
-    sets (baselines as `(self,)`...) to train another replicate of. A target whose rows carry no
+    which do not compete; `p_below_random` and `p_no_gain` where known) and each (target,
+    sources)'s replicates so far -> target -> the source sets (baselines as `(self,)`...) to
+    train another replicate of. A target whose rows carry no
     `p_best` (no bootstrap) cannot be raced: it is left out."""
     if not 0 < p_best <= settled <= 1 or top < 1:
         raise ValueError(
             f"racing: need 0 < p_best <= settled <= 1 and top >= 1, got {p_best}, {settled}, {top}"
         )
     shares: dict[str, dict[tuple[str, ...], tuple[float, float]]] = {}
+    flags: dict[Candidate, dict[str, float]] = {}  # the baseline flags' shares (NaN: none)
     for row in rows:
         p = row.get("p_best")
         if p is None or math.isnan(p):
             continue
         shares.setdefault(row["target"], {})[tuple(row["sources"])] = (float(p), float(row["affinity"]))
+        flags[row["target"], tuple(row["sources"])] = {
+            k: float(v) for k in FLAGS if (v := row.get(k)) is not None and v == v
+        }
     out: dict[str, set[tuple[str, ...]]] = {}
     for target, candidates in sorted(shares.items()):
         measured = {s for s in candidates if replicates.get((target, s), 1) > 1}
@@ -60,11 +68,12 @@ def contested(
         racing = {s for s, (p, _) in candidates.items() if p >= p_best}
         ranked = sorted(candidates, key=lambda s: (-candidates[s][1], s))[:top]
         racing |= {s for s in ranked if s not in measured}
-        out[target] = racing | {(b,) for b in BASELINES} | {(target,)}  # t <- t: beside self
+        baselines = {(SELF,)}
+        for baseline, flag in ((RANDOM, "p_below_random"), (PIXELS, "p_no_gain")):
+            if any(p_best <= flags.get((target, s), {}).get(flag, 0.0) < settled for s in racing):
+                baselines.add((baseline,))
+        out[target] = racing | baselines
     return out
-
-
-Candidate = tuple[str, tuple[str, ...]]  # (target, sources)
 
 
 def next_round(

@@ -48,11 +48,12 @@ TWO = {
 }
 
 
-def test_a_settled_target_races_nothing_and_an_open_one_races_its_contenders_with_its_baselines():
+def test_a_settled_target_races_nothing_and_an_open_one_races_its_contenders_with_self():
     got = contested(ROWS, TWO, p_best=0.02, settled=0.98, top=3)
     assert set(got) == {"curv"}  # normal's best, replicated, holds in 0.99 of resamples: settled
-    baselines = {("self",), ("random",), ("pixels",), ("curv",)}
-    assert got["curv"] == {("depth",), ("edge",), ("depth", "edge")} | baselines  # shade: 0.015
+    # shade: 0.015. No flag is open (no p_below_random, p_no_gain): random, pixels and curv <- curv
+    # decide nothing and keep their replicates
+    assert got["curv"] == {("depth",), ("edge",), ("depth", "edge"), ("self",)}
     assert ("depth", "edge") not in contested(ROWS, TWO, p_best=0.1, settled=0.98, top=3)["curv"]
     assert contested(ROWS, TWO, p_best=0.02, settled=0.5, top=3) == {}  # 0.6 >= 0.5: settled too
 
@@ -61,8 +62,29 @@ def test_shares_from_one_replicate_settle_nothing_and_race_each_targets_top_cand
     """One replicate: the resamples saw only the test images, so a 0.99 is not yet a 0.99. The
     best by affinity race until they have two replicates, whatever their p_best."""
     got = contested(ROWS, {}, p_best=0.02, settled=0.98, top=2)
-    assert got["normal"] == {("depth",), ("edge",)} | {("self",), ("random",), ("pixels",), ("normal",)}
+    assert got["normal"] == {("depth",), ("edge",), ("self",)}
     assert got["curv"] >= {("depth",), ("edge",), ("depth", "edge")} and ("shade",) not in got["curv"]
+
+
+def test_a_baseline_races_only_where_a_racing_candidates_flag_on_it_is_still_open():
+    """`random` decides the below-random flag, `pixels` the no-gain flag: each races where a
+    candidate still in the race has that flag's share open (>= p_best, < settled), not where it
+    is settled either way or where only a candidate out of the race has it open."""
+
+    def flagged(depth: dict, shade: dict) -> list[dict]:
+        rows = _rows("curv", CURV)
+        for row in rows:
+            row |= {"depth": depth, "shade": shade}.get("+".join(row["sources"]), {})
+        return rows
+
+    def baselines(depth: dict, shade: dict | None = None) -> set:
+        got = contested(flagged(depth, shade or {}), TWO, p_best=0.02, settled=0.98, top=3)["curv"]
+        return {s for s in got if s in {("random",), ("pixels",), ("self",), ("curv",)}}
+
+    assert baselines({"p_below_random": 0.5, "p_no_gain": 0.0}) == {("self",), ("random",)}
+    assert baselines({"p_below_random": 0.01, "p_no_gain": 0.3}) == {("self",), ("pixels",)}
+    assert baselines({"p_below_random": 0.99, "p_no_gain": 1.0}) == {("self",)}  # settled: it loses
+    assert baselines({}, {"p_below_random": 0.5, "p_no_gain": 0.5}) == {("self",)}  # shade is out
 
 
 def test_the_next_round_trains_only_candidates_that_raced_every_round_and_may_have_more():

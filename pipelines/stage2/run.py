@@ -36,7 +36,7 @@ import ray
 
 from components.config import to_dict
 from components.data.shards import ShardStore
-from components.racing import contested, next_round
+from components.racing import FLAGS, contested, next_round
 from components.storage import Location
 from components.tasks import TaskKind
 from components.transfer import Readout, TransferPlan
@@ -187,7 +187,7 @@ class Stage2:
         counts: dict[tuple[str, tuple[str, ...]], int] = {}
         for r in fan.outcomes:
             counts[r.target, r.sources] = counts.get((r.target, r.sources), 0) + 1
-        shares = rows.table.select(["target", "sources", "affinity", "p_best"]).to_pylist()
+        shares = rows.table.select(["target", "sources", "affinity", "p_best", *FLAGS]).to_pylist()
         still = contested(shares, counts, race.p_best, race.settled, race.top)
         first = {(r.target, r.sources): replace(r, replicate=0) for r in fan.outcomes if r.replicate == 0}
         most = {c: len(plan.replicas(r)) for c, r in first.items()}
