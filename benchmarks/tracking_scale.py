@@ -129,49 +129,21 @@ def first_page(tracker: Tracker) -> list[str]:
     return [r.info.run_name for r in page] + [tracker.client.get_run(p).info.run_name for p in parents]
 
 
-async def page_load_seconds(chromium: str, url: str, expect: str, tmp: Path) -> float:
+async def page_load_seconds(url: str, expect: str, tmp: Path) -> float:
     """Seconds from navigating a fresh headless Chromium tab to `url` until it shows `expect`."""
-    import aiohttp
-    import requests
+    from tools.mlflow_screenshots import headless_page
 
-    from tools.mlflow_screenshots import Page, free_port, start, stop, wait_http
-
-    port = free_port()
-    browser = start(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
-         f"--user-data-dir={tmp / 'chrome'}", "about:blank"],
-        tmp / "chromium.log",
-    )  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/json/version")
-        target = next(
-            t
-            for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-            if t["type"] == "page"
-        )
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws,
-        ):
-            page = Page(ws)
-            await page.call(
-                "Emulation.setDeviceMetricsOverride",
-                width=1400,
-                height=1000,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
-            start_s = time.perf_counter()
-            await page.call("Page.navigate", url=url)
-            while not await page.js(
-                f"document.body && document.body.innerText.includes({json.dumps(expect)})"
-            ):
-                if time.perf_counter() - start_s > 120:
-                    raise TimeoutError(f"{url} never showed {expect!r}")
-                await asyncio.sleep(0.05)
-            return time.perf_counter() - start_s
-    finally:
-        stop(browser)
+    async with headless_page(tmp) as page:
+        size = {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
+        await page.call("Emulation.setDeviceMetricsOverride", **size)
+        start_s = time.perf_counter()
+        await page.call("Page.navigate", url=url)
+        shown = f"document.body && document.body.innerText.includes({json.dumps(expect)})"
+        while not await page.js(shown):
+            if time.perf_counter() - start_s > 120:
+                raise TimeoutError(f"{url} never showed {expect!r}")
+            await asyncio.sleep(0.05)
+        return time.perf_counter() - start_s
 
 
 def main() -> None:
@@ -232,12 +204,10 @@ def main() -> None:
             if chromium:
                 base = f"{server.url}/#/experiments"
                 ui["ui_study_first_page_s"] = asyncio.run(
-                    page_load_seconds(
-                        chromium, f"{base}/{tracker.experiment_id}/runs", "run scale study", tmp
-                    )
+                    page_load_seconds(f"{base}/{tracker.experiment_id}/runs", "run scale study", tmp)
                 )
                 ui["ui_readouts_first_page_s"] = asyncio.run(
-                    page_load_seconds(chromium, f"{base}/{tracker.companion('readouts')}/runs", " <- ", tmp)
+                    page_load_seconds(f"{base}/{tracker.companion('readouts')}/runs", " <- ", tmp)
                 )
 
     per_1000 = logged_s / len(outcomes) * 1000

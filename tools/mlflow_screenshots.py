@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -146,6 +147,32 @@ document.querySelector('[data-testid="show-comment-toggle"]')?.click();
 """
 
 
+@contextlib.asynccontextmanager
+async def headless_page(tmp: Path):
+    """A `Page` of a fresh headless Chromium (Debian: `apt-get install chromium`), its profile in
+    `tmp`; the browser stops on leaving."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        sys.exit("no chromium on PATH (Debian: apt-get install chromium)")
+    port = free_port()
+    browser = start(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--remote-debugging-port={port}", f"--user-data-dir={tmp / 'chrome'}", "about:blank"],
+        tmp / "chromium.log",
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/json/version")
+        pages = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+        target = next(t for t in pages if t["type"] == "page")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws,
+        ):
+            yield Page(ws)
+    finally:
+        stop(browser)
+
+
 async def screenshots(tracking_uri: str, run_url: str, out: Path, tmp: Path) -> None:
     experiment = re.search(r"/experiments/(\d+)/", run_url).group(1)
     models = requests.post(
@@ -163,45 +190,21 @@ async def screenshots(tracking_uri: str, run_url: str, out: Path, tmp: Path) -> 
         timeout=30,
     ).json()["runs"]
     view = "?workflowType=machine_learning"
-    port = free_port()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        sys.exit("no chromium on PATH (Debian: apt-get install chromium)")
-    browser = start(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--remote-debugging-port={port}", f"--user-data-dir={tmp / 'chrome'}", "about:blank"],
-        tmp / "chromium.log",
-    )  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/json/version")
-        target = next(
-            t
-            for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-            if t["type"] == "page"
+    async with headless_page(tmp) as page:
+        await page.shot(run_url, "Duration", out / "mlflow_parent_run.png", 1240)
+        base = f"{tracking_uri}/#/experiments/{experiment}"
+        target_url = f"{base}/runs/{target_run['info']['run_id']}{view}"
+        await page.shot(target_url, "best first", out / "mlflow_target_run.png", 900)
+        # Without the sidebar, the metric columns fit.
+        sidebar = "document.querySelector('button[aria-label=\"Toggle sidebar\"]')?.click();"
+        await page.shot(f"{base}/models{view}", model["name"], out / "mlflow_models.png", 480, 2100, sidebar)
+        await page.js(sidebar)
+        await page.shot(
+            f"{base}/models/{model['model_id']}{view}",
+            "test_loss",
+            out / "mlflow_logged_model.png",
+            1100,
         )
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws,
-        ):
-            page = Page(ws)
-            await page.shot(run_url, "Duration", out / "mlflow_parent_run.png", 1240)
-            base = f"{tracking_uri}/#/experiments/{experiment}"
-            target_url = f"{base}/runs/{target_run['info']['run_id']}{view}"
-            await page.shot(target_url, "best first", out / "mlflow_target_run.png", 900)
-            # Without the sidebar, the metric columns fit.
-            sidebar = "document.querySelector('button[aria-label=\"Toggle sidebar\"]')?.click();"
-            await page.shot(
-                f"{base}/models{view}", model["name"], out / "mlflow_models.png", 480, 2100, sidebar
-            )
-            await page.js(sidebar)
-            await page.shot(
-                f"{base}/models/{model['model_id']}{view}",
-                "test_loss",
-                out / "mlflow_logged_model.png",
-                1100,
-            )
-    finally:
-        stop(browser)
 
 
 def main() -> None:
