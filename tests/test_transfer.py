@@ -246,12 +246,18 @@ def _done_counts(keys, readouts) -> Counter:
     )
 
 
+def _candidate_runs(stage: Stage2, key: str) -> list:
+    """The candidate runs (in the readouts experiment) under the target runs of Stage II key `key`."""
+    client = stage.tracker.client
+    query = f"tags.stage = 'transfer_target' and tags.key = '{key}'"
+    targets = {r.info.run_id for r in client.search_runs([stage.tracker.experiment_id], query)}
+    runs = client.search_runs([stage.tracker.companion("readouts")], "", max_results=5000)
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") in targets]
+
+
 def _readout_runs(stage: Stage2, key: str) -> Counter:
-    """Names of the readout runs nested under any stage run of Stage II key `key`."""
-    client, experiment = stage.tracker.client, [stage.tracker.experiment_id]
-    stages = {r.info.run_id for r in client.search_runs(experiment, f"tags.key = '{key}'")}
-    runs = client.search_runs(experiment, "tags.stage = 'transfer'", max_results=5000)
-    return Counter(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") in stages)
+    """Names of the candidate runs of Stage II key `key`: how many runs each."""
+    return Counter(r.info.run_name for r in _candidate_runs(stage, key))
 
 
 def test_features_are_encoded_once_per_encoder_and_reused(tmp_path, tiny_dataset, ray_session):
@@ -276,7 +282,7 @@ def test_features_are_encoded_once_per_encoder_and_reused(tmp_path, tiny_dataset
     assert len(log.read_text().splitlines()) == len(lines)
 
 
-def test_fanout_runs_the_plan_and_logs_a_nested_run_per_readout(env):
+def test_fanout_runs_the_plan_and_logs_a_run_per_candidate(env):
     root, store, results = env
     stage = make_stage2(root, store)
     seconds, slots = stage.estimate(stage.jobs.plan(list(TASKS)))  # what the CLI prints before running
@@ -447,6 +453,8 @@ def test_killing_the_driver_half_way_then_rerunning_runs_every_readout_exactly_o
     runs = _readout_runs(probe, result.key)  # `self` runs may belong to another study that scored them
     trained = [r for r in plan_readouts if r.kind.value != "self"]
     assert len(trained) == 36 and all(runs[readout_run_name(r)] == 1 for r in trained)
+    replicates = {r.info.run_name: r.data.metrics["replicates"] for r in _candidate_runs(probe, result.key)}
+    assert all(replicates[readout_run_name(r)] == 2 for r in trained)  # both logged, once
 
 
 def _wait_for_workers_to_go(root: Path, timeout: float = 60) -> None:

@@ -12,6 +12,7 @@ import pyarrow as pa
 from components.answer import Stability, StudyAnswer
 from components.config import to_dict
 from components.taxonomy import SweepPoint, Taxonomy
+from components.vocabulary import SELF
 from pipelines.analysis.report import answer_markdown
 from pipelines.sections import TaxonomyConfig
 from pipelines.tracking.runs import Tracker
@@ -91,7 +92,7 @@ def score_readout_runs(
     for target, rows in sorted(by_target.items()):
         if run := targets.get(target):
             tracker.describe(run, candidates_markdown(target, rows, tracker.companion("readouts")))
-            shares = [r["affinity"] for r, _ in rows if list(r["sources"]) not in ([target], ["self"])]
+            shares = [r["affinity"] for r, _ in rows if list(r["sources"]) not in ([target], [SELF])]
             best = {"best_pooled_affinity": max(shares)} if shares else {}
             tracker.log_metrics(run, {"candidates": len(rows)} | best)
 
