@@ -155,7 +155,7 @@ def run_pipeline(inv: Invocation, stages: tuple[Stage, ...] = ALL_STAGES) -> Pip
         {
             "networks": len(result.networks),  # replicates included
             "networks_trained": len(result.networks_trained),
-            # as many as the readout runs under `transfer` (self's included), as its `readouts`
+            # readout replicates (self's included): the candidate runs' `replicates`, summed
             "readouts": sum(result.stage2.counts.values()),
             READOUTS_TRAINED: result.stage2.ran,  # as on the transfer run
         },

@@ -22,8 +22,8 @@ from pipelines.tracking.runs import Tracker
 AFFINITY_ON_PARENT = ("affinity.csv", "affinity.parquet", "affinity_heatmap.png")
 TAXONOMY_ON_PARENT = ("taxonomy.json", "taxonomy.png", "budget_sweep.png")
 ROOTS_TAG = "taxonomy.roots"  # on the parent run: the chosen roots, comma-separated
-# Stage III's columns on each readout's run: the affinity with its bootstrap interval (95%),
-# quality (vs self), gain (vs pixels)
+# Stage III's columns on each candidate's run (as `pooled_<column>`): the affinity with its
+# bootstrap interval (95%), quality (vs self), gain (vs pixels)
 SCORES = ("affinity", "affinity_lo", "affinity_hi", "quality", "gain")
 
 

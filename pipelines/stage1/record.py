@@ -276,8 +276,8 @@ def record_search(
 ) -> None:
     """A task's search as a run spanning the search (`span`, epoch seconds) with its space
     (`tune.*`), its best trial (`best`, tag `best_trial`) and what it chose (`chosen`, params
-    `best.*`), and a nested run per trial (Tune's
-    `results`) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
+    `best.*`), and a run per trial (Tune's `results`, in the study's trials experiment, under
+    this run) spanning its own work (`spans`), with its epochs' losses. Search n > 0 (network
     replicate n's) is `tune/<task>#n`, as its network is `train/<task>#n`."""
     best_id = str(best.metrics.get("trial_id"))
     name = network_name(task.name, search)
