@@ -77,7 +77,7 @@ def analyse(
     taxonomy: bool,
 ) -> Analysis:
     """Stages III and IV on Stage II's losses, for the study's run `run` (experiment id, run id):
-    each step run or reused, each readout's run scored once (when its affinity is new), the
+    each step run or reused, each candidate's run scored once (when its affinity is new), the
     tables and pictures on the study's run, and with `taxonomy` the answer in its description."""
     run_id = run[1]
     affinity = affinity_step(cfg, stage2.key, stage2.losses)
