@@ -453,11 +453,13 @@ def pipeline_record(root: Path, experiment: str) -> dict:
     `normal` or `normal#1`, in Tune's order), each search's best, the readouts (`Readout.name`)."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking.runs import COMPANION_DESCRIPTIONS, companion_name
     from pipelines.tracking.store import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(root))
     # the study's stage runs, its trials' and its readouts' (companion experiments)
-    ids = [client.get_experiment_by_name(f"{experiment}{kind}") for kind in ("", "/trials", "/readouts")]
+    names = [experiment] + [companion_name(experiment, kind) for kind in COMPANION_DESCRIPTIONS]
+    ids = [client.get_experiment_by_name(name) for name in names]
     runs, token = [], None
     while True:
         page = client.search_runs([e.experiment_id for e in ids if e], max_results=1000, page_token=token)
@@ -502,7 +504,7 @@ def pipeline_record(root: Path, experiment: str) -> dict:
         "trials": trials,
         "trial_epochs": trial_epochs,
         "hparams": {r.info.run_name.split("/")[1]: _best_params(r) for r in searches},
-        "readouts": [_readout_name(r.data.tags) for r in readouts],
+        "readouts": [name for r in readouts for name in _readout_names(r)],
     }
 
 
@@ -520,10 +522,13 @@ def _best_params(run) -> dict:
     }
 
 
-def _readout_name(tags: dict) -> str:
-    """A readout run's `Readout.name`: `a+b->t`, `a+b->t#r` for replicate r > 0."""
-    replicate = int(tags.get("replicate") or 0)
-    return f"{tags['sources']}->{tags['target']}" + (f"#{replicate}" if replicate else "")
+def _readout_names(run) -> list[str]:
+    """The `Readout.name` of each replicate on a candidate's run (its `test_loss/r<k>`): `a+b->t`,
+    `a+b->t#r` for replicate r > 0."""
+    tags, name = run.data.tags, f"{run.data.tags['sources']}->{run.data.tags['target']}"
+    reps = sorted(int(k.removeprefix("test_loss/r")) for k in run.data.metrics if k.startswith("test_loss/r"))
+    assert len(reps) == run.data.metrics["replicates"], tags  # every finished replicate has its loss
+    return [name + (f"#{r}" if r else "") for r in reps]
 
 
 def pipeline_split(record: dict, launched: float, exited: float) -> dict:

@@ -133,8 +133,8 @@ def candidate_run(
     `finished_before`: replicates it already holds). Per replicate k: `test_loss/rk`,
     `seconds/rk`, `val_loss/rk` (unless NaN), `train_loss/rk` per epoch, and its readout key as
     the tag `readout_key.rk`; a failed one its `error.rk` instead of metrics (kept if a retry
-    finishes it: its metrics then say it did). `replicates` counts the finished ones. FINISHED if any replicate finished, else FAILED. Times span its replicates'
-    work (when the Ray work ran)."""
+    finishes it: its metrics then say it did). `replicates` counts the finished ones. FINISHED if
+    any replicate finished, else FAILED. Times span its replicates' work (when the Ray work ran)."""
     now, first = time.time(), replicates[0]
     r = first.outcome.readout
     tags = {
@@ -210,11 +210,6 @@ class ReadoutRunLog:
     def known(self) -> Mapping[str, tuple[str, str]]:
         """Readout key -> (its candidate's run id, the replicate's status), as logged so far."""
         return self._known.replicates
-
-    @property
-    def candidates(self) -> Mapping[str, str]:
-        """Candidate key -> its run id."""
-        return self._known.candidates
 
     def logged(self, readout_key: str) -> bool:
         """Whether the replicate's figures are on its candidate's run."""

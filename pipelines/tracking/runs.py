@@ -81,7 +81,7 @@ counts them).
 
 _KIND = {"mlflow.experimentKind": "custom_model_development"}
 _EXPERIMENT_TAGS = {NOTE: EXPERIMENT_DESCRIPTION, **_KIND}
-# The study's companion experiments (`Tracker._companion`): `<experiment>/<kind>`.
+# The study's companion experiments (`Tracker.companion`): `<experiment>/<kind>`.
 COMPANION_DESCRIPTIONS = {
     "readouts": """The readouts of a taskatlas study: one run per candidate, named `target <-
 sources`, a small network trained on frozen source features (`self`, `pixels`, `random`:
@@ -135,7 +135,7 @@ class Tracker:
             raise
         self.experiment_id = study_experiment(self.client, experiment_name, experiment, artifact_location)
         self.experiment_name, self.artifact_location = experiment_name, artifact_location
-        self._companions: dict[str, str] = {}  # kind -> experiment id (`_companion`)
+        self._companions: dict[str, str] = {}  # kind -> experiment id (`companion`)
         self.models = ModelRegistry(self.client, tracking_uri, self.experiment_id)  # the same budget
         self.batches = RunBatches(self)  # many runs at a time (thousands of readouts)
 
@@ -299,13 +299,18 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
 
+def companion_name(study: str, kind: str) -> str:
+    """The name of the study's companion experiment of `kind` ("readouts", "trials")."""
+    return f"{study}/{kind}"
+
+
 def companion_experiment(client: Any, study: str, artifact_location: str | None, kind: str) -> str:
     """The id of the study's companion experiment `<study>/<kind>` (`COMPANION_DESCRIPTIONS`), made
     if missing. The many small runs (thousands of readouts, hundreds of trials) go there so that
     the study's first page (MLflow's UI loads 100 runs at a time, newest first) shows the stage runs
     under the parent; each names its parent, a stage run of the study's experiment, and the UI shows
     that parent above them."""
-    name = f"{study}/{kind}"
+    name = companion_name(study, kind)
     location = artifact_location and f"{artifact_location.rstrip('/')}/{kind}"
     tags = {NOTE: COMPANION_DESCRIPTIONS[kind], **_KIND}
     return study_experiment(client, name, client.get_experiment_by_name(name), location, tags)
