@@ -18,8 +18,25 @@ from components.taxonomy import TaxonomyOptions
 from components.transfer_table import TransferTable
 from pipelines.config import PipelineConfig
 from pipelines.sections import AnalysisConfig
-from pipelines.steps import DONE, FILES, Step, sha256_of
+from pipelines.steps import DONE, FILES, Step, code_digest, sha256_of
 
+# The modules whose code computes each step's outputs: part of its key (`code_digest`), so that a
+# study rerun with new math recomputes its answer instead of reading the old one back.
+AFFINITY_CODE = (
+    "components.affinity_io",
+    "components.loss_cube",
+    "components.win_rates",
+    "components.resampling",
+    "components.ahp",
+    "components.affinity",
+)
+TAXONOMY_CODE = (
+    "components.transfer_table",
+    "components.taxonomy",
+    "components.bootstrap",
+    "components.verdict",
+    "components.answer",
+)
 SAMPLES = "affinity_samples.npy"  # (resamples, rows of affinity.parquet): a rerun's affinities, drawn
 
 
@@ -34,9 +51,8 @@ def affinity_step(cfg: PipelineConfig, transfer_key: str, losses: Location) -> S
     per-target loss table in `losses` (`loss_digests`). A readout done again with other losses
     (its features were damaged, a GPU's nondeterminism) keeps every key of the plan but changes
     its target's table: the affinity, and the taxonomy keyed by it, are done again."""
-    # v4: win rates are the mean over paired replicates (one run's), the resamples centred on them;
-    # p_no_gain and p_below_random; t <- t never competes for p_best; v5: shares from predictive draws
-    parts = ("affinity-v7", transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
+    code = code_digest(*AFFINITY_CODE)
+    parts = ("affinity", code, transfer_key, analysis_key(cfg.analysis), {"inputs": loss_digests(losses)})
     return Step(cfg.root, "affinity", config_hash(*parts))
 
 
@@ -102,7 +118,7 @@ def keep_test_subset(table: pa.Table, seed: int, fraction: float, what: str) -> 
 
 
 def taxonomy_step(cfg: PipelineConfig, affinity_key: str) -> Step:
-    return Step(cfg.root, "taxonomy", config_hash(cfg.taxonomy, affinity_key))
+    return Step(cfg.root, "taxonomy", config_hash(cfg.taxonomy, affinity_key, code_digest(*TAXONOMY_CODE)))
 
 
 def taxonomy_options(cfg: PipelineConfig, budget: int | None = None) -> TaxonomyOptions:
