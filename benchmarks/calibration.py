@@ -26,7 +26,14 @@ disjoint test sets; a smaller `--test-subset` shares less at the cost of noisier
 
 Definitions (`claims`, `calibration`). A run *chooses* its taxonomy's roots ("root", task) and,
 per target it does not make a root, its source set ("edge", target, sources); a root is one
-choice (the `self` entry of a target's transfer shares is the same fact, and is dropped). Its
+choice (the `self` entry of a target's transfer shares is the same fact, and is dropped). The
+rest of its answer is its affinity table (`affinity_choices`), which states per candidate a
+share of a rerun's draws for three more kinds of choice: ("best", target, sources), the
+candidate with the target's highest affinity (`p_best`; `self` and `t <- t` do not compete);
+("below_random", ...), a source set that wins on fewer than half the images against `random`
+(`p_below_random`); ("no_gain", ...), the same against `pixels` (`p_no_gain`). Only transfers
+are flagged, not the baselines (`random` losing to `pixels` is no finding about transfer). A run
+chooses them by its point estimates. Its
 stated share p_i(c) of a choice c is the share of its resamples that chose c. A *claim* is
 (run i, choice c, p_i(c)) for each c with p_i(c) > 0. It *holds* in run j != i when run j chose
 c; its hold rate is the mean over the K - 1 other runs. The choices some run chose or gave a
@@ -44,6 +51,8 @@ Figures, on the last line as one JSON object:
   the evidence; n = claims is the more cautious choice (claims of one run are not independent
   either, so the interval is still a floor on the uncertainty);
 - `brier`: the mean over claims and other runs of (p - held)^2, held 0 or 1;
+- `by_kind`: the same high, low and Brier figures per kind of choice (`KINDS`), so that a
+  headline carried by one kind shows; `taxonomy` the same for roots and edges together;
 - `exact_claimed`: the runs' mean share for "this exact taxonomy"; `exact_agreement`: the share
   of pairs of runs that chose the same taxonomy; `exact_gap`: their difference (goal <= 0.15);
 - `seconds`: the whole benchmark's wall time; `stage2_seconds`: the median run after the first
@@ -86,7 +95,12 @@ SELF = "self"  # a target's source set when it is a root (`components.bootstrap.
 DEFAULT_FIRST_SEED = 100  # the quickstart's settings were chosen on seeds 0-3
 TUNED_SEEDS = range(4)
 
-Choice = tuple[str, str, str]  # ("root", task, "") or ("edge", target, "+"-joined sources)
+Choice = tuple[str, str, str]  # ("root", task, "") or (kind, target, "+"-joined sources)
+TAXONOMY_KINDS = ("root", "edge")
+# the flags read from a run's affinity table: (kind, its share's column, the point estimate's column)
+FLAGS = (("below_random", "p_below_random", "vs_random"), ("no_gain", "p_no_gain", "gain"))
+BASELINES = ("random", "pixels")  # not transfers: never flagged (`random` still competes for best)
+KINDS = (*TAXONOMY_KINDS, "best", *(kind for kind, *_ in FLAGS))
 
 
 @dataclass(frozen=True)
@@ -101,20 +115,51 @@ class Claim:
         return sum(self.held) / len(self.held)
 
 
-def choices(taxonomy: dict) -> set[Choice]:
-    """The choices a run made: its roots, and each served target's source set (a root once)."""
+def taxonomy_choices(taxonomy: dict) -> set[Choice]:
+    """The taxonomy a run chose: its roots, and each served target's source set (a root once)."""
     made = {("root", r, "") for r in taxonomy["roots"]}
     return made | {("edge", t, "+".join(s)) for t, s in taxonomy["transfers"].items()}
 
 
-def stated(taxonomy: dict) -> dict[Choice, float]:
+def _number(value) -> float | None:
+    return None if value is None or value != value else float(value)
+
+
+def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float]]:
+    """(made, stated) of an affinity table's rows: per target the candidate of highest affinity
+    among those with a `p_best` ("best"), and each source set whose win rate against `random`
+    (`gain`: against `pixels`) is below one half ("below_random", "no_gain"); the shares are
+    the table's `p_best`, `p_below_random` and `p_no_gain` where above 0."""
+    made, shares, best = set(), {}, {}
+    for row in rows:
+        target, key = row["target"], "+".join(row["sources"])
+        if (p := _number(row.get("p_best"))) is not None:  # NaN: self and t <- t do not compete
+            best.setdefault(target, []).append((row["affinity"], key))
+            shares[("best", target, key)] = p
+        for kind, share, estimate in FLAGS:
+            p, w = _number(row.get(share)), _number(row.get(estimate))
+            if key in (SELF, target, *BASELINES) or p is None or w is None:
+                continue
+            shares[(kind, target, key)] = p
+            if w < 0.5:
+                made.add((kind, target, key))
+    made |= {("best", t, max(candidates)[1]) for t, candidates in best.items()}
+    return made, {c: p for c, p in shares.items() if p > 0}
+
+
+def choices(run: dict) -> set[Choice]:
+    """The choices a run made: its taxonomy, and what its affinity table's point estimates say."""
+    return taxonomy_choices(run) | affinity_choices(run.get("affinity_rows", []))[0]
+
+
+def stated(run: dict) -> dict[Choice, float]:
     """The shares a run gave (> 0): each root, and each source set its resamples chose for a
-    target, less `self` (the target as a root, already a root's share)."""
-    s = taxonomy["stability"]
+    target, less `self` (the target as a root, already a root's share); and its affinity table's."""
+    s = run["stability"]
     out = {("root", r, ""): p for r, p in s["roots"].items()}
     for target, shares in s["transfers"].items():
         out |= {("edge", target, key): p for key, p in shares.items() if key != SELF}
-    return {c: p for c, p in out.items() if p > 0}
+    return {c: p for c, p in out.items() if p > 0} | affinity_choices(run.get("affinity_rows", []))[1]
 
 
 def claims(runs: list[dict]) -> tuple[list[Claim], list[Claim]]:
@@ -159,7 +204,7 @@ def brier(claimed: list[Claim]) -> float | None:
 
 def exact_agreement(runs: list[dict]) -> float:
     """The share of pairs of runs that chose the same taxonomy (the same roots and source sets)."""
-    made = [choices(t) for t in runs]
+    made = [taxonomy_choices(t) for t in runs]
     return statistics.fmean(a == b for a, b in itertools.combinations(made, 2))
 
 
@@ -174,6 +219,21 @@ def hold_figures(claimed: list[Claim]) -> dict:
     }
 
 
+def kind_figures(claimed: list[Claim]) -> dict:
+    """Claims, the high and low figures and Brier of one kind of choice."""
+    high = hold_figures([c for c in claimed if c.share >= HIGH])
+    low = hold_figures([c for c in claimed if c.share <= LOW])
+    return {
+        "claims": len(claimed),
+        "high_claims": high["claims"],
+        "high_held": high["held"],
+        "high_interval": high["interval"],
+        "low_claims": low["claims"],
+        "low_true": low["held"],
+        "brier": brier(claimed),
+    }
+
+
 def calibration(runs: list[dict]) -> dict:
     """The figures of the module docstring (unrounded) from the runs' taxonomy dicts."""
     claimed, unstated = claims(runs)
@@ -184,6 +244,10 @@ def calibration(runs: list[dict]) -> dict:
     high = hold_figures([c for c in claimed if c.share >= HIGH])
     low = hold_figures([c for c in claimed if c.share <= LOW])
     rest = hold_figures(unstated)
+    groups = {kind: (kind,) for kind in KINDS} | {"taxonomy": TAXONOMY_KINDS}
+    by_kind = {
+        name: kind_figures([c for c in claimed if c.choice[0] in kinds]) for name, kinds in groups.items()
+    }
     exact_claimed = statistics.fmean(t["stability"]["taxonomy"] for t in runs)
     agreement = exact_agreement(runs)
     return {
@@ -201,6 +265,7 @@ def calibration(runs: list[dict]) -> dict:
         "unstated_hold_rate": rest["held"],
         "unstated_interval": rest["interval"],
         "brier": brier(claimed),
+        "by_kind": by_kind,
         "exact_claimed": exact_claimed,
         "exact_agreement": agreement,
         "exact_gap": abs(exact_claimed - agreement),
@@ -303,9 +368,17 @@ def run_study(config: str, root: Path, seed: int, full_rerun: bool, subset: floa
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
         raise SystemExit(f"run with seed {seed} failed (rc {out.returncode})")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
+    return answer_of(summary) | {"losses": summary["losses"], "trained": len(summary["networks_trained"])}
+
+
+def answer_of(summary: dict) -> dict:
+    """The answer a `taskatlas run --json` summary states: its taxonomy dict and, as
+    `affinity_rows`, the columns of its affinity table the claims read."""
     if "stability" not in (summary["taxonomy"] or {}):
         raise SystemExit("the runs state no shares: calibration needs analysis.bootstrap > 0")
-    return summary["taxonomy"] | {"losses": summary["losses"], "trained": len(summary["networks_trained"])}
+    columns = ["target", "sources", "affinity", "vs_random", "gain", "p_best", "p_below_random", "p_no_gain"]
+    rows = pq.read_table(summary["affinity"], columns=columns).to_pylist()
+    return summary["taxonomy"] | {"affinity_rows": rows}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -381,6 +454,11 @@ def main(args: argparse.Namespace) -> None:
             f"held {row['held']} {row['interval']}"
         )
     print(f"  unstated: {figures['unstated']} options, held {figures['unstated_hold_rate']}")
+    for kind, k in figures["by_kind"].items():
+        print(
+            f"  {kind}: {k['claims']} claims; >= {HIGH}: {k['high_claims']}, held {k['high_held']}; "
+            f"<= {LOW}: {k['low_claims']}, true {k['low_true']}; Brier {k['brier']}"
+        )
     print(json.dumps(figures))
 
 

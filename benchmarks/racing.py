@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
                         base, root, symlinks=True, ignore=shutil.ignore_patterns("ray", "*.lock*")
                     )
                 summary = taskatlas(args.config, root, sets + extra)
-                runs[mode].append(summary["taxonomy"])
+                runs[mode].append(calibration.answer_of(summary))
                 trained[mode] += summary["readouts_ran"] + summary["readouts_reused"]
                 seconds[mode] = stage2_seconds(root)
             fractions.append(seconds["raced"] / seconds["full"])

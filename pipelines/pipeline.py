@@ -87,6 +87,7 @@ class PipelineResult:
             "run_id": run_id,
             "data_version": self.data_version,
             "losses": self.stage2.losses_dir if self.stage2 else None,  # per-image losses, per target
+            "affinity": str(self.affinity_path) if self.affinity_path else None,  # Stage III's table
         }
 
     @property

@@ -111,6 +111,71 @@ def test_the_figures_of_three_runs_by_hand():
     assert f["high_confidence_interval"] == pytest.approx(cal.wilson(0.5, 6))
 
 
+NAN = float("nan")
+
+
+def _row(sources, affinity, p_best, vs_random, p_below, gain, p_no_gain):
+    return {
+        "target": "t",
+        "sources": sources,
+        "affinity": affinity,
+        "p_best": p_best,
+        "vs_random": vs_random,
+        "p_below_random": p_below,
+        "gain": gain,
+        "p_no_gain": p_no_gain,
+    }
+
+
+# Target t's affinity table: `self` and `t <- t` compete for nothing; `random` competes for best
+# but, a baseline and no transfer, is never flagged.
+TABLE = [
+    _row(["self"], 0.0, NAN, 0.9, 0.0, 0.9, 0.0),
+    _row(["t"], 0.9, NAN, 0.9, 0.0, 0.9, 0.0),
+    _row(["a"], 0.5, 0.7, 0.8, 0.0, 0.4, 0.6),
+    _row(["b"], 0.3, 0.3, 0.45, 0.55, 0.3, 0.9),
+    _row(["random"], 0.2, 0.0, 0.5, 0.0, 0.2, 1.0),
+    _row(["a", "b"], 0.1, 0.0, NAN, NAN, 0.6, 0.05),  # random not measured against it
+]
+
+
+def test_the_affinity_tables_claims_by_hand():
+    made, shares = cal.affinity_choices(TABLE)
+    assert made == {
+        ("best", "t", "a"),  # the highest affinity of those with a p_best (t <- t has none)
+        ("below_random", "t", "b"),  # vs_random 0.45
+        ("no_gain", "t", "a"),
+        ("no_gain", "t", "b"),
+    }
+    assert shares == {
+        ("best", "t", "a"): 0.7,
+        ("best", "t", "b"): 0.3,
+        ("below_random", "t", "b"): 0.55,
+        ("no_gain", "t", "a"): 0.6,
+        ("no_gain", "t", "b"): 0.9,
+        ("no_gain", "t", "a+b"): 0.05,
+    }
+
+
+def test_table_claims_are_claims_of_their_kind_and_never_part_of_the_exact_taxonomy():
+    other = [dict(r) for r in TABLE]
+    other[3] |= {"affinity": 0.6, "vs_random": 0.55, "gain": 0.6}  # b is now the best and gains
+    runs = [RUNS[0] | {"affinity_rows": TABLE}, RUNS[2] | {"affinity_rows": other}]
+    claimed, _ = cal.claims(runs)
+    by = {(c.run, c.choice): c for c in claimed}
+    assert by[0, ("best", "t", "a")].held == (False,) and by[0, ("best", "t", "b")].held == (True,)
+    assert by[0, ("no_gain", "t", "b")].held == (False,) and by[0, ("no_gain", "t", "a")].held == (True,)
+    f = cal.calibration(runs)
+    best = f["by_kind"]["best"]
+    assert (best["claims"], best["high_claims"], best["low_claims"]) == (4, 0, 0)
+    # no_gain at >= 0.9: b (0.9) in each run, which fails in run 1 (gain 0.6) and holds in run 0
+    assert (f["by_kind"]["no_gain"]["high_claims"], f["by_kind"]["no_gain"]["high_held"]) == (2, 0.5)
+    assert (
+        f["by_kind"]["taxonomy"]["claims"] == f["by_kind"]["root"]["claims"] + f["by_kind"]["edge"]["claims"]
+    )
+    assert f["exact_agreement"] == 1.0  # the same roots and edges: the tables do not enter it
+
+
 def test_wilson_interval_against_published_values_and_by_hand():
     # The textbook 95% Wilson intervals (z = 1.96): 0 of 10 -> [0, 0.2775], 5 of 10 -> [0.2366, 0.7634]
     assert cal.wilson(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
