@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/calibration.py --seeds 200,201,202   # seeds of your own
     .venv/bin/python benchmarks/calibration.py --set transfer.replicates=1   # the image-only bootstrap
     .venv/bin/python benchmarks/calibration.py -c tiny.yaml --runs 2 --full-rerun --root /tmp/cal  # smoke
+    .venv/bin/python benchmarks/calibration.py --full-rerun --root R --set transfer.race.enabled=true
+        # on a root whose full studies are trained: the raced ones reuse their readouts (same keys)
 
 Every run is `taskatlas run --json` on one storage root. Run k takes seed s_k (`--seeds`, default
 100, 101, ...: the quickstart's settings were chosen looking at readout seeds 0-3, so those would
@@ -58,6 +60,7 @@ Figures, on the last line as one JSON object:
 - `seconds`: the whole benchmark's wall time; `stage2_seconds`: the median run after the first
   when the networks are shared (Stage II to IV); `networks_trained`: per run, how many task
   networks it trained (every study task's with `--full-rerun`, unless a root already held them);
+  `readouts`: per run, the readouts its study holds (trained or reused; a raced study's fewer);
 - `win_rate_spread`: how far replicates disagree, the mean over runs, targets and pairs of
   trained candidates of the standard deviation over replicates r of the win rate of replicate r
   of one against replicate r of the other (paired replicates share a seed: `transfer.pairing`).
@@ -368,7 +371,12 @@ def run_study(config: str, root: Path, seed: int, full_rerun: bool, subset: floa
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
         raise SystemExit(f"run with seed {seed} failed (rc {out.returncode})")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return answer_of(summary) | {"losses": summary["losses"], "trained": len(summary["networks_trained"])}
+    readouts = summary["readouts_ran"] + summary["readouts_reused"]
+    return answer_of(summary) | {
+        "losses": summary["losses"],
+        "trained": len(summary["networks_trained"]),
+        "readouts": readouts,
+    }
 
 
 def answer_of(summary: dict) -> dict:
@@ -399,6 +407,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="analysis.test_subset of every run (default 0.5; 1: all)",
     )
     parser.add_argument("--root", help="storage root to use (default: a temporary folder)")
+    parser.add_argument(
+        "--save", help="write the runs' answers (taxonomy and affinity rows) to this JSON file"
+    )
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
     return parser
 
@@ -430,6 +441,8 @@ def main(args: argparse.Namespace) -> None:
                 f"exact {t['stability']['taxonomy']:.2f}",
                 flush=True,
             )
+    if args.save:
+        Path(args.save).write_text(json.dumps([{k: v for k, v in t.items() if k != "losses"} for t in runs]))
     figures = calibration(runs)
     figures |= {
         "runs": len(runs),
@@ -441,6 +454,7 @@ def main(args: argparse.Namespace) -> None:
         "seconds": time.perf_counter() - started,
         "first_run_seconds": seconds[0],
         "networks_trained": [t["trained"] for t in runs],  # per run: all of them with --full-rerun
+        "readouts": [t["readouts"] for t in runs],  # per run, trained or reused (raced: fewer)
         "stage2_seconds": None if args.full_rerun else statistics.median(seconds[1:]),
         "win_rate_spread": None if None in spreads else statistics.fmean(spreads),
         "goals": GOALS,
