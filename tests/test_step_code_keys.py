@@ -57,4 +57,7 @@ def test_new_analysis_code_is_a_new_affinity_and_taxonomy_step(tmp_path, monkeyp
 
 
 def test_the_shipped_analysis_modules_are_found():
-    assert len(code_digest(*plan.AFFINITY_CODE)) == len(code_digest(*plan.TAXONOMY_CODE)) == 64
+    from pipelines.position.run import POSITION_CODE
+
+    for modules in (plan.AFFINITY_CODE, plan.TAXONOMY_CODE, POSITION_CODE):
+        assert len(code_digest(*modules)) == 64

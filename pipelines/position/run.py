@@ -59,12 +59,14 @@ from pipelines.position.record import register_model, registered_encoders
 from pipelines.results import TaskResult
 from pipelines.stage2.plan import feature_sources
 from pipelines.stage2.run import Stage2
-from pipelines.steps import Fence, Step, log_stored_artifact
+from pipelines.steps import Fence, Step, code_digest, log_stored_artifact
 from pipelines.tracking.registry import is_registered
 from pipelines.tracking.runs import Tracker
 
 _TRAIN_MODEL = ray.remote(train_model)
 POSITION = "position.json"  # the answer, in the step folder (what `--json` prints, less run ids)
+# The code that turns the losses into the answer, besides Stage III's (in the study's affinity key)
+POSITION_CODE = ("components.position", "pipelines.position.answer")
 READOUT_WEIGHTS = "readout.pt"  # the model's readout, a state dict, in its step folder
 READOUT_ABOUT = "readout.json"  # beside it: its input channels and mean test loss
 
@@ -131,7 +133,8 @@ def position_task(
     # the new target's loss table: keyed by its SHA-256 too (Stage II's marker has it), so a readout
     # done again with other losses makes a new answer, as the study's own are in its affinity key.
     where = config_hash(
-        "position-v3",
+        "position",
+        code_digest(*POSITION_CODE),
         transfer.key,
         analysis_key(cfg.analysis),
         study.affinity.key,
