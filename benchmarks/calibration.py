@@ -84,6 +84,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from components.affinity import BASELINE_FLAGS, P_BEST
+from components.vocabulary import PIXELS, RANDOM, SELF
+
 ROOT = Path(__file__).resolve().parents[1]
 BINS = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 HIGH, LOW = 0.9, 0.1  # claims stated at >= HIGH, and at <= LOW
@@ -94,15 +97,15 @@ GOALS = {  # the issue's
     "exact_gap": 0.15,  # at most
 }
 Z95 = 1.959963984540054  # the normal quantile of 0.975
-SELF = "self"  # a target's source set when it is a root (`components.bootstrap.ROOT`)
 DEFAULT_FIRST_SEED = 100  # the quickstart's settings were chosen on seeds 0-3
 TUNED_SEEDS = range(4)
 
 Choice = tuple[str, str, str]  # ("root", task, "") or (kind, target, "+"-joined sources)
 TAXONOMY_KINDS = ("root", "edge")
+FLAG_KINDS = {RANDOM: "below_random", PIXELS: "no_gain"}  # the claim's kind of each baseline's flag
 # the flags read from a run's affinity table: (kind, its share's column, the point estimate's column)
-FLAGS = (("below_random", "p_below_random", "vs_random"), ("no_gain", "p_no_gain", "gain"))
-BASELINES = ("random", "pixels")  # not transfers: never flagged (`random` still competes for best)
+FLAGS = tuple((FLAG_KINDS[baseline], share, win_rate) for baseline, share, win_rate in BASELINE_FLAGS)
+BASELINES = tuple(FLAG_KINDS)  # not transfers: never flagged (`random` still competes for best)
 KINDS = (*TAXONOMY_KINDS, "best", *(kind for kind, *_ in FLAGS))
 
 
@@ -136,7 +139,7 @@ def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float]
     made, shares, best = set(), {}, {}
     for row in rows:
         target, key = row["target"], "+".join(row["sources"])
-        if (p := _number(row.get("p_best"))) is not None:  # NaN: self and t <- t do not compete
+        if (p := _number(row.get(P_BEST))) is not None:  # NaN: self and t <- t do not compete
             best.setdefault(target, []).append((row["affinity"], key))
             shares[("best", target, key)] = p
         for kind, share, estimate in FLAGS:
@@ -384,7 +387,13 @@ def answer_of(summary: dict) -> dict:
     `affinity_rows`, the columns of its affinity table the claims read."""
     if "stability" not in (summary["taxonomy"] or {}):
         raise SystemExit("the runs state no shares: calibration needs analysis.bootstrap > 0")
-    columns = ["target", "sources", "affinity", "vs_random", "gain", "p_best", "p_below_random", "p_no_gain"]
+    columns = [
+        "target",
+        "sources",
+        "affinity",
+        P_BEST,
+        *(column for _, share, win_rate in FLAGS for column in (share, win_rate)),
+    ]
     rows = pq.read_table(summary["affinity"], columns=columns).to_pylist()
     return summary["taxonomy"] | {"affinity_rows": rows}
 

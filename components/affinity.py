@@ -81,6 +81,9 @@ INTERVAL_COLUMNS = ("affinity_lo", "affinity_hi")
 P_BEST = "p_best"  # share of resamples in which a candidate has its target's highest affinity
 P_NO_GAIN = "p_no_gain"  # share of a rerun's draws in which its gain (win rate vs pixels) is below 0.5
 P_BELOW_RANDOM = "p_below_random"  # share of a rerun's draws in which it loses to random (vs_random < 0.5)
+# The flags on a transfer, one per baseline it may lose to: (the baseline, the column of the share
+# of draws in which it loses to it, the column of its win rate against it)
+BASELINE_FLAGS = ((vocabulary.RANDOM, P_BELOW_RANDOM, "vs_random"), (vocabulary.PIXELS, P_NO_GAIN, "gain"))
 BEST_TIE = 1e-9  # affinities within this relative distance of the highest tie for the best
 
 AFFINITY_SCHEMA = pa.schema(

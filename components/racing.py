@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from components.vocabulary import PIXELS, RANDOM, SELF
+from components.affinity import BASELINE_FLAGS
+from components.vocabulary import SELF
 
-FLAGS = ("p_below_random", "p_no_gain")  # the shares of the flags `random` and `pixels` decide
+FLAGS = tuple(share for _, share, _ in BASELINE_FLAGS)  # the shares of the flags `random` and `pixels` decide
 Candidate = tuple[str, tuple[str, ...]]  # (target, sources)
 
 
@@ -69,7 +70,7 @@ def contested(
         ranked = sorted(candidates, key=lambda s: (-candidates[s][1], s))[:top]
         racing |= {s for s in ranked if s not in measured}
         baselines = {(SELF,)}
-        for baseline, flag in ((RANDOM, "p_below_random"), (PIXELS, "p_no_gain")):
+        for baseline, flag, _ in BASELINE_FLAGS:
             if any(p_best <= flags.get((target, s), {}).get(flag, 0.0) < settled for s in racing):
                 baselines.add((baseline,))
         out[target] = racing | baselines

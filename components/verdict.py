@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from components.affinity import BASELINE_FLAGS
 from components.answer import NoGain, Stability, Verdict
 from components.taxonomy import Taxonomy
-from components.vocabulary import PIXELS, RANDOM, SELF
+from components.vocabulary import RANDOM, SELF
 
 STABLE = 0.9  # an edge or root chosen in at least this share of resamples is stated as the choice
 TIE = 0.1  # candidates at least this likely to be the best are not distinguishable from it
@@ -62,10 +63,7 @@ def losing_baselines(row: Mapping) -> dict[str, float]:
     win on fewer than half the images. Without resamples (no bootstrap), the point estimate's win
     rate below one half, with share None: nothing measured how sure that is."""
     loses: dict[str, float] = {}
-    for baseline, share, win_rate in (
-        (RANDOM, "p_below_random", "vs_random"),
-        (PIXELS, "p_no_gain", "gain"),
-    ):
+    for baseline, share, win_rate in BASELINE_FLAGS:
         p, w = row.get(share), row.get(win_rate)
         if p is not None and p == p:
             if p >= STABLE:
