@@ -17,7 +17,9 @@ from components.transfer.plan import (
     network_replicate,
     plan_transfers,
     readout_seed,
+    split_seed,
 )
+from components.transfer.readout import validation_split
 from components.verdict import edge_text, noise_note, ties_text, verdict
 
 
@@ -32,6 +34,18 @@ def test_paired_replicates_share_a_seed_per_target_and_replicate_zero_keeps_the_
     assert readout_seed(7, a1) != readout_seed(7, Readout("normal", ("edge_texture",), replicate=2))
     independent = {readout_seed(7, r, Pairing.INDEPENDENT) for r in (a, b, a1, b1)}
     assert len(independent) == 4
+
+
+def test_each_replicate_trains_on_rows_of_its_own_and_replicate_zero_keeps_the_studys():
+    """A rerun draws which transfer images the readouts fit on: one split shared by every
+    replicate would leave that out of the multi-bootstrap (it once made one run's colorization
+    lose to `random` on both depth targets in all three replicates)."""
+    assert split_seed(7, 0) == 7  # the split every study had before
+    seeds = [split_seed(7, r) for r in range(4)]
+    assert len(set(seeds)) == 4 and split_seed(8, 1) != split_seed(7, 1)
+    fits = [validation_split(200, 0.2, s)[0] for s in seeds]
+    assert all(len(f) == 160 for f in fits)
+    assert all(not np.array_equal(a, b) for i, a in enumerate(fits) for b in fits[i + 1 :])
 
 
 def test_replicas_and_counts():

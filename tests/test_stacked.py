@@ -75,7 +75,7 @@ def _solo(member: StackMember, common: dict):
         **common,
         transfer_x=member.transfer_x,
         test_x=member.test_x,
-        settings=replace(SETTINGS, seed=member.seed),
+        settings=replace(SETTINGS, seed=member.seed, split_seed=member.split_seed),
     )
 
 
@@ -120,6 +120,21 @@ def test_replicates_differ_by_seed_only():
     assert not np.allclose(a.losses[1:], b.losses[1:])
     np.testing.assert_allclose(a.losses, c.losses, rtol=1e-6)
     assert a.train_losses == pytest.approx(c.train_losses, rel=1e-6)
+
+
+def test_members_of_other_replicates_fit_on_their_own_rows():
+    """A stack may hold several replicates, each with its own fit/validation split: each member
+    trains and validates as it would alone on its split."""
+    members, common = _case("normal", seeds=(5, 5, 6), features="shared")
+    members = [replace(m, split_seed=s) for m, s in zip(members, (0, 11, 11), strict=True)]
+    results = train_stacked(**common, members=members, settings=SETTINGS)
+    solos = [_solo(m, common) for m in members]
+    for i, (result, solo) in enumerate(zip(results, solos, strict=True)):
+        _assert_same(result, solo, other_seed=solos[(i + 1) % len(solos)])
+    split_effect = abs(solos[1].val_loss - solos[0].val_loss)  # same seed, other rows
+    assert split_effect > 0
+    for result, solo in zip(results[:2], solos[:2], strict=True):
+        assert abs(result.val_loss - solo.val_loss) <= DRIFT_SHARE * split_effect
 
 
 def test_a_diverging_member_fails_alone_and_spoils_no_other():

@@ -28,6 +28,7 @@ from components.transfer.plan import (
     prune_plan,
     readout_seed,
     shared_sources,
+    split_seed,
 )
 from components.transfer.readout import (
     ReadoutNetwork,
@@ -71,6 +72,7 @@ __all__ = [
     "rank_sources",
     "readout_seed",
     "shared_sources",
+    "split_seed",
     "train_readout",
     "train_stacked",
     "trained_encoder",

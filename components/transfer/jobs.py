@@ -176,7 +176,9 @@ def run_stack(job: StackJob) -> StackOutcome:
             m, tx, _, sx, _ = group[0]
             results = [train_readout(transfer_x=tx, test_x=sx, settings=m.settings, **common)]
         else:
-            members = [StackMember(tx, sx, m.settings.seed) for m, tx, _, sx, _ in group]
+            members = [
+                StackMember(tx, sx, m.settings.seed, m.settings.split_seed) for m, tx, _, sx, _ in group
+            ]
             results = train_stacked(members=members, settings=m0.settings, **common)
         for (m, *_), result in zip(group, results, strict=True):
             if result is None:

@@ -34,14 +34,13 @@ class ReadoutSettings:
     width: int = 64  # channels of the two transfer conv layers
     seed: int = 0  # this readout's initialisation and batch order (a replicate's own seed)
     val_fraction: float = 0.2  # of the transfer split, held out to rank sources (never test images)
-    # The validation rows: the study's seed, the same for every readout and replicate, so replicates'
-    # validation losses average over the same images.
+    # The fit/validation rows: the replicate's (`split_seed`), the same for every readout of it
     split_seed: int = 0
 
     @classmethod
     def from_config(cls, transfer) -> ReadoutSettings:
         """Replicate 0's settings from a study's `transfer` config section (any object with its
-        fields); replicate r trains with its own seed (`readout_seed`)."""
+        fields); replicate r trains with its own seed (`readout_seed`) on its own rows (`split_seed`)."""
         t = transfer
         return cls(t.epochs, t.lr, t.weight_decay, t.batch_size, t.width, t.seed, t.val_fraction, t.seed)
 

@@ -47,11 +47,13 @@ from components.transfer.readout import (
 
 @dataclass(frozen=True, eq=False)
 class StackMember:
-    """One readout of a stack: its cached features and its seed (initialisation + batch order)."""
+    """One readout of a stack: its cached features, its seed (initialisation + batch order) and
+    its fit/validation split's (`ReadoutSettings.split_seed`: a stack may hold several replicates)."""
 
     transfer_x: np.ndarray  # (N_transfer, C, h, w), rows sorted by image id; a float16 memmap is fine
     test_x: np.ndarray  # (N_test, C, h, w)
     seed: int
+    split_seed: int = 0
 
 
 def train_stacked(
@@ -67,8 +69,8 @@ def train_stacked(
     device: torch.device,
     channels: int | None = None,
 ) -> list[ReadoutResult | None]:
-    """Train every member as `train_readout(..., settings=replace(settings, seed=member.seed))`
-    would, in one stacked model; results in member order.
+    """Train every member as `train_readout(..., settings=replace(settings, seed=member.seed,
+    split_seed=member.split_seed))` would, in one stacked model; results in member order.
 
     A member whose loss or gradient turns non-finite (or whose results do, see `_failed`) gets no
     more gradient (the others go on: theirs never depend on it) and is retrained alone at the
@@ -81,7 +83,8 @@ def train_stacked(
     n_rows, in_channels = len(members[0].transfer_x), members[0].transfer_x.shape[1]
     if any(len(m.transfer_x) != n_rows or m.transfer_x.shape[1] != in_channels for m in members):
         raise ValueError("stack members need the same transfer rows and input channels")
-    fit, val = validation_split(n_rows, settings.val_fraction, settings.split_seed)
+    splits = [validation_split(n_rows, settings.val_fraction, m.split_seed) for m in members]
+    n_fit = len(splits[0][0])  # the same for every member: same rows, same fraction
     nets = []
     for m in members:  # each initialised exactly as train_readout initialises it alone
         torch.manual_seed(m.seed)
@@ -93,10 +96,10 @@ def train_stacked(
     alive = torch.ones(n, dtype=torch.bool, device=device)
 
     def order():  # each member's batch order, as it would draw it alone (the same sizes for all)
-        return zip(*[batches(len(fit), settings.batch_size, rng) for rng in rngs], strict=True)
+        return zip(*[batches(n_fit, settings.batch_size, rng) for rng in rngs], strict=True)
 
     def per_image(idxs) -> torch.Tensor:  # (N, B)
-        rows = [fit[i] for i in idxs]
+        rows = [fit_rows[i] for (fit_rows, _), i in zip(splits, idxs, strict=True)]
         batch = np.stack([m.transfer_x[r] for m, r in zip(members, rows, strict=True)], axis=1)
         x = torch.from_numpy(batch).to(device, non_blocking=True).float().flatten(1, 2)  # (B, N*C, h, w)
         y = label_tensor(np.stack([transfer_y[r] for r in rows], axis=1), task, device)  # (B, N, ...)
@@ -137,6 +140,7 @@ def train_stacked(
         t0 = time.perf_counter()
         net.load_state_dict({k: _member(state[k], v.shape, n, i) for k, v in net.state_dict().items()})
         net.to(device)
+        val = splits[i][1]
         val_loss = nanmean(_test_losses(net, _identity, m.transfer_x[val], transfer_y[val], task, device))
         losses = _test_losses(net, _identity, m.test_x, test_y, task, device)
         seconds = share + time.perf_counter() - t0
@@ -145,7 +149,10 @@ def train_stacked(
             results.append(result)
             continue
         solo = train_readout(
-            **common, transfer_x=m.transfer_x, test_x=m.test_x, settings=replace(settings, seed=m.seed)
+            **common,
+            transfer_x=m.transfer_x,
+            test_x=m.test_x,
+            settings=replace(settings, seed=m.seed, split_seed=m.split_seed),
         )
         results.append(None if _failed(solo) else replace(solo, seconds=solo.seconds + share))
     return results

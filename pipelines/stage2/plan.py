@@ -34,6 +34,7 @@ from components.transfer import (
     network_replicate,
     plan_transfers,
     readout_seed,
+    split_seed,
 )
 from components.transfer.jobs import ReadoutJob
 from components.transfer.readout import validation_split
@@ -92,6 +93,8 @@ class ReadoutKeys:
             parts = [self.common, r.name, self.targets[r.target], [features[name] for name in names]]
         if (seed := self.seed_of(r)) != self.seed:  # replicate 0, paired: the key it always had
             parts.append({"seed": seed})
+        if r.replicate:  # its replicate's fit rows (`split_seed`); replicate 0 keeps the study's
+            parts.append({"split": split_seed(self.seed, r.replicate)})
         return config_hash(*parts)
 
     def seed_of(self, r: Readout) -> int:
@@ -130,7 +133,8 @@ class Stage2Plan:
 
     @property
     def settings(self) -> ReadoutSettings:
-        """Replicate 0's settings; replicate r trains with `ReadoutKeys.seed_of` as its seed."""
+        """Replicate 0's settings; replicate r trains with `ReadoutKeys.seed_of` as its seed, on
+        its own rows (`split_seed`)."""
         return ReadoutSettings.from_config(self.transfer)
 
     @property
@@ -251,7 +255,12 @@ class Stage2Plan:
             model=self.config.model,
             image_size=self.config.data.size,
             channels=channels_for(task, self.store),
-            settings=replace(self.settings, seed=readout_seed(t.seed, r, t.pairing), **epochs),
+            settings=replace(
+                self.settings,
+                seed=readout_seed(t.seed, r, t.pairing),
+                split_seed=split_seed(t.seed, r.replicate),
+                **epochs,
+            ),
             path=path,
             use_gpu=self.use_gpu,
             threads=max(1, int(t.cpus_per_readout)),
