@@ -475,6 +475,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has finished
 
 
+def test_readouts_keyed_anew_make_a_new_stage2_step(env, monkeypatch):
+    """The step holds its readouts' loss table, so it keys by their keys: once replicates fit on
+    rows of their own, a study on a root of the old scheme got the old table back."""
+    root, store, results = env
+    stage = make_stage2(root, store, "transfer.replicates=2")
+    before = stage.jobs.key(results)
+    assert stage.jobs.key(results) == before
+    monkeypatch.setattr("pipelines.stage2.plan.split_seed", lambda seed, replicate: seed + replicate)
+    assert stage.jobs.key(results) != before
+
+
 def test_a_scratch_baseline_trains_a_whole_network_and_leaves_a_study_without_it_keyed_as_before(env):
     """`transfer.scratch_epochs` enters no key of a study without the `scratch` baseline (its stored
     readouts and steps stay valid); with it, `scratch` trains on raw images beside the readouts."""

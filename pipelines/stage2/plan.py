@@ -148,8 +148,8 @@ class Stage2Plan:
         return transfer_plan(self.config, sources)
 
     def key(self, results: Mapping[str, TaskResult]) -> str:
-        """Keyed by the transfer settings and every network read: with `train.replicates` N > 1,
-        each task's replicates 1..N-1 too (N = 1: the key studies had before network replicates)."""
+        """Keyed by the transfer settings, every network read (with `train.replicates` N > 1,
+        each task's replicates 1..N-1 too) and the keys of the readouts it holds."""
         science = key_fields(self.transfer, RUNTIME)
         if not self.transfer.prune.enabled:  # pruning off: the key studies had before it existed
             science.pop("prune")
@@ -164,7 +164,12 @@ class Stage2Plan:
             self.check_networks(results)
             replicas = {t: [r.network(i).key for i in range(1, n)] for t, r in results.items()}
             parts.append({"network_replicates": replicas})
-        return config_hash(*parts)
+        # The keys of the readouts it holds (those known up front; higher orders key the same way):
+        # a change to how readouts are keyed (a replicate's split, say) makes a new step, never
+        # an old loss table of readouts no longer planned.
+        keys, plan = self.readout_keys(results), self.plan(list(results))
+        readouts = sorted(keys.key(x) for r in (*plan.first_order, *plan.baselines) for x in plan.replicas(r))
+        return config_hash(*parts, {"readouts": config_hash(readouts)})
 
     def check_networks(self, results: Mapping[str, TaskResult]) -> None:
         """Every task's `train.replicates` networks are among `results` (before Stage II reads them)."""
