@@ -42,11 +42,11 @@ replicates; Stage III on the loss tables with their `replicate` column.
    `scope="last"`). Network replicate n is trained with its search's best hyperparameters and its
    seed as `train_worker` does on one worker (test loss every epoch), then scored per image.
    Stage II: the plan of `stage2.plan.transfer_plan` (`plan_transfers` with R readout and N
-   network replicates); every network replicate's features, and `random`'s and `pixels`' (the
-   same for every replicate), of the transfer and test splits with one `FeatureEncoder`; every
+   network replicates); every network replicate's features, its `random` encoder's
+   (`stage2.plan.random_seed`) and `pixels`', of the transfer and test splits with one `FeatureEncoder`; every
    replicate of each readout (`TransferPlan.replicas`: first order, `self`, `pixels`, `random`,
    then the higher orders from each target's beams on its first-order validation losses of every
-   replicate) with `train_readout` at `readout_seed` on network replicate r mod N's features, or,
+   replicate) with `train_readout` at `readout_seed` and `split_seed` on network replicate r mod N's features, or,
    for `self` replicate r, `score_network` on the target's network r mod N. Stages III + IV:
    `affinity_by_target` (the config's `analysis.bootstrap`, `transfer.pairing`, test subset),
    `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` with each resample's beam availability
@@ -122,6 +122,7 @@ from components.transfer import (  # noqa: E402
     TransferPlan,
     network_replicate,
     readout_seed,
+    split_seed,
     train_readout,
 )
 from components.transfer.beams import beam_availability  # noqa: E402
@@ -131,7 +132,7 @@ from components.transfer.readout_files import LOSS_SCHEMA  # noqa: E402
 from pipelines.analysis.plan import keep_test_subset, taxonomy_options  # noqa: E402
 from pipelines.config import PipelineConfig, load_pipeline_config  # noqa: E402
 from pipelines.stage1.plan import Stage1Plan, network_name  # noqa: E402
-from pipelines.stage2.plan import transfer_plan  # noqa: E402
+from pipelines.stage2.plan import random_seed, transfer_plan  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 QUICK = [
@@ -230,19 +231,23 @@ def sorted_split(store: ShardStore, split: str, columns: list[str]) -> dict[str,
 def encode(cfg: PipelineConfig, plan: TransferPlan, checkpoints: dict, data: dict, threads: int, device):
     """(source, view) -> {split: (N, C, h, w) float16}: one `FeatureEncoder` over batches of both
     splits for every network replicate's encoder (source `network_name(task, n)`, as
-    `FeatureCache.ensure_replicates` encodes each replicate's), and `random` and `pixels` once."""
+    `FeatureCache.ensure_replicates` encodes each replicate's), `random` per network replicate
+    (`random#n`, `random_seed`), and `pixels` once."""
     sources = [
         FeatureSource(name, FeatureKind.ENCODER, name, str(path))
         for (task, n), path in checkpoints.items()
         if task in plan.sources
         for name in [network_name(task, n)]
     ]
-    kinds = {r.kind for r in plan.baselines}
-    sources += [
-        FeatureSource(k.value, FeatureKind(k.value), k.value, seed=cfg.transfer.seed)
-        for k in (ReadoutKind.RANDOM, ReadoutKind.PIXELS)
-        if k in kinds
-    ]
+    kinds, random = {r.kind for r in plan.baselines}, ReadoutKind.RANDOM.value
+    if ReadoutKind.RANDOM in kinds:
+        sources += [
+            FeatureSource(name, FeatureKind.RANDOM, name, seed=random_seed(cfg.transfer.seed, n))
+            for n in range(plan.networks)
+            for name in [network_name(random, n)]
+        ]
+    if ReadoutKind.PIXELS in kinds:
+        sources.append(FeatureSource("pixels", FeatureKind.PIXELS, "pixels"))
     views = sorted({cfg.task(t).input for t in plan.targets}, key=lambda v: v.value)
     pairs = [(s, v) for s in sources for v in views]
     encoder = FeatureEncoder(pairs, cfg.model, use_gpu=device.type == "cuda", threads=threads)
@@ -284,8 +289,8 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
             return
         if r.kind is not ReadoutKind.TRANSFER and r.kind not in (ReadoutKind.PIXELS, ReadoutKind.RANDOM):
             raise SystemExit(f"plain: no {r.kind.value} baseline here (transfer.baselines)")
-        # network replicate n's features of each source; `pixels` and `random`: the same in each
-        names = [network_name(s, n) for s in r.sources] if r.kind is ReadoutKind.TRANSFER else [r.kind.value]
+        # network replicate n's features of each source, and of `random`; `pixels`: the same in each
+        names = [network_name(s, n) for s in r.sources] if r.kind is not ReadoutKind.PIXELS else ["pixels"]
         x = {s: np.concatenate([features[name, task.input][s] for name in names], axis=1) for s in SPLITS}
         result = train_readout(
             task=task,
@@ -296,7 +301,9 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
             test_x=x["test"],
             test_y=test[task.column],
             test_ids=test["image_id"],
-            settings=replace(settings, seed=readout_seed(t.seed, r, t.pairing)),  # as `Stage2Plan.job`
+            settings=replace(  # as `Stage2Plan.job`
+                settings, seed=readout_seed(t.seed, r, t.pairing), split_seed=split_seed(t.seed, r.replicate)
+            ),
             device=device,
             channels=channels_for(task, store),
         )
