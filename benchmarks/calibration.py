@@ -38,7 +38,10 @@ are flagged, not the baselines (`random` losing to `pixels` is no finding about 
 chooses them by its point estimates. Its
 stated share p_i(c) of a choice c is the share of its resamples that chose c. A *claim* is
 (run i, choice c, p_i(c)) for each c with p_i(c) > 0. It *holds* in run j != i when run j chose
-c; its hold rate is the mean over the K - 1 other runs. The choices some run chose or gave a
+c; its hold rate is the mean over the K - 1 other runs, for a flag over the other runs that
+trained that transfer (`flags_measured`: a higher order is trained only where a run's beam takes
+its sources in; counting a run that never trained it as a failed check made second-order flags
+look over-sure). The choices some run chose or gave a
 share to, to which run i gave none, are run i's *unstated* options: reported apart (`unstated`,
 their hold rate), not in the low bin.
 
@@ -131,12 +134,13 @@ def _number(value) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float]]:
-    """(made, stated) of an affinity table's rows: per target the candidate of highest affinity
-    among those with a `p_best` ("best"), and each source set whose win rate against `random`
-    (`gain`: against `pixels`) is below one half ("below_random", "no_gain"); the shares are
-    the table's `p_best`, `p_below_random` and `p_no_gain` where above 0."""
-    made, shares, best = set(), {}, {}
+def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float], set[Choice]]:
+    """(made, stated, measured) of an affinity table's rows: per target the candidate of highest
+    affinity among those with a `p_best` ("best"), and each source set whose win rate against
+    `random` (`gain`: against `pixels`) is below one half ("below_random", "no_gain"); the shares
+    are the table's `p_best`, `p_below_random` and `p_no_gain` where above 0; `measured`: every
+    flag the table could state, one per transfer it measured against that baseline."""
+    made, shares, best, measured = set(), {}, {}, set()
     for row in rows:
         target, key = row["target"], "+".join(row["sources"])
         if (p := _number(row.get(P_BEST))) is not None:  # NaN: self and t <- t do not compete
@@ -147,10 +151,17 @@ def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float]
             if key in (SELF, target, *BASELINES) or p is None or w is None:
                 continue
             shares[(kind, target, key)] = p
+            measured.add((kind, target, key))
             if w < 0.5:
                 made.add((kind, target, key))
     made |= {("best", t, max(candidates)[1]) for t, candidates in best.items()}
-    return made, {c: p for c, p in shares.items() if p > 0}
+    return made, {c: p for c, p in shares.items() if p > 0}, measured
+
+
+def flags_measured(run: dict) -> set[Choice]:
+    """The flags a run could check: those on the transfers it trained. A higher order is
+    trained only where a run's beam takes its sources in, so it is measured in some runs only."""
+    return affinity_choices(run.get("affinity_rows", []))[2]
 
 
 def choices(run: dict) -> set[Choice]:
@@ -171,16 +182,24 @@ def stated(run: dict) -> dict[Choice, float]:
 def claims(runs: list[dict]) -> tuple[list[Claim], list[Claim]]:
     """(claims, unstated options) of the runs' taxonomy dicts (each with `stability`): every
     (run i, choice c, p_i(c) > 0), and every choice some run chose or stated to which run i gave
-    no share, each with whether every other run chose it."""
+    no share, each with whether every other run chose it. A flag says what a transfer does
+    where it is trained: it is checked only against the other runs that trained that transfer
+    (a run whose beam left it out says nothing of it), and is no option of a run that did not."""
     if len(runs) < 2:
         raise ValueError("calibration needs at least 2 runs")
     made = [choices(t) for t in runs]
     shares = [stated(t) for t in runs]
+    measured = [flags_measured(t) for t in runs]
     universe = sorted(set().union(*made, *shares))
     claimed, unstated = [], []
     for i, share in enumerate(shares):
-        others = [m for j, m in enumerate(made) if j != i]
         for c in universe:
+            flag = c[0] in FLAG_KINDS.values()
+            if flag and c not in measured[i]:
+                continue
+            others = [m for j, m in enumerate(made) if j != i and (not flag or c in measured[j])]
+            if not others:  # no other run trained it: nothing to check it against
+                continue
             claim = Claim(i, c, share.get(c, 0.0), tuple(c in m for m in others))
             (claimed if claim.share > 0 else unstated).append(claim)
     return claimed, unstated

@@ -140,7 +140,7 @@ TABLE = [
 
 
 def test_the_affinity_tables_claims_by_hand():
-    made, shares = cal.affinity_choices(TABLE)
+    made, shares, measured = cal.affinity_choices(TABLE)
     assert made == {
         ("best", "t", "a"),  # the highest affinity of those with a p_best (t <- t has none)
         ("below_random", "t", "b"),  # vs_random 0.45
@@ -154,6 +154,9 @@ def test_the_affinity_tables_claims_by_hand():
         ("no_gain", "t", "a"): 0.6,
         ("no_gain", "t", "b"): 0.9,
         ("no_gain", "t", "a+b"): 0.05,
+    }
+    assert measured == {(k, "t", s) for k in ("below_random", "no_gain") for s in ("a", "b")} | {
+        ("no_gain", "t", "a+b")
     }
 
 
@@ -174,6 +177,25 @@ def test_table_claims_are_claims_of_their_kind_and_never_part_of_the_exact_taxon
         f["by_kind"]["taxonomy"]["claims"] == f["by_kind"]["root"]["claims"] + f["by_kind"]["edge"]["claims"]
     )
     assert f["exact_agreement"] == 1.0  # the same roots and edges: the tables do not enter it
+
+
+def test_a_flag_is_checked_only_in_runs_that_trained_its_transfer():
+    """A higher order is trained only where a run's beam takes it in: a run without `a+b` says
+    nothing of whether `a+b` gains over `pixels`, so it is no failed check (it was one, and the
+    second-order flags into autoencoding looked over-sure), and `a+b` is no option of its own."""
+    gains = [dict(r) for r in TABLE]
+    gains[5] |= {"gain": 0.3, "p_no_gain": 0.95}  # a+b gains nothing, surely
+    without = [r for r in TABLE if r["sources"] != ["a", "b"]]
+    runs = [RUNS[0] | {"affinity_rows": gains}, RUNS[0] | {"affinity_rows": without}]
+    runs.append(RUNS[0] | {"affinity_rows": gains})
+    claimed, unstated = cal.claims(runs)
+    by = {(c.run, c.choice): c for c in claimed}
+    ab = ("no_gain", "t", "a+b")
+    assert by[0, ab].held == (True,) and by[2, ab].held == (True,)  # run 1 is not asked
+    assert (1, ab) not in by and all(c.choice != ab for c in unstated)
+    flagged = {(c.run, c.choice) for c in claimed if c.choice[0] == "no_gain" and c.choice[2] == "b"}
+    assert flagged == {(0, ("no_gain", "t", "b")), (1, ("no_gain", "t", "b")), (2, ("no_gain", "t", "b"))}
+    assert cal.calibration(runs)["by_kind"]["no_gain"]["high_held"] == 1.0  # b (0.9) and a+b hold
 
 
 def test_wilson_interval_against_published_values_and_by_hand():
