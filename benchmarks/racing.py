@@ -19,7 +19,9 @@ Figures, on the last line as one JSON object:
 - `full` and `raced`: the calibration keys of each set of runs (`calibration.calibration`:
   readout-seed reruns, so with few seeds the intervals are wide);
 - `confident_claims_kept`: of the full studies' claims stated at >= 0.9, the share the raced
-  study on the same seed also states at >= 0.9 (`claims_full_confident`: how many);
+  study on the same seed also states at >= 0.9 (`claims_full_confident`: how many;
+  `confident_claims_untrained`: how many of them are flags on a transfer the raced study did not
+  train, its beams coming from replicate 0 alone);
 - `roots_agree`: the share of seeds on which both chose the same roots; `seconds`.
 
 `--simulate taskonomy` runs the racing policy alone (`components.racing`, with the same
@@ -86,11 +88,16 @@ def stage2_seconds(root: Path) -> float:
     return float(max(runs, key=lambda r: r.info.start_time).data.metrics["wall_seconds"])
 
 
-def confident_kept(full: dict, raced: dict) -> tuple[int, int]:
-    """(claims the full study states at >= HIGH, of those the raced one states at >= HIGH too)."""
+def confident_kept(full: dict, raced: dict) -> tuple[int, int, int]:
+    """(claims the full study states at >= HIGH, of those the raced one states at >= HIGH too,
+    of those flags on a transfer the raced study did not train: its beams, from replicate 0
+    alone, may take in other higher orders)."""
     mine, theirs = calibration.stated(full), calibration.stated(raced)
     sure = [c for c, p in mine.items() if p >= HIGH]
-    return len(sure), sum(theirs.get(c, 0.0) >= HIGH for c in sure)
+    flags = set(calibration.FLAG_KINDS.values())
+    trained = calibration.flags_measured(raced)
+    untrained = sum(c[0] in flags and c not in trained for c in sure)
+    return len(sure), sum(theirs.get(c, 0.0) >= HIGH for c in sure), untrained
 
 
 def simulated_losses(rng: np.random.Generator, candidates: int, images: int, replicates: int, sd: float):
@@ -204,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
         taskatlas(args.config, base, args.set, stages="train")
         runs: dict[str, list[dict]] = {"full": [], "raced": []}
         trained = {"full": 0, "raced": 0}
-        fractions, agree, sure, kept = [], 0, 0, 0
+        fractions, agree, sure, kept, untrained = [], 0, 0, 0, 0
         for seed in seeds:
             sets = [*args.set, f"transfer.seed={seed}", f"analysis.seed={seed}"]
             sets.append(f"analysis.test_subset={args.test_subset}")
@@ -221,8 +228,8 @@ def main(args: argparse.Namespace) -> None:
                 seconds[mode] = stage2_seconds(root)
             fractions.append(seconds["raced"] / seconds["full"])
             agree += runs["full"][-1]["roots"] == runs["raced"][-1]["roots"]
-            n, k = confident_kept(runs["full"][-1], runs["raced"][-1])
-            sure, kept = sure + n, kept + k
+            n, k, u = confident_kept(runs["full"][-1], runs["raced"][-1])
+            sure, kept, untrained = sure + n, kept + k, untrained + u
             print(
                 f"seed {seed}: Stage II {seconds['full']:.0f} s full, {seconds['raced']:.0f} s raced; roots "
                 f"{runs['full'][-1]['roots']} / {runs['raced'][-1]['roots']}",
@@ -236,6 +243,7 @@ def main(args: argparse.Namespace) -> None:
         "stage2_time_fraction": statistics.median(fractions),
         "confident_claims_kept": kept / sure if sure else None,
         "claims_full_confident": sure,
+        "confident_claims_untrained": untrained,
         "roots_agree": agree / len(seeds),
         **{mode: {k: calibration.calibration(r)[k] for k in keys} for mode, r in runs.items()},
         "seeds": seeds,

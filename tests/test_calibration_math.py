@@ -198,6 +198,24 @@ def test_a_flag_is_checked_only_in_runs_that_trained_its_transfer():
     assert cal.calibration(runs)["by_kind"]["no_gain"]["high_held"] == 1.0  # b (0.9) and a+b hold
 
 
+def test_confident_claims_kept_counts_flags_the_raced_study_never_trained_apart():
+    spec = importlib.util.spec_from_file_location(
+        "racing", Path(__file__).parents[1] / "benchmarks" / "racing.py"
+    )
+    racing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(racing)
+    full = [dict(r) for r in TABLE]
+    full[5] |= {"gain": 0.3, "p_no_gain": 0.95}
+    raced = [dict(r) for r in TABLE if r["sources"] != ["a", "b"]]
+    raced[3] |= {"p_no_gain": 0.8}  # b's flag, stated less surely with fewer replicates
+    sure, kept, untrained = racing.confident_kept(
+        RUNS[0] | {"affinity_rows": full}, RUNS[0] | {"affinity_rows": raced}
+    )
+    # at >= 0.9 in the full study: the roots and edges of RUNS[0] at >= 0.9, b's and a+b's no_gain
+    roots = sum(p >= 0.9 for p in cal.stated(RUNS[0]).values())
+    assert (sure, kept, untrained) == (roots + 2, roots, 1)
+
+
 def test_wilson_interval_against_published_values_and_by_hand():
     # The textbook 95% Wilson intervals (z = 1.96): 0 of 10 -> [0, 0.2775], 5 of 10 -> [0.2366, 0.7634]
     assert cal.wilson(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
