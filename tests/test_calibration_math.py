@@ -195,7 +195,12 @@ def test_a_flag_is_checked_only_in_runs_that_trained_its_transfer():
     assert (1, ab) not in by and all(c.choice != ab for c in unstated)
     flagged = {(c.run, c.choice) for c in claimed if c.choice[0] == "no_gain" and c.choice[2] == "b"}
     assert flagged == {(0, ("no_gain", "t", "b")), (1, ("no_gain", "t", "b")), (2, ("no_gain", "t", "b"))}
-    assert cal.calibration(runs)["by_kind"]["no_gain"]["high_held"] == 1.0  # b (0.9) and a+b hold
+    figures = cal.calibration(runs) | {"runs": 3}
+    assert figures["by_kind"]["no_gain"]["high_held"] == 1.0  # b (0.9) and a+b hold
+    assert figures["claims"] < figures["checks"] < 2 * figures["claims"]  # a+b: one check each
+    figures = cal.rounded(figures)
+    figures["goals_met"] = cal.goals_met(figures)
+    cal.check_figures(figures)  # what the benchmark checks before it prints
 
 
 def test_confident_claims_kept_counts_flags_the_raced_study_never_trained_apart():
