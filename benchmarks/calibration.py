@@ -52,7 +52,8 @@ Figures, on the last line as one JSON object:
   least 6 such claims); `low_confidence_false_rate`: of claims stated at <= 0.1 (goal <= 0.15);
 - Wilson intervals (`*_interval`) take n = the number of claims and the mean hold rate as the
   observed share. Each claim is checked against the other runs (a flag: those that trained its
-  transfer), but those checks share the claim and each other run, so counting every check as a Bernoulli trial (n = `checks`) would overstate
+  transfer), but those checks share the claim and each other run, so counting every check as a
+  Bernoulli trial (n = `checks`) would overstate
   the evidence; n = claims is the more cautious choice (claims of one run are not independent
   either, so the interval is still a floor on the uncertainty);
 - `brier`: the mean over claims and other runs of (p - held)^2, held 0 or 1;

@@ -43,11 +43,11 @@ replicates; Stage III on the loss tables with their `replicate` column.
    seed as `train_worker` does on one worker (test loss every epoch), then scored per image.
    Stage II: the plan of `stage2.plan.transfer_plan` (`plan_transfers` with R readout and N
    network replicates); every network replicate's features, its `random` encoder's
-   (`stage2.plan.random_seed`) and `pixels`', of the transfer and test splits with one `FeatureEncoder`; every
-   replicate of each readout (`TransferPlan.replicas`: first order, `self`, `pixels`, `random`,
-   then the higher orders from each target's beams on its first-order validation losses of every
-   replicate) with `train_readout` at `readout_seed` and `split_seed` on network replicate r mod N's features, or,
-   for `self` replicate r, `score_network` on the target's network r mod N. Stages III + IV:
+   (`stage2.plan.random_seed`) and `pixels`', of the transfer and test splits with one
+   `FeatureEncoder`; every replicate of each readout (`TransferPlan.replicas`: first order,
+   `self`, `pixels`, `random`, then the higher orders from each target's beams on its
+   first-order validation losses of every replicate) with `train_readout` at `readout_seed` and
+   `split_seed` on network replicate r mod N's features, or, for `self` replicate r, `score_network` on the target's network r mod N. Stages III + IV:
    `affinity_by_target` (the config's `analysis.bootstrap`, `transfer.pairing`, test subset),
    `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` with each resample's beam availability
    (no plots).
