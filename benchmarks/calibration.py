@@ -159,6 +159,11 @@ def affinity_choices(rows: list[dict]) -> tuple[set[Choice], dict[Choice, float]
     return made, {c: p for c, p in shares.items() if p > 0}, measured
 
 
+def is_flag(choice: Choice) -> bool:
+    """A flag on a transfer (`below_random`, `no_gain`), not a taxonomy choice or a best."""
+    return choice[0] in FLAG_KINDS.values()
+
+
 def flags_measured(run: dict) -> set[Choice]:
     """The flags a run could check: those on the transfers it trained. A higher order is
     trained only where a run's beam takes its sources in, so it is measured in some runs only."""
@@ -195,7 +200,7 @@ def claims(runs: list[dict]) -> tuple[list[Claim], list[Claim]]:
     claimed, unstated = [], []
     for i, share in enumerate(shares):
         for c in universe:
-            flag = c[0] in FLAG_KINDS.values()
+            flag = is_flag(c)
             if flag and c not in measured[i]:
                 continue
             others = [m for j, m in enumerate(made) if j != i and (not flag or c in measured[j])]

@@ -94,9 +94,8 @@ def confident_kept(full: dict, raced: dict) -> tuple[int, int, int]:
     alone, may take in other higher orders)."""
     mine, theirs = calibration.stated(full), calibration.stated(raced)
     sure = [c for c, p in mine.items() if p >= HIGH]
-    flags = set(calibration.FLAG_KINDS.values())
     trained = calibration.flags_measured(raced)
-    untrained = sum(c[0] in flags and c not in trained for c in sure)
+    untrained = sum(calibration.is_flag(c) and c not in trained for c in sure)
     return len(sure), sum(theirs.get(c, 0.0) >= HIGH for c in sure), untrained
 
 

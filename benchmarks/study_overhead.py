@@ -47,7 +47,8 @@ replicates; Stage III on the loss tables with their `replicate` column.
    `FeatureEncoder`; every replicate of each readout (`TransferPlan.replicas`: first order,
    `self`, `pixels`, `random`, then the higher orders from each target's beams on its
    first-order validation losses of every replicate) with `train_readout` at `readout_seed` and
-   `split_seed` on network replicate r mod N's features, or, for `self` replicate r, `score_network` on the target's network r mod N. Stages III + IV:
+   `split_seed` on network replicate r mod N's features, or, for `self` replicate r,
+   `score_network` on the target's network r mod N. Stages III + IV:
    `affinity_by_target` (the config's `analysis.bootstrap`, `transfer.pairing`, test subset),
    `solve_taxonomy`, `sweep_budgets`, `stability_of_rows` with each resample's beam availability
    (no plots).
