@@ -98,6 +98,8 @@ from components.data.scenes import SceneConfig  # noqa: E402
 from components.data.shards import ShardStore  # noqa: E402
 from components.data.synthetic import DatasetConfig, generate_dataset  # noqa: E402
 from components.models import build_network  # noqa: E402
+from components.racing import FLAGS as RACE_FLAGS  # noqa: E402
+from components.racing import contested, next_round  # noqa: E402
 from components.resampling import replicate_draws  # noqa: E402
 from components.tasks import Task, channels_for  # noqa: E402
 from components.taxonomy import solve_taxonomy, sweep_budgets  # noqa: E402
@@ -265,9 +267,18 @@ def encode(cfg: PipelineConfig, plan: TransferPlan, checkpoints: dict, data: dic
     return out
 
 
-def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints: dict, threads: int) -> dict:
-    """Stage II in one process: the plan, the features, every replicate of every readout, a loss
-    table per target. `networks` and `checkpoints`: (task, network replicate) -> model, weights."""
+def transfer(
+    cfg: PipelineConfig,
+    store: ShardStore,
+    networks: dict,
+    checkpoints: dict,
+    threads: int,
+    replay: dict[int, list[str]] | None = None,
+) -> dict:
+    """Stage II in one process: the plan, the features, every replicate of every readout (raced
+    with `transfer.race`: round 0, then each round's multi-bootstrap and choice), a loss table per
+    target. `networks` and `checkpoints`: (task, network replicate) -> model, weights; `replay`:
+    the readouts the pipeline trained in race round k, trained here in its place."""
     start, t = time.perf_counter(), cfg.transfer
     plan = transfer_plan(cfg, [task.name for task in cfg.study_tasks()])  # as `Stage2Plan.plan`
     device = pick_device(t.use_gpu is not False)
@@ -310,27 +321,74 @@ def transfer(cfg: PipelineConfig, store: ShardStore, networks: dict, checkpoints
         )
         outcomes[r] = (result.val_loss, result.losses, time.perf_counter() - start)
 
+    race = t.race.enabled and plan.replicates > 1
+    first_round = replace(plan, replicates=1) if race else plan  # racing: round 0, as `Stage2.run`
     for readout in (*plan.first_order, *plan.baselines):
-        for r in plan.replicas(readout):
+        for r in first_round.replicas(readout):
             run(r)
-    val_losses: dict[tuple[str, str], list[float]] = {}  # (target, source) -> per replicate, in order
     for target in plan.targets:  # higher orders from the replicates' first-order validation losses
         first: dict[str, list[float]] = {}
         for readout in plan.first_order_of(target):
-            for r in plan.replicas(readout):
+            for r in first_round.replicas(readout):
                 first.setdefault(r.sources[0], []).append(outcomes[r][0])
-                val_losses.setdefault((target, r.sources[0]), []).append(outcomes[r][0])
         for readout in plan.higher_order(target, first):
-            for r in plan.replicas(readout):
+            for r in first_round.replicas(readout):
                 run(r)
+    rounds = []  # racing: per round k, how many readouts and whether this side chose the same
+    for k in range(1, plan.replicates if race else 1):
+        tables = {
+            x: loss_table(x, {r: o[1] for r, o in outcomes.items()}, test["image_id"]) for x in plan.targets
+        }
+        mine = race_round(cfg, plan, tables, sorted(outcomes), k)
+        chosen = replay.get(k, []) if replay is not None else mine
+        same = {r.name for r in mine} == {n if isinstance(n, str) else n.name for n in chosen}
+        rounds.append({"round": k, "readouts": len(chosen), "same": same})
+        if not chosen:
+            break  # as `Stage2.run`: no claim can move
+        for name in chosen:  # the pipeline's choice (float rounding may tip a share): the same work
+            run(readout_named(name) if isinstance(name, str) else name)
+    val_losses: dict[tuple[str, str], list[float]] = {}  # (target, source) -> per replicate, in order
+    for r in sorted(outcomes, key=lambda r: r.replicate):
+        if r.kind is ReadoutKind.TRANSFER and r.order == 1:
+            val_losses.setdefault((r.target, r.sources[0]), []).append(outcomes[r][0])
     losses = {r: o[1] for r, o in outcomes.items()}
     return {
         "tables": {target: loss_table(target, losses, test["image_id"]) for target in plan.targets},
         "readouts": sorted(outcomes),
         "val_losses": val_losses,
+        "race_rounds": rounds,
         "to_first_readout_s": to_first_readout_s,
         "readout_busy_s": sum(o[2] for o in outcomes.values()),
     }
+
+
+def race_round(cfg: PipelineConfig, plan: TransferPlan, tables: dict, readouts: list[Readout], k: int):
+    """Replicate k of each readout still in its target's race, as `Stage2._race_round` decides
+    it: the multi-bootstrap (Stage III's settings) of the tables so far, `contested`, `next_round`."""
+    a, race = cfg.analysis, cfg.transfer.race
+    tables = {
+        x: keep_test_subset(v, a.test_subset_seed, a.test_subset, f"target {x}'s loss table")
+        for x, v in tables.items()
+    }
+    ids = study_image_ids(tables[x].select(["image_id"]) for x in sorted(tables))
+    paired = cfg.transfer.pairing is Pairing.PAIRED
+    result = affinity_by_target(
+        sorted(tables), tables.__getitem__, a.bootstrap, a.seed, ids, paired=paired, require_self=False
+    )
+    shares = result.table.select(["target", "sources", "affinity", "p_best", *RACE_FLAGS]).to_pylist()
+    counts = Counter((r.target, r.sources) for r in readouts)
+    still = contested(shares, counts, race.p_best, race.settled, race.top, race.flags)
+    first = {(r.target, r.sources): r.first for r in readouts if r.replicate == 0}
+    most = {c: len(plan.replicas(r)) for c, r in first.items()}
+    return [replace(first[c], replicate=k) for c in next_round(counts, still, k, most)]
+
+
+def readout_named(name: str) -> Readout:
+    """`a+b->t#2` (`Readout.name`) -> the readout: the pipeline's racing choices, replayed."""
+    head, _, replicate = name.partition("#")
+    sources, target = head.split("->")
+    kind = ReadoutKind(sources) if sources in BASELINE_NAMES else ReadoutKind.TRANSFER
+    return Readout(target, tuple(sources.split("+")), kind, int(replicate or 0))
 
 
 def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) -> pa.Table:
@@ -353,7 +411,8 @@ def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table], val_losses: dict) 
     """Stages III + IV as `pipelines/analysis/run.py` computes them (no files, plots or runs)."""
     a, t = cfg.analysis, cfg.transfer
     tables = {
-        k: keep_test_subset(v, a.seed, a.test_subset, f"target {k}'s loss table") for k, v in tables.items()
+        k: keep_test_subset(v, a.test_subset_seed, a.test_subset, f"target {k}'s loss table")
+        for k, v in tables.items()
     }
     ids = study_image_ids(tables[k].select(["image_id"]) for k in sorted(tables)) if a.bootstrap else None
     paired = t.pairing is Pairing.PAIRED
@@ -426,7 +485,8 @@ def plain_study(spec: dict) -> dict:
             torch.save(networks[task.name, n].state_dict(), checkpoints[task.name, n])
     marks.append(time.perf_counter())
     log("plain: transfer")
-    stage2 = transfer(cfg, store, networks, checkpoints, threads)
+    replay = {int(k): v for k, v in spec["race"].items()} if spec.get("race") is not None else None
+    stage2 = transfer(cfg, store, networks, checkpoints, threads, replay)
     marks.append(time.perf_counter())
     log("plain: affinity + taxonomy")
     answer = analyse(cfg, stage2["tables"], stage2["val_losses"])
@@ -447,6 +507,7 @@ def plain_study(spec: dict) -> dict:
         "hparams": hparams,
         "trial_epochs": trial_epochs,
         "readouts": [r.name for r in stage2["readouts"]],
+        "race_rounds": stage2["race_rounds"],
         "taxonomy": answer,
         "threads": torch.get_num_threads(),
         "imported": sorted(m for m in ("ray", "mlflow") if m in sys.modules),
@@ -584,13 +645,16 @@ def run_pipeline(tmp: Path, overrides: list[str]) -> tuple[float, dict, dict]:
     return wall, summary, record | {"split": pipeline_split(record, launched, exited)}
 
 
-def run_plain(tmp: Path, overrides: list[str], trials: dict, threads: int) -> tuple[float, dict]:
+def run_plain(
+    tmp: Path, overrides: list[str], trials: dict, race: dict | None, threads: int
+) -> tuple[float, dict]:
     out = tmp / "plain"
     out.mkdir()
     spec = {
         "config": str(CONFIG),
         "overrides": overrides,
         "trials": trials,
+        "race": race,
         "out": str(out),
         "threads": threads,
     }
@@ -605,6 +669,15 @@ def run_plain(tmp: Path, overrides: list[str], trials: dict, threads: int) -> tu
     report = json.loads(child.stdout.strip().splitlines()[-1])
     report["split"] |= {"setup_s": report["began"] - launched, "exit_s": exited - report["ended"]}
     return wall, report
+
+
+def race_rounds(readouts: list[str]) -> dict[int, list[str]]:
+    """The pipeline's readouts by race round: round k trained replicate k (`a+b->t#k`)."""
+    rounds: dict[int, list[str]] = {}
+    for name in readouts:
+        if "#" in name:
+            rounds.setdefault(int(name.rpartition("#")[2]), []).append(name)
+    return rounds
 
 
 def kind_of(name: str) -> str:
@@ -706,7 +779,8 @@ def main() -> None:
         load = os.getloadavg()[0]
         pipeline_s, summary, record = run_pipeline(tmp, overrides)
         log(f"pipeline: {pipeline_s:.1f} s")
-        plain_s, plain = run_plain(tmp, overrides, record["trials"], args.plain_threads)
+        race = race_rounds(record["readouts"]) if cfg.transfer.race.enabled else None
+        plain_s, plain = run_plain(tmp, overrides, record["trials"], race, args.plain_threads)
         log(f"plain: {plain_s:.1f} s")
         load_after = os.getloadavg()[0]
 
@@ -729,6 +803,7 @@ def main() -> None:
             "plain": sum(map(sum, plain["trial_epochs"].values())),
         },
         "same_hparams": record["hparams"] == plain["hparams"] if record["hparams"] else None,
+        "race_rounds": plain["race_rounds"],  # per round: readouts, and whether the plain side chose alike
         "same_beams": higher_order(record["readouts"]) == higher_order(plain["readouts"]),
         "roots": {"pipeline": summary["taxonomy"]["roots"], "plain": plain["taxonomy"]["roots"]},
         "taxonomy_stability": {  # how often the exact taxonomy comes back: near 0.5, a coin flip

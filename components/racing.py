@@ -40,40 +40,48 @@ def contested(
     p_best: float = 0.02,
     settled: float = 0.98,
     top: int = 3,
+    flags: float = 1.0,
 ) -> dict[str, set[tuple[str, ...]]]:
     """Affinity rows (`target`, `sources`, `affinity`, `p_best`: NaN for `self` and `t <- t`,
     which do not compete; `p_below_random` and `p_no_gain` where known) and each (target,
     sources)'s replicates so far -> target -> the source sets (baselines as `(self,)`...) to
-    train another replicate of. A target whose rows carry no
-    `p_best` (no bootstrap) cannot be raced: it is left out."""
-    if not 0 < p_best <= settled <= 1 or top < 1:
+    train another replicate of. `flags`: a candidate whose flag share is at least this (and below
+    `settled`) races too, with the flag's baseline: one more replicate may make it a claim stated
+    at >= 0.9 (1: flags race only with their candidate). A target whose rows carry no `p_best` (no
+    bootstrap) cannot be raced: it is left out."""
+    if not 0 < p_best <= settled <= 1 or top < 1 or not 0 < flags <= 1:
         raise ValueError(
-            f"racing: need 0 < p_best <= settled <= 1 and top >= 1, got {p_best}, {settled}, {top}"
+            "racing: need 0 < p_best <= settled <= 1, top >= 1 and 0 < flags <= 1, "
+            f"got {p_best}, {settled}, {top}, {flags}"
         )
     shares: dict[str, dict[tuple[str, ...], tuple[float, float]]] = {}
-    flags: dict[Candidate, dict[str, float]] = {}  # the baseline flags' shares (NaN: none)
+    flags_of: dict[Candidate, dict[str, float]] = {}  # the baseline flags' shares (NaN: none)
     for row in rows:
         p = row.get("p_best")
         if p is None or math.isnan(p):
             continue
         shares.setdefault(row["target"], {})[tuple(row["sources"])] = (float(p), float(row["affinity"]))
-        flags[row["target"], tuple(row["sources"])] = {
+        flags_of[row["target"], tuple(row["sources"])] = {
             k: float(v) for k in FLAGS if (v := row.get(k)) is not None and v == v
         }
     out: dict[str, set[tuple[str, ...]]] = {}
     for target, candidates in sorted(shares.items()):
+        open_flags = {
+            s for s in candidates if any(flags <= v < settled for v in flags_of[target, s].values())
+        }
         measured = {s for s in candidates if replicates.get((target, s), 1) > 1}
         best = max(candidates, key=lambda s: (candidates[s][0], candidates[s][1]))
-        if candidates[best][0] >= settled and best in measured:
-            continue
-        racing = {s for s, (p, _) in candidates.items() if p >= p_best}
-        ranked = sorted(candidates, key=lambda s: (-candidates[s][1], s))[:top]
-        racing |= {s for s in ranked if s not in measured}
-        baselines = {(SELF,)}
+        racing, baselines = set(open_flags), set()
+        if candidates[best][0] < settled or best not in measured:  # the target's best is still open
+            racing |= {s for s, (p, _) in candidates.items() if p >= p_best}
+            ranked = sorted(candidates, key=lambda s: (-candidates[s][1], s))[:top]
+            racing |= {s for s in ranked if s not in measured}
+            baselines.add((SELF,))
         for baseline, flag, _ in BASELINE_FLAGS:
-            if any(p_best <= flags.get((target, s), {}).get(flag, 0.0) < settled for s in racing):
+            if any(p_best <= flags_of[target, s].get(flag, 0.0) < settled for s in racing):
                 baselines.add((baseline,))
-        out[target] = racing | baselines
+        if racing or baselines:
+            out[target] = racing | baselines
     return out
 
 

@@ -208,12 +208,17 @@ class RaceConfig:
     p_best: float = 0.02
     settled: float = 0.98
     top: int = 3  # each target's best candidates by affinity race until their noise is measured
+    # a candidate whose flag (below random, no gain) has a share in [flags, settled) races on:
+    # another replicate may make it a claim stated at >= 0.9; 1: off
+    flags: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.p_best <= self.settled <= 1:
             raise ConfigError(
                 f"transfer.race: need 0 < p_best <= settled <= 1, got p_best {self.p_best}, settled {self.settled}"
             )
+        if not 0 < self.flags <= 1:
+            raise ConfigError(f"transfer.race.flags must be in (0, 1], got {self.flags}")
         at_least("transfer.race", self, 1, "top")
 
 
@@ -334,10 +339,18 @@ class AnalysisConfig:
     # (seed, image id) (`analysis.steps.in_test_subset`): reruns with other seeds score other
     # halves (benchmarks/calibration.py). 1.0: every image, and the step keys studies always had.
     test_subset: float = 1.0
+    # The seed that draws the test subset; None: `seed`. Another `seed` with the same subset seed
+    # resamples the same images anew: how much of a share is the resamples' own noise
+    # (benchmarks/racing.py's floor of `confident_claims_kept`).
+    subset_seed: int | None = None
+
+    @property
+    def test_subset_seed(self) -> int:
+        return self.seed if self.subset_seed is None else self.subset_seed
 
     def __post_init__(self) -> None:
-        if self.bootstrap < 0 or self.seed < 0:
-            raise ConfigError("analysis.bootstrap and analysis.seed must be >= 0")
+        if self.bootstrap < 0 or self.seed < 0 or (self.subset_seed or 0) < 0:
+            raise ConfigError("analysis.bootstrap, analysis.seed and analysis.subset_seed must be >= 0")
         if 0 < self.bootstrap < MIN_BOOTSTRAP:  # a share (p_best, stability) needs resamples
             raise ConfigError(
                 f"analysis.bootstrap: {self.bootstrap} resamples are too few for a share; "

@@ -353,6 +353,27 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_pat
     assert np.array_equal(np.load(step.location.local_path / SAMPLES), expected.predictive.astype(np.float32))
 
 
+def test_a_subset_seed_keeps_the_images_and_draws_other_resamples(tmp_path):
+    """`analysis.subset_seed`: the same test images as `seed` 11 keeps, resampled by `seed` 12:
+    the shares' own Monte Carlo noise, apart from which images are scored."""
+    tables = _losses(tmp_path / "losses")
+    analysis = AnalysisConfig(bootstrap=10, seed=12, test_subset=0.5, subset_seed=11)
+    assert analysis_key(analysis) == {"bootstrap": 10, "seed": 12, "test_subset": 0.5, "subset_seed": 11}
+    cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
+    step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)
+    ids = sorted(set(tables["t"]["image_id"].to_pylist()))
+    kept = [i for i, keep in zip(ids, in_test_subset(ids, 11, 0.5), strict=True) if keep]
+    expected = affinity_by_target(
+        ["t", "u"],
+        lambda t: tables[t].filter(pa.compute.is_in(tables[t]["image_id"], pa.array(kept))),
+        10,
+        12,
+        kept,
+    )
+    got = pq.read_table(step.location.local_path / "affinity.parquet")
+    assert _plain(got.select(expected.table.column_names)) == _plain(expected.table)
+
+
 def test_a_subset_that_keeps_no_image_is_one_line(tmp_path):
     _losses(tmp_path / "losses", n_images=2)
     analysis = AnalysisConfig(bootstrap=0, seed=0, test_subset=1e-9)

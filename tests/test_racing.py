@@ -87,6 +87,20 @@ def test_a_baseline_races_only_where_a_racing_candidates_flag_on_it_is_still_ope
     assert baselines({}, {"p_below_random": 0.5, "p_no_gain": 0.5}) == {("self",)}  # shade is out
 
 
+def test_an_open_flag_races_its_candidate_and_baseline_even_in_a_settled_target():
+    """`flags`: a flag whose share is in [flags, settled) may become a claim stated at >= 0.9
+    with another replicate, so its candidate races, with the flag's baseline, whether or not
+    its target's best is settled; a flag below `flags`, or settled, races nothing."""
+    rows = _rows("normal", NORMAL)
+    for row in rows:
+        row |= {"shade": {"p_below_random": 0.7}, "edge": {"p_no_gain": 0.3}}.get(row["sources"][0], {})
+    assert contested(rows, TWO, flags=1.0) == {}  # off: normal is settled
+    got = contested(rows, TWO, flags=0.5)
+    assert got == {"normal": {("shade",), ("random",)}}  # not edge (0.3 < 0.5), not self
+    assert contested(rows, TWO, flags=0.2)["normal"] == {("shade",), ("random",), ("edge",), ("pixels",)}
+    assert contested(rows, TWO, flags=0.5, settled=0.7) == {}  # 0.7: settled
+
+
 def test_the_next_round_trains_only_candidates_that_raced_every_round_and_may_have_more():
     a, b, c, own = ("t", ("a",)), ("t", ("b",)), ("t", ("c",)), ("t", ("self",))
     counts = {a: 2, b: 1, c: 2, own: 1}  # after round 1: b left the race after round 0
@@ -101,6 +115,8 @@ def test_the_next_round_trains_only_candidates_that_raced_every_round_and_may_ha
 def test_racing_thresholds_are_checked(p_best, settled, top):
     with pytest.raises(ValueError, match="racing"):
         contested([], {}, p_best, settled, top)
+    with pytest.raises(ValueError, match="flags"):
+        contested([], {}, 0.02, 0.98, 3, flags=0.0)
 
 
 def _run(config, capsys) -> dict:

@@ -76,10 +76,13 @@ def loss_digests(losses: Location) -> dict[str, str]:
 
 def analysis_key(analysis: AnalysisConfig) -> dict:
     """What of `analysis` keys Stage III: `test_subset` only when set (below 1), so a study that
-    scores every test image keeps the key it had before the field existed."""
+    scores every test image keeps the key it had before the field existed; `subset_seed` only
+    when set."""
     fields = to_dict(analysis)
     if analysis.test_subset == 1.0:
         del fields["test_subset"]
+    if analysis.subset_seed is None:  # likewise
+        del fields["subset_seed"]
     return fields
 
 

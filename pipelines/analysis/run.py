@@ -131,7 +131,7 @@ def study_affinity(
     per-target loss tables, each on the test subset (`keep_test_subset`), one target's losses in
     memory at a time: Stage III's, and each racing round's in Stage II."""
     files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
-    seed, fraction = cfg.analysis.seed, cfg.analysis.test_subset
+    seed, fraction = cfg.analysis.test_subset_seed, cfg.analysis.test_subset
 
     def read(target: str, columns: list[str] | None = None) -> pa.Table:  # the test subset's rows
         dictionary = [c for c in DICTIONARY_COLUMNS if columns is None or c in columns]

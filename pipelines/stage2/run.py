@@ -188,7 +188,7 @@ class Stage2:
         for r in fan.outcomes:
             counts[r.target, r.sources] = counts.get((r.target, r.sources), 0) + 1
         shares = rows.table.select(["target", "sources", "affinity", "p_best", *FLAGS]).to_pylist()
-        still = contested(shares, counts, race.p_best, race.settled, race.top)
+        still = contested(shares, counts, race.p_best, race.settled, race.top, race.flags)
         first = {(r.target, r.sources): replace(r, replicate=0) for r in fan.outcomes if r.replicate == 0}
         most = {c: len(plan.replicas(r)) for c, r in first.items()}
         return [replace(first[c], replicate=k) for c in next_round(counts, still, k, most)]
