@@ -281,6 +281,7 @@ def test_at_one_the_tables_and_keys_are_those_before_the_field_existed(tmp_path)
     # what of `analysis` the affinity step hashes: as before `test_subset`, bootstrap and seed
     assert analysis_key(cfg.analysis) == {"bootstrap": 200, "seed": 0}
     assert analysis_key(AnalysisConfig(test_subset=0.5)) == {"bootstrap": 200, "seed": 0, "test_subset": 0.5}
+    assert analysis_key(AnalysisConfig(subset_seed=3)) == {"bootstrap": 200, "seed": 0, "subset_seed": 3}
     half = PipelineConfig(storage_root=str(tmp_path), analysis=AnalysisConfig(test_subset=0.5))
     other = PipelineConfig(storage_root=str(tmp_path), analysis=AnalysisConfig(test_subset=0.5, seed=1))
     _losses(tmp_path / "losses")
@@ -331,10 +332,14 @@ def _plain(table: pa.Table) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("fraction", [0.5, 1.0])
-def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_path, fraction):
+@pytest.mark.parametrize("fraction, seed, subset_seed", [(0.5, 11, None), (1.0, 11, None), (0.5, 12, 11)])
+def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(
+    tmp_path, fraction, seed, subset_seed
+):
+    """The last case, `analysis.subset_seed`: the images seed 11 keeps, resampled by seed 12 (the
+    shares' own Monte Carlo noise, apart from which images are scored)."""
     tables = _losses(tmp_path / "losses")
-    analysis = AnalysisConfig(bootstrap=10, seed=11, test_subset=fraction)
+    analysis = AnalysisConfig(bootstrap=10, seed=seed, test_subset=fraction, subset_seed=subset_seed)
     cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
     step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)
     ids = sorted(set(tables["t"]["image_id"].to_pylist()))
@@ -345,33 +350,12 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(tmp_pat
         ["t", "u"],
         lambda t: tables[t].filter(pa.compute.is_in(tables[t]["image_id"], pa.array(kept))),
         10,
-        11,
+        seed,
         kept,
     )
     got = pq.read_table(step.location.local_path / "affinity.parquet")
     assert _plain(got.select(expected.table.column_names)) == _plain(expected.table)
     assert np.array_equal(np.load(step.location.local_path / SAMPLES), expected.predictive.astype(np.float32))
-
-
-def test_a_subset_seed_keeps_the_images_and_draws_other_resamples(tmp_path):
-    """`analysis.subset_seed`: the same test images as `seed` 11 keeps, resampled by `seed` 12:
-    the shares' own Monte Carlo noise, apart from which images are scored."""
-    tables = _losses(tmp_path / "losses")
-    analysis = AnalysisConfig(bootstrap=10, seed=12, test_subset=0.5, subset_seed=11)
-    assert analysis_key(analysis) == {"bootstrap": 10, "seed": 12, "test_subset": 0.5, "subset_seed": 11}
-    cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
-    step = run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)
-    ids = sorted(set(tables["t"]["image_id"].to_pylist()))
-    kept = [i for i, keep in zip(ids, in_test_subset(ids, 11, 0.5), strict=True) if keep]
-    expected = affinity_by_target(
-        ["t", "u"],
-        lambda t: tables[t].filter(pa.compute.is_in(tables[t]["image_id"], pa.array(kept))),
-        10,
-        12,
-        kept,
-    )
-    got = pq.read_table(step.location.local_path / "affinity.parquet")
-    assert _plain(got.select(expected.table.column_names)) == _plain(expected.table)
 
 
 def test_a_subset_that_keeps_no_image_is_one_line(tmp_path):
