@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/racing.py --seeds 600,601 --root /work/race
     .venv/bin/python benchmarks/racing.py -c tiny.yaml --seeds 1,2 # smoke
     .venv/bin/python benchmarks/racing.py --simulate taskonomy     # the policy at Taskonomy's shape
+    .venv/bin/python benchmarks/racing.py --frontier --root /work/race --seeds 600,601  # policies replayed
 
 The task networks are trained once (`--stages train`, `train.seed` as configured) on a base root.
 Then, per readout seed s (`transfer.seed` and `analysis.seed`, scoring on its own random half of
@@ -36,7 +37,18 @@ candidate c, replicate r, image i: d_i + mu_c + rho_cr + e_cri, with mu_c ~ N(0,
 N(0, `--replicate-sd`) and per-image noise e ~ N(0, 1); the default replicate sd gives about the
 win-rate spread over replicates the quickstart measured (0.12, docs/benchmarks.md: printed as
 `win_rate_spread`). It prints `readout_fraction` (readouts trained raced / full) and per round
-how many train.
+how many train. `--prune-top-k K` first prunes as `transfer.prune` does (`prune_plan`: each
+target's top K by an estimate mu + N(0, sd) whose rank correlation with mu is
+`--estimator-spearman`, and an `--audit-fraction` of the rest); `--flags` is `transfer.race.flags`;
+`--check-full` also states the full study's claims: `confident_claims_kept`, and per side how
+many claims at >= 0.9 and the share true (the lowest mu is the best; a flag holds where mu is
+above its baseline's).
+
+`--frontier` replays each policy of POLICIES on the full studies an earlier run kept in `--root`
+(`full-<seed>`): the rounds on the full study's loss tables (the same keys raced or not, so a
+raced study's readouts are a subset of them; its higher orders as the full study's beams chose
+them), then `readout_fraction` and `confident_claims_kept` of the affinity table's claims (each
+target's best, the flags), and the floor: the full table against itself with other resamples.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ Both sides run the same work: per task N = `train.replicates` networks, each sea
 (`tune.each_replicate`, else all from search 0) and trained with its own seed; R =
 `transfer.replicates` replicates of every readout, replicate r with its own seed on network
 replicate r mod N; a target's beams from its first-order validation losses averaged over the
-replicates; Stage III on the loss tables with their `replicate` column.
+replicates; Stage III on the loss tables with their `replicate` column. With
+`transfer.race.enabled` (`--set`), both race: round 0 trains replicate 0 of every readout (the
+beams from replicate 0), and each later round runs the multi-bootstrap and `contested` on the
+tables so far; the plain side then trains the readouts the pipeline chose in that round (read
+from its MLflow runs, as Tune's trials are), so both do the same work even where float rounding
+tips a choice, and reports per round whether its own choice was the same (`race_rounds`).
 
 1. The pipeline: `python -m pipelines.cli run -c CONFIG --json` in a subprocess, on a fresh
    storage root: a local Ray, the SQLite MLflow store under the root, everything as `make demo`.
