@@ -349,7 +349,9 @@ def frontier(args: argparse.Namespace) -> dict:
     def sure(rows: list[dict]) -> set:
         return {c for c, p in calibration.affinity_choices(rows)[1].items() if p >= HIGH}
 
-    trained = lambda counts: sum(n for c, n in counts.items() if c[1] != ("self",))  # noqa: E731
+    def trained(counts: dict) -> int:  # `self` is scored, not trained
+        return sum(n for c, n in counts.items() if c[1] != ("self",))
+
     totals = {p: [0, 0] for p in POLICIES}  # policy -> [readouts, claims kept]
     full_readouts = claims = floor = 0
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -15,7 +15,10 @@ candidates with `p_best` >= `p_best` race on, and, until they have two replicate
 candidates by affinity too (the shares that left them out did not know how they train), with
 `self` (the bar a root is scored by; scored, not trained: cheap) and the baselines a flag of a
 racing candidate still depends on: `random` where its `p_below_random` is open, `pixels` (the
-no-gain flag's reference) where its `p_no_gain` is (open: at least `p_best`, below `settled`). A
+no-gain flag's reference) where its `p_no_gain` is (open: at least `p_best`, below `settled`).
+With `flags` below 1, a candidate whose flag share is in [`flags`, `settled`) races too, with
+that flag's baseline, in any target, settled or not: another replicate may make the flag a claim
+stated at >= 0.9, where borrowed noise alone leaves it below (benchmarks/racing.py). A
 baseline, or the target's own encoder (`t <- t`), that decides nothing keeps its replicates. A candidate
 left behind keeps the replicates it has; with one, the multi-bootstrap lends it the training noise
 its target's raced candidates measured (`components.resampling.unmeasured_shifts`), so the shares
