@@ -237,7 +237,8 @@ def simulate(args: argparse.Namespace) -> dict:
 
     trained = [sum(1 for c in counts if c[1] != ("self",))]
     for k in range(1, R):
-        chosen = next_round(counts, contested(shares(counts, False), counts, flags=args.flags), k, everything)
+        policy = {} if args.flags is None else {"flags": args.flags}  # else transfer.race's defaults
+        chosen = next_round(counts, contested(shares(counts, False), counts, **policy), k, everything)
         for c in chosen:
             counts[c] += 1
         trained.append(sum(1 for c in chosen if c[1] != ("self",)))
@@ -268,13 +269,13 @@ def simulate(args: argparse.Namespace) -> dict:
 
 # --frontier: policies replayed on the full studies' tables, (p_best, settled, top, flags)
 POLICIES = (
-    (0.02, 0.98, 3, 1.0),  # transfer.race's defaults
+    (0.02, 0.98, 3, 1.0),  # transfer.race's defaults before `flags`
     (0.02, 0.98, 2, 1.0),
     (0.1, 0.98, 3, 1.0),
     (0.02, 0.98, 3, 0.85),
     (0.02, 0.98, 3, 0.7),
     (0.02, 0.98, 3, 0.5),
-    (0.1, 0.98, 2, 0.85),
+    (0.1, 0.98, 2, 0.85),  # transfer.race's defaults
 )
 
 
@@ -417,7 +418,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--estimator-spearman", type=float, default=0.535, help="--simulate: the estimate's rank correlation"
     )
-    parser.add_argument("--flags", type=float, default=1.0, help="--simulate: transfer.race.flags")
+    parser.add_argument("--flags", type=float, help="--simulate: transfer.race.flags (default: its default)")
     parser.add_argument("--check-full", action="store_true", help="--simulate: the full study's claims too")
     return parser
 

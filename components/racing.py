@@ -40,10 +40,10 @@ Candidate = tuple[str, tuple[str, ...]]  # (target, sources)
 def contested(
     rows: Iterable[Mapping],
     replicates: Mapping[tuple[str, tuple[str, ...]], int],
-    p_best: float = 0.02,
+    p_best: float = 0.1,
     settled: float = 0.98,
-    top: int = 3,
-    flags: float = 1.0,
+    top: int = 2,
+    flags: float = 0.85,
 ) -> dict[str, set[tuple[str, ...]]]:
     """Affinity rows (`target`, `sources`, `affinity`, `p_best`: NaN for `self` and `t <- t`,
     which do not compete; `p_below_random` and `p_no_gain` where known) and each (target,
