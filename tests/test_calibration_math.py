@@ -358,11 +358,11 @@ def test_stage_iii_scores_only_the_subset_and_its_bootstrap_resamples_it(
     assert np.array_equal(np.load(step.location.local_path / SAMPLES), expected.predictive.astype(np.float32))
 
 
-def test_a_subset_that_keeps_no_image_is_one_line(tmp_path):
+@pytest.mark.parametrize("subset_seed, named", [(None, r"analysis\.seed=0"), (4, r"analysis\.subset_seed=4")])
+def test_a_subset_that_keeps_no_image_is_one_line(tmp_path, subset_seed, named):
+    """Naming the setting that drew the subset: `analysis.subset_seed` where it is set."""
     _losses(tmp_path / "losses", n_images=2)
-    analysis = AnalysisConfig(bootstrap=0, seed=0, test_subset=1e-9)
+    analysis = AnalysisConfig(bootstrap=0, seed=0, test_subset=1e-9, subset_seed=subset_seed)
     cfg = PipelineConfig(storage_root=str(tmp_path / "root"), analysis=analysis)
-    with pytest.raises(
-        TaskatlasError, match=r"^analysis\.test_subset=1e-09 with analysis\.seed=0 keeps none"
-    ):
+    with pytest.raises(TaskatlasError, match=rf"^analysis\.test_subset=1e-09 with {named} keeps none"):
         run_affinity(cfg, location(tmp_path / "losses"), "k", _NoTracker(), "parent", unfenced)

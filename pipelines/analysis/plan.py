@@ -104,9 +104,11 @@ def in_test_subset(image_ids: Sequence[str], seed: int, fraction: float) -> np.n
     )
 
 
-def keep_test_subset(table: pa.Table, seed: int, fraction: float, what: str) -> pa.Table:
+def keep_test_subset(
+    table: pa.Table, seed: int, fraction: float, what: str, seed_key: str = "analysis.seed"
+) -> pa.Table:
     """The rows of a loss table (`what`: which, for the error) whose `image_id` is in the test
-    subset (`in_test_subset`); the table itself at 1.0."""
+    subset (`in_test_subset`); the table itself at 1.0. `seed_key`: the setting `seed` came from."""
     if fraction >= 1.0:
         return table
     ids = pc.cast(table["image_id"], pa.string())  # dictionary-encoded as read
@@ -114,7 +116,7 @@ def keep_test_subset(table: pa.Table, seed: int, fraction: float, what: str) -> 
     kept = [i for i, keep in zip(unique, in_test_subset(unique, seed, fraction), strict=True) if keep]
     if not kept:
         raise TaskatlasError(
-            f"analysis.test_subset={fraction} with analysis.seed={seed} keeps none of the "
+            f"analysis.test_subset={fraction} with {seed_key}={seed} keeps none of the "
             f"{len(unique)} test images of {what}; raise analysis.test_subset"
         )
     return table.filter(pc.is_in(ids, value_set=pa.array(kept, pa.string())))

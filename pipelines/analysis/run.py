@@ -132,11 +132,12 @@ def study_affinity(
     memory at a time: Stage III's, and each racing round's in Stage II."""
     files = {f.name.removesuffix(".parquet"): f for f in losses.files() if f.name.endswith(".parquet")}
     seed, fraction = cfg.analysis.test_subset_seed, cfg.analysis.test_subset
+    seed_key = "analysis.seed" if cfg.analysis.subset_seed is None else "analysis.subset_seed"
 
     def read(target: str, columns: list[str] | None = None) -> pa.Table:  # the test subset's rows
         dictionary = [c for c in DICTIONARY_COLUMNS if columns is None or c in columns]
         table = files[target].read_parquet(columns, read_dictionary=dictionary)
-        return keep_test_subset(table, seed, fraction, f"target {target}'s loss table")
+        return keep_test_subset(table, seed, fraction, f"target {target}'s loss table", seed_key)
 
     return affinity_by_target(
         sorted(files),
