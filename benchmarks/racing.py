@@ -93,6 +93,14 @@ def taskatlas(config: str, root: Path, sets: list[str], stages: str | None = Non
     return None if stages else json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def copy_root(source: Path, root: Path) -> Path:
+    """`root`, a copy of the storage root `source` unless it exists (a rerun resumes in it),
+    without the source's Ray session or locks."""
+    if not root.exists():
+        shutil.copytree(source, root, symlinks=True, ignore=shutil.ignore_patterns("ray", "*.lock*"))
+    return root
+
+
 def stage2_seconds(root: Path) -> float:
     """The newest `transfer` run's wall time, from the root's MLflow store."""
     from mlflow.tracking import MlflowClient
@@ -236,8 +244,8 @@ def simulate(args: argparse.Namespace) -> dict:
         return result.table.select(["target", "sources", "affinity", "p_best", *FLAGS]).to_pylist()
 
     trained = [sum(1 for c in counts if c[1] != ("self",))]
+    policy = {} if args.flags is None else {"flags": args.flags}  # else transfer.race's defaults
     for k in range(1, R):
-        policy = {} if args.flags is None else {"flags": args.flags}  # else transfer.race's defaults
         chosen = next_round(counts, contested(shares(counts, False), counts, **policy), k, everything)
         for c in chosen:
             counts[c] += 1
@@ -454,25 +462,14 @@ def main(args: argparse.Namespace) -> None:
             sets.append(f"analysis.test_subset={args.test_subset}")
             seconds = {}
             for mode, extra in (("full", []), ("raced", ["transfer.race.enabled=true"])):
-                root = where / f"{mode}-{seed}"
-                if not root.exists():
-                    shutil.copytree(
-                        base, root, symlinks=True, ignore=shutil.ignore_patterns("ray", "*.lock*")
-                    )
+                root = copy_root(base, where / f"{mode}-{seed}")
                 summary = taskatlas(args.config, root, sets + extra)
                 runs[mode].append(calibration.answer_of(summary))
                 trained[mode] += summary["readouts_ran"] + summary["readouts_reused"]
                 seconds[mode] = stage2_seconds(root)
             # the floor: the full study against itself, its Stage III/IV on the same images with
             # other resamples (Stage II reused): what the resamples' own noise lets the figure reach
-            root = where / f"floor-{seed}"
-            if not root.exists():
-                shutil.copytree(
-                    where / f"full-{seed}",
-                    root,
-                    symlinks=True,
-                    ignore=shutil.ignore_patterns("ray", "*.lock*"),
-                )
+            root = copy_root(where / f"full-{seed}", where / f"floor-{seed}")
             other = [*sets, f"analysis.seed={seed + FLOOR_SEED}", f"analysis.subset_seed={seed}"]
             floor = calibration.answer_of(taskatlas(args.config, root, other))
             n, k, _ = confident_kept(runs["full"][-1], floor)

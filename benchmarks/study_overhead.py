@@ -339,26 +339,28 @@ def transfer(
         for readout in plan.higher_order(target, first):
             for r in first_round.replicas(readout):
                 run(r)
+
+    def tables() -> dict[str, pa.Table]:  # the loss tables of every readout so far
+        losses = {r: o[1] for r, o in outcomes.items()}
+        return {target: loss_table(target, losses, test["image_id"]) for target in plan.targets}
+
     rounds = []  # racing: per round k, how many readouts and whether this side chose the same
     for k in range(1, plan.replicates if race else 1):
-        tables = {
-            x: loss_table(x, {r: o[1] for r, o in outcomes.items()}, test["image_id"]) for x in plan.targets
-        }
-        mine = race_round(cfg, plan, tables, sorted(outcomes), k)
-        chosen = replay.get(k, []) if replay is not None else mine
-        same = {r.name for r in mine} == {n if isinstance(n, str) else n.name for n in chosen}
+        mine = race_round(cfg, plan, tables(), sorted(outcomes), k)
+        # the pipeline's choice (float rounding may tip a share): the same work
+        chosen = mine if replay is None else [readout_named(n) for n in replay.get(k, [])]
+        same = {r.name for r in mine} == {r.name for r in chosen}
         rounds.append({"round": k, "readouts": len(chosen), "same": same})
         if not chosen:
             break  # as `Stage2.run`: no claim can move
-        for name in chosen:  # the pipeline's choice (float rounding may tip a share): the same work
-            run(readout_named(name) if isinstance(name, str) else name)
+        for r in chosen:
+            run(r)
     val_losses: dict[tuple[str, str], list[float]] = {}  # (target, source) -> per replicate, in order
     for r in sorted(outcomes, key=lambda r: r.replicate):
         if r.kind is ReadoutKind.TRANSFER and r.order == 1:
             val_losses.setdefault((r.target, r.sources[0]), []).append(outcomes[r][0])
-    losses = {r: o[1] for r, o in outcomes.items()}
     return {
-        "tables": {target: loss_table(target, losses, test["image_id"]) for target in plan.targets},
+        "tables": tables(),
         "readouts": sorted(outcomes),
         "val_losses": val_losses,
         "race_rounds": rounds,
@@ -370,16 +372,8 @@ def transfer(
 def race_round(cfg: PipelineConfig, plan: TransferPlan, tables: dict, readouts: list[Readout], k: int):
     """Replicate k of each readout still in its target's race, as `Stage2._race_round` decides
     it: the multi-bootstrap (Stage III's settings) of the tables so far, `contested`, `next_round`."""
-    a, race = cfg.analysis, cfg.transfer.race
-    tables = {
-        x: keep_test_subset(v, a.test_subset_seed, a.test_subset, f"target {x}'s loss table")
-        for x, v in tables.items()
-    }
-    ids = study_image_ids(tables[x].select(["image_id"]) for x in sorted(tables))
-    paired = cfg.transfer.pairing is Pairing.PAIRED
-    result = affinity_by_target(
-        sorted(tables), tables.__getitem__, a.bootstrap, a.seed, ids, paired=paired, require_self=False
-    )
+    race = cfg.transfer.race
+    result = subset_affinity(cfg, tables, require_self=False)
     shares = result.table.select(["target", "sources", "affinity", "p_best", *RACE_FLAGS]).to_pylist()
     counts = Counter((r.target, r.sources) for r in readouts)
     still = contested(shares, counts, race.p_best, race.settled, race.top, race.flags)
@@ -412,16 +406,24 @@ def loss_table(target: str, losses: dict[Readout, np.ndarray], ids: np.ndarray) 
     )
 
 
-def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table], val_losses: dict) -> dict:
-    """Stages III + IV as `pipelines/analysis/run.py` computes them (no files, plots or runs)."""
-    a, t = cfg.analysis, cfg.transfer
+def subset_affinity(cfg: PipelineConfig, tables: dict[str, pa.Table], require_self: bool = True):
+    """`study_affinity` on tables in memory: the test subset of each, the multi-bootstrap with
+    Stage III's settings (a racing round's, and Stage III's own)."""
+    a = cfg.analysis
     tables = {
         k: keep_test_subset(v, a.test_subset_seed, a.test_subset, f"target {k}'s loss table")
         for k, v in tables.items()
     }
     ids = study_image_ids(tables[k].select(["image_id"]) for k in sorted(tables)) if a.bootstrap else None
-    paired = t.pairing is Pairing.PAIRED
-    result = affinity_by_target(sorted(tables), tables.__getitem__, a.bootstrap, a.seed, ids, paired=paired)
+    paired = cfg.transfer.pairing is Pairing.PAIRED
+    return affinity_by_target(
+        sorted(tables), tables.__getitem__, a.bootstrap, a.seed, ids, paired=paired, require_self=require_self
+    )
+
+
+def analyse(cfg: PipelineConfig, tables: dict[str, pa.Table], val_losses: dict) -> dict:
+    """Stages III + IV as `pipelines/analysis/run.py` computes them (no files, plots or runs)."""
+    result = subset_affinity(cfg, tables)
     table, options = transfer_table(result.table), taxonomy_options(cfg)
     taxonomy = solve_taxonomy(table, options)
     sweep_budgets(table, options)
